@@ -1,0 +1,1 @@
+"""Invertible Diffusion Models for imaging inverse problems."""

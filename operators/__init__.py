@@ -1,0 +1,36 @@
+"""Forward models for imaging inverse problems, as deepinv ``LinearPhysics``.
+
+    import operators
+    op = operators.make("cs", img_size=(H, W), channels=1, ratio=0.1)
+    y = op.A(x); op.A_adjoint(y); op.A_dagger(y)
+    operators.available()                   # registered names
+    op2 = operators.from_config(op.config())  # identical operator
+
+Add a forward model by subclassing :class:`operators.Operator` and decorating
+it with ``@operators.register("name")`` (see README).
+"""
+
+from .base import Operator, OperatorInputError, check_finite, check_img_size, check_ratio
+from .registry import OperatorRegistry
+
+REGISTRY = OperatorRegistry()
+register = REGISTRY.register
+make = REGISTRY.make
+available = REGISTRY.available
+from_config = REGISTRY.from_config
+
+# The toolkit's own operators register themselves on import.
+from . import cs, inpainting, mri, ct  # noqa: E402,F401
+
+__all__ = [
+    "Operator",
+    "OperatorInputError",
+    "OperatorRegistry",
+    "available",
+    "check_finite",
+    "check_img_size",
+    "check_ratio",
+    "from_config",
+    "make",
+    "register",
+]

@@ -1,0 +1,144 @@
+"""The plug-in interface every forward model of the toolkit implements.
+
+An :class:`Operator` is a :class:`deepinv.physics.LinearPhysics` (so deepinv's
+solvers and any deepinv linear physics interoperate with ours) that also
+
+* knows the image shape it acts on (``channels``, ``img_size``) and checks its
+  inputs, raising :class:`OperatorInputError` with a message that names the
+  problem instead of a shape error from deep inside torch;
+* carries its whole state in a small JSON-able dict (:meth:`config`), from
+  which :func:`operators.from_config` rebuilds the identical operator;
+* can draw a fresh random instance of itself (:meth:`resample`), which training
+  uses to see a new permutation / mask at every iteration.
+
+Tensors: images are float ``(B, C, H, W)``; the measurement layout is each
+operator's own (documented in its class). Buffers live on the CPU in float64
+and are cast to the device and dtype of the input on every call, so one
+operator object serves CPU and GPU, float32 and float64 alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from deepinv.physics import LinearPhysics
+
+
+class OperatorInputError(ValueError):
+    """A tensor or argument given to an operator is not what it expects."""
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> float:
+    """Return ``ratio`` as a float after checking that it lies in (0, 1]."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise OperatorInputError(f"{name} must be a number in (0, 1], got {ratio!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise OperatorInputError(f"{name} must be in (0, 1], got {ratio!r}")
+    return value
+
+
+def check_img_size(img_size: Any) -> tuple[int, int]:
+    """Return ``img_size`` as ``(H, W)`` positive ints, or raise."""
+    try:
+        h, w = (int(s) for s in img_size)
+    except (TypeError, ValueError):
+        raise OperatorInputError(f"img_size must be (H, W), got {img_size!r}") from None
+    if h <= 0 or w <= 0:
+        raise OperatorInputError(f"img_size must be positive, got {img_size!r}")
+    return h, w
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise :class:`OperatorInputError` if ``t`` holds NaN or inf."""
+    if not torch.is_tensor(t):
+        raise OperatorInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point() and not t.is_complex():
+        raise OperatorInputError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise OperatorInputError(f"{name} contains NaN or inf values")
+
+
+class Operator(LinearPhysics):
+    """Base class of the toolkit's forward models (see module docstring).
+
+    Subclasses set :attr:`name` (the registry key), implement :meth:`A`,
+    :meth:`A_adjoint`, :meth:`A_dagger`, :meth:`measurement_shape` and
+    :meth:`config`, and are registered with :func:`operators.register`.
+
+    Args:
+        img_size: ``(H, W)`` of the images the operator acts on.
+        channels: ``C`` of the images.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, img_size: tuple[int, int], channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.img_hw = check_img_size(img_size)
+        if int(channels) != channels or channels <= 0:
+            raise OperatorInputError(f"channels must be a positive integer, got {channels!r}")
+        self.channels = int(channels)
+
+    # ---- shapes and checks -------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return (self.channels, *self.img_hw)
+
+    def measurement_shape(self) -> tuple[int, ...]:
+        """Shape of the measurement of one image (without the batch dim)."""
+        raise NotImplementedError
+
+    def check_image(self, x: torch.Tensor, name: str = "x") -> None:
+        """Raise :class:`OperatorInputError` unless ``x`` is ``(B, C, H, W)`` and finite."""
+        check_finite(x, name)
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise OperatorInputError(
+                f"{name} must have shape (B, {', '.join(map(str, self.image_shape))}) for this "
+                f"{self.name} operator, got {tuple(x.shape)}"
+            )
+
+    def check_measurement(self, y: torch.Tensor, name: str = "y") -> None:
+        """Raise :class:`OperatorInputError` unless ``y`` has this operator's measurement shape."""
+        check_finite(y, name)
+        shape = self.measurement_shape()
+        if y.dim() != len(shape) + 1 or tuple(y.shape[1:]) != tuple(shape):
+            raise OperatorInputError(
+                f"{name} must have shape (B, {', '.join(map(str, shape))}) for this {self.name} "
+                f"operator, got {tuple(y.shape)}"
+            )
+
+    # ---- state ---------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Full state as a small JSON-able dict with key ``"name"``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Operator":
+        """Rebuild the operator from :meth:`config` output (``"name"`` ignored)."""
+        kwargs = {k: v for k, v in config.items() if k != "name"}
+        return cls(**kwargs)
+
+    def resample(self, seed: int) -> "Operator":
+        """A new operator of the same kind with its random parts redrawn from ``seed``.
+
+        Operators without random parts return ``self``.
+        """
+        cfg = self.config()
+        if "seed" not in cfg:
+            return self
+        return type(self).from_config({**cfg, "seed": int(seed)})
+
+    def extra_repr(self) -> str:
+        cfg = {k: v for k, v in self.config().items() if k != "name" and not isinstance(v, (list, dict))}
+        return ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+
+
+def cast_like(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``buffer`` on the device of ``like``, in its real dtype (complex inputs map to their real dtype)."""
+    dtype = like.real.dtype if like.is_complex() else like.dtype
+    return buffer.to(device=like.device, dtype=dtype if buffer.is_floating_point() else buffer.dtype)

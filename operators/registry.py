@@ -1,0 +1,56 @@
+"""Name -> operator class registry: ``register``, ``make``, ``available``, ``from_config``.
+
+The registry is a plain dict owned by a :class:`OperatorRegistry` instance;
+``operators`` exposes the one instance that the toolkit's own operators
+register into, and users add theirs with ``@operators.register("name")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .base import Operator, OperatorInputError
+
+
+class OperatorRegistry:
+    """Maps operator names to :class:`~operators.base.Operator` subclasses."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Operator]] = {}
+
+    def register(self, name: str) -> Callable[[type[Operator]], type[Operator]]:
+        """Class decorator: make ``cls`` available as ``make(name, ...)``."""
+
+        def decorator(cls: type[Operator]) -> type[Operator]:
+            if not (isinstance(cls, type) and issubclass(cls, Operator)):
+                raise TypeError(f"register({name!r}) expects an operators.Operator subclass, got {cls!r}")
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"an operator named {name!r} is already registered ({self._classes[name].__name__})")
+            cls.name = name
+            self._classes[name] = cls
+            return cls
+
+        return decorator
+
+    def available(self) -> list[str]:
+        """Sorted names of the registered operators."""
+        return sorted(self._classes)
+
+    def get(self, name: str) -> type[Operator]:
+        """The class registered as ``name``; a clear error for unknown names."""
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise OperatorInputError(
+                f"unknown operator {name!r}; available: {', '.join(self.available())}"
+            ) from None
+
+    def make(self, name: str, **kwargs: Any) -> Operator:
+        """Build the operator registered as ``name`` with ``kwargs``."""
+        return self.get(name)(**kwargs)
+
+    def from_config(self, config: dict[str, Any]) -> Operator:
+        """Rebuild an operator from ``op.config()`` (a dict with key ``"name"``)."""
+        if not isinstance(config, dict) or "name" not in config:
+            raise OperatorInputError(f"an operator config must be a dict with a 'name' key, got {config!r:.200}")
+        return self.get(config["name"]).from_config(config)
