@@ -1,0 +1,89 @@
+"""``IDMConfig``: everything that defines an IDM network's architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+INVERTIBLE_CHOICES = ("none", "steps", "both")
+INIT_CHOICES = ("pinv", "noise")
+SCHEDULE_CHOICES = ("learned", "ddpm")
+
+
+@dataclass(frozen=True)
+class IDMConfig:
+    """Architecture of an :class:`idm.IDM`.
+
+    Attributes:
+        unet: ``"tiny"`` (random ~0.35M-parameter ``UNet2DModel``, for tests),
+            ``"sd15"`` (the Stable Diffusion v1.5 U-Net architecture, random
+            init), or the path of a local diffusers U-Net folder
+            (``UNet2DConditionModel`` such as SD v1.5's ``unet`` subfolder, or
+            ``UNet2DModel`` such as the toolkit's own priors).
+        image_channels: channels of the images (1 gray, 3 RGB, 2 complex MRI).
+        steps: ``T``, the number of sampling steps.
+        invertible: ``"none"`` (plain T-step network), ``"steps"`` (wired
+            steps), ``"both"`` (wired steps and wired U-Net blocks).
+        recompute: run the memory-saving backward (rebuild inputs from
+            outputs). With ``invertible="none"`` it checkpoints each step
+            (``torch.utils.checkpoint``). Does not change the state dict.
+        injectors: measurement injectors after every wired U-Net module.
+        init: ``"pinv"`` (``x_T = sqrt(abar_T) A^+ y``) or ``"noise"``.
+        schedule: ``"learned"`` (IDM: learnable ``abar``) or ``"ddpm"`` (fixed,
+            DDNM's timesteps of the 1000-step linear schedule).
+        time_input: keep the U-Net's time embedding and feed it the DDPM
+            timestep (only with ``schedule="ddpm"``, to reproduce DDNM).
+        keep_scales: U-Net scales kept (``None``: 2 of SD's 4 for
+            ``UNet2DConditionModel``, all for ``UNet2DModel``).
+        keep_mid: keep the U-Net's mid block (``None``: only when no scale is pruned).
+        pixel_unshuffle: ``s`` (``None``: 2 for ``UNet2DConditionModel``, 1 otherwise).
+        injector_kernel: kernel size of the injectors' convolutions.
+        alpha_init: initial value of the learnable ``alpha`` (``abar = cumprod(alpha)``).
+    """
+
+    unet: str = "tiny"
+    image_channels: int = 1
+    steps: int = 3
+    invertible: str = "both"
+    recompute: bool = True
+    injectors: bool = True
+    init: str = "pinv"
+    schedule: str = "learned"
+    time_input: bool = False
+    keep_scales: int | None = None
+    keep_mid: bool | None = None
+    pixel_unshuffle: int | None = None
+    injector_kernel: int = 1
+    alpha_init: float = 0.5
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"IDMConfig: {message}")
+
+        need(isinstance(self.unet, str) and bool(self.unet), f"unet must be 'tiny', 'sd15' or a folder path, got {self.unet!r}")
+        need(isinstance(self.image_channels, int) and self.image_channels > 0, f"image_channels must be a positive int, got {self.image_channels!r}")
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        need(self.invertible in INVERTIBLE_CHOICES, f"invertible must be one of {INVERTIBLE_CHOICES}, got {self.invertible!r}")
+        need(self.init in INIT_CHOICES, f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        need(self.schedule in SCHEDULE_CHOICES, f"schedule must be one of {SCHEDULE_CHOICES}, got {self.schedule!r}")
+        need(not self.time_input or self.schedule == "ddpm", "time_input=True needs schedule='ddpm' (a learned schedule has no timesteps)")
+        need(self.keep_scales is None or (isinstance(self.keep_scales, int) and self.keep_scales >= 1), f"keep_scales must be None or an int >= 1, got {self.keep_scales!r}")
+        need(self.pixel_unshuffle is None or self.pixel_unshuffle in (1, 2, 4), f"pixel_unshuffle must be None, 1, 2 or 4, got {self.pixel_unshuffle!r}")
+        need(self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
+        need(0.0 < float(self.alpha_init) < 1.0, f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IDMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"IDMConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "IDMConfig":
+        return dataclasses.replace(self, **changes)

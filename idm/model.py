@@ -1,0 +1,253 @@
+"""The IDM network: a pretrained diffusion sampling process as a T-step reconstruction network.
+
+    x_T   = sqrt(abar_T) A^+ y                      (or noise)
+    x_t-1 = F_t(x_t; y, A)                           one DDNM step (idm.step), t = T..1
+    x_hat = x_0
+
+With ``invertible="steps"`` or ``"both"`` the steps are wired (paper Eqs. 4-5):
+``(x_t-1, h_t-1) = ((1 - v_t) F_t(x_t) + v_t h_t, x_t)`` with ``h_T = w_T x_T``
+and ``x_hat = x_0 + w_0 h_0``; with ``"both"`` the U-Net's equal-width blocks
+are wired too (idm.unets.wired_unet). The measurement ``y`` and the operator
+travel as arguments: the model holds no per-call state and is re-entrant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.config import IDMConfig
+from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
+from idm.unets import (
+    SD15_UNET_CONFIG,
+    WiredUNet,
+    describe_unet,
+    load_unet_folder,
+    materialize,
+    prune_unet,
+    tiny_unet_config,
+    unet_from_config,
+)
+from idm.wiring import WiredSequence, coupling_forward
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "idm-model"
+
+
+@dataclass
+class StepTrace:
+    """What one sampling step saw and produced (see :meth:`IDM.trace`); tensors ``(B, C, H, W)``."""
+
+    t: int
+    x_t: Tensor
+    eps: Tensor
+    x0: Tensor
+    x_prev: Tensor
+
+
+def _source_unet(config: IDMConfig) -> nn.Module:
+    """The unpruned diffusers U-Net named by ``config.unet`` (meta device for ``sd15``)."""
+    if config.unet == "tiny":
+        return unet_from_config("UNet2DModel", tiny_unet_config(config.image_channels))
+    if config.unet == "sd15":
+        return unet_from_config("UNet2DConditionModel", SD15_UNET_CONFIG, device="meta")
+    return load_unet_folder(config.unet)
+
+
+def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
+    """Fill the ``None`` (automatic) architecture fields from the U-Net's class."""
+    latent_net = type(unet).__name__ == "UNet2DConditionModel"
+    scales = len(unet.down_blocks)
+    keep_scales = config.keep_scales if config.keep_scales is not None else (max(1, scales - 2) if latent_net else scales)
+    if keep_scales > scales:
+        raise ValueError(f"IDMConfig: keep_scales={keep_scales} but the U-Net has only {scales} scales")
+    keep_mid = config.keep_mid if config.keep_mid is not None else keep_scales == scales
+    unshuffle = config.pixel_unshuffle if config.pixel_unshuffle is not None else (2 if latent_net else 1)
+    return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle)
+
+
+class IDM(nn.Module):
+    """Invertible Diffusion Model: ``x_hat = model(y, op)``.
+
+    Args:
+        config: the architecture (:class:`IDMConfig`).
+        unet: an unpruned diffusers U-Net to use instead of ``config.unet``
+            (used by :meth:`from_pretrained`; may live on the meta device).
+        init_weights: give a meta-device U-Net (``sd15``, :meth:`from_pretrained`)
+            a fresh random initialisation. ``False`` leaves it on the meta
+            device, without storage: :meth:`load_weights` assigns real tensors
+            (and parameters can be counted without allocating them).
+    """
+
+    def __init__(self, config: IDMConfig, unet: nn.Module | None = None, init_weights: bool = True):
+        super().__init__()
+        if unet is None:
+            unet = _source_unet(config)
+        self.unet_class, self.unet_config = describe_unet(unet)
+        config = _resolve_auto(config, unet)
+        self.config = config
+        prune_unet(unet, keep_scales=config.keep_scales, keep_mid=config.keep_mid, keep_time=config.time_input)
+        if init_weights and any(p.is_meta for p in unet.parameters()):
+            materialize(unet)
+        self.eps_net = WiredUNet(
+            unet,
+            image_channels=config.image_channels,
+            steps=config.steps,
+            pixel_unshuffle=config.pixel_unshuffle,
+            injectors=config.injectors,
+            wire_blocks=config.invertible == "both",
+            injector_kernel=config.injector_kernel,
+        )
+        if config.schedule == "learned":
+            self.schedule = LearnedSchedule(config.steps, config.alpha_init)
+        else:
+            self.schedule = DDPMSchedule(config.steps)
+        if config.invertible != "none":
+            self.wiring = WiredSequence(config.steps)
+
+    # ---- the network -------------------------------------------------------------
+    def _step(self, t: int, x_t: Tensor, op: Any, x_pinv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sampling step ``t`` (T..1): returns ``(x_{t-1}, eps, projected x0)``."""
+        abar = self.schedule.abar().to(x_t.dtype)
+        eps = self.eps_net(
+            x_t,
+            step=self.config.steps - t,
+            op=op,
+            x_pinv=x_pinv,
+            recompute=self.config.recompute,
+            timestep=self.schedule.timestep(t),
+        )
+        x_prev, x0 = ddnm_step(x_t, eps, abar[t], abar[t - 1], op, x_pinv)
+        return x_prev, eps, x0
+
+    def _layers(self) -> list:
+        return [
+            (lambda x, op, x_pinv, t=t: self._step(t, x, op, x_pinv)[0])
+            for t in range(self.config.steps, 0, -1)
+        ]
+
+    def initial_state(self, x_pinv: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``x_T``: ``sqrt(abar_T) A^+ y`` or standard normal noise, shaped like ``x_pinv``."""
+        if self.config.init == "noise":
+            noise = torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
+            return noise
+        return self.schedule.abar()[-1].to(x_pinv.dtype).sqrt() * x_pinv
+
+    def pseudo_inverse(self, y: Tensor, op: Any) -> Tensor:
+        """``A^+ y`` ``(B, C, H, W)``, computed outside autocast, with the channel count checked."""
+        with torch.autocast(y.device.type, enabled=False):
+            x_pinv = op.A_dagger(y)
+        if x_pinv.dim() != 4 or x_pinv.shape[1] != self.config.image_channels:
+            raise ValueError(
+                f"the operator maps y to images of shape {tuple(x_pinv.shape)}, but this IDM reconstructs "
+                f"(B, {self.config.image_channels}, H, W) images"
+            )
+        return x_pinv
+
+    def forward(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:
+        """Reconstruct images from measurements.
+
+        Args:
+            y: measurements, in the layout of ``op`` (e.g. ``(B, C, n_blocks, q)`` for block CS).
+            op: any deepinv ``LinearPhysics`` with ``A``, ``A_adjoint``, ``A_dagger``.
+            generator: random source for ``init="noise"``.
+
+        Returns:
+            ``(B, C, H, W)`` reconstruction, in the value range of the training
+            images (``[0, 1]`` for the toolkit's tasks; not clamped).
+        """
+        check = getattr(op, "check_measurement", None)
+        if callable(check):
+            check(y)
+        x_pinv = self.pseudo_inverse(y, op)
+        x = self.initial_state(x_pinv, generator)
+        layers = self._layers()
+        if self.config.invertible == "none":
+            for layer in layers:
+                if self.config.recompute and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, op, x_pinv, use_reentrant=False)
+                else:
+                    x = layer(x, op, x_pinv)
+            return x
+        params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
+        return self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
+
+    @torch.no_grad()
+    def trace(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> tuple[Tensor, list[StepTrace]]:
+        """Run the network step by step and record every step; returns ``(x_hat, traces)``.
+
+        Gives the same ``x_hat`` as :meth:`forward`; for inspection and figures.
+        """
+        x_pinv = self.pseudo_inverse(y, op)
+        x1 = self.initial_state(x_pinv, generator)
+        x2 = self.wiring.in_scale * x1 if self.config.invertible != "none" else None
+        traces = []
+        for k, t in enumerate(range(self.config.steps, 0, -1)):
+            x_prev, eps, x0 = self._step(t, x1, op, x_pinv)
+            traces.append(StepTrace(t, x1, eps, x0, x_prev))
+            if x2 is None:
+                x1 = x_prev
+            else:
+                x1, x2 = coupling_forward(x_prev, x1, x2, self.wiring.v[k])
+        x_hat = x1 if x2 is None else x1 + self.wiring.out_scale * x2
+        return x_hat, traces
+
+    # ---- persistence ---------------------------------------------------------------
+    def export_config(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_config_dict` rebuilds the architecture."""
+        return {
+            "format": FORMAT,
+            "idm": self.config.to_dict(),
+            "unet_class": self.unet_class,
+            "unet_config": self.unet_config,
+        }
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any], init_weights: bool = True) -> "IDM":
+        """Rebuild the architecture from :meth:`export_config` output (random or empty weights)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CheckpointError(f"not an IDM model config (expected format {FORMAT!r})")
+        config = IDMConfig.from_dict(data["idm"])
+        unet = unet_from_config(data["unet_class"], data["unet_config"], device="meta")
+        return cls(config, unet=unet, init_weights=init_weights)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+        save_json(self.export_config(), directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "IDM":
+        """Load a model written by :meth:`save_pretrained`; clear errors for anything else."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist")
+        model = cls.from_config_dict(load_json(directory / CONFIG_NAME, "IDM config"), init_weights=False)
+        model.load_weights(load_tensors(directory / WEIGHTS_NAME), source=directory / WEIGHTS_NAME)
+        return model.to(device)
+
+    def load_weights(self, state: dict[str, Tensor], source: str | Path = "state dict") -> None:
+        """``load_state_dict`` with an error that says which keys or shapes do not match."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            def show(keys: list[str]) -> str:
+                return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+            parts = [f"{len(missing)} missing ({show(missing)})" if missing else "",
+                     f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
+                     f"{len(wrong)} of another shape ({show(wrong)})" if wrong else ""]
+            raise CheckpointError(f"weights in {source} do not fit this IDM: " + "; ".join(p for p in parts if p))
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, assign=True)

@@ -1,0 +1,115 @@
+"""One DDNM sampling step (paper Eqs. 1-3) and the noise schedules IDM uses.
+
+For step ``t`` (from ``T`` down to 1), with noise estimate ``e = eps(x_t)``::
+
+    x0     = (x_t - sqrt(1 - abar_t) e) / sqrt(abar_t)             # Eq. 1
+    x0     = A^+ y + (I - A^+ A) x0                                # Eq. 2, range-null-space projection
+    x_t-1  = sqrt(abar_t-1) x0 + sqrt(1 - abar_t-1) e              # Eq. 3, DDIM with eta = 0
+
+DDNM's stochastic variant (``eta > 0``, used by the DDNM baseline) replaces
+the last line by ``sqrt(abar_t-1) x0 + sqrt(1 - abar_t-1) (eta z + sqrt(1 - eta^2) e)``
+with ``z ~ N(0, I)``, as in DDNM's reference code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def project_to_measurements(x0: Tensor, op, x_pinv: Tensor) -> Tensor:
+    """``A^+ y + (I - A^+ A) x0``: the part of ``x0`` in the null space of ``A``, plus ``A^+ y``.
+
+    The operator runs outside autocast, in the dtype of ``x_pinv``.
+    """
+    with torch.autocast(x0.device.type, enabled=False):
+        x0 = x0.to(x_pinv.dtype)
+        return x0 - op.A_dagger(op.A(x0)) + x_pinv
+
+
+def ddnm_step(
+    x_t: Tensor,
+    eps: Tensor,
+    abar_t: Tensor,
+    abar_prev: Tensor,
+    op,
+    x_pinv: Tensor,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDNM step; returns ``(x_{t-1}, projected x0)``.
+
+    Args:
+        x_t: ``(B, C, H, W)`` current sample.
+        eps: noise estimate for ``x_t``, same shape.
+        abar_t, abar_prev: scalar tensors, cumulative alphas at ``t`` and ``t - 1`` (``abar_0 = 1``).
+        op: a deepinv ``LinearPhysics`` (``A``, ``A_dagger``).
+        x_pinv: ``A^+ y``, shaped like ``x_t``.
+        eta: DDNM stochasticity (0 = deterministic DDIM).
+        noise: ``z`` for ``eta > 0`` (drawn by the caller so that the step stays pure).
+    """
+    x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    x0 = project_to_measurements(x0, op, x_pinv)
+    direction = eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddnm_step with eta > 0 needs the noise tensor z")
+        direction = eta * noise + math.sqrt(1 - eta * eta) * eps
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * direction
+    return x_prev, x0
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """``abar`` of the standard linear DDPM schedule, float64 ``(num_train_timesteps,)``."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ddnm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """DDNM's skip-type "uniform" timesteps, first sampled first: e.g. T=3 -> [666, 333, 0]."""
+    skip = num_train_timesteps // steps
+    return list(range(0, num_train_timesteps, skip))[:steps][::-1]
+
+
+class LearnedSchedule(nn.Module):
+    """IDM's learnable schedule: ``abar_t = prod_{i<=t} alpha_i`` with ``abar_0 = 1``.
+
+    ``alpha`` is a ``(T,)`` parameter initialised to 0.5 as the authors do
+    (``abar`` = 1, .5, .25, .125 for T=3) and never clamped. There is no
+    timestep input to the U-Net.
+    """
+
+    def __init__(self, steps: int, alpha_init: float = 0.5):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((steps,), float(alpha_init)))
+
+    def abar(self) -> Tensor:
+        """``(T + 1,)`` tensor ``[abar_0 = 1, abar_1, ..., abar_T]``."""
+        return torch.cat([self.alpha.new_ones(1), torch.cumprod(self.alpha, dim=0)])
+
+    def timestep(self, t: int) -> int | None:
+        return None
+
+
+class DDPMSchedule(nn.Module):
+    """A fixed schedule read off the 1000-step linear DDPM at DDNM's timesteps.
+
+    Used to reproduce DDNM exactly (with the U-Net's time input kept) and by
+    the DDNM baseline. ``abar_0 = 1``.
+    """
+
+    def __init__(self, steps: int, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.timesteps = ddnm_timesteps(steps, num_train_timesteps)  # [t_T, ..., t_1]
+        table = ddpm_alphas_cumprod(num_train_timesteps)
+        abar = torch.cat([torch.ones(1, dtype=torch.float64), table[self.timesteps[::-1]]])
+        self.register_buffer("_abar", abar, persistent=False)
+
+    def abar(self) -> Tensor:
+        return self._abar
+
+    def timestep(self, t: int) -> int:
+        """The DDPM timestep of sampling step ``t`` (1..T)."""
+        return self.timesteps[len(self.timesteps) - t]

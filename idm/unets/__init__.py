@@ -1,0 +1,26 @@
+"""Noise-estimator U-Nets for IDM: sources (tiny, SD v1.5, folders), pruning, the wired adapter."""
+
+from .factory import (
+    SD15_UNET_CONFIG,
+    UNetSourceError,
+    describe_unet,
+    load_unet_folder,
+    materialize,
+    tiny_unet_config,
+    unet_from_config,
+)
+from .pruning import prune_unet
+from .wired_unet import GroupPlan, WiredUNet
+
+__all__ = [
+    "GroupPlan",
+    "SD15_UNET_CONFIG",
+    "UNetSourceError",
+    "WiredUNet",
+    "describe_unet",
+    "load_unet_folder",
+    "materialize",
+    "prune_unet",
+    "tiny_unet_config",
+    "unet_from_config",
+]

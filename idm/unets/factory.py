@@ -1,0 +1,122 @@
+"""Where noise-estimator U-Nets come from: the tiny test net, SD v1.5's architecture, or a folder.
+
+All three give a diffusers model (``UNet2DModel`` or ``UNet2DConditionModel``);
+:mod:`idm.unets.pruning` and :class:`idm.unets.wired_unet.WiredUNet` then adapt it.
+Nothing is ever downloaded: a folder is read with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+UNET_CLASSES: dict[str, type[nn.Module]] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+}
+
+#: The U-Net of Stable Diffusion v1.5 (``unet/config.json`` of the release), architecture only.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+
+
+def tiny_unet_config(image_channels: int) -> dict[str, Any]:
+    """A ``UNet2DModel`` of about 0.35M parameters with one attention scale, for tests."""
+    return {
+        "sample_size": 32,
+        "in_channels": image_channels,
+        "out_channels": image_channels,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [24, 48],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    }
+
+
+class UNetSourceError(ValueError):
+    """A U-Net folder or config cannot be used."""
+
+
+def _unet_folder(path: Path) -> Path:
+    """The folder holding the U-Net's ``config.json`` (``path`` or ``path/unet``)."""
+    if not path.is_dir():
+        raise UNetSourceError(f"U-Net source {str(path)!r} is neither 'tiny', 'sd15' nor an existing folder")
+    for candidate in (path, path / "unet"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UNetSourceError(
+        f"{str(path)!r} is not a diffusers U-Net folder: no config.json in it or in its 'unet' subfolder"
+    )
+
+
+def read_unet_class(folder: Path) -> str:
+    """The diffusers class name recorded in ``folder/config.json``; clear errors otherwise."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UNetSourceError(f"cannot read {folder / 'config.json'}: {err}") from None
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if name not in UNET_CLASSES:
+        raise UNetSourceError(
+            f"{folder / 'config.json'} describes {name!r}, not one of the supported U-Nets "
+            f"({', '.join(UNET_CLASSES)})"
+        )
+    return name
+
+
+def load_unet_folder(path: str | Path) -> nn.Module:
+    """Load a diffusers U-Net with its weights from a local folder (offline)."""
+    folder = _unet_folder(Path(path))
+    cls = UNET_CLASSES[read_unet_class(folder)]
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UNetSourceError(f"cannot load the U-Net weights in {folder}: {err}") from None
+
+
+def unet_from_config(class_name: str, config: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """Build a randomly initialised diffusers U-Net from its class name and config."""
+    if class_name not in UNET_CLASSES:
+        raise UNetSourceError(f"unsupported U-Net class {class_name!r}; supported: {', '.join(UNET_CLASSES)}")
+    clean = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device(device):
+        return UNET_CLASSES[class_name].from_config(clean)
+
+
+def describe_unet(unet: nn.Module) -> tuple[str, dict[str, Any]]:
+    """``(class name, JSON-able config)`` of a diffusers U-Net, enough to rebuild its architecture."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return type(unet).__name__, json.loads(json.dumps(config, default=list))
+
+
+def materialize(module: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Give a module built on the meta device real storage and a fresh default initialisation."""
+    module.to_empty(device=device)
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return module

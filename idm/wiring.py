@@ -1,0 +1,227 @@
+"""Wired (reversible) sequences and their memory-saving backward.
+
+"Wiring" (paper Sec. 3.3) turns a chain of arbitrary layers ``F_1 .. F_K``
+into an invertible network by carrying a second state along. Layer ``k``
+maps a pair ``(x1, x2)`` to::
+
+    forward:  x1' = (1 - v_k) * F_k(x1) + v_k * x2,     x2' = x1
+    inverse:  x1  = x2',                                 x2  = (x1' - (1 - v_k) * F_k(x2')) / v_k
+
+(``u_k = 1 - v_k`` in the paper's Eqs. 4-5). A :class:`WiredSequence` starts
+from ``(x, in_scale * x)`` and returns ``x1 + out_scale * x2``; with the
+paper's initialisation (``v = 0.5``, ``in_scale = 1``, ``out_scale = 0``).
+
+The same module serves both levels of IDM: the T sampling steps (first level)
+and the equal-width blocks inside the U-Net (second level), which are nested
+inside the steps.
+
+Memory. With ``recompute=True`` the chain runs inside one autograd function
+that keeps only its final pair ``(x1, x2)`` and its context tensors. The
+backward walks the layers in reverse, recovers each layer's input from its
+output with the inverse above, recomputes ``F_k`` with autograd enabled for
+that layer only, and back-propagates through it. Activation memory is thus
+that of a single layer, whatever ``K``. Layers must be deterministic (no
+dropout or other randomness): the recomputation must reproduce the forward.
+
+Layers are passed at call time as callables ``layer(x, *context) -> Tensor``
+with the shape of ``x``. ``context`` is a tuple whose tensor items (for IDM:
+``A^+ y``) get gradients; other items (the operator) pass through untouched.
+``params`` lists every parameter the layers use, so that the backward can
+return their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Layer = Callable[..., Tensor]
+
+
+def coupling_forward(f_x1: Tensor, x1: Tensor, x2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """One wired layer forward, given ``f_x1 = F(x1)``: returns ``(x1', x2')``."""
+    return (1 - v) * f_x1 + v * x2, x1
+
+
+def coupling_inverse(f_x1: Tensor, y1: Tensor, v: Tensor) -> Tensor:
+    """Recover ``x2`` from the output ``y1`` and ``f_x1 = F(x1)`` where ``x1 = y2``."""
+    return (y1 - (1 - v) * f_x1) / v
+
+
+def _unique_trainable(params: Iterable[Tensor], exclude: Sequence[Tensor]) -> list[Tensor]:
+    seen = {id(t) for t in exclude}
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class _WiredChain(torch.autograd.Function):
+    """Autograd function: the whole chain forward without storing, backward by inversion.
+
+    Inputs: ``spec`` (python object with layers and context layout), ``x1``,
+    ``x2``, ``v`` (K,), then the context tensors, then the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: "_ChainSpec", x1: Tensor, x2: Tensor, v: Tensor, *tensors: Tensor):
+        context = spec.context(tensors[: spec.n_context])
+        x1_in = x1
+        for k, layer in enumerate(spec.layers):
+            x1, x2 = coupling_forward(layer(x1, *context), x1, x2, v[k])
+        if x2 is x1_in:  # K == 1: an output may not alias an input
+            x2 = x2.clone()
+        ctx.spec = spec
+        ctx.autocast = spec.autocast_state(x1.device.type)
+        ctx.save_for_backward(x1, x2, v, *tensors[: spec.n_context])
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1: Tensor | None, dy2: Tensor | None):
+        spec: _ChainSpec = ctx.spec
+        y1, y2, v, *context_tensors = ctx.saved_tensors
+        dy1 = torch.zeros_like(y1) if dy1 is None else dy1
+        dy2 = torch.zeros_like(y2) if dy2 is None else dy2
+        params = spec.params
+        n_c = spec.n_context
+        needs_ctx = ctx.needs_input_grad[4 : 4 + n_c]
+        grad_context: list[Tensor | None] = [None] * n_c
+        grad_params: list[Tensor | None] = [None] * len(params)
+        grad_v = torch.zeros_like(v)
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+
+        for k in reversed(range(len(spec.layers))):
+            x1 = y2.detach().requires_grad_(True)
+            ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
+            v_k = v[k].detach()
+            wrt = [x1] + [t for t, need in zip(ctx_inputs, needs_ctx) if need] + params
+            grads = torch.autograd.grad(f_x1, wrt, grad_outputs=((1 - v_k) * dy1).to(f_x1.dtype), allow_unused=True)
+            with torch.no_grad():
+                f_x1 = f_x1.detach()
+                x2 = coupling_inverse(f_x1, y1, v_k)
+                grad_v[k] = (dy1 * (x2 - f_x1)).sum()
+                dx1 = dy2 if grads[0] is None else grads[0] + dy2
+                dx2 = v_k * dy1
+            it = iter(grads[1:])
+            for i, need in enumerate(needs_ctx):
+                if need:
+                    grad_context[i] = _accumulate(grad_context[i], next(it))
+            for i in range(len(params)):
+                grad_params[i] = _accumulate(grad_params[i], next(it))
+            y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
+
+        return (None, dy1, dy2, grad_v, *grad_context, *grad_params)
+
+
+def _accumulate(total: Tensor | None, g: Tensor | None) -> Tensor | None:
+    if g is None:
+        return total
+    return g if total is None else total + g
+
+
+class _ChainSpec:
+    """What the autograd function needs besides tensors: layers, context layout, params."""
+
+    def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor]):
+        self.layers = list(layers)
+        self.template = context
+        self.tensor_slots = [i for i, c in enumerate(context) if torch.is_tensor(c)]
+        self.n_context = len(self.tensor_slots)
+        self.params = params
+
+    def context_tensors(self) -> list[Tensor]:
+        return [self.template[i] for i in self.tensor_slots]
+
+    def context(self, tensors: Sequence[Tensor]) -> tuple[Any, ...]:
+        items = list(self.template)
+        for slot, t in zip(self.tensor_slots, tensors):
+            items[slot] = t
+        return tuple(items)
+
+    @staticmethod
+    def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+        return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+
+def wired_chain(
+    layers: Sequence[Layer],
+    v: Tensor,
+    x1: Tensor,
+    x2: Tensor,
+    context: tuple[Any, ...] = (),
+    params: Iterable[Tensor] = (),
+    recompute: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Run ``len(layers)`` wired layers on ``(x1, x2)``; returns the final pair.
+
+    Args:
+        layers: callables ``layer(x, *context)`` returning a tensor shaped like ``x``.
+        v: ``(K,)`` mixing weights, one per layer (``u = 1 - v``).
+        x1, x2: the pair of states, same shape.
+        context: extra arguments for every layer; tensor items receive gradients.
+        params: parameters used by the layers (needed only with ``recompute``).
+        recompute: keep only the final pair and rebuild the rest in backward
+            (memory flat in K); ``False`` runs plain autograd.
+    """
+    if len(layers) != v.shape[0]:
+        raise ValueError(f"wired_chain got {len(layers)} layers but {v.shape[0]} mixing weights")
+    tensors_need_grad = any(t.requires_grad for t in (x1, x2, v) + tuple(c for c in context if torch.is_tensor(c)))
+    params = list(params)
+    if recompute and torch.is_grad_enabled() and (tensors_need_grad or any(p.requires_grad for p in params)):
+        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v]))
+        return _WiredChain.apply(spec, x1, x2, v, *spec.context_tensors(), *spec.params)
+    for k, layer in enumerate(layers):
+        x1, x2 = coupling_forward(layer(x1, *context), x1, x2, v[k])
+    return x1, x2
+
+
+class WiredSequence(nn.Module):
+    """The learnable scalars of one wired chain: ``v`` per layer, ``in_scale``, ``out_scale``.
+
+    ``forward(x, layers, context, params, recompute)`` computes
+    ``x1 + out_scale * x2`` where ``(x1, x2) = chain(x, in_scale * x)``.
+    At the first level ``in_scale``/``out_scale`` are the paper's ``w_T``/``w_0``.
+
+    Args:
+        num_layers: number of wired layers ``K``.
+        v_init: initial mixing weight (paper: 0.5).
+        in_scale_init: initial ``w_T`` (1.0).
+        out_scale_init: initial ``w_0`` (0.0).
+    """
+
+    def __init__(self, num_layers: int, v_init: float = 0.5, in_scale_init: float = 1.0, out_scale_init: float = 0.0):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a wired sequence needs at least one layer, got {num_layers}")
+        self.v = nn.Parameter(torch.full((num_layers,), float(v_init)))
+        self.in_scale = nn.Parameter(torch.tensor(float(in_scale_init)))
+        self.out_scale = nn.Parameter(torch.tensor(float(out_scale_init)))
+
+    @property
+    def num_layers(self) -> int:
+        return self.v.shape[0]
+
+    def forward(
+        self,
+        x: Tensor,
+        layers: Sequence[Layer],
+        context: tuple[Any, ...] = (),
+        params: Iterable[Tensor] = (),
+        recompute: bool = True,
+    ) -> Tensor:
+        x1, x2 = wired_chain(layers, self.v, x, self.in_scale * x, context, params, recompute)
+        return x1 + self.out_scale * x2
+
+    def layer_forward(self, k: int, layer: Layer, x1: Tensor, x2: Tensor, context: tuple[Any, ...] = ()):
+        """Layer ``k`` alone: ``(x1, x2) -> (x1', x2')``."""
+        return coupling_forward(layer(x1, *context), x1, x2, self.v[k])
+
+    def layer_inverse(self, k: int, layer: Layer, y1: Tensor, y2: Tensor, context: tuple[Any, ...] = ()):
+        """Inverse of :meth:`layer_forward`: ``(x1', x2') -> (x1, x2)``."""
+        return y2, coupling_inverse(layer(y2, *context), y1, self.v[k])

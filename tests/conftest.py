@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny exact-pseudo-inverse operator and float64 helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepinv.physics import LinearPhysics
+
+
+class OrthoRowsOperator(LinearPhysics):
+    """``A = Phi`` with ``m`` orthonormal rows on flattened ``(C, H, W)`` images, so ``A^+ = A^T``.
+
+    A stand-in for any exact-pseudo-inverse operator that depends on nothing
+    of the toolkit (the core must accept any deepinv ``LinearPhysics``).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], m: int, seed: int = 0):
+        super().__init__()
+        n = image_shape[0] * image_shape[1] * image_shape[2]
+        gen = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        self.register_buffer("phi", q[:m].contiguous())
+        self.image_shape = tuple(image_shape)
+
+    def A(self, x, **kwargs):
+        return x.reshape(x.shape[0], -1) @ self.phi.to(x.dtype).T
+
+    def A_adjoint(self, y, **kwargs):
+        return (y @ self.phi.to(y.dtype)).reshape(y.shape[0], *self.image_shape)
+
+    def A_dagger(self, y, **kwargs):
+        return self.A_adjoint(y)
+
+
+@pytest.fixture
+def ortho_op():
+    """Factory: ``ortho_op((C, H, W), m)``."""
+    return OrthoRowsOperator
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """``||a - b|| / max(||b||, floor)``."""
+    return ((a - b).norm() / max(b.norm().item(), floor, 1e-300)).item()

@@ -1,0 +1,318 @@
+"""The IDM network: memory-saving backward == plain autograd, inverses, DDNM, memory, persistence."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from idm import IDM, IDMConfig
+from idm.checkpoint import CheckpointError
+from idm.unets import UNetSourceError, tiny_unet_config
+from tests.conftest import relative_error
+
+SHAPE = (1, 16, 16)
+
+
+def _perturbed_model(config: IDMConfig, seed: int = 0) -> IDM:
+    """A float64 model whose scalars are moved off their initial values (so no term vanishes)."""
+    torch.manual_seed(seed)
+    model = IDM(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() < 50:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _loss_and_grads(model: IDM, op, seed: int = 1):
+    torch.manual_seed(seed)
+    x = torch.rand(2, *SHAPE, dtype=torch.float64)
+    y = op.A(x).detach().requires_grad_(True)
+    out = model(y, op)
+    (out - x).abs().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, y.grad.detach().clone()
+
+
+@pytest.mark.parametrize("invertible", ["steps", "both"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_memory_saving_backward_equals_plain_autograd(ortho_op, invertible, steps):
+    op = ortho_op(SHAPE, 64)
+    config = IDMConfig(unet="tiny", steps=steps, invertible=invertible)
+    out_rec, grads_rec, gy_rec = _loss_and_grads(_perturbed_model(config.replace(recompute=True)), op)
+    out_plain, grads_plain, gy_plain = _loss_and_grads(_perturbed_model(config.replace(recompute=False)), op)
+    assert torch.equal(out_rec, out_plain)
+    assert relative_error(gy_rec, gy_plain) <= 1e-8
+    assert set(grads_rec) == set(grads_plain) and len(grads_plain) > 100
+    # Some gradients are exactly zero in exact arithmetic (the attention key bias shifts
+    # every logit of a query equally); compare those on the scale of the whole gradient.
+    scale = max(g.norm().item() for g in grads_plain.values())
+    for name, g in grads_plain.items():
+        assert relative_error(grads_rec[name], g, floor=1e-6 * scale) <= 1e-8, name
+
+
+def test_state_dict_does_not_depend_on_recompute():
+    a = IDM(IDMConfig(recompute=True)).state_dict()
+    b = IDM(IDMConfig(recompute=False)).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_wired_step_and_block_inverses_reproduce_inputs(ortho_op):
+    op = ortho_op(SHAPE, 64)
+    model = _perturbed_model(IDMConfig(unet="tiny", steps=3, invertible="both"))
+    y = op.A(torch.rand(1, *SHAPE, dtype=torch.float64))
+    x_pinv = model.pseudo_inverse(y, op)
+    with torch.no_grad():
+        # first level: the sampling steps
+        x1 = torch.randn(1, *SHAPE, dtype=torch.float64)
+        x2 = torch.randn(1, *SHAPE, dtype=torch.float64)
+        for k, layer in enumerate(model._layers()):
+            y1, y2 = model.wiring.layer_forward(k, layer, x1, x2, (op, x_pinv))
+            r1, r2 = model.wiring.layer_inverse(k, layer, y1, y2, (op, x_pinv))
+            assert relative_error(r1, x1) < 1e-12 and relative_error(r2, x2) < 1e-12
+            x1, x2 = y1, y2
+        # second level: every wired group of the U-Net, at every step
+        net = model.eps_net
+        checked = 0
+        for index, plan in enumerate(net.plans):
+            if plan.key not in net.wirings:
+                continue
+            wiring = net.wirings[plan.key]
+            for step in range(3):
+                layers, _ = net.group_layers(index, step)
+                size = 16 // plan.scale
+                f1 = torch.randn(1, plan.channels, size, size, dtype=torch.float64)
+                f2 = torch.randn_like(f1)
+                for k, layer in enumerate(layers):
+                    g1, g2 = wiring.layer_forward(k, layer, f1, f2, (op, x_pinv, None))
+                    r1, r2 = wiring.layer_inverse(k, layer, g1, g2, (op, x_pinv, None))
+                    assert relative_error(r1, f1) < 1e-12 and relative_error(r2, f2) < 1e-12
+                    f1, f2 = g1, g2
+                    checked += 1
+        assert checked >= 3 * len(net.wirings)
+
+
+def _ddnm_reference(unet: UNet2DModel, y, op, steps: int, x_T):
+    """DDNM (eta = 0) written from its paper/reference code, independent of idm.step."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    seq = list(range(0, 1000, 1000 // steps))[:steps]
+    seq_next = [-1] + seq[:-1]
+    x = x_T
+    x_pinv = op.A_dagger(y)
+    trajectory = []
+    for i, j in zip(reversed(seq), reversed(seq_next)):
+        at, at_next = abar[i], (abar[j] if j >= 0 else torch.tensor(1.0, dtype=torch.float64))
+        et = unet(x, torch.tensor([i])).sample
+        x0 = (x - et * (1 - at).sqrt()) / at.sqrt()
+        x0 = x0 - op.A_dagger(op.A(x0)) + x_pinv
+        x = at_next.sqrt() * x0 + (1 - at_next).sqrt() * et
+        trajectory.append(x)
+    return trajectory
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_plain_network_reproduces_ddnm_step_for_step(ortho_op, steps):
+    op = ortho_op(SHAPE, 64)
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_config(1)).double().eval()
+    config = IDMConfig(steps=steps, invertible="none", injectors=False, schedule="ddpm", time_input=True, init="noise")
+    model = IDM(config, unet=copy.deepcopy(unet)).double()
+    y = op.A(torch.rand(1, *SHAPE, dtype=torch.float64))
+    with torch.no_grad():
+        x_hat, traces = model.trace(y, op, generator=torch.Generator().manual_seed(5))
+        x_T = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        expected = _ddnm_reference(unet, y, op, steps, x_T)
+        assert torch.equal(x_hat, model(y, op, generator=torch.Generator().manual_seed(5)))
+    assert len(traces) == steps
+    for trace, reference in zip(traces, expected):
+        assert relative_error(trace.x_prev, reference) < 1e-12
+
+
+@pytest.mark.parametrize("invertible", ["none", "steps", "both"])
+def test_each_projected_x0_is_consistent_with_the_measurements(ortho_op, invertible):
+    op = ortho_op(SHAPE, 48)
+    model = _perturbed_model(IDMConfig(steps=3, invertible=invertible))
+    y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
+    x_hat, traces = model.trace(y, op)
+    with torch.no_grad():
+        assert torch.allclose(x_hat, model(y, op), rtol=0, atol=1e-12)
+    for trace in traces:
+        assert relative_error(op.A(trace.x0), y) < 1e-12
+
+
+def _saved_activation_bytes(model: IDM, op, y) -> int:
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(y, op)
+    return total
+
+
+def test_activation_memory_is_flat_in_the_number_of_steps(ortho_op):
+    shape = (1, 32, 32)
+    op = ortho_op(shape, 128)
+    y = op.A(torch.rand(2, *shape)).float().requires_grad_(True)
+
+    def saved(steps: int, invertible: str, recompute: bool) -> int:
+        model = IDM(IDMConfig(steps=steps, invertible=invertible, recompute=recompute))
+        return _saved_activation_bytes(model, op, y)
+
+    both_1, both_8 = saved(1, "both", True), saved(8, "both", True)
+    none_8 = saved(8, "none", False)
+    assert both_8 < 1.25 * both_1
+    assert both_8 < 0.20 * none_8
+
+
+def test_save_and_load_round_trip(tmp_path, ortho_op):
+    op = ortho_op(SHAPE, 64)
+    model = _perturbed_model(IDMConfig(steps=2)).float()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = IDM.from_pretrained(tmp_path / "m")
+    y = op.A(torch.rand(1, *SHAPE)).float()
+    with torch.no_grad():
+        assert torch.equal(model(y, op), loaded(y, op))
+    assert loaded.config == model.config
+
+
+def test_loading_refuses_bad_folders(tmp_path):
+    model = IDM(IDMConfig(steps=2))
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        IDM.from_pretrained(tmp_path / "nowhere")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        IDM.from_pretrained(tmp_path / "m")
+    IDM(IDMConfig(steps=3)).save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").replace(weights)
+    with pytest.raises(CheckpointError, match="do not fit this IDM"):
+        IDM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CheckpointError, match="not an IDM model config"):
+        IDM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{truncated")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        IDM.from_pretrained(tmp_path / "m")
+
+
+def _tiny_sd_like_unet() -> UNet2DConditionModel:
+    """SD v1.5's block layout at toy width: 4 scales, cross-attention, time embedding."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_a_local_diffusers_unet_folder_is_loaded_pruned_and_wired(tmp_path, ortho_op, channels):
+    torch.manual_seed(0)
+    unet = _tiny_sd_like_unet()
+    unet.save_pretrained(tmp_path / "sd" / "unet")
+    model = IDM(IDMConfig(unet=str(tmp_path / "sd"), image_channels=channels, steps=2))
+    assert model.config.keep_scales == 2 and model.config.keep_mid is False and model.config.pixel_unshuffle == 2
+    kept = model.eps_net.unet
+    assert len(kept.down_blocks) == 2 and len(kept.up_blocks) == 2 and kept.mid_block is None
+    assert kept.time_embedding is None and kept.down_blocks[1].downsamplers is None
+    assert all(getattr(m, "attn2", None) is None for m in kept.modules())
+    # the reused weights are the saved ones
+    assert torch.equal(kept.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    shape = (channels, 16, 16)
+    op = ortho_op(shape, 100)
+    x = torch.rand(2, *shape)
+    out = model(op.A(x), op)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.abs().mean().backward()
+    assert kept.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+
+def test_unet_folder_errors(tmp_path):
+    with pytest.raises(UNetSourceError, match="neither 'tiny', 'sd15' nor an existing folder"):
+        IDM(IDMConfig(unet=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UNetSourceError, match="not a diffusers U-Net folder"):
+        IDM(IDMConfig(unet=str(tmp_path / "empty")))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(UNetSourceError, match="AutoencoderKL"):
+        IDM(IDMConfig(unet=str(tmp_path / "vae")))
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "noweights")
+    (tmp_path / "noweights" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UNetSourceError, match="cannot load the U-Net weights"):
+        IDM(IDMConfig(unet=str(tmp_path / "noweights")))
+
+
+def test_sd15_architecture_has_the_authors_parameter_count():
+    model = IDM(IDMConfig(unet="sd15", image_channels=1, steps=3), init_weights=False)  # meta: no memory
+    total = sum(p.numel() for p in model.parameters())
+    injectors = sum(p.numel() for p in model.eps_net.injectors.parameters())
+    unet = sum(p.numel() for p in model.eps_net.unet.parameters())
+    assert round(unet / 1e6, 2) == 115.25  # pruned SD v1.5 U-Net
+    assert injectors == 18_060  # 20 injectors per step, 6,020 parameters each step
+    assert round(total / 1e6, 2) == 115.27
+    assert sum(len(step) for step in model.eps_net.injectors) == 3 * 20
+
+
+def test_model_is_reentrant_across_threads(ortho_op):
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(steps=2)).eval()
+    ops = [ortho_op(SHAPE, m, seed=m) for m in (40, 80)]
+    ys = [op.A(torch.rand(1, *SHAPE)) for op in ops]
+    with torch.no_grad():
+        expected = [model(y, op) for y, op in zip(ys, ops)]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = model(ys[i], ops[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert torch.equal(results[i], expected[i])
+
+
+def test_config_errors():
+    for bad, match in [
+        (dict(invertible="half"), "invertible"),
+        (dict(steps=0), "steps"),
+        (dict(init="zeros"), "init"),
+        (dict(time_input=True), "time_input"),
+        (dict(image_channels=0), "image_channels"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            IDMConfig(**bad)
+    with pytest.raises(ValueError, match="unknown field"):
+        IDMConfig.from_dict({"stepz": 3})
+
+
+def test_wrong_channel_count_is_reported(ortho_op):
+    op = ortho_op((3, 16, 16), 64)
+    model = IDM(IDMConfig(image_channels=1))
+    with pytest.raises(ValueError, match=r"reconstructs \(B, 1, H, W\) images"):
+        model(op.A(torch.rand(1, 3, 16, 16)), op)
