@@ -1,0 +1,54 @@
+"""Data loading for the IDM toolkit: image folders, MATLAB files, fastMRI k-space, CT slices.
+
+Every problem with a file or folder raises :class:`DataError` (a
+``ValueError``) whose message names the path.
+"""
+
+from .ct_slices import (
+    CT_EXTENSIONS,
+    DEFAULT_HU_WINDOW,
+    HU_MIN,
+    SOFT_TISSUE_WINDOW,
+    ct_num_slices,
+    hu_window,
+    inverse_hu_window,
+    read_ct_slice,
+    read_dicom_hu,
+    read_npy_hu,
+    read_tiff_volume,
+)
+from .datasets import CTSliceDataset, ImageFolderDataset, MatFolderDataset
+from .errors import DataError
+from .fastmri_h5 import FastMRISlices, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes
+from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, list_images, read_image, rgb_to_y
+from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
+from .transforms import (
+    DIHEDRAL_INVERSE,
+    SHAPE_PRESERVING_DIHEDRAL,
+    center_crop,
+    dihedral,
+    dihedral_inverse,
+    pad_to_multiple,
+    random_crop,
+    random_crop_params,
+    random_dihedral,
+    unpad,
+)
+
+__all__ = [
+    "DataError",
+    # images
+    "IMAGE_EXTENSIONS", "COLOR_MODES", "list_files", "list_images", "read_image", "image_size", "rgb_to_y",
+    # matlab
+    "MAT_EXTENSIONS", "load_mat", "mat_array_shape",
+    # fastMRI
+    "FastMRISlices", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
+    # CT
+    "HU_MIN", "DEFAULT_HU_WINDOW", "SOFT_TISSUE_WINDOW", "CT_EXTENSIONS", "hu_window", "inverse_hu_window",
+    "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "ct_num_slices", "read_ct_slice",
+    # transforms
+    "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop",
+    "dihedral", "dihedral_inverse", "random_dihedral", "pad_to_multiple", "unpad",
+    # datasets
+    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset",
+]

@@ -1,0 +1,310 @@
+"""CT slices: DICOM (pydicom), ``.npy`` in Hounsfield units, multi-page TIFF volumes.
+
+Hounsfield units (HU): air is -1000, water 0, dense bone about +2000.
+Out-of-field padding values (-2000, -3024, ...) occur in clinical data; the
+readers clip values below :data:`HU_MIN` = -1024 (``clip_air=True``).
+
+:func:`hu_window` maps HU linearly to [0, 1]. Default window
+:data:`DEFAULT_HU_WINDOW` = [-1024, 3071]: the full 12-bit range of clinical
+CT scanners (stored values 0..4095 minus 1024). For a reconstruction benchmark
+the map should be linear over everything the scanner measures, so that the
+[0, 1] image stays an affine function of the attenuation (mu / mu_water =
+1 + HU / 1000, hence x = 0 is air and x is proportional to HU + 1024, i.e.
+almost proportional to mu) and a CT forward operator applied to it remains
+physically meaningful; a narrow display window (e.g. soft tissue
+:data:`SOFT_TISSUE_WINDOW` = [-160, 240]) would clip bone and air and make
+the "ground truth" a non-linear function of the object. Use narrow windows
+for display only.
+
+The TIFF volume ``ct_head_10slices.tiff`` (uint16, 10 x 256 x 256) used in
+development is NOT in HU: its values are 0..51076 and every value is a perfect
+square ``k**2`` with k in 0..226 (a gamma-2 encoded 8-bit display image; as
+HU + 1024 brain tissue would read about +5000 HU, which is impossible).
+:func:`read_tiff_volume` therefore offers ``units="intensity"`` (default:
+raw / max over the volume, giving [0, 1] relative intensities, no window) and
+``units="hu+1024"`` for TIFFs that do store HU + 1024.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import DataError, check_file
+
+__all__ = [
+    "HU_MIN",
+    "DEFAULT_HU_WINDOW",
+    "SOFT_TISSUE_WINDOW",
+    "CT_EXTENSIONS",
+    "hu_window",
+    "inverse_hu_window",
+    "read_dicom_hu",
+    "read_npy_hu",
+    "read_tiff_volume",
+    "ct_num_slices",
+    "read_ct_slice",
+]
+
+PathLike = Union[str, os.PathLike]
+Array = Union[np.ndarray, torch.Tensor]
+
+#: Lowest HU kept by the readers (air; padding values below are clipped to it).
+HU_MIN: float = -1024.0
+#: Default window of :func:`hu_window`: the full 12-bit clinical range (see module doc).
+DEFAULT_HU_WINDOW: tuple[float, float] = (-1024.0, 3071.0)
+#: Soft-tissue display window (level 40, width 400); for display, not benchmarks.
+SOFT_TISSUE_WINDOW: tuple[float, float] = (-160.0, 240.0)
+#: File endings handled by :func:`read_ct_slice` / :func:`ct_num_slices`.
+CT_EXTENSIONS: tuple[str, ...] = (".dcm", ".npy", ".tif", ".tiff")
+TIFF_UNITS: tuple[str, ...] = ("intensity", "hu+1024")
+
+# JPEG 2000 transfer syntaxes (lossless, lossy, HTJ2K variants).
+_J2K_SYNTAXES = {
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+}
+
+
+def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAULT_HU_WINDOW[1]) -> Array:
+    """Map Hounsfield units linearly to [0, 1]: ``clip((hu - low) / (high - low), 0, 1)``.
+
+    ``hu``: NumPy array or torch tensor of any shape. Returns float32 of the
+    same kind and shape. Default window [-1024, 3071] HU (the full 12-bit CT
+    range, linear in attenuation; see the module docstring for why).
+    Raises :class:`ValueError` naming ``hu`` if it holds NaN, or for
+    ``low >= high``.
+    """
+    if not low < high:
+        raise ValueError(f"hu_window needs low < high, got low={low}, high={high}")
+    if isinstance(hu, torch.Tensor):
+        x = hu.to(torch.float32)
+        if torch.isnan(x).any():
+            raise ValueError("hu contains NaN values")
+        return ((x - low) / (high - low)).clamp(0.0, 1.0)
+    x = np.asarray(hu, dtype=np.float32)
+    if np.isnan(x).any():
+        raise ValueError("hu contains NaN values")
+    return np.clip((x - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
+
+
+def inverse_hu_window(x: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAULT_HU_WINDOW[1]) -> Array:
+    """HU of a windowed image: ``low + x * (high - low)`` (exact inside the window)."""
+    if not low < high:
+        raise ValueError(f"inverse_hu_window needs low < high, got low={low}, high={high}")
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float32) * (high - low) + low
+    return (np.asarray(x, dtype=np.float32) * np.float32(high - low) + np.float32(low)).astype(np.float32)
+
+
+def _decoder_hint(ts_uid: str) -> str:
+    if ts_uid in _J2K_SYNTAXES:
+        return ("JPEG 2000 decoding needs `pip install pylibjpeg pylibjpeg-openjpeg` "
+                "or a Pillow built with OpenJPEG")
+    if ts_uid.startswith("1.2.840.10008.1.2.4."):
+        return ("JPEG decoding needs `pip install pylibjpeg pylibjpeg-libjpeg` "
+                "(or python-gdcm)")
+    if ts_uid == "1.2.840.10008.1.2.5":
+        return "RLE decoding needs NumPy or `pip install pylibjpeg pylibjpeg-rle`"
+    return "install pylibjpeg with its plugins or python-gdcm"
+
+
+def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
+    """Read a CT DICOM file into Hounsfield units.
+
+    Applies the modality LUT (RescaleSlope / RescaleIntercept). Returns
+    float32 ``(H, W)`` (``(frames, H, W)`` for multi-frame files); values
+    below -1024 are clipped to -1024 when ``clip_air``.
+
+    Raises :class:`DataError` naming the file if it is not DICOM, its
+    Modality is not "CT", it has no pixel data, or its compressed pixel data
+    cannot be decoded (the message names the package needed).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
+
+    p = check_file(path)
+    try:
+        ds = pydicom.dcmread(p)
+    except InvalidDicomError as exc:
+        raise DataError(f"{p}: not a DICOM file ({exc})") from exc
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
+    modality = ds.get("Modality", None)
+    if modality != "CT":
+        raise DataError(f"{p}: DICOM Modality is {modality!r}, not 'CT' (only CT is supported)")
+    if "PixelData" not in ds:
+        raise DataError(f"{p}: DICOM file has no pixel data")
+    ts = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        if ts is not None and ts.is_compressed:
+            raise DataError(
+                f"{p}: cannot decode compressed pixel data ({ts.name}, {ts}): "
+                f"{_decoder_hint(str(ts))}. ({type(exc).__name__}: {exc})"
+            ) from exc
+        raise DataError(f"{p}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+    try:
+        hu = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot apply rescale to HU ({type(exc).__name__}: {exc})") from exc
+    if clip_air:
+        hu = np.maximum(hu, np.float32(HU_MIN))
+    return hu
+
+
+def _validate_hu(arr: np.ndarray, p: Path) -> np.ndarray:
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{p}: expected a numeric HU array, got dtype {arr.dtype}")
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{p}: expected (H, W) or (N, H, W), got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"{p}: contains NaN or infinite values")
+    return arr
+
+
+def read_npy_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
+    """Read a ``.npy`` slice ``(H, W)`` or stack ``(N, H, W)`` stored in HU (e.g. int16).
+
+    Returns float32 HU of the same shape; values below -1024 (out-of-field
+    padding such as -2000 / -3024) are clipped to -1024 when ``clip_air``.
+    Raises :class:`DataError` naming the file if unreadable, non-numeric,
+    of another dimensionality, or holding NaN.
+    """
+    p = check_file(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
+    hu = _validate_hu(np.asarray(arr), p).astype(np.float32)
+    if clip_air:
+        hu = np.maximum(hu, np.float32(HU_MIN))
+    return hu
+
+
+def _tiff_frames(p: Path) -> tuple[int, int, int]:
+    try:
+        with Image.open(p) as im:
+            return int(getattr(im, "n_frames", 1)), im.size[1], im.size[0]
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+
+
+def read_tiff_volume(path: PathLike, units: str = "intensity") -> np.ndarray:
+    """Read a (multi-page) grayscale TIFF into a float32 volume ``(N, H, W)``.
+
+    ``units="intensity"``: raw values divided by the volume maximum -> [0, 1]
+    relative intensities (not HU; the default, because the development volume
+    is not in HU, see the module docstring). ``units="hu+1024"``: raw values
+    minus 1024 = HU (clipped below at -1024); window them with :func:`hu_window`.
+
+    Raises :class:`DataError` naming the file if unreadable, truncated, or not
+    single-channel.
+    """
+    if units not in TIFF_UNITS:
+        raise ValueError(f"units must be one of {TIFF_UNITS}, got {units!r}")
+    p = check_file(path)
+    frames = []
+    try:
+        with Image.open(p) as im:
+            for i in range(int(getattr(im, "n_frames", 1))):
+                im.seek(i)
+                im.load()
+                a = np.asarray(im)
+                if a.ndim != 2:
+                    raise DataError(f"{p}: page {i} is not single-channel (mode {im.mode})")
+                frames.append(a.astype(np.float32))
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+    if len({f.shape for f in frames}) != 1:
+        raise DataError(f"{p}: TIFF pages differ in size")
+    vol = np.stack(frames)
+    if not np.isfinite(vol).all():
+        raise DataError(f"{p}: contains NaN or infinite values")
+    if units == "hu+1024":
+        return np.maximum(vol - np.float32(1024), np.float32(HU_MIN))
+    vmax = float(vol.max())
+    if vmax <= 0:
+        raise DataError(f"{p}: volume is all zeros (cannot normalise intensities)")
+    return vol / np.float32(vmax)
+
+
+def ct_num_slices(path: PathLike) -> tuple[int, int, int]:
+    """``(num_slices, H, W)`` of a CT file (.dcm, .npy, .tif/.tiff), reading headers only."""
+    p = check_file(path)
+    ext = p.suffix.lower()
+    if ext == ".npy":
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"{p}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
+        if arr.ndim == 2:
+            return 1, int(arr.shape[0]), int(arr.shape[1])
+        if arr.ndim == 3:
+            return int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2])
+        raise DataError(f"{p}: expected (H, W) or (N, H, W), got shape {arr.shape}")
+    if ext in (".tif", ".tiff"):
+        return _tiff_frames(p)
+    if ext == ".dcm":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception as exc:
+            raise DataError(f"{p}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        modality = ds.get("Modality", None)
+        if modality != "CT":
+            raise DataError(f"{p}: DICOM Modality is {modality!r}, not 'CT' (only CT is supported)")
+        try:
+            return int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
+        except Exception as exc:
+            raise DataError(f"{p}: DICOM header lacks Rows/Columns ({exc})") from exc
+    raise DataError(f"{p}: unsupported CT file type (expected {', '.join(CT_EXTENSIONS)})")
+
+
+def read_ct_slice(
+    path: PathLike,
+    index: int = 0,
+    window: tuple[float, float] = DEFAULT_HU_WINDOW,
+    tiff_units: str = "intensity",
+) -> torch.Tensor:
+    """One CT slice as a float32 tensor ``(1, H, W)`` in [0, 1].
+
+    ``.dcm`` / ``.npy`` (and TIFF with ``tiff_units="hu+1024"``) are read in
+    HU and mapped with :func:`hu_window` (``window=(low, high)``); a TIFF with
+    ``tiff_units="intensity"`` is normalised by its volume maximum instead.
+    ``index`` picks the slice of a stack / multi-frame file.
+    Raises :class:`DataError` naming the file for unreadable data or an
+    out-of-range ``index``.
+    """
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext == ".dcm":
+        vol = read_dicom_hu(p)
+    elif ext == ".npy":
+        vol = read_npy_hu(p)
+    elif ext in (".tif", ".tiff"):
+        vol = read_tiff_volume(p, units=tiff_units)
+        if tiff_units == "intensity":
+            vol = np.clip(vol, 0.0, 1.0)
+            window = None  # type: ignore[assignment]
+    else:
+        raise DataError(f"{p}: unsupported CT file type (expected {', '.join(CT_EXTENSIONS)})")
+    if vol.ndim == 2:
+        vol = vol[None]
+    if not 0 <= index < vol.shape[0]:
+        raise DataError(f"{p}: slice index {index} out of range (file has {vol.shape[0]})")
+    sl = vol[index]
+    if window is not None:
+        sl = hu_window(sl, window[0], window[1])
+    return torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[None]

@@ -1,0 +1,174 @@
+"""Reading fastMRI single-coil ``.h5`` files (h5py) and turning k-space into images.
+
+fastMRI single-coil layout: ``kspace`` (num_slices, H, W) complex64,
+optionally ``reconstruction_esc`` (num_slices, 320, 320) float32 magnitude
+images, optionally ``mask`` (W,) of sampled columns (test/challenge files),
+an ``ismrmrd_header`` XML string with the encoded and reconstruction matrix
+sizes, and file attributes (``acquisition``, ``max``, ``norm``, ...).
+
+The image convention is fastMRI's: the centred, orthonormal 2-D inverse FFT
+``fftshift(ifft2(ifftshift(k), norm="ortho"))`` over the last two axes,
+magnitude, centre-cropped to the reconstruction size (320 x 320 for fastMRI).
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import DataError, check_file
+
+__all__ = ["FastMRISlices", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class FastMRISlices:
+    """Contents of one fastMRI single-coil file.
+
+    Attributes:
+        path: the file.
+        kspace: complex64 tensor ``(num_slices, H, W)``.
+        reconstruction_esc: float32 tensor ``(num_slices, h, w)`` (magnitude
+            images, typically 320 x 320), or None if absent.
+        mask: bool tensor of the stored ``mask`` (usually ``(W,)``, the sampled
+            k-space columns), or None if absent.
+        encoded_size: ``(x, y, z)`` of the ismrmrd encoded space, or None.
+        recon_size: ``(x, y, z)`` of the ismrmrd reconstruction space, or None.
+        attrs: the file's HDF5 attributes (acquisition, max, norm, ...).
+    """
+
+    path: Path
+    kspace: torch.Tensor
+    reconstruction_esc: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    encoded_size: Optional[tuple[int, int, int]] = None
+    recon_size: Optional[tuple[int, int, int]] = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.kspace.shape[0])
+
+
+def parse_ismrmrd_sizes(
+    header: Union[bytes, str],
+) -> tuple[Optional[tuple[int, int, int]], Optional[tuple[int, int, int]]]:
+    """``(encoded_size, recon_size)`` as ``(x, y, z)`` from an ismrmrd XML header.
+
+    Either is None when it cannot be parsed (no exception is raised).
+    """
+    try:
+        root = ET.fromstring(header)
+    except Exception:
+        return None, None
+
+    def size(space: str) -> Optional[tuple[int, int, int]]:
+        # ignore XML namespaces: match on local tag names
+        for el in root.iter():
+            if el.tag.split("}")[-1] == space:
+                for sub in el:
+                    if sub.tag.split("}")[-1] == "matrixSize":
+                        vals = {c.tag.split("}")[-1]: c.text for c in sub}
+                        try:
+                            return int(vals["x"]), int(vals["y"]), int(vals.get("z") or 1)
+                        except (KeyError, TypeError, ValueError):
+                            return None
+        return None
+
+    return size("encodedSpace"), size("reconSpace")
+
+
+def load_fastmri_slices(path: PathLike) -> FastMRISlices:
+    """Load a fastMRI **single-coil** ``.h5`` file.
+
+    Returns a :class:`FastMRISlices` with k-space ``(num_slices, H, W)``
+    complex64 and, when present, ``reconstruction_esc``, ``mask`` and the
+    header sizes.
+
+    Raises :class:`DataError` naming the file when it is missing or not HDF5,
+    has no ``kspace``, holds multi-coil data (kspace of 4 dims), or k-space is
+    not a complex array of shape (slices, H, W).
+    """
+    p = check_file(path)
+    try:
+        f = h5py.File(p, "r")
+    except Exception as exc:
+        raise DataError(f"{p}: not a readable HDF5 file ({exc})") from exc
+    with f:
+        if "kspace" not in f:
+            raise DataError(
+                f"{p}: no 'kspace' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})"
+            )
+        ds = f["kspace"]
+        if ds.ndim == 4:
+            raise DataError(
+                f"{p}: kspace has shape {ds.shape} (slices, coils, H, W): "
+                "multi-coil data is not supported yet (single-coil only)"
+            )
+        if ds.ndim != 3:
+            raise DataError(f"{p}: kspace must have shape (slices, H, W), got {ds.shape}")
+        if ds.dtype.kind != "c":
+            raise DataError(f"{p}: kspace must be complex, got dtype {ds.dtype}")
+        try:
+            kspace = torch.from_numpy(np.ascontiguousarray(ds[()], dtype=np.complex64))
+            recon = None
+            if "reconstruction_esc" in f:
+                recon = torch.from_numpy(
+                    np.ascontiguousarray(f["reconstruction_esc"][()], dtype=np.float32)
+                )
+            mask = None
+            if "mask" in f:
+                mask = torch.from_numpy(np.asarray(f["mask"][()]) != 0)
+            encoded, recon_size = (None, None)
+            if "ismrmrd_header" in f:
+                encoded, recon_size = parse_ismrmrd_sizes(f["ismrmrd_header"][()])
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{p}: cannot read data ({type(exc).__name__}: {exc})") from exc
+    return FastMRISlices(
+        path=p, kspace=kspace, reconstruction_esc=recon, mask=mask,
+        encoded_size=encoded, recon_size=recon_size, attrs=attrs,
+    )
+
+
+def kspace_to_image(
+    kspace: torch.Tensor,
+    crop: Optional[tuple[int, int]] = (320, 320),
+    magnitude: bool = True,
+) -> torch.Tensor:
+    """Image of k-space by fastMRI's convention.
+
+    ``kspace``: complex tensor ``(..., H, W)`` (centre of k-space in the
+    middle). Computes ``fftshift(ifft2(ifftshift(k), norm="ortho"))`` over the
+    last two axes, centre-crops to ``crop`` (``(h, w)``; None keeps the full
+    size; a crop larger than the image is an error) and returns the magnitude
+    (float, ``(..., h, w)``) or, with ``magnitude=False``, the complex image.
+    Raises :class:`ValueError` naming ``kspace`` / ``crop`` for bad input.
+    """
+    if not isinstance(kspace, torch.Tensor) or not torch.is_complex(kspace):
+        raise ValueError("kspace must be a complex torch.Tensor")
+    if kspace.ndim < 2:
+        raise ValueError(f"kspace must have shape (..., H, W), got {tuple(kspace.shape)}")
+    dims = (-2, -1)
+    img = torch.fft.fftshift(
+        torch.fft.ifft2(torch.fft.ifftshift(kspace, dim=dims), norm="ortho"), dim=dims
+    )
+    if crop is not None:
+        h, w = int(crop[0]), int(crop[1])
+        H, W = img.shape[-2:]
+        if h > H or w > W or h <= 0 or w <= 0:
+            raise ValueError(f"crop {(h, w)} does not fit the image of size {(H, W)}")
+        top, left = (H - h) // 2, (W - w) // 2
+        img = img[..., top:top + h, left:left + w]
+    return img.abs() if magnitude else img

@@ -1,0 +1,600 @@
+"""Tests of tasks.data: every format is exercised on small files written here (no shared data)."""
+
+from __future__ import annotations
+
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from tasks.data import (
+    DEFAULT_HU_WINDOW,
+    DIHEDRAL_INVERSE,
+    CTSliceDataset,
+    DataError,
+    ImageFolderDataset,
+    MatFolderDataset,
+    center_crop,
+    ct_num_slices,
+    dihedral,
+    dihedral_inverse,
+    hu_window,
+    inverse_hu_window,
+    kspace_to_image,
+    list_images,
+    load_fastmri_slices,
+    load_mat,
+    pad_to_multiple,
+    random_crop,
+    random_dihedral,
+    read_ct_slice,
+    read_dicom_hu,
+    read_image,
+    read_npy_hu,
+    read_tiff_volume,
+    rgb_to_y,
+    unpad,
+)
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _rgb8(h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:
+    return _rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_gray_png_8bit(tmp_path):
+    a = _rng().integers(0, 256, (9, 7), dtype=np.uint8)
+    p = tmp_path / "g.png"
+    Image.fromarray(a).save(p)
+    for color in ("gray", "y"):
+        x = read_image(p, color)
+        assert x.dtype == torch.float32 and x.shape == (1, 9, 7)
+        assert torch.equal(x[0], torch.from_numpy(a.astype(np.float32) / 255))
+    rgb = read_image(p, "rgb")
+    assert rgb.shape == (3, 9, 7) and torch.equal(rgb[0], rgb[2])
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_gray_16bit(tmp_path, ext):
+    a = _rng().integers(0, 65536, (6, 5)).astype(np.uint16)
+    p = tmp_path / f"g16{ext}"
+    Image.fromarray(a).save(p)
+    x = read_image(p, "gray")
+    np.testing.assert_allclose(x[0].numpy(), a / 65535.0, atol=1e-7)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_rgb_png_color_conventions(tmp_path):
+    from skimage.color import rgb2ycbcr
+
+    a = _rgb8()
+    p = tmp_path / "c.png"
+    Image.fromarray(a).save(p)
+    rgb = read_image(p, "rgb")
+    assert rgb.shape == (3, 12, 10)
+    assert torch.equal(rgb, torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 255))
+    gray = read_image(p, "gray")[0].numpy()
+    y = read_image(p, "y")[0].numpy()
+    # full-range BT.601 = studio-range skimage/Matlab rgb2ycbcr rescaled
+    y_ref = (rgb2ycbcr(a)[..., 0] - 16.0) / 219.0
+    np.testing.assert_allclose(gray, y_ref, atol=1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=0.51 / 255)  # y: OpenCV fixed point, 8-bit grid
+    r, g, b = (a[..., i].astype(np.int64) for i in range(3))
+    np.testing.assert_array_equal(y * 255, ((4899 * r + 9617 * g + 1868 * b + 8192) >> 14).astype(np.float32))
+    assert np.allclose(y * 255, np.round(y * 255), atol=1e-4)
+    # rgb_to_y on the rgb tensor gives the float luminance
+    np.testing.assert_allclose(rgb_to_y(rgb)[0].numpy(), gray, atol=1e-6)
+    # pure colours
+    prim = np.zeros((1, 3, 3), np.uint8)
+    prim[0, 0, 0] = prim[0, 1, 1] = prim[0, 2, 2] = 255
+    Image.fromarray(prim).save(tmp_path / "prim.png")
+    g = read_image(tmp_path / "prim.png", "gray")[0, 0].numpy()
+    np.testing.assert_allclose(g, [0.299, 0.587, 0.114], atol=1e-6)
+
+
+def test_palette_tiff_gray_and_color(tmp_path):
+    idx = _rng().integers(0, 256, (8, 8), dtype=np.uint8)
+    # gray palette (like Set11 Parrots/foreman): Y equals the palette gray level
+    im = Image.frombytes("P", (8, 8), idx.tobytes())
+    im.putpalette([v for i in range(256) for v in (i, i, i)])
+    im.save(tmp_path / "gray_pal.tif")
+    x = read_image(tmp_path / "gray_pal.tif", "y")
+    assert x.shape == (1, 8, 8)
+    assert torch.equal(x[0], torch.from_numpy(idx.astype(np.float32) / 255))
+    # coloured palette: expanded through the palette, then luminance
+    pal = _rng(1).integers(0, 256, (256, 3), dtype=np.uint8)
+    im = Image.frombytes("P", (8, 8), idx.tobytes())
+    im.putpalette(pal.flatten().tolist())
+    im.save(tmp_path / "col_pal.tif")
+    rgb = read_image(tmp_path / "col_pal.tif", "rgb")
+    assert torch.equal(rgb, torch.from_numpy(pal[idx].transpose(2, 0, 1).astype(np.float32) / 255))
+    g = read_image(tmp_path / "col_pal.tif", "gray")[0].numpy()
+    expected = (pal[idx].astype(np.float64) / 255) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(g, expected, atol=1e-6)
+
+
+def test_palette_png_with_transparency(tmp_path):
+    idx = np.array([[0, 1], [1, 0]], np.uint8)
+    im = Image.frombytes("P", (2, 2), idx.tobytes())
+    im.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    im.info["transparency"] = 0
+    im.save(tmp_path / "t.png", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = read_image(tmp_path / "t.png", "rgb")
+    assert torch.allclose(x[:, 0, 0] * 255, torch.tensor([10.0, 20.0, 30.0]))
+    assert torch.allclose(x[:, 0, 1] * 255, torch.tensor([200.0, 100.0, 50.0]))
+
+
+def test_bmp_and_jpeg(tmp_path):
+    a = _rgb8(16, 16)
+    Image.fromarray(a).save(tmp_path / "a.bmp")
+    assert torch.equal(read_image(tmp_path / "a.bmp", "rgb") * 255, torch.from_numpy(a.transpose(2, 0, 1)).float())
+    smooth = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1))
+    Image.fromarray(np.stack([smooth] * 3, -1)).save(tmp_path / "a.JPG", quality=95)
+    x = read_image(tmp_path / "a.JPG", "y")
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    assert (x[0] - torch.from_numpy(smooth / 255.0).float()).abs().max() < 0.05
+
+
+def test_list_images_sorted_recursive(tmp_path):
+    a = _rgb8(4, 4)
+    (tmp_path / "sub").mkdir()
+    for name in ["b.png", "a.TIF", "sub/c.jpg", "notes.txt", ".hidden.png"]:
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("x")
+        else:
+            Image.fromarray(a).save(tmp_path / name, format="PNG" if "png" in name else None)
+    assert [p.name for p in list_images(tmp_path)] == ["a.TIF", "b.png"]
+    assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.TIF", "b.png", "c.jpg"]
+
+
+def test_folder_errors_name_the_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        list_images(empty)
+    other = tmp_path / "texts"
+    other.mkdir()
+    (other / "a.txt").write_text("hello")
+    with pytest.raises(DataError, match="texts"):
+        list_images(other)
+    with pytest.raises(DataError, match="missing"):
+        list_images(tmp_path / "missing")
+    with pytest.raises(DataError, match="empty"):
+        ImageFolderDataset([empty])
+
+
+def _truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_truncated_image_raises(tmp_path, ext):
+    p = tmp_path / f"cut{ext}"
+    Image.fromarray(_rng().integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(p)
+    _truncate(p)
+    with pytest.raises(DataError, match=f"cut{ext}"):
+        read_image(p)
+
+
+def test_unreadable_and_empty_image_files(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        read_image(bad)
+    empty = tmp_path / "zero.tif"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="zero.tif"):
+        read_image(empty)
+    with pytest.raises(DataError, match="nothere.png"):
+        read_image(tmp_path / "nothere.png")
+    Image.fromarray(_rgb8()).save(tmp_path / "ok.png")
+    with pytest.raises(ValueError, match="color"):
+        read_image(tmp_path / "ok.png", "lab")
+
+
+def test_rgb_to_y_bad_input():
+    with pytest.raises(ValueError, match="x"):
+        rgb_to_y(torch.zeros(2, 4, 4))
+    x = torch.zeros(3, 4, 4)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        rgb_to_y(x)
+
+
+# --------------------------------------------------------------------------- MATLAB
+
+
+def test_mat_v5_and_v4(tmp_path):
+    a = _rng().random((5, 3))
+    scipy.io.savemat(tmp_path / "v5.mat", {"im": a, "scale": 2.0, "vec": np.arange(4.0)})
+    np.testing.assert_array_equal(load_mat(tmp_path / "v5.mat"), a)  # single 2-D matrix picked
+    assert load_mat(tmp_path / "v5.mat", key="vec").shape == (1, 4)
+    scipy.io.savemat(tmp_path / "v4.mat", {"im": a}, format="4")
+    np.testing.assert_array_equal(load_mat(tmp_path / "v4.mat", key="im"), a)
+
+
+def test_mat_key_errors(tmp_path):
+    scipy.io.savemat(tmp_path / "two.mat", {"a": np.ones((3, 3)), "b": np.zeros((4, 4))})
+    with pytest.raises(DataError, match="two.mat.*key"):
+        load_mat(tmp_path / "two.mat")
+    with pytest.raises(DataError, match=r"two.mat.*'c'"):
+        load_mat(tmp_path / "two.mat", key="c")
+    np.testing.assert_array_equal(load_mat(tmp_path / "two.mat", key="b"), np.zeros((4, 4)))
+    (tmp_path / "fake.mat").write_text("MATLAB? no")
+    with pytest.raises(DataError, match="fake.mat"):
+        load_mat(tmp_path / "fake.mat")
+    with pytest.raises(DataError, match="absent.mat"):
+        load_mat(tmp_path / "absent.mat")
+
+
+def _write_v73(path, variables: dict) -> None:
+    """A MATLAB v7.3 file: HDF5 with a 512-byte user block; arrays stored column-major."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name, arr in variables.items():
+            if np.iscomplexobj(arr):
+                ct = np.dtype([("real", "<f8"), ("imag", "<f8")])
+                data = np.empty(arr.T.shape, ct)
+                data["real"], data["imag"] = arr.T.real, arr.T.imag
+                d = f.create_dataset(name, data=data)
+            else:
+                d = f.create_dataset(name, data=np.ascontiguousarray(arr.T))
+            d.attrs["MATLAB_class"] = np.bytes_("double")
+    with open(path, "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: test HDF5 schema 1.00 .".ljust(116))
+
+
+def test_mat_v73_transposes_back(tmp_path):
+    a = _rng().random((6, 4))  # non-square: catches a missing transpose
+    z = a + 1j * _rng(1).random((6, 4))
+    _write_v73(tmp_path / "im.mat", {"im_ori": a})
+    out = load_mat(tmp_path / "im.mat")
+    assert out.shape == (6, 4) and out.dtype == np.float64
+    np.testing.assert_array_equal(out, a)
+    _write_v73(tmp_path / "two.mat", {"im_ori": a, "k": z})
+    np.testing.assert_array_equal(load_mat(tmp_path / "two.mat", key="k"), z)
+    with pytest.raises(DataError, match="two.mat.*'nope'"):
+        load_mat(tmp_path / "two.mat", key="nope")
+
+
+# --------------------------------------------------------------------------- fastMRI
+
+
+def _centred_fft(img: np.ndarray) -> np.ndarray:
+    ax = (-2, -1)
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(img, axes=ax), norm="ortho"), axes=ax)
+
+
+_HEADER = (
+    b'<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+    b"<encodedSpace><matrixSize><x>32</x><y>24</y><z>1</z></matrixSize></encodedSpace>"
+    b"<reconSpace><matrixSize><x>16</x><y>16</y><z>1</z></matrixSize></reconSpace>"
+    b"</encoding></ismrmrdHeader>"
+)
+
+
+def test_fastmri_singlecoil(tmp_path):
+    img = _rng().random((2, 32, 24)) + 0.1j * _rng(1).random((2, 32, 24))
+    k = _centred_fft(img).astype(np.complex64)
+    recon = np.abs(img[:, 8:24, 4:20]).astype(np.float32)
+    p = tmp_path / "file1000.h5"
+    with h5py.File(p, "w") as f:
+        f["kspace"] = k
+        f["reconstruction_esc"] = recon
+        f["mask"] = np.array([0, 1] * 12, dtype=np.float32)
+        f["ismrmrd_header"] = _HEADER
+        f.attrs["acquisition"] = "CORPD_FBK"
+    s = load_fastmri_slices(p)
+    assert s.kspace.shape == (2, 32, 24) and s.kspace.dtype == torch.complex64
+    assert s.num_slices == 2 and s.reconstruction_esc.shape == (2, 16, 16)
+    assert s.mask.dtype == torch.bool and int(s.mask.sum()) == 12
+    assert s.encoded_size == (32, 24, 1) and s.recon_size == (16, 16, 1)
+    assert s.attrs["acquisition"] == "CORPD_FBK"
+    im = kspace_to_image(s.kspace, crop=(16, 16))
+    torch.testing.assert_close(im, s.reconstruction_esc, atol=1e-5, rtol=1e-4)
+    full = kspace_to_image(s.kspace, crop=None, magnitude=False)
+    np.testing.assert_allclose(full.numpy(), img, atol=1e-5)
+    with pytest.raises(ValueError, match="crop"):
+        kspace_to_image(s.kspace, crop=(64, 64))
+
+
+def test_fastmri_optional_parts_missing(tmp_path):
+    p = tmp_path / "bare.h5"
+    with h5py.File(p, "w") as f:
+        f["kspace"] = np.ones((1, 4, 4), np.complex64)
+        f["ismrmrd_header"] = b"<not xml"
+    s = load_fastmri_slices(p)
+    assert s.reconstruction_esc is None and s.mask is None
+    assert s.encoded_size is None and s.recon_size is None
+
+
+def test_fastmri_errors(tmp_path):
+    p = tmp_path / "nokspace.h5"
+    with h5py.File(p, "w") as f:
+        f["reconstruction_esc"] = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(DataError, match="nokspace.h5.*kspace"):
+        load_fastmri_slices(p)
+    p = tmp_path / "multicoil.h5"
+    with h5py.File(p, "w") as f:
+        f["kspace"] = np.zeros((1, 4, 8, 8), np.complex64)
+    with pytest.raises(DataError, match=r"multi-coil data is not supported yet \(single-coil only\)"):
+        load_fastmri_slices(p)
+    p = tmp_path / "real.h5"
+    with h5py.File(p, "w") as f:
+        f["kspace"] = np.zeros((1, 8, 8), np.float32)
+    with pytest.raises(DataError, match="real.h5.*complex"):
+        load_fastmri_slices(p)
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(DataError, match="text.h5"):
+        load_fastmri_slices(tmp_path / "text.h5")
+    with pytest.raises(DataError, match="gone.h5"):
+        load_fastmri_slices(tmp_path / "gone.h5")
+
+
+# --------------------------------------------------------------------------- CT
+
+
+def test_hu_window():
+    hu = np.array([-3024, -1024, 0, 1023.5, 3071, 5000], dtype=np.float32)
+    x = hu_window(hu)
+    assert DEFAULT_HU_WINDOW == (-1024.0, 3071.0)
+    np.testing.assert_allclose(x, [0, 0, 1024 / 4095, 2047.5 / 4095, 1, 1], atol=1e-6)
+    assert x.dtype == np.float32
+    t = hu_window(torch.tensor([-160.0, 40.0, 240.0]), -160, 240)
+    torch.testing.assert_close(t, torch.tensor([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(inverse_hu_window(hu_window(hu[1:5])), hu[1:5], atol=1e-3)
+    with pytest.raises(ValueError, match="hu contains NaN"):
+        hu_window(np.array([0.0, np.nan]))
+    with pytest.raises(ValueError, match="low < high"):
+        hu_window(hu, 100, 100)
+
+
+def test_npy_hu_clip(tmp_path):
+    a = np.array([[-3024, -2000, -1024], [0, 40, 1500]], dtype=np.int16)
+    np.save(tmp_path / "s.npy", a)
+    hu = read_npy_hu(tmp_path / "s.npy")
+    assert hu.dtype == np.float32 and hu.shape == (2, 3)
+    np.testing.assert_array_equal(hu, [[-1024, -1024, -1024], [0, 40, 1500]])
+    np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]]))
+    with pytest.raises(DataError, match="nan.npy"):
+        read_npy_hu(tmp_path / "nan.npy")
+    np.save(tmp_path / "vec.npy", np.zeros(5))
+    with pytest.raises(DataError, match="vec.npy"):
+        read_npy_hu(tmp_path / "vec.npy")
+    (tmp_path / "junk.npy").write_text("junk")
+    with pytest.raises(DataError, match="junk.npy"):
+        read_npy_hu(tmp_path / "junk.npy")
+
+
+def _write_dicom(path, stored: np.ndarray, modality: str = "CT", slope=1.0, intercept=-1024.0,
+                 transfer_syntax=None, pixel_bytes=None) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixel_bytes if pixel_bytes is not None else stored.astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_ct_to_hu(tmp_path):
+    stored = np.array([[-976, 0], [1024, 2048], [1064, 3000]], dtype=np.int16)  # -976 -> -2000 HU
+    _write_dicom(tmp_path / "ct.dcm", stored)
+    hu = read_dicom_hu(tmp_path / "ct.dcm")
+    assert hu.dtype == np.float32 and hu.shape == (3, 2)
+    np.testing.assert_array_equal(hu, [[-1024, -1024], [0, 1024], [40, 1976]])
+    np.testing.assert_array_equal(read_dicom_hu(tmp_path / "ct.dcm", clip_air=False)[0], [-2000, -1024])
+    _write_dicom(tmp_path / "ct2.dcm", stored, slope=2.0, intercept=-1000.0)
+    np.testing.assert_array_equal(read_dicom_hu(tmp_path / "ct2.dcm")[1], [1048, 3096])
+    assert ct_num_slices(tmp_path / "ct.dcm") == (1, 3, 2)
+    x = read_ct_slice(tmp_path / "ct.dcm")
+    assert x.shape == (1, 3, 2) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0], torch.from_numpy(hu_window(hu)))
+
+
+def test_dicom_rejections(tmp_path):
+    _write_dicom(tmp_path / "mr.dcm", np.zeros((4, 4), np.int16), modality="MR")
+    with pytest.raises(DataError, match=r"mr.dcm.*Modality is 'MR', not 'CT'"):
+        read_dicom_hu(tmp_path / "mr.dcm")
+    with pytest.raises(DataError, match="mr.dcm.*CT"):
+        ct_num_slices(tmp_path / "mr.dcm")
+    (tmp_path / "junk.dcm").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match="junk.dcm"):
+        read_dicom_hu(tmp_path / "junk.dcm")
+
+
+def test_dicom_undecodable_jpeg2000_names_package(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    _write_dicom(tmp_path / "j2k.dcm", np.zeros((4, 4), np.int16), transfer_syntax=JPEG2000Lossless,
+                 pixel_bytes=encapsulate([b"\xff\x4f\xff\x51 not a codestream"]))
+    with pytest.raises(DataError, match=r"j2k.dcm.*JPEG 2000.*pylibjpeg-openjpeg"):
+        read_dicom_hu(tmp_path / "j2k.dcm")
+
+
+def _write_tiff_stack(path, vol: np.ndarray) -> None:
+    pages = [Image.fromarray(v) for v in vol]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_tiff_volume_units(tmp_path):
+    vol = _rng().integers(0, 3000, (3, 5, 4)).astype(np.uint16)
+    vol[1, 0, 0] = 4000
+    _write_tiff_stack(tmp_path / "v.tiff", vol)
+    assert ct_num_slices(tmp_path / "v.tiff") == (3, 5, 4)
+    x = read_tiff_volume(tmp_path / "v.tiff")
+    assert x.shape == (3, 5, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, vol / 4000.0, atol=1e-6)
+    hu = read_tiff_volume(tmp_path / "v.tiff", units="hu+1024")
+    np.testing.assert_array_equal(hu, vol.astype(np.float32) - 1024)
+    s = read_ct_slice(tmp_path / "v.tiff", 2)
+    np.testing.assert_allclose(s[0].numpy(), vol[2] / 4000.0, atol=1e-6)
+    with pytest.raises(DataError, match="v.tiff.*index 3"):
+        read_ct_slice(tmp_path / "v.tiff", 3)
+    _truncate(tmp_path / "v.tiff", 0.6)
+    with pytest.raises(DataError, match="v.tiff"):
+        read_tiff_volume(tmp_path / "v.tiff")
+
+
+def test_ct_slice_dataset(tmp_path):
+    np.save(tmp_path / "a.npy", np.full((8, 8), 40, np.int16))
+    np.save(tmp_path / "b.npy", np.full((2, 8, 8), -3024, np.int16))
+    _write_dicom(tmp_path / "c.dcm", np.full((8, 8), 2048, np.int16))
+    _write_tiff_stack(tmp_path / "d.tif", np.full((2, 8, 8), 7, np.uint16))
+    (tmp_path / "readme.txt").write_text("ignored")
+    ds = CTSliceDataset(tmp_path)
+    assert len(ds) == 1 + 2 + 1 + 2
+    vals = [float(ds[i].mean()) for i in range(len(ds))]
+    np.testing.assert_allclose(vals, [1064 / 4095, 0, 0, 2048 / 4095, 1, 1], atol=1e-6)
+    assert all(ds[i].shape == (1, 8, 8) and ds[i].dtype == torch.float32 for i in range(len(ds)))
+    soft = CTSliceDataset([tmp_path / "a.npy"], window=(-160, 240), crop=4, augment=True, seed=3)
+    assert soft[0].shape == (1, 4, 4) and torch.allclose(soft[0], torch.tensor(0.5))
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_dihedral_group():
+    x = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(0))
+    outs = [dihedral(x, k) for k in range(8)]
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert not torch.equal(outs[i], outs[j]), (i, j)
+        assert torch.equal(dihedral_inverse(outs[i], i), x)
+        assert torch.equal(dihedral(outs[i], DIHEDRAL_INVERSE[i]), x)
+    assert torch.equal(outs[0], x)
+    r = torch.rand(3, 4, 7)
+    assert dihedral(r, 1).shape == (3, 7, 4) and dihedral(r, 6).shape == (3, 4, 7)
+    for bad in (-1, 8, 1.0, True):
+        with pytest.raises(ValueError, match="k"):
+            dihedral(x, bad)
+    y, k = random_dihedral(r, torch.Generator().manual_seed(1))
+    assert k in (0, 2, 4, 6) and y.shape == r.shape
+
+
+def test_crops():
+    x = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 5, 7)
+    c1 = random_crop(x, (3, 4), torch.Generator().manual_seed(5))
+    c2 = random_crop(x, (3, 4), torch.Generator().manual_seed(5))
+    assert c1.shape == (1, 3, 4) and torch.equal(c1, c2)
+    assert torch.equal(random_crop(x, (5, 7)), x)
+    with pytest.raises(DataError, match="6x4.*5x7"):
+        random_crop(x, (6, 4))
+    assert torch.equal(center_crop(x, 3), x[:, 1:4, 2:5])
+    with pytest.raises(DataError, match="5x8.*5x7"):
+        center_crop(x, (5, 8))
+    with pytest.raises(ValueError, match="x"):
+        random_crop(torch.zeros(5), 2)
+
+
+def test_pad_to_multiple():
+    x = torch.rand(2, 1, 30, 45)
+    y, pad = pad_to_multiple(x, 32)
+    assert y.shape == (2, 1, 32, 64) and pad == (2, 19)
+    assert torch.equal(y[..., :30, :45], x) and y[..., 30:, :].abs().sum() == 0 and y[..., 45:].abs().sum() == 0
+    assert torch.equal(unpad(y, pad), x)
+    z, pad0 = pad_to_multiple(torch.rand(64, 32), 32)
+    assert pad0 == (0, 0) and z.shape == (64, 32)
+    with pytest.raises(ValueError, match="multiple"):
+        pad_to_multiple(x, 0)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _image_folder(tmp_path, sizes=((20, 24), (16, 16), (8, 10))):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(_rgb8(h, w, seed=i)).save(d / f"im{i}.png")
+    return d
+
+
+def test_image_folder_dataset_crop_and_determinism(tmp_path):
+    d = _image_folder(tmp_path)
+    rng_state = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="1 of 3 images are smaller than the crop 12x12"):
+        ds = ImageFolderDataset([d], color="y", crop=12, augment=True, seed=7)
+    assert len(ds) == 2
+    items = [ds[i] for i in range(len(ds))]
+    assert all(t.shape == (1, 12, 12) and t.dtype == torch.float32 for t in items)
+    assert all(0 <= float(t.min()) and float(t.max()) <= 1 for t in items)
+    with pytest.warns(UserWarning):
+        again = ImageFolderDataset(d, color="y", crop=12, augment=True, seed=7)
+    assert all(torch.equal(a, again[i]) for i, a in enumerate(items))
+    ds.set_epoch(1)
+    assert any(not torch.equal(a, ds[i]) for i, a in enumerate(items))
+    ds.set_epoch(0)
+    assert torch.equal(ds[1], items[1]) and torch.equal(ds[-1], items[1])
+    assert torch.equal(torch.get_rng_state(), rng_state)  # no global RNG use
+    with pytest.raises(IndexError):
+        ds[2]
+    with pytest.raises(DataError, match="crop size 30x30 is larger than every image"):
+        ImageFolderDataset(d, crop=30)
+    full = ImageFolderDataset([d / "im1.png", d / "im2.png"], color="rgb")
+    assert [tuple(full[i].shape) for i in range(2)] == [(3, 16, 16), (3, 8, 10)]
+    with pytest.raises(DataError, match="nope"):
+        ImageFolderDataset([d, tmp_path / "nope"])
+    with pytest.raises(ValueError, match="color"):
+        ImageFolderDataset(d, color="cmyk")
+
+
+def test_dataset_reports_bad_file(tmp_path):
+    d = _image_folder(tmp_path, sizes=((16, 16),))
+    _truncate(d / "im0.png")
+    ds = ImageFolderDataset(d)
+    with pytest.raises(DataError, match="im0.png"):
+        ds[0]
+    (d / "junk.png").write_text("junk")
+    with pytest.raises(DataError, match="junk.png"):
+        ImageFolderDataset(d, crop=4)  # headers are read at construction with crop
+
+
+def test_dataloader_workers_match(tmp_path):
+    d = _image_folder(tmp_path, sizes=((16, 16),) * 4)
+    ds = ImageFolderDataset(d, color="gray", crop=8, augment=True, seed=1)
+    direct = torch.stack([ds[i] for i in range(len(ds))])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    torch.testing.assert_close(torch.cat(list(loader)), direct, rtol=0, atol=0)
+
+
+def test_mat_folder_dataset(tmp_path):
+    d = tmp_path / "mats"
+    d.mkdir()
+    _write_v73(d / "im-01.mat", {"im_ori": _rng().random((10, 12))})
+    scipy.io.savemat(d / "im-02.mat", {"im_ori": _rng(1).random((10, 12))})
+    ds = MatFolderDataset(d, key="im_ori", crop=(8, 8), augment=True, seed=0)
+    assert len(ds) == 2 and ds[0].shape == (1, 8, 8) and ds[1].dtype == torch.float32
+    full = MatFolderDataset(d)
+    np.testing.assert_allclose(full[0][0].numpy(), _rng().random((10, 12)).astype(np.float32))
+    scipy.io.savemat(d / "im-03.mat", {"im_ori": 5 * np.ones((10, 12))})
+    with pytest.raises(DataError, match="im-03.mat.*normalize"):
+        MatFolderDataset(d)[2]
+    assert float(MatFolderDataset(d, normalize=True)[2].max()) == 1.0
