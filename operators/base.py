@@ -20,6 +20,7 @@ operator object serves CPU and GPU, float32 and float64 alike.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,16 @@ def check_ratio(ratio: float, name: str = "ratio") -> float:
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise OperatorInputError(f"{name} must be in (0, 1], got {ratio!r}")
     return value
+
+
+def check_int(value: Any, name: str) -> int:
+    """Return ``value`` as a Python int (numpy ints accepted, bools not), or raise."""
+    if isinstance(value, bool):
+        raise OperatorInputError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise OperatorInputError(f"{name} must be an integer, got {value!r}") from None
 
 
 def check_img_size(img_size: Any) -> tuple[int, int]:
