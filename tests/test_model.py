@@ -316,3 +316,25 @@ def test_wrong_channel_count_is_reported(ortho_op):
     model = IDM(IDMConfig(image_channels=1))
     with pytest.raises(ValueError, match=r"reconstructs \(B, 1, H, W\) images"):
         model(op.A(torch.rand(1, 3, 16, 16)), op)
+
+
+@pytest.mark.parametrize(
+    "name, channels, kwargs",
+    [
+        ("cs", 1, dict(ratio=0.25, block=8, mode="permuted")),
+        ("cs", 3, dict(ratio=0.1, block=8, mode="spatial")),
+        ("inpainting", 1, dict(ratio=0.5)),
+        ("mri", 2, dict(acceleration=4, center_fraction=0.125)),
+    ],
+)
+def test_toolkit_operators_plug_in_and_keep_measurement_consistency(name, channels, kwargs):
+    import operators
+
+    op = operators.make(name, img_size=(16, 16), channels=channels, **kwargs)
+    model = _perturbed_model(IDMConfig(image_channels=channels, steps=2, invertible="both"))
+    x = torch.rand(2, channels, 16, 16, dtype=torch.float64)
+    y = op.A(x)
+    x_hat, traces = model.trace(y, op)
+    assert x_hat.shape == x.shape
+    for trace in traces:
+        assert relative_error(op.A(trace.x0), y) < 1e-10

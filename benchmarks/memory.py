@@ -1,0 +1,186 @@
+"""Training memory and time of IDM's wiring variants as the number of steps T grows.
+
+    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 8 --steps 1 2 3 6 12
+    python -m benchmarks.memory --device cpu --unet tiny --size 32 --batch 2 --steps 1 2 4 8   # a CPU check
+
+One training iteration = forward, L1 loss, backward, Adam step on block CS
+(10%, structurally random, 32x32 blocks) with bf16 autocast on CUDA. For each
+variant, batch and T it reports the median iteration time after warm-up and
+
+* on CUDA: the peak allocated memory (``torch.cuda.max_memory_allocated``,
+  everything: weights, Adam state, activations);
+* on CPU: the peak of the bytes autograd holds for backward (parameters
+  excluded) over forward and backward, counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` (see :class:`_LiveSavedBytes`).
+
+Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
+``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
+``both`` (two-level wiring), the last two with the memory-saving backward.
+Writes ``OUT/memory.csv`` and ``OUT/memory.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import operators
+from idm import IDM, IDMConfig
+
+VARIANTS = {
+    "none": dict(invertible="none", recompute=False),
+    "checkpoint": dict(invertible="none", recompute=True),
+    "steps": dict(invertible="steps", recompute=True),
+    "both": dict(invertible="both", recompute=True),
+}
+FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "status"]
+
+
+class _LiveSavedBytes:
+    """Peak bytes held by autograd for backward (parameters excluded), over forward and backward.
+
+    Each saved tensor is wrapped in a holder counted while it is alive, so the
+    transient recomputation inside the memory-saving backward counts too.
+    Tensors saved inside ``torch.utils.checkpoint`` regions use that
+    function's own storage and are not seen.
+    """
+
+    def __init__(self, exclude_ptrs: set[int]):
+        self.exclude = exclude_ptrs
+        self.current = 0
+        self.peak = 0
+
+    def hooks(self):
+        counter = self
+
+        class Holder:
+            def __init__(self, t: torch.Tensor):
+                self.t = t
+                self.nbytes = 0 if t.data_ptr() in counter.exclude else t.numel() * t.element_size()
+                counter.current += self.nbytes
+                counter.peak = max(counter.peak, counter.current)
+
+            def __del__(self):
+                counter.current -= self.nbytes
+
+        return torch.autograd.graph.saved_tensors_hooks(Holder, lambda holder: holder.t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int) -> dict:
+    """One row of the table: build the model, train ``warmup + iters`` iterations, measure."""
+    torch.manual_seed(0)
+    row = dict(variant=variant, steps=steps, batch=batch, size=size, unet=unet, device=device.type)
+    model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
+    x = torch.rand(batch, 1, size, size, device=device)
+    y = op.A(x)
+    live = _LiveSavedBytes({p.data_ptr() for p in model.parameters()})
+
+    def iteration(count_saved: bool = False) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        hooks = live.hooks() if count_saved else contextlib.nullcontext()
+        with hooks:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = model(y, op)
+            (out.float() - x).abs().mean().backward()
+        optimizer.step()
+
+    times = []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        iteration(count_saved=device.type == "cpu" and i == 0)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    row["ms_per_iter"] = round(1000 * statistics.median(times), 2)
+    if device.type == "cuda":
+        row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        row["memory_kind"] = "peak_allocated"
+    else:
+        row["memory_mb"] = round(live.peak / 2**20, 3)
+        row["memory_kind"] = "peak_saved_activations"
+    row["status"] = "ok"
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    for col, batch in enumerate(batches):
+        for variant in VARIANTS:
+            pts = [r for r in rows if r["batch"] == batch and r["variant"] == variant and r["status"] == "ok"]
+            if not pts:
+                continue
+            axes[0][col].plot([r["steps"] for r in pts], [r["memory_mb"] for r in pts], "o-", label=variant)
+            axes[1][col].plot([r["steps"] for r in pts], [r["ms_per_iter"] for r in pts], "o-", label=variant)
+        kind = rows[0]["memory_kind"].replace("_", " ")
+        axes[0][col].set(title=f"batch {batch}", ylabel=f"{kind} (MiB)", yscale="log")
+        axes[1][col].set(xlabel="T (sampling steps)", ylabel="ms / training iteration")
+        axes[0][col].legend()
+    fig.suptitle(f"IDM training memory and time, {rows[0]['unet']} U-Net, {rows[0]['size']}px, {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 6, 12])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in args.batch:
+        for steps in args.steps:
+            for variant in args.variants:
+                try:
+                    row = measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup)
+                except torch.cuda.OutOfMemoryError:
+                    row = dict(variant=variant, steps=steps, batch=batch, size=args.size, unet=args.unet,
+                               device=device.type, status="out of memory")
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
+    with open(out / "memory.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "memory.png")
+    print(f"wrote {out / 'memory.csv'} and {out / 'memory.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""The ``idm`` command line: ``idm <command> [options]`` (also ``python -m idm``).
+
+Each command is a module of this package with ``add_parser(subparsers)`` and
+``run(args) -> int``; :data:`COMMANDS` lists them in the order ``--help``
+shows. This package is the one place where the core (``idm``), the tasks and
+the benchmarks are wired together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from idm import __version__
+
+#: Command modules, relative to this package.
+COMMANDS: tuple[str, ...] = ("info",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idm",
+        description="Invertible Diffusion Models for imaging inverse problems (CS, inpainting, MRI, CT).",
+    )
+    parser.add_argument("--version", action="version", version=f"idm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``idm`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # the toolkit's own errors are ValueError subclasses
+        print(f"idm {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,62 @@
+"""Options shared by every ``idm`` command, spelled the same everywhere.
+
+* ``--device`` (default: CUDA when present, else CPU), ``--seed``, ``--out``;
+* the operator flags: ``--ratio``, ``--mode``, ``--block`` (cs), ``--mask``
+  (inpainting), ``--acceleration``, ``--center-fraction`` (mri), ``--views`` (ct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import torch
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output folder", out_required: bool = True) -> None:
+    """``--device``, ``--seed``, ``--out``."""
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", required=out_required, help=out_help)
+
+
+def add_operator_args(parser: argparse.ArgumentParser) -> None:
+    """The forward-model flags; ``None`` means "the task's default"."""
+    group = parser.add_argument_group("forward model (defaults come from the task)")
+    group.add_argument("--ratio", type=float, help="cs: sampling ratio in (0, 1]; inpainting: fraction of kept pixels")
+    group.add_argument("--mode", choices=("spatial", "permuted"), help="cs: spatial blocks or structurally random")
+    group.add_argument("--block", type=int, help="cs: block size (default 32)")
+    group.add_argument("--mask", help="inpainting: 'random', 'box' or an image file of the kept pixels")
+    group.add_argument("--acceleration", type=float, help="mri: undersampling factor, e.g. 4")
+    group.add_argument("--center-fraction", type=float, help="mri: fully sampled low-frequency fraction, e.g. 0.08")
+    group.add_argument("--views", type=int, help="ct: number of projection angles over 180 degrees")
+
+
+def operator_overrides(args: argparse.Namespace) -> dict:
+    """The operator flags the user set, as keyword arguments (unset flags omitted)."""
+    names = ("ratio", "mode", "block", "mask", "acceleration", "center_fraction", "views")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a clear error for an unavailable CUDA."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device

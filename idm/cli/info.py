@@ -1,0 +1,38 @@
+"""``idm info``: versions, devices and the registered forward models."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from idm.cli.common import add_common_args, resolve_device
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="show versions, devices and available operators")
+    add_common_args(parser, out_help="also write this information as JSON to this file", out_required=False)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import operators
+    from idm import __version__
+    from idm.checkpoint import save_json
+
+    device = resolve_device(args.device)
+    info = {
+        "idm": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "operators": operators.available(),
+    }
+    print(f"idm {info['idm']} | python {info['python']} | torch {info['torch']}")
+    print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'})")
+    print(f"operators: {', '.join(info['operators'])}")
+    if args.out:
+        save_json(info, args.out)
+    return 0
