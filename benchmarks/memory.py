@@ -16,7 +16,7 @@ variant, batch and T it reports the median iteration time after warm-up and
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
 ``both`` (two-level wiring), the last two with the memory-saving backward.
-Writes ``OUT/memory.csv`` and ``OUT/memory.png``.
+Writes ``OUT/memory.csv``, ``OUT/memory.png`` and ``OUT/memory.md`` (the summary table).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +51,8 @@ class _LiveSavedBytes:
     Each saved tensor is wrapped in a holder counted while it is alive, so the
     transient recomputation inside the memory-saving backward counts too.
     Tensors saved inside ``torch.utils.checkpoint`` regions use that
-    function's own storage and are not seen.
+    function's own storage and are not seen, so the ``checkpoint`` variant
+    reports no memory on CPU.
     """
 
     def __init__(self, exclude_ptrs: set[int]):
@@ -70,6 +74,12 @@ class _LiveSavedBytes:
                 counter.current -= self.nbytes
 
         return torch.autograd.graph.saved_tensors_hooks(Holder, lambda holder: holder.t)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
 def _sync(device: torch.device) -> None:
@@ -113,6 +123,9 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["memory_kind"] = "peak_allocated"
+    elif variant == "checkpoint":  # its recomputation is stored where saved-tensor hooks cannot see it
+        row["memory_mb"] = ""
+        row["memory_kind"] = "not measurable on CPU"
     else:
         row["memory_mb"] = round(live.peak / 2**20, 3)
         row["memory_kind"] = "peak_saved_activations"
@@ -133,15 +146,46 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = [r for r in rows if r["batch"] == batch and r["variant"] == variant and r["status"] == "ok"]
             if not pts:
                 continue
-            axes[0][col].plot([r["steps"] for r in pts], [r["memory_mb"] for r in pts], "o-", label=variant)
+            mem = [r for r in pts if r["memory_mb"] != ""]
+            axes[0][col].plot([r["steps"] for r in mem], [r["memory_mb"] for r in mem], "o-", label=variant)
             axes[1][col].plot([r["steps"] for r in pts], [r["ms_per_iter"] for r in pts], "o-", label=variant)
-        kind = rows[0]["memory_kind"].replace("_", " ")
+        kind = "peak allocated" if rows[0]["device"] == "cuda" else "peak saved activations"
         axes[0][col].set(title=f"batch {batch}", ylabel=f"{kind} (MiB)", yscale="log")
         axes[1][col].set(xlabel="T (sampling steps)", ylabel="ms / training iteration")
         axes[0][col].legend()
     fig.suptitle(f"IDM training memory and time, {rows[0]['unet']} U-Net, {rows[0]['size']}px, {rows[0]['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Memory per T for each variant, and the ratios the README quotes."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = []
+    for batch in sorted({r["batch"] for r in ok}):
+        pts = [r for r in ok if r["batch"] == batch]
+        steps = sorted({r["steps"] for r in pts})
+        get = {(r["variant"], r["steps"]): r for r in pts}
+        lines += [f"batch {batch}, {pts[0]['memory_kind'].replace('_', ' ')} (MiB) / ms per iteration:", ""]
+        lines += ["| variant | " + " | ".join(f"T={t}" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+        for variant in VARIANTS:
+            cells = []
+            for t in steps:
+                r = get.get((variant, t))
+                cells.append("" if r is None else f"{r['memory_mb']} / {r['ms_per_iter']:.0f}" if r["memory_mb"] != "" else f"- / {r['ms_per_iter']:.0f}")
+            if any(cells):
+                lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+        t_max = steps[-1]
+        if ("none", t_max) in get and ("both", t_max) in get:
+            none, both = get[("none", t_max)], get[("both", t_max)]
+            if none["memory_mb"] != "" and both["memory_mb"] != "":
+                lines += ["", f"At T={t_max}: `both` uses {100 * (1 - both['memory_mb'] / none['memory_mb']):.1f}% less memory than `none`; "
+                          f"a `both` iteration costs {both['ms_per_iter'] / none['ms_per_iter']:.2f}x a `none` iteration."]
+            if ("both", steps[0]) in get and get[("both", steps[0])]["memory_mb"] not in ("", 0):
+                growth = both["memory_mb"] / get[("both", steps[0])]["memory_mb"] - 1
+                lines.append(f"`both` memory grows {100 * growth:.1f}% from T={steps[0]} to T={t_max}.")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "memory.png")
-    print(f"wrote {out / 'memory.csv'} and {out / 'memory.png'}")
+    summary = summary_markdown(rows)
+    (out / "memory.md").write_text(f"`{' '.join(['python -m benchmarks.memory', *(argv if argv is not None else sys.argv[1:])])}` on {_hardware(device)}\n\n{summary}")
+    print(summary)
+    print(f"wrote {out / 'memory.csv'}, {out / 'memory.png'} and {out / 'memory.md'}")
     return 0
 
 

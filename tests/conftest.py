@@ -41,3 +41,22 @@ def ortho_op():
 def relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     """``||a - b|| / max(||b||, floor)``."""
     return ((a - b).norm() / max(b.norm().item(), floor, 1e-300)).item()
+
+
+def saved_bytes_for_backward(run, params) -> int:
+    """Bytes autograd saves for backward while ``run()`` executes, ``params`` excluded.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``.
+    """
+    excluded = {p.data_ptr() for p in params}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in excluded:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total

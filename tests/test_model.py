@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
 from idm.unets import UNetSourceError, tiny_unet_config
-from tests.conftest import relative_error
+from tests.conftest import relative_error, saved_bytes_for_backward
 
 SHAPE = (1, 16, 16)
 
@@ -146,21 +146,6 @@ def test_each_projected_x0_is_consistent_with_the_measurements(ortho_op, inverti
         assert relative_error(op.A(trace.x0), y) < 1e-12
 
 
-def _saved_activation_bytes(model: IDM, op, y) -> int:
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(y, op)
-    return total
-
-
 def test_activation_memory_is_flat_in_the_number_of_steps(ortho_op):
     shape = (1, 32, 32)
     op = ortho_op(shape, 128)
@@ -168,7 +153,7 @@ def test_activation_memory_is_flat_in_the_number_of_steps(ortho_op):
 
     def saved(steps: int, invertible: str, recompute: bool) -> int:
         model = IDM(IDMConfig(steps=steps, invertible=invertible, recompute=recompute))
-        return _saved_activation_bytes(model, op, y)
+        return saved_bytes_for_backward(lambda: model(y, op), model.parameters())
 
     both_1, both_8 = saved(1, "both", True), saved(8, "both", True)
     none_8 = saved(8, "none", False)

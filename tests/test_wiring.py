@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from idm.wiring import WiredSequence, wired_chain
-from tests.conftest import relative_error
+from tests.conftest import relative_error, saved_bytes_for_backward
 
 
 class ConvLayer(nn.Module):
@@ -97,20 +97,11 @@ def test_saved_memory_does_not_grow_with_depth():
         torch.manual_seed(0)
         layers = [ConvLayer(3) for _ in range(num_layers)]
         params = [p for layer in layers for p in layer.parameters()]
-        ptrs = {p.data_ptr() for p in params}
         wiring = WiredSequence(num_layers)
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            if t.data_ptr() not in ptrs:
-                total += t.numel() * t.element_size()
-            return t
-
         x = torch.randn(1, 3, 16, 16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            wiring(x, layers, ("static item", torch.ones(1)), params, recompute=True)
-        return total
+        return saved_bytes_for_backward(
+            lambda: wiring(x, layers, ("static item", torch.ones(1)), params, recompute=True), params
+        )
 
     # Only the (K,) mixing-weight vector grows: 11 more float32 values.
     assert saved_bytes(12) - saved_bytes(1) == 11 * 4

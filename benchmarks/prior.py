@@ -1,0 +1,240 @@
+"""The diffusion prior shared by the diffusion baselines, and the map into its value space.
+
+Conventions (see ``benchmarks/methods.py``):
+
+* The prior is a diffusers ``UNet2DModel`` predicting the noise ``eps`` on the
+  standard 1000-step linear DDPM schedule (betas 1e-4 .. 0.02), trained on
+  images scaled to [-1, 1]; it is called as ``unet(x_t, t).sample``.
+* The tasks' images live in the image space, normally [0, 1] (MRI: real /
+  imaginary channels, roughly in [-1, 1]; every task gets the same map).
+  :class:`PriorSpace` is the ONE place that converts between the two::
+
+      x_model = 2 x - 1                 (image -> prior space)
+      x       = (x_model + 1) / 2       (prior space -> image)
+      y_model = 2 y - A(1)              (measurement of x -> measurement of x_model)
+
+  The last line is exact because ``A`` is linear: ``A(2x - 1) = 2 A x - A 1``.
+
+:func:`load_prior` reads a prior folder (offline) with clear errors, and
+:class:`DiffusionPrior` wraps the U-Net with its schedule and evaluates it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from idm.step import ddpm_alphas_cumprod
+
+#: The only noise schedule the baselines support (that of the toolkit's priors).
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+class PriorError(ValueError):
+    """A diffusion prior (folder, U-Net or schedule) cannot be used by the baselines."""
+
+
+# ---------------------------------------------------------------------------------------
+# image space <-> prior space
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PriorSpace:
+    """The affine map ``x_model = scale * x + offset`` between image and prior space.
+
+    Defaults give ``x_model = 2 x - 1`` (images in [0, 1] -> [-1, 1]).
+    """
+
+    scale: float = 2.0
+    offset: float = -1.0
+
+    def to_model(self, x: Tensor) -> Tensor:
+        """Image ``x`` -> prior-space image ``scale * x + offset``."""
+        return self.scale * x + self.offset
+
+    def to_image(self, x_model: Tensor) -> Tensor:
+        """Prior-space image -> image ``(x_model - offset) / scale``."""
+        return (x_model - self.offset) / self.scale
+
+    def measurement_to_model(self, y: Tensor, op: Any) -> Tensor:
+        """``y = A x`` -> ``A x_model = scale * y + offset * A(1)`` (exact for linear ``A``).
+
+        ``op`` is any deepinv ``LinearPhysics``; the all-ones image is shaped as
+        ``op.image_shape`` where the operator has it, else as ``A^T y``.
+        """
+        ones = torch.ones(ones_shape(y, op), dtype=real_dtype(y), device=y.device)
+        return self.scale * y + self.offset * op.A(ones)
+
+    def measurement_to_image(self, y_model: Tensor, op: Any) -> Tensor:
+        """Inverse of :meth:`measurement_to_model`."""
+        ones = torch.ones(ones_shape(y_model, op), dtype=real_dtype(y_model), device=y_model.device)
+        return (y_model - self.offset * op.A(ones)) / self.scale
+
+
+def real_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def ones_shape(y: Tensor, op: Any) -> tuple[int, ...]:
+    """``(1, C, H, W)`` of the images ``op`` acts on."""
+    shape = getattr(op, "image_shape", None)
+    if shape is None:
+        shape = tuple(op.A_adjoint(y[:1]).shape[1:])
+    return (1, *shape)
+
+
+def image_shape(y: Tensor, op: Any) -> tuple[int, ...]:
+    """``(B, C, H, W)`` of the images behind the measurements ``y``."""
+    return (y.shape[0], *ones_shape(y, op)[1:])
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard normal noise from ``generator`` only, on ``like``'s device and dtype.
+
+    A generator on another device (e.g. a CPU generator for CUDA tensors) draws
+    on its own device and the result is moved. ``None`` is refused: the
+    baselines never touch the global random state.
+    """
+    if generator is None:
+        raise ValueError("a torch.Generator is required (the baselines never use the global RNG)")
+    dtype = real_dtype(like)
+    if generator.device.type == like.device.type:
+        return torch.randn(shape, generator=generator, device=like.device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(like.device)
+
+
+def default_generator(generator: torch.Generator | None, like: Tensor, seed: int = 0) -> torch.Generator:
+    """``generator``, or a fresh one seeded with ``seed`` on ``like``'s device (never the global RNG)."""
+    if generator is not None:
+        return generator
+    return torch.Generator(device=like.device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# the prior
+# ---------------------------------------------------------------------------------------
+class DiffusionPrior(nn.Module):
+    """An epsilon-predicting diffusers ``UNet2DModel`` on the 1000-step linear DDPM schedule.
+
+    Args:
+        unet: the ``UNet2DModel`` (``in_channels == out_channels``, with its time input).
+        space: the image <-> prior-space map (default ``x_model = 2x - 1``).
+
+    Attributes:
+        alphas_cumprod: float64 ``(1000,)`` table ``abar_t`` of :func:`idm.step.ddpm_alphas_cumprod`.
+        channels: image channels the prior models.
+    """
+
+    def __init__(self, unet: nn.Module, space: PriorSpace | None = None):
+        super().__init__()
+        kind = type(unet).__name__
+        if kind != "UNet2DModel":
+            raise PriorError(
+                f"the baselines need a pixel-space diffusers UNet2DModel prior (epsilon prediction), got {kind}"
+            )
+        cfg = unet.config
+        if cfg.in_channels != cfg.out_channels:
+            raise PriorError(
+                f"the prior U-Net must output as many channels as it takes (epsilon), got "
+                f"in_channels={cfg.in_channels}, out_channels={cfg.out_channels}"
+            )
+        self.unet = unet
+        self.space = space if space is not None else PriorSpace()
+        # A plain float64 CPU tensor, not a buffer: ``prior.float()`` must not round the schedule.
+        self.alphas_cumprod = ddpm_alphas_cumprod(
+            SCHEDULE["num_train_timesteps"], SCHEDULE["beta_start"], SCHEDULE["beta_end"]
+        )
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`PriorError` unless images of ``shape`` ``(B, C, H, W)`` fit the prior."""
+        if len(shape) != 4 or shape[1] != self.channels:
+            raise PriorError(
+                f"the prior models {self.channels}-channel images but the operator's images have shape "
+                f"{tuple(shape)}"
+            )
+
+    def abar(self, t: int, like: Tensor) -> Tensor:
+        """``abar_t`` as a 0-d tensor in ``like``'s dtype and device; ``t = -1`` gives ``abar = 1``."""
+        value = self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod.new_ones(())
+        return value.to(device=like.device, dtype=real_dtype(like))
+
+    def eps(self, x_t: Tensor, t: int) -> Tensor:
+        """Noise estimate ``unet(x_t, t).sample`` (one NFE), in ``x_t``'s dtype.
+
+        The U-Net runs in its own dtype. Images whose size is not a multiple of
+        the U-Net's total downsampling are padded (replicate) and cropped, as
+        :class:`idm.unets.wired_unet.WiredUNet` does.
+        """
+        unet = self.unet
+        dtype = next(unet.parameters()).dtype
+        h = x_t.to(dtype)
+        height, width = h.shape[-2:]
+        multiple = 2 ** (len(unet.down_blocks) - 1)
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        if pad_h or pad_w:
+            h = F.pad(h, (0, pad_w, 0, pad_h), mode="replicate")
+        timestep = torch.full((h.shape[0],), int(t), device=h.device, dtype=torch.long)
+        out = unet(h, timestep).sample
+        return out[..., :height, :width].to(x_t.dtype)
+
+
+def _check_scheduler(folder: Path) -> None:
+    """If the folder carries a diffusers scheduler config, it must be the supported schedule."""
+    for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if not candidate.is_file():
+            continue
+        try:
+            cfg = json.loads(candidate.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise PriorError(f"cannot read {candidate}: {err}") from None
+        wrong = []
+        for key, want in SCHEDULE.items():
+            have = cfg.get(key, want)
+            ok = abs(float(have) - want) <= 1e-12 if isinstance(want, float) else have == want
+            if not ok:
+                wrong.append(f"{key}={have!r} (need {want!r})")
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            wrong.append(f"prediction_type={cfg['prediction_type']!r} (need 'epsilon')")
+        if wrong:
+            raise PriorError(f"{candidate} describes an unsupported schedule: {', '.join(wrong)}")
+
+
+def load_prior(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    space: PriorSpace | None = None,
+) -> DiffusionPrior:
+    """Load a prior folder (offline) as a :class:`DiffusionPrior` in eval mode.
+
+    ``path`` holds a diffusers ``UNet2DModel`` (``config.json`` + weights, at
+    its top or in a ``unet/`` subfolder); a diffusers scheduler config beside
+    it, if any, must describe the 1000-step linear 1e-4..0.02 epsilon schedule.
+    Raises :class:`PriorError` with the reason otherwise.
+    """
+    from idm.unets.factory import UNetSourceError, load_unet_folder
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PriorError(f"prior folder {str(folder)!r} does not exist")
+    try:
+        unet = load_unet_folder(folder)
+    except UNetSourceError as err:
+        raise PriorError(f"cannot load the diffusion prior in {str(folder)!r}: {err}") from None
+    _check_scheduler(folder)
+    prior = DiffusionPrior(unet, space=space)
+    prior.to(device=device, dtype=dtype) if dtype is not None else prior.to(device=device)
+    return prior.eval().requires_grad_(False)
