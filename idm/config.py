@@ -9,6 +9,7 @@ from typing import Any
 INVERTIBLE_CHOICES = ("none", "steps", "both")
 INIT_CHOICES = ("pinv", "noise")
 SCHEDULE_CHOICES = ("learned", "ddpm")
+PRIOR_RANGE_CHOICES = ("unit", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class IDMConfig:
         pixel_unshuffle: ``s`` (``None``: 2 for ``UNet2DConditionModel``, 1 otherwise).
         injector_kernel: kernel size of the injectors' convolutions.
         alpha_init: initial value of the learnable ``alpha`` (``abar = cumprod(alpha)``).
+        prior_range: the value range the U-Net works in. Images and
+            reconstructions are always in the task's range (``[0, 1]``);
+            ``"symmetric"`` maps them to ``[-1, 1]`` inside the network
+            (``x -> 2 x - 1``, ``y -> 2 y - A 1``), for priors trained that
+            way; ``"unit"`` leaves them. ``None``: ``"symmetric"`` when the
+            U-Net folder's ``idm_prior.json`` says ``data_range [-1, 1]``
+            (priors from ``idm pretrain``), else ``"unit"``.
     """
 
     unet: str = "tiny"
@@ -56,6 +64,7 @@ class IDMConfig:
     pixel_unshuffle: int | None = None
     injector_kernel: int = 1
     alpha_init: float = 0.5
+    prior_range: str | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -73,6 +82,7 @@ class IDMConfig:
         need(self.pixel_unshuffle is None or self.pixel_unshuffle in (1, 2, 4), f"pixel_unshuffle must be None, 1, 2 or 4, got {self.pixel_unshuffle!r}")
         need(self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
         need(0.0 < float(self.alpha_init) < 1.0, f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
+        need(self.prior_range is None or self.prior_range in PRIOR_RANGE_CHOICES, f"prior_range must be None or one of {PRIOR_RANGE_CHOICES}, got {self.prior_range!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

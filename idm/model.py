@@ -31,6 +31,7 @@ from idm.unets import (
     load_unet_folder,
     materialize,
     prune_unet,
+    read_prior_range,
     tiny_unet_config,
     unet_from_config,
 )
@@ -70,7 +71,11 @@ def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
         raise ValueError(f"IDMConfig: keep_scales={keep_scales} but the U-Net has only {scales} scales")
     keep_mid = config.keep_mid if config.keep_mid is not None else keep_scales == scales
     unshuffle = config.pixel_unshuffle if config.pixel_unshuffle is not None else (2 if latent_net else 1)
-    return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle)
+    prior_range = config.prior_range
+    if prior_range is None:
+        recorded = read_prior_range(config.unet) if config.unet not in ("tiny", "sd15") else None
+        prior_range = "symmetric" if recorded == (-1.0, 1.0) else "unit"
+    return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle, prior_range=prior_range)
 
 
 class IDM(nn.Module):
@@ -166,7 +171,7 @@ class IDM(nn.Module):
         check = getattr(op, "check_measurement", None)
         if callable(check):
             check(y)
-        x_pinv = self.pseudo_inverse(y, op)
+        x_pinv = self.pseudo_inverse(self.to_prior_range(y, op), op)
         x = self.initial_state(x_pinv, generator)
         layers = self._layers()
         if self.config.invertible == "none":
@@ -175,17 +180,41 @@ class IDM(nn.Module):
                     x = checkpoint(layer, x, op, x_pinv, use_reentrant=False)
                 else:
                     x = layer(x, op, x_pinv)
-            return x
-        params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
-        return self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
+        else:
+            params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
+            x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
+        return self.from_prior_range(x)
+
+    def to_prior_range(self, y: Tensor, op: Any) -> Tensor:
+        """Measurements of ``[0, 1]`` images -> measurements of the same images in the prior's range.
+
+        ``"symmetric"``: ``A(2 x - 1) = 2 y - A 1`` (exact, ``A`` is linear).
+        """
+        if self.config.prior_range == "unit":
+            return y
+        with torch.autocast(y.device.type, enabled=False):
+            ones = torch.ones((1, *self._image_shape(y, op)), dtype=y.dtype, device=y.device)
+            return 2 * y - op.A(ones)
+
+    def from_prior_range(self, x: Tensor) -> Tensor:
+        """Images in the prior's range -> the task's ``[0, 1]`` range."""
+        return x if self.config.prior_range == "unit" else (x + 1) / 2
+
+    def _image_shape(self, y: Tensor, op: Any) -> tuple[int, ...]:
+        shape = getattr(op, "image_shape", None)
+        if shape is None:  # a deepinv physics without the toolkit's shape attribute
+            with torch.no_grad():
+                shape = tuple(op.A_adjoint(y[:1]).shape[1:])
+        return tuple(shape)
 
     @torch.no_grad()
     def trace(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> tuple[Tensor, list[StepTrace]]:
         """Run the network step by step and record every step; returns ``(x_hat, traces)``.
 
         Gives the same ``x_hat`` as :meth:`forward`; for inspection and figures.
+        The traces are in the prior's range (see ``IDMConfig.prior_range``).
         """
-        x_pinv = self.pseudo_inverse(y, op)
+        x_pinv = self.pseudo_inverse(self.to_prior_range(y, op), op)
         x1 = self.initial_state(x_pinv, generator)
         x2 = self.wiring.in_scale * x1 if self.config.invertible != "none" else None
         traces = []
@@ -197,7 +226,7 @@ class IDM(nn.Module):
             else:
                 x1, x2 = coupling_forward(x_prev, x1, x2, self.wiring.v[k])
         x_hat = x1 if x2 is None else x1 + self.wiring.out_scale * x2
-        return x_hat, traces
+        return self.from_prior_range(x_hat), traces
 
     # ---- persistence ---------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:

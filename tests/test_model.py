@@ -323,3 +323,27 @@ def test_toolkit_operators_plug_in_and_keep_measurement_consistency(name, channe
     assert x_hat.shape == x.shape
     for trace in traces:
         assert relative_error(op.A(trace.x0), y) < 1e-10
+
+
+def test_symmetric_prior_range_keeps_measurements_consistent_in_image_space(ortho_op):
+    op = ortho_op(SHAPE, 48)
+    model = _perturbed_model(IDMConfig(steps=2, prior_range="symmetric"))
+    y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
+    x_hat, traces = model.trace(y, op)
+    with torch.no_grad():
+        assert torch.allclose(x_hat, model(y, op), rtol=0, atol=1e-12)
+    for trace in traces:  # traces live in [-1, 1]: map back before measuring
+        assert relative_error(op.A((trace.x0 + 1) / 2), y) < 1e-12
+
+
+def test_prior_range_is_read_from_the_prior_folder(tmp_path):
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "prior")
+    assert IDM(IDMConfig(unet=str(tmp_path / "prior"))).config.prior_range == "unit"
+    (tmp_path / "prior" / "idm_prior.json").write_text(json.dumps({"format": "idm-prior", "data_range": [-1, 1]}))
+    model = IDM(IDMConfig(unet=str(tmp_path / "prior")))
+    assert model.config.prior_range == "symmetric"
+    model.save_pretrained(tmp_path / "idm")
+    assert IDM.from_pretrained(tmp_path / "idm").config.prior_range == "symmetric"
+    (tmp_path / "prior" / "idm_prior.json").write_text("{}")
+    with pytest.raises(UNetSourceError, match="no valid data_range"):
+        IDM(IDMConfig(unet=str(tmp_path / "prior")))

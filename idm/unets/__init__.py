@@ -1,11 +1,13 @@
 """Noise-estimator U-Nets for IDM: sources (tiny, SD v1.5, folders), pruning, the wired adapter."""
 
 from .factory import (
+    PRIOR_INFO_NAME,
     SD15_UNET_CONFIG,
     UNetSourceError,
     describe_unet,
     load_unet_folder,
     materialize,
+    read_prior_range,
     tiny_unet_config,
     unet_from_config,
 )
@@ -14,6 +16,7 @@ from .wired_unet import GroupPlan, WiredUNet
 
 __all__ = [
     "GroupPlan",
+    "PRIOR_INFO_NAME",
     "SD15_UNET_CONFIG",
     "UNetSourceError",
     "WiredUNet",
@@ -21,6 +24,7 @@ __all__ = [
     "load_unet_folder",
     "materialize",
     "prune_unet",
+    "read_prior_range",
     "tiny_unet_config",
     "unet_from_config",
 ]

@@ -56,6 +56,23 @@ def tiny_unet_config(image_channels: int) -> dict[str, Any]:
     }
 
 
+#: File written beside a prior by ``idm pretrain``: ``{"format": "idm-prior", "data_range": [lo, hi], ...}``.
+PRIOR_INFO_NAME = "idm_prior.json"
+
+
+def read_prior_range(path: str | Path) -> tuple[float, float] | None:
+    """The data range recorded in a U-Net folder's ``idm_prior.json``, or ``None`` if there is none."""
+    for folder in (Path(path), Path(path) / "unet"):
+        info_file = folder / PRIOR_INFO_NAME
+        if info_file.is_file():
+            try:
+                low, high = json.loads(info_file.read_text())["data_range"]
+                return float(low), float(high)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise UNetSourceError(f"{info_file} is unreadable or has no valid data_range: {err}") from None
+    return None
+
+
 class UNetSourceError(ValueError):
     """A U-Net folder or config cannot be used."""
 
