@@ -1,4 +1,4 @@
-"""``python -m idm ...`` runs the same command line as ``idm ...``."""
+"""``python -m idm ...`` runs the same command line as ``idm ...`` (so ``torchrun -m idm train`` works)."""
 
 from idm.cli import main
 

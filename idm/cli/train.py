@@ -1,0 +1,182 @@
+"""``idm train``: fine-tune an IDM end to end for a task (resumable, multi-GPU under torchrun).
+
+    idm train --task cs --ratio 0.1 --data DIR [DIR ...] --prior PRIOR --steps 3 \\
+              --iters 50000 --batch-size 8 --crop 256 --lr 1e-4 --out runs/cs10 [--resume]
+    torchrun --nproc_per_node=4 -m idm train ...      # DistributedDataParallel, same options
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune an IDM end to end for a task",
+        description="Fine-tune an IDM end to end (L1 loss, Adam, step learning rate, one flip/rotation per batch, "
+        "a fresh operator draw per iteration). Writes OUT/config.json, OUT/log.csv and atomic checkpoints in "
+        "OUT/checkpoints/; --resume continues exactly. Under torchrun it trains with DistributedDataParallel.",
+    )
+    import tasks
+
+    parser.add_argument("--task", required=True, help=f"task: {', '.join(tasks.available())} (tasks/<name>.py)")
+    parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, or SD v1.5 (its folder or its unet/)")
+    source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
+    add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/)")
+    add_operator_args(parser)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--steps", type=int, default=3, help="sampling steps T (default 3)")
+    model.add_argument("--invertible", choices=("none", "steps", "both"), default="both", help="wiring (default both)")
+    model.add_argument("--no-recompute", action="store_true", help="plain autograd instead of the memory-saving backward")
+    model.add_argument("--no-injectors", action="store_true", help="no measurement injectors")
+    model.add_argument("--init", choices=("pinv", "noise"), default="pinv", help="x_T: sqrt(abar_T) A^+ y (default) or noise")
+
+    opt = parser.add_argument_group("training (defaults come from the task)")
+    opt.add_argument("--iters", type=int, help="total iterations")
+    opt.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
+    opt.add_argument("--crop", type=int, help="square training crop (the operator's image size)")
+    opt.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (cs, inpainting)")
+    opt.add_argument("--lr", type=float, help="initial Adam learning rate")
+    opt.add_argument("--lr-milestones", type=int, nargs="+", metavar="ITER", help="iterations after which the lr is multiplied by --lr-gamma (default: 20/40/60/80%% of --iters)")
+    opt.add_argument("--lr-gamma", type=float, default=0.5, help="lr factor at each milestone (default 0.5)")
+    opt.add_argument("--scalar-lr-mult", type=float, default=1.0, help="lr factor for the learnable scalars: abar's alpha, wiring v, in/out scales (default 1 = the paper)")
+    opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
+    opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
+    opt.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
+
+    run = parser.add_argument_group("run control")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--max-minutes", type=float, help="time budget: checkpoint and exit 0 before it runs out")
+    run.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints (default 1000)")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    run.add_argument("--log-every", type=int, default=10, help="iterations between log rows (default 10)")
+    run.add_argument("--val-data", nargs="+", metavar="DIR", help="a few validation images (centre-cropped to --crop)")
+    run.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: at checkpoints)")
+    run.add_argument("--val-max", type=int, default=16, help="at most this many validation images (default 16)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_train)
+
+
+def _prior_folder(path: str) -> str:
+    """An `idm pretrain` output folder stands for the prior it exports (``OUT/prior``)."""
+    from idm.pretrain import PRIOR_DIR, RUN_FORMAT
+
+    p = Path(path)
+    if (p / PRIOR_DIR / "config.json").is_file():
+        try:
+            kind = json.loads((p / "config.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind == RUN_FORMAT or not (p / "config.json").exists():
+            return str(p / PRIOR_DIR)
+    return str(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    started_at = time.monotonic()
+    import tasks
+    from idm.config import IDMConfig
+    from idm.train import TrainConfig, train
+    from idm.training.distributed import detect
+
+    env = detect()
+    say = print if env.is_main else (lambda message: None)
+    if args.prior is None and args.unet is None:
+        raise ValueError("give --prior DIR (a diffusers U-Net folder) or --unet tiny|sd15 (random initialisation)")
+    task = tasks.get(args.task)
+    if args.color is not None:
+        task = task.with_color(args.color)
+    sched = task.schedule
+    iters = args.iters if args.iters is not None else sched.iters
+    crop = args.crop if args.crop is not None else task.crop
+    if crop < 1:
+        raise ValueError(f"--crop must be positive, got {crop}")
+    milestones = tuple(args.lr_milestones) if args.lr_milestones else sched.milestone_iterations(iters)
+    config = TrainConfig(
+        iters=iters,
+        batch_size=args.batch_size if args.batch_size is not None else sched.batch_size,
+        lr=args.lr if args.lr is not None else sched.lr,
+        lr_milestones=milestones,
+        lr_gamma=args.lr_gamma,
+        scalar_lr_mult=args.scalar_lr_mult,
+        seed=args.seed,
+        amp=not args.no_amp,
+        augment=not args.no_augment,
+        randomize_operator=task.randomized and not args.fixed_operator,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        val_every=args.val_every,
+        keep=args.keep,
+        max_minutes=args.max_minutes,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    model_config = IDMConfig(
+        unet=_prior_folder(args.prior) if args.prior else args.unet,
+        image_channels=task.channels,
+        steps=args.steps,
+        invertible=args.invertible,
+        recompute=not args.no_recompute,
+        injectors=not args.no_injectors,
+        init=args.init,
+    )
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        import torch
+
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
+    seed_everything(args.seed)
+    operator = task.make_operator((crop, crop), seed=args.seed, **operator_overrides(args))
+    dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
+    val = task.dataset(args.val_data) if args.val_data else None
+    result = train(
+        model_config,
+        dataset,
+        operator,
+        args.out,
+        config,
+        task=task.name,
+        task_info={"color": task.color, "crop": crop, "channels": task.channels},
+        val_dataset=val,
+        val_limit=args.val_max,
+        metric_transform=task.metric_image,
+        resume=args.resume,
+        device=device,
+        started_at=started_at,
+        env=env,
+        settings={
+            "data": [str(p) for p in args.data],
+            "val_data": [str(p) for p in args.val_data or []],
+            "prior": model_config.unet,
+            "command": " ".join(sys.argv),
+        },
+        say=say,
+    )
+    where = result.checkpoint or args.out
+    if result.loop.reason == "done" and result.finished:
+        if result.resumed_from >= iters:
+            say(f"idm train: the run in {args.out} already reached {result.iteration} iterations (--iters {iters}); nothing to do")
+        else:
+            say(
+                f"idm train: done, {result.iteration} iterations ({result.loop.iterations_per_second:.2f} it/s); "
+                f"model in {where} (use --checkpoint {args.out})"
+            )
+    else:
+        why = "the time budget (--max-minutes)" if result.loop.reason == "time" else "a stop signal"
+        say(
+            f"idm train: stopped by {why} after iteration {result.iteration} of {iters} "
+            f"({result.loop.chunk_iterations} this run at {result.loop.iterations_per_second:.2f} it/s, "
+            f"{result.loop.seconds:.0f} s of training in all); "
+            f"checkpoint {where}; run again with --resume to continue"
+        )
+    return 0

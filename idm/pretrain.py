@@ -1,0 +1,422 @@
+"""Pretraining a pixel-space diffusion prior (a diffusers ``UNet2DModel``) for IDM and the baselines.
+
+    from idm.pretrain import PriorArchitecture, PretrainConfig, pretrain
+    pretrain(PriorArchitecture(channels=1), dataset, "runs/prior", PretrainConfig(iters=20_000))
+    # -> runs/prior/prior/ : IDMConfig(unet="runs/prior/prior"), UNet2DModel.from_pretrained(...),
+    #                        DDPMScheduler.from_pretrained(...), DDPMPipeline(unet=..., scheduler=...)
+
+Standard DDPM training: images in [0, 1] are mapped to [-1, 1] (diffusers'
+convention, so ``DDPMPipeline`` outputs images directly), a timestep
+``t ~ U{0..999}`` and noise ``e ~ N(0, I)`` per image, ``x_t`` from
+diffusers' :class:`~diffusers.DDPMScheduler` (1000 steps, linear betas
+1e-4..0.02, epsilon prediction), MSE between ``unet(x_t, t)`` and ``e``,
+Adam, optional EMA of the weights (the exported prior holds the EMA weights).
+
+The run folder is the same as ``idm train``'s (:mod:`idm.training.run_folder`):
+``config.json``, ``log.csv`` and atomic checkpoints (``unet_config.json``,
+``unet.safetensors``, ``ema.safetensors``, ``optimizer.safetensors``,
+``rng.safetensors``, ``trainer_state.json``, ``run.json``); resumable exactly;
+multi-process under torchrun. At every checkpoint the prior is (re)exported
+atomically to ``OUT/prior/``: diffusers' ``config.json`` +
+``diffusion_pytorch_model.safetensors``, ``scheduler_config.json`` and
+``idm_prior.json`` (data range [-1, 1], channels, crop, iteration).
+
+Noise and timesteps are drawn for the whole global batch from ``(seed,
+iteration)`` and sliced per rank, so K processes compute what one process
+with the same global batch computes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.training import distributed, seeds
+from idm.training.batches import ShardedBatches, worker_init
+from idm.training.csv_log import CsvLog
+from idm.training.distributed import DistEnv
+from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
+from idm.training.lr import set_learning_rate, step_lr
+from idm.training.run_folder import RunFolder, replace_folder
+from idm.training.state import capture_rng, flatten_optimizer, restore_optimizer, restore_rng
+from idm.unets.factory import PRIOR_INFO_NAME
+
+RUN_FORMAT = "idm-pretrain-run"
+PRIOR_DIR = "prior"
+PRIOR_INFO = PRIOR_INFO_NAME  # read back by IDM (idm.unets.factory.read_prior_range)
+RESUME_HINTS: dict[str, str] = {}
+#: The noise schedule every prior is trained with (DDPM's, as diffusers' ``DDPMScheduler``).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "variance_type": "fixed_small",
+}
+
+
+@dataclass(frozen=True)
+class PriorArchitecture:
+    """A ``UNet2DModel`` sized for short budgets.
+
+    ``levels`` scales of ``width * (1, 2, 4, 4, ...)`` channels with
+    ``layers_per_block`` resnets each, attention at the lowest scale (and in
+    the mid block) when ``attention``. The default (64/128/256, 2 layers) has
+    about 15.7M parameters. ``sample_size`` is only recorded (diffusers'
+    pipelines use it as the output size).
+    """
+
+    channels: int = 1
+    width: int = 64
+    levels: int = 3
+    layers_per_block: int = 2
+    attention: bool = True
+    sample_size: int = 64
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"PriorArchitecture: {message}")
+
+        need(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
+        need(self.width >= 8 and self.width % 8 == 0, f"width must be a multiple of 8, got {self.width}")
+        need(1 <= self.levels <= 6, f"levels must be in 1..6, got {self.levels}")
+        need(self.layers_per_block >= 1, f"layers_per_block must be >= 1, got {self.layers_per_block}")
+
+    @property
+    def downsampling(self) -> int:
+        """Image sizes must be multiples of this (2 ** (levels - 1))."""
+        return 2 ** (self.levels - 1)
+
+    def unet_config(self) -> dict[str, Any]:
+        mults = [1, 2, 4] + [4] * max(0, self.levels - 3)
+        channels = [self.width * m for m in mults[: self.levels]]
+        low = "AttnDownBlock2D" if self.attention else "DownBlock2D"
+        up_low = "AttnUpBlock2D" if self.attention else "UpBlock2D"
+        return {
+            "sample_size": self.sample_size,
+            "in_channels": self.channels,
+            "out_channels": self.channels,
+            "block_out_channels": channels,
+            "layers_per_block": self.layers_per_block,
+            "down_block_types": ["DownBlock2D"] * (self.levels - 1) + [low],
+            "up_block_types": [up_low] + ["UpBlock2D"] * (self.levels - 1),
+            "norm_num_groups": 32 if self.width % 32 == 0 else 8,
+            "attention_head_dim": min(32, self.width),
+            "add_attention": self.attention,
+        }
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Training options of ``idm pretrain`` (see :class:`idm.train.TrainConfig` for the shared ones).
+
+    ``ema_decay``: EMA of the weights with warm-up ``min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates; 0 disables it (the prior then holds the raw weights).
+    ``lr_milestones``: iterations after which the learning rate is multiplied
+    by ``lr_gamma`` (default: none, a constant rate).
+    """
+
+    iters: int = 20_000
+    batch_size: int = 16
+    lr: float = 2e-4
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.5
+    ema_decay: float = 0.999
+    seed: int = 0
+    amp: bool = True
+    augment: bool = True
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    keep: int = 2
+    max_minutes: float | None = None
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"PretrainConfig: {message}")
+
+        need(self.iters >= 1, f"iters must be >= 1, got {self.iters}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be positive, got {self.max_minutes}")
+        Cadence(self.checkpoint_every, self.log_every, 0)
+
+    def lr_at(self, index: int) -> float:
+        return step_lr(self.lr, self.lr_gamma, self.lr_milestones, index)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "lr_milestones": sorted(int(m) for m in self.lr_milestones),
+            "lr_gamma": self.lr_gamma,
+            "ema_decay": self.ema_decay,
+            "seed": self.seed,
+            "amp": self.amp,
+            "augment": self.augment,
+            "scheduler": SCHEDULER_CONFIG,
+        }
+
+    def settings(self) -> dict[str, Any]:
+        keys = set(self.identity())
+        return {k: v for k, v in asdict(self).items() if k not in keys}
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state (float32 copies).
+
+    ``update`` after every optimizer step; decay ``min(decay, (1 + n) / (10 + n))``
+    with ``n`` the number of earlier updates (a deterministic warm-up).
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+        self.updates += 1
+
+    def weights_for(self, module: nn.Module) -> dict[str, Tensor]:
+        """``module``'s state dict with the averaged values in place of the floating-point ones."""
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in module.state_dict().items()}
+
+
+def build_unet(config: dict[str, Any]) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_config(config)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info: dict[str, Any]) -> Path:
+    """Write ``weights`` in ``unet``'s architecture as a diffusers folder (+ scheduler, + ``idm_prior.json``), atomically."""
+    copy_ = type(unet).from_config(unet.config)  # a fresh CPU copy of the architecture
+    copy_.load_state_dict({k: v.detach().to("cpu") for k, v in weights.items()})
+
+    def write(tmp: Path) -> None:
+        copy_.save_pretrained(tmp, safe_serialization=True)
+        make_scheduler().save_pretrained(tmp)
+        save_json({"format": "idm-prior", "data_range": [-1.0, 1.0], **info}, tmp / PRIOR_INFO)
+
+    return replace_folder(folder, write)
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    try:
+        unet_config = load_json(folder / "unet_config.json", "U-Net config")
+        weights = load_tensors(folder / "unet.safetensors")
+        ema = load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
+        state = load_json(folder / "trainer_state.json", "trainer state")
+        opt_tensors = load_tensors(folder / "optimizer.safetensors")
+        rng_tensors = load_tensors(folder / "rng.safetensors")
+        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
+            "from the previous checkpoint, if any; nothing was overwritten)"
+        ) from None
+    return unet_config, weights, ema, state, opt_tensors, rng_tensors
+
+
+def pretrain(
+    arch: PriorArchitecture,
+    dataset: Dataset,
+    out: str | os.PathLike,
+    config: PretrainConfig,
+    *,
+    data_info: dict[str, Any] | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    started_at: float | None = None,
+    env: DistEnv | None = None,
+    settings: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[LoopResult, Path]:
+    """Train a diffusion prior; returns ``(loop result, exported prior folder)``.
+
+    Args:
+        arch: the U-Net (its ``channels`` must match the dataset's items).
+        dataset: items float ``(C, H, W)`` in [0, 1], all the same size (crops),
+            ``H`` and ``W`` multiples of ``arch.downsampling``.
+        out, config, resume, device, started_at, env, settings, say: as :func:`idm.train.train`.
+        data_info: JSON-able facts about the data (color mode, crop) recorded
+            with the run and in ``idm_prior.json``.
+    """
+    started_at = time.monotonic() if started_at is None else started_at
+    env = env or distributed.detect()
+    device = torch.device(device)
+    if config.batch_size % env.world_size:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+            f"{env.world_size} processes"
+        )
+    if len(dataset) == 0:
+        raise ValueError("the training dataset is empty")
+    first = torch.as_tensor(dataset[0])
+    if first.dim() != 3 or first.shape[0] != arch.channels:
+        raise ValueError(f"training items have shape {tuple(first.shape)}, expected ({arch.channels}, H, W)")
+    if first.shape[-1] % arch.downsampling or first.shape[-2] % arch.downsampling:
+        raise ValueError(
+            f"image size {first.shape[-2]}x{first.shape[-1]} must be a multiple of {arch.downsampling} "
+            f"for a {arch.levels}-level U-Net (change --crop or --levels)"
+        )
+    unet_config = arch.unet_config()
+    identity = {
+        "architecture": unet_config,
+        "data_info": data_info or {},
+        "training": config.identity(),
+        "data": {"items": len(dataset), "shape": list(first.shape)},
+    }
+    folder = RunFolder(out, RUN_FORMAT)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS)
+
+    device = distributed.setup(env, device)
+    try:  # from here on, leave the process group whatever happens
+        torch.manual_seed(config.seed)
+        unet = build_unet(unet_config)
+        start, seconds_before = 0, 0.0
+        if ckpt is not None:
+            saved_config, weights, ema_weights, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
+            try:
+                unet.load_state_dict(weights)
+            except RuntimeError as err:
+                raise CheckpointError(f"weights in {ckpt} do not fit the U-Net: {err}") from None
+            start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
+        unet.to(device).train()
+        optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+        ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
+        if ckpt is not None:
+            restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+            restore_rng(rng_tensors, state.get("rng", {}))
+            if ema is not None:
+                if ema_weights is None:
+                    raise CheckpointError(f"{ckpt} has no ema.safetensors but the run uses an EMA")
+                ema.shadow = {k: v.to(device).float() for k, v in ema_weights.items()}
+                ema.updates = int(state.get("ema_updates", start))
+
+        run_config = {
+            "identity": identity,
+            "settings": {**config.settings(), **(settings or {}), "world_size": env.world_size, "device": device.type},
+        }
+        log = CsvLog(folder.log_path)
+        if env.is_main:
+            folder.write_config(run_config)
+            log.start(start if ckpt is not None else None)
+            if ckpt is not None:
+                say(f"resuming {folder.out} from {ckpt.name} (iteration {start} of {config.iters})")
+        net = distributed.wrap_ddp(unet, env, device)
+        scheduler = make_scheduler()
+        shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
+        loader = DataLoader(
+            shards,
+            batch_size=None,
+            sampler=range(start, max(start, config.iters)),
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=worker_init,
+        )
+        local = config.batch_size // env.world_size
+        amp = config.amp and device.type == "cuda"
+        prior_info = {"channels": arch.channels, **(data_info or {})}
+
+        def step(index: int, batch: Tensor) -> Tensor:
+            x = batch.to(device, non_blocking=True) * 2 - 1
+            shape = (config.batch_size, *x.shape[1:])
+            rows = slice(env.rank * local, (env.rank + 1) * local)
+            noise = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))[rows].to(device)
+            t = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,),
+                              generator=seeds.generator(config.seed, seeds.TIMESTEPS, index))[rows].to(device)
+            noisy = scheduler.add_noise(x, noise, t)
+            set_learning_rate(optimizer, config.lr_at(index))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                pred = net(noisy, t, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(unet)
+            return loss.detach()
+
+        def save(iteration: int, seconds: float) -> None:
+            def write(tmp: Path) -> None:
+                save_json(unet_config, tmp / "unet_config.json")
+                save_tensors(unet.state_dict(), tmp / "unet.safetensors")
+                if ema is not None:
+                    save_tensors(ema.shadow, tmp / "ema.safetensors")
+                opt_tensors, opt_meta = flatten_optimizer(optimizer)
+                save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                rng_tensors, rng_meta = capture_rng()
+                save_tensors(rng_tensors, tmp / "rng.safetensors")
+                save_json(
+                    {
+                        "iteration": iteration,
+                        "seconds": seconds,
+                        "ema_updates": ema.updates if ema is not None else 0,
+                        "optimizer": opt_meta,
+                        "rng": rng_meta,
+                        "world_size": env.world_size,
+                        "torch": torch.__version__,
+                    },
+                    tmp / "trainer_state.json",
+                )
+
+            folder.save_checkpoint(iteration, write, {**run_config, "iteration": iteration}, config.keep)
+            weights = ema.weights_for(unet) if ema is not None else unet.state_dict()
+            export_prior(unet, weights, folder.out / PRIOR_DIR, {**prior_info, "iteration": iteration, "ema_decay": config.ema_decay})
+
+        deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes
+        result = run_loop(
+            start=start,
+            stop=config.iters,
+            batches=iter(loader),
+            step=step,
+            lr_at=config.lr_at,
+            save=save,
+            cadence=Cadence(config.checkpoint_every, config.log_every, 0),
+            env=env,
+            device=device,
+            log=log if env.is_main else None,
+            deadline=deadline,
+            seconds_before=seconds_before,
+            progress=config.progress,
+            save_estimate=checkpoint_time_guess(unet),
+            desc="idm pretrain",
+        )
+    except BaseException:
+        distributed.teardown(env, clean=False)
+        raise
+    distributed.teardown(env)
+    return result, folder.out / PRIOR_DIR

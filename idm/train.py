@@ -1,0 +1,477 @@
+"""End-to-end fine-tuning of an IDM (paper Secs. 3.2 and 4.1), resumable and multi-GPU.
+
+    from idm.train import TrainConfig, train
+    result = train(IDMConfig(unet="runs/prior/prior"), dataset, operator, "runs/cs10",
+                   TrainConfig(iters=50_000, batch_size=8), task="cs")
+
+Per iteration ``i`` (0-based): this process's shard of the global batch
+``x`` (``(B/K, C, H, W)`` in [0, 1], one of the 8 flips/rotations per global
+batch, :mod:`idm.training.batches`), a fresh operator draw
+``op.resample(seed(run seed, i))`` when the operator is random (permuted CS,
+inpainting masks, MRI masks; identical on every rank without
+communication), ``y = op.A(x)`` in float32, ``x_hat = model(y, op)`` under
+bf16 autocast on CUDA (float32 on the CPU), L1 loss ``mean|x_hat - x|``,
+Adam; the learning rate is ``lr * gamma ** (number of milestones <= i)``
+and the learnable scalars (``abar``'s ``alpha``, the wiring ``v`` and
+in/out scales) use ``lr * scalar_lr_mult``.
+
+Exact resume: every random draw is derived from ``(seed, iteration)``
+(:mod:`idm.training.seeds`) and a checkpoint holds the weights, the whole
+Adam state and the RNG states, so a run of 20 iterations and a run of 10
+resumed for 10 more give bit-identical weights on the CPU.
+
+Checkpoint folder (``OUT/checkpoints/iter_NNNNNNN/``): ``config.json`` +
+``model.safetensors`` (exactly :meth:`IDM.save_pretrained`, so the folder is
+an IDM model folder), ``optimizer.safetensors``, ``rng.safetensors``,
+``trainer_state.json`` and ``run.json`` (task, operator config, model
+config, training identity). :func:`resolve_model_dir` and
+:func:`load_trained` turn a training ``--out`` folder into a model for
+``idm reconstruct`` / ``idm benchmark`` and refuse mismatched tasks/operators.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.config import IDMConfig
+from idm.model import IDM
+from idm.step import LearnedSchedule
+from idm.training import distributed, seeds
+from idm.training.batches import ShardedBatches, worker_init
+from idm.training.csv_log import CsvLog
+from idm.training.distributed import DistEnv
+from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
+from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
+from idm.training.run_folder import RunFolder
+from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
+from idm.training.state import capture_rng, flatten_optimizer, restore_optimizer, restore_rng
+from idm.wiring import WiredSequence
+
+__all__ = [
+    "RUN_FORMAT", "TrainConfig", "TrainResult", "TrainedModel", "load_trained", "make_optimizer", "resolve_model_dir",
+    "scalar_parameter_names", "train",
+]  # fmt: skip
+
+#: Learning-rate milestones as fractions of ``iters`` (the paper: 10k/20k/30k/40k of 50k).
+DEFAULT_MILESTONE_FRACTIONS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+RESUME_HINTS = {
+    "lr_milestones": "(the default milestones follow --iters: to train longer, resume with the run's "
+    "milestones given explicitly as --lr-milestones)",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options of ``idm train``.
+
+    Identity (must match on ``--resume``): ``batch_size`` (global, over all
+    processes), ``lr``, ``lr_milestones`` (resolved), ``lr_gamma``,
+    ``scalar_lr_mult``, ``seed``, ``amp``, ``augment``, ``randomize_operator``.
+    Settings (may change between chunks): the rest.
+
+    Attributes:
+        iters: total iterations of the run.
+        batch_size: global batch ``B`` (a multiple of the number of processes).
+        lr: Adam learning rate at the start.
+        lr_milestones: iterations after which the learning rate is multiplied
+            by ``lr_gamma``; ``None``: 20/40/60/80 % of ``iters``.
+        scalar_lr_mult: learning-rate factor of the learnable scalars
+            (``alpha`` of ``abar``, wiring ``v``, in/out scales). 1 = the
+            paper's single learning rate; larger values let ``abar`` move
+            (it barely moves at 1e-4-2e-4, see the calibration notes).
+        seed: seed of data order, crops, flips, operator draws and noise.
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        augment: one of the 8 flips/rotations per global batch.
+        randomize_operator: a fresh operator draw every iteration (for operators
+            with random parts; others are unaffected).
+        checkpoint_every, log_every, val_every: cadences (``val_every=0``: at checkpoints).
+        keep: number of checkpoints kept.
+        max_minutes: time budget of this command (checkpoint and exit before it).
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar (rank 0).
+    """
+
+    iters: int = 50_000
+    batch_size: int = 8
+    lr: float = 1e-4
+    lr_milestones: tuple[int, ...] | None = None
+    lr_gamma: float = 0.5
+    scalar_lr_mult: float = 1.0
+    seed: int = 0
+    amp: bool = True
+    augment: bool = True
+    randomize_operator: bool = True
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    val_every: int = 0
+    keep: int = 2
+    max_minutes: float | None = None
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+        need(self.iters >= 1, f"iters must be >= 1, got {self.iters}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be positive, got {self.max_minutes}")
+        if self.lr_milestones is not None:
+            need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")
+        Cadence(self.checkpoint_every, self.log_every, self.val_every)
+
+    def milestones(self) -> tuple[int, ...]:
+        """The learning-rate milestones (explicit, or the default fractions of ``iters``)."""
+        if self.lr_milestones is not None:
+            return tuple(sorted(int(m) for m in self.lr_milestones))
+        return milestones_from_fractions(self.iters, DEFAULT_MILESTONE_FRACTIONS)
+
+    def lr_at(self, index: int) -> float:
+        """Base learning rate of step ``index`` (0-based)."""
+        return step_lr(self.lr, self.lr_gamma, self.milestones(), index)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "lr_milestones": list(self.milestones()),
+            "lr_gamma": self.lr_gamma,
+            "scalar_lr_mult": self.scalar_lr_mult,
+            "seed": self.seed,
+            "amp": self.amp,
+            "augment": self.augment,
+            "randomize_operator": self.randomize_operator,
+        }
+
+    def settings(self) -> dict[str, Any]:
+        keys = set(self.identity()) | {"lr_milestones"}
+        return {k: v for k, v in asdict(self).items() if k not in keys}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a ``train`` call ended: see :class:`idm.training.loop.LoopResult`; plus where things are."""
+
+    loop: LoopResult
+    out: Path
+    checkpoint: Path | None
+    resumed_from: int = 0
+
+    @property
+    def iteration(self) -> int:
+        return self.loop.iteration
+
+    @property
+    def finished(self) -> bool:
+        return self.loop.finished
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters and optimizer
+# ---------------------------------------------------------------------------------------------
+def scalar_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the learnable scalars: parameters owned by a ``WiredSequence`` or ``LearnedSchedule``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, (WiredSequence, LearnedSchedule)):
+            for pname, _ in module.named_parameters(recurse=False):
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return names
+
+
+def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float) -> torch.optim.Adam:
+    """Adam with two groups: the network weights (``lr``) and the scalars (``lr * scalar_lr_mult``).
+
+    Each group carries its factor as ``"lr_mult"`` (saved with the optimizer state).
+    """
+    scalars = scalar_parameter_names(model)
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and n not in scalars]
+    scalar_params = [p for n, p in model.named_parameters() if p.requires_grad and n in scalars]
+    groups = [{"params": weights, "lr": lr, "lr_mult": 1.0}]
+    if scalar_params:
+        groups.append({"params": scalar_params, "lr": lr * scalar_lr_mult, "lr_mult": float(scalar_lr_mult)})
+    return torch.optim.Adam(groups, lr=lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def _model_identity(config: IDMConfig) -> dict[str, Any]:
+    d = config.to_dict()
+    if d["unet"] not in ("tiny", "sd15"):
+        d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
+    return d
+
+
+def _check_images(dataset: Dataset, operator: Any, channels: int, what: str) -> tuple[int, ...]:
+    if len(dataset) == 0:
+        raise ValueError(f"the {what} dataset is empty")
+    first = torch.as_tensor(dataset[0])
+    if first.dim() != 3:
+        raise ValueError(f"{what} items must be (C, H, W) tensors, got shape {tuple(first.shape)}")
+    if first.shape[0] != channels:
+        raise ValueError(f"{what} items have {first.shape[0]} channel(s) but the model reconstructs {channels}")
+    shape = getattr(operator, "image_shape", None)
+    if shape is not None and what == "training" and tuple(first.shape) != tuple(shape):
+        raise ValueError(f"training items have shape {tuple(first.shape)} but the operator acts on {tuple(shape)}")
+    return tuple(first.shape)
+
+
+def _center_crop(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    h, w = hw
+    H, W = x.shape[-2:]
+    if H < h or W < w:
+        raise ValueError(f"validation image of size {H}x{W} is smaller than the training crop {h}x{w}")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+def _load_validation(val_dataset: Dataset, hw: tuple[int, int], limit: int) -> Tensor:
+    """Up to ``limit`` validation images, centre-cropped to ``hw``: ``(N, C, h, w)``."""
+    n = min(len(val_dataset), limit)
+    if n == 0:
+        raise ValueError("the validation dataset is empty")
+    return torch.stack([_center_crop(torch.as_tensor(val_dataset[i], dtype=torch.float32), hw) for i in range(n)])
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, env: DistEnv) -> None:
+    model.save_pretrained(folder)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    save_tensors(opt_tensors, folder / "optimizer.safetensors")
+    rng_tensors, rng_meta = capture_rng()
+    save_tensors(rng_tensors, folder / "rng.safetensors")
+    save_json(
+        {
+            "iteration": iteration,
+            "seconds": seconds,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+            "world_size": env.world_size,
+            "torch": torch.__version__,
+        },
+        folder / "trainer_state.json",
+    )
+
+
+def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """Model, trainer state, optimizer tensors and RNG tensors of a checkpoint, with a clear error if any is broken."""
+    try:
+        model = IDM.from_pretrained(folder)
+        state = load_json(folder / "trainer_state.json", "trainer state")
+        opt_tensors = load_tensors(folder / "optimizer.safetensors")
+        rng_tensors = load_tensors(folder / "rng.safetensors")
+        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
+            "from the previous checkpoint, if any; nothing was overwritten)"
+        ) from None
+    return model, state, opt_tensors, rng_tensors
+
+
+def train(
+    model_config: IDMConfig,
+    dataset: Dataset,
+    operator: Any,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    task: str = "custom",
+    task_info: dict[str, Any] | None = None,
+    val_dataset: Dataset | None = None,
+    val_limit: int = 16,
+    metric_transform: Callable[[Tensor], Tensor] | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    started_at: float | None = None,
+    env: DistEnv | None = None,
+    settings: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fine-tune an IDM end to end; resumable, multi-process under torchrun.
+
+    Args:
+        model_config: the architecture; ``unet`` is a prior folder, ``"tiny"`` or ``"sd15"``.
+        dataset: training items, float ``(C, H, W)`` in [0, 1] (random crops of
+            the operator's image size); ``set_epoch(e)`` is called when present.
+        operator: the forward model for ``(C, H, W)`` images (deepinv
+            ``LinearPhysics``; ``resample(seed)`` gives a fresh random draw).
+        out: the run folder (see :mod:`idm.training.run_folder`).
+        config: :class:`TrainConfig`.
+        task: task name recorded in checkpoints (checked by :func:`load_trained`).
+        task_info: further JSON-able facts that define the run (color mode, crop...).
+        val_dataset: optional validation images (centre-cropped to the training size).
+        metric_transform: maps ``(B, C, H, W)`` outputs/targets to the images
+            PSNR is computed on (e.g. MRI magnitude); identity by default.
+        resume: continue from the latest checkpoint in ``out``.
+        device: ``cuda`` / ``cpu``; under torchrun each process uses ``cuda:LOCAL_RANK``.
+        started_at: ``time.monotonic()`` when the command started (the
+            ``max_minutes`` budget counts from there; default: now).
+        env: the distributed environment (default: detected from torchrun's variables).
+        settings: extra JSON-able facts stored with the run but not checked on resume.
+        say: where rank 0's messages go.
+
+    Returns:
+        :class:`TrainResult`. Raises ``ValueError`` subclasses (with nothing
+        written to ``out``) for bad data, a mismatched resume, a prior that is
+        not a diffusers model, or a damaged checkpoint.
+    """
+    started_at = time.monotonic() if started_at is None else started_at
+    env = env or distributed.detect()
+    device = torch.device(device)
+    if config.batch_size % env.world_size:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+            f"{env.world_size} processes"
+        )
+    channels = model_config.image_channels
+    shape = _check_images(dataset, operator, channels, "training")
+    op_config = operator.config() if callable(getattr(operator, "config", None)) else {"class": type(operator).__name__}
+    identity = {
+        "task": task,
+        "task_info": task_info or {},
+        "operator": op_config,
+        "model": _model_identity(model_config),
+        "training": config.identity(),
+        "data": {"items": len(dataset), "shape": list(shape)},
+    }
+    folder = RunFolder(out, RUN_FORMAT)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS)
+
+    val_images = None
+    if val_dataset is not None:
+        _check_images(val_dataset, operator, channels, "validation")
+        val_images = _load_validation(val_dataset, shape[-2:], val_limit)
+
+    device = distributed.setup(env, device)
+    try:  # from here on, leave the process group whatever happens
+        torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
+        start, seconds_before = 0, 0.0
+        if ckpt is not None:
+            model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
+            start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
+        else:
+            model = IDM(model_config)
+        model.to(device).train()
+        optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
+        if ckpt is not None:
+            restore_optimizer(optimizer, opt_tensors, state["optimizer"])  # Adam moves its state to the parameters' device
+            restore_rng(rng_tensors, state.get("rng", {}))
+
+        run_config = {
+            "identity": identity,
+            "settings": {
+                **config.settings(),
+                **(settings or {}),
+                "world_size": env.world_size,
+                "device": device.type,
+            },
+            "model_config": model.export_config(),
+        }
+        log = CsvLog(folder.log_path)
+        if env.is_main:
+            folder.write_config(run_config)
+            log.start(start if ckpt is not None else None)
+            if ckpt is not None:
+                say(f"resuming {folder.out} from {ckpt.name} (iteration {start} of {config.iters})")
+        net = distributed.wrap_ddp(model, env, device)
+
+        shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
+        loader = DataLoader(
+            shards,
+            batch_size=None,
+            sampler=range(start, max(start, config.iters)),
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=worker_init,
+        )
+        resample = getattr(operator, "resample", None)
+        randomize = config.randomize_operator and callable(resample)
+        noise_init = model_config.init == "noise"
+
+        def step(index: int, batch: Tensor) -> Tensor:
+            x = batch.to(device, non_blocking=True)
+            op = resample(seeds.derive_seed(config.seed, seeds.OPERATOR, index, bits=32)) if randomize else operator
+            set_learning_rate(optimizer, config.lr_at(index))
+            with torch.no_grad():
+                y = op.A(x)
+            gen = seeds.generator(config.seed, seeds.NOISE, index, env.rank, device=device) if noise_init else None
+            with _autocast(device, config.amp):
+                x_hat = net(y, op, generator=gen)
+            loss = (x_hat.float() - x).abs().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        transform = metric_transform or (lambda t: t)
+
+        def validate(iteration: int) -> float:
+            from idm.metrics import psnr
+
+            scores = []
+            with torch.no_grad():
+                for chunk in torch.split(val_images, max(1, config.batch_size // env.world_size)):
+                    x = chunk.to(device)
+                    y = operator.A(x)  # float32, outside autocast (as in training)
+                    with _autocast(device, config.amp):
+                        x_hat = model(y, operator).float()
+                    a, b = transform(x_hat).clamp(0, 1), transform(x)
+                    scores.extend(psnr(a[i], b[i]) for i in range(a.shape[0]))
+            finite = [s for s in scores if math.isfinite(s)]
+            return sum(finite) / len(finite) if finite else float("inf")
+
+        def save(iteration: int, seconds: float) -> None:
+            folder.save_checkpoint(
+                iteration,
+                lambda tmp: _write_checkpoint(tmp, model, optimizer, iteration, seconds, env),
+                {**run_config, "iteration": iteration},
+                config.keep,
+            )
+
+        deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes
+        result = run_loop(
+            start=start,
+            stop=config.iters,
+            batches=iter(loader),
+            step=step,
+            lr_at=config.lr_at,
+            save=save,
+            cadence=Cadence(config.checkpoint_every, config.log_every, config.val_every or config.checkpoint_every),
+            env=env,
+            device=device,
+            log=log if env.is_main else None,
+            validate=validate if val_images is not None else None,
+            deadline=deadline,
+            seconds_before=seconds_before,
+            progress=config.progress,
+            save_estimate=checkpoint_time_guess(model),
+            desc=f"idm train {task}",
+        )
+    except BaseException:
+        distributed.teardown(env, clean=False)
+        raise
+    distributed.teardown(env)
+    return TrainResult(result, folder.out, folder.latest(), resumed_from=start)

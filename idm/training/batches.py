@@ -1,0 +1,139 @@
+"""The global batch of every iteration, as a pure function of ``(seed, iteration)``, and its shards.
+
+Sample positions run through the data in epochs: the global batch of
+iteration ``i`` (0-based) holds the positions ``i*B .. i*B + B - 1``;
+position ``p`` is item ``perm_e[p % N]`` of epoch ``e = p // N``, where
+``perm_e`` is a permutation of the ``N`` items drawn from ``(seed, e)``.
+The item itself is read with the dataset's epoch set to ``e`` (so datasets
+with seeded random crops, such as :mod:`tasks.data`'s, give a new crop every
+epoch and the same crop on every re-read).
+
+With ``K`` processes, rank ``r`` takes positions ``r*B/K .. (r+1)*B/K - 1``
+of the global batch (``B`` must be a multiple of ``K``): equal shards, so
+DDP's gradient average over ranks equals the gradient of the mean loss over
+the whole global batch, exactly as a single process computes it.
+
+One of the 8 flips/rotations (dihedral group) is drawn per *global* batch
+from ``(seed, iteration)`` and applied to every shard.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+from torch.utils.data import Dataset
+
+from idm.training import seeds
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` (0..7) of the dihedral group on the last two dims of ``x``.
+
+    ``k % 4`` counter-clockwise quarter turns, then (``k >= 4``) a left-right
+    flip: the convention of ``tasks.data.transforms.dihedral``.
+    """
+    if k % 4:
+        x = torch.rot90(x, k % 4, dims=(-2, -1))
+    if k >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return x
+
+
+def flip_rotation(seed: int, iteration: int, square: bool = True) -> int:
+    """The dihedral element ``k`` used for the whole global batch of ``iteration``.
+
+    Non-square batches only use the 4 shape-preserving elements (0, 2, 4, 6).
+    """
+    choices = tuple(range(8)) if square else (0, 2, 4, 6)
+    g = seeds.generator(seed, seeds.AUGMENT, iteration)
+    return choices[int(torch.randint(len(choices), (1,), generator=g))]
+
+
+def worker_init(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=...)``: workers ignore Ctrl-C / SIGTERM, which the main process
+    handles (it finishes the iteration, checkpoints, then shuts the workers down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class ShardedBatches(Dataset):
+    """Map-style dataset whose item ``i`` is this rank's shard of the global batch of iteration ``i``.
+
+    Feed it to a ``DataLoader(batch_size=None, sampler=range(start, stop))``;
+    workers may prefetch, and every item is deterministic.
+
+    Args:
+        dataset: items ``(C, H, W)`` float tensors (all the same shape, e.g. crops).
+        global_batch: ``B``, the batch of one iteration over all processes.
+        seed: run seed.
+        rank, world_size: this process's slice (``B % world_size == 0``).
+        augment: apply one random flip/rotation per global batch.
+
+    Items: float32 ``(B / world_size, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+    ):
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("the training dataset is empty")
+        if global_batch < 1:
+            raise ValueError(f"batch size must be >= 1, got {global_batch}")
+        if global_batch % world_size:
+            raise ValueError(
+                f"the global batch size {global_batch} is not a multiple of the {world_size} processes; "
+                "every process must get an equal share"
+            )
+        self.dataset = dataset
+        self.n = n
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.augment = augment
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:  # iterations are unbounded; the sampler chooses them
+        return 2**62
+
+    def _permutation(self, epoch: int) -> list[int]:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = seeds.generator(self.seed, seeds.DATA_ORDER, epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def positions(self, iteration: int) -> list[tuple[int, int]]:
+        """``(epoch, item index)`` of every sample of this rank's shard at ``iteration``."""
+        start = iteration * self.global_batch + self.rank * self.local_batch
+        out = []
+        for p in range(start, start + self.local_batch):
+            epoch, offset = divmod(p, self.n)
+            out.append((epoch, self._permutation(epoch)[offset]))
+        return out
+
+    def __getitem__(self, iteration: int) -> torch.Tensor:
+        items = []
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        for epoch, index in self.positions(int(iteration)):
+            if callable(set_epoch):
+                set_epoch(epoch)
+            items.append(torch.as_tensor(self.dataset[index], dtype=torch.float32))
+        try:
+            batch = torch.stack(items)
+        except RuntimeError as err:
+            shapes = sorted({tuple(t.shape) for t in items})
+            raise ValueError(f"training items differ in shape {shapes}; use a crop size: {err}") from None
+        if self.augment:
+            batch = dihedral(batch, flip_rotation(self.seed, int(iteration), batch.shape[-1] == batch.shape[-2]))
+        return batch.contiguous()

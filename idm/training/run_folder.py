@@ -1,0 +1,243 @@
+"""The ``--out`` folder of a training run: run config, resume checks, atomic checkpoints.
+
+Layout::
+
+    OUT/config.json                  the run's full config (JSON; written when the run starts)
+    OUT/log.csv                      iteration,loss,lr,val_psnr,seconds
+    OUT/checkpoints/iter_0000100/    one complete checkpoint (the files depend on the trainer)
+    OUT/checkpoints/iter_0000200/    ... the last ``keep`` are kept
+
+A checkpoint folder is written under a hidden temporary name
+(``.tmp-iter_...``) inside ``checkpoints/``, every file flushed to disk, and
+then renamed into place in one atomic step: an ``iter_*`` folder is always
+complete, and a crash mid-write leaves the previous checkpoints untouched.
+The latest checkpoint is the ``iter_*`` folder with the highest number.
+
+A run config has two parts: ``identity`` (what must not change when a run is
+resumed: task, operator, model, batch size, learning-rate schedule, seed, ...)
+and ``settings`` (what may: ``--iters``, ``--max-minutes``, cadences, device,
+number of processes). :meth:`RunFolder.prepare` compares identities and
+refuses a mismatch with a message naming every differing field, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from idm.checkpoint import CheckpointError, load_json, save_json
+
+CONFIG_NAME = "config.json"
+LOG_NAME = "log.csv"
+CHECKPOINTS = "checkpoints"
+RUN_NAME = "run.json"  # inside every checkpoint: the run config it was written with
+_CKPT_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _normalise(obj: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable ``"key: saved -> current"`` lines for every differing leaf."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)  # an absent key reads as null (fields added later)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, prefix=f"{name}."))
+        elif a != b:
+            show = lambda v: json.dumps(v) if len(json.dumps(v)) <= 80 else json.dumps(v)[:77] + "..."  # noqa: E731
+            out.append(f"{name}: {show(a)} in the run, {show(b)} now")
+    return out
+
+
+def _make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh hidden folder in ``parent`` with the usual permissions (``mkdtemp`` makes 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RunFolder:
+    """Files of one run in ``out`` (see the module docstring). ``kind`` names the trainer."""
+
+    def __init__(self, out: str | os.PathLike, kind: str):
+        self.out = Path(out)
+        self.kind = kind
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / CONFIG_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_NAME
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.out / CHECKPOINTS
+
+    # ---- reading -------------------------------------------------------------------
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints ``(iteration, folder)``, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints_dir.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def read_config(self, path: Path | None = None) -> dict[str, Any]:
+        path = path or self.config_path
+        cfg = load_json(path, "run config")
+        if not isinstance(cfg, dict) or cfg.get("format") != self.kind:
+            raise CheckpointError(
+                f"{path} is not the config of an '{self.kind}' run (format {cfg.get('format') if isinstance(cfg, dict) else None!r})"
+            )
+        return cfg
+
+    # ---- starting / resuming -------------------------------------------------------
+    def prepare(self, identity: dict[str, Any], resume: bool, hints: dict[str, str] | None = None) -> Path | None:
+        """Check that the run may use ``out``; return the checkpoint to resume from (``None``: fresh start).
+
+        Writes nothing. Raises :class:`CheckpointError` when ``out`` holds
+        checkpoints and ``resume`` is false, when a resumed run's identity
+        differs from ``identity``, or when ``out`` is not a run folder of this kind.
+        ``hints`` maps a field name (last part of the dotted key) to advice
+        added to the message when that field differs.
+        """
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
+        found = self.checkpoints()
+        has_config = self.config_path.is_file()
+        if has_config:
+            try:
+                saved = self.read_config()
+            except CheckpointError as err:
+                raise CheckpointError(f"--out {str(self.out)!r} already holds another config.json ({err}); choose another --out") from None
+        if not resume:
+            if found:
+                raise CheckpointError(
+                    f"--out {str(self.out)!r} already holds a run with checkpoints (latest {found[-1][1].name}); "
+                    "pass --resume to continue it, or choose another --out (nothing was overwritten)"
+                )
+            return None
+        if not found:
+            if has_config:
+                self._check_identity(saved.get("identity", {}), identity, self.config_path, hints)
+            return None
+        latest = found[-1][1]
+        run = self.read_config(latest / RUN_NAME)
+        self._check_identity(run.get("identity", {}), identity, latest, hints)
+        return latest
+
+    def _check_identity(self, saved: dict[str, Any], current: dict[str, Any], where: Path, hints: dict[str, str] | None) -> None:
+        diffs = config_differences(_normalise(saved), _normalise(current))
+        for key, hint in (hints or {}).items():
+            if any(d.split(":", 1)[0].split(".")[-1] == key for d in diffs):
+                diffs.append(hint)
+        if diffs:
+            raise CheckpointError(
+                f"--resume: the run in {str(self.out)!r} ({where.name}) was started with a different configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nresume with the original options, or choose another --out (nothing was overwritten)"
+            )
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_json({"format": self.kind, **config}, self.config_path)
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def save_checkpoint(self, iteration: int, write: Callable[[Path], None], run_config: dict[str, Any], keep: int) -> Path:
+        """Write a checkpoint atomically: ``write(tmp_folder)`` fills it, then it is renamed into place.
+
+        ``run_config`` is stored as ``run.json`` inside it. The oldest
+        checkpoints beyond the newest ``keep`` are then deleted.
+        """
+        ckdir = self.checkpoints_dir
+        ckdir.mkdir(parents=True, exist_ok=True)
+        final = ckdir / checkpoint_name(iteration)
+        tmp = _make_temp_dir(ckdir, f".tmp-{final.name}-")
+        try:
+            write(tmp)
+            save_json({"format": self.kind, **run_config}, tmp / RUN_NAME)
+            _fsync_dir(tmp)
+            if final.exists():  # e.g. re-reached after resuming from an older checkpoint
+                old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=ckdir))
+                os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            _fsync_dir(ckdir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune(keep)
+        return final
+
+    def _prune(self, keep: int) -> None:
+        for _, path in self.checkpoints()[: -max(1, keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+        for p in self.checkpoints_dir.iterdir():  # leftovers of interrupted writes (only rank 0 writes here)
+            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically next to ``final`` with ``write(tmp)``, then swap it in.
+
+    A crash leaves either the previous ``final`` or the new one in place (or,
+    between the two renames, the previous one under a hidden ``.old-`` name).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_temp_dir(final.parent, f".tmp-{final.name}-")
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

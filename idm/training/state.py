@@ -1,0 +1,92 @@
+"""Optimizer and RNG state as safetensors + JSON (nothing is pickled).
+
+An optimizer's ``state_dict()`` is split into a flat dict of tensors
+(``"state.<param index>.<name>"``, e.g. Adam's ``exp_avg``, ``exp_avg_sq``
+and ``step``) and a JSON-able dict (the param groups' hyperparameters and any
+non-tensor per-parameter state). :func:`restore_optimizer` reverses it.
+
+RNG state: torch's CPU generator state (a uint8 tensor), every CUDA
+generator's, Python's ``random`` and NumPy's legacy global state. Training
+draws its randomness from derived generators (:mod:`idm.training.seeds`), so
+these are restored only so that anything else touching the global RNG (a
+user callback, a model with dropout) resumes exactly too.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from idm.checkpoint import CheckpointError
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` with everything of ``optimizer.state_dict()``."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"type": type(optimizer).__name__, "param_groups": groups, "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load what :func:`flatten_optimizer` produced into ``optimizer`` (same parameter layout)."""
+    if meta.get("type") != type(optimizer).__name__:
+        raise CheckpointError(f"the checkpoint holds a {meta.get('type')} state, not {type(optimizer).__name__}")
+    current = optimizer.param_groups
+    groups = meta["param_groups"]
+    if len(groups) != len(current) or any(len(g["params"]) != len(c["params"]) for g, c in zip(groups, current)):
+        raise CheckpointError("the optimizer state in the checkpoint has a different parameter layout")
+    fixed = []
+    for saved, live in zip(groups, current):
+        fixed.append({k: (tuple(v) if isinstance(live.get(k), tuple) else v) for k, v in saved.items()})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": fixed})
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state in the checkpoint does not fit: {err}") from None
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: torch CPU/CUDA generator states, Python and NumPy global RNG states."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only for devices that exist)."""
+    if "torch_cpu" in tensors:
+        torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda_{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda_{i}"].to(torch.uint8), i)
+    if "python" in meta:
+        version, internal, gauss = meta["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        kind, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

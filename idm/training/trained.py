@@ -1,0 +1,138 @@
+"""Trained IDMs as models: a training ``--out`` folder or a checkpoint, with what it was trained for.
+
+    from idm.train import load_trained          # (re-exported there)
+    trained = load_trained("runs/cs10", expect_task="cs", expect_operator={"ratio": 0.1})
+    trained.model, trained.operator, trained.ratio
+
+For ``idm reconstruct`` / ``idm benchmark``: :func:`resolve_model_dir` turns
+a model folder or a run folder into the model folder to load, and
+:func:`load_trained` refuses a checkpoint trained for another task or
+operator with a message naming the differences.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idm.checkpoint import CheckpointError, load_json
+from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, IDM, WEIGHTS_NAME
+from idm.training.run_folder import RUN_NAME, RunFolder
+
+#: ``format`` of an ``idm train`` run config (``OUT/config.json``, ``run.json`` in checkpoints).
+RUN_FORMAT = "idm-train-run"
+
+
+def _is_model_dir(path: Path) -> bool:
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        return False
+    try:
+        return load_json(path / CONFIG_NAME).get("format") == MODEL_FORMAT
+    except (CheckpointError, AttributeError):
+        return False
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The IDM model folder meant by ``path``.
+
+    Accepts a model folder (``config.json`` + ``model.safetensors`` as
+    written by :meth:`IDM.save_pretrained`, which every training checkpoint
+    is) or a training ``--out`` folder (its latest checkpoint).
+    Raises :class:`CheckpointError` otherwise.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir() and _is_model_dir(p):
+        return p
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        latest = RunFolder(p, RUN_FORMAT).latest()
+        if latest is None:
+            raise CheckpointError(f"training folder {str(p)!r} has no checkpoint yet")
+        if not _is_model_dir(latest):
+            raise CheckpointError(f"the latest checkpoint {str(latest)!r} is not an IDM model folder (is this a pretrain run?)")
+        return latest
+    raise CheckpointError(
+        f"{str(p)!r} is neither an IDM model folder (config.json + model.safetensors) "
+        "nor a training --out folder (with checkpoints/)"
+    )
+
+
+@dataclass
+class TrainedModel:
+    """A loaded model with the metadata of the run that trained it (``run`` is ``None`` for bare model folders)."""
+
+    model: IDM
+    path: Path
+    run: dict[str, Any] | None = None
+
+    @property
+    def task(self) -> str | None:
+        return None if self.run is None else self.run.get("identity", {}).get("task")
+
+    @property
+    def operator(self) -> dict[str, Any] | None:
+        """The training operator's config (``operators.from_config`` rebuilds it; same ``Phi`` for CS)."""
+        return None if self.run is None else self.run.get("identity", {}).get("operator")
+
+    @property
+    def ratio(self) -> float | None:
+        """The sampling ratio the model was trained for (CS, inpainting), else ``None``."""
+        return (self.operator or {}).get("ratio")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def load_trained(
+    path: str | os.PathLike,
+    expect_task: str | None = None,
+    expect_operator: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> TrainedModel:
+    """Load a trained IDM (model folder or training ``--out``) and check what it was trained for.
+
+    Args:
+        path: see :func:`resolve_model_dir`.
+        expect_task: refuse a checkpoint trained for another task.
+        expect_operator: operator settings the caller will use, e.g.
+            ``{"name": "cs", "ratio": 0.1, "mode": "permuted"}``; each key is
+            compared with the recorded operator config (``img_size`` and
+            ``seed`` are ignored: test images have their own size and draw).
+
+    Raises :class:`CheckpointError` with every mismatch named. A bare model
+    folder without ``run.json`` carries no task metadata and is not checked.
+    """
+    folder = resolve_model_dir(path)
+    run = None
+    if (folder / RUN_NAME).is_file():
+        run = load_json(folder / RUN_NAME, "run config")
+        if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{folder / RUN_NAME} is not an idm train run config")
+    model = IDM.from_pretrained(folder, device=device)
+    trained = TrainedModel(model, folder, run)
+    if run is not None:
+        problems = []
+        if expect_task is not None and trained.task != expect_task:
+            problems.append(f"task: trained for {trained.task!r}, requested {expect_task!r}")
+        recorded = trained.operator or {}
+        for key, want in (expect_operator or {}).items():
+            if key in ("img_size", "seed"):
+                continue
+            have = recorded.get(key, "<not set>")
+            if not _same(have, want):
+                problems.append(f"operator {key}: trained with {have!r}, requested {want!r}")
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r} does not match the request:\n  " + "\n  ".join(problems)
+                + "\nuse a checkpoint trained for these settings (or change the options)"
+            )
+    return trained

@@ -1,0 +1,165 @@
+"""A task: where a concrete forward model meets a dataset, with the defaults to train for it.
+
+A task is a :class:`Task` value in a module of this package named ``TASK``
+(``tasks/cs.py`` etc.); :func:`tasks.get` finds it by name. It knows
+
+* the operator (registry name, default keyword arguments, which command-line
+  operator flags apply) and whether it is redrawn every training iteration;
+* the images: channels, colour mode, default training crop, and a loader
+  that turns data paths into a ``Dataset`` of ``(C, H, W)`` float tensors in [0, 1];
+* the training schedule defaults (iterations, learning rate, lr-halving
+  milestones as fractions of the run, batch size);
+* which image PSNR is measured on (:meth:`Task.metric_image`, e.g. MRI magnitude).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+PathsArg = Union[str, Sequence[str]]
+#: ``loader(task, paths, crop, augment, seed) -> Dataset``
+Loader = Callable[["Task", PathsArg, Optional[int], bool, int], Dataset]
+
+#: Colour modes of image files and their channel counts.
+IMAGE_COLORS: Mapping[str, int] = MappingProxyType({"gray": 1, "y": 1, "rgb": 3})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Training defaults: ``iters`` iterations, Adam ``lr`` multiplied by ``gamma`` at
+    ``milestones`` (fractions of ``iters``), global ``batch_size``."""
+
+    iters: int = 50_000
+    lr: float = 1e-4
+    milestones: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    gamma: float = 0.5
+    batch_size: int = 8
+
+    def milestone_iterations(self, iters: int | None = None) -> tuple[int, ...]:
+        """The milestones as iteration numbers for a run of ``iters`` (default: :attr:`iters`)."""
+        n = self.iters if iters is None else iters
+        return tuple(sorted({max(1, round(f * n)) for f in self.milestones}))
+
+
+def image_folder_loader(task: "Task", paths: PathsArg, crop: Optional[int], augment: bool, seed: int) -> Dataset:
+    """Images of any format ``tasks.data`` reads, in the task's colour mode."""
+    from tasks.data import ImageFolderDataset
+
+    return ImageFolderDataset(paths, color=task.color, crop=crop, augment=augment, seed=seed)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One inverse problem's defaults (see the module docstring).
+
+    Attributes:
+        name: registry key (``idm train --task NAME``).
+        operator: name in the ``operators`` registry.
+        operator_defaults: keyword arguments of the operator (besides
+            ``img_size``, ``channels``, ``seed``).
+        options: operator arguments the command-line flags may override
+            (``ratio``, ``mode``, ``block``, ``mask``, ``acceleration``,
+            ``center_fraction``, ``views``).
+        channels: image channels the network reconstructs.
+        color: colour mode of image files (``"gray"``, ``"y"``, ``"rgb"``) or
+            a loader-specific word (``"magnitude"``, ``"hu"``).
+        crop: default training crop (square).
+        schedule: training defaults.
+        randomized: draw a fresh operator every training iteration (for
+            operators with random parts; deterministic ones are unaffected).
+        loader: builds the dataset (default: image folders in ``color``).
+        metric: ``"image"`` (PSNR on the images) or ``"magnitude"`` (on the
+            magnitude of 2-channel real/imaginary images, for MRI).
+        description: one line for ``--help`` and the README.
+    """
+
+    name: str
+    operator: str
+    operator_defaults: Mapping[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
+    channels: int = 1
+    color: str = "gray"
+    crop: int = 256
+    schedule: Schedule = Schedule()
+    randomized: bool = True
+    loader: Loader = image_folder_loader
+    metric: str = "image"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("image", "magnitude"):
+            raise ValueError(f"task {self.name}: metric must be 'image' or 'magnitude', got {self.metric!r}")
+        object.__setattr__(self, "operator_defaults", MappingProxyType(dict(self.operator_defaults)))
+        if self.color in IMAGE_COLORS and IMAGE_COLORS[self.color] != self.channels and self.loader is image_folder_loader:
+            raise ValueError(f"task {self.name}: color {self.color!r} gives {IMAGE_COLORS[self.color]} channel(s), not {self.channels}")
+
+    # ---- variants --------------------------------------------------------------------
+    def with_color(self, color: str) -> "Task":
+        """The same task on images read in another colour mode (image-file tasks only)."""
+        if self.loader is not image_folder_loader:
+            raise ValueError(f"task {self.name} reads its own data format; --color does not apply")
+        if color not in IMAGE_COLORS:
+            raise ValueError(f"color must be one of {', '.join(IMAGE_COLORS)}, got {color!r}")
+        return dataclasses.replace(self, color=color, channels=IMAGE_COLORS[color])
+
+    # ---- operator ------------------------------------------------------------------
+    def operator_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Default operator arguments updated with ``overrides`` (``None`` values ignored)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(overrides) - set(self.options))
+        if unknown:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            takes = ", ".join("--" + k.replace("_", "-") for k in self.options) or "no operator flags"
+            raise ValueError(f"task {self.name} does not use {flags} (it takes {takes})")
+        return {**self.operator_defaults, **overrides}
+
+    def make_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
+        """The task's operator for ``(H, W)`` images, with ``overrides`` of the defaults.
+
+        ``seed`` fixes the random draw (permutation / mask) for operators that
+        have one; ``op.resample(s)`` gives other draws.
+        """
+        import operators
+
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
+        kwargs = self.operator_kwargs(**overrides)
+        cls = operators.REGISTRY.get(self.operator)
+        if "seed" in inspect.signature(cls.__init__).parameters:
+            kwargs.setdefault("seed", seed)
+        return operators.make(self.operator, img_size=tuple(img_size), channels=self.channels, **kwargs)
+
+    # ---- data ------------------------------------------------------------------------
+    def dataset(self, paths: PathsArg, crop: Optional[int] = None, augment: bool = False, seed: int = 0) -> Dataset:
+        """The task's images under ``paths``: items float32 ``(channels, H, W)`` in [0, 1].
+
+        ``crop``: random square crops of that size (images smaller are
+        skipped; none large enough raises ``tasks.data.DataError``).
+        """
+        return self.loader(self, paths, crop, augment, seed)
+
+    def metric_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The image PSNR/SSIM are measured on, ``(B, C', H, W)``: the images themselves, or the
+        magnitude of complex (2-channel real/imaginary) MRI images."""
+        if self.metric == "magnitude":
+            return torch.sqrt(x[:, :1] ** 2 + x[:, 1:2] ** 2)
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (recorded with training runs)."""
+        return {
+            "name": self.name,
+            "operator": self.operator,
+            "operator_defaults": dict(self.operator_defaults),
+            "channels": self.channels,
+            "color": self.color,
+            "crop": self.crop,
+            "randomized": self.randomized,
+        }

@@ -1,0 +1,19 @@
+"""Inpainting: recover the missing pixels of natural images.
+
+Random pixel masks keeping half the pixels by default (a fresh mask every
+training iteration); ``--mask box`` or a mask image file for fixed masks.
+"""
+
+from tasks.base import Schedule, Task
+
+TASK = Task(
+    name="inpainting",
+    operator="inpainting",
+    operator_defaults={"mask": "random", "ratio": 0.5},
+    options=("mask", "ratio"),
+    channels=1,
+    color="y",
+    crop=256,
+    schedule=Schedule(iters=50_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
+    description="inpainting of natural images (Y channel), random masks keeping 50% of the pixels",
+)

@@ -1,0 +1,126 @@
+"""``idm pretrain``: the exported prior loads in IDM and diffusers; exact resume; EMA; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+import operators
+from idm import IDM, IDMConfig
+from idm.cli import main
+from idm.pretrain import EMA, PriorArchitecture
+from tests.test_train import read_log, snapshot, write_images
+
+BASE = [
+    "pretrain", "--channels", "1", "--crop", "16", "--batch-size", "2", "--width", "16", "--levels", "2",
+    "--layers-per-block", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--log-every", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("data") / "train", n=4, size=20)
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    assert main([*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_prior_loads_in_diffusers_and_idm(prior_run):
+    prior = prior_run / "prior"
+    unet = UNet2DModel.from_pretrained(prior)
+    scheduler = DDPMScheduler.from_pretrained(prior)
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_schedule == "linear"
+    assert scheduler.config.prediction_type == "epsilon"
+    images = DDPMPipeline(unet=unet, scheduler=scheduler)(
+        batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    assert images.shape == (1, 16, 16, 1) and 0.0 <= images.min() <= images.max() <= 1.0
+    info = json.loads((prior / "idm_prior.json").read_text())
+    assert info["data_range"] == [-1.0, 1.0] and info["iteration"] == 3 and info["channels"] == 1
+
+    model = IDM(IDMConfig(unet=str(prior), steps=1))
+    op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.25, block=8)
+    x = torch.rand(1, 1, 16, 16)
+    assert model(op.A(x), op).shape == (1, 1, 16, 16)
+
+    # the exported prior holds the EMA weights, not the raw ones
+    ckpt = prior_run / "checkpoints" / "iter_0000003"
+    raw, ema = load_file(str(ckpt / "unet.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    exported = unet.state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert any(not torch.equal(raw[k], ema[k]) for k in ema)
+    assert [r["iteration"] for r in read_log(prior_run)] == ["1", "2", "3"]
+
+
+def test_idm_train_accepts_a_pretrain_folder_as_prior(prior_run, data, tmp_path):
+    out = tmp_path / "idm"
+    args = ["train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(prior_run), "--steps", "1",
+            "--crop", "16", "--batch-size", "2", "--iters", "1", "--device", "cpu", "--num-workers", "0",
+            "--no-progress", "--data", str(data), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    config = json.loads((out / "checkpoints" / "iter_0000001" / "config.json").read_text())
+    assert config["unet_class"] == "UNet2DModel" and config["idm"]["prior_range"] == "symmetric"
+
+
+def test_pretrain_resume_is_exact(tmp_path, data):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*BASE, "--data", str(data), "--checkpoint-every", "2"]
+    assert main([*common, "--iters", "4", "--out", str(straight)]) == 0
+    assert main([*common, "--iters", "2", "--out", str(split)]) == 0
+    assert main([*common, "--iters", "4", "--out", str(split), "--resume"]) == 0
+    for name in ("unet.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = load_file(str(straight / "checkpoints" / "iter_0000004" / name))
+        b = load_file(str(split / "checkpoints" / "iter_0000004" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert snapshot(straight / "prior") == snapshot(split / "prior")
+
+
+def test_max_minutes_and_bad_input(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main([*BASE, "--data", str(data), "--iters", "20", "--max-minutes", "0.001", "--out", str(out)]) == 0
+    assert "stopped by the time budget (--max-minutes) after iteration 1 of 20" in capsys.readouterr().out
+    assert (out / "prior" / "config.json").is_file()
+    before = snapshot(out)
+
+    def fails(args: list[str], match: str) -> None:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("idm pretrain: error:") and match in err, err
+
+    fails([*BASE, "--data", str(data), "--iters", "20", "--out", str(out)], "pass --resume")
+    fails([*BASE, "--data", str(data), "--iters", "20", "--lr", "1e-3", "--out", str(out), "--resume"], "training.lr: 0.0002 in the run, 0.001 now")
+    fails([*BASE, "--data", str(data), "--iters", "20", "--crop", "17", "--out", str(tmp_path / "x")], "multiple of 2")
+    fails([*BASE, "--data", str(data), "--iters", "20", "--crop", "64", "--out", str(tmp_path / "x")], "larger than every image")
+    (tmp_path / "empty").mkdir()
+    fails([*BASE, "--data", str(tmp_path / "empty"), "--iters", "2", "--out", str(tmp_path / "x")], "no image files")
+    assert snapshot(out) == before and not (tmp_path / "x").exists()
+
+
+def test_ema_warm_up_and_architecture():
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, 0.999)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # first update: decay min(0.999, 1/10) = 0.1
+    assert torch.allclose(ema.shadow["weight"], 0.1 * (net.weight - 1) + 0.9 * net.weight)
+    cfg = PriorArchitecture().unet_config()
+    assert cfg["block_out_channels"] == [64, 128, 256] and cfg["down_block_types"][-1] == "AttnDownBlock2D"
+    with pytest.raises(ValueError, match="multiple of 8"):
+        PriorArchitecture(width=12)

@@ -1,0 +1,325 @@
+"""``idm train``: exact resume, DDP == single process, atomic checkpoints, time budget, bad input.
+
+Everything runs on the CPU with the tiny U-Net on 16x16 crops of small
+random PNGs written into ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from idm import IDM, IDMConfig
+from idm.checkpoint import CheckpointError
+from idm.cli import main
+from idm.train import load_trained, make_optimizer, resolve_model_dir, scalar_parameter_names
+from idm.training.batches import ShardedBatches
+from idm.training.state import flatten_optimizer, restore_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = [
+    "train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--unet", "tiny", "--steps", "1",
+    "--crop", "16", "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--no-progress",
+    "--log-every", "1",
+]  # fmt: skip
+
+
+def write_images(folder: Path, n: int = 5, size: int = 24, seed: int = 0) -> Path:
+    """``n`` smooth random grayscale PNGs of ``size`` x ``size``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = rng.random((size // 4, size // 4))
+        img = np.kron(a, np.ones((4, 4)))
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def weights(out: Path, iteration: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"iter_{iteration:07d}" / name))
+
+
+def read_log(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not oversubscribe a shared CPU); torchrun does the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("data") / "train")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data) -> Path:
+    """A finished 2-iteration run with a checkpoint after each iteration."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main([*BASE, "--data", str(data), "--iters", "2", "--checkpoint-every", "1", "--out", str(out)]) == 0
+    return out
+
+
+def copy_run(base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def test_help_works_as_python_module():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "idm", "train", "--help"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--resume", "--max-minutes", "--prior", "--ratio", "--device", "--seed", "--out", "--scalar-lr-mult"):
+        assert flag in proc.stdout
+
+
+def test_resume_is_exact(tmp_path, data):
+    common = [*BASE, "--data", str(data), "--checkpoint-every", "4", "--lr-milestones", "5", "15"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--iters", "20", "--out", str(straight)]) == 0
+    assert main([*common, "--iters", "10", "--out", str(split)]) == 0
+    assert main([*common, "--iters", "20", "--out", str(split), "--resume"]) == 0
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = weights(straight, 20, name), weights(split, 20, name)
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(weights(straight, 20)["schedule.alpha"], torch.full((1,), 0.5))
+
+    # the CSV log: its columns, and the resumed run's rows up to the checkpoint are kept
+    with open(split / "log.csv") as handle:
+        assert handle.readline().strip() == "iteration,loss,lr,val_psnr,seconds"
+    rows_a, rows_b = read_log(straight), read_log(split)
+    assert [r["iteration"] for r in rows_a] == [str(i) for i in range(1, 21)]
+    assert [r["iteration"] for r in rows_b] == [str(i) for i in range(1, 21)]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert [rows_a[i]["lr"] for i in (4, 5, 14, 15)] == ["0.0001", "5e-05", "5e-05", "2.5e-05"]
+    assert all(r["val_psnr"] == "" for r in rows_a)
+    assert float(rows_b[-1]["seconds"]) >= float(rows_b[9]["seconds"])
+    kept = sorted(p.name for p in (split / "checkpoints").iterdir())
+    assert kept == ["iter_0000016", "iter_0000020"]  # --keep 2
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path, data):
+    common = [*BASE[1:], "--data", str(data), "--iters", "2", "--batch-size", "4", "--lr", "1e-5", "--checkpoint-every", "2"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert torch.get_num_threads() == 1  # as each torchrun process (the same summation order)
+    assert main(["train", *common, "--out", str(single)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "idm", "train", *common, "--out", str(ddp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("idm train: done") == 1  # rank 0 only
+    a, b = weights(single, 2), weights(ddp, 2)
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    init = IDM(IDMConfig(unet="tiny", steps=1))
+    assert max((a[k] - init.state_dict()[k]).abs().max().item() for k in a if "unet" in k) > 5e-6  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    for ra, rb in zip(read_log(single), read_log(ddp)):
+        assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-6
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["iter_0000002"]
+
+
+def test_max_minutes_stops_after_one_iteration_and_checkpoints(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main([*BASE, "--data", str(data), "--iters", "50", "--max-minutes", "0.001", "--out", str(out)]) == 0
+    message = capsys.readouterr().out
+    assert "stopped by the time budget" in message and "iteration 1 of 50" in message and "--resume" in message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_0000001"]
+    assert [r["iteration"] for r in read_log(out)] == ["1"]
+
+
+def test_validation_psnr_is_logged(tmp_path, data):
+    val = write_images(tmp_path / "val", n=2, size=20, seed=5)
+    out = tmp_path / "run"
+    args = [*BASE, "--data", str(data), "--iters", "2", "--val-data", str(val), "--val-every", "2", "--out", str(out)]
+    assert main(args) == 0
+    rows = read_log(out)
+    assert rows[0]["val_psnr"] == "" and 3.0 < float(rows[1]["val_psnr"]) < 60.0
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, data, monkeypatch, capsys):
+    import idm.train as train_module
+
+    real = train_module.save_tensors
+    calls = []
+
+    def crash_on_second_optimizer_write(tensors, path, metadata=None):
+        if Path(path).name == "optimizer.safetensors":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError("No space left on device (simulated)")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(train_module, "save_tensors", crash_on_second_optimizer_write)
+    out = tmp_path / "run"
+    args = [*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "1", "--out", str(out)]
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_0000001"]  # no half-written folder left
+    assert load_trained(out).path.name == "iter_0000001"
+    monkeypatch.setattr(train_module, "save_tensors", real)
+    assert main([*args, "--resume"]) == 0
+    assert resolve_model_dir(out).name == "iter_0000003"
+
+
+def test_load_trained_checks_task_and_operator(base_run, tmp_path):
+    latest = base_run / "checkpoints" / "iter_0000002"
+    assert resolve_model_dir(base_run) == latest and resolve_model_dir(latest) == latest
+    trained = load_trained(base_run, expect_task="cs", expect_operator={"name": "cs", "ratio": 0.25, "img_size": [64, 64]})
+    assert isinstance(trained.model, IDM) and trained.task == "cs" and trained.operator["ratio"] == 0.25
+    with pytest.raises(CheckpointError, match=r"operator ratio: trained with 0.25, requested 0.1"):
+        load_trained(base_run, expect_task="cs", expect_operator={"ratio": 0.1})
+    with pytest.raises(CheckpointError, match="task: trained for 'cs', requested 'mri'"):
+        load_trained(base_run, expect_task="mri")
+    bare = IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "bare")
+    assert load_trained(bare, expect_task="mri").run is None  # no metadata: nothing to check
+    with pytest.raises(CheckpointError, match="neither an IDM model folder"):
+        resolve_model_dir(tmp_path)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        resolve_model_dir(tmp_path / "empty")
+
+
+# ---- bad input: a clear error, nothing written or overwritten --------------------------------
+def _fails(args: list[str], capsys, match: str) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("idm train: error:") and match in err, err
+    return err
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    _fails([*BASE, "--data", str(tmp_path / "empty"), "--iters", "2", "--out", str(out)], capsys, "no image files")
+    assert not out.exists()
+
+
+def test_unreadable_image(tmp_path, capsys):
+    bad = write_images(tmp_path / "bad", n=2)
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "run"
+    _fails([*BASE, "--data", str(bad), "--iters", "2", "--out", str(out)], capsys, "broken.png")
+    assert not out.exists()
+
+
+def test_crop_larger_than_every_image(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    _fails([*BASE, "--data", str(data), "--crop", "64", "--iters", "2", "--out", str(out)], capsys, "larger than every image")
+    assert not out.exists()
+
+
+def test_prior_that_is_not_a_diffusers_model(tmp_path, data, capsys):
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    (prior / "weights.bin").write_bytes(b"0123")
+    out = tmp_path / "run"
+    args = [a for a in BASE if a not in ("--unet", "tiny")]
+    _fails([*args, "--prior", str(prior), "--data", str(data), "--iters", "2", "--out", str(out)], capsys, "not a diffusers U-Net folder")
+    assert not out.exists()
+
+
+def test_existing_run_without_resume_is_refused(base_run, tmp_path, data, capsys):
+    out = copy_run(base_run, tmp_path)
+    before = snapshot(out)
+    _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(out)], capsys, "pass --resume")
+    assert snapshot(out) == before
+
+
+def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys):
+    out = copy_run(base_run, tmp_path)
+    before = snapshot(out)
+    args = [*BASE, "--data", str(data), "--iters", "4", "--out", str(out), "--resume"]  # 4: other default milestones
+    args[args.index("--ratio") + 1] = "0.5"
+    args[args.index("--batch-size") + 1] = "4"
+    err = _fails(args, capsys, "different configuration")
+    assert "operator.ratio: 0.25 in the run, 0.5 now" in err and "training.batch_size: 2 in the run, 4 now" in err
+    assert "training.lr_milestones: [1, 2] in the run, [1, 2, 3] now" in err and "--lr-milestones" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_json"])
+def test_damaged_checkpoint_is_refused(base_run, tmp_path, data, capsys, damage):
+    out = copy_run(base_run, tmp_path)
+    latest = out / "checkpoints" / "iter_0000002"
+    if damage == "truncate":
+        blob = (latest / "model.safetensors").read_bytes()
+        (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    else:
+        (latest / "trainer_state.json").write_text('{"iteration": 2, "optimi')
+    before = snapshot(out)
+    err = _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(out), "--resume"], capsys, "cannot resume from")
+    assert "iter_0000002" in err and "damaged" in err
+    assert snapshot(out) == before
+
+
+# ---- building blocks -------------------------------------------------------------------------
+def test_shards_of_all_ranks_make_the_global_batch():
+    items = [torch.full((1, 4, 4), float(i)) for i in range(5)]
+    whole = ShardedBatches(items, 4, seed=3, augment=True)
+    halves = [ShardedBatches(items, 4, seed=3, rank=r, world_size=2, augment=True) for r in (0, 1)]
+    for it in range(4):  # crosses epochs (5 items, 4 per batch)
+        assert torch.equal(torch.cat([h[it] for h in halves]), whole[it])
+    seen = [int(x[0, 0, 0]) for it in range(5) for x in whole[it]]
+    assert sorted(seen) == sorted(list(range(5)) * 4)  # every item once per epoch
+    with pytest.raises(ValueError, match="not a multiple"):
+        ShardedBatches(items, 3, seed=0, rank=0, world_size=2)
+
+
+def test_scalars_get_their_own_learning_rate_and_state_round_trips():
+    model = IDM(IDMConfig(unet="tiny", steps=2))
+    names = scalar_parameter_names(model)
+    assert {"schedule.alpha", "wiring.v", "wiring.in_scale", "wiring.out_scale"} <= names
+    assert all(dict(model.named_parameters())[n].numel() < 50 for n in names)
+    opt = make_optimizer(model, 1e-4, 10.0)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, pytest.approx(1e-3)]
+    assert len(opt.param_groups[1]["params"]) == len(names)
+    model(torch.zeros(1, 1, 16, 16), _Identity()).abs().mean().backward()
+    opt.step()
+    tensors, meta = flatten_optimizer(opt)
+    other = make_optimizer(model, 1e-4, 10.0)
+    restore_optimizer(other, tensors, meta)
+    a, b = opt.state_dict(), other.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+class _Identity(torch.nn.Module):
+    """``A = I`` (a trivial deepinv-style operator)."""
+
+    def A(self, x):
+        return x
+
+    def A_adjoint(self, y):
+        return y
+
+    def A_dagger(self, y):
+        return y
