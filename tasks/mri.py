@@ -34,11 +34,19 @@ class ComplexFromMagnitude(Dataset):
         for part in self.parts:
             part.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.total:
             raise IndexError(f"index {index} out of range for {self.total} items")
         k = max(i for i, off in enumerate(self.offsets) if off <= index)
-        x = self.parts[k][index - self.offsets[k]]
+        return k, index - self.offsets[k]
+
+    def item_name(self, index: int) -> str:
+        k, i = self._locate(index)
+        return self.parts[k].item_name(i)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        k, i = self._locate(index)
+        x = self.parts[k][i]
         return torch.cat([x, torch.zeros_like(x)], dim=0)
 
 

@@ -109,7 +109,7 @@ def load_unet_folder(path: str | Path) -> nn.Module:
     folder = _unet_folder(Path(path))
     cls = UNET_CLASSES[read_unet_class(folder)]
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise UNetSourceError(f"cannot load the U-Net weights in {folder}: {err}") from None
 

@@ -106,6 +106,12 @@ class _SliceDataset(Dataset):
         """Choose the epoch whose crops/augmentations ``__getitem__`` draws."""
         self.epoch = int(epoch)
 
+    def item_name(self, index: int) -> str:
+        """A short name for item ``index``: the file stem, plus ``_sN`` for slice N of a volume."""
+        path, sl = self.items[index]
+        multi = sum(p == path for p, _ in self.items) > 1
+        return f"{path.stem}_s{sl}" if multi else path.stem
+
     def generator(self, index: int) -> torch.Generator:
         """The generator used for item ``index`` in the current epoch."""
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]

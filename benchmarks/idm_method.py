@@ -1,0 +1,32 @@
+"""A trained :class:`idm.IDM` behind the benchmark's method interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from idm import IDM
+
+
+class IDMMethod:
+    """``x_hat = model(y, op)``: T U-Net evaluations, no gradient.
+
+    Args:
+        model: a trained IDM (e.g. ``idm.train.load_trained(path).model``).
+        name: the label in tables (``"idm"``).
+    """
+
+    def __init__(self, model: IDM, name: str = "idm"):
+        self.model = model.eval()
+        self.name = name
+
+    @property
+    def nfe(self) -> int:
+        """U-Net evaluations per image: one per sampling step."""
+        return self.model.config.steps
+
+    @torch.no_grad()
+    def __call__(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:
+        return self.model(y, op, generator=generator)

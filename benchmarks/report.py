@@ -1,0 +1,105 @@
+"""What a benchmark writes: ``results.csv``, ``summary.md``, reconstructions and comparison grids."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """``(1, C, H, W)`` in [0, 1] -> ``(H, W)`` or ``(H, W, 3)`` uint8 (clamped)."""
+    x = image[0].detach().float().clamp(0, 1).cpu()
+    if x.shape[0] == 1:
+        x = x[0]
+    elif x.shape[0] == 3:
+        x = x.permute(1, 2, 0)
+    else:
+        raise ValueError(f"cannot show an image of {x.shape[0]} channels")
+    return (x.numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_image(image: Tensor, path: Path) -> None:
+    """Write a ``(1, C, H, W)`` image in [0, 1] (C = 1 or 3) as an 8-bit PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_to_uint8(image)).save(path)
+
+
+def save_grid(images: Mapping[str, Tensor], path: Path, title: str = "") -> None:
+    """One row of labelled ``(1, C, H, W)`` images, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4), squeeze=False)
+    for ax, (label, image) in zip(axes[0], images.items()):
+        pixels = _to_uint8(image)
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results_csv(rows: Iterable[Mapping[str, Any]], path: Path, fields: Sequence[str]) -> None:
+    """One row per (method, image); floats with 4 decimals (seconds with 4 significant digits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if k == "seconds" else f"{v:.4f}") if isinstance(v, float) else v for k, v in row.items()})
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
+    """Markdown: mean ± std over images of PSNR, SSIM and seconds, NFEs (and peak memory), per method."""
+    with_memory = any(r.get("peak_mem_mb") is not None for r in rows)
+    header = ["method", "PSNR (dB)", "SSIM", "seconds / image", "NFEs"] + (["peak MiB"] if with_memory else []) + ["images"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in methods:
+        ok = [r for r in rows if r["method"] == name and r.get("status") == "ok"]
+        failed = sum(1 for r in rows if r["method"] == name and r.get("status") != "ok")
+        finite = [r["psnr"] for r in ok if math.isfinite(r["psnr"])]
+        nfe = next((r["nfe"] for r in rows if r["method"] == name), "-")
+        cells = [
+            f"`{name}`",
+            _mean_std(finite, 2),
+            _mean_std([r["ssim"] for r in ok], 4),
+            _mean_std([r["seconds"] for r in ok], 3),
+            str(nfe),
+        ]
+        if with_memory:
+            cells.append(_mean_std([r["peak_mem_mb"] for r in ok], 0))
+        cells.append(f"{len(ok)}" + (f" ({failed} failed)" if failed else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's core count."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {os.cpu_count()} cores ({platform.machine()})"

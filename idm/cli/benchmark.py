@@ -1,0 +1,197 @@
+"""``idm benchmark``: IDM and the baselines on the same images, operator and prior; tables and pictures.
+
+    idm benchmark --task cs --ratio 0.1 --data DIR --methods idm,ddnm,dps,pinv,tv \\
+                  [--checkpoint DIR] [--prior DIR] [--limit N] [--device cuda] --out DIR
+
+Writes ``OUT/results.csv`` (one row per method and image: method, image,
+psnr, ssim, seconds, nfe, peak_mem_mb on CUDA, status, error),
+``OUT/summary.md`` (mean ± std per method), ``OUT/benchmark.json`` (the
+run's settings: seeds, operator, prior, checkpoint, DPS step size),
+``OUT/grids/<image>.png`` and ``OUT/recon/<method>/<image>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+
+DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="compare IDM with DDNM, DPS and classical solvers on a folder of images",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
+    parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    parser.add_argument("--checkpoint", help="IDM model folder or training --out folder (its latest checkpoint)")
+    parser.add_argument("--prior", help="diffusion prior folder for ddnm/dps (default: the checkpoint's prior)")
+    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
+    parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
+    parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
+    parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
+    parser.add_argument("--dps-zeta", type=float, help="DPS step size (default: the authors' value where they give one)")
+    parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_operator_args(parser)
+    add_common_args(parser, out_help="output folder for results.csv, summary.md and pictures")
+    parser.set_defaults(run=run)
+
+
+def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device):
+    from idm.train import load_trained
+
+    if not args.checkpoint:
+        raise ValueError(
+            "method 'idm' needs --checkpoint (an IDM model folder or a training --out folder); "
+            "no shipped model is installed for this task yet"
+        )
+    expect = {"name": task.operator, **overrides}
+    return load_trained(args.checkpoint, expect_task=task.name, expect_operator=expect, device=device)
+
+
+def _operator_factory(task: Any, overrides: dict[str, Any], trained: Any, seed: int):
+    """``(image index, (H, W)) -> operator``: the checkpoint's operator (same Phi) or the task's, seeded per image."""
+    import operators
+
+    base = None if trained is None else trained.operator
+
+    def operator_for(index: int, size: tuple[int, int]):
+        if base is None:
+            return task.make_operator(size, seed=seed + index, **overrides)
+        config = {**base, **overrides, "img_size": list(size)}
+        if "seed" in config:
+            config["seed"] = seed + index
+        return operators.from_config(config)
+
+    return operator_for
+
+
+def _score_function(task: Any, cs_protocol: bool):
+    from idm.metrics import cs_protocol_metrics, psnr, ssim
+
+    def score(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+        estimate, reference = task.metric_image(x_hat)[0], task.metric_image(x)[0]
+        if cs_protocol:  # Y channel, clamp, x255, PSNR peak 255, SSIM data_range 255 (the IDM authors)
+            return cs_protocol_metrics(estimate, reference)
+        estimate = estimate.clamp(0, 1)
+        return psnr(estimate, reference, data_range=1.0), ssim(estimate, reference, data_range=1.0)
+
+    return score
+
+
+def run(args: argparse.Namespace) -> int:
+    import tasks
+    from benchmarks.harness import RESULT_FIELDS, BenchmarkImage, run_benchmark
+    from benchmarks.idm_method import IDMMethod
+    from benchmarks.methods import available_methods, make_method, needs_prior
+    from benchmarks.prior import load_prior
+    from benchmarks.report import hardware_name, summary_table, write_results_csv
+    from idm.checkpoint import save_json
+
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    task = tasks.get(args.task)
+    if args.color:
+        task = task.with_color(args.color)
+    overrides = operator_overrides(args)
+    task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = ["idm", *available_methods()]
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(known)}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+
+    trained = _load_checkpoint(args, task, overrides, device) if "idm" in names else None
+    prior = None
+    if any(needs_prior(m) for m in names if m != "idm"):
+        prior_path = args.prior
+        if prior_path is None and trained is not None and Path(trained.model.config.unet).is_dir():
+            prior_path = trained.model.config.unet
+        if prior_path is None:
+            raise ValueError("ddnm and dps need a diffusion prior: pass --prior DIR (e.g. an idm pretrain output)")
+        prior = load_prior(prior_path, device=device)
+
+    options = {
+        "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta),
+        "dps": dict(steps=args.dps_steps, zeta=args.dps_zeta),
+    }
+    methods = []
+    for name in names:
+        if name == "idm":
+            methods.append(IDMMethod(trained.model.to(device)))
+            continue
+        extra = {"progress": not args.no_progress, **options.get(name, {})}
+        methods.append(make_method(name, prior=prior, **extra))
+
+    dataset = task.dataset(args.data, crop=None, augment=False, seed=args.seed)
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
+    images = [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
+    operator_for = _operator_factory(task, overrides, trained, args.seed)
+    first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
+    cs_protocol = task.operator == "cs"
+    pad = first_op.config().get("block") if cs_protocol else None
+    dps = next((m for m in methods if m.name == "dps"), None)
+    if dps is not None:
+        dps.step_size(first_op)  # a clear error now if no step size is known for this task
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_benchmark(
+        images,
+        methods,
+        operator_for,
+        _score_function(task, cs_protocol),
+        display=lambda x: task.metric_image(x),
+        device=device,
+        out=None if args.no_images else out,
+        seed=args.seed,
+        pad_multiple=pad,
+        progress=not args.no_progress,
+    )
+    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
+    write_results_csv(rows, out / "results.csv", fields)
+    command = "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else "idm benchmark"
+    settings = {
+        "command": command,
+        "hardware": hardware_name(device),
+        "task": task.describe(),
+        "operator": {k: v for k, v in first_op.config().items() if k not in ("img_size", "seed")},
+        "operator_seeds": f"{args.seed} + image index" if "seed" in first_op.config() else None,
+        "generator_seeds": f"{args.seed} + image index",
+        "protocol": "IDM authors' CS protocol (Y, pad to block, clamp, x255, peak 255)" if cs_protocol else "[0, 1] images, clamped, data_range 1",
+        "checkpoint": None if trained is None else str(trained.path),
+        "prior": None if prior is None else str(prior_path),
+        "dps_zeta": None if dps is None else dps.step_size(first_op),
+        "images": [im.name for im in images],
+    }
+    save_json(settings, out / "benchmark.json")
+    summary = (
+        f"# Benchmark: {task.name}\n\n`{command}`\n\nHardware: {settings['hardware']}. "
+        f"Operator: {settings['operator']}. Protocol: {settings['protocol']}. "
+        f"{len(images)} image(s); seeds: operators and generators {args.seed} + image index"
+        + (f"; DPS step size {settings['dps_zeta']}" if dps is not None else "")
+        + ".\n\n"
+        + summary_table(rows, [m.name for m in methods])
+        + "\n"
+    )
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    failures = sum(1 for r in rows if r["status"] != "ok")
+    if failures:
+        print(f"{failures} reconstruction(s) failed; see the error column of {out / 'results.csv'}", file=sys.stderr)
+    return 0

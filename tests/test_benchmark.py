@@ -1,0 +1,127 @@
+"""``idm benchmark`` and its harness on tiny models and two small images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from benchmarks.harness import BenchmarkImage, run_benchmark
+from idm import IDM, IDMConfig
+from idm.cli import main
+from idm.unets import PRIOR_INFO_NAME, tiny_unet_config
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    """Two 32x32 gray PNGs, a tiny [-1, 1] prior and a tiny IDM model folder built on it."""
+    root = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for name in ("a", "b"):
+        pixels = (rng.random((32, 32)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{name}.png")
+    torch.manual_seed(0)
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(root / "prior")
+    (root / "prior" / PRIOR_INFO_NAME).write_text(json.dumps({"format": "idm-prior", "data_range": [-1, 1]}))
+    IDM(IDMConfig(unet=str(root / "prior"), steps=2)).save_pretrained(root / "idm")
+    return root
+
+
+def _rows(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_method_runs_and_writes_the_files(bench_files, tmp_path):
+    out = tmp_path / "out"
+    status = main([
+        "benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+        "--methods", "idm,pinv,tv,ddnm,dps", "--checkpoint", str(bench_files / "idm"),
+        "--ddnm-steps", "3", "--dps-steps", "3", "--dps-zeta", "0.3",
+        "--device", "cpu", "--seed", "3", "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    assert status == 0
+    rows = _rows(out / "results.csv")
+    assert list(rows[0]) == ["method", "image", "psnr", "ssim", "seconds", "nfe", "status", "error"]
+    assert [(r["method"], r["image"]) for r in rows] == [(m, i) for i in "ab" for m in ("idm", "pinv", "tv", "ddnm", "dps")]
+    assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in rows)
+    assert {r["method"]: int(r["nfe"]) for r in rows} == {"idm": 2, "pinv": 0, "tv": 0, "ddnm": 3, "dps": 3}
+    summary = (out / "summary.md").read_text()
+    for name in ("idm", "pinv", "tv", "ddnm", "dps"):
+        assert f"| `{name}` |" in summary
+    assert "DPS step size 0.3" in summary
+    settings = json.loads((out / "benchmark.json").read_text())
+    assert settings["prior"] == str(bench_files / "prior") and settings["images"] == ["a", "b"]
+    assert (out / "grids" / "a.png").is_file() and (out / "recon" / "dps" / "b.png").is_file()
+    # a rerun with the same seed gives the same numbers
+    assert main([
+        "benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+        "--methods", "idm,ddnm", "--checkpoint", str(bench_files / "idm"), "--ddnm-steps", "3",
+        "--device", "cpu", "--seed", "3", "--no-progress", "--no-images", "--out", str(tmp_path / "again"),
+    ]) == 0  # fmt: skip
+    again = {(r["method"], r["image"]): r["psnr"] for r in _rows(tmp_path / "again" / "results.csv")}
+    assert all(again[(r["method"], r["image"])] == r["psnr"] for r in rows if r["method"] in ("idm", "ddnm"))
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
+    class FailsOnSecondImage:
+        name, nfe = "flaky", 0
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, y, op, generator=None):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("boom")
+            return op.A_dagger(y)
+
+    import operators
+
+    images = [BenchmarkImage(n, torch.rand(1, 16, 16)) for n in ("first", "second", "third")]
+    rows = run_benchmark(
+        images,
+        [FailsOnSecondImage()],
+        lambda i, size: operators.make("inpainting", img_size=size, ratio=0.5, seed=i),
+        score=lambda x_hat, x: (float(-(x_hat - x).square().mean()), 0.0),
+        display=lambda x: x,
+        device=torch.device("cpu"),
+        out=tmp_path,
+        progress=False,
+    )
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[1]["error"] == "RuntimeError: boom"
+    assert (tmp_path / "grids" / "third.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "idm,magic"], "unknown method"),
+        (["--methods", "idm"], "needs --checkpoint"),
+        (["--methods", "ddnm"], "need a diffusion prior"),
+        (["--methods", "pinv", "--views", "60"], "does not use --views"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, message):
+    base = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path)]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_task_is_refused(bench_files, tmp_path, capsys):
+    assert main([
+        "train", "--task", "cs", "--unet", "tiny", "--steps", "1", "--data", str(bench_files / "images"),
+        "--iters", "1", "--batch-size", "1", "--crop", "16", "--ratio", "0.25", "--block", "8",
+        "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run"),
+    ]) == 0  # fmt: skip
+    argv = ["benchmark", "--task", "inpainting", "--data", str(bench_files / "images"), "--methods", "idm,pinv",
+            "--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "b")]  # fmt: skip
+    assert main(argv) == 2
+    assert "trained for 'cs', requested 'inpainting'" in capsys.readouterr().err
