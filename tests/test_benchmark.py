@@ -125,3 +125,21 @@ def test_a_checkpoint_of_another_task_is_refused(bench_files, tmp_path, capsys):
             "--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "b")]  # fmt: skip
     assert main(argv) == 2
     assert "trained for 'cs', requested 'inpainting'" in capsys.readouterr().err
+
+
+def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
+    from benchmarks import ablation, scaling
+
+    common = ["--task", "cs", "--ratio", "0.25", "--prior", str(bench_files / "prior"),
+              "--train-data", str(bench_files / "images"), "--test-data", str(bench_files / "images"),
+              "--iters", "1", "--batch-size", "1", "--crop", "16", "--ddnm-steps", "2", "--limit", "1", "--device", "cpu"]  # fmt: skip
+    assert ablation.main(common + ["--steps", "1", "--out", str(tmp_path / "ablation")]) == 0
+    rows = _rows(tmp_path / "ablation" / "ablation.csv")
+    assert [r["variant"] for r in rows] == [v.name for v in ablation.VARIANTS]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert {r["variant"]: r["nfe"] for r in rows}["ddnm"] == "2" and rows[-1]["nfe"] == "1"
+    assert "| idm_noise_init |" in (tmp_path / "ablation" / "ablation.md").read_text()
+    assert scaling.main(common + ["--sweep", "steps", "--values", "1", "2", "--out", str(tmp_path / "scaling")]) == 0
+    rows = _rows(tmp_path / "scaling" / "scaling_steps.csv")
+    assert [(r["value"], r["nfe"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "2", "ok")]
+    assert (tmp_path / "scaling" / "scaling_steps.png").is_file()

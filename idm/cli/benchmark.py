@@ -61,42 +61,13 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
     return load_trained(args.checkpoint, expect_task=task.name, expect_operator=expect, device=device)
 
 
-def _operator_factory(task: Any, overrides: dict[str, Any], trained: Any, seed: int):
-    """``(image index, (H, W)) -> operator``: the checkpoint's operator (same Phi) or the task's, seeded per image."""
-    import operators
-
-    base = None if trained is None else trained.operator
-
-    def operator_for(index: int, size: tuple[int, int]):
-        if base is None:
-            return task.make_operator(size, seed=seed + index, **overrides)
-        config = {**base, **overrides, "img_size": list(size)}
-        if "seed" in config:
-            config["seed"] = seed + index
-        return operators.from_config(config)
-
-    return operator_for
-
-
-def _score_function(task: Any, cs_protocol: bool):
-    from idm.metrics import cs_protocol_metrics, psnr, ssim
-
-    def score(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
-        estimate, reference = task.metric_image(x_hat)[0], task.metric_image(x)[0]
-        if cs_protocol:  # Y channel, clamp, x255, PSNR peak 255, SSIM data_range 255 (the IDM authors)
-            return cs_protocol_metrics(estimate, reference)
-        estimate = estimate.clamp(0, 1)
-        return psnr(estimate, reference, data_range=1.0), ssim(estimate, reference, data_range=1.0)
-
-    return score
-
-
 def run(args: argparse.Namespace) -> int:
     import tasks
     from benchmarks.harness import RESULT_FIELDS, BenchmarkImage, run_benchmark
     from benchmarks.idm_method import IDMMethod
     from benchmarks.methods import available_methods, make_method, needs_prior
     from benchmarks.prior import load_prior
+    from benchmarks.protocol import describe_protocol, operator_factory, pad_multiple, score_function
     from benchmarks.report import hardware_name, summary_table, write_results_csv
     from idm.checkpoint import save_json
 
@@ -141,10 +112,8 @@ def run(args: argparse.Namespace) -> int:
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
     images = [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
-    operator_for = _operator_factory(task, overrides, trained, args.seed)
+    operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
-    cs_protocol = task.operator == "cs"
-    pad = first_op.config().get("block") if cs_protocol else None
     dps = next((m for m in methods if m.name == "dps"), None)
     if dps is not None:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
@@ -155,12 +124,12 @@ def run(args: argparse.Namespace) -> int:
         images,
         methods,
         operator_for,
-        _score_function(task, cs_protocol),
+        score_function(task),
         display=lambda x: task.metric_image(x),
         device=device,
         out=None if args.no_images else out,
         seed=args.seed,
-        pad_multiple=pad,
+        pad_multiple=pad_multiple(task, first_op),
         progress=not args.no_progress,
     )
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
@@ -173,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         "operator": {k: v for k, v in first_op.config().items() if k not in ("img_size", "seed")},
         "operator_seeds": f"{args.seed} + image index" if "seed" in first_op.config() else None,
         "generator_seeds": f"{args.seed} + image index",
-        "protocol": "IDM authors' CS protocol (Y, pad to block, clamp, x255, peak 255)" if cs_protocol else "[0, 1] images, clamped, data_range 1",
+        "protocol": describe_protocol(task),
         "checkpoint": None if trained is None else str(trained.path),
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),

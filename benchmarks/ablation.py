@@ -1,0 +1,139 @@
+"""The paper's ablation (Table 5) at the scale these machines allow.
+
+    python -m benchmarks.ablation --task cs --ratio 0.1 --prior runs/prior \\
+        --train-data data/natural/train/Train400 --test-data data/natural/test/Set11 \\
+        --steps 2 --iters 2000 --batch-size 8 --crop 128 --device cuda --out benchmarks/results/ablation
+
+Every variant is trained with the same budget, data, operator draws and seed,
+then scored on the same test images (``idm benchmark``'s protocol). The
+progression follows the paper's rows (1) -> (3) -> (5)/(4) -> (6) -> (7), plus
+the initialisation comparison (8) vs (9):
+
+==================  =====================================================================
+``ddnm``            no end-to-end training: the prior as DDNM (100 steps)        (1)/(2)
+``e2e_scratch``     end-to-end, plain network, random weights (no reuse)          (3)
+``e2e``             end-to-end, plain network, prior weights (reuse)              (5)
+``e2e_inv``         + two-level invertibility (wiring, memory-saving backward)    (6)
+``idm``             + injectors: the full method                                  (7)/(9)
+``idm_noise_init``  the full method started from noise instead of sqrt(abar) A^+ y (8)
+==================  =====================================================================
+
+Writes ``OUT/ablation.csv`` and ``OUT/ablation.md`` (PSNR, SSIM, training
+time and memory, NFEs, inference time per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.experiments import Variant, run_variant, test_images
+from benchmarks.report import hardware_name
+from idm import IDMConfig
+from idm.train import TrainConfig
+
+VARIANTS = (
+    Variant("ddnm", end_to_end=False, description="prior as DDNM, no training"),
+    Variant("e2e_scratch", dict(invertible="none", injectors=False), random_init=True, description="E2E, random init"),
+    Variant("e2e", dict(invertible="none", injectors=False), description="E2E, reused prior"),
+    Variant("e2e_inv", dict(invertible="both", injectors=False), description="+ two-level invertibility"),
+    Variant("idm", dict(invertible="both", injectors=True), description="+ injectors (full IDM)"),
+    Variant("idm_noise_init", dict(invertible="both", injectors=True, init="noise"), description="full IDM, noise init"),
+)
+FIELDS = ["variant", "description", "psnr", "ssim", "train_seconds", "train_memory_mb", "iterations", "nfe",
+          "inference_seconds", "test_images", "status", "error"]
+
+
+def add_experiment_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the ablation and scaling scripts."""
+    parser.add_argument("--task", default="cs")
+    parser.add_argument("--prior", required=True, help="diffusion prior folder (idm pretrain output)")
+    parser.add_argument("--train-data", nargs="+", required=True)
+    parser.add_argument("--test-data", nargs="+", required=True)
+    parser.add_argument("--limit", type=int, help="test images used (default: all)")
+    parser.add_argument("--steps", type=int, default=2, help="T (the paper's ablation uses 2)")
+    parser.add_argument("--iters", type=int, default=2000, help="training iterations per variant")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--scalar-lr-mult", type=float, default=1.0)
+    parser.add_argument("--ddnm-steps", type=int, default=100)
+    parser.add_argument("--ratio", type=float, help="operator flag (see idm train)")
+    parser.add_argument("--views", type=int, help="operator flag (ct)")
+    parser.add_argument("--acceleration", type=float, help="operator flag (mri)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+
+
+def experiment_setup(args: argparse.Namespace):
+    """``(task, overrides, images, base model config, budget, device)`` from the shared options."""
+    import tasks
+
+    task = tasks.get(args.task)
+    overrides = {k: getattr(args, k) for k in ("ratio", "views", "acceleration") if getattr(args, k, None) is not None}
+    device = torch.device(args.device)
+    images = test_images(task, args.test_data, args.limit, args.seed)
+    base = IDMConfig(unet=args.prior, image_channels=task.channels, steps=args.steps)
+    budget = TrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, scalar_lr_mult=args.scalar_lr_mult,
+                         seed=args.seed, checkpoint_every=args.iters, progress=False)
+    return task, overrides, images, base, budget, device
+
+
+def write_table(rows: list[dict], fields: list[str], out: Path, stem: str, header: str) -> str:
+    """``OUT/STEM.csv`` and ``OUT/STEM.md``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(value) -> str:
+        if value is None or value == "":
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    shown = [f for f in fields if f not in ("error", "description", "status")]
+    lines = [header, "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(f)) for f in shown) + " |")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    lines += [""] + [f"- `{r[shown[0]]}` failed: {r.get('error')}" for r in failed]
+    text = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_experiment_args(parser)
+    parser.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=[v.name for v in VARIANTS])
+    args = parser.parse_args(argv)
+    task, overrides, images, base, budget, device = experiment_setup(args)
+    out = Path(args.out)
+    rows = []
+    for variant in (v for v in VARIANTS if v.name in args.variants):
+        print(f"ablation: {variant.name} ({variant.description})", flush=True)
+        try:
+            row = run_variant(variant, task=task, prior=args.prior, train_data=args.train_data, images=images,
+                              overrides=overrides, base_model=base, budget=budget, crop=args.crop, out=out,
+                              device=device, ddnm_options={"steps": args.ddnm_steps})
+            row["status"] = "ok"
+        except Exception as err:  # noqa: BLE001 -- record and go on with the other variants
+            row = {"variant": variant.name, "description": variant.description, "status": "error",
+                   "error": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        print("  " + ", ".join(f"{k}={row.get(k)}" for k in ("psnr", "train_seconds", "train_memory_mb", "status")), flush=True)
+    command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    header = f"`{command}` on {hardware_name(device)}; T={args.steps}, {args.iters} iterations per variant, batch {args.batch_size}, crop {args.crop}."
+    print(write_table(rows, FIELDS, out, "ablation", header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
