@@ -47,6 +47,7 @@ from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
+from idm.training.options import check_loop_options
 from idm.training.batches import ShardedBatches, worker_init
 from idm.training.csv_log import CsvLog
 from idm.training.distributed import DistEnv
@@ -120,19 +121,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_loop_options("TrainConfig", self)
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
-        need(self.iters >= 1, f"iters must be >= 1, got {self.iters}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
-        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
-        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
-        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        need(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be positive, got {self.max_minutes}")
         if self.lr_milestones is not None:
             need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")
         Cadence(self.checkpoint_every, self.log_every, self.val_every)

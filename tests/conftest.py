@@ -32,6 +32,16 @@ class OrthoRowsOperator(LinearPhysics):
         return self.A_adjoint(y)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one thread: tiny models are fastest so, and a shared 2-core CPU
+    is not oversubscribed (torchrun workers do the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def ortho_op():
     """Factory: ``ortho_op((C, H, W), m)``."""

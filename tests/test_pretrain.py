@@ -21,13 +21,9 @@ BASE = [
     "--layers-per-block", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--log-every", "1",
 ]  # fmt: skip
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,9 @@ import tasks
 from tasks.base import Schedule, Task
 from tasks.data import DataError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def _pngs(folder, n=3, size=20, mode="L"):

@@ -34,6 +34,8 @@ BASE = [
     "--log-every", "1",
 ]  # fmt: skip
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def write_images(folder: Path, n: int = 5, size: int = 24, seed: int = 0) -> Path:
     """``n`` smooth random grayscale PNGs of ``size`` x ``size``."""
@@ -64,13 +66,6 @@ def read_log(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not oversubscribe a shared CPU); torchrun does the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
