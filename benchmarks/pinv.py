@@ -19,6 +19,9 @@ class PseudoInverse:
     name = "pinv"
     nfe = 0
 
+    def __init__(self, progress: bool = True):
+        del progress  # accepted for a uniform construction; there is no loop to show
+
     def __call__(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:
         """``(B, C, H, W)`` image ``op.A_dagger(y)`` (``generator`` is unused)."""
         with torch.no_grad():

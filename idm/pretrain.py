@@ -28,7 +28,6 @@ with the same global batch computes.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass

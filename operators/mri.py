@@ -21,6 +21,12 @@ Column masks come from fastMRI's own mask functions (not re-implemented):
 The mask is drawn once, deterministically, from ``seed`` (fastMRI seeds a
 numpy ``RandomState``); ``resample(seed)`` draws a new one.
 
+* ``mask_type="given"`` with ``columns=`` (``W`` zeros and ones) uses a
+  column mask that already exists, e.g. the ``mask`` of a fastMRI test file
+  (whose k-space was undersampled at the scanner). ``acceleration``,
+  ``center_fraction`` and ``seed`` are then unused; the config stores the
+  columns, and ``resample`` returns the operator itself.
+
 deepinv's ``deepinv.physics.MRI`` applies the same kind of model but keeps
 its mask as a module buffer of a fixed dtype and uses its own shift
 conventions, so this module writes the few lines itself.
@@ -36,7 +42,7 @@ import torch
 from . import register
 from .base import Operator, OperatorInputError, cast_like, check_int
 
-_MASK_TYPES = ("random", "equispaced")
+_MASK_TYPES = ("random", "equispaced", "given")
 _DIMS = (-2, -1)
 
 
@@ -68,9 +74,13 @@ class MRI(Operator):
         center_fraction: fraction of fully sampled central columns in ``[0, 1)``
             (e.g. 0.08 at 4x, 0.04 at 8x); ``round(W * center_fraction) *
             acceleration`` must stay below ``W``.
-        mask_type: ``"random"`` or ``"equispaced"``.
+        mask_type: ``"random"``, ``"equispaced"``, or ``"given"`` (use ``columns``).
         seed: seed of the mask draw.
         channels: must be 2 (the real and imaginary parts).
+        columns: with ``mask_type="given"`` only: the sampled k-space columns,
+            a sequence of ``W`` zeros and ones (or booleans) with at least one 1.
+            :attr:`acceleration` is then ``W / (number of ones)``,
+            :attr:`center_fraction` and :attr:`seed` are ``None``.
 
     Shapes: ``x`` is ``(B, 2, H, W)``, channel 0 the real and channel 1 the
     imaginary part of the complex image (magnitude images: imaginary 0).
@@ -88,12 +98,20 @@ class MRI(Operator):
         mask_type: str = "random",
         seed: int = 0,
         channels: int = 2,
+        columns: Any = None,
     ):
         if channels != 2:
             raise OperatorInputError(
                 f"channels must be 2 for mri (complex images as real, imag channels), got {channels!r}"
             )
         super().__init__(img_size, 2)
+        if mask_type not in _MASK_TYPES:
+            raise OperatorInputError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
+        if mask_type == "given":
+            self._init_given(columns)
+            return
+        if columns is not None:
+            raise OperatorInputError(f"columns= is only used with mask_type='given', not {mask_type!r}")
         try:
             acc = float(acceleration)
         except (TypeError, ValueError):
@@ -106,8 +124,6 @@ class MRI(Operator):
             raise OperatorInputError(f"center_fraction must be a number in [0, 1), got {center_fraction!r}") from None
         if not math.isfinite(cf) or not 0.0 <= cf < 1.0:
             raise OperatorInputError(f"center_fraction must be in [0, 1), got {center_fraction!r}")
-        if mask_type not in _MASK_TYPES:
-            raise OperatorInputError(f"mask_type must be one of {_MASK_TYPES}, got {mask_type!r}")
         width = self.img_hw[1]
         if round(width * cf) * acc >= width:
             raise OperatorInputError(
@@ -127,6 +143,32 @@ class MRI(Operator):
                 "raise center_fraction"
             )
         self._columns = columns  # (W,) float64 0/1
+
+    def _init_given(self, columns: Any) -> None:
+        """``mask_type="given"``: check and store an existing column mask."""
+        width = self.img_hw[1]
+        if columns is None:
+            raise OperatorInputError("mask_type='given' needs columns= (the W sampled k-space columns as 0/1)")
+        try:
+            cols = torch.as_tensor(columns).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise OperatorInputError(f"columns must be a sequence of {width} zeros and ones, got {columns!r:.100}") from None
+        if cols.dim() != 1 or cols.numel() != width:
+            raise OperatorInputError(
+                f"columns must hold one 0/1 entry per k-space column ({width} for img_size {self.img_hw}), "
+                f"got shape {tuple(cols.shape)}"
+            )
+        if cols.is_complex() or not bool(((cols == 0) | (cols == 1)).all()):
+            raise OperatorInputError("columns must contain only zeros and ones")
+        cols = cols.to(torch.float64)
+        kept = int(cols.sum())
+        if kept == 0:
+            raise OperatorInputError("the given mask keeps no k-space column")
+        self.mask_type = "given"
+        self.acceleration = width / kept
+        self.center_fraction = None
+        self.seed = None
+        self._columns = cols
 
     def _draw_columns(self, width: int) -> torch.Tensor:
         from fastmri.data.subsample import EquispacedMaskFractionFunc, RandomMaskFunc
@@ -165,6 +207,13 @@ class MRI(Operator):
         return self.A_adjoint(y)
 
     def config(self) -> dict[str, Any]:
+        if self.mask_type == "given":
+            return {
+                "name": self.name,
+                "img_size": list(self.img_hw),
+                "mask_type": "given",
+                "columns": [int(c) for c in self._columns.tolist()],
+            }
         return {
             "name": self.name,
             "img_size": list(self.img_hw),

@@ -27,6 +27,7 @@ CASES = {
                                            box_position="random", seed=2)),
     "mri-random": ("mri", dict(img_size=(32, 48), acceleration=4, center_fraction=0.08, mask_type="random", seed=5)),
     "mri-equispaced": ("mri", dict(img_size=(32, 32), acceleration=4, center_fraction=0.08, mask_type="equispaced")),
+    "mri-given": ("mri", dict(img_size=(32, 40), mask_type="given", columns=[int(i % 4 == 0 or 17 <= i < 23) for i in range(40)])),
     "ct": ("ct", dict(img_size=(32, 32), channels=1, views=20)),
 }
 EXACT_PINV = [k for k in CASES if not k.startswith("ct")]
@@ -198,6 +199,28 @@ def test_mri_matches_fastmri_fft_and_zero_filled_is_identity_at_full_sampling():
     k = fastmri.fft2c(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
     assert rel(op.A(x), k) < 1e-12
     assert rel(op.A_dagger(op.A(x)), x) < 1e-12
+
+
+def test_mri_given_mask(ops):
+    """``mask_type="given"``: an existing column mask (e.g. a fastMRI test file's ``mask``) used as is."""
+    op = ops["mri-given"]
+    columns = CASES["mri-given"][1]["columns"]
+    assert torch.equal(op.mask, torch.tensor(columns, dtype=F64).expand(32, 40))
+    assert op.acceleration == 40 / sum(columns) and op.center_fraction is None and op.seed is None
+    assert op.config() == {"name": "mri", "img_size": [32, 40], "mask_type": "given", "columns": columns}
+    assert op.resample(7) is op
+    bools = operators.make("mri", img_size=(32, 40), mask_type="given", columns=np.array(columns, dtype=bool))
+    x = rand_x(op)
+    assert torch.equal(bools.A(x), op.A(x))
+    for kwargs, pattern in [
+        (dict(mask_type="given"), "needs columns"),
+        (dict(mask_type="given", columns=columns[:-1]), r"one 0/1 entry per k-space column \(40"),
+        (dict(mask_type="given", columns=[2] * 40), "only zeros and ones"),
+        (dict(mask_type="given", columns=[0] * 40), "keeps no k-space column"),
+        (dict(mask_type="random", columns=columns), "only used with mask_type='given'"),
+    ]:
+        with pytest.raises(OperatorInputError, match=pattern):
+            operators.make("mri", img_size=(32, 40), **kwargs)
 
 
 # ---- CT ------------------------------------------------------------------------------------
