@@ -42,11 +42,19 @@ class Injector(nn.Module):
         self.to_feature = nn.Conv2d(3 * image_channels, shuffled, kernel_size, padding=pad)
 
     def forward(self, features: Tensor, op, x_pinv: Tensor) -> Tensor:
-        """``features`` (B, C, H/r, W/r); ``op`` a LinearPhysics; ``x_pinv = A^+ y`` (B, C_img, H, W)."""
+        """``features`` (B, C, H'/r, W'/r); ``op`` a LinearPhysics; ``x_pinv = A^+ y`` (B, C_img, H, W).
+
+        ``H' >= H``, ``W' >= W`` when the U-Net padded the image to a multiple of
+        its downsampling: the operator then sees the top-left ``H x W`` crop and
+        the injected correction is zero on the padding.
+        """
         f = self.to_image(F.pixel_shuffle(features, self.scale) if self.scale > 1 else features)
+        height, width = x_pinv.shape[-2:]
+        pad_h, pad_w = f.shape[-2] - height, f.shape[-1] - width
+        f = f[..., :height, :width]
         f_op = f.to(x_pinv.dtype)  # the operator runs in the precision of the data, never under autocast
         with torch.autocast(f.device.type, enabled=False):
             f_range = op.A_dagger(op.A(f_op))
         g = torch.cat([f, f_range.to(f.dtype), x_pinv.to(f.dtype)], dim=1)
-        out = self.to_feature(g)
+        out = F.pad(self.to_feature(g), (0, pad_w, 0, pad_h)) if pad_h or pad_w else self.to_feature(g)
         return features + (F.pixel_unshuffle(out, self.scale) if self.scale > 1 else out)

@@ -347,3 +347,16 @@ def test_prior_range_is_read_from_the_prior_folder(tmp_path):
     (tmp_path / "prior" / "idm_prior.json").write_text("{}")
     with pytest.raises(UNetSourceError, match="no valid data_range"):
         IDM(IDMConfig(unet=str(tmp_path / "prior")))
+
+
+@pytest.mark.parametrize("size", [(33, 33), (30, 21)])
+def test_images_that_are_not_a_multiple_of_the_downsampling_work(size):
+    import operators
+
+    op = operators.make("inpainting", img_size=size, ratio=0.5)
+    model = _perturbed_model(IDMConfig(steps=2))
+    x = torch.rand(1, 1, *size, dtype=torch.float64)
+    x_hat, traces = model.trace(op.A(x), op)
+    assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
+    for trace in traces:
+        assert relative_error(op.A(trace.x0), op.A(x)) < 1e-12

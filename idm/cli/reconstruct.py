@@ -1,0 +1,509 @@
+"""``idm reconstruct``: reconstruct measurements (or images, simulated on the fly) with a trained IDM.
+
+    idm reconstruct --input meas.npz [--checkpoint DIR] --out DIR              # from idm simulate
+    idm reconstruct --task cs --ratio 0.1 --input IMG_OR_DIR [--checkpoint DIR] --out DIR   # simulate + reconstruct + score
+    idm reconstruct --task mri --input FILE.h5 [--acceleration 4] [--checkpoint DIR] --out DIR   # fastMRI single-coil
+    idm reconstruct --task ct --input SINOGRAM.npy [--views 60] [--checkpoint DIR] --out DIR
+
+What the input is:
+
+* ``.npz`` -- an ``idm simulate`` measurement file: each item's operator is
+  rebuilt from its recorded config; the checkpoint must have been trained for
+  the file's task and operator (CS: the same ratio, block, mode and ``Phi``);
+  operator flags that contradict the file are refused.
+* ``.h5`` (or a folder of them) -- fastMRI single-coil k-space. A file with a
+  ``mask`` is reconstructed with that mask as is; a fully sampled file is
+  undersampled retrospectively with a seeded fastMRI mask (``--seed`` + file
+  index; ``--acceleration`` / ``--center-fraction``, else the checkpoint's,
+  else the task's), one mask per volume, saved as ``mask`` in the output.
+  See :mod:`tasks.mri_files` for the normalisation and the output layout.
+* a CT sinogram ``.npy`` (with ``--task ct``; a ``.npy`` with a sidecar
+  ``.npy.json``, or whose last two axes differ) -- the operator comes from the
+  sidecar, else from the checkpoint / task with the image size inferred from
+  the detector count; the view count must match ``--views`` and the checkpoint.
+* anything else (an image, a CT slice, a folder) -- simulated exactly as
+  ``idm simulate`` would (seed ``--seed + i``, operator of the checkpoint), then
+  reconstructed and scored.
+
+Without ``--checkpoint`` the shipped model for the task and operator is used
+(:func:`idm.shipped.default_checkpoint`); none ship yet, so for now
+``--checkpoint`` is needed.
+
+Outputs in ``--out``: ``<name>.png`` (the task's display image: MRI
+magnitude, clamped to [0, 1]), ``<name>.npy`` (float32 ``(C, H, W)``
+reconstruction in [0, 1] units; CT also ``<name>_hu.npy`` in Hounsfield
+units), for ``.h5`` inputs ``<stem>.h5`` and ``<stem>_s<k>.png``;
+``metrics.csv`` (name, psnr, ssim, seconds) when the ground truth is known
+(image input, ``x_true`` in the ``.npz``, ``reconstruction_esc`` or fully
+sampled k-space in the ``.h5``); ``reconstruct.json`` (the settings).
+PSNR/SSIM follow ``benchmarks.protocol.score_function`` (CS: the IDM
+authors' protocol; others: [0, 1] images, data_range 1); for ``.h5`` files
+they compare the magnitude (in the file's units, centre-cropped) with the
+reference, data_range = the reference volume's maximum, as fastMRI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+from idm.cli.simulate import (
+    MRI_FILE_SUFFIXES,
+    OperatorPlan,
+    check_limit,
+    command_line,
+    get_task,
+    load_images,
+    measure_image,
+)
+
+METRIC_FIELDS = ("name", "psnr", "ssim", "seconds")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reconstruct",
+        help="reconstruct measurements (.npz, fastMRI .h5, CT sinogram) or images (simulated) with a trained IDM",
+        description=__doc__.split("\n\n")[0],
+        epilog="Inputs: an idm simulate .npz; a fastMRI single-coil .h5 (or a folder of them); a CT sinogram .npy "
+        "(--task ct); or images / CT slices / a folder, simulated with seed --seed + i then reconstructed and scored.",
+    )
+    parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
+    parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5)")
+    parser.add_argument("--checkpoint", help="IDM model folder or idm train --out folder (default: the shipped model, none yet)")
+    parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
+    parser.add_argument("--limit", type=int, help="only the first N images / slices")
+    parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_operator_args(parser)
+    add_common_args(parser, out_help="output folder (PNG, .npy / .h5, metrics.csv, reconstruct.json)")
+    parser.set_defaults(run=run)
+
+
+# ---- checkpoint --------------------------------------------------------------------------------
+def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], request: dict[str, Any], device: torch.device, context: str = ""):
+    """The trained IDM for ``task``: ``checkpoint``, else the shipped model for ``request``; refuses mismatches.
+
+    ``expect``: the operator settings the checkpoint must have been trained with
+    (``load_trained``'s ``expect_operator``); ``context`` is added to its error.
+    """
+    from idm.checkpoint import CheckpointError
+    from idm.shipped import default_checkpoint, missing_message
+    from idm.train import load_trained
+
+    path = checkpoint
+    if path is None:
+        path = default_checkpoint(task.name, request)
+        if path is None:
+            raise ValueError(missing_message(task.name, request))
+    try:
+        trained = load_trained(path, expect_task=task.name, expect_operator=expect, device=device)
+    except CheckpointError as err:
+        if context and "does not match" in str(err):
+            raise CheckpointError(f"{err}\n{context}") from None
+        raise
+    channels = trained.model.config.image_channels
+    if channels != task.channels:
+        raise ValueError(
+            f"checkpoint {trained.path} reconstructs {channels}-channel images, but task {task.name} "
+            f"(colour {task.color!r}) has {task.channels} channel(s)"
+        )
+    trained.model.eval()
+    return trained
+
+
+# ---- reconstruction loop -----------------------------------------------------------------------
+def _display(task: Any, x: torch.Tensor) -> torch.Tensor:
+    return task.metric_image(x).clamp(0, 1)
+
+
+def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: int) -> tuple[torch.Tensor, float]:
+    """``(x_hat (1, C, H, W) float32 on the CPU cropped to the image size, seconds)``."""
+    y = torch.from_numpy(np.ascontiguousarray(item.y))[None].to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        x_hat = model(y, op, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    height, width = item.image_size
+    x_hat = x_hat[..., :height, :width].float().cpu()
+    if not torch.isfinite(x_hat).all():
+        raise FloatingPointError(f"{item.name}: the reconstruction contains NaN or inf")
+    return x_hat, seconds
+
+
+def reconstruct_items(
+    model: Any,
+    task: Any,
+    pairs: Iterable[tuple[Any, Any]],
+    count: int,
+    device: torch.device,
+    out: Path,
+    seed: int,
+    progress: bool,
+    hu_window: tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Reconstruct ``(Measurement, operator)`` pairs, write ``<name>.png`` / ``.npy``; one row per item."""
+    from tqdm.auto import tqdm
+
+    from benchmarks.protocol import score_function
+    from benchmarks.report import save_image
+
+    score = score_function(task)
+    rows = []
+    for i, (item, op) in enumerate(tqdm(pairs, total=count, desc="images", disable=not progress or count < 2)):
+        x_hat, seconds = reconstruct_one(model, item, op, device, seed + i)
+        save_image(_display(task, x_hat), out / f"{item.name}.png")
+        np.save(out / f"{item.name}.npy", x_hat[0].numpy().astype(np.float32), allow_pickle=False)
+        if hu_window is not None:
+            from tasks.data import inverse_hu_window
+
+            np.save(out / f"{item.name}_hu.npy", inverse_hu_window(x_hat[0, 0].numpy(), *hu_window), allow_pickle=False)
+        row: dict[str, Any] = {"name": item.name, "seconds": seconds}
+        if item.x_true is not None:
+            row["psnr"], row["ssim"] = score(x_hat, torch.from_numpy(item.x_true)[None])
+        rows.append(row)
+    return rows
+
+
+def write_metrics(rows: list[dict[str, Any]], out: Path) -> dict[str, float] | None:
+    """``metrics.csv`` (when any row is scored) and the means."""
+    scored = [r for r in rows if "psnr" in r]
+    if not scored:
+        return None
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in scored:
+            writer.writerow({k: (f"{v:.6g}" if k == "seconds" else f"{v:.4f}") if isinstance(v, float) else v for k, v in r.items()})
+    finite = [r["psnr"] for r in scored if math.isfinite(r["psnr"])]
+    return {
+        "psnr": statistics.fmean(finite) if finite else float("inf"),
+        "ssim": statistics.fmean(r["ssim"] for r in scored),
+        "count": len(scored),
+    }
+
+
+def _summary(rows: list[dict[str, Any]], means: dict[str, float] | None, out: Path, what: str) -> str:
+    lines = [f"idm reconstruct: {what} -> {out}"]
+    for r in rows:
+        score = f"{r['psnr']:.2f} dB / SSIM {r['ssim']:.4f}" if "psnr" in r else "no ground truth"
+        lines.append(f"  {r['name']}: {score} ({r['seconds']:.2f} s)")
+    if means is not None:
+        lines.append(
+            f"  mean over {means['count']}: PSNR {means['psnr']:.2f} dB, SSIM {means['ssim']:.4f} (per image: {out / 'metrics.csv'})"
+        )
+    return "\n".join(lines)
+
+
+def _short(config: dict[str, Any]) -> dict[str, Any]:
+    """An operator config without its bulky parts (masks, columns), for records."""
+    return {k: v for k, v in config.items() if (not isinstance(v, (list, dict)) or k == "img_size") and k != "seed"}
+
+
+# ---- the inputs ----------------------------------------------------------------------------------
+def input_kind(path: Path, task_name: str | None) -> str:
+    """``"npz"``, ``"h5"``, ``"sinogram"`` or ``"images"`` (see the module docstring)."""
+    from tasks.measurements import looks_like_sinogram
+
+    if not path.exists():
+        raise FileNotFoundError(f"--input {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix == ".npz":
+            return "npz"
+        if suffix in MRI_FILE_SUFFIXES:
+            return "h5"
+        if suffix == ".npy" and task_name in (None, "ct") and looks_like_sinogram(path):
+            return "sinogram"
+        return "images"
+    if task_name in (None, "mri") and any(p.suffix.lower() in MRI_FILE_SUFFIXES for p in path.iterdir() if p.is_file()):
+        return "h5"
+    return "images"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _check_flags_against(overrides: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Operator flags must agree with the operator recorded in a measurement file."""
+    for key, value in overrides.items():
+        have = config.get(key, "<not set>")
+        if not _same(have, value):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{where} was measured with {key}={have!r}; {flag} {value} does not match (the operator comes from the file)"
+            )
+
+
+def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
+    from tasks.measurements import describe_operator, load_measurements
+
+    path = Path(args.input)
+    mset = load_measurements(path)
+    if args.task and args.task != mset.task:
+        raise ValueError(f"{path} holds measurements of task {mset.task!r}, not {args.task!r} (--task)")
+    color = args.color or mset.meta.get("color")
+    task = get_task(mset.task)
+    if color and color != task.color:
+        task = get_task(mset.task, color)
+    overrides = operator_overrides(args)
+    first = mset.items[0].operator
+    shared = {k: v for k, v in first.items() if k not in ("img_size", "seed")}
+    for item in mset.items[1:]:
+        if {k: v for k, v in item.operator.items() if k not in ("img_size", "seed")} != shared:
+            raise ValueError(
+                f"{path}: its items were measured with different operators ({item.name}: {describe_operator(item.operator)} vs "
+                f"{mset.items[0].name}: {describe_operator(first)}); one IDM serves one operator, split the file"
+            )
+    _check_flags_against(overrides, first, str(path))
+    trained = load_model(
+        args.checkpoint, task, expect=shared, request=shared, device=device,
+        context=f"(the measurements in {path} were taken with the {describe_operator(shared)})",
+    )  # fmt: skip
+    check_limit(args.limit)
+    count = len(mset.items) if args.limit is None else min(args.limit, len(mset.items))
+    window = tuple(mset.meta["window"]) if task.operator == "ct" and isinstance(mset.meta.get("window"), list) else None
+    pairs = ((mset.items[i], mset.operator(i)) for i in range(count))
+    rows = reconstruct_items(trained.model.to(device), task, pairs, count, device, out, args.seed, not args.no_progress, window)
+    settings = {
+        "task": task.name,
+        "operator": _short(first),
+        "operator_seeds": [m.seed for m in mset.items[:count]] if first.get("seed") is not None else None,
+        "checkpoint": str(trained.path),
+        "window": window,
+    }
+    return rows, settings, f"{count} measurement(s) of task {task.name} from {path}"
+
+
+def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
+    from tasks.data import DEFAULT_HU_WINDOW
+
+    if not args.task:
+        raise ValueError("--task is needed to simulate measurements of images (e.g. --task cs)")
+    task = get_task(args.task, args.color)
+    overrides = operator_overrides(args)
+    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
+    check_limit(args.limit)
+    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    plan = OperatorPlan(task, overrides, trained.operator, args.seed)
+    names, dataset = load_images(task, args.input, args.limit)
+
+    def pairs():
+        for i, name in enumerate(names):
+            yield measure_image(plan, i, name, dataset[i], device, keep_truth=True)
+
+    window = DEFAULT_HU_WINDOW if task.operator == "ct" else None
+    model = trained.model.to(device)
+    rows = reconstruct_items(model, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window)
+    settings = {
+        "task": task.name,
+        "operator": _short({k: v for k, v in plan.settings.items()}),
+        "operator_seeds": f"{args.seed} + image index",
+        "checkpoint": str(trained.path),
+        "window": window,
+        "padding": f"zero-padded to a multiple of {plan.block}" if plan.block else None,
+    }
+    return rows, settings, f"{len(names)} image(s) of {args.input}, simulated ({task.name}) and reconstructed"
+
+
+def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
+    from tasks.data import DEFAULT_HU_WINDOW
+    from tasks.measurements import Measurement, OperatorCache, ct_width_for_detectors, describe_operator, load_sinogram
+
+    task = get_task(args.task or "ct")
+    if task.operator != "ct":
+        raise ValueError(f"a sinogram needs a CT task, got --task {task.name}")
+    path = Path(args.input)
+    overrides = operator_overrides(args)
+    task.operator_kwargs(**overrides)
+    cache = OperatorCache()
+    sino = load_sinogram(path, cache)
+    views, detectors = sino.views, sino.detectors
+    if "views" in overrides and overrides["views"] != views:
+        raise ValueError(f"{path}: the sinogram has {views} views (its last axis), but --views {overrides['views']} was given")
+    if sino.info is not None:
+        config = dict(sino.info["operator"])
+        _check_flags_against(overrides, config, str(path))
+        shared = {k: v for k, v in config.items() if k not in ("img_size", "seed")}
+        trained = load_model(
+            args.checkpoint, task, expect=shared, request=shared, device=device,
+            context=f"(the sinogram {path} was measured with the {describe_operator(config)})",
+        )  # fmt: skip
+        window = tuple(sino.info.get("window") or DEFAULT_HU_WINDOW)
+    else:
+        width = ct_width_for_detectors(detectors)
+        if width is None:
+            raise ValueError(
+                f"{path}: {detectors} detector cells match no square image (a W x W image has ceil(sqrt(2) W) cells); "
+                "is this a sinogram of the ct operator, (detectors, views)?"
+            )
+        request = {"name": task.operator, **task.operator_kwargs(**{**overrides, "views": views})}
+        trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+        trained_views = (trained.operator or {}).get("views")
+        if trained_views is not None and trained_views != views:
+            raise ValueError(
+                f"{path}: the sinogram has {views} views, but checkpoint {trained.path} was trained for {trained_views} views"
+            )
+        if trained.operator:
+            config = {**trained.operator, **overrides, "img_size": [width, width]}
+        else:
+            config = task.make_operator((width, width), **{**overrides, "views": views}).config()
+        window = DEFAULT_HU_WINDOW
+    op = cache.get(config)
+    if tuple(op.measurement_shape()[1:]) != (detectors, views):
+        raise ValueError(
+            f"{path}: the sinogram is {detectors} x {views}, but the {describe_operator(config)} measures "
+            f"{op.measurement_shape()[1]} x {op.measurement_shape()[2]}"
+        )
+    check_limit(args.limit)
+    count = sino.data.shape[0] if args.limit is None else min(args.limit, sino.data.shape[0])
+    width = int(config["img_size"][1])
+    items = [Measurement(sino.names[i], sino.data[i][None], config, (int(config["img_size"][0]), width)) for i in range(count)]
+    rows = reconstruct_items(trained.model.to(device), task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window)
+    settings = {"task": task.name, "operator": _short(config), "checkpoint": str(trained.path), "window": window,
+                "sidecar": sino.info is not None}  # fmt: skip
+    return rows, settings, f"{count} sinogram(s) of {path} ({detectors} detectors x {views} views)"
+
+
+def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
+    from tqdm.auto import tqdm
+
+    from benchmarks.report import save_image
+    from idm import __version__
+    from idm.metrics import psnr, ssim
+    from tasks import mri_files
+    from tasks.data import center_crop, load_fastmri_slices
+    from tasks.measurements import Measurement
+
+    task = get_task(args.task or "mri")
+    if task.operator != "mri":
+        raise ValueError(f"fastMRI .h5 files hold MRI k-space; use --task mri (got --task {task.name})")
+    source = Path(args.input)
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in MRI_FILE_SUFFIXES)
+    overrides = operator_overrides(args)
+    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
+    check_limit(args.limit)
+    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    model = trained.model.to(device)
+    plan = OperatorPlan(task, overrides, trained.operator, args.seed)
+    trained_acc = (trained.operator or {}).get("acceleration")
+    rows: list[dict[str, Any]] = []
+    masks = []
+    remaining = args.limit
+    for f_index, path in enumerate(files):
+        if remaining is not None and remaining <= 0:
+            break
+        volume = load_fastmri_slices(path)
+        slices, height, width = (int(s) for s in volume.kspace.shape)
+        columns = mri_files.file_mask_columns(volume)
+        if columns is not None:
+            from operators import make
+
+            op = make("mri", img_size=(height, width), mask_type="given", columns=columns)
+            masks.append(f"{path.name}: the file's mask ({int(columns.sum())} of {width} columns, acceleration {op.acceleration:.2f})")
+            unused = [f"--{k.replace('_', '-')}" for k in ("acceleration", "center_fraction") if k in overrides]
+            if unused:
+                print(f"note: {path.name} has its own k-space mask, used as is; {' and '.join(unused)} do not apply to it", file=sys.stderr)
+            if trained_acc is not None and abs(op.acceleration / float(trained_acc) - 1) > 0.25:
+                print(
+                    f"warning: {path.name}'s mask samples 1/{op.acceleration:.2f} of k-space; the checkpoint was trained "
+                    f"for acceleration {trained_acc}",
+                    file=sys.stderr,
+                )
+        else:
+            op = plan.operator(f_index, (height, width))
+            columns = op.mask[0]
+            masks.append(f"{path.name}: seeded mask (seed {op.config().get('seed')}, {int(columns.sum())} of {width} columns)")
+        scale = mri_files.volume_scale(volume.kspace, columns)
+        ys = mri_files.slice_measurements(volume.kspace, columns, scale)
+        crop = None if args.no_crop else mri_files.output_crop(volume)
+        reference, ref_kind = mri_files.reference_volume(volume, volume.mask is not None, crop)
+        count = slices if remaining is None else min(slices, remaining)
+        recon = []
+        for s in tqdm(range(count), desc=f"{path.name} slices", disable=args.no_progress or count < 2):
+            item = Measurement(f"{path.stem}_s{s}", ys[s].numpy(), op.config(), (height, width))
+            x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s)
+            magnitude = task.metric_image(x_hat)[0, 0]  # normalised units
+            shown = magnitude if crop is None else center_crop(magnitude, crop)
+            save_image(shown.clamp(0, 1)[None, None], out / f"{item.name}.png")
+            recon.append((shown * scale).numpy().astype(np.float32))
+            row: dict[str, Any] = {"name": item.name, "seconds": seconds}
+            if reference is not None:
+                ref = reference[s]
+                est = center_crop(magnitude * scale, tuple(ref.shape[-2:]))
+                data_range = float(reference[:count].max())
+                row["psnr"] = psnr(est, ref, data_range=data_range)
+                row["ssim"] = ssim(est, ref, data_range=data_range)
+            rows.append(row)
+        if remaining is not None:
+            remaining -= count
+        attrs = {
+            **{k: v for k, v in volume.attrs.items()},
+            "idm_version": __version__,
+            "idm_checkpoint": str(trained.path),
+            "idm_operator": json.dumps(op.config()),
+            "idm_scale": scale,
+            "idm_slices": count,
+            "idm_reference": ref_kind or None,
+        }
+        mri_files.write_reconstruction_h5(out / f"{path.stem}.h5", np.stack(recon), columns, attrs)
+    settings = {
+        "task": task.name,
+        "operator": _short({k: v for k, v in plan.settings.items()}),
+        "masks": masks,
+        "checkpoint": str(trained.path),
+        "normalisation": "k-space / max |zero-filled image| of the volume; undone in reconstruction",
+        "metrics": "magnitude vs the reference (reconstruction_esc, else fully sampled), centre-cropped, data_range = reference volume max",
+    }
+    return rows, settings, f"{len(rows)} slice(s) of {len(files)} fastMRI file(s) in {source}"
+
+
+# ---- the command -------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from idm import __version__
+    from idm.checkpoint import save_json
+
+    source = Path(args.input)
+    kind = input_kind(source, args.task)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]
+    rows, settings, what = handler(args, device, out)
+    means = write_metrics(rows, out)
+    save_json(
+        {
+            "command": command_line("reconstruct"),
+            "idm_version": __version__,
+            "input": str(source),
+            "input_kind": kind,
+            "device": str(device),
+            "seed": args.seed,
+            **settings,
+            "items": [r["name"] for r in rows],
+            "mean": means,
+        },
+        out / "reconstruct.json",
+    )
+    print(_summary(rows, means, out, what))
+    return 0

@@ -1,0 +1,421 @@
+"""``idm simulate`` / ``idm reconstruct``, the measurement formats and the fastMRI / CT file paths.
+
+Tiny random-weight IDMs (1 step) in tmp folders, 16-40 pixel images, all written here
+(PNG, HU .npy, DICOM, fastMRI-layout .h5); nothing from shared data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import operators
+import tasks
+from idm import IDM, IDMConfig
+from idm.cli import main
+from operators import OperatorInputError
+from tasks.measurements import (
+    Measurement,
+    MeasurementFileError,
+    load_measurements,
+    load_sinogram,
+    save_measurements,
+    sidecar_path,
+)
+
+HEADER = (
+    '<?xml version="1.0" encoding="utf-8"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+    "<encodedSpace><matrixSize><x>32</x><y>32</y><z>1</z></matrixSize></encodedSpace>"
+    "<reconSpace><matrixSize><x>24</x><y>24</y><z>1</z></matrixSize></reconSpace></encoding></ismrmrdHeader>"
+)
+
+
+def _model(root, name, task, channels, operator_config):
+    """A tiny IDM model folder with the ``run.json`` an ``idm train`` checkpoint carries."""
+    folder = root / name
+    torch.manual_seed(0)
+    IDM(IDMConfig(unet="tiny", image_channels=channels, steps=1)).save_pretrained(folder)
+    run = {"format": "idm-train-run", "identity": {"task": task, "operator": operator_config}}
+    (folder / "run.json").write_text(json.dumps(run))
+    return folder
+
+
+def _write_dicom(path, hu: np.ndarray, modality: str = "CT") -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+    ds.PixelData = (hu + 1024).astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_fastmri(path, kspace, esc=None, mask=None, header=HEADER):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=kspace)
+        if esc is not None:
+            f.create_dataset("reconstruction_esc", data=esc)
+            f.attrs["max"] = float(esc.max())
+        if mask is not None:
+            f.create_dataset("mask", data=mask)
+        f.create_dataset("ismrmrd_header", data=np.bytes_(header))
+        f.attrs["acquisition"] = "AXT2"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simrec")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray((rng.random((28, 36)) * 255).astype(np.uint8)).save(root / "images" / "b.png")  # padded to 32x40
+    (root / "small").mkdir()
+    Image.fromarray((rng.random((6, 20)) * 255).astype(np.uint8)).save(root / "small" / "tiny.png")
+
+    # CT: a slice in HU (.npy, int16 with out-of-field padding) and the same as DICOM; an MR DICOM
+    (root / "ct").mkdir()
+    yy, xx = np.mgrid[:32, :32]
+    hu = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 140, 40 + 400 * (xx > 16), -1000).astype(np.int16)
+    hu[0, :3] = -3024
+    np.save(root / "ct" / "slice.npy", hu)
+    (root / "dicom").mkdir()
+    _write_dicom(root / "dicom" / "ct.dcm", np.maximum(hu, -1024))
+    _write_dicom(root / "mr.dcm", np.maximum(hu, -1024), modality="MR")
+
+    # fastMRI single-coil layout: 2 slices of complex 32x32 images in scanner units (~1e-4)
+    (root / "mri").mkdir()
+    mag = 0.2 + 0.8 * np.exp(-((yy - 16) ** 2 + (xx - 15) ** 2) / 60.0)
+    images = np.stack([mag * np.exp(1j * 0.3 * xx / 32), 0.7 * mag * np.exp(-1j * 0.2 * yy / 32)]) * 1e-4
+    axes = (-2, -1)
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=axes), norm="ortho"), axes=axes).astype(np.complex64)
+    esc = np.abs(images)[:, 4:28, 4:28].astype(np.float32)
+    _write_fastmri(root / "mri" / "full.h5", kspace, esc=esc)
+    columns = np.zeros(32, dtype=bool)
+    columns[::3] = True
+    columns[14:18] = True
+    _write_fastmri(root / "masked.h5", kspace * columns, mask=columns)
+    with h5py.File(root / "nokspace.h5", "w") as f:
+        f.create_dataset("reconstruction_esc", data=esc)
+    _write_fastmri(root / "multicoil.h5", np.stack([kspace, kspace], axis=1))
+
+    models = root / "models"
+    cs = tasks.get("cs").make_operator((32, 32), ratio=0.25, block=8).config()
+    _model(models, "cs", "cs", 1, cs)
+    _model(models, "cs-phi5", "cs", 1, {**cs, "phi_seed": 5})
+    _model(models, "inpainting", "inpainting", 1, tasks.get("inpainting").make_operator((32, 32)).config())
+    _model(models, "mri", "mri", 2, tasks.get("mri").make_operator((32, 32)).config())
+    _model(models, "ct20", "ct", 1, tasks.get("ct").make_operator((32, 32), views=20).config())
+    _model(models, "ct30", "ct", 1, tasks.get("ct").make_operator((32, 32), views=30).config())
+    return root
+
+
+def _rows(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+# ---- the .npz format ------------------------------------------------------------------------
+def test_measurement_file_round_trip_and_clear_errors(tmp_path):
+    ops = [operators.make("cs", img_size=(16, 16), ratio=0.25, block=8, seed=1),
+           operators.make("cs", img_size=(16, 24), ratio=0.25, block=8, seed=2)]  # fmt: skip
+    xs = [torch.rand(1, 16, 16), torch.rand(1, 16, 20)]
+    items = [
+        Measurement("p", ops[0].A(xs[0][None])[0].numpy(), ops[0].config(), (16, 16), 1, xs[0].numpy()),
+        Measurement("q", ops[1].A(torch.nn.functional.pad(xs[1], (0, 4))[None])[0].numpy(), ops[1].config(), (16, 20), 2, xs[1].numpy()),
+    ]
+    path = save_measurements(tmp_path / "m.npz", "cs", items, {"idm_version": "test"})
+    with np.load(path, allow_pickle=False) as data:
+        assert {"meta", "names", "y_0", "y_1", "x_true_0", "x_true_1"} == set(data.files)  # two shapes: one array each
+    loaded = load_measurements(path)
+    assert loaded.task == "cs" and loaded.has_truth and loaded.meta["idm_version"] == "test"
+    assert [m.name for m in loaded.items] == ["p", "q"] and loaded.items[1].image_size == (16, 20)
+    assert loaded.items[1].padded_size == (16, 24) and loaded.items[1].seed == 2
+    np.testing.assert_array_equal(loaded.items[1].y, items[1].y)
+    assert loaded.operator(1).config() == ops[1].config()
+
+    bare = Measurement("r", items[0].y, ops[0].config(), (16, 16))
+    same = save_measurements(tmp_path / "same.npz", "cs", [bare, Measurement("s", items[0].y, ops[0].config(), (16, 16))])
+    with np.load(same) as data:
+        assert data["y"].shape == (2, 1, 4, 16) and "x_true" not in data.files  # one shape: stacked
+    with pytest.raises(MeasurementFileError, match="either every item or none"):
+        save_measurements(tmp_path / "x.npz", "cs", [items[0], bare])
+
+    (tmp_path / "junk.npz").write_text("not a zip")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    np.savez(tmp_path / "nometa.npz", y=np.zeros((1, 1, 4, 16), np.float32))
+    np.savez(tmp_path / "badmeta.npz", meta=np.array("{oops"), names=np.array(["p"]), y=np.zeros((1, 1, 4, 16), np.float32))
+    meta = json.loads(str(np.load(path)["meta"]))
+    np.savez(tmp_path / "pickled.npz", meta=np.array(json.dumps(meta)), names=np.array(["p", "q"], dtype=object))
+    np.savez(tmp_path / "notruth.npz", meta=np.array(json.dumps(meta)), names=np.array(["p", "q"]), y_0=items[0].y, y_1=items[1].y)
+    meta["items"][0]["operator"]["ratio"] = 0.5  # y no longer fits its operator
+    meta["truth"] = False
+    np.savez(tmp_path / "shape.npz", meta=np.array(json.dumps(meta)), names=np.array(["p", "q"]), y_0=items[0].y, y_1=items[1].y)
+    cases = [
+        ("junk.npz", MeasurementFileError, r"junk.npz: not an .npz measurement file"),
+        ("single.npy", MeasurementFileError, r"single.npy: holds a single array"),
+        ("missing.npz", MeasurementFileError, r"missing.npz' does not exist"),
+        ("nometa.npz", MeasurementFileError, r"nometa.npz: not an idm measurement file: no 'meta' array"),
+        ("badmeta.npz", MeasurementFileError, r"badmeta.npz: 'meta' is not valid JSON"),
+        ("pickled.npz", MeasurementFileError, r"pickled.npz: array 'names' cannot be read without pickle"),
+        ("notruth.npz", MeasurementFileError, r"notruth.npz: no 'x_true' array \(nor x_true_0 ... x_true_1\)"),
+        ("shape.npz", OperatorInputError, r"shape.npz: item 0 \(p\): y has shape \(1, 4, 16\), but its cs operator \(img_size=16x16, .*ratio=0.5.*\) measures \(1, 4, 32\)"),
+    ]  # fmt: skip
+    for name, kind, pattern in cases:
+        with pytest.raises(kind, match=pattern):
+            load_measurements(tmp_path / name)
+
+
+# ---- CS / images -----------------------------------------------------------------------------
+def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_path):
+    models = files / "models"
+    meas = tmp_path / "meas.npz"
+    assert main(["simulate", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "cs"),
+                 "--keep-truth", "--seed", "3", "--device", "cpu", "--no-progress", "--out", str(meas)]) == 0  # fmt: skip
+    loaded = load_measurements(meas)
+    assert [(m.name, m.seed, m.image_size, m.padded_size) for m in loaded.items] == [
+        ("a", 3, (32, 32), (32, 32)), ("b", 4, (28, 36), (32, 40))]  # fmt: skip
+    assert {m.operator["ratio"] for m in loaded.items} == {0.25} and loaded.items[0].operator["block"] == 8
+    assert loaded.meta["operator_seeds"] == "3 + image index" and loaded.has_truth
+
+    out = tmp_path / "from_npz"
+    assert main(["reconstruct", "--input", str(meas), "--checkpoint", str(models / "cs"), "--device", "cpu",
+                 "--seed", "3", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out / "b.npy").shape == (1, 28, 36) and np.load(out / "b.npy").dtype == np.float32
+    assert Image.open(out / "b.png").size == (36, 28)
+    from_npz = _rows(out / "metrics.csv")
+    assert [r["name"] for r in from_npz] == ["a", "b"] and list(from_npz[0]) == ["name", "psnr", "ssim", "seconds"]
+    assert json.loads((out / "reconstruct.json").read_text())["input_kind"] == "npz"
+
+    # the image folder, simulated in memory with the same seeds, gives the same numbers
+    out2 = tmp_path / "from_images"
+    assert main(["reconstruct", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "cs"),
+                 "--device", "cpu", "--seed", "3", "--no-progress", "--out", str(out2)]) == 0  # fmt: skip
+    assert [(r["name"], r["psnr"], r["ssim"]) for r in _rows(out2 / "metrics.csv")] == [(r["name"], r["psnr"], r["ssim"]) for r in from_npz]
+    np.testing.assert_array_equal(np.load(out2 / "a.npy"), np.load(out / "a.npy"))
+
+    # without the truth: reconstructions, no metrics; without --checkpoint the task's defaults give the same Phi
+    plain = tmp_path / "plain.npz"
+    assert main(["simulate", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images" / "a.png"),
+                 "--device", "cpu", "--out", str(plain)]) == 0  # fmt: skip
+    assert main(["reconstruct", "--input", str(plain), "--checkpoint", str(models / "cs"), "--device", "cpu",
+                 "--out", str(tmp_path / "plain")]) == 0  # fmt: skip
+    assert (tmp_path / "plain" / "a.png").is_file() and not (tmp_path / "plain" / "metrics.csv").exists()
+
+
+def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
+    models = files / "models"
+    meas = tmp_path / "meas.npz"
+    assert main(["simulate", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images"),
+                 "--device", "cpu", "--no-progress", "--out", str(meas)]) == 0  # fmt: skip
+    capsys.readouterr()
+    rec = ["reconstruct", "--input", str(meas), "--device", "cpu", "--out", str(tmp_path / "out")]
+    cases = [
+        (rec, "no shipped model is installed for task 'cs' (channels=1, ratio=0.25, block=8, mode='permuted', phi_seed=0)"),
+        (rec, "pass --checkpoint DIR"),
+        (rec + ["--checkpoint", str(models / "inpainting")], "task: trained for 'inpainting', requested 'cs'"),
+        (rec + ["--checkpoint", str(models / "cs-phi5")], "operator phi_seed: trained with 5, requested 0"),
+        (rec + ["--checkpoint", str(models / "cs"), "--ratio", "0.5"], "was measured with ratio=0.25; --ratio 0.5 does not match"),
+        (rec + ["--checkpoint", str(models / "cs"), "--task", "inpainting"], "holds measurements of task 'cs', not 'inpainting'"),
+        (["simulate", "--task", "cs", "--block", "8", "--input", str(files / "small"), "--device", "cpu", "--out", str(tmp_path / "s.npz")],
+         "tiny: the image is 6x20 pixels, smaller than one 8x8 block of the cs operator"),
+        (["reconstruct", "--task", "cs", "--input", str(files / "small"), "--checkpoint", str(models / "cs"), "--device", "cpu",
+          "--out", str(tmp_path / "o")], "smaller than one 8x8 block"),
+        (["simulate", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "mri"), "--device", "cpu",
+          "--out", str(tmp_path / "s.npz")], "task: trained for 'mri', requested 'cs'"),
+        (["simulate", "--task", "cs", "--input", str(files / "images"), "--device", "cpu", "--out", str(tmp_path / "s.npy")],
+         "the measurement file must be F.npz"),
+        (["reconstruct", "--input", str(files / "images"), "--checkpoint", str(models / "cs"), "--device", "cpu", "--out", str(tmp_path / "o")],
+         "--task is needed"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in _error(capsys), argv
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_shipped_model_plugs_in_at_one_place(files, tmp_path, monkeypatch):
+    from idm import shipped
+
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1}) is None  # nothing ships yet
+    monkeypatch.setenv(shipped.MODELS_ENV, str(files / "models"))
+    monkeypatch.setattr(shipped, "SHIPPED_MODELS", (shipped.ShippedModel("cs", {"ratio": 0.25, "block": 8}, "cs"),))
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.25, "block": 8, "mode": "permuted"}) == files / "models" / "cs"
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1, "block": 8}) is None
+    assert main(["reconstruct", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images" / "a.png"),
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "out" / "reconstruct.json").read_text())["checkpoint"] == str(files / "models" / "cs")
+
+
+def test_mri_and_inpainting_images_are_simulated_and_scored(files, tmp_path):
+    for task, model in (("mri", "mri"), ("inpainting", "inpainting")):
+        out = tmp_path / task
+        assert main(["reconstruct", "--task", task, "--input", str(files / "images" / "a.png"), "--checkpoint",
+                     str(files / "models" / model), "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+        assert np.load(out / "a.npy").shape == ((2 if task == "mri" else 1), 32, 32)
+        assert Image.open(out / "a.png").mode == "L"  # MRI: the magnitude
+        assert [r["name"] for r in _rows(out / "metrics.csv")] == ["a"]
+
+
+# ---- MRI: fastMRI .h5 ------------------------------------------------------------------------
+def test_fastmri_file_fully_sampled_is_undersampled_with_a_seeded_mask(files, tmp_path):
+    out = tmp_path / "out"
+    argv = ["reconstruct", "--task", "mri", "--input", str(files / "mri" / "full.h5"), "--acceleration", "4",
+            "--checkpoint", str(files / "models" / "mri"), "--seed", "7", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv + ["--out", str(out)]) == 0
+    with h5py.File(out / "full.h5") as f:
+        recon, mask = f["reconstruction"][()], f["mask"][()]
+        assert recon.shape == (2, 24, 24) and recon.dtype == np.float32  # fastMRI's crop: reconstruction_esc's size
+        assert f.attrs["acquisition"] == "AXT2" and f.attrs["idm_scale"] > 0
+        assert json.loads(f.attrs["idm_operator"])["seed"] == 7
+    expected = operators.make("mri", img_size=(32, 32), acceleration=4, center_fraction=0.08, seed=7).mask[0]
+    np.testing.assert_array_equal(mask, expected.numpy() != 0)
+    assert recon.max() < 1e-2  # back in the file's units (~1e-4), not the normalised [0, 1]
+    rows = _rows(out / "metrics.csv")
+    assert [r["name"] for r in rows] == ["full_s0", "full_s1"] and all(np.isfinite(float(r["psnr"])) for r in rows)
+    assert Image.open(out / "full_s1.png").size == (24, 24)
+    # a folder of .h5 files, first slice only, full size
+    assert main(["reconstruct", "--input", str(files / "mri"), "--limit", "1", "--no-crop", "--checkpoint",
+                 str(files / "models" / "mri"), "--seed", "7", "--device", "cpu", "--out", str(tmp_path / "o2")]) == 0  # fmt: skip
+    with h5py.File(tmp_path / "o2" / "full.h5") as f:
+        assert f["reconstruction"].shape == (1, 32, 32)
+        np.testing.assert_array_equal(f["mask"][()], mask)
+
+
+def test_fastmri_mask_in_the_file_is_used_as_is(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--input", str(files / "masked.h5"), "--checkpoint", str(files / "models" / "mri"),
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    with h5py.File(files / "masked.h5") as f, h5py.File(out / "masked.h5") as g:
+        np.testing.assert_array_equal(g["mask"][()], f["mask"][()])
+        assert g["reconstruction"].shape == (2, 24, 24)  # the header's recon size
+        assert json.loads(g.attrs["idm_operator"])["mask_type"] == "given"
+    assert not (out / "metrics.csv").exists()  # undersampled at the scanner: no reference
+
+
+def test_fastmri_normalisation_is_undone():
+    from tasks import mri_files
+    from tasks.data import kspace_to_image
+
+    k = torch.randn(2, 16, 16, dtype=torch.complex64) * 1e-4
+    columns = torch.zeros(16, dtype=torch.float64)
+    columns[::2] = 1
+    scale = mri_files.volume_scale(k, columns)
+    y = mri_files.slice_measurements(k, columns, scale)
+    op = operators.make("mri", img_size=(16, 16), mask_type="given", columns=columns)
+    zero_filled = op.A_dagger(y)
+    magnitude = torch.sqrt(zero_filled[:, 0] ** 2 + zero_filled[:, 1] ** 2)
+    assert abs(float(magnitude.max()) - 1.0) < 1e-5
+    torch.testing.assert_close(magnitude * scale, kspace_to_image(k * columns.float(), crop=None), rtol=1e-4, atol=1e-9)
+
+
+def test_bad_fastmri_files_are_clear_errors(files, tmp_path, capsys):
+    base = ["reconstruct", "--task", "mri", "--checkpoint", str(files / "models" / "mri"), "--device", "cpu", "--out", str(tmp_path)]
+    cases = [
+        ("nokspace.h5", "no 'kspace' dataset (found: reconstruction_esc)"),
+        ("multicoil.h5", "multi-coil data is not supported yet (single-coil only)"),
+    ]
+    for name, message in cases:
+        assert main(base + ["--input", str(files / name)]) == 2
+        assert message in _error(capsys)
+    assert main(base[:2] + ["ct"] + base[3:] + ["--input", str(files / "masked.h5")]) == 2
+    assert "use --task mri" in _error(capsys)
+
+
+# ---- CT ------------------------------------------------------------------------------------
+def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
+    models = files / "models"
+    sino = tmp_path / "sino.npy"
+    assert main(["simulate", "--task", "ct", "--input", str(files / "ct" / "slice.npy"), "--views", "20",
+                 "--device", "cpu", "--out", str(sino)]) == 0  # fmt: skip
+    assert np.load(sino).shape == (46, 20)  # ceil(sqrt(2) * 32) detectors x 20 views
+    info = json.loads(sidecar_path(sino).read_text())
+    assert info["operator"]["views"] == 20 and info["window"] == [-1024.0, 3071.0] and info["names"] == ["slice"]
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--task", "ct", "--input", str(sino), "--checkpoint", str(models / "ct20"),
+                 "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out / "slice.npy").shape == (1, 32, 32) and np.load(out / "slice_hu.npy").shape == (32, 32)
+
+    # without the sidecar: the image size comes from the detector count, the views from the last axis
+    bare = tmp_path / "bare.npy"
+    shutil.copy(sino, bare)
+    assert load_sinogram(bare).info is None
+    assert main(["reconstruct", "--input", str(bare), "--views", "20", "--checkpoint", str(models / "ct20"),
+                 "--device", "cpu", "--out", str(tmp_path / "bare")]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "bare" / "bare.npy"), np.load(out / "slice.npy"))
+    capsys.readouterr()
+    rec = ["reconstruct", "--task", "ct", "--device", "cpu", "--out", str(tmp_path / "x")]
+    cases = [
+        ([str(bare), "--views", "30", "--checkpoint", str(models / "ct20")], "the sinogram has 20 views (its last axis), but --views 30"),
+        ([str(bare), "--checkpoint", str(models / "ct30")], "the sinogram has 20 views, but checkpoint"),
+        ([str(sino), "--checkpoint", str(models / "ct30")], "operator views: trained with 30, requested 20"),
+        ([str(sino), "--views", "30", "--checkpoint", str(models / "ct20")], "has 20 views (its last axis), but --views 30"),
+        ([str(sino)], "no shipped model is installed for task 'ct' (channels=1, views=20"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(rec + ["--input"] + argv) == 2, argv
+        assert message in _error(capsys), argv
+    np.save(tmp_path / "odd.npy", np.zeros((48, 20), np.float32))
+    assert main(rec + ["--input", str(tmp_path / "odd.npy"), "--checkpoint", str(models / "ct20")]) == 2
+    assert "48 detector cells match no square image" in _error(capsys)
+    np.save(tmp_path / "w33.npy", np.zeros((47, 20), np.float32))  # 33x33 images: odd sizes are padded inside the U-Net
+    assert main(rec + ["--input", str(tmp_path / "w33.npy"), "--checkpoint", str(models / "ct20"), "--out", str(tmp_path / "w33")]) == 0
+    assert np.load(tmp_path / "w33" / "w33.npy").shape == (1, 33, 33)
+
+
+def test_ct_dicom_slices(files, tmp_path, capsys):
+    models = files / "models"
+    meas = tmp_path / "d.npz"
+    assert main(["simulate", "--task", "ct", "--views", "20", "--input", str(files / "dicom" / "ct.dcm"), "--keep-truth",
+                 "--device", "cpu", "--out", str(meas)]) == 0  # fmt: skip
+    npy_meas = tmp_path / "n.npz"
+    assert main(["simulate", "--task", "ct", "--views", "20", "--input", str(files / "ct" / "slice.npy"), "--keep-truth",
+                 "--device", "cpu", "--out", str(npy_meas)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(load_measurements(meas).items[0].y, load_measurements(npy_meas).items[0].y)  # same HU, same sinogram
+    assert main(["reconstruct", "--input", str(meas), "--checkpoint", str(models / "ct20"), "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert len(_rows(tmp_path / "o" / "metrics.csv")) == 1
+    # a folder of DICOM slices: simulated and reconstructed in one go
+    assert main(["reconstruct", "--task", "ct", "--input", str(files / "dicom"), "--checkpoint", str(models / "ct20"),
+                 "--device", "cpu", "--out", str(tmp_path / "f")]) == 0  # fmt: skip
+    assert _rows(tmp_path / "f" / "metrics.csv")[0]["psnr"] == _rows(tmp_path / "o" / "metrics.csv")[0]["psnr"]
+    capsys.readouterr()
+    assert main(["simulate", "--task", "ct", "--input", str(files / "mr.dcm"), "--device", "cpu", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "mr.dcm: DICOM Modality is 'MR', not 'CT' (only CT is supported)" in _error(capsys)
+
+
+def test_python_m_idm_runs_the_commands(files, tmp_path):
+    out = tmp_path / "m.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "idm", "simulate", "--task", "inpainting", "--input", str(files / "images" / "a.png"),
+         "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "1 measurement(s) of task inpainting" in proc.stdout and "no ground truth stored" in proc.stdout
+    assert load_measurements(out).items[0].operator["mask"] == "random"
