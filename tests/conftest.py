@@ -32,10 +32,10 @@ class OrthoRowsOperator(LinearPhysics):
         return self.A_adjoint(y)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Run a module's tests on one thread: tiny models are fastest so, and a shared 2-core CPU
-    is not oversubscribed (torchrun workers do the same)."""
+    """Run the tests on one thread: tiny models are fastest so, and a shared 2-core CPU is not
+    oversubscribed (OpenMP threads spinning against another process slow torch down many times)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -21,8 +21,6 @@ BASE = [
     "--layers-per-block", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--log-every", "1",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 

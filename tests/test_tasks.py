@@ -12,8 +12,6 @@ import tasks
 from tasks.base import Schedule, Task
 from tasks.data import DataError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 

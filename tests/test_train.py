@@ -34,8 +34,6 @@ BASE = [
     "--log-every", "1",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def write_images(folder: Path, n: int = 5, size: int = 24, seed: int = 0) -> Path:
     """``n`` smooth random grayscale PNGs of ``size`` x ``size``."""
