@@ -24,11 +24,12 @@ relative tolerance of 1e-9); settings the entry does not list (``img_size``,
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from idm.training.trained import same_setting
 
 #: Environment variable naming the folder shipped models are installed in.
 MODELS_ENV = "IDM_MODELS_DIR"
@@ -53,13 +54,6 @@ def models_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "idm" / "models"
 
 
-def _same(a: Any, b: Any) -> bool:
-    numbers = (int, float)
-    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
 def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | None:
     """The installed shipped model folder for ``task`` and ``operator_config``, or ``None``.
 
@@ -74,7 +68,7 @@ def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | 
     for entry in SHIPPED_MODELS:
         if entry.task != task:
             continue
-        if all(key in operator_config and _same(operator_config[key], want) for key, want in entry.operator.items()):
+        if all(key in operator_config and same_setting(operator_config[key], want) for key, want in entry.operator.items()):
             folder = models_dir() / entry.folder
             if folder.is_dir():
                 return folder

@@ -50,15 +50,17 @@ def add_parser(subparsers) -> None:
 
 
 def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device):
+    from idm.shipped import default_checkpoint
     from idm.train import load_trained
 
-    if not args.checkpoint:
+    expect = {"name": task.operator, **overrides}
+    checkpoint = args.checkpoint or default_checkpoint(task.name, {"name": task.operator, **task.operator_kwargs(**overrides)})
+    if checkpoint is None:
         raise ValueError(
             "method 'idm' needs --checkpoint (an IDM model folder or a training --out folder); "
-            "no shipped model is installed for this task yet"
+            f"no shipped model is installed for task {task.name!r} with these operator settings"
         )
-    expect = {"name": task.operator, **overrides}
-    return load_trained(args.checkpoint, expect_task=task.name, expect_operator=expect, device=device)
+    return load_trained(checkpoint, expect_task=task.name, expect_operator=expect, device=device)
 
 
 def run(args: argparse.Namespace) -> int:

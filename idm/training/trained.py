@@ -86,7 +86,8 @@ class TrainedModel:
         return (self.operator or {}).get("ratio")
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal settings; numbers compared with a relative tolerance of 1e-9 (bools exactly)."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     return a == b
@@ -128,7 +129,7 @@ def load_trained(
             if key in ("img_size", "seed"):
                 continue
             have = recorded.get(key, "<not set>")
-            if not _same(have, want):
+            if not same_setting(have, want):
                 problems.append(f"operator {key}: trained with {have!r}, requested {want!r}")
         if problems:
             raise CheckpointError(
