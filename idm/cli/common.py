@@ -38,6 +38,18 @@ def add_operator_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--views", type=int, help="ct: number of projection angles over 180 degrees")
 
 
+def add_run_control_args(parser: argparse.ArgumentParser, log_every: int, checkpoint_what: str = "checkpoints"):
+    """``--resume``, ``--max-minutes``, cadences and ``--no-progress`` of the training commands; returns the group."""
+    run = parser.add_argument_group("run control")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--max-minutes", type=float, help="time budget: checkpoint and exit 0 before it runs out")
+    run.add_argument("--checkpoint-every", type=int, default=1000, help=f"iterations between {checkpoint_what} (default 1000)")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    run.add_argument("--log-every", type=int, default=log_every, help=f"iterations between log rows (default {log_every})")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return run
+
+
 def operator_overrides(args: argparse.Namespace) -> dict:
     """The operator flags the user set, as keyword arguments (unset flags omitted)."""
     names = ("ratio", "mode", "block", "mask", "acceleration", "center_fraction", "views")

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from idm.cli.common import add_common_args, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_run_control_args, resolve_device, seed_everything
 
 DATA_KINDS = ("images", "mat", "ct")
 
@@ -48,13 +48,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
-    run = parser.add_argument_group("run control")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    run.add_argument("--max-minutes", type=float, help="time budget: checkpoint and exit 0 before it runs out")
-    run.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints and prior exports (default 1000)")
-    run.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    run.add_argument("--log-every", type=int, default=50, help="iterations between log rows (default 50)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_control_args(parser, log_every=50, checkpoint_what="checkpoints and prior exports")
     parser.set_defaults(run=run_pretrain)
 
 

@@ -13,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import (
+    add_common_args,
+    add_operator_args,
+    add_run_control_args,
+    operator_overrides,
+    resolve_device,
+    seed_everything,
+)
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -54,16 +61,10 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
-    run = parser.add_argument_group("run control")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    run.add_argument("--max-minutes", type=float, help="time budget: checkpoint and exit 0 before it runs out")
-    run.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints (default 1000)")
-    run.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    run.add_argument("--log-every", type=int, default=10, help="iterations between log rows (default 10)")
+    run = add_run_control_args(parser, log_every=10)
     run.add_argument("--val-data", nargs="+", metavar="DIR", help="a few validation images (centre-cropped to --crop)")
     run.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: at checkpoints)")
     run.add_argument("--val-max", type=int, default=16, help="at most this many validation images (default 16)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_train)
 
 
