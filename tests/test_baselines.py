@@ -39,15 +39,6 @@ OPS = {
 EXACT = ["cs", "cs-rgb", "inpainting", "inpainting-rgb", "mri"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_op(case: str):
     name, kwargs = OPS[case]
     return operators.make(name, **kwargs)
