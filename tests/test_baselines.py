@@ -166,11 +166,13 @@ def rectangles(size: int = 32) -> torch.Tensor:
     return x
 
 
+# Gains measured with the task defaults (lam 0.002, 800 iterations): 12.8 dB (inpainting,
+# pinv 9.5 -> TV 22.3) and 20.1 dB (cs, 9.4 -> 29.5); asserted with 1.8-2.1 dB of slack.
 @pytest.mark.parametrize(
     "name, kwargs, margin",
     [
-        ("inpainting", dict(mask="random", ratio=0.5, seed=0), 10.0),
-        ("cs", dict(ratio=0.3, block=8, mode="spatial"), 10.0),
+        ("inpainting", dict(mask="random", ratio=0.5, seed=0), 11.0),
+        ("cs", dict(ratio=0.3, block=8, mode="spatial"), 18.0),
     ],
 )
 def test_tv_beats_pinv_on_piecewise_constant_images(name, kwargs, margin):
