@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.experiments import Variant, run_variant, test_images
+from benchmarks.experiments import Variant, run_variant
+from benchmarks.harness import load_images
 from benchmarks.report import hardware_name
 from idm import IDMConfig
 from idm.train import TrainConfig
@@ -78,7 +79,7 @@ def experiment_setup(args: argparse.Namespace):
     task = tasks.get(args.task)
     overrides = {k: getattr(args, k) for k in ("ratio", "views", "acceleration") if getattr(args, k, None) is not None}
     device = torch.device(args.device)
-    images = test_images(task, args.test_data, args.limit, args.seed)
+    images = load_images(task, args.test_data, args.limit, args.seed)
     base = IDMConfig(unet=args.prior, image_channels=task.channels, steps=args.steps)
     budget = TrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, scalar_lr_mult=args.scalar_lr_mult,
                          seed=args.seed, checkpoint_every=args.iters, progress=False)

@@ -50,14 +50,6 @@ def random_copy_of_prior(prior: str | Path, out: Path, seed: int) -> Path:
     return out
 
 
-def test_images(task: Any, paths: Sequence[str], limit: int | None, seed: int) -> list[BenchmarkImage]:
-    """The first ``limit`` images of ``paths`` in the task's format."""
-    dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
-    return [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
-
-
 def evaluate(method: Any, task: Any, images: Sequence[BenchmarkImage], trained_operator: dict | None,
              overrides: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
     """Mean PSNR/SSIM/seconds of ``method`` on ``images`` under the task's protocol."""

@@ -38,6 +38,14 @@ class BenchmarkImage:
     x: Tensor
 
 
+def load_images(task: Any, paths: Sequence[str], limit: int | None = None, seed: int = 0) -> list[BenchmarkImage]:
+    """The first ``limit`` (default: all) full-size images of ``paths`` in the task's format."""
+    dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
+    return [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -65,7 +65,7 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     import tasks
-    from benchmarks.harness import RESULT_FIELDS, BenchmarkImage, run_benchmark
+    from benchmarks.harness import RESULT_FIELDS, load_images, run_benchmark
     from benchmarks.idm_method import IDMMethod
     from benchmarks.methods import available_methods, make_method, needs_prior
     from benchmarks.prior import load_prior
@@ -110,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
 
-    dataset = task.dataset(args.data, crop=None, augment=False, seed=args.seed)
-    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
-    images = [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
+    images = load_images(task, args.data, args.limit, args.seed)
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
     dps = next((m for m in methods if m.name == "dps"), None)

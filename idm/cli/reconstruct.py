@@ -300,10 +300,8 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
     if not args.task:
         raise ValueError("--task is needed to simulate measurements of images (e.g. --task cs)")
     task = get_task(args.task, args.color)
-    overrides = operator_overrides(args)
-    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
     check_limit(args.limit)
-    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    overrides, trained = _model_for_flags(args, task, device)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     names, dataset = load_images(task, args.input, args.limit)
 
@@ -323,6 +321,15 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
         "padding": f"zero-padded to a multiple of {plan.block}" if plan.block else None,
     }
     return rows, settings, f"{len(names)} image(s) of {args.input}, simulated ({task.name}) and reconstructed"
+
+
+def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, **fixed: Any):
+    """``(operator flags, checked model)``: the checkpoint (or shipped model) for the task's operator with the
+    user's flags (plus ``fixed`` settings read from the input) on top of the defaults."""
+    overrides = operator_overrides(args)
+    request = {"name": task.operator, **task.operator_kwargs(**{**overrides, **fixed})}
+    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    return overrides, trained
 
 
 def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
@@ -356,8 +363,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
                 f"{path}: {detectors} detector cells match no square image (a W x W image has ceil(sqrt(2) W) cells); "
                 "is this a sinogram of the ct operator, (detectors, views)?"
             )
-        request = {"name": task.operator, **task.operator_kwargs(**{**overrides, "views": views})}
-        trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+        _, trained = _model_for_flags(args, task, device, views=views)
         trained_views = (trained.operator or {}).get("views")
         if trained_views is not None and trained_views != views:
             raise ValueError(
@@ -399,10 +405,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         raise ValueError(f"fastMRI .h5 files hold MRI k-space; use --task mri (got --task {task.name})")
     source = Path(args.input)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in MRI_FILE_SUFFIXES)
-    overrides = operator_overrides(args)
-    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
     check_limit(args.limit)
-    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    overrides, trained = _model_for_flags(args, task, device)
     model = trained.model.to(device)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     trained_acc = (trained.operator or {}).get("acceleration")
