@@ -1,91 +1,117 @@
-"""Shipped (pretrained) IDM models: the checkpoint ``idm reconstruct`` uses without ``--checkpoint``.
+"""Shipped (pretrained) IDM models: the checkpoint ``idm reconstruct`` / ``benchmark`` / ``demo`` use
+without ``--checkpoint``.
 
-    from idm.shipped import default_checkpoint
+    from idm.shipped import default_checkpoint, shipped_models
     folder = default_checkpoint("cs", {"name": "cs", "ratio": 0.1, "mode": "permuted", "block": 32})
-    # -> Path of an installed model folder, or None
+    # -> Path of the model folder that serves this request, or None
 
-**No weights ship yet** (they will be trained on a GPU later), so
-:data:`SHIPPED_MODELS` is empty and :func:`default_checkpoint` returns
-``None``; ``idm reconstruct`` then asks for ``--checkpoint``.
+The weights live in the package, in ``idm/weights/<name>/`` (fp16
+safetensors, see ``idm/weights/README.md`` for how each was trained). Every
+shipped model is an ordinary IDM model folder written by ``idm train``
+(``config.json``, ``model.safetensors`` and ``run.json`` with the task and the
+training operator), so what it serves is read from the folder itself: a
+request matches when the task is the same and the recorded operator, or
+operator family (e.g. every CS ratio from 1% to 50%), covers every requested
+setting (:func:`operators.family.config_mismatches`).
 
-This module is the one place where shipped models plug in. To ship one:
-
-1. train it (``idm train``) and copy its latest checkpoint folder (an IDM
-   model folder with ``run.json``, so the task and operator are checked on
-   load) to ``models_dir() / FOLDER``;
-2. add ``ShippedModel(task, {operator settings it was trained for}, FOLDER)``
-   to :data:`SHIPPED_MODELS`.
-
-A request matches an entry when the task is the same and every operator
-setting the entry lists equals the request's (numbers compared with a
-relative tolerance of 1e-9); settings the entry does not list (``img_size``,
-``seed``, ...) are not compared. The first installed match wins.
+``$IDM_MODELS_DIR`` names a folder of further model folders (e.g. larger
+GPU-trained ones); they are searched first.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from idm.training.trained import same_setting
+from idm.checkpoint import CheckpointError, load_json
+from idm.training.run_folder import RUN_NAME
+from operators.family import config_mismatches
 
-#: Environment variable naming the folder shipped models are installed in.
+#: Environment variable naming a folder of extra model folders, searched before the shipped ones.
 MODELS_ENV = "IDM_MODELS_DIR"
+#: The folder inside the package that holds the shipped model folders.
+PACKAGED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
 class ShippedModel:
-    """One shipped model: the task and operator settings it serves, and its folder under :func:`models_dir`."""
+    """A model folder and what it was trained for (from its ``run.json``)."""
 
+    path: Path
     task: str
-    operator: Mapping[str, Any] = field(default_factory=dict)
-    folder: str = ""
+    operator: Mapping[str, Any]
+    run: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def color(self) -> str | None:
+        """The colour mode of the images it was trained on (``"y"``, ``"rgb"``...), when recorded."""
+        return self.run.get("identity", {}).get("task_info", {}).get("color")
+
+    def serves(self, task: str, request: Mapping[str, Any]) -> bool:
+        """Whether this model was trained for ``task`` and an operator covering ``request``."""
+        return task == self.task and not config_mismatches(self.operator, request)
 
 
-#: The shipped models, most specific first. Empty: no weights ship yet.
-SHIPPED_MODELS: tuple[ShippedModel, ...] = ()
-
-
-def models_dir() -> Path:
-    """Where shipped models are installed: ``$IDM_MODELS_DIR``, else ``~/.cache/idm/models``."""
+def search_dirs() -> list[Path]:
+    """Where model folders are looked for: ``$IDM_MODELS_DIR`` (when set), then the packaged weights."""
     env = os.environ.get(MODELS_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "idm" / "models"
+    return ([Path(env).expanduser()] if env else []) + [PACKAGED_DIR]
+
+
+def shipped_models() -> list[ShippedModel]:
+    """Every model folder under :func:`search_dirs` with a readable ``run.json``, in name order per folder."""
+    models = []
+    for root in search_dirs():
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / RUN_NAME).is_file()):
+            try:
+                run = load_json(folder / RUN_NAME, "run config")
+                identity = run["identity"]
+                models.append(ShippedModel(folder, identity["task"], identity["operator"], run))
+            except (CheckpointError, KeyError, TypeError):
+                continue  # not a model folder of ours: skip it rather than fail every command
+    return models
+
+
+def find_shipped(task: str, operator_config: Mapping[str, Any]) -> ShippedModel | None:
+    """The first shipped model that serves ``task`` with ``operator_config``, or ``None``.
+
+    Args:
+        task: task name (``"cs"``, ``"inpainting"``...).
+        operator_config: the requested operator settings, e.g. ``op.config()``
+            or ``{"name": "cs", "ratio": 0.1, ...}`` (``img_size`` and ``seed``
+            are not compared).
+    """
+    return next((model for model in shipped_models() if model.serves(task, operator_config)), None)
 
 
 def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | None:
-    """The installed shipped model folder for ``task`` and ``operator_config``, or ``None``.
-
-    Args:
-        task: task name (``"cs"``, ``"mri"``...).
-        operator_config: the requested operator settings, e.g. ``op.config()``
-            or ``{"name": "cs", "ratio": 0.1, ...}``.
-
-    Returns ``None`` when no shipped model matches or the matching one is not
-    installed (always, for now: no weights ship yet).
-    """
-    for entry in SHIPPED_MODELS:
-        if entry.task != task:
-            continue
-        if all(key in operator_config and same_setting(operator_config[key], want) for key, want in entry.operator.items()):
-            folder = models_dir() / entry.folder
-            if folder.is_dir():
-                return folder
-    return None
+    """The folder of :func:`find_shipped`'s model, or ``None``."""
+    model = find_shipped(task, operator_config)
+    return None if model is None else model.path
 
 
 def describe_request(task: str, operator_config: Mapping[str, Any]) -> str:
     """``"task 'cs' (ratio=0.1, block=32, mode='permuted')"``: the request, for messages."""
-    shown = {k: v for k, v in operator_config.items() if k not in ("name", "img_size", "seed", "columns", "mask")}
+    shown = {k: v for k, v in operator_config.items() if k not in ("name", "img_size", "seed", "columns", "mask", "channels")}
+    if isinstance(operator_config.get("mask"), str):
+        shown = {"mask": operator_config["mask"], **shown}
     settings = ", ".join(f"{k}={v!r}" for k, v in shown.items())
     return f"task {task!r}" + (f" ({settings})" if settings else "")
 
 
 def missing_message(task: str, operator_config: Mapping[str, Any]) -> str:
     """The error shown when no shipped model serves a request."""
+    available = [f"{m.name} ({m.task})" for m in shipped_models()]
     return (
-        f"no shipped model is installed for {describe_request(task, operator_config)} "
-        "(no pretrained weights ship with this version yet); pass --checkpoint DIR "
+        f"no shipped model serves {describe_request(task, operator_config)}; "
+        f"shipped: {', '.join(available) or 'none'}; pass --checkpoint DIR "
         "(an IDM model folder or an `idm train` --out folder)"
     )

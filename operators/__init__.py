@@ -20,7 +20,7 @@ available = REGISTRY.available
 from_config = REGISTRY.from_config
 
 # The toolkit's own operators register themselves on import.
-from . import cs, inpainting, mri, ct  # noqa: E402,F401
+from . import cs, inpainting, mri, ct, family  # noqa: E402,F401
 
 __all__ = [
     "Operator",

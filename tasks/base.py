@@ -74,6 +74,9 @@ class Task:
         schedule: training defaults.
         randomized: draw a fresh operator every training iteration (for
             operators with random parts; deterministic ones are unaffected).
+        family_choices: settings a training family draws from a list when its
+            component has them (e.g. the box position of inpainting masks), see
+            :meth:`make_training_operator`.
         loader: builds the dataset (default: image folders in ``color``).
         metric: ``"image"`` (PSNR on the images) or ``"magnitude"`` (on the
             magnitude of 2-channel real/imaginary images, for MRI).
@@ -89,6 +92,7 @@ class Task:
     crop: int = 256
     schedule: Schedule = Schedule()
     randomized: bool = True
+    family_choices: Mapping[str, tuple] = field(default_factory=dict)
     loader: Loader = image_folder_loader
     metric: str = "image"
     description: str = ""
@@ -135,6 +139,35 @@ class Task:
         if "seed" in inspect.signature(cls.__init__).parameters:
             kwargs.setdefault("seed", seed)
         return operators.make(self.operator, img_size=tuple(img_size), channels=self.channels, **kwargs)
+
+    def make_training_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
+        """The operator to train on: :meth:`make_operator`, or an :class:`~operators.family.OperatorFamily`.
+
+        A family is built when an override is a ``(low, high)`` range (e.g.
+        ``ratio=(0.01, 0.5)``: one model for every ratio in it) or ``mask`` is a
+        comma-separated list (``"random,box"``: a mixture, equal weights). The
+        family's representative (validation, shape checks) uses the middle of
+        each range; :attr:`family_choices` are added to components that have
+        those settings.
+        """
+        from operators.family import Component, OperatorFamily
+
+        ranges = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
+        mask = overrides.get("mask")
+        kinds = [m.strip() for m in mask.split(",")] if isinstance(mask, str) and "," in mask else None
+        if not ranges and not kinds:
+            return self.make_operator(img_size, seed, **overrides)
+        if kinds and "mask" not in self.options:
+            raise ValueError(f"task {self.name} does not use --mask")
+        components = []
+        for kind in kinds or [None]:
+            fixed = {k: v for k, v in overrides.items() if k not in ranges and not (kinds and k == "mask")}
+            middle = {k: (lo + hi) / 2 for k, (lo, hi) in ranges.items()}
+            base = self.make_operator(img_size, seed, **fixed, **middle, **({"mask": kind} if kind else {})).config()
+            vary = {k: r for k, r in ranges.items() if k in base}
+            vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})
+            components.append(Component(base, vary))
+        return OperatorFamily(components, seed=seed)
 
     # ---- data ------------------------------------------------------------------------
     def dataset(self, paths: PathsArg, crop: Optional[int] = None, augment: bool = False, seed: int = 0) -> Dataset:

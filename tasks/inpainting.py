@@ -14,6 +14,7 @@ TASK = Task(
     channels=1,
     color="y",
     crop=256,
+    family_choices={"box_position": ("center", "random")},
     schedule=Schedule(iters=50_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
     description="inpainting of natural images (Y channel), random masks keeping 50% of the pixels",
 )

@@ -42,6 +42,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def no_shipped_models(request, monkeypatch, tmp_path_factory):
+    """Tests see no shipped model unless marked ``@pytest.mark.shipped`` (the ones about the real weights),
+    so a test's own models and error messages do not depend on what ``idm/weights`` holds."""
+    if request.node.get_closest_marker("shipped") is None:
+        from idm import shipped
+
+        monkeypatch.setattr(shipped, "PACKAGED_DIR", tmp_path_factory.getbasetemp() / "no-shipped-models")
+        monkeypatch.delenv(shipped.MODELS_ENV, raising=False)
+
+
 @pytest.fixture
 def ortho_op():
     """Factory: ``ortho_op((C, H, W), m)``."""

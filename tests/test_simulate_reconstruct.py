@@ -236,7 +236,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
     capsys.readouterr()
     rec = ["reconstruct", "--input", str(meas), "--device", "cpu", "--out", str(tmp_path / "out")]
     cases = [
-        (rec, "no shipped model is installed for task 'cs' (channels=1, ratio=0.25, block=8, mode='permuted', phi_seed=0)"),
+        (rec, "no shipped model serves task 'cs' (ratio=0.25, block=8, mode='permuted', phi_seed=0)"),
         (rec, "pass --checkpoint DIR"),
         (rec + ["--checkpoint", str(models / "inpainting")], "task: trained for 'inpainting', requested 'cs'"),
         (rec + ["--checkpoint", str(models / "cs-phi5")], "operator phi_seed: trained with 5, requested 0"),
@@ -262,9 +262,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
 def test_a_shipped_model_plugs_in_at_one_place(files, tmp_path, monkeypatch):
     from idm import shipped
 
-    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1}) is None  # nothing ships yet
     monkeypatch.setenv(shipped.MODELS_ENV, str(files / "models"))
-    monkeypatch.setattr(shipped, "SHIPPED_MODELS", (shipped.ShippedModel("cs", {"ratio": 0.25, "block": 8}, "cs"),))
     assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.25, "block": 8, "mode": "permuted"}) == files / "models" / "cs"
     assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1, "block": 8}) is None
     assert main(["reconstruct", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images" / "a.png"),
@@ -375,7 +373,7 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
         ([str(bare), "--checkpoint", str(models / "ct30")], "the sinogram has 20 views, but checkpoint"),
         ([str(sino), "--checkpoint", str(models / "ct30")], "operator views: trained with 30, requested 20"),
         ([str(sino), "--views", "30", "--checkpoint", str(models / "ct20")], "has 20 views (its last axis), but --views 30"),
-        ([str(sino)], "no shipped model is installed for task 'ct' (channels=1, views=20"),
+        ([str(sino)], "no shipped model serves task 'ct' (views=20"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(rec + ["--input"] + argv) == 2, argv

@@ -60,7 +60,9 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
             "method 'idm' needs --checkpoint (an IDM model folder or a training --out folder); "
             f"no shipped model is installed for task {task.name!r} with these operator settings"
         )
-    return load_trained(checkpoint, expect_task=task.name, expect_operator=expect, device=device)
+    return load_trained(
+        checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,13 +26,37 @@ def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.add_argument("--out", required=out_required, help=out_help)
 
 
-def add_operator_args(parser: argparse.ArgumentParser) -> None:
-    """The forward-model flags; ``None`` means "the task's default"."""
+def ratio_range(text: str) -> float | tuple[float, float]:
+    """``"0.1"`` -> 0.1; ``"0.01:0.5"`` -> ``(0.01, 0.5)`` (training on a range of ratios)."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a range LOW:HIGH, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 2 or not values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"a range is LOW:HIGH with LOW <= HIGH, got {text!r}")
+    return values[0], values[1]
+
+
+def add_operator_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """The forward-model flags; ``None`` means "the task's default".
+
+    With ``training``, ``--ratio`` also takes a range ``LOW:HIGH`` and
+    ``--mask`` a comma-separated list (``random,box``): one model is then
+    trained on that family of operators (:mod:`operators.family`).
+    """
     group = parser.add_argument_group("forward model (defaults come from the task)")
-    group.add_argument("--ratio", type=float, help="cs: sampling ratio in (0, 1]; inpainting: fraction of kept pixels")
+    if training:
+        group.add_argument("--ratio", type=ratio_range, help="cs: sampling ratio in (0, 1], or a range LOW:HIGH drawn "
+                           "uniformly per iteration; inpainting: fraction of kept pixels (or a range)")
+    else:
+        group.add_argument("--ratio", type=float, help="cs: sampling ratio in (0, 1]; inpainting: fraction of kept pixels")
     group.add_argument("--mode", choices=("spatial", "permuted"), help="cs: spatial blocks or structurally random")
     group.add_argument("--block", type=int, help="cs: block size (default 32)")
-    group.add_argument("--mask", help="inpainting: 'random', 'box' or an image file of the kept pixels")
+    mask_help = "inpainting: 'random', 'box' or an image file of the kept pixels"
+    group.add_argument("--mask", help=mask_help + (" (or a list 'random,box': a mixture)" if training else ""))
     group.add_argument("--acceleration", type=float, help="mri: undersampling factor, e.g. 4")
     group.add_argument("--center-fraction", type=float, help="mri: fully sampled low-frequency fraction, e.g. 0.08")
     group.add_argument("--views", type=int, help="ct: number of projection angles over 180 degrees")

@@ -108,7 +108,9 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
         if path is None:
             raise ValueError(missing_message(task.name, request))
     try:
-        trained = load_trained(path, expect_task=task.name, expect_operator=expect, device=device)
+        trained = load_trained(
+            path, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
+        )
     except CheckpointError as err:
         if context and "does not match" in str(err):
             raise CheckpointError(f"{err}\n{context}") from None

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, or SD v1.5 (its folder or its unet/)")
     source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
     add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/)")
-    add_operator_args(parser)
+    add_operator_args(parser, training=True)
 
     model = parser.add_argument_group("model")
     model.add_argument("--steps", type=int, default=3, help="sampling steps T (default 3)")
@@ -137,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
     seed_everything(args.seed)
-    operator = task.make_operator((crop, crop), seed=args.seed, **operator_overrides(args))
+    operator = task.make_training_operator((crop, crop), seed=args.seed, **operator_overrides(args))
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
     val = task.dataset(args.val_data) if args.val_data else None
     result = train(

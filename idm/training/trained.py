@@ -2,7 +2,7 @@
 
     from idm.train import load_trained          # (re-exported there)
     trained = load_trained("runs/cs10", expect_task="cs", expect_operator={"ratio": 0.1})
-    trained.model, trained.operator, trained.ratio
+    trained.model, trained.operator, trained.trained_on_family
 
 For ``idm reconstruct`` / ``idm benchmark``: :func:`resolve_model_dir` turns
 a model folder or a run folder into the model folder to load, and
@@ -12,7 +12,6 @@ operator with a message naming the differences.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from idm.checkpoint import CheckpointError, load_json
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, IDM, WEIGHTS_NAME
 from idm.training.run_folder import RUN_NAME, RunFolder
+from operators.family import OperatorFamily, config_mismatches, representative_config
 
 #: ``format`` of an ``idm train`` run config (``OUT/config.json``, ``run.json`` in checkpoints).
 RUN_FORMAT = "idm-train-run"
@@ -70,27 +70,31 @@ class TrainedModel:
     model: IDM
     path: Path
     run: dict[str, Any] | None = None
+    operator_defaults: dict[str, Any] | None = None
 
     @property
     def task(self) -> str | None:
         return None if self.run is None else self.run.get("identity", {}).get("task")
 
     @property
-    def operator(self) -> dict[str, Any] | None:
-        """The training operator's config (``operators.from_config`` rebuilds it; same ``Phi`` for CS)."""
+    def recorded_operator(self) -> dict[str, Any] | None:
+        """The training operator's config as recorded: one operator, or an operator family."""
         return None if self.run is None else self.run.get("identity", {}).get("operator")
 
     @property
-    def ratio(self) -> float | None:
-        """The sampling ratio the model was trained for (CS, inpainting), else ``None``."""
-        return (self.operator or {}).get("ratio")
+    def operator(self) -> dict[str, Any] | None:
+        """The config of the operator this model serves by default (``operators.from_config`` rebuilds
+        it; same ``Phi`` for CS): the training operator, or for a model trained on a family, the
+        family's first member with :attr:`operator_defaults` (the task's defaults) on top."""
+        recorded = self.recorded_operator
+        if recorded is None or recorded.get("name") != OperatorFamily.name:
+            return recorded
+        return {**representative_config(recorded), **(self.operator_defaults or {})}
 
-
-def same_setting(a: Any, b: Any) -> bool:
-    """Equal settings; numbers compared with a relative tolerance of 1e-9 (bools exactly)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
+    @property
+    def trained_on_family(self) -> bool:
+        """Whether one model was trained for a family of operators (e.g. a range of ratios)."""
+        return (self.recorded_operator or {}).get("name") == OperatorFamily.name
 
 
 def load_trained(
@@ -98,6 +102,7 @@ def load_trained(
     expect_task: str | None = None,
     expect_operator: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    operator_defaults: dict[str, Any] | None = None,
 ) -> TrainedModel:
     """Load a trained IDM (model folder or training ``--out``) and check what it was trained for.
 
@@ -108,6 +113,9 @@ def load_trained(
             ``{"name": "cs", "ratio": 0.1, "mode": "permuted"}``; each key is
             compared with the recorded operator config (``img_size`` and
             ``seed`` are ignored: test images have their own size and draw).
+            A model trained on an operator family accepts every request inside it.
+        operator_defaults: the task's operator defaults, for
+            :attr:`TrainedModel.operator` of family-trained models.
 
     Raises :class:`CheckpointError` with every mismatch named. A bare model
     folder without ``run.json`` carries no task metadata and is not checked.
@@ -119,18 +127,12 @@ def load_trained(
         if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{folder / RUN_NAME} is not an idm train run config")
     model = IDM.from_pretrained(folder, device=device)
-    trained = TrainedModel(model, folder, run)
+    trained = TrainedModel(model, folder, run, operator_defaults)
     if run is not None:
         problems = []
         if expect_task is not None and trained.task != expect_task:
             problems.append(f"task: trained for {trained.task!r}, requested {expect_task!r}")
-        recorded = trained.operator or {}
-        for key, want in (expect_operator or {}).items():
-            if key in ("img_size", "seed"):
-                continue
-            have = recorded.get(key, "<not set>")
-            if not same_setting(have, want):
-                problems.append(f"operator {key}: trained with {have!r}, requested {want!r}")
+        problems += config_mismatches(trained.recorded_operator or {"name": "<not set>"}, expect_operator or {})
         if problems:
             raise CheckpointError(
                 f"checkpoint {str(folder)!r} does not match the request:\n  " + "\n  ".join(problems)

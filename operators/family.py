@@ -1,0 +1,232 @@
+"""Families of operators: one model trained for many forward models (``"family"``).
+
+The measurement injectors see ``A``, so one IDM can serve a whole range of
+sampling ratios or several mask kinds (paper Table 7). An
+:class:`OperatorFamily` is the distribution training draws from:
+
+    import operators
+    from operators.family import OperatorFamily, Component
+    fam = OperatorFamily([Component({"name": "cs", "img_size": [64, 64], "ratio": 0.1, "mode": "permuted"},
+                                    vary={"ratio": (0.01, 0.5)})])
+    op = fam.resample(seed)            # a CS operator, ratio ~ U(0.01, 0.5), fresh permutation
+    fam.mismatches({"ratio": 0.3})     # [] : the family covers it
+    fam.A(x)                           # the representative: the first component's base operator
+
+Each :class:`Component` is a base operator config plus the settings that
+vary: a ``(low, high)`` pair draws uniformly from that interval, a list
+draws one of its values. A draw picks a component (``weights``), the varied
+settings, and a fresh ``seed`` for the operator's own random parts.
+
+The family is itself an :class:`~operators.base.Operator`: it acts as its
+representative (used for shape checks and validation during training), and
+its :meth:`config` round-trips through :func:`operators.from_config`, so a
+training checkpoint records the whole family and ``idm reconstruct`` /
+``idm benchmark`` accept any request inside it (:func:`config_mismatches`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import register
+from .base import Operator, OperatorInputError
+
+#: Settings never compared between a recorded operator and a request (each image has its own).
+UNCOMPARED = ("img_size", "seed")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings; numbers compared with a relative tolerance of 1e-9 (bools exactly)."""
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+@dataclass(frozen=True)
+class Component:
+    """One kind of operator in a family.
+
+    Attributes:
+        base: a full operator config (``op.config()``-style, with ``"name"``
+            and ``"img_size"``).
+        vary: setting -> ``(low, high)`` (uniform draw; a tuple) or a list of
+            allowed values (uniform choice).
+        weight: relative probability of drawing this component.
+    """
+
+    base: Mapping[str, Any]
+    vary: Mapping[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, Mapping) or "name" not in self.base:
+            raise OperatorInputError(f"a family component's base must be an operator config with a 'name', got {self.base!r:.200}")
+        vary = {}
+        for key, spec in dict(self.vary).items():
+            if isinstance(spec, tuple) and len(spec) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec
+            ):
+                low, high = float(spec[0]), float(spec[1])
+                if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                    raise OperatorInputError(f"family range for {key!r} must be finite with low <= high, got {spec!r}")
+                vary[key] = (low, high)
+            elif isinstance(spec, list) and spec:
+                vary[key] = list(spec)
+            else:
+                raise OperatorInputError(
+                    f"family setting {key!r} must vary over a (low, high) tuple or a non-empty list of values, got {spec!r}"
+                )
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            raise OperatorInputError(f"a family component's weight must be positive, got {self.weight!r}")
+        object.__setattr__(self, "base", dict(self.base))
+        object.__setattr__(self, "vary", vary)
+
+    def draw(self, generator: torch.Generator, seed: int) -> dict[str, Any]:
+        """A concrete operator config: varied settings drawn with ``generator``, ``seed`` for its random parts."""
+        config = dict(self.base)
+        for key, spec in self.vary.items():
+            u = float(torch.rand((), generator=generator, dtype=torch.float64))
+            if isinstance(spec, tuple):
+                config[key] = spec[0] + u * (spec[1] - spec[0])
+            else:
+                config[key] = spec[min(int(u * len(spec)), len(spec) - 1)]
+        config["seed"] = int(seed)
+        return config
+
+    def mismatches(self, request: Mapping[str, Any]) -> list[str]:
+        """Why this component cannot serve ``request`` (setting -> value); ``[]`` if it can.
+
+        Settings the base config does not have (e.g. ``ratio`` for a box
+        mask) and :data:`UNCOMPARED` ones are not part of the operator's
+        identity and are skipped.
+        """
+        problems = []
+        for key, want in request.items():
+            if key in UNCOMPARED or (key not in self.base and key not in self.vary):
+                continue
+            spec = self.vary.get(key)
+            if isinstance(spec, tuple):
+                ok = isinstance(want, (int, float)) and not isinstance(want, bool) and (
+                    spec[0] - 1e-9 <= float(want) <= spec[1] + 1e-9
+                )
+                have = f"{spec[0]:g}..{spec[1]:g}"
+            elif isinstance(spec, list):
+                ok = any(_same(v, want) for v in spec)
+                have = " or ".join(repr(v) for v in spec)
+            else:
+                have = self.base.get(key, "<not set>")
+                ok = _same(have, want)
+                have = repr(have)
+            if not ok:
+                problems.append(f"operator {key}: trained with {have}, requested {want!r}")
+        return problems
+
+    def to_json(self) -> dict[str, Any]:
+        vary = {k: list(v) if isinstance(v, tuple) else {"choices": list(v)} for k, v in self.vary.items()}
+        return {"base": dict(self.base), "vary": vary, "weight": self.weight}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Component":
+        try:
+            vary = {
+                k: list(v["choices"]) if isinstance(v, Mapping) else tuple(v) for k, v in dict(data.get("vary", {})).items()
+            }
+            return cls(dict(data["base"]), vary, float(data.get("weight", 1.0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise OperatorInputError(f"malformed operator family component {data!r:.200}: {err}") from None
+
+
+@register("family")
+class OperatorFamily(Operator):
+    """A distribution over operators (see the module docstring).
+
+    Args:
+        components: :class:`Component` values (or their JSON dicts); all must
+            act on images of one shape.
+        seed: the seed the family was built with (recorded; each draw has its own).
+
+    ``A`` / ``A_adjoint`` / ``A_dagger`` are those of the representative (the
+    first component's base operator); :meth:`resample` gives members.
+    """
+
+    def __init__(self, components: Sequence[Component | Mapping[str, Any]], seed: int = 0, **kwargs: Any):
+        comps = [c if isinstance(c, Component) else Component.from_json(c) for c in components]
+        if not comps:
+            raise OperatorInputError("an operator family needs at least one component")
+        from . import from_config
+
+        representative = from_config(comps[0].base)
+        shape = representative.image_shape
+        for comp in comps[1:]:
+            other = from_config(comp.base).image_shape
+            if other != shape:
+                raise OperatorInputError(f"family components act on images of different shapes: {shape} and {other}")
+        super().__init__(representative.img_hw, representative.channels, **kwargs)
+        self.representative = representative
+        self.components = comps
+        self.seed = int(seed)
+
+    def measurement_shape(self) -> tuple[int, ...]:
+        return self.representative.measurement_shape()
+
+    def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.representative.A(x)
+
+    def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.representative.A_adjoint(y)
+
+    def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.representative.A_dagger(y)
+
+    def resample(self, seed: int) -> Operator:
+        """A member drawn from ``seed``: component, varied settings and the operator's own random parts."""
+        from . import from_config
+
+        gen = torch.Generator().manual_seed(int(seed))
+        weights = torch.tensor([c.weight for c in self.components], dtype=torch.float64)
+        index = int(torch.multinomial(weights, 1, generator=gen)) if len(self.components) > 1 else 0
+        return from_config(self.components[index].draw(gen, seed))
+
+    def mismatches(self, request: Mapping[str, Any]) -> list[str]:
+        """``[]`` when some component serves ``request``, else the closest component's problems."""
+        return _closest_mismatches(self.components, request)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "components": [c.to_json() for c in self.components], "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        return f"{len(self.components)} component(s) of {self.representative.name}"
+
+
+def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -> list[str]:
+    """Why an operator recorded with a model (``op.config()``) cannot serve ``request``.
+
+    ``recorded`` is a plain operator config (every requested setting must be
+    equal) or a family config (some component must cover the request).
+    ``img_size`` and ``seed`` are not compared. Returns ``[]`` when it can.
+    """
+    if recorded.get("name") == OperatorFamily.name:
+        return _closest_mismatches([Component.from_json(c) for c in recorded.get("components", [])], request)
+    return Component(dict(recorded)).mismatches(request)
+
+
+def _closest_mismatches(components: Sequence[Component], request: Mapping[str, Any]) -> list[str]:
+    """``[]`` when some component serves ``request``, else the problems of the closest one."""
+    if not components:
+        return ["operator: the recorded family is empty"]
+    return min((comp.mismatches(request) for comp in components), key=len)
+
+
+def representative_config(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The concrete operator config a recorded operator stands for: a family's first base, else itself."""
+    if recorded.get("name") == OperatorFamily.name:
+        comps = recorded.get("components") or []
+        if not comps:
+            raise OperatorInputError("the recorded operator family is empty")
+        return dict(Component.from_json(comps[0]).base)
+    return dict(recorded)

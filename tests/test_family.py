@@ -1,0 +1,117 @@
+"""Operator families: one model trained for a range of ratios or a mixture of masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import operators
+import tasks
+from idm import IDM, IDMConfig
+from idm.checkpoint import CheckpointError
+from idm.cli import main
+from idm.train import load_trained
+from operators import OperatorInputError
+from operators.family import Component, OperatorFamily, config_mismatches, representative_config
+from tests.test_train import BASE, write_images
+
+
+def cs_family(seed: int = 3) -> OperatorFamily:
+    return tasks.get("cs").make_training_operator(32, seed=seed, ratio=(0.05, 0.5), block=8)
+
+
+def test_draws_cover_the_range_and_are_reproducible():
+    fam = cs_family()
+    ratios = [fam.resample(s).ratio for s in range(200)]
+    assert 0.05 <= min(ratios) < 0.08 and 0.47 < max(ratios) <= 0.5
+    assert fam.resample(7).config() == fam.resample(7).config()
+    assert fam.resample(7).config() != fam.resample(8).config()
+    again = operators.from_config(json.loads(json.dumps(fam.config())))
+    assert again.resample(11).config() == fam.resample(11).config()
+
+
+def test_members_are_exact_operators_and_the_family_acts_as_its_representative():
+    fam = cs_family()
+    x = torch.rand(2, 1, 32, 32, dtype=torch.float64)
+    assert torch.equal(fam.A(x), fam.representative.A(x))
+    assert fam.representative.ratio == pytest.approx(0.275)
+    member = fam.resample(5)
+    y = member.A(x)
+    assert torch.allclose(member.A(member.A_dagger(y)), y, atol=1e-10)  # each draw is a true CS operator
+
+
+def test_requests_inside_the_family_are_accepted_and_others_named():
+    recorded = cs_family().config()
+    assert config_mismatches(recorded, {"name": "cs", "ratio": 0.1, "mode": "permuted", "block": 8, "seed": 9}) == []
+    problems = config_mismatches(recorded, {"name": "cs", "ratio": 0.7, "block": 32})
+    assert problems == ["operator ratio: trained with 0.05..0.5, requested 0.7", "operator block: trained with 8, requested 32"]
+    assert representative_config(recorded)["ratio"] == pytest.approx(0.275)
+
+
+def test_mask_mixture_serves_random_masks_and_boxes():
+    fam = tasks.get("inpainting").make_training_operator(32, seed=0, ratio=(0.2, 0.5), mask="random,box")
+    kinds = {fam.resample(s).config()["mask"] for s in range(20)}
+    assert kinds == {"random", "box"}
+    positions = {fam.resample(s).config().get("box_position") for s in range(40)} - {None}
+    assert positions == {"center", "random"}
+    recorded = fam.config()
+    assert config_mismatches(recorded, {"name": "inpainting", "mask": "box", "ratio": 0.5}) == []  # ratio: not a box setting
+    assert config_mismatches(recorded, {"name": "inpainting", "mask": "random", "ratio": 0.2}) == []
+    assert config_mismatches(recorded, {"name": "inpainting", "mask": "random", "ratio": 0.8}) != []
+
+
+def test_bad_families_are_clear_errors():
+    base = {"name": "cs", "img_size": [16, 16], "ratio": 0.1, "block": 8}
+    with pytest.raises(OperatorInputError, match="low <= high"):
+        Component(base, {"ratio": (0.5, 0.1)})
+    with pytest.raises(OperatorInputError, match="at least one component"):
+        OperatorFamily([])
+    with pytest.raises(OperatorInputError, match="different shapes"):
+        OperatorFamily([Component(base), Component({**base, "img_size": [8, 8]})])
+    with pytest.raises(ValueError, match="does not use --mask"):
+        tasks.get("cs").make_training_operator(32, mask="random,box")
+
+
+def test_train_on_a_ratio_range_then_reconstruct_any_ratio_inside(tmp_path, capsys):
+    data = write_images(tmp_path / "train", n=3)
+    out = tmp_path / "run"
+    argv = [a for a in BASE if a not in ("0.25",)]
+    argv[argv.index("--ratio") + 1 : argv.index("--ratio") + 1] = ["0.1:0.5"]
+    assert main([*argv, "--data", str(data), "--iters", "1", "--out", str(out)]) == 0
+    trained = load_trained(out, expect_task="cs", expect_operator={"name": "cs", "ratio": 0.3}, operator_defaults={"ratio": 0.1})
+    assert trained.trained_on_family and trained.operator["ratio"] == 0.1 and trained.operator["block"] == 8
+    with pytest.raises(CheckpointError, match=r"trained with 0.1..0.5, requested 0.05"):
+        load_trained(out, expect_operator={"ratio": 0.05})
+    for ratio in ("0.2", "0.45"):
+        dest = tmp_path / f"rec{ratio}"
+        assert main(["reconstruct", "--task", "cs", "--ratio", ratio, "--block", "8", "--checkpoint", str(out),
+                     "--input", str(data), "--device", "cpu", "--no-progress", "--out", str(dest)]) == 0  # fmt: skip
+        assert json.loads((dest / "reconstruct.json").read_text())["operator"]["ratio"] == float(ratio)
+
+
+def test_ratio_ranges_are_for_training_only(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--task", "cs", "--ratio", "0.1:0.5", "--input", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "invalid float value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*BASE[:3], "--ratio", "0.5:0.1", "--data", str(tmp_path), "--unet", "tiny", "--out", str(tmp_path / "o")])
+    assert "LOW <= HIGH" in capsys.readouterr().err
+
+
+def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monkeypatch):
+    from idm import shipped
+
+    monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "models"))
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1}) is None
+    folder = tmp_path / "models" / "cs-any-ratio"
+    IDM(IDMConfig(unet="tiny", image_channels=1, steps=1)).save_pretrained(folder)
+    run = {"format": "idm-train-run", "identity": {"task": "cs", "operator": cs_family().config()}}
+    (folder / "run.json").write_text(json.dumps(run))
+    (tmp_path / "models" / "junk").mkdir()
+    (tmp_path / "models" / "junk" / "run.json").write_text("{not json")  # skipped, not fatal
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.3, "block": 8}) == folder
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.6, "block": 8}) is None
+    assert shipped.default_checkpoint("inpainting", {"name": "inpainting", "ratio": 0.3}) is None
+    assert "cs-any-ratio (cs)" in shipped.missing_message("cs", {"name": "cs", "ratio": 0.6})
