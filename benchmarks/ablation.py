@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.experiments import Variant, run_variant
 from benchmarks.harness import load_images
-from benchmarks.report import hardware_name
+from idm.hardware import hardware_name
 from idm import IDMConfig
 from idm.train import TrainConfig
 

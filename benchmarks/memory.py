@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from idm.hardware import hardware_name
 
 import operators
 from idm import IDM, IDMConfig
@@ -74,12 +74,6 @@ class _LiveSavedBytes:
                 counter.current -= self.nbytes
 
         return torch.autograd.graph.saved_tensors_hooks(Holder, lambda holder: holder.t)
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
 def _sync(device: torch.device) -> None:
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     plot(rows, out / "memory.png")
     summary = summary_markdown(rows)
-    (out / "memory.md").write_text(f"`{' '.join(['python -m benchmarks.memory', *(argv if argv is not None else sys.argv[1:])])}` on {_hardware(device)}\n\n{summary}")
+    (out / "memory.md").write_text(f"`{' '.join(['python -m benchmarks.memory', *(argv if argv is not None else sys.argv[1:])])}` on {hardware_name(device)}\n\n{summary}")
     print(summary)
     print(f"wrote {out / 'memory.csv'}, {out / 'memory.png'} and {out / 'memory.md'}")
     return 0

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
@@ -93,13 +92,3 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
         cells.append(f"{len(ok)}" + (f" ({failed} failed)" if failed else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def hardware_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's core count."""
-    import os
-    import platform
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {os.cpu_count()} cores ({platform.machine()})"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.ablation import add_experiment_args, experiment_setup, write_table
 from benchmarks.experiments import Variant, run_variant
-from benchmarks.report import hardware_name
+from idm.hardware import hardware_name
 
 FIELDS = ["value", "psnr", "ssim", "train_seconds", "train_memory_mb", "iterations", "nfe", "inference_seconds",
           "test_images", "status", "error"]

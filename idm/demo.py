@@ -153,7 +153,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
 
     Returns the markdown table. Raises ``ValueError`` when no shipped model is installed at all.
     """
-    from benchmarks.report import hardware_name
+    from idm.hardware import hardware_name
 
     out = Path(out)
     rows: list[dict[str, Any]] = []

@@ -98,6 +98,16 @@ def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | 
     return None if model is None else model.path
 
 
+def find_prior(name: str) -> Path | None:
+    """The diffusion prior a model records as its ``unet``: that folder when it exists, else a folder of
+    that name under :func:`search_dirs` (shipped models record the name of the prior shipped beside them)."""
+    if name in ("tiny", "sd15"):
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    return next((root / name for root in search_dirs() if (root / name / "config.json").is_file()), None)
+
+
 def describe_request(task: str, operator_config: Mapping[str, Any]) -> str:
     """``"task 'cs' (ratio=0.1, block=32, mode='permuted')"``: the request, for messages."""
     shown = {k: v for k, v in operator_config.items() if k not in ("name", "img_size", "seed", "columns", "mask", "channels")}

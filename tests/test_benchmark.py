@@ -143,3 +143,24 @@ def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
     rows = _rows(tmp_path / "scaling" / "scaling_steps.csv")
     assert [(r["value"], r["nfe"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "2", "ok")]
     assert (tmp_path / "scaling" / "scaling_steps.png").is_file()
+
+
+def test_speed_benchmark_writes_times_and_flops(tmp_path):
+    from benchmarks import speed
+
+    out = tmp_path / "speed"
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "2", "--train-batch", "2",
+                       "--levers", "base", "channels_last", "--iters", "1", "--warmup", "0", "--peak-tflops", "1",
+                       "--out", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(open(out / "speed.csv")))
+    assert [(r["mode"], r["lever"], r["batch"]) for r in rows] == [
+        ("inference", "base", "1"), ("inference", "base", "2"), ("inference", "channels_last", "1"),
+        ("inference", "channels_last", "2"), ("train", "base", "2"), ("train", "base", "2")]  # fmt: skip
+    assert all(r["status"] == "ok" for r in rows)
+    base = [r for r in rows if r["mode"] == "inference" and r["lever"] == "base"]
+    assert base[0]["gflop_per_image"] == base[1]["gflop_per_image"] and float(base[0]["gflop_per_image"]) > 0
+    train = {r["variant"]: r for r in rows if r["mode"] == "train"}
+    # the memory-saving backward recomputes the forward: more FLOPs per iteration than plain autograd
+    assert float(train["both"]["gflop_per_image"]) > float(train["none"]["gflop_per_image"])
+    assert all(float(r["percent_of_peak"]) == pytest.approx(100 * float(r["tflops"]), rel=0.01, abs=0.1) for r in train.values())
+    assert "python -m benchmarks.speed" in (out / "speed.md").read_text()

@@ -16,7 +16,7 @@ from typing import Sequence
 from idm import __version__
 
 #: Command modules, relative to this package.
-COMMANDS: tuple[str, ...] = ("info", "demo", "pretrain", "train", "benchmark", "simulate", "reconstruct")
+COMMANDS: tuple[str, ...] = ("info", "demo", "pretrain", "train", "export", "benchmark", "simulate", "reconstruct")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,14 +13,13 @@ run's settings: seeds, operator, prior, checkpoint, DPS step size),
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
 
 DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
 
@@ -72,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.methods import available_methods, make_method, needs_prior
     from benchmarks.prior import load_prior
     from benchmarks.protocol import describe_protocol, operator_factory, pad_multiple, score_function
-    from benchmarks.report import hardware_name, summary_table, write_results_csv
+    from benchmarks.report import summary_table, write_results_csv
+    from idm.hardware import hardware_name
     from idm.checkpoint import save_json
+    from idm.shipped import find_prior
 
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -94,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     prior = None
     if any(needs_prior(m) for m in names if m != "idm"):
         prior_path = args.prior
-        if prior_path is None and trained is not None and Path(trained.model.config.unet).is_dir():
-            prior_path = trained.model.config.unet
+        if prior_path is None and trained is not None:
+            prior_path = find_prior(trained.model.config.unet)
         if prior_path is None:
             raise ValueError("ddnm and dps need a diffusion prior: pass --prior DIR (e.g. an idm pretrain output)")
         prior = load_prior(prior_path, device=device)
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     )
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
     write_results_csv(rows, out / "results.csv", fields)
-    command = "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else "idm benchmark"
+    command = command_line("benchmark")
     settings = {
         "command": command,
         "hardware": hardware_name(device),

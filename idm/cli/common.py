@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
+import sys
 
 import numpy as np
 import torch
@@ -78,6 +80,11 @@ def operator_overrides(args: argparse.Namespace) -> dict:
     """The operator flags the user set, as keyword arguments (unset flags omitted)."""
     names = ("ratio", "mode", "block", "mask", "acceleration", "center_fraction", "views")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def command_line(name: str) -> str:
+    """The command as typed, ``idm NAME ...`` (for provenance records)."""
+    return "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else f"idm {name}"
 
 
 def seed_everything(seed: int) -> None:

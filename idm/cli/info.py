@@ -1,4 +1,4 @@
-"""``idm info``: versions, devices and the registered forward models."""
+"""``idm info``: versions, devices, the registered forward models and the shipped models."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     import operators
     from idm import __version__
     from idm.checkpoint import save_json
+    from idm.shipped import shipped_models
 
     device = resolve_device(args.device)
     info = {
@@ -29,10 +30,13 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "operators": operators.available(),
+        "shipped_models": [{"name": m.name, "task": m.task, "path": str(m.path)} for m in shipped_models()],
     }
     print(f"idm {info['idm']} | python {info['python']} | torch {info['torch']}")
     print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'})")
     print(f"operators: {', '.join(info['operators'])}")
+    shipped = ", ".join(f"{m['name']} ({m['task']})" for m in info["shipped_models"])
+    print(f"shipped models: {shipped or 'none'}")
     if args.out:
         save_json(info, args.out)
     return 0

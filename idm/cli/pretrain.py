@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from idm.cli.common import add_common_args, add_run_control_args, resolve_device, seed_everything
+from idm.hardware import hardware_name
+from idm.cli.common import add_common_args, add_run_control_args, command_line, resolve_device, seed_everything
 
 DATA_KINDS = ("images", "mat", "ct")
 
@@ -120,7 +120,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
         device=device,
         started_at=started_at,
         env=env,
-        settings={"data": [str(p) for p in args.data], "data_kind": args.data_kind, "command": " ".join(sys.argv)},
+        settings={
+            "data": [str(p) for p in args.data],
+            "data_kind": args.data_kind,
+            "command": command_line("pretrain"),
+            "hardware": hardware_name(device),
+        },
         say=say,
     )
     if result.finished:

@@ -57,12 +57,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
 from idm.cli.simulate import (
     MRI_FILE_SUFFIXES,
     OperatorPlan,
     check_limit,
-    command_line,
     get_task,
     load_images,
     measure_image,

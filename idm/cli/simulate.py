@@ -31,14 +31,12 @@ The helpers here (:class:`OperatorPlan`, :func:`load_images`,
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
 
 MRI_FILE_SUFFIXES = (".h5", ".hdf5")
 
@@ -64,11 +62,6 @@ def add_parser(subparsers) -> None:
 
 
 # ---- shared with idm reconstruct -------------------------------------------------------------
-def command_line(name: str) -> str:
-    """The command as typed (for provenance records)."""
-    return "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else f"idm {name}"
-
-
 def get_task(name: str, color: str | None = None):
     import tasks
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from idm.hardware import hardware_name
 from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_run_control_args,
+    command_line,
     operator_overrides,
     resolve_device,
     seed_everything,
@@ -159,7 +160,8 @@ def run_train(args: argparse.Namespace) -> int:
             "data": [str(p) for p in args.data],
             "val_data": [str(p) for p in args.val_data or []],
             "prior": model_config.unet,
-            "command": " ".join(sys.argv),
+            "command": command_line("train"),
+            "hardware": hardware_name(device),
         },
         say=say,
     )

@@ -1,0 +1,249 @@
+"""Inference and training speed of IDM: ms/image, s/iteration, achieved TFLOP/s and percent of peak.
+
+    python -m benchmarks.speed --device cuda --unet sd15 --size 256 --batch 1 16 --precision fp32 bf16 \\
+        --train-batch 8 --peak-tflops 790 --out benchmarks/results/h100-speed
+    python -m benchmarks.speed --device cpu --checkpoint cs-any-ratio --size 256 --batch 1 \\
+        --out benchmarks/results/cpu-speed          # a shipped model on this CPU
+
+Inference: ``model(y, op)`` under ``torch.no_grad`` on block CS
+(10%, permuted, 32x32 blocks), median over ``--iters`` timed runs after
+``--warmup``, for every batch size, precision (``fp32``, or ``bf16``
+autocast with the wired states in float32) and lever (``base``,
+``channels_last``, ``compile``: ``torch.compile`` of the U-Net). Training:
+one iteration (forward, L1, backward, Adam) for the plain network
+(``invertible="none"``) and the two-level wiring with the memory-saving
+backward (``both``), at ``--train-batch``.
+
+FLOPs are counted once per configuration with
+``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; the
+training count includes the backward's recomputation, see
+:func:`training_flops`), so achieved TFLOP/s
+= FLOPs / time, and percent of peak uses ``--peak-tflops`` (the device's
+dense peak for the precision; left blank when not given). Writes
+``OUT/speed.csv`` and ``OUT/speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import operators
+from idm import IDM, IDMConfig
+from idm.hardware import hardware_name
+
+FIELDS = [
+    "mode", "model", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
+    "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "status",
+]  # fmt: skip
+PRECISIONS = ("fp32", "bf16")
+LEVERS = ("base", "channels_last", "compile")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:
+    """Median wall time of ``run()`` over ``iters`` calls after ``warmup`` (synchronised on CUDA)."""
+    times = []
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``run`` (torch's counter, 2 per multiply-add)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+def training_flops(model: IDM, run: Callable[[], Any], forward: Callable[[], Any]) -> int:
+    """FLOPs of one training iteration ``run``.
+
+    torch's counter cannot follow the memory-saving backward (it calls
+    ``autograd.grad`` inside ``backward``), so for ``recompute=True`` the
+    iteration is counted with plain autograd on the same network (identical
+    arithmetic) plus one forward: the recomputation.
+    """
+    if not model.config.recompute:
+        return count_flops(run)
+    config = model.config
+    try:
+        model.config = config.replace(recompute=False)
+        plain = count_flops(run)
+    finally:
+        model.config = config
+    with torch.no_grad():
+        return plain + count_flops(forward)
+
+
+def build_model(unet: str | None, checkpoint: str | None, steps: int, variant: str, device: torch.device) -> tuple[IDM, str]:
+    """``(model, label)``: a trained IDM (a folder or a shipped model's name), or ``unet`` with random weights."""
+    if checkpoint is not None:
+        from idm.shipped import shipped_models
+        from idm.train import load_trained
+
+        named = {m.name: m.path for m in shipped_models()}
+        trained = load_trained(named.get(checkpoint, checkpoint))
+        return trained.model.to(device), Path(checkpoint).name
+    invertible, recompute = ("none", False) if variant == "none" else ("both", True)
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(unet=unet or "sd15", image_channels=1, steps=steps, invertible=invertible, recompute=recompute))
+    return model.to(device), unet or "sd15"
+
+
+def _rate(row: dict, flops: int, seconds: float, peak: float | None) -> None:
+    row["tflops"] = round(flops / seconds / 1e12, 3)
+    row["percent_of_peak"] = round(100 * row["tflops"] / peak, 1) if peak else ""
+
+
+def inference_row(model: IDM, label: str, batch: int, size: int, precision: str, lever: str, device: torch.device,
+                  iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
+    """Time ``model(y, op)`` for one configuration."""
+    row = dict(mode="inference", model=label, variant=model.config.invertible, precision=precision, lever=lever,
+               batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
+    x = torch.rand(batch, model.config.image_channels, size, size, device=device)
+    y = op.A(x)
+    model.eval()
+    if lever == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    elif lever == "compile":
+        model.unet = torch.compile(model.unet)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), _autocast(device, precision):
+            return model(y, op)
+
+    flops = count_flops(run) if lever == "base" else None
+    seconds = median_seconds(run, device, iters, warmup)
+    row["ms_per_image"] = round(1000 * seconds / batch, 2)
+    if flops:
+        row["gflop_per_image"] = round(flops / batch / 1e9, 2)
+        _rate(row, flops, seconds, peak)
+    row["status"] = "ok"
+    return row
+
+
+def training_row(model: IDM, label: str, batch: int, size: int, precision: str, device: torch.device,
+                 iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
+    """Time one training iteration (forward, L1, backward, Adam step)."""
+    row = dict(mode="train", model=label, variant=model.config.invertible, precision=precision, lever="base",
+               batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
+    x = torch.rand(batch, model.config.image_channels, size, size, device=device)
+    y = op.A(x)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            out = model(y, op)
+        (out.float() - x).abs().mean().backward()
+        optimizer.step()
+
+    flops = training_flops(model, run, lambda: model(y, op))
+    seconds = median_seconds(run, device, iters, warmup)
+    row["s_per_iter"] = round(seconds, 4)
+    row["gflop_per_image"] = round(flops / batch / 1e9, 2)
+    _rate(row, flops, seconds, peak)
+    row["status"] = "ok"
+    return row
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    shown = ["mode", "model", "variant", "precision", "lever", "batch", "ms_per_image", "s_per_iter", "gflop_per_image",
+             "tflops", "percent_of_peak", "status"]  # fmt: skip
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _guarded(make_row: Callable[[], dict], base: dict) -> dict:
+    """``make_row()``, or ``base`` with the error as status (out of memory, a failed compile...)."""
+    try:
+        return make_row()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # noqa: PERF203
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**base, "status": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/speed")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--unet", help="architecture with random weights: tiny, sd15 (default) or a diffusers U-Net folder")
+    source.add_argument("--checkpoint", help="a trained IDM: model/run folder or a shipped model's name (inference only)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="inference batch sizes")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"])
+    parser.add_argument("--levers", nargs="+", choices=LEVERS, default=["base"])
+    parser.add_argument("--train-batch", type=int, default=0, help="also time training at this batch (0: no)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
+
+    for precision in args.precision:
+        for lever in args.levers:
+            for batch in args.batch:
+                base = dict(mode="inference", precision=precision, lever=lever, batch=batch, size=args.size)
+                add(_guarded(lambda: inference_row(*build_model(args.unet, args.checkpoint, args.steps, "both", device),
+                                                   batch, args.size, precision, lever, device, args.iters, args.warmup,
+                                                   args.peak_tflops), base))  # fmt: skip
+        if args.train_batch and args.checkpoint is None:
+            for variant in ("none", "both"):
+                base = dict(mode="train", variant=variant, precision=precision, batch=args.train_batch, size=args.size)
+                add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, device),
+                                                  args.train_batch, args.size, precision, device, args.iters,
+                                                  args.warmup, args.peak_tflops), base))  # fmt: skip
+    with open(out / "speed.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = summary_markdown(rows)
+    (out / "speed.md").write_text(f"`{command}` on {hardware_name(device)}\n\n{summary}\n")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""``idm export``: turn a training run into a small model folder to ship or share.
+
+    idm export --checkpoint runs/cs-any --out idm/weights/cs-any-ratio --prior-name prior-natural-y
+    idm export --checkpoint runs/prior --out idm/weights/prior-natural-y        # an `idm pretrain` run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from idm.cli.common import add_common_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained model (fp16 IDM folder, or a pretrained prior) with its provenance",
+        description="Write a model folder with float16 weights (learnable scalars kept float32), the run's task and "
+        "operator record, and provenance.json (source, iterations, seconds, hardware, command). For an "
+        "`idm pretrain` run folder, export its prior (float32 diffusers folder) instead.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="an `idm train` / `idm pretrain` --out folder, or a checkpoint")
+    parser.add_argument("--fp32", action="store_true", help="keep float32 weights")
+    parser.add_argument("--prior-name", help="record this name as the model's prior instead of the local path")
+    parser.add_argument("--hardware", help="what it was trained on, when the run does not record it")
+    add_common_args(parser, out_help="the folder to write (replaced atomically)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from idm.export import export_model, export_prior, weights_megabytes
+    from idm.pretrain import PRIOR_DIR
+
+    source = Path(args.checkpoint)
+    if (source / PRIOR_DIR / "config.json").is_file():
+        out = export_prior(source, args.out, hardware=args.hardware)
+    else:
+        out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware)
+    print(f"idm export: {out} ({weights_megabytes(out):.1f} MiB of weights)")
+    return 0

@@ -1,0 +1,133 @@
+"""Exporting trained models as small, self-describing folders to ship (``idm export``).
+
+    from idm.export import export_model, export_prior
+    export_model("runs/cs-any", "idm/weights/cs-any-ratio", half=True, prior_name="prior-natural-y")
+    export_prior("runs/prior", "idm/weights/prior-natural-y")
+
+An exported IDM is an ordinary model folder (``config.json``,
+``model.safetensors``, ``run.json``: :func:`idm.train.load_trained` and the
+shipped-model lookup read it) plus ``provenance.json``: the source
+checkpoint, iteration, training seconds and hardware, the command, and the
+weights' dtype. ``half`` stores the weights in float16 except tensors of at
+most :data:`KEEP_FP32_NUMEL` elements (the learnable scalars: abar, the
+wiring's ``v``, whose rounding the steps amplify); loading casts back to
+float32. An exported prior is the diffusers folder that ``idm pretrain``
+wrote (float32, loadable by diffusers) plus the same ``provenance.json``.
+
+Every export is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
+from idm.training.run_folder import RUN_NAME, replace_folder
+from idm.training.trained import resolve_model_dir
+
+PROVENANCE_NAME = "provenance.json"
+#: Tensors with at most this many elements stay float32 in a half-precision export.
+KEEP_FP32_NUMEL = 16
+STATE_NAME = "trainer_state.json"
+
+
+def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    settings = run.get("settings", {})
+    return {
+        "source": str(source),
+        "iteration": state.get("iteration"),
+        "training_seconds": state.get("seconds"),
+        "hardware": settings.get("hardware"),
+        "command": settings.get("command"),
+        "data": settings.get("data"),
+        **extra,
+    }
+
+
+def export_model(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    half: bool = True,
+    prior_name: str | None = None,
+    hardware: str | None = None,
+) -> Path:
+    """Export an ``idm train`` checkpoint (or run folder: its latest checkpoint) to ``out``.
+
+    Args:
+        checkpoint: a training ``--out`` folder or one of its checkpoints (needs ``run.json``).
+        out: the folder to write (replaced atomically if it exists).
+        half: float16 weights (see the module docstring).
+        prior_name: recorded as the model's ``unet`` instead of the local prior
+            path (e.g. the name of a prior shipped beside it).
+        hardware: what it was trained on, when ``run.json`` does not say.
+    """
+    folder = resolve_model_dir(checkpoint)
+    if not (folder / RUN_NAME).is_file():
+        raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
+    run = load_json(folder / RUN_NAME, "run config")
+    state = load_json(folder / STATE_NAME, "trainer state") if (folder / STATE_NAME).is_file() else {}
+    config = load_json(folder / CONFIG_NAME, "IDM config")
+    if config.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{folder / CONFIG_NAME} is not an IDM model config")
+    tensors = load_tensors(folder / WEIGHTS_NAME)
+    if half:
+        tensors = {
+            k: v.half() if v.is_floating_point() and v.numel() > KEEP_FP32_NUMEL else v for k, v in tensors.items()
+        }
+    if prior_name is not None:
+        config = {**config, "idm": {**config["idm"], "unet": prior_name}}
+    if hardware is not None:
+        run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
+    dtype = "float16 (tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
+    provenance = _provenance(folder, run, state, {"weights_dtype": dtype, "prior": config["idm"]["unet"]})
+
+    def write(tmp: Path) -> None:
+        save_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": MODEL_FORMAT})
+        save_json(config, tmp / CONFIG_NAME)
+        save_json(run, tmp / RUN_NAME)
+        save_json(provenance, tmp / PROVENANCE_NAME)
+
+    return replace_folder(Path(out), write)
+
+
+def export_prior(run_folder: str | os.PathLike, out: str | os.PathLike, hardware: str | None = None) -> Path:
+    """Export the prior of an ``idm pretrain`` run (its ``prior/`` folder, as last exported) to ``out``."""
+    from idm.pretrain import PRIOR_DIR
+
+    run_folder = Path(run_folder)
+    prior = run_folder / PRIOR_DIR
+    if not (prior / "config.json").is_file():
+        raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/")
+    from idm.training.run_folder import RunFolder
+    from idm.pretrain import RUN_FORMAT
+
+    latest = RunFolder(run_folder, RUN_FORMAT).latest()
+    run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
+    state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}
+    if hardware is not None:
+        run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
+    provenance = _provenance(latest or run_folder, run, state, {"weights_dtype": "float32"})
+
+    def write(tmp: Path) -> None:
+        for item in prior.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        save_json(provenance, tmp / PROVENANCE_NAME)
+
+    return replace_folder(Path(out), write)
+
+
+def weights_megabytes(folder: str | os.PathLike) -> float:
+    """Size of the ``.safetensors`` files in ``folder`` in MiB."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
+def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys (float64)."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())

@@ -1,0 +1,82 @@
+"""``idm export``: fp16 model folders with provenance, shipped priors found by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import operators
+from idm.checkpoint import CheckpointError
+from idm.cli import main
+from idm.export import KEEP_FP32_NUMEL, export_model
+from idm.train import load_trained
+from tests import test_pretrain
+from tests.test_train import write_images
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-iteration pretrain run and a 1-iteration IDM fine-tuned from it."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_images(root / "data", n=3, size=20)
+    prior = root / "prior-run"
+    assert main([*test_pretrain.BASE, "--data", str(data), "--iters", "2", "--out", str(prior)]) == 0
+    idm_run = root / "idm-run"
+    assert main(["train", "--task", "cs", "--ratio", "0.1:0.5", "--block", "8", "--prior", str(prior), "--steps", "2",
+                 "--crop", "16", "--batch-size", "2", "--iters", "1", "--device", "cpu", "--num-workers", "0",
+                 "--no-progress", "--data", str(data), "--out", str(idm_run)]) == 0  # fmt: skip
+    return prior, idm_run
+
+
+def test_half_precision_export_keeps_scalars_and_outputs(runs, tmp_path, capsys):
+    _, idm_run = runs
+    out = tmp_path / "weights" / "cs-any"
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "prior-x", "--hardware", "test CPU",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "MiB of weights" in capsys.readouterr().out
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for k, t in tensors.items() if t.numel() > KEEP_FP32_NUMEL} == {torch.float16}
+    assert all(t.dtype == torch.float32 for t in tensors.values() if t.numel() <= KEEP_FP32_NUMEL)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["iteration"] == 1 and provenance["hardware"] == "test CPU" and provenance["prior"] == "prior-x"
+    assert provenance["command"].startswith("idm train") and provenance["training_seconds"] > 0
+
+    original = load_trained(idm_run).model.eval()
+    exported = load_trained(out, expect_task="cs", expect_operator={"ratio": 0.2}).model.eval()
+    assert exported.config.unet == "prior-x" and next(exported.parameters()).dtype == torch.float32
+    op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        a, b = original(op.A(x), op), exported(op.A(x), op)
+    assert 0 < float((a - b).abs().max()) < 5e-3  # float16 rounding of the weights, nothing more
+
+
+def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from idm import shipped
+
+    prior_run, _ = runs
+    out = tmp_path / "models" / "prior-x"
+    assert main(["export", "--checkpoint", str(prior_run), "--out", str(out)]) == 0
+    assert UNet2DModel.from_pretrained(out).config.in_channels == 1
+    assert json.loads((out / "provenance.json").read_text())["iteration"] == 2
+    monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "models"))
+    assert shipped.find_prior("prior-x") == out
+    assert shipped.find_prior("missing") is None and shipped.find_prior("tiny") is None
+    assert shipped.shipped_models() == []  # a prior is not an IDM model
+
+
+def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
+    from idm import IDM, IDMConfig
+
+    bare = tmp_path / "bare"
+    IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(bare)
+    with pytest.raises(CheckpointError, match="run.json"):
+        export_model(bare, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_model(tmp_path / "nothing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
