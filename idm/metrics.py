@@ -102,7 +102,9 @@ def cs_protocol_metrics(x_hat: ImageLike, ref: ImageLike) -> tuple[float, float]
     """``(PSNR, SSIM)`` by the IDM paper's compressed-sensing protocol.
 
     ``x_hat`` (reconstruction) and ``ref`` (ground truth): Y-channel images
-    ``(H, W)`` or ``(1, H, W)`` in [0, 1] (``ref`` must lie in [0, 1]).
+    ``(H, W)`` or ``(1, H, W)`` in [0, 1] (``ref`` must lie in [0, 1]); RGB
+    ``(3, H, W)`` images are scored the same way over all channels (SSIM: the
+    channel mean), for CS on colour images.
     ``x_hat`` is clamped to [0, 1], both are multiplied by 255 without
     rounding, then PSNR with peak 255 and scikit-image SSIM with
     ``data_range=255`` are computed. For ``x_hat`` already in [0, 1] the PSNR
@@ -110,10 +112,8 @@ def cs_protocol_metrics(x_hat: ImageLike, ref: ImageLike) -> tuple[float, float]
     100 dB for identical images; this returns ``inf``.)
     """
     a, b = _pair(x_hat, ref, "x_hat")
-    if a.ndim == 3 and a.shape[0] != 1:
-        raise ValueError(
-            f"x_hat and ref must be single-channel (H, W) or (1, H, W) Y images, got {a.shape}"
-        )
+    if a.ndim == 3 and a.shape[0] not in (1, 3):
+        raise ValueError(f"x_hat and ref must be (H, W), (1, H, W) Y or (3, H, W) RGB images, got {a.shape}")
     if b.min() < 0.0 or b.max() > 1.0:
         raise ValueError(f"ref must have values in [0, 1], got [{b.min():g}, {b.max():g}]")
     a = np.clip(a, 0.0, 1.0) * 255.0
@@ -127,7 +127,7 @@ def batched_metrics(
     """Per-image ``(psnr_list, ssim_list)`` for batches ``(B, C, H, W)``.
 
     With ``cs_protocol=True`` each pair is scored by :func:`cs_protocol_metrics`
-    (requires ``C == 1`` and ignores ``data_range``); otherwise by :func:`psnr`
+    (``C`` of 1 or 3; ``data_range`` ignored); otherwise by :func:`psnr`
     and :func:`ssim` with ``data_range``.
     """
     for name, t in (("x_hat", x_hat), ("ref", ref)):

@@ -305,13 +305,12 @@ def _float_array(a: np.ndarray, what: str, path: Path) -> np.ndarray:
 
 
 def _size_pair(value: Any, what: str, path: Path) -> tuple[int, int]:
+    from operators import check_img_size
+
     try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise MeasurementFileError(f"{path}: {what} must be [H, W], got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise MeasurementFileError(f"{path}: {what} must be positive, got {value!r}")
-    return h, w
+        return check_img_size(value)
+    except ValueError as err:
+        raise MeasurementFileError(f"{path}: {what}: {err}") from None
 
 
 def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> MeasurementSet:

@@ -70,8 +70,11 @@ def test_batched_metrics():
     assert s[2] == pytest.approx(ssim(x[2], ref[2]))
     pc, sc = batched_metrics(x, ref, cs_protocol=True)
     assert pc == pytest.approx(p, abs=1e-6) and sc == pytest.approx(s, abs=1e-6)
-    with pytest.raises(ValueError, match="single-channel"):
-        batched_metrics(x.repeat(1, 3, 1, 1), ref.repeat(1, 3, 1, 1), cs_protocol=True)
+    rgb_x, rgb_ref = x.repeat(1, 3, 1, 1), ref.repeat(1, 3, 1, 1)
+    pr, sr = batched_metrics(rgb_x, rgb_ref, cs_protocol=True)  # RGB: the same error in every channel
+    assert pr == pytest.approx(pc, abs=1e-6) and sr == pytest.approx(sc, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\(3, H, W\) RGB"):
+        batched_metrics(x.repeat(1, 2, 1, 1), ref.repeat(1, 2, 1, 1), cs_protocol=True)
     with pytest.raises(ValueError, match="x_hat.*B, C, H, W"):
         batched_metrics(x[0], ref[0])
     with pytest.raises(ValueError, match="same shape"):
