@@ -332,3 +332,23 @@ def test_make_method_and_available_methods(ops, priors):
     assert make_method(custom) is custom and check_method(custom) is custom
     with pytest.raises(TypeError, match="nfe"):
         make_method(lambda y, op, generator=None: y)
+
+
+def test_tune_dps_command_records_the_choice(tmp_path):
+    from diffusers import UNet2DModel
+
+    from benchmarks import tune_dps
+    from idm.pretrain import PriorArchitecture
+    from tests.test_train import write_images
+
+    torch.manual_seed(0)
+    prior = tmp_path / "prior"
+    UNet2DModel(**PriorArchitecture(channels=1, width=8, levels=2, layers_per_block=1, attention=False).unet_config()).save_pretrained(prior)
+    data = write_images(tmp_path / "train", n=3, size=24)
+    out = tmp_path / "zeta.json"
+    assert tune_dps.main(["--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(prior), "--data", str(data),
+                          "--crop", "16", "--images", "2", "--steps", "2", "--grid", "0.1", "0.5", "--device", "cpu",
+                          "--out", str(out)]) == 0  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["zeta"] in (0.1, 0.5) and set(record["mean_psnr_by_zeta"]) == {"0.1", "0.5"}
+    assert record["operator"]["ratio"] == 0.25 and len(record["images"]) == 2 and record["steps"] == 2
