@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import add_timing_args, setup, sync
 from idm.hardware import hardware_name
 
 import operators
@@ -76,11 +77,6 @@ class _LiveSavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(Holder, lambda holder: holder.t)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int) -> dict:
     """One row of the table: build the model, train ``warmup + iters`` iterations, measure."""
     torch.manual_seed(0)
@@ -107,10 +103,10 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         iteration(count_saved=device.type == "cpu" and i == 0)
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     row["ms_per_iter"] = round(1000 * statistics.median(times), 2)
@@ -184,21 +180,14 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results")
+    add_timing_args(parser, "benchmarks/results")
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 6, 12])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = setup(args)
     rows = []
     for batch in args.batch:
         for steps in args.steps:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import operators
 from idm import IDM, IDMConfig
+from benchmarks.timing import add_timing_args, median_seconds, setup
 from idm.hardware import hardware_name
 
 FIELDS = [
@@ -48,26 +47,8 @@ PRECISIONS = ("fp32", "bf16")
 LEVERS = ("base", "channels_last", "compile")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:
-    """Median wall time of ``run()`` over ``iters`` calls after ``warmup`` (synchronised on CUDA)."""
-    times = []
-    for i in range(warmup + iters):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def count_flops(run: Callable[[], Any]) -> int:
@@ -195,9 +176,7 @@ def _guarded(make_row: Callable[[], dict], base: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/speed")
+    add_timing_args(parser, "benchmarks/results/speed")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--unet", help="architecture with random weights: tiny, sd15 (default) or a diffusers U-Net folder")
     source.add_argument("--checkpoint", help="a trained IDM: model/run folder or a shipped model's name (inference only)")
@@ -208,13 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=["base"])
     parser.add_argument("--train-batch", type=int, default=0, help="also time training at this batch (0: no)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = setup(args)
     rows = []
 
     def add(row: dict) -> None:

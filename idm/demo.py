@@ -15,6 +15,7 @@ one row each), ``demo.md`` (the table, also returned).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -155,6 +156,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     """
     from idm.hardware import hardware_name
 
+    started = time.perf_counter()
     out = Path(out)
     rows: list[dict[str, Any]] = []
     grids: list[Path] = []
@@ -177,6 +179,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
         f"centre {DEMO_SIZE}x{DEMO_SIZE} crops), seed {seed}, {hardware_name(device)}. CS: the authors' protocol "
         "(Y channel, PSNR peak 255); inpainting: [0, 1] images.\n\n" + table + "\n"
         + (f"\nNo shipped model for: {', '.join(skipped)}.\n" if skipped else "")
+        + f"\nTotal time (loading, measuring, reconstructing, pictures): {time.perf_counter() - started:.0f} s.\n"
     )
     (out / "demo.md").write_text(text)
     return text

@@ -47,7 +47,7 @@ def test_demo_runs_every_shipped_model_and_skips_settings_without_one(tmp_path, 
     printed = capsys.readouterr().out
     assert "| cs-10 | cs-any (y) | idm |" in printed and "| inpainting-box | inpainting-rgb (rgb) | pinv |" in printed
     assert "No shipped model for: cs-50." in printed  # 0.5 is outside the 0.05..0.35 family
-    assert (out / "demo.png").is_file() and (out / "demo.md").read_text() in printed
+    assert (out / "demo.png").is_file() and (out / "demo.md").read_text() in printed and "Total time" in printed
     rows = list(csv.DictReader(open(out / "cs-30" / "results.csv")))
     assert {r["method"] for r in rows} == {"pinv", "idm"} and all(r["status"] == "ok" for r in rows)
     assert (out / "inpainting-80-missing" / "grids" / "astronaut.png").is_file()

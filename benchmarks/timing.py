@@ -1,0 +1,47 @@
+"""What the timing scripts (``benchmarks.memory``, ``benchmarks.speed``) share: options, clocks."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: int = 5, warmup: int = 2) -> None:
+    """``--device --seed --out --iters --warmup``."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--iters", type=int, default=iters, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations first")
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
+    """Seed torch, return ``(device, out folder)`` (created)."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return torch.device(args.device), out
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU (a no-op on the CPU), so wall times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:
+    """Median wall time of ``run()`` over ``iters`` calls after ``warmup`` (synchronised on CUDA)."""
+    times = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
