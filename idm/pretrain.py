@@ -41,14 +41,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
-from idm.training.options import check_loop_options
+from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, worker_init
 from idm.training.csv_log import CsvLog
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
-from idm.training.state import capture_rng, flatten_optimizer, restore_optimizer, restore_rng
+from idm.training.state import capture_rng, flatten_optimizer, read_checkpoint_files, restore_optimizer, restore_rng
 from idm.unets.factory import PRIOR_INFO_NAME
 
 RUN_FORMAT = "idm-pretrain-run"
@@ -120,8 +120,8 @@ class PriorArchitecture:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Training options of ``idm pretrain`` (see :class:`idm.train.TrainConfig` for the shared ones).
+class PretrainConfig(LoopOptions):
+    """Training options of ``idm pretrain`` (the shared ones: :class:`~idm.training.options.LoopOptions`).
 
     ``ema_decay``: EMA of the weights with warm-up ``min(decay, (1 + n) / (10 + n))``
     after ``n`` updates; 0 disables it (the prior then holds the raw weights).
@@ -129,30 +129,15 @@ class PretrainConfig:
     by ``lr_gamma`` (default: none, a constant rate).
     """
 
-    iters: int = 20_000
     batch_size: int = 16
     lr: float = 2e-4
-    lr_milestones: tuple[int, ...] = ()
-    lr_gamma: float = 0.5
-    ema_decay: float = 0.999
-    seed: int = 0
-    amp: bool = True
-    augment: bool = True
-    checkpoint_every: int = 1000
     log_every: int = 50
-    keep: int = 2
-    max_minutes: float | None = None
-    num_workers: int = 0
-    progress: bool = True
+    lr_milestones: tuple[int, ...] = ()
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
-        check_loop_options("PretrainConfig", self)
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"PretrainConfig: {message}")
-
-        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        super().__post_init__()
+        self.need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         Cadence(self.checkpoint_every, self.log_every, 0)
 
     def lr_at(self, index: int) -> float:
@@ -226,21 +211,15 @@ def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info
     return replace_folder(folder, write)
 
 
+def _read_unet_files(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
+    unet_config = load_json(folder / "unet_config.json", "U-Net config")
+    weights = load_tensors(folder / "unet.safetensors")
+    ema = load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
+    return unet_config, weights, ema
+
+
 def _read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
-    try:
-        unet_config = load_json(folder / "unet_config.json", "U-Net config")
-        weights = load_tensors(folder / "unet.safetensors")
-        ema = load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
-        state = load_json(folder / "trainer_state.json", "trainer state")
-        opt_tensors = load_tensors(folder / "optimizer.safetensors")
-        rng_tensors = load_tensors(folder / "rng.safetensors")
-        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
-            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
-    except CheckpointError as err:
-        raise CheckpointError(
-            f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
-            "from the previous checkpoint, if any; nothing was overwritten)"
-        ) from None
+    (unet_config, weights, ema), state, opt_tensors, rng_tensors = read_checkpoint_files(folder, _read_unet_files)
     return unet_config, weights, ema, state, opt_tensors, rng_tensors
 
 

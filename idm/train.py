@@ -42,12 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import save_json, save_tensors
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
-from idm.training.options import check_loop_options
+from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, worker_init
 from idm.training.csv_log import CsvLog
 from idm.training.distributed import DistEnv
@@ -55,7 +55,7 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
-from idm.training.state import capture_rng, flatten_optimizer, restore_optimizer, restore_rng
+from idm.training.state import capture_rng, flatten_optimizer, read_checkpoint_files, restore_optimizer, restore_rng
 from idm.wiring import WiredSequence
 
 __all__ = [
@@ -72,8 +72,8 @@ RESUME_HINTS = {
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training options of ``idm train``.
+class TrainConfig(LoopOptions):
+    """Training options of ``idm train`` (the shared ones: :class:`~idm.training.options.LoopOptions`).
 
     Identity (must match on ``--resume``): ``batch_size`` (global, over all
     processes), ``lr``, ``lr_milestones`` (resolved), ``lr_gamma``,
@@ -81,55 +81,28 @@ class TrainConfig:
     Settings (may change between chunks): the rest.
 
     Attributes:
-        iters: total iterations of the run.
-        batch_size: global batch ``B`` (a multiple of the number of processes).
-        lr: Adam learning rate at the start.
         lr_milestones: iterations after which the learning rate is multiplied
             by ``lr_gamma``; ``None``: 20/40/60/80 % of ``iters``.
         scalar_lr_mult: learning-rate factor of the learnable scalars
             (``alpha`` of ``abar``, wiring ``v``, in/out scales). 1 = the
             paper's single learning rate; larger values let ``abar`` move
             (it barely moves at 1e-4-2e-4, see the calibration notes).
-        seed: seed of data order, crops, flips, operator draws and noise.
-        amp: bf16 autocast on CUDA (ignored on the CPU).
-        augment: one of the 8 flips/rotations per global batch.
         randomize_operator: a fresh operator draw every iteration (for operators
             with random parts; others are unaffected).
-        checkpoint_every, log_every, val_every: cadences (``val_every=0``: at checkpoints).
-        keep: number of checkpoints kept.
-        max_minutes: time budget of this command (checkpoint and exit before it).
-        num_workers: DataLoader worker processes.
-        progress: show a tqdm progress bar (rank 0).
+        val_every: iterations between validations (``0``: at checkpoints).
     """
 
     iters: int = 50_000
-    batch_size: int = 8
-    lr: float = 1e-4
     lr_milestones: tuple[int, ...] | None = None
-    lr_gamma: float = 0.5
     scalar_lr_mult: float = 1.0
-    seed: int = 0
-    amp: bool = True
-    augment: bool = True
     randomize_operator: bool = True
-    checkpoint_every: int = 1000
-    log_every: int = 10
     val_every: int = 0
-    keep: int = 2
-    max_minutes: float | None = None
-    num_workers: int = 0
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        check_loop_options("TrainConfig", self)
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-
-        need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
+        super().__post_init__()
+        self.need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
         if self.lr_milestones is not None:
-            need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")
+            self.need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")
         Cadence(self.checkpoint_every, self.log_every, self.val_every)
 
     def milestones(self) -> tuple[int, ...]:
@@ -271,19 +244,7 @@ def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer
 
 def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
     """Model, trainer state, optimizer tensors and RNG tensors of a checkpoint, with a clear error if any is broken."""
-    try:
-        model = IDM.from_pretrained(folder)
-        state = load_json(folder / "trainer_state.json", "trainer state")
-        opt_tensors = load_tensors(folder / "optimizer.safetensors")
-        rng_tensors = load_tensors(folder / "rng.safetensors")
-        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
-            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
-    except CheckpointError as err:
-        raise CheckpointError(
-            f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
-            "from the previous checkpoint, if any; nothing was overwritten)"
-        ) from None
-    return model, state, opt_tensors, rng_tensors
+    return read_checkpoint_files(folder, IDM.from_pretrained)
 
 
 def train(

@@ -12,6 +12,10 @@ import tasks
 from idm import IDM, IDMConfig, demo
 from idm.cli import main
 
+#: Least PSNR gain (dB) of the shipped models over A^+ y on the first sample image, a floor below what
+#: the shipped weights reach (see idm/weights/README.md), so a broken model or loader fails the test.
+SHIPPED_MIN_GAIN_DB = {"cs-10": 2.0, "cs-50": 2.0, "inpainting-50": 10.0}
+
 
 def _shipped(root, name, task, color, channels, operator_config):
     folder = root / name
@@ -71,3 +75,37 @@ def test_the_shipped_models_load_and_serve_their_settings():
         assert model is not None, case
         weights = model.path / "model.safetensors"
         assert weights.stat().st_size < 16 * 2**20
+
+
+def _shipped_psnr_gain(task_name: str, overrides: dict, color: str) -> tuple[float, float]:
+    """``(IDM PSNR, A^+ y PSNR)`` of the shipped model for a setting on the first sample image."""
+    from benchmarks.protocol import operator_factory, score_function
+    from idm.shipped import find_shipped
+    from idm.train import load_trained
+
+    task = tasks.get(task_name).with_color(color)
+    shipped = find_shipped(task.name, {"name": task.operator, **task.operator_kwargs(**overrides)})
+    assert shipped is not None, overrides
+    trained = load_trained(shipped.path, operator_defaults=task.operator_kwargs())
+    x = demo.sample_images(color)[0].x[None]
+    op = operator_factory(task, overrides, trained.operator, seed=0)(0, tuple(x.shape[-2:]))
+    y = op.A(x)
+    with torch.no_grad():
+        x_hat = trained.model.eval()(y, op)
+    score = score_function(task)
+    return score(x_hat, x)[0], score(op.A_dagger(y), x)[0]
+
+
+@pytest.mark.shipped
+@pytest.mark.parametrize(
+    ("task_name", "overrides", "color", "min_gain_db"),
+    [("cs", {"ratio": 0.1}, "y", SHIPPED_MIN_GAIN_DB["cs-10"]), ("cs", {"ratio": 0.5}, "y", SHIPPED_MIN_GAIN_DB["cs-50"]),
+     ("inpainting", {"mask": "random", "ratio": 0.5}, "rgb", SHIPPED_MIN_GAIN_DB["inpainting-50"])],
+)  # fmt: skip
+def test_shipped_models_beat_the_pseudo_inverse(task_name, overrides, color, min_gain_db):
+    from idm.shipped import shipped_models
+
+    if not shipped_models():
+        pytest.skip("no weights in idm/weights")
+    idm_psnr, pinv_psnr = _shipped_psnr_gain(task_name, overrides, color)
+    assert idm_psnr > pinv_psnr + min_gain_db, (idm_psnr, pinv_psnr)

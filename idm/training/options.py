@@ -1,9 +1,53 @@
-"""Checks of the options every training loop shares (``idm train`` and ``idm pretrain``)."""
+"""The options every training loop shares (``idm train`` and ``idm pretrain``) and their checks."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """Options of a training loop; :class:`idm.train.TrainConfig` and
+    :class:`idm.pretrain.PretrainConfig` add their own (and their own defaults).
+
+    Attributes:
+        iters: total iterations of the run.
+        batch_size: global batch ``B`` (a multiple of the number of processes).
+        lr: Adam learning rate at the start.
+        lr_gamma: learning-rate factor at each milestone.
+        seed: seed of data order, crops, flips, operator draws and noise.
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        augment: one of the 8 flips/rotations per global batch.
+        checkpoint_every, log_every: cadences in iterations.
+        keep: number of checkpoints kept.
+        max_minutes: time budget of this command (checkpoint and exit before it).
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar (rank 0).
+    """
+
+    iters: int = 20_000
+    batch_size: int = 8
+    lr: float = 1e-4
+    lr_gamma: float = 0.5
+    seed: int = 0
+    amp: bool = True
+    augment: bool = True
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    keep: int = 2
+    max_minutes: float | None = None
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_loop_options(type(self).__name__, self)
+
+    def need(self, ok: bool, message: str) -> None:
+        """Raise ``ValueError("<class name>: message")`` unless ``ok``."""
+        if not ok:
+            raise ValueError(f"{type(self).__name__}: {message}")
 
 
 def check_loop_options(owner: str, options: Any) -> None:

@@ -15,12 +15,38 @@ user callback, a model with dropout) resumes exactly too.
 from __future__ import annotations
 
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
-from idm.checkpoint import CheckpointError
+from idm.checkpoint import CheckpointError, load_json, load_tensors
+
+Model = TypeVar("Model")
+
+
+def read_checkpoint_files(
+    folder: Path, read_model: Callable[[Path], Model]
+) -> tuple[Model, dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(read_model(folder), trainer state, optimizer tensors, RNG tensors)`` of a training checkpoint.
+
+    Any missing or broken file raises :class:`CheckpointError` saying the
+    checkpoint is damaged and how to fall back to the previous one.
+    """
+    try:
+        model = read_model(folder)
+        state = load_json(folder / "trainer_state.json", "trainer state")
+        opt_tensors = load_tensors(folder / "optimizer.safetensors")
+        rng_tensors = load_tensors(folder / "rng.safetensors")
+        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
+            "from the previous checkpoint, if any; nothing was overwritten)"
+        ) from None
+    return model, state, opt_tensors, rng_tensors
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
