@@ -1,7 +1,9 @@
-"""Inpainting: recover the missing pixels of natural images.
+"""Inpainting: recover the missing pixels of natural colour images.
 
-Random pixel masks keeping half the pixels by default (a fresh mask every
-training iteration); ``--mask box`` or a mask image file for fixed masks.
+RGB images (``--color y`` or ``gray`` for one channel); random pixel masks
+keeping half the pixels by default (a fresh mask every training iteration);
+``--mask box`` or a mask image file for fixed masks. Training on
+``--mask random,box`` mixes both kinds, boxes at random positions.
 """
 
 from tasks.base import Schedule, Task
@@ -11,10 +13,10 @@ TASK = Task(
     operator="inpainting",
     operator_defaults={"mask": "random", "ratio": 0.5},
     options=("mask", "ratio"),
-    channels=1,
-    color="y",
+    channels=3,
+    color="rgb",
     crop=256,
     family_choices={"box_position": ("center", "random")},
     schedule=Schedule(iters=50_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
-    description="inpainting of natural images (Y channel), random masks keeping 50% of the pixels",
+    description="inpainting of natural RGB images, random masks keeping 50% of the pixels",
 )

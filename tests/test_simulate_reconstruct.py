@@ -124,7 +124,7 @@ def files(tmp_path_factory):
     cs = tasks.get("cs").make_operator((32, 32), ratio=0.25, block=8).config()
     _model(models, "cs", "cs", 1, cs)
     _model(models, "cs-phi5", "cs", 1, {**cs, "phi_seed": 5})
-    _model(models, "inpainting", "inpainting", 1, tasks.get("inpainting").make_operator((32, 32)).config())
+    _model(models, "inpainting", "inpainting", 3, tasks.get("inpainting").make_operator((32, 32)).config())
     _model(models, "mri", "mri", 2, tasks.get("mri").make_operator((32, 32)).config())
     _model(models, "ct20", "ct", 1, tasks.get("ct").make_operator((32, 32), views=20).config())
     _model(models, "ct30", "ct", 1, tasks.get("ct").make_operator((32, 32), views=30).config())
@@ -275,8 +275,8 @@ def test_mri_and_inpainting_images_are_simulated_and_scored(files, tmp_path):
         out = tmp_path / task
         assert main(["reconstruct", "--task", task, "--input", str(files / "images" / "a.png"), "--checkpoint",
                      str(files / "models" / model), "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
-        assert np.load(out / "a.npy").shape == ((2 if task == "mri" else 1), 32, 32)
-        assert Image.open(out / "a.png").mode == "L"  # MRI: the magnitude
+        assert np.load(out / "a.npy").shape == ((2 if task == "mri" else 3), 32, 32)
+        assert Image.open(out / "a.png").mode == ("L" if task == "mri" else "RGB")  # MRI: the magnitude
         assert [r["name"] for r in _rows(out / "metrics.csv")] == ["a"]
 
 

@@ -35,7 +35,7 @@ def test_registry():
 
 @pytest.mark.parametrize(
     "name, size, y_shape",
-    [("cs", 16, (2, 1, 16, 2)), ("inpainting", 16, (2, 1, 16, 16)), ("mri", 16, (2, 2, 16, 16)), ("ct", 16, None)],
+    [("cs", 16, (2, 1, 16, 2)), ("inpainting", 16, (2, 3, 16, 16)), ("mri", 16, (2, 2, 16, 16)), ("ct", 16, None)],
 )
 def test_make_operator(name, size, y_shape):
     task = tasks.get(name)
@@ -68,11 +68,11 @@ def test_operator_overrides():
 
 def test_image_tasks_load_crops(tmp_path):
     gray, rgb = _pngs(tmp_path / "gray"), _pngs(tmp_path / "rgb", mode="RGB")
-    for name in ("cs", "inpainting"):
+    for name, channels in (("cs", 1), ("inpainting", 3)):  # cs: the Y channel; inpainting: RGB (grey files repeated)
         data = tasks.get(name).dataset([gray, rgb], crop=16, seed=0)
         assert len(data) == 6
         x = data[4]
-        assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert x.shape == (channels, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     color = tasks.get("cs").with_color("rgb")
     assert color.channels == 3 and color.dataset(rgb, crop=8)[0].shape == (3, 8, 8)
     assert color.make_operator(8, block=4).config()["channels"] == 3
