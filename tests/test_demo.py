@@ -14,7 +14,7 @@ from idm.cli import main
 
 #: Least PSNR gain (dB) of the shipped models over A^+ y on the first sample image, a floor below what
 #: the shipped weights reach (see idm/weights/README.md), so a broken model or loader fails the test.
-SHIPPED_MIN_GAIN_DB = {"cs-10": 2.0, "cs-50": 2.0, "inpainting-50": 10.0}
+SHIPPED_MIN_GAIN_DB = {"cs-10": 10.0, "cs-50": 13.0, "inpainting-50": 7.0}  # measured: 13.4, 17.0, 10.2
 
 
 def _shipped(root, name, task, color, channels, operator_config):
