@@ -24,17 +24,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
-from idm.training.run_folder import RUN_NAME, replace_folder
+from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT
+from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
+from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
 KEEP_FP32_NUMEL = 16
-STATE_NAME = "trainer_state.json"
 
 
 def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -98,16 +97,11 @@ def export_model(
 
 def export_prior(run_folder: str | os.PathLike, out: str | os.PathLike, hardware: str | None = None) -> Path:
     """Export the prior of an ``idm pretrain`` run (its ``prior/`` folder, as last exported) to ``out``."""
-    from idm.pretrain import PRIOR_DIR
-
     run_folder = Path(run_folder)
     prior = run_folder / PRIOR_DIR
     if not (prior / "config.json").is_file():
         raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/")
-    from idm.training.run_folder import RunFolder
-    from idm.pretrain import RUN_FORMAT
-
-    latest = RunFolder(run_folder, RUN_FORMAT).latest()
+    latest = RunFolder(run_folder, PRETRAIN_RUN_FORMAT).latest()
     run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
     state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}
     if hardware is not None:
@@ -126,8 +120,3 @@ def export_prior(run_folder: str | os.PathLike, out: str | os.PathLike, hardware
 def weights_megabytes(folder: str | os.PathLike) -> float:
     """Size of the ``.safetensors`` files in ``folder`` in MiB."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
-
-
-def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest absolute difference between two state dicts with the same keys (float64)."""
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())

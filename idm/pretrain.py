@@ -48,7 +48,14 @@ from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
-from idm.training.state import capture_rng, flatten_optimizer, read_checkpoint_files, restore_optimizer, restore_rng
+from idm.training.state import (
+    TRAINER_STATE_NAME,
+    capture_rng,
+    flatten_optimizer,
+    read_checkpoint_files,
+    restore_optimizer,
+    restore_rng,
+)
 from idm.unets.factory import PRIOR_INFO_NAME
 
 RUN_FORMAT = "idm-pretrain-run"
@@ -363,7 +370,7 @@ def pretrain(
                         "world_size": env.world_size,
                         "torch": torch.__version__,
                     },
-                    tmp / "trainer_state.json",
+                    tmp / TRAINER_STATE_NAME,
                 )
 
             folder.save_checkpoint(iteration, write, {**run_config, "iteration": iteration}, config.keep)

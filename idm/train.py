@@ -55,7 +55,14 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
-from idm.training.state import capture_rng, flatten_optimizer, read_checkpoint_files, restore_optimizer, restore_rng
+from idm.training.state import (
+    TRAINER_STATE_NAME,
+    capture_rng,
+    flatten_optimizer,
+    read_checkpoint_files,
+    restore_optimizer,
+    restore_rng,
+)
 from idm.wiring import WiredSequence
 
 __all__ = [
@@ -238,7 +245,7 @@ def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer
             "world_size": env.world_size,
             "torch": torch.__version__,
         },
-        folder / "trainer_state.json",
+        folder / TRAINER_STATE_NAME,
     )
 
 

@@ -159,10 +159,10 @@ class Task:
             return self.make_operator(img_size, seed, **overrides)
         if kinds and "mask" not in self.options:
             raise ValueError(f"task {self.name} does not use --mask")
+        fixed = {k: v for k, v in overrides.items() if k not in ranges and not (kinds and k == "mask")}
+        middle = {k: (lo + hi) / 2 for k, (lo, hi) in ranges.items()}
         components = []
         for kind in kinds or [None]:
-            fixed = {k: v for k, v in overrides.items() if k not in ranges and not (kinds and k == "mask")}
-            middle = {k: (lo + hi) / 2 for k, (lo, hi) in ranges.items()}
             base = self.make_operator(img_size, seed, **fixed, **middle, **({"mask": kind} if kind else {})).config()
             vary = {k: r for k, r in ranges.items() if k in base}
             vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})

@@ -49,16 +49,14 @@ def add_parser(subparsers) -> None:
 
 
 def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device):
-    from idm.shipped import default_checkpoint
+    from idm.shipped import default_checkpoint, missing_message
     from idm.train import load_trained
 
     expect = {"name": task.operator, **overrides}
-    checkpoint = args.checkpoint or default_checkpoint(task.name, {"name": task.operator, **task.operator_kwargs(**overrides)})
+    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
+    checkpoint = args.checkpoint or default_checkpoint(task.name, request)
     if checkpoint is None:
-        raise ValueError(
-            "method 'idm' needs --checkpoint (an IDM model folder or a training --out folder); "
-            f"no shipped model is installed for task {task.name!r} with these operator settings"
-        )
+        raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request)}")
     return load_trained(
         checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
     )

@@ -25,9 +25,9 @@ What the input is:
   ``idm simulate`` would (seed ``--seed + i``, operator of the checkpoint), then
   reconstructed and scored.
 
-Without ``--checkpoint`` the shipped model for the task and operator is used
-(:func:`idm.shipped.default_checkpoint`); none ship yet, so for now
-``--checkpoint`` is needed.
+Without ``--checkpoint`` the shipped model that serves the task and operator
+is used (:func:`idm.shipped.default_checkpoint`); a request no shipped model
+serves is refused with the list of shipped models.
 
 Outputs in ``--out``: ``<name>.png`` (the task's display image: MRI
 magnitude, clamped to [0, 1]), ``<name>.npy`` (float32 ``(C, H, W)``
@@ -80,7 +80,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
     parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5)")
-    parser.add_argument("--checkpoint", help="IDM model folder or idm train --out folder (default: the shipped model, none yet)")
+    parser.add_argument("--checkpoint", help="IDM model folder or idm train --out folder (default: the shipped model serving the task and operator)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="only the first N images / slices")
     parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")

@@ -25,6 +25,9 @@ from idm.checkpoint import CheckpointError, load_json, load_tensors
 
 Model = TypeVar("Model")
 
+#: The JSON file of a training checkpoint with its iteration, seconds and optimizer metadata.
+TRAINER_STATE_NAME = "trainer_state.json"
+
 
 def read_checkpoint_files(
     folder: Path, read_model: Callable[[Path], Model]
@@ -36,11 +39,11 @@ def read_checkpoint_files(
     """
     try:
         model = read_model(folder)
-        state = load_json(folder / "trainer_state.json", "trainer state")
+        state = load_json(folder / TRAINER_STATE_NAME, "trainer state")
         opt_tensors = load_tensors(folder / "optimizer.safetensors")
         rng_tensors = load_tensors(folder / "rng.safetensors")
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
-            raise CheckpointError(f"{folder / 'trainer_state.json'} has no iteration number")
+            raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no iteration number")
     except CheckpointError as err:
         raise CheckpointError(
             f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
