@@ -12,7 +12,8 @@ weights' dtype. ``half`` stores the weights in float16 except tensors of at
 most :data:`KEEP_FP32_NUMEL` elements (the learnable scalars: abar, the
 wiring's ``v``, whose rounding the steps amplify); loading casts back to
 float32. An exported prior is the diffusers folder that ``idm pretrain``
-wrote (float32, loadable by diffusers) plus the same ``provenance.json``.
+wrote (loadable by diffusers; float16 unless ``half=False``) plus the same
+``provenance.json``.
 
 Every export is written to a temporary folder and renamed into place.
 """
@@ -49,6 +50,15 @@ def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra:
     }
 
 
+def _half(tensors: dict[str, Any]) -> dict[str, Any]:
+    """float16 copies of the floating tensors of more than :data:`KEEP_FP32_NUMEL` elements."""
+    return {k: v.half() if v.is_floating_point() and v.numel() > KEEP_FP32_NUMEL else v for k, v in tensors.items()}
+
+
+def _dtype_note(half: bool) -> str:
+    return "float16 (tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
+
+
 def export_model(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -76,15 +86,12 @@ def export_model(
         raise CheckpointError(f"{folder / CONFIG_NAME} is not an IDM model config")
     tensors = load_tensors(folder / WEIGHTS_NAME)
     if half:
-        tensors = {
-            k: v.half() if v.is_floating_point() and v.numel() > KEEP_FP32_NUMEL else v for k, v in tensors.items()
-        }
+        tensors = _half(tensors)
     if prior_name is not None:
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    dtype = "float16 (tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
-    provenance = _provenance(folder, run, state, {"weights_dtype": dtype, "prior": config["idm"]["unet"]})
+    provenance = _provenance(folder, run, state, {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]})
 
     def write(tmp: Path) -> None:
         save_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": MODEL_FORMAT})
@@ -95,8 +102,14 @@ def export_model(
     return replace_folder(Path(out), write)
 
 
-def export_prior(run_folder: str | os.PathLike, out: str | os.PathLike, hardware: str | None = None) -> Path:
-    """Export the prior of an ``idm pretrain`` run (its ``prior/`` folder, as last exported) to ``out``."""
+def export_prior(
+    run_folder: str | os.PathLike, out: str | os.PathLike, half: bool = True, hardware: str | None = None
+) -> Path:
+    """Export the prior of an ``idm pretrain`` run (its ``prior/`` folder, as last exported) to ``out``.
+
+    ``half``: float16 weights as in :func:`export_model` (diffusers loads them
+    into its float32 U-Net); otherwise the files are copied as they are.
+    """
     run_folder = Path(run_folder)
     prior = run_folder / PRIOR_DIR
     if not (prior / "config.json").is_file():
@@ -106,11 +119,15 @@ def export_prior(run_folder: str | os.PathLike, out: str | os.PathLike, hardware
     state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    provenance = _provenance(latest or run_folder, run, state, {"weights_dtype": "float32"})
+    provenance = _provenance(latest or run_folder, run, state, {"weights_dtype": _dtype_note(half)})
 
     def write(tmp: Path) -> None:
         for item in prior.iterdir():
-            if item.is_file():
+            if not item.is_file():
+                continue
+            if half and item.name.endswith(".safetensors"):
+                save_tensors(_half(load_tensors(item)), tmp / item.name, metadata={"format": "pt"})
+            else:
                 shutil.copy2(item, tmp / item.name)
         save_json(provenance, tmp / PROVENANCE_NAME)
 

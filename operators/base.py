@@ -134,6 +134,15 @@ class Operator(LinearPhysics):
         kwargs = {k: v for k, v in config.items() if k != "name"}
         return cls(**kwargs)
 
+    def variant(self, config: dict[str, Any]) -> "Operator":
+        """The operator of ``config`` (same kind, other settings), reusing this one's precomputed parts where it can.
+
+        The default rebuilds it from scratch; operators with costly set-up
+        (e.g. the orthogonal bases of CS) override it. Operator families call
+        it for every training draw.
+        """
+        return type(self).from_config(config)
+
     def resample(self, seed: int) -> "Operator":
         """A new operator of the same kind with its random parts redrawn from ``seed``.
 

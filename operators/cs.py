@@ -48,10 +48,10 @@ from .base import Operator, OperatorInputError, check_int, check_ratio
 _MODES = ("spatial", "permuted")
 
 
-def _orthonormal_rows(gaussian: torch.Tensor, rows: int) -> torch.Tensor:
-    """``rows x m`` matrix with orthonormal rows from a square ``m x m`` Gaussian (float64)."""
+def _orthonormal_basis(gaussian: torch.Tensor) -> torch.Tensor:
+    """``m x m`` orthogonal matrix (QR of a square ``m x m`` Gaussian, float64): ``Phi`` is its first columns, transposed."""
     q, _ = torch.linalg.qr(gaussian)
-    return q[:, :rows].T.contiguous()
+    return q
 
 
 def _num_rows(ratio: float, size: int) -> int:
@@ -93,7 +93,7 @@ class CompressedSensing(Operator):
         seed: int = 0,
         phi_seed: int = 0,
         *,
-        _matrices: dict[int, torch.Tensor] | None = None,
+        _bases: dict[int, torch.Tensor] | None = None,
     ):
         super().__init__(img_size, channels)
         self.ratio = check_ratio(ratio, "ratio")
@@ -131,14 +131,18 @@ class CompressedSensing(Operator):
                 sizes.add(self._rest)
             self.n_blocks = self._n_full + (1 if self._rest else 0)
 
-        # Orthonormal-row matrices, float64 on the CPU, keyed by group size.
-        if _matrices is None:
-            gen = torch.Generator().manual_seed(phi_seed)
-            gaussian = torch.randn(n, n, generator=gen, dtype=torch.float64)
-            _matrices = {}
-            for size in sorted(sizes):
-                _matrices[size] = _orthonormal_rows(gaussian[:size, :size], _num_rows(self.ratio, size))
-        self._matrices = _matrices
+        # Orthonormal-row matrices, float64 on the CPU, keyed by group size: the first
+        # rows of one orthogonal basis per size, so operators that differ only in ratio
+        # or permutation share the bases (``resample``, ``variant``) instead of a QR each.
+        self._bases = {} if _bases is None else _bases
+        missing = sorted(size for size in sizes if size not in self._bases)
+        if missing:
+            gaussian = torch.randn(n, n, generator=torch.Generator().manual_seed(phi_seed), dtype=torch.float64)
+            for size in missing:
+                self._bases[size] = _orthonormal_basis(gaussian[:size, :size])
+        self._matrices = {
+            size: self._bases[size][:, : _num_rows(self.ratio, size)].T.contiguous() for size in sorted(sizes)
+        }
         # Per (rows, cols) part, the q x n matrix acting on a padded block.
         self._phi = self._matrices[n] if n in self._matrices else None
         if mode == "spatial":
@@ -268,6 +272,10 @@ class CompressedSensing(Operator):
         """
         if self.mode != "permuted":
             return self
-        cfg = {k: v for k, v in self.config().items() if k != "name"}
-        cfg["seed"] = int(seed)
-        return type(self)(**cfg, _matrices=self._matrices)
+        return self.variant({**self.config(), "seed": int(seed)})
+
+    def variant(self, config: dict[str, Any]) -> "CompressedSensing":
+        """The operator of ``config`` (any ratio, seed, size), sharing this one's bases when ``Phi`` is the same."""
+        kwargs = {k: v for k, v in config.items() if k != "name"}
+        same_phi = kwargs.get("block") == self.block and kwargs.get("phi_seed") == self.phi_seed
+        return type(self)(**kwargs, _bases=self._bases if same_phi else None)

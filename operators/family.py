@@ -160,14 +160,17 @@ class OperatorFamily(Operator):
             raise OperatorInputError("an operator family needs at least one component")
         from . import from_config
 
-        representative = from_config(comps[0].base)
+        prototypes = [from_config(comp.base) for comp in comps]
+        representative = prototypes[0]
         shape = representative.image_shape
-        for comp in comps[1:]:
-            other = from_config(comp.base).image_shape
-            if other != shape:
-                raise OperatorInputError(f"family components act on images of different shapes: {shape} and {other}")
+        for other in prototypes[1:]:
+            if other.image_shape != shape:
+                raise OperatorInputError(
+                    f"family components act on images of different shapes: {shape} and {other.image_shape}"
+                )
         super().__init__(representative.img_hw, representative.channels, **kwargs)
         self.representative = representative
+        self.prototypes = prototypes  # each component's base operator: draws are its variants
         self.components = comps
         self.seed = int(seed)
 
@@ -185,12 +188,10 @@ class OperatorFamily(Operator):
 
     def resample(self, seed: int) -> Operator:
         """A member drawn from ``seed``: component, varied settings and the operator's own random parts."""
-        from . import from_config
-
         gen = torch.Generator().manual_seed(int(seed))
         weights = torch.tensor([c.weight for c in self.components], dtype=torch.float64)
         index = int(torch.multinomial(weights, 1, generator=gen)) if len(self.components) > 1 else 0
-        return from_config(self.components[index].draw(gen, seed))
+        return self.prototypes[index].variant(self.components[index].draw(gen, seed))
 
     def mismatches(self, request: Mapping[str, Any]) -> list[str]:
         """``[]`` when some component serves ``request``, else the closest component's problems."""

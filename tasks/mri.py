@@ -7,8 +7,6 @@ protocol. A fresh random column mask is drawn every training iteration.
 PSNR is measured on the magnitude image.
 """
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import Dataset
 
@@ -18,61 +16,28 @@ from tasks.base import Schedule, Task
 class ComplexFromMagnitude(Dataset):
     """Wraps a dataset of ``(1, H, W)`` magnitude images: items ``(2, H, W)`` = (magnitude, 0)."""
 
-    def __init__(self, parts: list[Dataset]):
-        self.parts = parts
-        self.offsets = []
-        total = 0
-        for part in parts:
-            self.offsets.append(total)
-            total += len(part)
-        self.total = total
+    def __init__(self, magnitudes: Dataset):
+        self.magnitudes = magnitudes
 
     def __len__(self) -> int:
-        return self.total
+        return len(self.magnitudes)
 
     def set_epoch(self, epoch: int) -> None:
-        for part in self.parts:
-            part.set_epoch(epoch)
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < self.total:
-            raise IndexError(f"index {index} out of range for {self.total} items")
-        k = max(i for i, off in enumerate(self.offsets) if off <= index)
-        return k, index - self.offsets[k]
+        self.magnitudes.set_epoch(epoch)
 
     def item_name(self, index: int) -> str:
-        k, i = self._locate(index)
-        return self.parts[k].item_name(i)
+        return self.magnitudes.item_name(index)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        k, i = self._locate(index)
-        x = self.parts[k][i]
+        x = self.magnitudes[index]
         return torch.cat([x, torch.zeros_like(x)], dim=0)
-
-
-def _has_mat(path: Path) -> bool:
-    if path.is_file():
-        return path.suffix.lower() == ".mat"
-    return path.is_dir() and any(p.suffix.lower() == ".mat" for p in path.iterdir() if p.is_file())
 
 
 def mri_loader(task, paths, crop, augment, seed):
     """Magnitude images from image folders and/or ``.mat`` folders -> complex 2-channel items."""
-    from tasks.data import ImageFolderDataset, MatFolderDataset
+    from tasks.data import grayscale_dataset
 
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    mats = [p for p in paths if _has_mat(Path(p))]
-    images = [p for p in paths if p not in mats]
-    parts = []
-    if mats:
-        parts.append(MatFolderDataset(mats, crop=crop, augment=augment, seed=seed))
-    if images:
-        parts.append(ImageFolderDataset(images, color="gray", crop=crop, augment=augment, seed=seed))
-    if not parts:
-        from tasks.data import DataError
-
-        raise DataError("no MRI data paths given")
-    return ComplexFromMagnitude(parts)
+    return ComplexFromMagnitude(grayscale_dataset(paths, color="gray", crop=crop, augment=augment, seed=seed))
 
 
 TASK = Task(

@@ -14,6 +14,7 @@ from PIL import Image
 from tasks.data import (
     DEFAULT_HU_WINDOW,
     DIHEDRAL_INVERSE,
+    ConcatSlices,
     CTSliceDataset,
     DataError,
     ImageFolderDataset,
@@ -22,6 +23,7 @@ from tasks.data import (
     ct_num_slices,
     dihedral,
     dihedral_inverse,
+    grayscale_dataset,
     hu_window,
     inverse_hu_window,
     kspace_to_image,
@@ -598,3 +600,22 @@ def test_mat_folder_dataset(tmp_path):
     with pytest.raises(DataError, match="im-03.mat.*normalize"):
         MatFolderDataset(d)[2]
     assert float(MatFolderDataset(d, normalize=True)[2].max()) == 1.0
+
+
+def test_grayscale_dataset_mixes_image_and_mat_folders(tmp_path):
+    mats, images = tmp_path / "mats", tmp_path / "images"
+    mats.mkdir()
+    images.mkdir()
+    scipy.io.savemat(mats / "mr.mat", {"im": _rng().random((12, 12))})
+    Image.fromarray((_rng(1).random((12, 12)) * 255).astype(np.uint8)).save(images / "nat.png")
+    ds = grayscale_dataset([images, mats], crop=8, augment=True, seed=3)
+    assert isinstance(ds, ConcatSlices) and len(ds) == 2
+    assert [ds.item_name(i) for i in range(2)] == ["mr", "nat"]
+    assert all(ds[i].shape == (1, 8, 8) for i in range(2))
+    ds.set_epoch(1)
+    assert all(part.epoch == 1 for part in ds.parts)
+    assert isinstance(grayscale_dataset(images), ImageFolderDataset)  # one kind: no wrapper
+    with pytest.raises(IndexError):
+        ds[2]
+    with pytest.raises(DataError, match="no image or .mat"):
+        grayscale_dataset([])

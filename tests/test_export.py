@@ -62,7 +62,16 @@ def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkey
     prior_run, _ = runs
     out = tmp_path / "models" / "prior-x"
     assert main(["export", "--checkpoint", str(prior_run), "--out", str(out)]) == 0
-    assert UNet2DModel.from_pretrained(out).config.in_channels == 1
+    unet = UNet2DModel.from_pretrained(out)
+    assert unet.config.in_channels == 1 and next(unet.parameters()).dtype == torch.float32
+    stored = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values() if t.numel() > KEEP_FP32_NUMEL} == {torch.float16}
+    full = tmp_path / "prior-fp32"
+    assert main(["export", "--checkpoint", str(prior_run), "--fp32", "--out", str(full)]) == 0
+    reference = UNet2DModel.from_pretrained(full)
+    assert {t.dtype for t in load_file(str(full / "diffusion_pytorch_model.safetensors")).values()} == {torch.float32}
+    gaps = [float((a - b).abs().max()) for a, b in zip(unet.parameters(), reference.parameters())]
+    assert 0 < max(gaps) < 1e-2  # float16 rounding, nothing more
     assert json.loads((out / "provenance.json").read_text())["iteration"] == 2
     monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "models"))
     assert shipped.find_prior("prior-x") == out

@@ -40,6 +40,9 @@ def test_members_are_exact_operators_and_the_family_acts_as_its_representative()
     member = fam.resample(5)
     y = member.A(x)
     assert torch.allclose(member.A(member.A_dagger(y)), y, atol=1e-10)  # each draw is a true CS operator
+    rebuilt = operators.from_config(member.config())  # from scratch: its own QR
+    assert member._bases is fam.representative._bases and rebuilt._bases is not member._bases
+    assert torch.equal(member.A(x), rebuilt.A(x)) and torch.equal(member.A_dagger(y), rebuilt.A_dagger(y))
 
 
 def test_requests_inside_the_family_are_accepted_and_others_named():

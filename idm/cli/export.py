@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.checkpoint)
     if (source / PRIOR_DIR / "config.json").is_file():
-        out = export_prior(source, args.out, hardware=args.hardware)
+        out = export_prior(source, args.out, half=not args.fp32, hardware=args.hardware)
     else:
         out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware)
     print(f"idm export: {out} ({weights_megabytes(out):.1f} MiB of weights)")

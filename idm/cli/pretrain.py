@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "DDPMPipeline). Resumable (--resume), time-budgeted (--max-minutes), multi-GPU under torchrun.",
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files")
-    parser.add_argument("--data-kind", choices=DATA_KINDS, default="images", help="images (PNG/TIFF/JPEG/BMP; default), mat (MATLAB 2-D matrices in [0,1]), ct (.npy/.dcm/.tif slices)")
+    parser.add_argument("--data-kind", choices=DATA_KINDS, default="images", help="images (PNG/TIFF/JPEG/BMP; default; with --channels 1, folders of .mat files mix in, e.g. natural + MR), mat (MATLAB 2-D matrices in [0,1]), ct (.npy/.dcm/.tif slices)")
     add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/, prior/)")
 
     arch = parser.add_argument_group("U-Net")
@@ -53,8 +53,10 @@ def add_parser(subparsers) -> None:
 
 
 def _dataset(args: argparse.Namespace, color: str):
-    from tasks.data import CTSliceDataset, ImageFolderDataset, MatFolderDataset
+    from tasks.data import CTSliceDataset, ImageFolderDataset, MatFolderDataset, grayscale_dataset
 
+    if args.data_kind == "images" and args.channels == 1:
+        return grayscale_dataset(args.data, color=color, crop=args.crop, seed=args.seed)
     if args.data_kind == "images":
         return ImageFolderDataset(args.data, color=color, crop=args.crop, augment=False, seed=args.seed)
     if args.channels != 1:

@@ -17,7 +17,7 @@ from .ct_slices import (
     read_npy_hu,
     read_tiff_volume,
 )
-from .datasets import CTSliceDataset, ImageFolderDataset, MatFolderDataset
+from .datasets import ConcatSlices, CTSliceDataset, grayscale_dataset, ImageFolderDataset, MatFolderDataset, holds_mat_files
 from .errors import DataError
 from .fastmri_h5 import FastMRISlices, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes
 from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, list_images, read_image, rgb_to_y
@@ -50,5 +50,5 @@ __all__ = [
     "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop",
     "dihedral", "dihedral_inverse", "random_dihedral", "pad_to_multiple", "unpad",
     # datasets
-    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset",
+    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset", "holds_mat_files",
 ]

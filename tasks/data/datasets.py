@@ -34,7 +34,7 @@ from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, read_
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
 
-__all__ = ["ImageFolderDataset", "MatFolderDataset", "CTSliceDataset"]
+__all__ = ["ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset"]
 
 PathLike = Union[str, os.PathLike]
 PathsArg = Union[PathLike, Sequence[PathLike]]
@@ -275,3 +275,74 @@ class CTSliceDataset(_SliceDataset):
 
     def _load(self, path: Path, slice_index: int) -> torch.Tensor:
         return read_ct_slice(path, slice_index, window=self.window, tiff_units=self.tiff_units)
+
+
+class ConcatSlices(Dataset):
+    """Several slice datasets as one: items of ``parts[0]``, then ``parts[1]``, ...
+
+    Keeps the slice datasets' interface (:meth:`set_epoch`, :meth:`item_name`),
+    which ``torch.utils.data.ConcatDataset`` drops. Items are whatever the parts
+    return (they must agree in channels to be batched together).
+    """
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = list(parts)
+        if not self.parts:
+            raise DataError("no datasets to join")
+        self.offsets = list(np.cumsum([0] + [len(part) for part in self.parts[:-1]]))
+        self.total = sum(len(part) for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.total:
+            raise IndexError(f"index {index} out of range for {self.total} items")
+        k = max(i for i, offset in enumerate(self.offsets) if offset <= index)
+        return k, index - int(self.offsets[k])
+
+    def item_name(self, index: int) -> str:
+        k, i = self._locate(index)
+        return self.parts[k].item_name(i)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        k, i = self._locate(index)
+        return self.parts[k][i]
+
+
+def holds_mat_files(path: PathLike) -> bool:
+    """True for a ``.mat`` file or a folder with at least one ``.mat`` file in it."""
+    path = Path(path)
+    if path.is_file():
+        return path.name.lower().endswith(MAT_EXTENSIONS)
+    return path.is_dir() and any(p.name.lower().endswith(MAT_EXTENSIONS) for p in path.iterdir() if p.is_file())
+
+
+def grayscale_dataset(
+    paths: PathsArg,
+    color: str = "gray",
+    crop: Optional[Union[int, tuple[int, int]]] = None,
+    augment: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """One-channel images from image folders and MATLAB ``.mat`` folders mixed, e.g. natural + MR.
+
+    Folders (or files) holding ``.mat`` files are read by :class:`MatFolderDataset`,
+    the others by :class:`ImageFolderDataset` with ``color`` ("gray" or "y").
+    Items: float32 ``(1, H, W)`` in [0, 1].
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    mats = [p for p in paths if holds_mat_files(p)]
+    images = [p for p in paths if p not in mats]
+    parts: list[Dataset] = []
+    if mats:
+        parts.append(MatFolderDataset(mats, crop=crop, augment=augment, seed=seed))
+    if images:
+        parts.append(ImageFolderDataset(images, color=color, crop=crop, augment=augment, seed=seed))
+    if not parts:
+        raise DataError("no image or .mat data paths given")
+    return parts[0] if len(parts) == 1 else ConcatSlices(parts)
