@@ -5,8 +5,8 @@
 
 For each :data:`DEMO_CASES` entry the shipped model that serves it
 (:mod:`idm.shipped`) reconstructs the sample images (scikit-image's bundled
-photographs, centre-cropped to 256 x 256) next to the pseudo-inverse
-``A^+ y``, through the same harness and scoring as ``idm benchmark``
+photographs, centre-cropped to 256 x 256; the Shepp-Logan phantom for MRI)
+next to the pseudo-inverse ``A^+ y`` (zero-filled for MRI), through the same harness and scoring as ``idm benchmark``
 (:func:`benchmarks.harness.run_benchmark`; CS with the authors' protocol).
 Written to ``out``: ``<case>/results.csv``, ``<case>/grids/<image>.png``
 (ground truth | A^+ y | IDM), ``demo.png`` (the first image of every case,
@@ -36,6 +36,8 @@ class DemoCase:
     label: str
     task: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: "photographs" (:data:`SAMPLE_IMAGES`) or "phantom" (Shepp-Logan: MRI, and CT once a CT model ships).
+    images: str = "photographs"
 
 
 #: The settings of issue #6's shipped models.
@@ -46,6 +48,7 @@ DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("inpainting-50-missing", "inpainting", {"mask": "random", "ratio": 0.5}),
     DemoCase("inpainting-80-missing", "inpainting", {"mask": "random", "ratio": 0.2}),
     DemoCase("inpainting-box", "inpainting", {"mask": "box"}),
+    DemoCase("mri-4x", "mri", {"acceleration": 4}, images="phantom"),
 )
 
 
@@ -77,6 +80,25 @@ def sample_images(color: str, names: tuple[str, ...] = SAMPLE_IMAGES, size: int 
     return images
 
 
+def phantom_image(channels: int, size: int = DEMO_SIZE) -> Any:
+    """scikit-image's Shepp-Logan phantom, ``size`` x ``size``, in [0, 1], as a :class:`~benchmarks.harness.BenchmarkImage`.
+
+    ``channels`` 1: ``(1, size, size)``; 2 (complex MRI images): the phantom as the real part, zero imaginary part.
+    """
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import resize
+
+    from benchmarks.harness import BenchmarkImage
+
+    pixels = np.clip(resize(shepp_logan_phantom(), (size, size), anti_aliasing=True), 0.0, 1.0).astype(np.float32)
+    x = torch.from_numpy(pixels)[None]
+    if channels == 2:
+        x = torch.cat([x, torch.zeros_like(x)])
+    elif channels != 1:
+        raise ValueError(f"the phantom has 1 or 2 (complex) channels, not {channels}")
+    return BenchmarkImage("shepp_logan", x.contiguous())
+
+
 def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, progress: bool = True) -> list[dict[str, Any]] | None:
     """Run the shipped model for ``case`` and the pseudo-inverse; ``None`` when no shipped model serves it."""
     import tasks
@@ -98,7 +120,7 @@ def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, pro
     trained = load_trained(shipped.path, expect_task=task.name, expect_operator=dict(case.overrides), device=device,
                            operator_defaults=task.operator_kwargs())  # fmt: skip
     trained.model.eval()
-    images = sample_images(task.color)
+    images = [phantom_image(task.channels)] if case.images == "phantom" else sample_images(task.color)
     operator_for = operator_factory(task, dict(case.overrides), trained.operator, seed)
     first = operator_for(0, tuple(images[0].x.shape[-2:]))
     rows = run_benchmark(
@@ -176,8 +198,9 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     table = demo_table(rows)
     text = (
         f"# idm demo\n\nShipped models on scikit-image's sample images ({', '.join(SAMPLE_IMAGES)}; "
-        f"centre {DEMO_SIZE}x{DEMO_SIZE} crops), seed {seed}, {hardware_name(device)}. CS: the authors' protocol "
-        "(Y channel, PSNR peak 255); inpainting: [0, 1] images.\n\n" + table + "\n"
+        f"centre {DEMO_SIZE}x{DEMO_SIZE} crops; its Shepp-Logan phantom for MRI), seed {seed}, "
+        f"{hardware_name(device)}. CS: the authors' protocol (Y channel, PSNR peak 255); the other tasks: "
+        "[0, 1] images (MRI: magnitude).\n\n" + table + "\n"
         + (f"\nNo shipped model for: {', '.join(skipped)}.\n" if skipped else "")
         + f"\nTotal time (loading, measuring, reconstructing, pictures): {time.perf_counter() - started:.0f} s.\n"
     )
