@@ -82,11 +82,10 @@ def training_flops(model: IDM, run: Callable[[], Any], forward: Callable[[], Any
 def build_model(unet: str | None, checkpoint: str | None, steps: int, variant: str, device: torch.device) -> tuple[IDM, str]:
     """``(model, label)``: a trained IDM (a folder or a shipped model's name), or ``unet`` with random weights."""
     if checkpoint is not None:
-        from idm.shipped import shipped_models
+        from idm.shipped import model_path
         from idm.train import load_trained
 
-        named = {m.name: m.path for m in shipped_models()}
-        trained = load_trained(named.get(checkpoint, checkpoint))
+        trained = load_trained(model_path(checkpoint))
         return trained.model.to(device), Path(checkpoint).name
     invertible, recompute = ("none", False) if variant == "none" else ("both", True)
     torch.manual_seed(0)

@@ -98,6 +98,13 @@ def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | 
     return None if model is None else model.path
 
 
+def model_path(name_or_path: str) -> str | Path:
+    """The folder of the shipped model called ``name_or_path`` when no such path exists; else the path as given."""
+    if Path(name_or_path).exists():
+        return name_or_path
+    return next((m.path for m in shipped_models() if m.name == name_or_path), name_or_path)
+
+
 def find_prior(name: str) -> Path | None:
     """The diffusion prior a model records as its ``unet``: that folder when it exists, else a folder of
     that name under :func:`search_dirs` (shipped models record the name of the prior shipped beside them)."""

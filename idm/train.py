@@ -265,6 +265,7 @@ def train(
     task_info: dict[str, Any] | None = None,
     val_dataset: Dataset | None = None,
     val_limit: int = 16,
+    init_weights: dict[str, Tensor] | None = None,
     metric_transform: Callable[[Tensor], Tensor] | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
@@ -286,6 +287,9 @@ def train(
         task: task name recorded in checkpoints (checked by :func:`load_trained`).
         task_info: further JSON-able facts that define the run (color mode, crop...).
         val_dataset: optional validation images (centre-cropped to the training size).
+        init_weights: a state dict of ``IDM(model_config)`` to start a fresh run
+            from (warm start, e.g. a shipped model), instead of the prior's
+            weights and freshly initialised injectors. Ignored on resume.
         metric_transform: maps ``(B, C, H, W)`` outputs/targets to the images
             PSNR is computed on (e.g. MRI magnitude); identity by default.
         resume: continue from the latest checkpoint in ``out``.
@@ -337,6 +341,8 @@ def train(
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         else:
             model = IDM(model_config)
+            if init_weights is not None:
+                model.load_state_dict(init_weights)
         model.to(device).train()
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:

@@ -118,3 +118,5 @@ def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monke
     assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.6, "block": 8}) is None
     assert shipped.default_checkpoint("inpainting", {"name": "inpainting", "ratio": 0.3}) is None
     assert "cs-any-ratio (cs)" in shipped.missing_message("cs", {"name": "cs", "ratio": 0.6})
+    assert shipped.model_path("cs-any-ratio") == folder  # a shipped model's name, e.g. for --init-from
+    assert shipped.model_path(str(tmp_path)) == str(tmp_path) and shipped.model_path("nowhere") == "nowhere"

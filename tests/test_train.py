@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -316,3 +317,36 @@ class _Identity(torch.nn.Module):
 
     def A_dagger(self, y):
         return y
+
+
+def test_init_from_a_trained_model_starts_from_its_weights(tmp_path):
+    data = write_images(tmp_path / "data")
+    first = tmp_path / "first"
+    assert main([*BASE, "--data", str(data), "--iters", "2", "--out", str(first)]) == 0
+    tuned = tmp_path / "tuned"  # another ratio; the architecture comes from the model, not from BASE's --unet
+    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    flags[flags.index("0.25")] = "0.4"
+    one_step = ["--data", str(data), "--iters", "1", "--lr", "1e-12"]  # Adam moves each weight by about 1e-12
+    assert main([*flags, *one_step, "--init-from", str(first), "--out", str(tuned)]) == 0
+    assert main([*flags, *one_step, "--unet", "tiny", "--out", str(tmp_path / "fresh")]) == 0
+    before, after = load_trained(first).model.state_dict(), load_trained(tuned).model.state_dict()
+    fresh = load_trained(tmp_path / "fresh").model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-8) for k in before)
+    assert max(float((before[k] - fresh[k]).abs().max()) for k in before) > 1e-5  # not just the same random init
+    run = json.loads((tuned / "config.json").read_text())
+    assert run["settings"]["init_from"] == str(first)
+
+
+def test_init_from_refuses_another_task_or_channel_count(tmp_path, capsys):
+    data = write_images(tmp_path / "data")
+    first = tmp_path / "first"
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--out", str(first)]) == 0
+    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    inpainting = [*flags[:2], "inpainting", *flags[3:]]
+    inpainting = [a for a in inpainting if a not in ("--block", "8")]
+    assert main([*inpainting, "--color", "y", "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "a")]) == 2
+    assert "task: trained for 'cs', requested 'inpainting'" in capsys.readouterr().err
+    assert main([*flags, "--color", "rgb", "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "b")]) == 2
+    assert "1-channel images, task cs (rgb) gives 3" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

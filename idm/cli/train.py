@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def add_parser(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, or SD v1.5 (its folder or its unet/)")
     source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
+    source.add_argument("--init-from", metavar="MODEL", help="start from a trained IDM of this task (model folder, training --out, or a shipped model's name): its architecture and weights, a fresh optimizer; --steps, --invertible, --no-injectors and --init do not apply")
     add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/)")
     add_operator_args(parser, training=True)
 
@@ -84,6 +86,22 @@ def _prior_folder(path: str) -> str:
     return str(p)
 
 
+def _starting_model(args: argparse.Namespace, task):
+    """The trained IDM named by ``--init-from``, checked against the task (same task, same channels)."""
+    from idm.checkpoint import CheckpointError
+    from idm.shipped import model_path
+    from idm.train import load_trained
+
+    trained = load_trained(model_path(args.init_from), expect_task=task.name)
+    channels = trained.model.config.image_channels
+    if channels != task.channels:
+        raise CheckpointError(
+            f"--init-from {args.init_from}: the model takes {channels}-channel images, task {task.name} "
+            f"({task.color}) gives {task.channels}"
+        )
+    return trained.model
+
+
 def run_train(args: argparse.Namespace) -> int:
     started_at = time.monotonic()
     import tasks
@@ -93,11 +111,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     env = detect()
     say = print if env.is_main else (lambda message: None)
-    if args.prior is None and args.unet is None:
-        raise ValueError("give --prior DIR (a diffusers U-Net folder) or --unet tiny|sd15 (random initialisation)")
+    if args.prior is None and args.unet is None and args.init_from is None:
+        raise ValueError(
+            "give --prior DIR (a diffusers U-Net folder), --unet tiny|sd15 (random initialisation) "
+            "or --init-from MODEL (a trained IDM)"
+        )
     task = tasks.get(args.task)
     if args.color is not None:
         task = task.with_color(args.color)
+    start = _starting_model(args, task) if args.init_from else None
     sched = task.schedule
     iters = args.iters if args.iters is not None else sched.iters
     crop = args.crop if args.crop is not None else task.crop
@@ -123,15 +145,18 @@ def run_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
     )
-    model_config = IDMConfig(
-        unet=_prior_folder(args.prior) if args.prior else args.unet,
-        image_channels=task.channels,
-        steps=args.steps,
-        invertible=args.invertible,
-        recompute=not args.no_recompute,
-        injectors=not args.no_injectors,
-        init=args.init,
-    )
+    if start is not None:
+        model_config = dataclasses.replace(start.config, recompute=not args.no_recompute)
+    else:
+        model_config = IDMConfig(
+            unet=_prior_folder(args.prior) if args.prior else args.unet,
+            image_channels=task.channels,
+            steps=args.steps,
+            invertible=args.invertible,
+            recompute=not args.no_recompute,
+            injectors=not args.no_injectors,
+            init=args.init,
+        )
     device = resolve_device(args.device)
     if device.type == "cuda":
         import torch
@@ -151,6 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
         task_info={"color": task.color, "crop": crop, "channels": task.channels},
         val_dataset=val,
         val_limit=args.val_max,
+        init_weights=None if start is None else start.state_dict(),
         metric_transform=task.metric_image,
         resume=args.resume,
         device=device,
@@ -160,6 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
             "data": [str(p) for p in args.data],
             "val_data": [str(p) for p in args.val_data or []],
             "prior": model_config.unet,
+            "init_from": args.init_from,
             "command": command_line("train"),
             "hardware": hardware_name(device),
         },
