@@ -6,8 +6,9 @@
 For each :data:`DEMO_CASES` entry the shipped model that serves it
 (:mod:`idm.shipped`) reconstructs the sample images (scikit-image's bundled
 photographs, centre-cropped to 256 x 256; the Shepp-Logan phantom for MRI)
-next to the pseudo-inverse ``A^+ y`` (zero-filled for MRI), through the same harness and scoring as ``idm benchmark``
-(:func:`benchmarks.harness.run_benchmark`; CS with the authors' protocol).
+next to the pseudo-inverse ``A^+ y`` (zero-filled for MRI), through the same
+harness and scoring as ``idm benchmark`` (:func:`benchmarks.harness.run_benchmark`;
+CS with the authors' protocol).
 Written to ``out``: ``<case>/results.csv``, ``<case>/grids/<image>.png``
 (ground truth | A^+ y | IDM), ``demo.png`` (the first image of every case,
 one row each), ``demo.md`` (the table, also returned).

@@ -34,7 +34,9 @@ from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, read_
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
 
-__all__ = ["ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset"]
+__all__ = [
+    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset", "holds_mat_files",
+]
 
 PathLike = Union[str, os.PathLike]
 PathsArg = Union[PathLike, Sequence[PathLike]]
