@@ -350,3 +350,23 @@ def test_init_from_refuses_another_task_or_channel_count(tmp_path, capsys):
     assert main([*flags, "--color", "rgb", "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "b")]) == 2
     assert "1-channel images, task cs (rgb) gives 3" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
+    from idm.training import distributed
+    from idm.training.loop import Cadence, OutOfDeviceMemory, run_loop
+
+    saved = []
+
+    def step(i, batch):
+        if i == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 484.00 MiB.\nmore detail")
+        return torch.tensor(0.5)
+
+    with pytest.raises(OutOfDeviceMemory, match=r"iteration 3 \(this process's batch 4x1x16x16\): lower --batch-size") as caught:
+        run_loop(start=0, stop=5, batches=iter([torch.zeros(4, 1, 16, 16)] * 5), step=step, lr_at=lambda i: 1e-4,
+                 save=lambda it, sec: saved.append(it), cadence=Cadence(checkpoint_every=2, log_every=1),
+                 env=distributed.detect(), device=torch.device("cpu"), progress=False)  # fmt: skip
+    assert "Tried to allocate 484.00 MiB." in str(caught.value) and "more detail" not in str(caught.value)
+    assert saved == [2]  # the checkpoint before the failure stays; --resume continues from it
+    assert isinstance(caught.value, ValueError)  # the CLI prints it as `idm train: error: ...`

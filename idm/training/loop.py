@@ -45,6 +45,20 @@ class Cadence:
             raise ValueError(f"val_every must be >= 0, got {self.val_every}")
 
 
+class OutOfDeviceMemory(ValueError):
+    """A training step did not fit in the accelerator's memory; the message says what to change."""
+
+
+def _out_of_memory(iteration: int, batch: torch.Tensor, err: Exception) -> OutOfDeviceMemory:
+    shape = "x".join(str(n) for n in batch.shape) if isinstance(batch, torch.Tensor) else "?"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OutOfDeviceMemory(
+        f"out of device memory at iteration {iteration + 1} (this process's batch {shape}): lower --batch-size or "
+        f"--crop, or free the GPU of other processes (idm train: without --no-recompute its backward needs "
+        f"less memory); the latest checkpoint is intact and --resume continues from it. The device said: {first_line}"
+    )
+
+
 @dataclass(frozen=True)
 class LoopResult:
     """How a chunk of training ended."""
@@ -147,7 +161,11 @@ def run_loop(
         with GracefulStop() as stopper:
             for i in range(start, stop):
                 tick = time.monotonic()
-                loss = step(i, next(batches))
+                batch = next(batches)
+                try:
+                    loss = step(i, batch)
+                except torch.OutOfMemoryError as err:
+                    raise _out_of_memory(i, batch, err) from None
                 window_sum += loss.detach().to(torch.float64)
                 window_n += 1
                 completed = i + 1
