@@ -128,6 +128,11 @@ class DiffusionPrior(nn.Module):
     Attributes:
         alphas_cumprod: float64 ``(1000,)`` table ``abar_t`` of :func:`idm.step.ddpm_alphas_cumprod`.
         channels: image channels the prior models.
+
+    Images with ``k * channels`` channels (``k > 1``) are modelled as ``k``
+    independent images of ``channels`` channels each: a complex MRI image
+    (real, imaginary) or an RGB image under a grey prior. This matches how
+    the IDM adapter tiles a prior's first and last convolutions.
     """
 
     def __init__(self, unet: nn.Module, space: PriorSpace | None = None):
@@ -159,11 +164,11 @@ class DiffusionPrior(nn.Module):
         return int(self.alphas_cumprod.shape[0])
 
     def check_images(self, shape: tuple[int, ...]) -> None:
-        """Raise :class:`PriorError` unless images of ``shape`` ``(B, C, H, W)`` fit the prior."""
-        if len(shape) != 4 or shape[1] != self.channels:
+        """Raise :class:`PriorError` unless images of ``shape`` ``(B, C, H, W)`` fit the prior (``C`` a multiple of its channels)."""
+        if len(shape) != 4 or shape[1] % self.channels:
             raise PriorError(
-                f"the prior models {self.channels}-channel images but the operator's images have shape "
-                f"{tuple(shape)}"
+                f"the prior models {self.channels}-channel images (or groups of them) but the operator's images "
+                f"have shape {tuple(shape)}"
             )
 
     def abar(self, t: int, like: Tensor) -> Tensor:
@@ -174,21 +179,25 @@ class DiffusionPrior(nn.Module):
     def eps(self, x_t: Tensor, t: int) -> Tensor:
         """Noise estimate ``unet(x_t, t).sample`` (one NFE), in ``x_t``'s dtype.
 
+        ``x_t``: ``(B, C, H, W)`` in the prior's space; ``C`` a multiple of
+        :attr:`channels` (groups run as separate images, in one U-Net call).
+
         The U-Net runs in its own dtype. Images whose size is not a multiple of
         the U-Net's total downsampling are padded (replicate) and cropped, as
         :class:`idm.unets.wired_unet.WiredUNet` does.
         """
         unet = self.unet
         dtype = next(unet.parameters()).dtype
-        h = x_t.to(dtype)
+        batch, channels = x_t.shape[:2]
+        h = x_t.to(dtype).reshape(-1, self.channels, *x_t.shape[-2:])  # channel groups as separate images
         height, width = h.shape[-2:]
         multiple = 2 ** (len(unet.down_blocks) - 1)
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
         if pad_h or pad_w:
             h = F.pad(h, (0, pad_w, 0, pad_h), mode="replicate")
         timestep = torch.full((h.shape[0],), int(t), device=h.device, dtype=torch.long)
-        out = unet(h, timestep).sample
-        return out[..., :height, :width].to(x_t.dtype)
+        out = unet(h, timestep).sample[..., :height, :width]
+        return out.reshape(batch, channels, height, width).to(x_t.dtype)
 
 
 def _check_scheduler(folder: Path) -> None:

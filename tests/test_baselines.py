@@ -299,14 +299,28 @@ def test_load_prior_folder(tmp_path, ops):
     )
     with pytest.raises(PriorError, match="beta_start"):
         load_prior(tmp_path / "prior")
-    with pytest.raises(PriorError, match="1-channel images"):
-        DDNM(prior, steps=2, progress=False)(ops["mri"].A(torch.rand(1, 2, *SIZE)), ops["mri"])
+    with pytest.raises(PriorError, match="2-channel images"):  # RGB images are not groups of 2 channels
+        DDNM(tiny_prior(2), steps=2, progress=False)(ops["cs-rgb"].A(torch.rand(1, 3, *SIZE)), ops["cs-rgb"])
 
 
 def test_prior_pads_odd_sizes():
     prior = tiny_prior(1)
     out = prior.eps(torch.randn(1, 1, 15, 13), 5)
     assert out.shape == (1, 1, 15, 13) and torch.isfinite(out).all()
+
+
+def test_a_grey_prior_models_complex_and_rgb_images_channel_by_channel(ops, priors):
+    grey = priors[1]
+    x = torch.randn(2, 3, 16, 16)
+    together = grey.eps(x, 7)
+    alone = torch.cat([grey.eps(x[:, c : c + 1], 7) for c in range(3)], dim=1)
+    assert together.shape == x.shape and torch.allclose(together, alone, atol=1e-5)
+    grey.check_images((1, 2, 16, 16))  # complex MRI images: real and imaginary parts
+    with pytest.raises(PriorError, match="2-channel images .or groups of them."):
+        priors[2].check_images((1, 3, 16, 16))
+    mri = ops["mri"]  # DDNM on complex MRI images with the grey prior
+    out = DDNM(grey, steps=3, progress=False)(mri.A(images(mri)), mri, generator=gen(0))
+    assert out.shape == (2, *mri.image_shape) and torch.isfinite(out).all()
 
 
 # ---- the factory ------------------------------------------------------------------------------------
