@@ -19,6 +19,7 @@ outputs only the 4 shape-preserving ones (identity, 180-degree rotation, flips).
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from pathlib import Path
@@ -291,8 +292,8 @@ class ConcatSlices(Dataset):
         self.parts = list(parts)
         if not self.parts:
             raise DataError("no datasets to join")
-        self.offsets = list(np.cumsum([0] + [len(part) for part in self.parts[:-1]]))
-        self.total = sum(len(part) for part in self.parts)
+        self.offsets = [int(n) for n in np.cumsum([0] + [len(part) for part in self.parts[:-1]])]
+        self.total = self.offsets[-1] + len(self.parts[-1])
 
     def __len__(self) -> int:
         return self.total
@@ -304,8 +305,8 @@ class ConcatSlices(Dataset):
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.total:
             raise IndexError(f"index {index} out of range for {self.total} items")
-        k = max(i for i, offset in enumerate(self.offsets) if offset <= index)
-        return k, index - int(self.offsets[k])
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return k, index - self.offsets[k]
 
     def item_name(self, index: int) -> str:
         k, i = self._locate(index)
