@@ -50,11 +50,11 @@ FIELDS = ["variant", "description", "psnr", "ssim", "train_seconds", "train_memo
           "inference_seconds", "test_images", "status", "error"]
 
 
-def add_experiment_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the ablation and scaling scripts."""
+def add_experiment_args(parser: argparse.ArgumentParser, training_required: bool = True) -> None:
+    """Options shared by the ablation and scaling scripts (``--prior``/``--train-data`` optional if not ``training_required``)."""
     parser.add_argument("--task", default="cs")
-    parser.add_argument("--prior", required=True, help="diffusion prior folder (idm pretrain output)")
-    parser.add_argument("--train-data", nargs="+", required=True)
+    parser.add_argument("--prior", required=training_required, help="diffusion prior folder (idm pretrain output)")
+    parser.add_argument("--train-data", nargs="+", required=training_required)
     parser.add_argument("--test-data", nargs="+", required=True)
     parser.add_argument("--limit", type=int, help="test images used (default: all)")
     parser.add_argument("--steps", type=int, default=2, help="T (the paper's ablation uses 2)")

@@ -19,7 +19,7 @@ class IDMMethod:
     """
 
     def __init__(self, model: IDM, name: str = "idm"):
-        self.model = model.eval()
+        self.model = model.for_inference()
         self.name = name
 
     @property

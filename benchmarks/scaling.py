@@ -5,9 +5,15 @@
         --ratio 0.1 --iters 2000 --device cuda --out benchmarks/results/scaling
     python -m benchmarks.scaling --sweep ratio --values 0.01 0.04 0.1 0.25 0.3 0.5 ... (same options)
 
+    python -m benchmarks.scaling --sweep ratio --values 0.01 0.04 0.1 0.25 0.5 --checkpoint cs-ratio-1-50 \
+        --test-data data/natural/test/Set11 --out benchmarks/results/scaling-shipped
+
 Each value trains the full IDM (two-level invertible, injectors, pinv
 initialisation) with the same budget and scores it on the test images.
-Writes ``OUT/scaling_<sweep>.csv``, ``.md`` and ``.png``.
+With ``--checkpoint`` (a trained IDM folder or a shipped model's name, for
+``--sweep ratio`` only) nothing is trained: the one model, trained on a
+range of ratios, is scored at every value. Writes
+``OUT/scaling_<sweep>.csv``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+
+import torch
 
 from benchmarks.ablation import add_experiment_args, experiment_setup, write_table
 from benchmarks.experiments import Variant, run_variant
@@ -43,11 +51,56 @@ def plot(rows: list[dict], sweep: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_experiment_args(parser)
+    add_experiment_args(parser, training_required=False)
     parser.add_argument("--sweep", choices=("ratio", "steps"), required=True)
     parser.add_argument("--values", nargs="+", type=float, required=True)
+    parser.add_argument("--checkpoint", help="score this trained IDM at every ratio instead of training one per value")
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and args.sweep != "ratio":
+        parser.error("--checkpoint scores one model at several ratios: it needs --sweep ratio")
+    if args.checkpoint is None and not (args.prior and args.train_data):
+        parser.error("--prior and --train-data are needed to train one model per value (or give --checkpoint)")
     out = Path(args.out)
+    rows = score_checkpoint(args) if args.checkpoint is not None else train_per_value(args, out)
+    command = "python -m benchmarks.scaling " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    device = torch.device(args.device)
+    budget = (f"the trained model {args.checkpoint}, no training" if args.checkpoint is not None else
+              f"{args.iters} iterations per value, batch {args.batch_size}, crop {args.crop}")
+    header = f"`{command}` on {hardware_name(device)}; {budget}."
+    print(write_table(rows, FIELDS, out, f"scaling_{args.sweep}", header))
+    plot(rows, args.sweep, out / f"scaling_{args.sweep}.png")
+    return 0
+
+
+def score_checkpoint(args: argparse.Namespace) -> list[dict]:
+    """One row per ratio: the trained model ``args.checkpoint`` scored on the test images."""
+    import tasks
+    from benchmarks.experiments import evaluate
+    from benchmarks.harness import load_images
+    from benchmarks.idm_method import IDMMethod
+    from idm.shipped import model_path
+    from idm.train import load_trained
+
+    task = tasks.get(args.task)
+    device = torch.device(args.device)
+    images = load_images(task, args.test_data, args.limit, args.seed)
+    trained = load_trained(model_path(args.checkpoint), expect_task=task.name, device=device)
+    method = IDMMethod(trained.model.to(device))
+    rows = []
+    for value in args.values:
+        print(f"scaling: ratio = {value:g} ({args.checkpoint})", flush=True)
+        try:
+            row = evaluate(method, task, images, trained.operator, {"ratio": value}, device, args.seed)
+            row.update(status="ok", iterations=0)
+        except Exception as err:  # noqa: BLE001 -- record and go on with the other values
+            row = {"status": "error", "error": f"{type(err).__name__}: {err}"}
+        row["value"] = value
+        rows.append(row)
+    return rows
+
+
+def train_per_value(args: argparse.Namespace, out: Path) -> list[dict]:
+    """One row per value: a model trained with the shared budget, then scored."""
     rows = []
     for value in args.values:
         if args.sweep == "steps":
@@ -65,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"status": "error", "error": f"{type(err).__name__}: {err}"}
         row["value"] = int(value) if args.sweep == "steps" else value
         rows.append(row)
-    command = "python -m benchmarks.scaling " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    header = f"`{command}` on {hardware_name(device)}; {args.iters} iterations per value, batch {args.batch_size}, crop {args.crop}."
-    print(write_table(rows, FIELDS, out, f"scaling_{args.sweep}", header))
-    plot(rows, args.sweep, out / f"scaling_{args.sweep}.png")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Inference: ``model(y, op)`` under ``torch.no_grad`` on block CS
 (10%, permuted, 32x32 blocks), median over ``--iters`` timed runs after
 ``--warmup``, for every batch size, precision (``fp32``, or ``bf16``
 autocast with the wired states in float32) and lever (``base``,
-``channels_last``, ``compile``: ``torch.compile`` of the U-Net). Training:
+``channels_last``, ``compile``: ``torch.compile`` of the U-Net; ``unfolded``: the
+upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
+low-resolution form, for comparison). Training:
 one iteration (forward, L1, backward, Adam) for the plain network
 (``invertible="none"``) and the two-level wiring with the memory-saving
 backward (``both``), at ``--train-batch``.
@@ -44,7 +46,7 @@ FIELDS = [
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "status",
 ]  # fmt: skip
 PRECISIONS = ("fp32", "bf16")
-LEVERS = ("base", "channels_last", "compile")
+LEVERS = ("base", "channels_last", "compile", "unfolded")
 
 
 def _autocast(device: torch.device, precision: str):
@@ -111,13 +113,15 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     elif lever == "compile":
-        model.unet = torch.compile(model.unet)
+        model.eps_net.unet = torch.compile(model.eps_net.unet)
+    elif lever == "unfolded":  # the reference: diffusers' upsamplers at full resolution (idm.unets.upsample)
+        model.eps_net.fold_upsamplers = False
 
     def run() -> torch.Tensor:
         with torch.no_grad(), _autocast(device, precision):
             return model(y, op)
 
-    flops = count_flops(run) if lever == "base" else None
+    flops = count_flops(run) if lever != "compile" else None
     seconds = median_seconds(run, device, iters, warmup)
     row["ms_per_image"] = round(1000 * seconds / batch, 2)
     if flops:

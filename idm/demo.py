@@ -120,7 +120,7 @@ def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, pro
         task = task.with_color(shipped.color)
     trained = load_trained(shipped.path, expect_task=task.name, expect_operator=dict(case.overrides), device=device,
                            operator_defaults=task.operator_kwargs())  # fmt: skip
-    trained.model.eval()
+    trained.model.for_inference()
     images = [phantom_image(task.channels)] if case.images == "phantom" else sample_images(task.color)
     operator_for = operator_factory(task, dict(case.overrides), trained.operator, seed)
     first = operator_for(0, tuple(images[0].x.shape[-2:]))

@@ -185,6 +185,22 @@ class IDM(nn.Module):
             x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.from_prior_range(x)
 
+    def for_inference(self, channels_last: bool | None = None) -> "IDM":
+        """Eval mode, no parameter gradients, and (by default on the CPU) channels-last weights; returns ``self``.
+
+        Channels-last weights make the convolutions pick the NHWC kernels:
+        about 15 % faster inference on the project's 2-core CPU
+        (``python -m benchmarks.speed --levers base channels_last``). The
+        function computed is the same; call it after moving the model to its
+        device. Training code should not call it.
+        """
+        self.eval().requires_grad_(False)
+        if channels_last is None:
+            channels_last = all(p.device.type == "cpu" for p in self.parameters())
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
     def to_prior_range(self, y: Tensor, op: Any) -> Tensor:
         """Measurements of ``[0, 1]`` images -> measurements of the same images in the prior's range.
 

@@ -145,6 +145,25 @@ def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
     assert (tmp_path / "scaling" / "scaling_steps.png").is_file()
 
 
+def test_scaling_scores_one_trained_model_at_every_ratio(bench_files, tmp_path, capsys):
+    from benchmarks import scaling
+
+    argv = ["--sweep", "ratio", "--values", "0.1", "0.5", "--checkpoint", str(bench_files / "idm"),
+            "--test-data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert scaling.main(argv) == 0
+    rows = _rows(tmp_path / "scaling_ratio.csv")
+    assert [(r["value"], r["status"], r["iterations"], r["test_images"]) for r in rows] == [
+        ("0.1", "ok", "0", "2"), ("0.5", "ok", "0", "2")]
+    assert float(rows[1]["psnr"]) > float(rows[0]["psnr"])  # more measurements, closer to the truth
+    assert "no training" in (tmp_path / "scaling_ratio.md").read_text()
+    with pytest.raises(SystemExit):
+        scaling.main(argv + ["--sweep", "steps"])
+    assert "--checkpoint scores one model at several ratios" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scaling.main(["--sweep", "ratio", "--values", "0.1", "--test-data", "x", "--out", str(tmp_path)])
+    assert "--prior and --train-data are needed" in capsys.readouterr().err
+
+
 def test_speed_benchmark_writes_times_and_flops(tmp_path):
     from benchmarks import speed
 

@@ -112,3 +112,41 @@ def test_mismatched_weights_are_refused():
         wired_chain([lambda x: x, lambda x: x], torch.ones(3), torch.ones(1), torch.ones(1))
     with pytest.raises(ValueError, match="at least one layer"):
         WiredSequence(0)
+
+
+def test_shared_layer_gradients_match_plain_autograd_and_existing_grads_are_kept():
+    """One layer used by every position (IDM's U-Net across steps), a .grad from before, and autograd.grad."""
+    torch.manual_seed(0)
+    shared = ConvLayer(3).double()
+    params = list(shared.parameters())
+    v = torch.tensor([0.4, 0.5, 0.6, 0.7], dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ctx = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+    def loss(recompute: bool) -> torch.Tensor:
+        y1, y2 = wired_chain([shared] * 4, v, x, 0.5 * x, ("static item", ctx), params, recompute=recompute)
+        return (y1.square() + y2).sum()
+
+    expected = torch.autograd.grad(loss(False), params)
+    got = torch.autograd.grad(loss(True), params)  # the outer call captures; .grad stays untouched
+    assert all(p.grad is None for p in params)
+    for g, e in zip(got, expected):
+        assert relative_error(g, e) < 1e-12
+    before = [torch.randn_like(p) for p in params]
+    for p, b in zip(params, before):
+        p.grad = b.clone()
+    loss(True).backward()
+    for p, b, e in zip(params, before, expected):
+        assert relative_error(p.grad, b + e) < 1e-12
+
+
+def test_non_leaf_params_are_refused():
+    weight = torch.randn(3, 3, 3, 3, requires_grad=True)
+    scaled = 2 * weight  # a computed weight: autograd would not fill its .grad
+
+    def layer(x):
+        return torch.conv2d(x, scaled, padding=1)
+
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="needs leaf tensors"):
+        wired_chain([layer], torch.full((1,), 0.5), x, x, (), [scaled], recompute=True)

@@ -120,7 +120,7 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
             f"checkpoint {trained.path} reconstructs {channels}-channel images, but task {task.name} "
             f"(colour {task.color!r}) has {task.channels} channel(s)"
         )
-    trained.model.eval()
+    trained.model.for_inference()
     return trained
 
 

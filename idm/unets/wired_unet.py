@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from idm.injector import Injector
+from idm.unets.upsample import upsample
 from idm.wiring import WiredSequence
 
 
@@ -110,6 +111,8 @@ class WiredUNet(nn.Module):
         self.keep_time = getattr(unet, "time_embedding", None) is not None
         self.unet = unet
         self.wire_blocks = wire_blocks
+        # nearest-upsample + 3x3 conv computed at low resolution (idm.unets.upsample); False runs diffusers' own
+        self.fold_upsamplers = True
         self.use_injectors = injectors
         self._adapt_channels()
         self._check_supported()
@@ -312,7 +315,7 @@ class WiredUNet(nn.Module):
                 h = self._run_group(next(groups), h, step, context, recompute)
             if block.upsamplers is not None:
                 for sampler in block.upsamplers:
-                    h = sampler(h)
+                    h = upsample(sampler, h) if self.fold_upsamplers else sampler(h)
         h = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
         if self.unshuffle > 1:
             h = F.pixel_shuffle(h, self.unshuffle)

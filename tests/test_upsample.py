@@ -1,0 +1,56 @@
+"""The low-resolution form of diffusers' nearest-upsample + 3x3 convolution, and inference preparation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.upsampling import Upsample2D
+
+from idm import IDM, IDMConfig
+from idm.unets.upsample import can_fold, upsample
+from tests.conftest import relative_error
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_upsampler_matches_diffusers_in_value_and_gradients(memory_format, bias):
+    torch.manual_seed(0)
+    sampler = Upsample2D(6, use_conv=True, out_channels=5, bias=bias).double().to(memory_format=memory_format)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64).to(memory_format=memory_format).requires_grad_(True)
+    assert can_fold(sampler)
+    reference, folded = sampler(x), upsample(sampler, x)
+    assert folded.shape == reference.shape == (2, 5, 14, 18)
+    assert relative_error(folded, reference) < 1e-13
+    if memory_format == torch.channels_last:
+        assert folded.is_contiguous(memory_format=torch.channels_last)
+    weights = [x, *sampler.parameters()]
+    upstream = torch.randn_like(reference)
+    for g_ref, g_fold in zip(torch.autograd.grad(reference, weights, upstream), torch.autograd.grad(folded, weights, upstream)):
+        assert relative_error(g_fold, g_ref) < 1e-13
+
+
+def test_upsamplers_that_are_not_nearest_plus_3x3_run_as_they_are():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 5, 5)
+    for sampler in (Upsample2D(4, use_conv=False), Upsample2D(4, use_conv_transpose=True),
+                    Upsample2D(4, use_conv=True, kernel_size=5, padding=2)):  # fmt: skip
+        assert not can_fold(sampler)
+        assert torch.equal(upsample(sampler, x), sampler(x))
+
+
+def test_idm_with_and_without_the_fold_and_for_inference_agree(ortho_op):
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(steps=2)).double().eval()
+    op = ortho_op((1, 32, 32), 300)
+    y = op.A(torch.rand(2, 1, 32, 32, dtype=torch.float64))
+    with torch.no_grad():
+        folded = model(y, op)
+        model.eps_net.fold_upsamplers = False
+        reference = model(y, op)
+        model.eps_net.fold_upsamplers = True
+        fast = model.for_inference()(y, op)
+    assert relative_error(folded, reference) < 1e-12
+    assert relative_error(fast, reference) < 1e-12
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    conv = model.eps_net.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the CPU default
