@@ -9,9 +9,9 @@ variant, batch and T it reports the median iteration time after warm-up and
 
 * on CUDA: the peak allocated memory (``torch.cuda.max_memory_allocated``,
   everything: weights, Adam state, activations);
-* on CPU: the peak of the bytes autograd holds for backward (parameters
-  excluded) over forward and backward, counted with
-  ``torch.autograd.graph.saved_tensors_hooks`` (see :class:`_LiveSavedBytes`).
+* on CPU: the peak of the bytes of all live tensors over one more
+  iteration (weights, gradients, Adam state, activations, temporaries),
+  tracked by torch's ``MemTracker`` (see :func:`tracked_peak_bytes`).
 
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
@@ -22,7 +22,6 @@ Writes ``OUT/memory.csv``, ``OUT/memory.png`` and ``OUT/memory.md`` (the summary
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import statistics
 import sys
@@ -46,35 +45,22 @@ VARIANTS = {
 FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "status"]
 
 
-class _LiveSavedBytes:
-    """Peak bytes held by autograd for backward (parameters excluded), over forward and backward.
+def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+    """Peak bytes of all tensors alive during one ``iteration()`` on the CPU: parameters, gradients, Adam state,
+    activations and temporaries (the CPU analogue of ``torch.cuda.max_memory_allocated``).
 
-    Each saved tensor is wrapped in a holder counted while it is alive, so the
-    transient recomputation inside the memory-saving backward counts too.
-    Tensors saved inside ``torch.utils.checkpoint`` regions use that
-    function's own storage and are not seen, so the ``checkpoint`` variant
-    reports no memory on CPU.
+    Uses torch's ``MemTracker`` (``torch.distributed._tools``, a dispatch-mode tracker); ``None`` where this
+    torch has none. Call it after one iteration, so that the optimizer state exists.
     """
-
-    def __init__(self, exclude_ptrs: set[int]):
-        self.exclude = exclude_ptrs
-        self.current = 0
-        self.peak = 0
-
-    def hooks(self):
-        counter = self
-
-        class Holder:
-            def __init__(self, t: torch.Tensor):
-                self.t = t
-                self.nbytes = 0 if t.data_ptr() in counter.exclude else t.numel() * t.element_size()
-                counter.current += self.nbytes
-                counter.peak = max(counter.peak, counter.current)
-
-            def __del__(self):
-                counter.current -= self.nbytes
-
-        return torch.autograd.graph.saved_tensors_hooks(Holder, lambda holder: holder.t)
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        iteration()
+    return max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
 
 
 def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int) -> dict:
@@ -87,15 +73,12 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
     x = torch.rand(batch, 1, size, size, device=device)
     y = op.A(x)
-    live = _LiveSavedBytes({p.data_ptr() for p in model.parameters()})
 
-    def iteration(count_saved: bool = False) -> None:
+    def iteration() -> None:
         optimizer.zero_grad(set_to_none=True)
-        hooks = live.hooks() if count_saved else contextlib.nullcontext()
-        with hooks:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(y, op)
-            (out.float() - x).abs().mean().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(y, op)
+        (out.float() - x).abs().mean().backward()
         optimizer.step()
 
     times = []
@@ -105,7 +88,7 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     for i in range(warmup + iters):
         sync(device)
         start = time.perf_counter()
-        iteration(count_saved=device.type == "cpu" and i == 0)
+        iteration()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -113,12 +96,10 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["memory_kind"] = "peak_allocated"
-    elif variant == "checkpoint":  # its recomputation is stored where saved-tensor hooks cannot see it
-        row["memory_mb"] = ""
-        row["memory_kind"] = "not measurable on CPU"
     else:
-        row["memory_mb"] = round(live.peak / 2**20, 3)
-        row["memory_kind"] = "peak_saved_activations"
+        peak = tracked_peak_bytes(iteration, model, optimizer)
+        row["memory_mb"] = "" if peak is None else round(peak / 2**20, 3)
+        row["memory_kind"] = "not measurable with this torch" if peak is None else "peak_tracked"
     row["status"] = "ok"
     return row
 
@@ -139,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
             mem = [r for r in pts if r["memory_mb"] != ""]
             axes[0][col].plot([r["steps"] for r in mem], [r["memory_mb"] for r in mem], "o-", label=variant)
             axes[1][col].plot([r["steps"] for r in pts], [r["ms_per_iter"] for r in pts], "o-", label=variant)
-        kind = "peak allocated" if rows[0]["device"] == "cuda" else "peak saved activations"
+        kind = "peak allocated" if rows[0]["device"] == "cuda" else "peak tracked"
         axes[0][col].set(title=f"batch {batch}", ylabel=f"{kind} (MiB)", yscale="log")
         axes[1][col].set(xlabel="T (sampling steps)", ylabel="ms / training iteration")
         axes[0][col].legend()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import operators
 from idm import IDM, IDMConfig
@@ -53,9 +53,25 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
+    """FLOPs of PyTorch's CPU flash attention: the two matrix products, as for the CUDA kernels."""
+    return sdpa_flop_count(query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter (2 per multiply-add), also counting attention on the CPU.
+
+    torch counts the CUDA attention kernels but not the CPU one
+    (``_scaled_dot_product_flash_attention_for_cpu``), which would leave out the
+    two ``N x N`` products of every self-attention.
+    """
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def count_flops(run: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``run`` (torch's counter, 2 per multiply-add)."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one call of ``run`` (see :func:`flop_counter`)."""
+    counter = flop_counter()
     with counter:
         run()
     return counter.get_total_flops()

@@ -189,7 +189,7 @@ class IDM(nn.Module):
         """Eval mode, no parameter gradients, and (by default on the CPU) channels-last weights; returns ``self``.
 
         Channels-last weights make the convolutions pick the NHWC kernels:
-        about 15 % faster inference on the project's 2-core CPU
+        13 % faster inference on the project's 2-core CPU
         (``python -m benchmarks.speed --levers base channels_last``). The
         function computed is the same; call it after moving the model to its
         device. Training code should not call it.

@@ -183,3 +183,43 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
     assert float(train["both"]["gflop_per_image"]) > float(train["none"]["gflop_per_image"])
     assert all(float(r["percent_of_peak"]) == pytest.approx(100 * float(r["tflops"]), rel=0.01, abs=0.1) for r in train.values())
     assert "python -m benchmarks.speed" in (out / "speed.md").read_text()
+
+
+def test_folded_upsamplers_cost_fewer_flops(tmp_path):
+    from benchmarks import speed
+
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--levers", "base", "unfolded",
+                       "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
+    flops = {r["lever"]: float(r["gflop_per_image"]) for r in csv.DictReader(open(tmp_path / "speed.csv"))}
+    assert flops["base"] < flops["unfolded"]
+
+
+def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
+    from benchmarks import memory
+
+    assert memory.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--steps", "1", "2",
+                        "--variants", "none", "checkpoint", "both", "--iters", "1", "--warmup", "0",
+                        "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = {(r["variant"], int(r["steps"])): r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
+    assert {r["memory_kind"] for r in rows.values()} == {"peak_tracked"}
+    mib = {key: float(r["memory_mb"]) for key, r in rows.items()}
+    weights = 0.355e6 * 4 / 2**20  # the tiny IDM's float32 parameters (MiB), part of every peak
+    assert all(m > weights for m in mib.values())
+    # plain autograd keeps every step's activations; the memory-saving backward adds only the shared
+    # U-Net's gradient, kept from step 2 while step 1 is recomputed (one parameter-sized set)
+    assert mib[("none", 2)] - mib[("none", 1)] > 3 * (mib[("both", 2)] - mib[("both", 1)])
+    assert mib[("both", 2)] - mib[("both", 1)] < 1.2 * weights
+    assert mib[("checkpoint", 2)] < mib[("none", 2)]  # checkpointed recomputation is seen too
+    assert (tmp_path / "memory.png").is_file() and "T=2" in (tmp_path / "memory.md").read_text()
+
+
+def test_flops_are_counted_without_computing_and_include_attention(tmp_path):
+    from benchmarks import flops
+
+    assert flops.main(["--unet", "tiny", "--size", "32", "--steps", "2", "--out", str(tmp_path)]) == 0
+    rows = {r["upsamplers"]: r for r in csv.DictReader(open(tmp_path / "flops.csv"))}
+    unfolded, folded = rows["diffusers"], rows["low resolution"]
+    assert float(folded["gflop_per_image"]) < float(unfolded["gflop_per_image"])
+    assert float(folded["attention"]) == float(unfolded["attention"]) > 0
+    parts = sum(float(unfolded[k]) for k in ("convolution", "attention", "linear", "other"))
+    assert parts == pytest.approx(float(unfolded["gflop_per_image"]), rel=5e-3)  # parts rounded one by one
