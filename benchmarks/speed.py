@@ -9,7 +9,7 @@ Inference: ``model(y, op)`` under ``torch.no_grad`` on block CS
 (10%, permuted, 32x32 blocks), median over ``--iters`` timed runs after
 ``--warmup``, for every batch size, precision (``fp32``, or ``bf16``
 autocast with the wired states in float32) and lever (``base``,
-``channels_last``, ``compile``: ``torch.compile`` of the U-Net; ``unfolded``: the
+``channels_last``, ``compile``: ``torch.compile`` of the noise estimator; ``unfolded``: the
 upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
 low-resolution form, for comparison). Training:
 one iteration (forward, L1, backward, Adam) for the plain network
@@ -129,7 +129,7 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     elif lever == "compile":
-        model.eps_net.unet = torch.compile(model.eps_net.unet)
+        model.eps_net = torch.compile(model.eps_net)  # the noise estimator: the U-Net walk with its injectors
     elif lever == "unfolded":  # the reference: diffusers' upsamplers at full resolution (idm.unets.upsample)
         model.eps_net.fold_upsamplers = False
 

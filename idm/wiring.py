@@ -21,8 +21,9 @@ backward walks the layers in reverse, recovers each layer's input from its
 output with the inverse above, recomputes ``F_k`` with autograd enabled for
 that layer only, and back-propagates through it. Activation memory is thus
 that of a single layer, whatever ``K``. The gradients of parameters shared
-by the layers (IDM's U-Net, used by every step) are summed by autograd in
-place in their ``.grad`` (set aside during the walk and restored), so the
+by the layers (IDM's U-Net, used by every step) and of the context tensors
+are summed by autograd in place in their ``.grad`` (the parameters' own is
+set aside during the walk and restored), so the
 walk holds one parameter-sized set of gradients, as plain autograd does,
 rather than running sums beside each layer's own. Layers must be
 deterministic (no dropout or other randomness): the recomputation must
@@ -94,66 +95,36 @@ class _WiredChain(torch.autograd.Function):
         params = spec.params
         n_c = spec.n_context
         needs_ctx = ctx.needs_input_grad[4 : 4 + n_c]
-        grad_context = _GradientSum(n_c)
         grad_v = torch.zeros_like(v)
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
-
-        # The parameters' gradients are summed over the layers by autograd itself, in place, in their
-        # ``.grad`` (set aside meanwhile and restored): no running sums beside each layer's gradients.
+        # Gradients of what every layer uses (the parameters, the context tensors) are summed over the
+        # layers by autograd itself, in place, in their ``.grad``: no running sums beside each layer's own.
+        # The parameters' ``.grad`` is set aside meanwhile and restored.
+        ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
+        ctx_wrt = [t for t, need in zip(ctx_inputs, needs_ctx) if need]
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
             for k in reversed(range(len(spec.layers))):
                 x1 = y2.detach().requires_grad_(True)
-                ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
                 with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
                     f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
                 v_k = v[k].detach()
-                wrt = [x1] + [t for t, need in zip(ctx_inputs, needs_ctx) if need] + params
-                torch.autograd.backward(f_x1, grad_tensors=((1 - v_k) * dy1).to(f_x1.dtype), inputs=wrt)
+                torch.autograd.backward(f_x1, grad_tensors=((1 - v_k) * dy1).to(f_x1.dtype), inputs=[x1, *ctx_wrt, *params])
                 with torch.no_grad():
                     f_x1 = f_x1.detach()
                     x2 = coupling_inverse(f_x1, y1, v_k)
                     grad_v[k] = (dy1 * (x2 - f_x1)).sum()
                     dx1 = dy2 if x1.grad is None else x1.grad + dy2
                     dx2 = v_k * dy1
-                for i, (t, need) in enumerate(zip(ctx_inputs, needs_ctx)):
-                    if need:
-                        grad_context.add(i, t.grad)
                 del f_x1
                 y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
             grad_params = [p.grad for p in params]
         finally:
             for p, g in zip(params, set_aside):
                 p.grad = g
-        return (None, dy1, dy2, grad_v, *grad_context.totals, *grad_params)
-
-
-class _GradientSum:
-    """Running sums of per-layer gradients (of the context tensors), added in place once the sum is a tensor of its own.
-
-    The first gradient is kept as is (no copy); the second is added out of
-    place (the first may alias a tensor autograd still uses); later ones go
-    in place, so summing K layers never needs more than the sums plus one
-    layer's gradients.
-    """
-
-    def __init__(self, count: int):
-        self.totals: list[Tensor | None] = [None] * count
-        self.owned = [False] * count
-
-    def add(self, i: int, g: Tensor | None) -> None:
-        if g is None:
-            return
-        total = self.totals[i]
-        if total is None:
-            self.totals[i] = g
-        elif self.owned[i]:
-            total.add_(g)
-        else:
-            self.totals[i] = total + g
-            self.owned[i] = True
+        return (None, dy1, dy2, grad_v, *(t.grad for t in ctx_inputs), *grad_params)
 
 
 class _ChainSpec:
