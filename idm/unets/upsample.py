@@ -10,8 +10,10 @@ taps::
     phase a = 0: rows (i - 1, i)  get taps  (w0, w1 + w2)
     phase a = 1: rows (i, i + 1)  get taps  (w0 + w1, w2)
 
-(the same for columns). Four 2x2 convolutions at ``H x W`` cost 4/9 of one
-3x3 convolution at ``2H x 2W`` and never build the upsampled map; the result
+(the same for columns). The four phases run as one 2x2 convolution of the
+zero-padded input with ``4 O`` output channels, at ``(H + 1) x (W + 1)``,
+whose outputs are then interleaved: about 4/9 of the multiply-adds of the
+3x3 convolution at ``2H x 2W``, and the upsampled map is never built. The result
 is the same function (up to floating-point summation order), with the same
 parameters and gradients. In the shipped U-Net the two upsamplers' convolutions
 are a fifth of all FLOPs.
