@@ -55,7 +55,7 @@ def _kind(op_name: str) -> str:
 
 
 def count(unet: str, size: int, steps: int, fold: bool) -> dict:
-    """One row: total and per-kind TFLOP per image for ``model(y, op)``, batch 1."""
+    """One row: total and per-kind GFLOP per image for ``model(y, op)``, batch 1."""
     torch.manual_seed(0)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps)).eval()
     model.eps_net.fold_upsamplers = fold

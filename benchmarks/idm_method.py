@@ -14,7 +14,8 @@ class IDMMethod:
     """``x_hat = model(y, op)``: T U-Net evaluations, no gradient.
 
     Args:
-        model: a trained IDM (e.g. ``idm.train.load_trained(path).model``).
+        model: a trained IDM (e.g. ``idm.train.load_trained(path).model``), on its device; prepared in place
+            with :meth:`idm.IDM.for_inference` (eval, no parameter gradients, channels-last on the CPU).
         name: the label in tables (``"idm"``).
     """
 
