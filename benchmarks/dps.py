@@ -16,6 +16,21 @@ deblurring, tasks this toolkit does not have); for cs / mri / ct there is no
 author value, so :func:`tune_dps_step` picks one per task from a small grid on a
 few training images, and the harness records it.
 
+Step size and image size
+------------------------
+The authors set ``zeta`` for their 3 x 256 x 256 images only. The gradient
+of the residual *norm* has a length of about one whatever the image size (for
+operators with orthonormal rows, ``||A^T r|| = ||r||``), so it is spread over
+the ``n`` values of the image and moves each by about ``zeta / sqrt(n)``: the
+same ``zeta`` guides a 64 x 64 grey crop 14x harder than the authors' images,
+and a 512 x 512 RGB image 2x more weakly. :class:`DPS` therefore reads
+``zeta`` at the authors' size and takes the step
+``zeta * sqrt(n / (3 * 256 * 256))`` (:func:`size_scaled_step`) on an image
+of ``n`` values, which moves each value as far as ``zeta`` does on the
+authors' images. With it a value tuned on small training crops carries over
+to full-size test images, and the authors' inpainting value stays as they
+set it at their size. ``scale_with_size=False`` gives the unscaled step.
+
 NFE per image = ``steps``: each step evaluates the U-Net once; the
 back-propagation through that evaluation (for the guidance gradient) is part of
 the same NFE, as in the DPS paper's own NFE counts (it roughly doubles the
@@ -74,10 +89,23 @@ from benchmarks.prior import DiffusionPrior, default_generator, image_shape, ran
 #: The DPS authors' step sizes ``zeta`` by task; other tasks are tuned (:func:`tune_dps_step`).
 AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resolution": 0.3, "deblur": 0.3})
 
-#: Grid of :func:`tune_dps_step` (log-spaced around the authors' 0.3 / 0.5).
-DEFAULT_STEP_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+#: Grid of :func:`tune_dps_step` (log-spaced around the authors' 0.3 / 0.5, at their image size).
+DEFAULT_STEP_GRID = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
+
+#: Values per image at which the authors' step sizes hold: their 3 x 256 x 256 images.
+AUTHOR_IMAGE_NUMEL = 3 * 256 * 256
 
 EpsFn = Callable[[Tensor, int], Tensor]
+
+
+def size_scaled_step(zeta: float, image_shape: Iterable[int]) -> float:
+    """The step on one image of ``image_shape`` ``(C, H, W)`` equivalent to ``zeta`` at the authors' size.
+
+    ``zeta * sqrt(n / AUTHOR_IMAGE_NUMEL)`` with ``n = C * H * W``: each
+    value then moves as far as ``zeta`` moves it on a 3 x 256 x 256 image
+    (see the module docstring).
+    """
+    return float(zeta) * math.sqrt(math.prod(image_shape) / AUTHOR_IMAGE_NUMEL)
 
 
 def dps_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -153,9 +181,13 @@ class DPS:
 
     Args:
         prior: the diffusion prior.
-        zeta: guidance step size; ``None`` takes the authors' value for the
-            operator's task (:data:`AUTHOR_STEP_SIZES`, inpainting 0.5) and
-            raises for tasks without one (tune it with :func:`tune_dps_step`).
+        zeta: guidance step size at the authors' image size; ``None`` takes
+            the authors' value for the operator's task
+            (:data:`AUTHOR_STEP_SIZES`, inpainting 0.5) and raises for tasks
+            without one (tune it with :func:`tune_dps_step`).
+        scale_with_size: scale the step to the image size
+            (:func:`size_scaled_step`); ``False`` uses ``zeta`` as the step on
+            any image.
         steps: DDPM steps (1000 as the authors; NFE per image).
         clip_x0: clamp ``x0_hat`` to [-1, 1] (the authors' ``clip_denoised=True``).
         variance: ``"small"`` (``beta_tilde``) or ``"large"`` (``beta``).
@@ -172,6 +204,7 @@ class DPS:
         clip_x0: bool = True,
         variance: str = "small",
         progress: bool = True,
+        scale_with_size: bool = True,
     ):
         if prior is None:
             raise ValueError("dps needs a diffusion prior (benchmarks.prior.load_prior)")
@@ -186,6 +219,7 @@ class DPS:
         self.clip_x0 = bool(clip_x0)
         self.variance = variance
         self.progress = bool(progress)
+        self.scale_with_size = bool(scale_with_size)
 
     @property
     def nfe(self) -> int:
@@ -193,7 +227,7 @@ class DPS:
         return self.steps
 
     def step_size(self, op: Any) -> float:
-        """``zeta`` for ``op``: the given one, else the authors' value for its task."""
+        """``zeta`` for ``op`` at the authors' image size: the given one, else the authors' value for its task."""
         if self.zeta is not None:
             return self.zeta
         task = getattr(op, "name", None)
@@ -211,8 +245,10 @@ class DPS:
         step but the last); ``None`` means a fresh generator seeded 0.
         """
         prior, space = self.prior, self.prior.space
-        zeta = self.step_size(op)
         shape = image_shape(y, op)
+        zeta = self.step_size(op)
+        if self.scale_with_size:
+            zeta = size_scaled_step(zeta, shape[1:])
         prior.check_images(shape)
         generator = default_generator(generator, y)
         with torch.no_grad():
@@ -232,7 +268,10 @@ class DPS:
         return space.to_image(x)
 
     def __repr__(self) -> str:
-        return f"DPS(zeta={self.zeta}, steps={self.steps}, clip_x0={self.clip_x0}, variance={self.variance!r})"
+        return (
+            f"DPS(zeta={self.zeta}, steps={self.steps}, clip_x0={self.clip_x0}, variance={self.variance!r}, "
+            f"scale_with_size={self.scale_with_size})"
+        )
 
 
 def _mean_psnr(x_hat: Tensor, ref: Tensor) -> float:
@@ -260,12 +299,13 @@ def tune_dps_step(
         prior: the diffusion prior.
         op: the task's operator (noise-free measurements ``y = A x`` are simulated).
         images: a few TRAINING images ``(B, C, H, W)`` in the image space (never test images).
-        grid: candidate step sizes, tried in order; ties keep the earlier one.
+        grid: candidate step sizes (at the authors' image size, see
+            :func:`size_scaled_step`), tried in order; ties keep the earlier one.
         steps: DPS steps (1000 as the authors; fewer only for quick looks).
         seed: every candidate runs from ``torch.Generator().manual_seed(seed)``
             (same noise for all), so the choice is deterministic.
         return_scores: also return ``{zeta: mean PSNR}`` (``-inf`` for diverged runs).
-        dps_options: passed to :class:`DPS` (``clip_x0``, ``variance``).
+        dps_options: passed to :class:`DPS` (``clip_x0``, ``variance``, ``scale_with_size``).
 
     Returns:
         the chosen ``zeta`` (a member of ``grid``), or ``(zeta, scores)``.

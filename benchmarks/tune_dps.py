@@ -9,10 +9,10 @@ few random training crops (never test images) with the full 1000 steps and
 keeps the best mean PSNR. The JSON records the task, operator, prior, images,
 grid scores and the choice; pass it on as ``idm benchmark --dps-zeta``.
 
-Small crops keep the search affordable on a CPU. ``zeta`` multiplies the
-gradient of ``||y - A x0_hat||`` (the norm, not its square), whose size does
-not grow with the image for operators with orthonormal rows, so the value
-carries over to full-size images; check it there when the budget allows.
+Small crops keep the search affordable on a CPU. ``zeta`` is read at the
+DPS authors' image size (3 x 256 x 256) and scaled to the crops
+(:func:`benchmarks.dps.size_scaled_step`: each pixel moves as far as on the
+authors' images), so the chosen value carries over to full-size images.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "mean_psnr_by_zeta": {str(z): round(s, 3) for z, s in scores.items()},
         "zeta": best,
+        "zeta_units": "step size at the DPS authors' 3x256x256 image size; DPS scales it by sqrt(values per image / 196608)",
     }
     save_json(record, args.out)
     print(f"DPS zeta for {task.name} {record['operator']}: {best} (mean PSNR by zeta: {record['mean_psnr_by_zeta']})")

@@ -15,7 +15,7 @@ from diffusers import UNet2DModel
 import operators
 from benchmarks.classical import TV, tune_tv_weight
 from benchmarks.ddnm import DDNM
-from benchmarks.dps import DPS, dps_guidance, dps_step, dps_timesteps, tune_dps_step
+from benchmarks.dps import DPS, dps_guidance, dps_step, dps_timesteps, size_scaled_step, tune_dps_step
 from benchmarks.methods import available_methods, check_method, make_method, needs_prior
 from benchmarks.pinv import PseudoInverse
 from benchmarks.prior import DiffusionPrior, PriorError, PriorSpace, load_prior
@@ -257,6 +257,46 @@ def test_dps_guidance_matches_deepinv_dps_data_fidelity(ops):
     grad_ve = fidelity.grad(x_t / s, y, physics=op, sigma=sigma)
     grad, _, _ = dps_guidance(x_t, 0, eps_fn, abar, y, op, clip_x0=True)
     assert relative_error(grad, grad_ve / s) < 1e-5
+
+
+def test_size_scaled_dps_step_moves_each_pixel_as_far_at_every_image_size():
+    """A 2x2-tiled image under a 2x2-tiled mask: the scaled step moves every pixel the same."""
+
+    class Masking:  # y = mask * x, enough for the guidance
+        def __init__(self, mask):
+            self.mask = mask
+
+        def A(self, x):
+            return self.mask * x
+
+    g = gen(4)
+    mask = (torch.rand(1, 3, 16, 16, generator=g) < 0.5).to(F64)
+    x_t = torch.randn(1, 3, 16, 16, generator=g, dtype=F64)
+    y = Masking(mask).A(torch.rand(1, 3, 16, 16, generator=g, dtype=F64) * 2 - 1)
+    tile = lambda v: v.repeat(1, 1, 2, 2)
+    eps_fn = lambda x, _t: 0.5 * torch.tanh(x)  # acts pixel by pixel, like tiling
+    abar = torch.tensor(0.6, dtype=F64)
+    small, _, _ = dps_guidance(x_t, 0, eps_fn, abar, y, Masking(mask))
+    large, _, _ = dps_guidance(tile(x_t), 0, eps_fn, abar, tile(y), Masking(tile(mask)))
+    # the norm's gradient is spread over 4x the pixels: each gets half of it
+    assert relative_error(large, tile(small) / 2) < 1e-12
+    step_small, step_large = size_scaled_step(0.5, (3, 16, 16)), size_scaled_step(0.5, (3, 32, 32))
+    assert relative_error(step_large * large, tile(step_small * small)) < 1e-12
+    assert size_scaled_step(0.5, (3, 256, 256)) == 0.5  # the authors' value at the authors' size
+    assert size_scaled_step(1.0, (1, 64, 64)) == pytest.approx((4096 / 196608) ** 0.5)
+
+
+def test_dps_applies_the_size_scaled_step(ops, priors, monkeypatch):
+    import benchmarks.dps as dps_module
+
+    seen = []
+    real_step = dps_module.dps_step
+    monkeypatch.setattr(dps_module, "dps_step", lambda *a, **k: seen.append(a[7]) or real_step(*a, **k))
+    op = ops["inpainting"]
+    y = op.A(images(op, batch=1))
+    DPS(priors[1], zeta=0.5, steps=2, progress=False)(y, op, generator=gen(0))
+    DPS(priors[1], zeta=0.5, steps=2, progress=False, scale_with_size=False)(y, op, generator=gen(0))
+    assert seen[:2] == [size_scaled_step(0.5, (1, *SIZE))] * 2 and seen[2:] == [0.5, 0.5]
 
 
 def test_dps_step_size_and_schedule(ops, priors):
