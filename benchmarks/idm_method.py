@@ -17,10 +17,11 @@ class IDMMethod:
         model: a trained IDM (e.g. ``idm.train.load_trained(path).model``), on its device; prepared in place
             with :meth:`idm.IDM.for_inference` (eval, no parameter gradients, channels-last on the CPU).
         name: the label in tables (``"idm"``).
+        precision: ``"fp32"`` or ``"bf16"`` (the U-Net under bfloat16 autocast, :mod:`idm.precision`).
     """
 
-    def __init__(self, model: IDM, name: str = "idm"):
-        self.model = model.for_inference()
+    def __init__(self, model: IDM, name: str = "idm", precision: str = "fp32"):
+        self.model = model.for_inference(precision=precision)
         self.name = name
 
     @property

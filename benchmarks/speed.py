@@ -40,17 +40,13 @@ import operators
 from idm import IDM, IDMConfig
 from benchmarks.timing import add_timing_args, median_seconds, setup
 from idm.hardware import hardware_name
+from idm.precision import PRECISIONS, autocast_for
 
 FIELDS = [
     "mode", "model", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "status",
 ]  # fmt: skip
-PRECISIONS = ("fp32", "bf16")
 LEVERS = ("base", "channels_last", "compile", "unfolded")
-
-
-def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
@@ -125,7 +121,7 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
     op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)
-    model.eval()
+    model.eval().inference_precision = precision
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     elif lever == "compile":
@@ -134,7 +130,7 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
         model.eps_net.fold_upsamplers = False
 
     def run() -> torch.Tensor:
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad():
             return model(y, op)
 
     flops = count_flops(run) if lever != "compile" else None
@@ -161,7 +157,7 @@ def training_row(model: IDM, label: str, batch: int, size: int, precision: str, 
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, precision):
+        with autocast_for(device.type, precision):
             out = model(y, op)
         (out.float() - x).abs().mean().backward()
         optimizer.step()

@@ -100,8 +100,10 @@ def phantom_image(channels: int, size: int = DEMO_SIZE) -> Any:
     return BenchmarkImage("shepp_logan", x.contiguous())
 
 
-def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, progress: bool = True) -> list[dict[str, Any]] | None:
-    """Run the shipped model for ``case`` and the pseudo-inverse; ``None`` when no shipped model serves it."""
+def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, progress: bool = True,
+             precision: str = "fp32") -> list[dict[str, Any]] | None:  # fmt: skip
+    """Run the shipped model for ``case`` (in ``precision``, :mod:`idm.precision`) and the pseudo-inverse;
+    ``None`` when no shipped model serves it."""
     import tasks
     from benchmarks.harness import RESULT_FIELDS, run_benchmark
     from benchmarks.idm_method import IDMMethod
@@ -120,13 +122,12 @@ def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, pro
         task = task.with_color(shipped.color)
     trained = load_trained(shipped.path, expect_task=task.name, expect_operator=dict(case.overrides), device=device,
                            operator_defaults=task.operator_kwargs())  # fmt: skip
-    trained.model.for_inference()
     images = [phantom_image(task.channels)] if case.images == "phantom" else sample_images(task.color)
     operator_for = operator_factory(task, dict(case.overrides), trained.operator, seed)
     first = operator_for(0, tuple(images[0].x.shape[-2:]))
     rows = run_benchmark(
         images,
-        [PseudoInverse(), IDMMethod(trained.model.to(device))],
+        [PseudoInverse(), IDMMethod(trained.model.to(device), precision=precision)],
         operator_for,
         score_function(task),
         display=lambda x: task.metric_image(x),
@@ -172,8 +173,9 @@ def stack_pictures(paths: list[Path], out: Path) -> None:
     canvas.save(out)
 
 
-def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: bool = True, say: Callable[[str], None] = print) -> str:
-    """Run every case that a shipped model serves; write the files listed in the module docstring.
+def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: bool = True, say: Callable[[str], None] = print,
+             precision: str = "fp32") -> str:  # fmt: skip
+    """Run every case that a shipped model serves, IDM in ``precision``; write the files listed in the module docstring.
 
     Returns the markdown table. Raises ``ValueError`` when no shipped model is installed at all.
     """
@@ -186,7 +188,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     skipped = []
     for case in DEMO_CASES:
         say(f"idm demo: {case.label}")
-        case_rows = run_case(case, out, device, seed, progress)
+        case_rows = run_case(case, out, device, seed, progress, precision)
         if case_rows is None:
             skipped.append(case.label)
             continue
@@ -200,7 +202,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     text = (
         f"# idm demo\n\nShipped models on scikit-image's sample images ({', '.join(SAMPLE_IMAGES)}; "
         f"centre {DEMO_SIZE}x{DEMO_SIZE} crops; its Shepp-Logan phantom for MRI), seed {seed}, "
-        f"{hardware_name(device)}. CS: the authors' protocol (Y channel, PSNR peak 255); the other tasks: "
+        f"{hardware_name(device)}, IDM in {precision}. CS: the authors' protocol (Y channel, PSNR peak 255); the other tasks: "
         "[0, 1] images (MRI: magnitude).\n\n" + table + "\n"
         + (f"\nNo shipped model for: {', '.join(skipped)}.\n" if skipped else "")
         + f"\nTotal time (loading, measuring, reconstructing, pictures): {time.perf_counter() - started:.0f} s.\n"

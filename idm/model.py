@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
+from idm.precision import autocast_for, check_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
 from idm.unets import (
     SD15_UNET_CONFIG,
@@ -116,6 +117,9 @@ class IDM(nn.Module):
             self.schedule = DDPMSchedule(config.steps)
         if config.invertible != "none":
             self.wiring = WiredSequence(config.steps)
+        #: ``"fp32"`` or ``"bf16"`` (U-Net under bf16 autocast) in eval mode, set by :meth:`for_inference`;
+        #: not saved. Training mode always runs as the caller's autocast says.
+        self.inference_precision = "fp32"
 
     # ---- the network -------------------------------------------------------------
     def _step(self, t: int, x_t: Tensor, op: Any, x_pinv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,18 +178,23 @@ class IDM(nn.Module):
         x_pinv = self.pseudo_inverse(self.to_prior_range(y, op), op)
         x = self.initial_state(x_pinv, generator)
         layers = self._layers()
-        if self.config.invertible == "none":
-            for layer in layers:
-                if self.config.recompute and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, op, x_pinv, use_reentrant=False)
-                else:
-                    x = layer(x, op, x_pinv)
-        else:
-            params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
-            x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
+        with self._inference_autocast(y.device.type):
+            if self.config.invertible == "none":
+                for layer in layers:
+                    if self.config.recompute and torch.is_grad_enabled():
+                        x = checkpoint(layer, x, op, x_pinv, use_reentrant=False)
+                    else:
+                        x = layer(x, op, x_pinv)
+            else:
+                params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
+                x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.from_prior_range(x)
 
-    def for_inference(self, channels_last: bool | None = None) -> "IDM":
+    def _inference_autocast(self, device_type: str):
+        """bf16 autocast when :meth:`for_inference` asked for it and the model is in eval mode; else a no-op."""
+        return autocast_for(device_type, "fp32" if self.training else self.inference_precision)
+
+    def for_inference(self, channels_last: bool | None = None, precision: str = "fp32") -> "IDM":
         """Eval mode, no parameter gradients, and (by default on the CPU) channels-last weights; returns ``self``.
 
         Channels-last weights make the convolutions pick the NHWC kernels:
@@ -193,7 +202,12 @@ class IDM(nn.Module):
         (``python -m benchmarks.speed --levers base channels_last``). The
         function computed is the same; call it after moving the model to its
         device. Training code should not call it.
+
+        ``precision="bf16"`` runs the U-Net under bfloat16 autocast from now
+        on, the wired states and the operator in float32
+        (:mod:`idm.precision`); ``"fp32"`` (the default) switches it back.
         """
+        self.inference_precision = check_precision(precision)
         self.eval().requires_grad_(False)
         if channels_last is None:
             channels_last = all(p.device.type == "cpu" for p in self.parameters())
@@ -235,7 +249,8 @@ class IDM(nn.Module):
         x2 = self.wiring.in_scale * x1 if self.config.invertible != "none" else None
         traces = []
         for k, t in enumerate(range(self.config.steps, 0, -1)):
-            x_prev, eps, x0 = self._step(t, x1, op, x_pinv)
+            with self._inference_autocast(y.device.type):
+                x_prev, eps, x0 = self._step(t, x1, op, x_pinv)
             traces.append(StepTrace(t, x1, eps, x0, x_prev))
             if x2 is None:
                 x1 = x_prev

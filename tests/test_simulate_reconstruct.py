@@ -227,6 +227,14 @@ def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_
                  "--out", str(tmp_path / "plain")]) == 0  # fmt: skip
     assert (tmp_path / "plain" / "a.png").is_file() and not (tmp_path / "plain" / "metrics.csv").exists()
 
+    # bf16: the same files, scores within bf16 rounding of float32, the precision recorded
+    out3 = tmp_path / "bf16"
+    assert main(["reconstruct", "--input", str(meas), "--checkpoint", str(models / "cs"), "--device", "cpu",
+                 "--seed", "3", "--precision", "bf16", "--no-progress", "--out", str(out3)]) == 0  # fmt: skip
+    assert json.loads((out3 / "reconstruct.json").read_text())["precision"] == "bf16"
+    for fast, exact in zip(_rows(out3 / "metrics.csv"), from_npz):
+        assert fast["name"] == exact["name"] and abs(float(fast["psnr"]) - float(exact["psnr"])) < 0.5
+
 
 def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
     models = files / "models"

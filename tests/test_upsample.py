@@ -54,3 +54,24 @@ def test_idm_with_and_without_the_fold_and_for_inference_agree(ortho_op):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     conv = model.eps_net.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)  # the CPU default
+
+
+def test_bf16_inference_runs_the_unet_in_bf16_and_keeps_states_in_float32(ortho_op):
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(steps=2)).eval()
+    op = ortho_op((1, 32, 32), 300)
+    y = op.A(torch.rand(2, 1, 32, 32))
+    seen = []
+    hook = model.eps_net.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    with torch.no_grad():
+        reference = model.for_inference(precision="fp32")(y, op)
+        fast = model.for_inference(precision="bf16")(y, op)
+        _, traces = model.trace(y, op)
+        back = model.for_inference(precision="fp32")(y, op)
+    hook.remove()
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 4 + [torch.float32] * 2  # fp32, bf16, trace, fp32
+    assert fast.dtype == torch.float32 and all(t.x_prev.dtype == torch.float32 for t in traces)
+    assert 0 < relative_error(fast, reference) < 2e-2  # bf16 rounding, not another function
+    assert torch.equal(back, reference)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        model.for_inference(precision="fp16")

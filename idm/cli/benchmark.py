@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import (
+    add_common_args,
+    add_operator_args,
+    add_precision_arg,
+    command_line,
+    operator_overrides,
+    resolve_device,
+    seed_everything,
+)
 
 DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
 
@@ -40,9 +48,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
     parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
-    parser.add_argument("--dps-zeta", type=float, help="DPS step size (default: the authors' value where they give one)")
+    parser.add_argument("--dps-zeta", type=float, help="DPS step size at the DPS authors' 3x256x256 image size, scaled to "
+                        "the images' size (default: the authors' value where they give one; for cs, mri and ct "
+                        "the values tuned by benchmarks.tune_dps are in benchmarks/results/cpu/dps-zeta-*.json)")
     parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_precision_arg(parser)
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder for results.csv, summary.md and pictures")
     parser.set_defaults(run=run)
@@ -106,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     methods = []
     for name in names:
         if name == "idm":
-            methods.append(IDMMethod(trained.model.to(device)))
+            methods.append(IDMMethod(trained.model.to(device), precision=args.precision))
             continue
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
@@ -144,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         "generator_seeds": f"{args.seed} + image index",
         "protocol": describe_protocol(task),
         "checkpoint": None if trained is None else str(trained.path),
+        "idm_precision": args.precision,
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),
         "images": [im.name for im in images],
@@ -153,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         f"# Benchmark: {task.name}\n\n`{command}`\n\nHardware: {settings['hardware']}. "
         f"Operator: {settings['operator']}. Protocol: {settings['protocol']}. "
         f"{len(images)} image(s); seeds: operators and generators {args.seed} + image index"
-        + (f"; DPS step size {settings['dps_zeta']}" if dps is not None else "")
+        + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
+        + (f"; IDM in {args.precision}" if trained is not None and args.precision != "fp32" else "")
         + ".\n\n"
         + summary_table(rows, [m.name for m in methods])
         + "\n"

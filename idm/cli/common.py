@@ -28,6 +28,15 @@ def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.add_argument("--out", required=out_required, help=out_help)
 
 
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """``--precision fp32|bf16`` of the commands that run a trained IDM."""
+    from idm.precision import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="IDM arithmetic: fp32 (default) or bf16 (the U-Net under bfloat16 autocast, states and "
+                        "operator in float32; faster on GPUs and on CPUs with AVX512-BF16 or AMX)")
+
+
 def ratio_range(text: str) -> float | tuple[float, float]:
     """``"0.1"`` -> 0.1; ``"0.01:0.5"`` -> ``(0.01, 0.5)`` (training on a range of ratios)."""
     parts = text.split(":")

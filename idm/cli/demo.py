@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from idm.cli.common import add_common_args, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_precision_arg, resolve_device, seed_everything
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
     )
     add_common_args(parser, out_help="output folder (default: idm-demo)", out_required=False)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_precision_arg(parser)
     parser.set_defaults(run=run)
 
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     out = args.out or "idm-demo"
-    text = run_demo(out, resolve_device(args.device), seed=args.seed, progress=not args.no_progress)
+    text = run_demo(out, resolve_device(args.device), seed=args.seed, progress=not args.no_progress,
+                    precision=args.precision)  # fmt: skip
     print(text)
     print(f"idm demo: pictures and tables in {out}/ (demo.png, demo.md)")
     return 0

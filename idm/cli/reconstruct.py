@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_operator_args, add_precision_arg, command_line, operator_overrides, resolve_device, seed_everything
 from idm.cli.simulate import (
     MRI_FILE_SUFFIXES,
     OperatorPlan,
@@ -85,17 +85,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="only the first N images / slices")
     parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_precision_arg(parser)
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder (PNG, .npy / .h5, metrics.csv, reconstruct.json)")
     parser.set_defaults(run=run)
 
 
 # ---- checkpoint --------------------------------------------------------------------------------
-def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], request: dict[str, Any], device: torch.device, context: str = ""):
+def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], request: dict[str, Any], device: torch.device,
+               context: str = "", precision: str = "fp32"):  # fmt: skip
     """The trained IDM for ``task``: ``checkpoint``, else the shipped model for ``request``; refuses mismatches.
 
     ``expect``: the operator settings the checkpoint must have been trained with
     (``load_trained``'s ``expect_operator``); ``context`` is added to its error.
+    The model is prepared for inference in ``precision`` (:mod:`idm.precision`).
     """
     from idm.checkpoint import CheckpointError
     from idm.shipped import default_checkpoint, missing_message
@@ -120,7 +123,7 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
             f"checkpoint {trained.path} reconstructs {channels}-channel images, but task {task.name} "
             f"(colour {task.color!r}) has {task.channels} channel(s)"
         )
-    trained.model.for_inference()
+    trained.model.for_inference(precision=precision)
     return trained
 
 
@@ -277,7 +280,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
             )
     _check_flags_against(overrides, first, str(path))
     trained = load_model(
-        args.checkpoint, task, expect=shared, request=shared, device=device,
+        args.checkpoint, task, expect=shared, request=shared, device=device, precision=args.precision,
         context=f"(the measurements in {path} were taken with the {describe_operator(shared)})",
     )  # fmt: skip
     check_limit(args.limit)
@@ -329,7 +332,8 @@ def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, 
     user's flags (plus ``fixed`` settings read from the input) on top of the defaults."""
     overrides = operator_overrides(args)
     request = {"name": task.operator, **task.operator_kwargs(**{**overrides, **fixed})}
-    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device)
+    trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device,
+                         precision=args.precision)  # fmt: skip
     return overrides, trained
 
 
@@ -353,7 +357,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
         _check_flags_against(overrides, config, str(path))
         shared = {k: v for k, v in config.items() if k not in ("img_size", "seed")}
         trained = load_model(
-            args.checkpoint, task, expect=shared, request=shared, device=device,
+            args.checkpoint, task, expect=shared, request=shared, device=device, precision=args.precision,
             context=f"(the sinogram {path} was measured with the {describe_operator(config)})",
         )  # fmt: skip
         window = tuple(sino.info.get("window") or DEFAULT_HU_WINDOW)
@@ -503,6 +507,7 @@ def run(args: argparse.Namespace) -> int:
             "input": str(source),
             "input_kind": kind,
             "device": str(device),
+            "precision": args.precision,
             "seed": args.seed,
             **settings,
             "items": [r["name"] for r in rows],
