@@ -25,7 +25,11 @@ by the layers (IDM's U-Net, used by every step) and of the context tensors
 are summed by autograd in place in their ``.grad`` (the parameters' own is
 set aside during the walk and restored), so the
 walk holds one parameter-sized set of gradients, as plain autograd does,
-rather than running sums beside each layer's own. Layers must be
+rather than running sums beside each layer's own. A chain nested in a
+layer of another (IDM's wired U-Net blocks inside a wired step) finds its
+parameters' ``.grad`` already taken over by the enclosing walk: it adds its
+gradients to that running sum directly and returns none for them, instead
+of starting a second set beside it (:data:`GRAD_TAKEN_OVER`). Layers must be
 deterministic (no dropout or other randomness): the recomputation must
 reproduce the forward.
 
@@ -44,6 +48,10 @@ import torch
 from torch import Tensor, nn
 
 Layer = Callable[..., Tensor]
+
+#: Attribute a walk sets on the parameters whose ``.grad`` it has taken over (set aside, to be summed in place
+#: and handed back); a nested walk that finds it accumulates into that ``.grad`` instead of taking it over.
+GRAD_TAKEN_OVER = "_idm_wired_walk_sums_into_grad"
 
 
 def coupling_forward(f_x1: Tensor, x1: Tensor, x2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,12 +107,16 @@ class _WiredChain(torch.autograd.Function):
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         # Gradients of what every layer uses (the parameters, the context tensors) are summed over the
         # layers by autograd itself, in place, in their ``.grad``: no running sums beside each layer's own.
-        # The parameters' ``.grad`` is set aside meanwhile and restored.
+        # The parameters' ``.grad`` is set aside meanwhile and restored. Parameters whose ``.grad`` an
+        # enclosing walk has already taken over keep it: this walk adds to that sum and returns None for them.
         ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
         ctx_wrt = [t for t, need in zip(ctx_inputs, needs_ctx) if need]
-        set_aside = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        taken = [not getattr(p, GRAD_TAKEN_OVER, False) for p in params]
+        set_aside = [p.grad if take else None for p, take in zip(params, taken)]
+        for p, take in zip(params, taken):
+            if take:
+                p.grad = None
+                setattr(p, GRAD_TAKEN_OVER, True)
         try:
             for k in reversed(range(len(spec.layers))):
                 x1 = y2.detach().requires_grad_(True)
@@ -120,10 +132,12 @@ class _WiredChain(torch.autograd.Function):
                     dx2 = v_k * dy1
                 del f_x1
                 y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
-            grad_params = [p.grad for p in params]
+            grad_params = [p.grad if take else None for p, take in zip(params, taken)]
         finally:
-            for p, g in zip(params, set_aside):
-                p.grad = g
+            for p, take, g in zip(params, taken, set_aside):
+                if take:
+                    p.grad = g
+                    delattr(p, GRAD_TAKEN_OVER)
         return (None, dy1, dy2, grad_v, *(t.grad for t in ctx_inputs), *grad_params)
 
 
