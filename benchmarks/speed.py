@@ -121,7 +121,8 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
     op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)
-    model.eval().inference_precision = precision
+    model.eval()
+    model.inference_precision = precision  # what for_inference(precision=) sets, without freezing the weights
     if lever == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     elif lever == "compile":

@@ -57,7 +57,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, add_precision_arg, command_line, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import (
+    add_common_args,
+    add_operator_args,
+    add_precision_arg,
+    command_line,
+    operator_overrides,
+    resolve_device,
+    seed_everything,
+)
 from idm.cli.simulate import (
     MRI_FILE_SUFFIXES,
     OperatorPlan,
