@@ -25,8 +25,32 @@ import torch
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
 from benchmarks.prior import load_prior
-from idm.checkpoint import save_json
+from idm.checkpoint import load_json, save_json
 from idm.hardware import hardware_name
+
+
+def step_size_from(text: str, task_name: str, operator: dict) -> float:
+    """``idm benchmark --dps-zeta``: a number, or the JSON record this script writes (its ``zeta``).
+
+    A record is checked against the benchmark's task and operator settings
+    (those both name); a mismatch is a ``ValueError`` that says to pass the
+    number instead, to use that value anyway.
+    """
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    record = load_json(text, "DPS step-size record")
+    if not isinstance(record, dict) or "zeta" not in record or "task" not in record:
+        raise ValueError(f"--dps-zeta {text}: not a number, nor a record of benchmarks.tune_dps (no 'task' / 'zeta')")
+    if record["task"] != task_name:
+        raise ValueError(f"--dps-zeta {text}: tuned for task {record['task']!r}, this benchmark is {task_name!r}")
+    tuned = record.get("operator", {})
+    differ = sorted(k for k in set(tuned) & set(operator) if tuned[k] != operator[k])
+    if differ:
+        settings = ", ".join(f"{k} {tuned[k]} (here {operator[k]})" for k in differ)
+        raise ValueError(f"--dps-zeta {text}: tuned with {settings}; pass --dps-zeta {record['zeta']} to use it anyway")
+    return float(record["zeta"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,12 +107,31 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
         (["--methods", "pinv", "--views", "60"], "does not use --views"),
+        (["--methods", "pinv", "--dps-zeta", "no-such-record.json"], "DPS step-size record file 'no-such-record.json' does not exist"),
     ],
 )
 def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, message):
     base = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path)]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_dps_step_size_from_a_tuning_record(tmp_path):
+    from benchmarks.tune_dps import step_size_from
+
+    record = tmp_path / "zeta.json"
+    record.write_text(json.dumps({"task": "mri", "zeta": 2.0,
+                                  "operator": {"name": "mri", "acceleration": 4, "center_fraction": 0.08}}))  # fmt: skip
+    here = {"name": "mri", "acceleration": 4, "center_fraction": 0.08, "img_size": (32, 32)}
+    assert step_size_from("0.7", "mri", here) == 0.7
+    assert step_size_from(str(record), "mri", here) == 2.0
+    with pytest.raises(ValueError, match="tuned for task 'mri', this benchmark is 'ct'"):
+        step_size_from(str(record), "ct", {"name": "ct", "views": 60})
+    with pytest.raises(ValueError, match=r"acceleration 4 \(here 8\); pass --dps-zeta 2.0 to use it anyway"):
+        step_size_from(str(record), "mri", {**here, "acceleration": 8})
+    (tmp_path / "other.json").write_text(json.dumps({"zeta": 1}))
+    with pytest.raises(ValueError, match="nor a record of benchmarks.tune_dps"):
+        step_size_from(str(tmp_path / "other.json"), "mri", here)
 
 
 def test_a_checkpoint_of_another_task_is_refused(bench_files, tmp_path, capsys):

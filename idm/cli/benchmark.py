@@ -48,9 +48,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
     parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
-    parser.add_argument("--dps-zeta", type=float, help="DPS step size at the DPS authors' 3x256x256 image size, scaled to "
-                        "the images' size (default: the authors' value where they give one; for cs, mri and ct "
-                        "the values tuned by benchmarks.tune_dps are in benchmarks/results/cpu/dps-zeta-*.json)")
+    parser.add_argument("--dps-zeta", help="DPS step size at the DPS authors' 3x256x256 image size, scaled to the "
+                        "images' size: a number, or the JSON record of benchmarks.tune_dps (e.g. "
+                        "benchmarks/results/cpu/dps-zeta-mri4x.json; checked against the task and operator). "
+                        "Default: the authors' value where they give one (inpainting)")
     parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_precision_arg(parser)
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.prior import load_prior
     from benchmarks.protocol import describe_protocol, operator_factory, pad_multiple, score_function
     from benchmarks.report import summary_table, write_results_csv
+    from benchmarks.tune_dps import step_size_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
     from idm.shipped import find_prior
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(known)}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
+    dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
 
     trained = _load_checkpoint(args, task, overrides, device) if "idm" in names else None
     prior = None
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = {
         "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta),
-        "dps": dict(steps=args.dps_steps, zeta=args.dps_zeta),
+        "dps": dict(steps=args.dps_steps, zeta=dps_zeta),
     }
     methods = []
     for name in names:
