@@ -16,7 +16,9 @@ variant, batch and T it reports the median iteration time after warm-up and
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
 ``both`` (two-level wiring), the last two with the memory-saving backward.
-Writes ``OUT/memory.csv``, ``OUT/memory.png`` and ``OUT/memory.md`` (the summary table).
+The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
+:mod:`idm.training.optimizer`). Writes ``OUT/memory.csv``, ``OUT/memory.png``
+and ``OUT/memory.md`` (the summary table).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from benchmarks.timing import add_timing_args, setup, sync
 from idm.hardware import hardware_name
+from idm.training.optimizer import fused_by_default
 
 import operators
 from idm import IDM, IDMConfig
@@ -69,7 +72,7 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     row = dict(variant=variant, steps=steps, batch=batch, size=size, unet=unet, device=device.type)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused_by_default(model.parameters()))  # as idm train
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
     x = torch.rand(batch, 1, size, size, device=device)
     y = op.A(x)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
+from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, worker_init
 from idm.training.csv_log import CsvLog
@@ -295,7 +296,7 @@ def pretrain(
                 raise CheckpointError(f"weights in {ckpt} do not fit the U-Net: {err}") from None
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         unet.to(device).train()
-        optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, fused=fused_by_default(unet.parameters()))
         ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
         if ckpt is not None:
             restore_optimizer(optimizer, opt_tensors, state["optimizer"])

@@ -47,6 +47,7 @@ from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
+from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, worker_init
 from idm.training.csv_log import CsvLog
@@ -171,10 +172,12 @@ def scalar_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float) -> torch.optim.Adam:
+def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float, fused: bool | None = None) -> torch.optim.Adam:
     """Adam with two groups: the network weights (``lr``) and the scalars (``lr * scalar_lr_mult``).
 
     Each group carries its factor as ``"lr_mult"`` (saved with the optimizer state).
+    ``fused`` (default: when every parameter is on a GPU) uses torch's fused
+    kernel (:mod:`idm.training.optimizer`).
     """
     scalars = scalar_parameter_names(model)
     weights = [p for n, p in model.named_parameters() if p.requires_grad and n not in scalars]
@@ -182,7 +185,7 @@ def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float) -> torch.
     groups = [{"params": weights, "lr": lr, "lr_mult": 1.0}]
     if scalar_params:
         groups.append({"params": scalar_params, "lr": lr * scalar_lr_mult, "lr_mult": float(scalar_lr_mult)})
-    return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr, fused=fused_by_default(model.parameters()) if fused is None else fused)
 
 
 # ---------------------------------------------------------------------------------------------

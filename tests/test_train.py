@@ -6,6 +6,7 @@ random PNGs written into ``tmp_path``.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -26,7 +27,9 @@ from idm.checkpoint import CheckpointError
 from idm.cli import main
 from idm.train import load_trained, make_optimizer, resolve_model_dir, scalar_parameter_names
 from idm.training.batches import ShardedBatches
+from idm.training.optimizer import fused_by_default
 from idm.training.state import flatten_optimizer, restore_optimizer
+from tests.conftest import relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = [
@@ -304,6 +307,26 @@ def test_scalars_get_their_own_learning_rate_and_state_round_trips():
     a, b = opt.state_dict(), other.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+def test_fused_adam_gives_the_default_kernels_steps_and_a_restore_keeps_the_live_kernel():
+    """Fused Adam (the GPU default) on the CPU's fused kernel: the same updates; kernels are the device's choice."""
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(unet="tiny", steps=2)).double()
+    twin = copy.deepcopy(model)
+    plain, fused = make_optimizer(model, 1e-3, 10.0), make_optimizer(twin, 1e-3, 10.0, fused=True)
+    assert fused_by_default(model.parameters()) is None and all(g["fused"] for g in fused.param_groups)
+    y = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    for _ in range(3):
+        for net, opt in ((model, plain), (twin, fused)):
+            opt.zero_grad()
+            net(y, _Identity()).sub(y).abs().mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert relative_error(q, p) < 1e-12
+    tensors, meta = flatten_optimizer(plain)  # saved by the default kernel ...
+    restore_optimizer(fused, tensors, meta)  # ... restored where the fused one runs
+    assert all(g["fused"] for g in fused.param_groups)
 
 
 class _Identity(torch.nn.Module):

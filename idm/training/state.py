@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors
+from idm.training.optimizer import KERNEL_CHOICES
 
 Model = TypeVar("Model")
 
@@ -77,7 +78,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         raise CheckpointError("the optimizer state in the checkpoint has a different parameter layout")
     fixed = []
     for saved, live in zip(groups, current):
-        fixed.append({k: (tuple(v) if isinstance(live.get(k), tuple) else v) for k, v in saved.items()})
+        group = {k: (tuple(v) if isinstance(live.get(k), tuple) else v) for k, v in saved.items()}
+        # how to compute (fused kernel or not) belongs to this device, not to the saved state
+        group.update({k: live[k] for k in KERNEL_CHOICES if k in live})
+        fixed.append(group)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
