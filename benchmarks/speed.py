@@ -41,6 +41,7 @@ from idm import IDM, IDMConfig
 from benchmarks.timing import add_timing_args, median_seconds, setup
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS, autocast_for
+from idm.training.optimizer import fused_by_default
 
 FIELDS = [
     "mode", "model", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
@@ -151,7 +152,7 @@ def training_row(model: IDM, label: str, batch: int, size: int, precision: str, 
                batch=batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=fused_by_default(model.parameters()))  # as idm train
     op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)

@@ -111,9 +111,9 @@ class _WiredChain(torch.autograd.Function):
         # enclosing walk has already taken over keep it: this walk adds to that sum and returns None for them.
         ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
         ctx_wrt = [t for t, need in zip(ctx_inputs, needs_ctx) if need]
-        taken = [not getattr(p, GRAD_TAKEN_OVER, False) for p in params]
-        set_aside = [p.grad if take else None for p, take in zip(params, taken)]
-        for p, take in zip(params, taken):
+        takes_over = [not getattr(p, GRAD_TAKEN_OVER, False) for p in params]
+        set_aside = [p.grad if take else None for p, take in zip(params, takes_over)]
+        for p, take in zip(params, takes_over):
             if take:
                 p.grad = None
                 setattr(p, GRAD_TAKEN_OVER, True)
@@ -132,9 +132,9 @@ class _WiredChain(torch.autograd.Function):
                     dx2 = v_k * dy1
                 del f_x1
                 y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
-            grad_params = [p.grad if take else None for p, take in zip(params, taken)]
+            grad_params = [p.grad if take else None for p, take in zip(params, takes_over)]
         finally:
-            for p, take, g in zip(params, taken, set_aside):
+            for p, take, g in zip(params, takes_over, set_aside):
                 if take:
                     p.grad = g
                     delattr(p, GRAD_TAKEN_OVER)
