@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 # * mri: ChestTrain im-01..04 (256x256 magnitude, imaginary 0), random column masks 4x
 #   (centre 0.08) and 8x (centre 0.04): lam = 5e-3 best at both, 30.73 / 23.73 dB at 400,
 #   30.75 / 23.85 at 800 (pinv 25.4 / 22.2), so 800.
-# * ct: ct_head_10slices.tiff slices 3 and 6 (256x256, intensity), 60 views, FBP start
+# * ct: ct_head_10slices.tiff slices 3 and 6 (256x256, read with tiff_units="intensity", the
+#   default then; the default is now "auto", HU-calibrated), 60 views, FBP start
 #   (CT is ~1 s per iteration per 4 images on the CPU, hence the smaller run): at 200
 #   iterations lam 1e-4 / 2e-4 / 5e-4 / 1e-3 / 2e-3 gave 39.53 / 39.80 / 37.22 / 34.93 / 32.65
 #   (FBP 31.24). lam = 2e-4 reaches 40.10 at 400 and 39.91 at 800 iterations, so 400.

@@ -227,16 +227,19 @@ def load_prior(
     dtype: torch.dtype | None = None,
     space: PriorSpace | None = None,
 ) -> DiffusionPrior:
-    """Load a prior folder (offline) as a :class:`DiffusionPrior` in eval mode.
+    """Load a prior folder, or a shipped prior by name, (offline) as a :class:`DiffusionPrior` in eval mode.
 
     ``path`` holds a diffusers ``UNet2DModel`` (``config.json`` + weights, at
     its top or in a ``unet/`` subfolder); a diffusers scheduler config beside
     it, if any, must describe the 1000-step linear 1e-4..0.02 epsilon schedule.
     Raises :class:`PriorError` with the reason otherwise.
     """
+    from idm.shipped import find_prior
     from idm.unets.factory import UNetSourceError, load_unet_folder
 
     folder = Path(path)
+    if not folder.exists():
+        folder = find_prior(str(path)) or folder  # a shipped prior's name
     if not folder.is_dir():
         raise PriorError(f"prior folder {str(folder)!r} does not exist")
     try:

@@ -78,13 +78,12 @@ def score_checkpoint(args: argparse.Namespace) -> list[dict]:
     from benchmarks.experiments import evaluate
     from benchmarks.harness import load_images
     from benchmarks.idm_method import IDMMethod
-    from idm.shipped import model_path
     from idm.train import load_trained
 
     task = tasks.get(args.task)
     device = torch.device(args.device)
     images = load_images(task, args.test_data, args.limit, args.seed)
-    trained = load_trained(model_path(args.checkpoint), expect_task=task.name, device=device)
+    trained = load_trained(args.checkpoint, expect_task=task.name, device=device)
     method = IDMMethod(trained.model.to(device))
     rows = []
     for value in args.values:

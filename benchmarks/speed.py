@@ -97,10 +97,9 @@ def training_flops(model: IDM, run: Callable[[], Any], forward: Callable[[], Any
 def build_model(unet: str | None, checkpoint: str | None, steps: int, variant: str, device: torch.device) -> tuple[IDM, str]:
     """``(model, label)``: a trained IDM (a folder or a shipped model's name), or ``unet`` with random weights."""
     if checkpoint is not None:
-        from idm.shipped import model_path
         from idm.train import load_trained
 
-        trained = load_trained(model_path(checkpoint))
+        trained = load_trained(checkpoint)
         return trained.model.to(device), Path(checkpoint).name
     invertible, recompute = ("none", False) if variant == "none" else ("both", True)
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ class DemoCase:
     images: str = "photographs"
 
 
-#: The settings of issue #6's shipped models.
+#: The settings of the shipped models (issues #6 and #7).
 DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("cs-10", "cs", {"ratio": 0.1}),
     DemoCase("cs-30", "cs", {"ratio": 0.3}),
@@ -50,6 +50,7 @@ DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("inpainting-80-missing", "inpainting", {"mask": "random", "ratio": 0.2}),
     DemoCase("inpainting-box", "inpainting", {"mask": "box"}),
     DemoCase("mri-4x", "mri", {"acceleration": 4}, images="phantom"),
+    DemoCase("mri-8x", "mri", {"acceleration": 8, "center_fraction": 0.04}, images="phantom"),
 )
 
 

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from idm.checkpoint import save_json, save_tensors
 from idm.config import IDMConfig
 from idm.model import IDM
+from idm.unets import unet_from_config
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
@@ -198,6 +199,16 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
     return d
 
 
+def _fresh_model(model_config: IDMConfig, init_model: IDM | None) -> IDM:
+    """``IDM(model_config)``: from its prior folder, or with ``init_model``'s U-Net architecture and weights."""
+    if init_model is None:
+        return IDM(model_config)
+    unet = unet_from_config(init_model.unet_class, init_model.unet_config, device="meta")
+    model = IDM(model_config, unet=unet, init_weights=False)
+    model.load_weights(init_model.state_dict(), source="the --init-from model")
+    return model
+
+
 def _check_images(dataset: Dataset, operator: Any, channels: int, what: str) -> tuple[int, ...]:
     if len(dataset) == 0:
         raise ValueError(f"the {what} dataset is empty")
@@ -268,7 +279,7 @@ def train(
     task_info: dict[str, Any] | None = None,
     val_dataset: Dataset | None = None,
     val_limit: int = 16,
-    init_weights: dict[str, Tensor] | None = None,
+    init_model: IDM | None = None,
     metric_transform: Callable[[Tensor], Tensor] | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
@@ -290,9 +301,13 @@ def train(
         task: task name recorded in checkpoints (checked by :func:`load_trained`).
         task_info: further JSON-able facts that define the run (color mode, crop...).
         val_dataset: optional validation images (centre-cropped to the training size).
-        init_weights: a state dict of ``IDM(model_config)`` to start a fresh run
-            from (warm start, e.g. a shipped model), instead of the prior's
-            weights and freshly initialised injectors. Ignored on resume.
+        init_model: a trained IDM to start a fresh run from (warm start, e.g. a
+            shipped model): its U-Net architecture and all its weights, instead
+            of the prior folder's weights and freshly initialised injectors.
+            ``model_config`` must describe it (e.g. ``init_model.config`` with
+            another ``recompute``); its ``unet`` is then only a record (a
+            shipped model names its prior, which need not exist as a folder).
+            Ignored on resume.
         metric_transform: maps ``(B, C, H, W)`` outputs/targets to the images
             PSNR is computed on (e.g. MRI magnitude); identity by default.
         resume: continue from the latest checkpoint in ``out``.
@@ -343,9 +358,7 @@ def train(
             model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         else:
-            model = IDM(model_config)
-            if init_weights is not None:
-                model.load_state_dict(init_weights)
+            model = _fresh_model(model_config, init_model)
         model.to(device).train()
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:

@@ -39,6 +39,7 @@ from tasks.data import (
     read_npy_hu,
     read_tiff_volume,
     rgb_to_y,
+    tiff_units_of,
     unpad,
 )
 
@@ -463,6 +464,33 @@ def test_tiff_volume_units(tmp_path):
     _truncate(tmp_path / "v.tiff", 0.6)
     with pytest.raises(DataError, match="v.tiff"):
         read_tiff_volume(tmp_path / "v.tiff")
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_gamma2_display_tiff_is_calibrated_to_hu(tmp_path):
+    """Squared 8-bit display levels (the development CT head): air at level 0, the tissue mode at +40 HU."""
+    levels = np.zeros((2, 8, 8), np.uint16)
+    levels[:, 2:6, 2:6] = 50  # soft tissue: the most frequent level above a tenth of the top
+    levels[:, 2, 2:6] = 120  # bone
+    levels[0, 0, 0] = 3  # partial volume at the skin: below a tenth of the top, not the mode
+    _write_tiff_stack(tmp_path / "display.tif", levels * levels)
+    hu = read_tiff_volume(tmp_path / "display.tif")  # "auto" recognises the encoding
+    slope = (40 + 1000) / 50
+    np.testing.assert_allclose(hu, -1000 + levels * slope, rtol=1e-6)
+    np.testing.assert_allclose(read_tiff_volume(tmp_path / "display.tif", units="display-gamma2"), hu)
+    window = (-1024, 3071)
+    s = read_ct_slice(tmp_path / "display.tif", 1)
+    np.testing.assert_allclose(s[0].numpy(), (-1000 + levels[1] * slope + 1024) / 4095, rtol=1e-6)
+    ds = CTSliceDataset([tmp_path / "display.tif"], window=window)
+    assert torch.allclose(ds[1], s)
+    np.testing.assert_allclose(read_tiff_volume(tmp_path / "display.tif", units="intensity"), (levels / 120.0) ** 2, rtol=1e-6)
+    not_squares = levels * levels
+    not_squares[1, 7, 7] = 2
+    assert tiff_units_of(not_squares.astype(np.float32)) == "intensity"
+    assert tiff_units_of(np.array([0.0, 4.0, 9.0])) == "intensity"  # top level 3: too few levels to be a display image
+    _write_tiff_stack(tmp_path / "air.tif", np.zeros((1, 8, 8), np.uint16))
+    with pytest.raises(DataError, match="air.tif.*no display levels above air"):
+        read_tiff_volume(tmp_path / "air.tif", units="display-gamma2")
 
 
 def test_ct_slice_dataset(tmp_path):

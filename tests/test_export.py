@@ -75,6 +75,9 @@ def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkey
     assert json.loads((out / "provenance.json").read_text())["iteration"] == 2
     monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "models"))
     assert shipped.find_prior("prior-x") == out
+    from benchmarks.prior import load_prior
+
+    assert load_prior("prior-x").unet.config.in_channels == 1  # --prior takes a shipped prior's name
     assert shipped.find_prior("missing") is None and shipped.find_prior("tiny") is None
     assert shipped.shipped_models() == []  # a prior is not an IDM model
 

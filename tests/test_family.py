@@ -120,3 +120,6 @@ def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monke
     assert "cs-any-ratio (cs)" in shipped.missing_message("cs", {"name": "cs", "ratio": 0.6})
     assert shipped.model_path("cs-any-ratio") == folder  # a shipped model's name, e.g. for --init-from
     assert shipped.model_path(str(tmp_path)) == str(tmp_path) and shipped.model_path("nowhere") == "nowhere"
+    assert load_trained("cs-any-ratio").path == folder  # every --checkpoint takes a shipped model's name
+    with pytest.raises(CheckpointError, match="nor is it the name of a shipped model"):
+        load_trained("nowhere")

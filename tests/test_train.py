@@ -361,6 +361,21 @@ def test_init_from_a_trained_model_starts_from_its_weights(tmp_path):
     assert run["settings"]["init_from"] == str(first)
 
 
+def test_init_from_an_export_that_names_its_prior(tmp_path):
+    """Shipped models record their prior by name (``--prior-name``), not as a folder here; warm starts still work."""
+    data = write_images(tmp_path / "data")
+    first = tmp_path / "first"
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--out", str(first)]) == 0
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(first), "--fp32", "--prior-name", "prior-not-here", "--out", str(exported)]) == 0
+    assert json.loads((exported / "config.json").read_text())["idm"]["unet"] == "prior-not-here"
+    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    tuned = tmp_path / "tuned"
+    assert main([*flags, "--data", str(data), "--iters", "1", "--lr", "1e-12", "--init-from", str(exported), "--out", str(tuned)]) == 0
+    before, after = load_trained(exported).model.state_dict(), load_trained(tuned).model.state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-8) for k in before)
+
+
 def test_init_from_refuses_another_task_or_channel_count(tmp_path, capsys):
     data = write_images(tmp_path / "data")
     first = tmp_path / "first"

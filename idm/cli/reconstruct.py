@@ -88,7 +88,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
     parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5)")
-    parser.add_argument("--checkpoint", help="IDM model folder or idm train --out folder (default: the shipped model serving the task and operator)")
+    parser.add_argument("--checkpoint", help="IDM model folder, idm train --out folder or a shipped model's name (default: the shipped model serving the task and operator)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="only the first N images / slices")
     parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
     parser.add_argument("--input", required=True, help="an image / CT slice file or a folder of them, in the task's format")
-    parser.add_argument("--checkpoint", help="take the operator from this IDM checkpoint (model folder or idm train --out)")
+    parser.add_argument("--checkpoint", help="take the operator from this IDM checkpoint (model folder, idm train --out or a shipped model's name)")
     parser.add_argument("--keep-truth", action="store_true", help="also store the ground-truth images (x_true) in the .npz")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="use only the first N images")

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--task", required=True, help=f"task: {', '.join(tasks.available())} (tasks/<name>.py)")
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, or SD v1.5 (its folder or its unet/)")
+    source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, SD v1.5 (its folder or its unet/), or a shipped prior's name")
     source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
     source.add_argument("--init-from", metavar="MODEL", help="start from a trained IDM of this task (model folder, training --out, or a shipped model's name): its architecture and weights, a fresh optimizer; --steps, --invertible, --no-injectors and --init do not apply")
     add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/)")
@@ -72,10 +72,14 @@ def add_parser(subparsers) -> None:
 
 
 def _prior_folder(path: str) -> str:
-    """An `idm pretrain` output folder stands for the prior it exports (``OUT/prior``)."""
+    """An `idm pretrain` output folder stands for the prior it exports (``OUT/prior``); a shipped prior's
+    name (``prior-natural-y``) stands for its folder when no such path exists."""
     from idm.pretrain import PRIOR_DIR, RUN_FORMAT
+    from idm.shipped import find_prior
 
     p = Path(path)
+    if not p.exists():
+        return str(find_prior(path) or p)
     if (p / PRIOR_DIR / "config.json").is_file():
         try:
             kind = json.loads((p / "config.json").read_text()).get("format")
@@ -89,10 +93,9 @@ def _prior_folder(path: str) -> str:
 def _starting_model(args: argparse.Namespace, task):
     """The trained IDM named by ``--init-from``, checked against the task (same task, same channels)."""
     from idm.checkpoint import CheckpointError
-    from idm.shipped import model_path
     from idm.train import load_trained
 
-    trained = load_trained(model_path(args.init_from), expect_task=task.name)
+    trained = load_trained(args.init_from, expect_task=task.name)
     channels = trained.model.config.image_channels
     if channels != task.channels:
         raise CheckpointError(
@@ -176,7 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
         task_info={"color": task.color, "crop": crop, "channels": task.channels},
         val_dataset=val,
         val_limit=args.val_max,
-        init_weights=None if start is None else start.state_dict(),
+        init_model=start,
         metric_transform=task.metric_image,
         resume=args.resume,
         device=device,

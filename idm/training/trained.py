@@ -42,12 +42,15 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
     Accepts a model folder (``config.json`` + ``model.safetensors`` as
     written by :meth:`IDM.save_pretrained`, which every training checkpoint
-    is) or a training ``--out`` folder (its latest checkpoint).
+    is), a training ``--out`` folder (its latest checkpoint), or the name of
+    a shipped model (``"mri-4x"``; a path of that name wins).
     Raises :class:`CheckpointError` otherwise.
     """
-    p = Path(path)
+    from idm.shipped import model_path  # a shipped model's name, when no such path exists
+
+    p = Path(model_path(str(path)))
     if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist, nor is it the name of a shipped model (`idm info` lists them)")
     if p.is_dir() and _is_model_dir(p):
         return p
     if p.is_dir() and (p / "checkpoints").is_dir():

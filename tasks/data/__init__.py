@@ -16,6 +16,7 @@ from .ct_slices import (
     read_dicom_hu,
     read_npy_hu,
     read_tiff_volume,
+    tiff_units_of,
 )
 from .datasets import ConcatSlices, CTSliceDataset, grayscale_dataset, ImageFolderDataset, MatFolderDataset, holds_mat_files
 from .errors import DataError
@@ -45,7 +46,7 @@ __all__ = [
     "FastMRISlices", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
     # CT
     "HU_MIN", "DEFAULT_HU_WINDOW", "SOFT_TISSUE_WINDOW", "CT_EXTENSIONS", "hu_window", "inverse_hu_window",
-    "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "ct_num_slices", "read_ct_slice",
+    "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "tiff_units_of", "ct_num_slices", "read_ct_slice",
     # transforms
     "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop",
     "dihedral", "dihedral_inverse", "random_dihedral", "pad_to_multiple", "unpad",

@@ -20,9 +20,26 @@ The TIFF volume ``ct_head_10slices.tiff`` (uint16, 10 x 256 x 256) used in
 development is NOT in HU: its values are 0..51076 and every value is a perfect
 square ``k**2`` with k in 0..226 (a gamma-2 encoded 8-bit display image; as
 HU + 1024 brain tissue would read about +5000 HU, which is impossible).
-:func:`read_tiff_volume` therefore offers ``units="intensity"`` (default:
-raw / max over the volume, giving [0, 1] relative intensities, no window) and
-``units="hu+1024"`` for TIFFs that do store HU + 1024.
+:func:`read_tiff_volume` therefore offers three ``units``:
+
+* ``"intensity"``: raw / max over the volume, [0, 1] relative intensities,
+  no window (the default until the calibration below existed). Brain tissue
+  of that volume reads 0.14 so, against 0.26 for brain in HU windowed by
+  :data:`DEFAULT_HU_WINDOW`.
+* ``"hu+1024"``: TIFFs that do store HU + 1024.
+* ``"display-gamma2"``: a gamma-2 encoded display image, calibrated to HU.
+  The display level ``k = sqrt(raw)`` is taken as linear in HU (a display
+  window), and fixed by two anchors: level 0 is air (-1000 HU), and the
+  volume's soft-tissue mode is :data:`SOFT_TISSUE_HU` (brain, +40 HU). The
+  mode is the most frequent level at or above a tenth of the top level
+  (below that: air and the partial volume at the skin). For the development
+  volume the mode is level 84. Bone (levels 150-190) then reads 860-1350 HU,
+  and the top level (226) reads 1800 HU: the range of skull bone. So the
+  windowed slices have the intensities of the clinical test slices.
+* ``"auto"`` (the default): ``"display-gamma2"`` when every value is the
+  square of an integer display level and the top level is 16..255 (what
+  such an encoding writes, and what a raw scan almost never is), else
+  ``"intensity"``.
 """
 
 from __future__ import annotations
@@ -47,6 +64,8 @@ __all__ = [
     "read_dicom_hu",
     "read_npy_hu",
     "read_tiff_volume",
+    "display_levels_to_hu",
+    "tiff_units_of",
     "ct_num_slices",
     "read_ct_slice",
 ]
@@ -62,7 +81,11 @@ DEFAULT_HU_WINDOW: tuple[float, float] = (-1024.0, 3071.0)
 SOFT_TISSUE_WINDOW: tuple[float, float] = (-160.0, 240.0)
 #: File endings handled by :func:`read_ct_slice` / :func:`ct_num_slices`.
 CT_EXTENSIONS: tuple[str, ...] = (".dcm", ".npy", ".tif", ".tiff")
-TIFF_UNITS: tuple[str, ...] = ("intensity", "hu+1024")
+TIFF_UNITS: tuple[str, ...] = ("auto", "intensity", "hu+1024", "display-gamma2")
+#: HU of the soft-tissue mode (brain) that anchors ``units="display-gamma2"``.
+SOFT_TISSUE_HU: float = 40.0
+#: HU of display level 0 (air) for ``units="display-gamma2"``.
+AIR_HU: float = -1000.0
 
 # JPEG 2000 transfer syntaxes (lossless, lossy, HTJ2K variants).
 _J2K_SYNTAXES = {
@@ -198,17 +221,24 @@ def _tiff_frames(p: Path) -> tuple[int, int, int]:
         raise DataError(f"{p}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
 
 
-def read_tiff_volume(path: PathLike, units: str = "intensity") -> np.ndarray:
+def read_tiff_volume(path: PathLike, units: str = "auto") -> np.ndarray:
     """Read a (multi-page) grayscale TIFF into a float32 volume ``(N, H, W)``.
 
     ``units="intensity"``: raw values divided by the volume maximum -> [0, 1]
-    relative intensities (not HU; the default, because the development volume
-    is not in HU, see the module docstring). ``units="hu+1024"``: raw values
+    relative intensities (not HU). ``units="hu+1024"``: raw values
     minus 1024 = HU (clipped below at -1024); window them with :func:`hu_window`.
+    ``units="display-gamma2"``: raw values are squared display levels,
+    calibrated to HU by :func:`display_levels_to_hu` (clipped below at -1024).
+    ``units="auto"`` (default): :func:`tiff_units_of` the volume decides.
 
     Raises :class:`DataError` naming the file if unreadable, truncated, or not
     single-channel.
     """
+    return _read_tiff(path, units)[0]
+
+
+def _read_tiff(path: PathLike, units: str) -> tuple[np.ndarray, str]:
+    """:func:`read_tiff_volume`, and the units it used (``"auto"`` resolved)."""
     if units not in TIFF_UNITS:
         raise ValueError(f"units must be one of {TIFF_UNITS}, got {units!r}")
     p = check_file(path)
@@ -231,12 +261,42 @@ def read_tiff_volume(path: PathLike, units: str = "intensity") -> np.ndarray:
     vol = np.stack(frames)
     if not np.isfinite(vol).all():
         raise DataError(f"{p}: contains NaN or infinite values")
+    if units == "auto":
+        units = tiff_units_of(vol)
     if units == "hu+1024":
-        return np.maximum(vol - np.float32(1024), np.float32(HU_MIN))
+        return np.maximum(vol - np.float32(1024), np.float32(HU_MIN)), units
+    if units == "display-gamma2":
+        return np.maximum(display_levels_to_hu(np.sqrt(vol), p), np.float32(HU_MIN)), units
     vmax = float(vol.max())
     if vmax <= 0:
         raise DataError(f"{p}: volume is all zeros (cannot normalise intensities)")
-    return vol / np.float32(vmax)
+    return vol / np.float32(vmax), units
+
+
+def tiff_units_of(raw: np.ndarray) -> str:
+    """``"display-gamma2"`` if ``raw`` (any shape, the stored values) holds squared integer display
+    levels whose top is 16..255, else ``"intensity"`` (see the module docstring)."""
+    levels = np.rint(np.sqrt(np.maximum(raw, 0)))
+    squares = bool((raw >= 0).all() and (levels * levels == raw).all())
+    return "display-gamma2" if squares and 16 <= float(levels.max()) <= 255 else "intensity"
+
+
+def display_levels_to_hu(levels: np.ndarray, source: PathLike = "volume") -> np.ndarray:
+    """HU of display levels, linear through air at level 0 and the soft-tissue mode (module docstring).
+
+    ``levels``: float array ``(N, H, W)`` of display levels (``>= 0``), the
+    whole volume (the mode is read from all its slices). Returns float32 HU
+    of the same shape. Raises :class:`DataError` naming ``source`` when the
+    volume has no level above a tenth of its top level to serve as the mode.
+    """
+    top = float(levels.max())
+    rounded = np.rint(levels[levels >= 0.1 * top]).astype(np.int64) if top > 0 else np.zeros(0, np.int64)
+    rounded = rounded[rounded > 0]
+    if rounded.size == 0:
+        raise DataError(f"{source}: no display levels above air to calibrate to HU (units 'display-gamma2')")
+    mode = int(np.bincount(rounded).argmax())
+    slope = (SOFT_TISSUE_HU - AIR_HU) / mode
+    return (np.float32(AIR_HU) + levels * np.float32(slope)).astype(np.float32)
 
 
 def ct_num_slices(path: PathLike) -> tuple[int, int, int]:
@@ -276,12 +336,13 @@ def read_ct_slice(
     path: PathLike,
     index: int = 0,
     window: tuple[float, float] = DEFAULT_HU_WINDOW,
-    tiff_units: str = "intensity",
+    tiff_units: str = "auto",
 ) -> torch.Tensor:
     """One CT slice as a float32 tensor ``(1, H, W)`` in [0, 1].
 
-    ``.dcm`` / ``.npy`` (and TIFF with ``tiff_units="hu+1024"``) are read in
-    HU and mapped with :func:`hu_window` (``window=(low, high)``); a TIFF with
+    ``.dcm`` / ``.npy`` (and TIFF with ``tiff_units="hu+1024"`` or
+    ``"display-gamma2"``, or ``"auto"`` choosing that) are read in HU and
+    mapped with :func:`hu_window` (``window=(low, high)``); a TIFF with
     ``tiff_units="intensity"`` is normalised by its volume maximum instead.
     ``index`` picks the slice of a stack / multi-frame file.
     Raises :class:`DataError` naming the file for unreadable data or an
@@ -294,8 +355,8 @@ def read_ct_slice(
     elif ext == ".npy":
         vol = read_npy_hu(p)
     elif ext in (".tif", ".tiff"):
-        vol = read_tiff_volume(p, units=tiff_units)
-        if tiff_units == "intensity":
+        vol, units = _read_tiff(p, tiff_units)
+        if units == "intensity":
             vol = np.clip(vol, 0.0, 1.0)
             window = None  # type: ignore[assignment]
     else:

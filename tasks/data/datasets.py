@@ -242,7 +242,8 @@ class CTSliceDataset(_SliceDataset):
     frames count separately). HU data is mapped to [0, 1] with
     :func:`tasks.data.ct_slices.hu_window` and ``window=(low, high)``
     (default [-1024, 3071] HU); TIFFs are read with ``tiff_units``
-    (``"intensity"``: raw / volume max, ``"hu+1024"``: HU then window).
+    (default ``"auto"``; ``"intensity"``: raw / volume max, ``"hu+1024"`` and
+    ``"display-gamma2"``: HU then window; see :mod:`tasks.data.ct_slices`).
 
     Items: float32 ``(1, H, W)`` in [0, 1]. ``crop``, ``augment``, ``seed``,
     ``recursive`` as in :class:`ImageFolderDataset`. Raises
@@ -258,7 +259,7 @@ class CTSliceDataset(_SliceDataset):
         augment: bool = False,
         seed: int = 0,
         recursive: bool = False,
-        tiff_units: str = "intensity",
+        tiff_units: str = "auto",
     ) -> None:
         low, high = float(window[0]), float(window[1])
         if not low < high:
