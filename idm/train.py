@@ -45,7 +45,6 @@ from torch.utils.data import DataLoader, Dataset
 from idm.checkpoint import save_json, save_tensors
 from idm.config import IDMConfig
 from idm.model import IDM
-from idm.unets import unet_from_config
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
@@ -203,8 +202,7 @@ def _fresh_model(model_config: IDMConfig, init_model: IDM | None) -> IDM:
     """``IDM(model_config)``: from its prior folder, or with ``init_model``'s U-Net architecture and weights."""
     if init_model is None:
         return IDM(model_config)
-    unet = unet_from_config(init_model.unet_class, init_model.unet_config, device="meta")
-    model = IDM(model_config, unet=unet, init_weights=False)
+    model = IDM.from_config_dict({**init_model.export_config(), "idm": model_config.to_dict()}, init_weights=False)
     model.load_weights(init_model.state_dict(), source="the --init-from model")
     return model
 
