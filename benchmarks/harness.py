@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
@@ -38,12 +39,38 @@ class BenchmarkImage:
     x: Tensor
 
 
-def load_images(task: Any, paths: Sequence[str], limit: int | None = None, seed: int = 0) -> list[BenchmarkImage]:
-    """The first ``limit`` (default: all) full-size images of ``paths`` in the task's format."""
+def load_images(
+    task: Any, paths: Sequence[str], limit: int | None = None, seed: int = 0, size: int | None = None
+) -> list[BenchmarkImage]:
+    """The first ``limit`` (default: all) images of ``paths`` in the task's format.
+
+    ``size``: resize every image to ``size x size`` (anti-aliased bilinear,
+    values kept in [0, 1]); the images must then be square. ``None`` keeps
+    them at their own size.
+    """
+    if size is not None and size < 4:
+        raise ValueError(f"--size must be at least 4, got {size}")
     dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
-    return [BenchmarkImage(name_of(i), dataset[i]) for i in range(count)]
+    images = []
+    for i in range(count):
+        x = dataset[i]
+        if size is not None:
+            x = _resize_square(x, size, name_of(i))
+        images.append(BenchmarkImage(name_of(i), x))
+    return images
+
+
+def _resize_square(x: Tensor, size: int, name: str) -> Tensor:
+    """``x`` ``(C, H, W)`` with ``H == W`` resized to ``(C, size, size)``, anti-aliased, in [0, 1]."""
+    height, width = x.shape[-2:]
+    if height != width:
+        raise ValueError(f"--size resizes square images only; {name} is {height}x{width}")
+    if height == size:
+        return x
+    resized = F.interpolate(x[None].double(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp(0, 1).to(x.dtype)
 
 
 def _sync(device: torch.device) -> None:

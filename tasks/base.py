@@ -80,6 +80,9 @@ class Task:
         loader: builds the dataset (default: image folders in ``color``).
         metric: ``"image"`` (PSNR on the images) or ``"magnitude"`` (on the
             magnitude of 2-channel real/imaginary images, for MRI).
+        size_bound: a trained model serves its training image size only
+            (CT: the streaks of a few views scale with the pixel count), so
+            ``idm reconstruct`` and ``idm benchmark`` warn at other sizes.
         description: one line for ``--help`` and the README.
     """
 
@@ -95,6 +98,7 @@ class Task:
     family_choices: Mapping[str, tuple] = field(default_factory=dict)
     loader: Loader = image_folder_loader
     metric: str = "image"
+    size_bound: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -28,5 +28,6 @@ TASK = Task(
     schedule=Schedule(iters=20_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
     randomized=False,
     loader=ct_loader,
+    size_bound=True,
     description="sparse-view parallel-beam CT, 60 views, windowed slices (.npy / .dcm / .tif)",
 )

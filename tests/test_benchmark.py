@@ -107,6 +107,7 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
         (["--methods", "pinv", "--views", "60"], "does not use --views"),
+        (["--methods", "pinv", "--size", "2"], "--size must be at least 4"),
         (["--methods", "pinv", "--dps-zeta", "no-such-record.json"], "DPS step-size record file 'no-such-record.json' does not exist"),
     ],
 )
@@ -114,6 +115,27 @@ def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, mes
     base = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path)]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_size_resizes_the_test_images(bench_files, tmp_path):
+    argv = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--methods", "pinv", "--size", "16",
+            "--ratio", "0.5", "--block", "8", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert Image.open(tmp_path / "recon" / "pinv" / "a.png").size == (16, 16)
+    assert json.loads((tmp_path / "benchmark.json").read_text())["resized_to"] == 16
+    # anti-aliased: the 16x16 image is close to the 2x2 block means of the 32x32 one, not to a subsampling
+    from benchmarks.harness import load_images
+
+    import tasks
+
+    full, small = (load_images(tasks.get("cs"), [str(bench_files / "images")], size=s)[0].x for s in (None, 16))
+    means = torch.nn.functional.avg_pool2d(full[None], 2)[0]
+    assert (small - means).abs().mean() < 0.5 * (small - full[..., ::2, ::2]).abs().mean()
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(wide / "w.png")
+    with pytest.raises(ValueError, match="square images only; w is 16x24"):
+        load_images(tasks.get("cs"), [str(wide)], size=8)
 
 
 def test_dps_step_size_from_a_tuning_record(tmp_path):
@@ -202,6 +224,17 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
     assert float(train["both"]["gflop_per_image"]) > float(train["none"]["gflop_per_image"])
     assert all(float(r["percent_of_peak"]) == pytest.approx(100 * float(r["tflops"]), rel=0.01, abs=0.1) for r in train.values())
     assert "python -m benchmarks.speed" in (out / "speed.md").read_text()
+
+
+def test_ct_projector_benchmark_times_both_projectors(tmp_path):
+    from benchmarks import ct_projector
+
+    assert ct_projector.main(["--device", "cpu", "--size", "16", "--views", "4", "--batch", "1", "--iters", "1",
+                              "--warmup", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "ct_projector.json").read_text())
+    assert [r["projector"] for r in record["rows"]] == ["deepinv grid_sample", "sparse matrix"]
+    assert all(r[k] > 0 for r in record["rows"] for k in ("A_ms", "A_adjoint_ms", "pinv_A_train_ms"))
+    assert "python -m benchmarks.ct_projector" in (tmp_path / "ct_projector.md").read_text()
 
 
 def test_folded_upsamplers_cost_fewer_flops(tmp_path):

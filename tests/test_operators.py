@@ -261,6 +261,54 @@ def test_ct_cg_and_norm(ops):
     assert rel(cg.A(op.A_dagger(y)), y) > rel(cg.A(x_ls), y)  # ... better than FBP does
 
 
+
+@pytest.mark.parametrize("size, views", [(32, 20), (33, 7)])
+def test_ct_matrix_is_deepinv_tomography(size, views):
+    """The sparse Radon matrix is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP."""
+    from deepinv.physics import Tomography
+
+    op = operators.make("ct", img_size=(size, size), views=views)
+    ref = Tomography(angles=op.angles, img_width=size, circle=False, adjoint_via_backprop=True,
+                     normalize=False, dtype=F64)
+    gen = torch.Generator().manual_seed(size)
+    x = torch.rand(2, 1, size, size, dtype=F64, generator=gen)
+    y = torch.rand(2, 1, op.detectors, views, dtype=F64, generator=gen)
+    assert rel(op.A(x) * op.radon_norm, ref.A(x)) < 1e-13
+    assert rel(op.A_adjoint(y) * op.radon_norm, ref.A_adjoint(y)) < 1e-13
+    assert rel(op.fbp(y), ref.fbp(y * op.radon_norm)) < 1e-13
+
+
+def test_bilinear_weights_are_grid_sample():
+    """bilinear_weights reproduces grid_sample(align_corners=True, zero padding), outside points included."""
+    from torch.nn import functional as F
+
+    from operators.sampling_matrix import bilinear_weights, sparse_from_triplets
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, 9, 13, dtype=F64, generator=gen)
+    grid = torch.rand(1, 6, 5, 2, dtype=F64, generator=gen) * 2.6 - 1.3  # about a third falls outside
+    grid[0, 0, :3] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 1.0]], dtype=F64)  # on pixel centres
+    sample, pixel, weight = bilinear_weights(grid, 9, 13)
+    matrix = sparse_from_triplets(sample, pixel, weight, (30, 9 * 13))
+    expected = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    assert torch.allclose((matrix @ image.reshape(-1, 1)).reshape(6, 5), expected[0, 0], rtol=0, atol=1e-14)
+
+
+def test_sparse_matrix_product_gradients():
+    """SparseMatrix's backward (the stored transpose) matches autograd through the dense matrix, float64."""
+    from operators.sampling_matrix import SparseMatrix
+
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.rand(7, 5, dtype=F64, generator=gen) * (torch.rand(7, 5, generator=gen) < 0.4)
+    matrix = SparseMatrix(dense.to_sparse().coalesce())
+    assert torch.autograd.gradcheck(matrix.matmul, torch.rand(5, 3, dtype=F64, requires_grad=True))
+    assert torch.autograd.gradcheck(matrix.rmatmul, torch.rand(7, 3, dtype=F64, requires_grad=True))
+    x = torch.rand(5, 3, dtype=F64, requires_grad=True)
+    weights = torch.rand(7, 3, dtype=F64, generator=gen)
+    (grad,) = torch.autograd.grad((matrix.matmul(x) * weights).sum(), x)
+    assert torch.allclose(grad, dense.t() @ weights, rtol=0, atol=1e-14)
+    assert torch.allclose(matrix.rmatmul(weights), dense.t() @ weights, rtol=0, atol=1e-14)
+
 # ---- config / resample -------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_config_round_trip(ops, case):

@@ -366,6 +366,7 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     assert main(["reconstruct", "--task", "ct", "--input", str(sino), "--checkpoint", str(models / "ct20"),
                  "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
     assert np.load(out / "slice.npy").shape == (1, 32, 32) and np.load(out / "slice_hu.npy").shape == (32, 32)
+    assert "was trained on" not in capsys.readouterr().err
 
     # without the sidecar: the image size comes from the detector count, the views from the last axis
     bare = tmp_path / "bare.npy"
@@ -392,6 +393,8 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     np.save(tmp_path / "w33.npy", np.zeros((47, 20), np.float32))  # 33x33 images: odd sizes are padded inside the U-Net
     assert main(rec + ["--input", str(tmp_path / "w33.npy"), "--checkpoint", str(models / "ct20"), "--out", str(tmp_path / "w33")]) == 0
     assert np.load(tmp_path / "w33" / "w33.npy").shape == (1, 33, 33)
+    # a CT model is tied to its training size: other sizes are reconstructed, with a warning
+    assert "was trained on 32x32 images, these are 33x33" in _error(capsys)
 
 
 def test_ct_dicom_slices(files, tmp_path, capsys):

@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name (default: the shipped model serving the task and operator)")
     parser.add_argument("--prior", help="diffusion prior for ddnm/dps: a folder or a shipped prior's name (default: the checkpoint's prior)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--size", type=int, help="resize every (square) test image to SIZE x SIZE, anti-aliased, "
+                        "e.g. 256 for CT slices of 512 with a model trained at 256 (default: their own size)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
@@ -126,9 +128,14 @@ def run(args: argparse.Namespace) -> int:
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
 
-    images = load_images(task, args.data, args.limit, args.seed)
+    images = load_images(task, args.data, args.limit, args.seed, size=args.size)
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
+    if trained is not None and task.size_bound:
+        for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
+            warning = trained.size_warning(size)
+            if warning:
+                print(warning, file=sys.stderr)
     dps = next((m for m in methods if m.name == "dps"), None)
     if dps is not None:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
@@ -163,12 +170,15 @@ def run(args: argparse.Namespace) -> int:
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),
         "images": [im.name for im in images],
+        "resized_to": args.size,
     }
     save_json(settings, out / "benchmark.json")
     summary = (
         f"# Benchmark: {task.name}\n\n`{command}`\n\nHardware: {settings['hardware']}. "
         f"Operator: {settings['operator']}. Protocol: {settings['protocol']}. "
-        f"{len(images)} image(s); seeds: operators and generators {args.seed} + image index"
+        f"{len(images)} image(s)"
+        + (f", resized to {args.size}x{args.size}" if args.size else "")
+        + f"; seeds: operators and generators {args.seed} + image index"
         + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
         + (f"; IDM in {args.precision}" if trained is not None and args.precision != "fp32" else "")
         + ".\n\n"

@@ -160,7 +160,7 @@ def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: 
 
 
 def reconstruct_items(
-    model: Any,
+    trained: Any,
     task: Any,
     pairs: Iterable[tuple[Any, Any]],
     count: int,
@@ -170,15 +170,23 @@ def reconstruct_items(
     progress: bool,
     hu_window: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Reconstruct ``(Measurement, operator)`` pairs, write ``<name>.png`` / ``.npy``; one row per item."""
+    """Reconstruct ``(Measurement, operator)`` pairs with ``trained`` (a ``TrainedModel``), write
+    ``<name>.png`` / ``.npy``; one row per item. For a size-bound task (CT), warns once per image
+    size that is not the training size."""
     from tqdm.auto import tqdm
 
     from benchmarks.protocol import score_function
     from benchmarks.report import save_image
 
     score = score_function(task)
+    model = trained.model.to(device)
+    warned: set[tuple[int, int]] = set()
     rows = []
     for i, (item, op) in enumerate(tqdm(pairs, total=count, desc="images", disable=not progress or count < 2)):
+        warning = trained.size_warning(tuple(item.image_size)) if task.size_bound else None
+        if warning and tuple(item.image_size) not in warned:
+            warned.add(tuple(item.image_size))
+            print(warning, file=sys.stderr)
         x_hat, seconds = reconstruct_one(model, item, op, device, seed + i)
         save_image(_display(task, x_hat), out / f"{item.name}.png")
         np.save(out / f"{item.name}.npy", x_hat[0].numpy().astype(np.float32), allow_pickle=False)
@@ -295,7 +303,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
     count = len(mset.items) if args.limit is None else min(args.limit, len(mset.items))
     window = tuple(mset.meta["window"]) if task.operator == "ct" and isinstance(mset.meta.get("window"), list) else None
     pairs = ((mset.items[i], mset.operator(i)) for i in range(count))
-    rows = reconstruct_items(trained.model.to(device), task, pairs, count, device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, pairs, count, device, out, args.seed, not args.no_progress, window)
     settings = {
         "task": task.name,
         "operator": _short(first),
@@ -322,8 +330,7 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
             yield measure_image(plan, i, name, dataset[i], device, keep_truth=True)
 
     window = DEFAULT_HU_WINDOW if task.operator == "ct" else None
-    model = trained.model.to(device)
-    rows = reconstruct_items(model, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window)
     settings = {
         "task": task.name,
         "operator": _short({k: v for k, v in plan.settings.items()}),
@@ -397,7 +404,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
     count = sino.data.shape[0] if args.limit is None else min(args.limit, sino.data.shape[0])
     width = int(config["img_size"][1])
     items = [Measurement(sino.names[i], sino.data[i][None], config, (int(config["img_size"][0]), width)) for i in range(count)]
-    rows = reconstruct_items(trained.model.to(device), task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window)
     settings = {"task": task.name, "operator": _short(config), "checkpoint": str(trained.path), "window": window,
                 "sidecar": sino.info is not None}  # fmt: skip
     return rows, settings, f"{count} sinogram(s) of {path} ({detectors} detectors x {views} views)"

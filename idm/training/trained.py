@@ -95,6 +95,24 @@ class TrainedModel:
         return {**representative_config(recorded), **(self.operator_defaults or {})}
 
     @property
+    def image_size(self) -> tuple[int, int] | None:
+        """``(H, W)`` of the training operator (its ``img_size``), when the run recorded one."""
+        size = (self.operator or {}).get("img_size")
+        return None if size is None else (int(size[0]), int(size[1]))
+
+    def size_warning(self, img_size: tuple[int, int]) -> str | None:
+        """A warning when ``img_size`` is not the training size (for tasks whose models are size-bound)."""
+        trained = self.image_size
+        if trained is None or tuple(img_size) == trained:
+            return None
+        return (
+            f"warning: {self.path} was trained on {trained[0]}x{trained[1]} images, these are "
+            f"{img_size[0]}x{img_size[1]}; its {self.task or 'task'} model is tied to its training size and may "
+            f"do worse than the pseudo-inverse here. Resize the images (idm benchmark --size {trained[0]}) "
+            "or train at this size."
+        )
+
+    @property
     def trained_on_family(self) -> bool:
         """Whether one model was trained for a family of operators (e.g. a range of ratios)."""
         return (self.recorded_operator or {}).get("name") == OperatorFamily.name
