@@ -10,6 +10,7 @@ INVERTIBLE_CHOICES = ("none", "steps", "both")
 INIT_CHOICES = ("pinv", "noise")
 SCHEDULE_CHOICES = ("learned", "ddpm")
 PRIOR_RANGE_CHOICES = ("unit", "symmetric")
+PINV_MAPPING_CHOICES = ("measurements", "images")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,17 @@ class IDMConfig:
             way; ``"unit"`` leaves them. ``None``: ``"symmetric"`` when the
             U-Net folder's ``idm_prior.json`` says ``data_range [-1, 1]``
             (priors from ``idm pretrain``), else ``"unit"``.
+        pinv_mapping: how ``A^+ y`` reaches the ``"symmetric"`` range, where the
+            network's initial state and injectors see it: ``"measurements"``
+            (``A^+ (2 y - A 1)``, the pseudo-inverse of the mapped measurements;
+            the default, exact for exact pseudo-inverses) or ``"images"``
+            (``2 A^+ y - 1``, the mapped pseudo-inverse). Use ``"images"`` for
+            approximate pseudo-inverses such as CT's filtered back-projection,
+            which turns the sinogram of the constant image ``1`` into streaks
+            and bright corners (on two clinical slices at 256x256, 60 views,
+            the network's ``A^+ y`` is 31.3 / 30.5 dB that way, 35.8 / 34.0 dB
+            mapped). The range-null-space step is the same function either
+            way (``idm.step.project_to_measurements``).
     """
 
     unet: str = "tiny"
@@ -65,6 +77,7 @@ class IDMConfig:
     injector_kernel: int = 1
     alpha_init: float = 0.5
     prior_range: str | None = None
+    pinv_mapping: str = "measurements"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -83,6 +96,7 @@ class IDMConfig:
         need(self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
         need(0.0 < float(self.alpha_init) < 1.0, f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
         need(self.prior_range is None or self.prior_range in PRIOR_RANGE_CHOICES, f"prior_range must be None or one of {PRIOR_RANGE_CHOICES}, got {self.prior_range!r}")
+        need(self.pinv_mapping in PINV_MAPPING_CHOICES, f"pinv_mapping must be one of {PINV_MAPPING_CHOICES}, got {self.pinv_mapping!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -133,8 +133,13 @@ class IDM(nn.Module):
             recompute=self.config.recompute,
             timestep=self.schedule.timestep(t),
         )
-        x_prev, x0 = ddnm_step(x_t, eps, abar[t], abar[t - 1], op, x_pinv)
+        x_prev, x0 = ddnm_step(x_t, eps, abar[t], abar[t - 1], op, x_pinv, shift=self._projection_shift)
         return x_prev, eps, x0
+
+    @property
+    def _projection_shift(self) -> float:
+        """1 when ``x_pinv`` is ``2 A^+ y - 1`` (``pinv_mapping="images"`` in the symmetric range), else 0."""
+        return 1.0 if self.config.prior_range == "symmetric" and self.config.pinv_mapping == "images" else 0.0
 
     def _layers(self) -> list:
         return [
@@ -148,6 +153,14 @@ class IDM(nn.Module):
             noise = torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
             return noise
         return self.schedule.abar()[-1].to(x_pinv.dtype).sqrt() * x_pinv
+
+    def prior_range_pinv(self, y: Tensor, op: Any) -> Tensor:
+        """``A^+ y`` of ``[0, 1]``-image measurements ``y``, in the prior's range (``IDMConfig.pinv_mapping``)."""
+        if self.config.prior_range == "unit":
+            return self.pseudo_inverse(y, op)
+        if self.config.pinv_mapping == "images":
+            return 2 * self.pseudo_inverse(y, op) - 1
+        return self.pseudo_inverse(self.to_prior_range(y, op), op)
 
     def pseudo_inverse(self, y: Tensor, op: Any) -> Tensor:
         """``A^+ y`` ``(B, C, H, W)``, computed outside autocast, with the channel count checked."""
@@ -175,7 +188,7 @@ class IDM(nn.Module):
         check = getattr(op, "check_measurement", None)
         if callable(check):
             check(y)
-        x_pinv = self.pseudo_inverse(self.to_prior_range(y, op), op)
+        x_pinv = self.prior_range_pinv(y, op)
         x = self.initial_state(x_pinv, generator)
         layers = self._layers()
         with self._inference_autocast(y.device.type):
@@ -244,7 +257,7 @@ class IDM(nn.Module):
         Gives the same ``x_hat`` as :meth:`forward`; for inspection and figures.
         The traces are in the prior's range (see ``IDMConfig.prior_range``).
         """
-        x_pinv = self.pseudo_inverse(self.to_prior_range(y, op), op)
+        x_pinv = self.prior_range_pinv(y, op)
         x1 = self.initial_state(x_pinv, generator)
         x2 = self.wiring.in_scale * x1 if self.config.invertible != "none" else None
         traces = []

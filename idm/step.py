@@ -19,13 +19,18 @@ import torch
 from torch import Tensor, nn
 
 
-def project_to_measurements(x0: Tensor, op, x_pinv: Tensor) -> Tensor:
+def project_to_measurements(x0: Tensor, op, x_pinv: Tensor, shift: float = 0.0) -> Tensor:
     """``A^+ y + (I - A^+ A) x0``: the part of ``x0`` in the null space of ``A``, plus ``A^+ y``.
 
+    ``shift`` ``s``: computes ``(x0 + s) - A^+ A (x0 + s) + x_pinv`` instead,
+    for an ``x_pinv`` that is ``A^+ y`` mapped to the prior's range as an
+    image (``2 A^+ y - 1``, ``s = 1``) rather than the pseudo-inverse of the
+    mapped measurements (``A^+ (2 y - A 1)``, ``s = 0``). By linearity both
+    give the same result; see ``IDMConfig.pinv_mapping``.
     The operator runs outside autocast, in the dtype of ``x_pinv``.
     """
     with torch.autocast(x0.device.type, enabled=False):
-        x0 = x0.to(x_pinv.dtype)
+        x0 = x0.to(x_pinv.dtype) + shift if shift else x0.to(x_pinv.dtype)
         return x0 - op.A_dagger(op.A(x0)) + x_pinv
 
 
@@ -38,6 +43,7 @@ def ddnm_step(
     x_pinv: Tensor,
     eta: float = 0.0,
     noise: Tensor | None = None,
+    shift: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """One DDNM step; returns ``(x_{t-1}, projected x0)``.
 
@@ -49,9 +55,10 @@ def ddnm_step(
         x_pinv: ``A^+ y``, shaped like ``x_t``.
         eta: DDNM stochasticity (0 = deterministic DDIM).
         noise: ``z`` for ``eta > 0`` (drawn by the caller so that the step stays pure).
+        shift: of :func:`project_to_measurements` (1 when ``x_pinv`` is ``2 A^+ y - 1``).
     """
     x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    x0 = project_to_measurements(x0, op, x_pinv)
+    x0 = project_to_measurements(x0, op, x_pinv, shift)
     direction = eps
     if eta > 0:
         if noise is None:

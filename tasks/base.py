@@ -83,6 +83,11 @@ class Task:
         size_bound: a trained model serves its training image size only
             (CT: the streaks of a few views scale with the pixel count), so
             ``idm reconstruct`` and ``idm benchmark`` warn at other sizes.
+        pinv_mapping: ``IDMConfig.pinv_mapping`` of models ``idm train``
+            builds for the task (``"images"`` when ``A^+`` is approximate).
+        alpha_init: ``IDMConfig.alpha_init`` of those models (0.5 as the
+            authors; close to 1 makes the untrained network return about
+            ``A^+ y``, a better start when ``A^+ y`` is already good).
         description: one line for ``--help`` and the README.
     """
 
@@ -99,6 +104,8 @@ class Task:
     loader: Loader = image_folder_loader
     metric: str = "image"
     size_bound: bool = False
+    pinv_mapping: str = "measurements"
+    alpha_init: float = 0.5
     description: str = ""
 
     def __post_init__(self) -> None:

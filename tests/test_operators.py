@@ -237,7 +237,7 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_ct_fbp_full_view_shepp_logan():
-    op = operators.make("ct", img_size=(64, 64), views=180)
+    op = operators.make("ct", img_size=(64, 64), views=180, fbp_filter="ramp")
     x = shepp_logan(64)
     y = op.A(x)
     assert y.shape == (1, 1, math.ceil(math.sqrt(2) * 64), 180) == (1, *op.measurement_shape())
@@ -267,7 +267,7 @@ def test_ct_matrix_is_deepinv_tomography(size, views):
     """The sparse Radon matrix is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP."""
     from deepinv.physics import Tomography
 
-    op = operators.make("ct", img_size=(size, size), views=views)
+    op = operators.make("ct", img_size=(size, size), views=views, fbp_filter="ramp")
     ref = Tomography(angles=op.angles, img_width=size, circle=False, adjoint_via_backprop=True,
                      normalize=False, dtype=F64)
     gen = torch.Generator().manual_seed(size)
@@ -276,6 +276,23 @@ def test_ct_matrix_is_deepinv_tomography(size, views):
     assert rel(op.A(x) * op.radon_norm, ref.A(x)) < 1e-13
     assert rel(op.A_adjoint(y) * op.radon_norm, ref.A_adjoint(y)) < 1e-13
     assert rel(op.fbp(y), ref.fbp(y * op.radon_norm)) < 1e-13
+
+
+def test_ct_hann_fbp_barely_amplifies_what_it_cannot_see():
+    """IDM's step x0 + A^+(y - A x0) must not amplify x0's errors: ||I - FBP A|| by power iteration, float64."""
+
+    def amplification(op, iters=50):
+        v = torch.randn(1, 1, *op.img_hw, dtype=F64, generator=torch.Generator().manual_seed(0))
+        for _ in range(iters):
+            u = v - op.A_dagger(op.A(v))
+            gain, v = float(u.norm() / v.norm()), u / u.norm()
+        return gain
+
+    ramp, hann = (operators.make("ct", img_size=(48, 48), views=12, fbp_filter=f) for f in ("ramp", "hann"))
+    assert amplification(ramp) > 4.0  # measured 5.17: high frequencies along the 12 angles
+    assert amplification(hann) < 1.05  # measured 1.00
+    with pytest.raises(OperatorInputError, match="fbp_filter must be one of"):
+        operators.make("ct", img_size=(16, 16), fbp_filter="shepp-logan")
 
 
 def test_bilinear_weights_are_grid_sample():

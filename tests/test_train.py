@@ -408,3 +408,20 @@ def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
     assert "Tried to allocate 484.00 MiB." in str(caught.value) and "more detail" not in str(caught.value)
     assert saved == [2]  # the checkpoint before the failure stays; --resume continues from it
     assert isinstance(caught.value, ValueError)  # the CLI prints it as `idm train: error: ...`
+
+
+def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
+    """ct trains with pinv_mapping="images" and alpha_init=0.99 unless told otherwise (tasks/ct.py)."""
+    slices = tmp_path / "ct"
+    slices.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(slices / "s.npy", (rng.random((16, 16)) * 1400 - 1000).astype(np.int16))  # HU
+    argv = ["train", "--task", "ct", "--views", "6", "--unet", "tiny", "--steps", "1", "--crop", "16",
+            "--batch-size", "1", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress",
+            "--data", str(slices)]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0
+    model = load_trained(tmp_path / "default").model.config
+    assert (model.pinv_mapping, model.alpha_init) == ("images", 0.99)
+    assert main([*argv, "--pinv-mapping", "measurements", "--alpha-init", "0.5", "--out", str(tmp_path / "set")]) == 0
+    model = load_trained(tmp_path / "set").model.config
+    assert (model.pinv_mapping, model.alpha_init) == ("measurements", 0.5)

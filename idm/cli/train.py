@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, SD v1.5 (its folder or its unet/), or a shipped prior's name")
     source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
-    source.add_argument("--init-from", metavar="MODEL", help="start from a trained IDM of this task (model folder, training --out, or a shipped model's name): its architecture and weights, a fresh optimizer; --steps, --invertible, --no-injectors and --init do not apply")
+    source.add_argument("--init-from", metavar="MODEL", help="start from a trained IDM of this task (model folder, training --out, or a shipped model's name): its architecture and weights, a fresh optimizer; --steps, --invertible, --no-injectors, --init, --pinv-mapping and --alpha-init do not apply")
     add_common_args(parser, out_help="run folder (config.json, log.csv, checkpoints/)")
     add_operator_args(parser, training=True)
 
@@ -49,6 +49,12 @@ def add_parser(subparsers) -> None:
     model.add_argument("--no-recompute", action="store_true", help="plain autograd instead of the memory-saving backward")
     model.add_argument("--no-injectors", action="store_true", help="no measurement injectors")
     model.add_argument("--init", choices=("pinv", "noise"), default="pinv", help="x_T: sqrt(abar_T) A^+ y (default) or noise")
+    model.add_argument("--pinv-mapping", choices=("measurements", "images"),
+                       help="A^+ y in the prior's [-1, 1] range: A^+(2y - A1) or 2 A^+ y - 1 (default: the task's; "
+                       "'images' for ct, whose FBP turns the constant image into streaks)")
+    model.add_argument("--alpha-init", type=float,
+                       help="initial learnable alpha, abar_t = alpha^t (default: the task's; 0.5 as the authors, "
+                       "0.99 for ct: the untrained network then returns about A^+ y instead of a poor first guess)")
 
     opt = parser.add_argument_group("training (defaults come from the task)")
     opt.add_argument("--iters", type=int, help="total iterations")
@@ -159,6 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
             recompute=not args.no_recompute,
             injectors=not args.no_injectors,
             init=args.init,
+            pinv_mapping=args.pinv_mapping or task.pinv_mapping,
+            alpha_init=task.alpha_init if args.alpha_init is None else args.alpha_init,
         )
     device = resolve_device(args.device)
     if device.type == "cuda":
