@@ -5,7 +5,7 @@
 
 For each :data:`DEMO_CASES` entry the shipped model that serves it
 (:mod:`idm.shipped`) reconstructs the sample images (scikit-image's bundled
-photographs, centre-cropped to 256 x 256; the Shepp-Logan phantom for MRI)
+photographs, centre-cropped to 256 x 256; the Shepp-Logan phantom for MRI and CT)
 next to the pseudo-inverse ``A^+ y`` (zero-filled for MRI), through the same
 harness and scoring as ``idm benchmark`` (:func:`benchmarks.harness.run_benchmark`;
 CS with the authors' protocol).
@@ -37,7 +37,7 @@ class DemoCase:
     label: str
     task: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    #: "photographs" (:data:`SAMPLE_IMAGES`) or "phantom" (Shepp-Logan: MRI, and CT once a CT model ships).
+    #: "photographs" (:data:`SAMPLE_IMAGES`) or "phantom" (Shepp-Logan: MRI and CT).
     images: str = "photographs"
 
 
@@ -51,6 +51,7 @@ DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("inpainting-box", "inpainting", {"mask": "box"}),
     DemoCase("mri-4x", "mri", {"acceleration": 4}, images="phantom"),
     DemoCase("mri-8x", "mri", {"acceleration": 8, "center_fraction": 0.04}, images="phantom"),
+    DemoCase("ct-60", "ct", {"views": 60}, images="phantom"),
 )
 
 
@@ -202,7 +203,7 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     table = demo_table(rows)
     text = (
         f"# idm demo\n\nShipped models on scikit-image's sample images ({', '.join(SAMPLE_IMAGES)}; "
-        f"centre {DEMO_SIZE}x{DEMO_SIZE} crops; its Shepp-Logan phantom for MRI), seed {seed}, "
+        f"centre {DEMO_SIZE}x{DEMO_SIZE} crops; its Shepp-Logan phantom for MRI and CT), seed {seed}, "
         f"{hardware_name(device)}, IDM in {precision}. CS: the authors' protocol (Y channel, PSNR peak 255); the other tasks: "
         "[0, 1] images (MRI: magnitude).\n\n" + table + "\n"
         + (f"\nNo shipped model for: {', '.join(skipped)}.\n" if skipped else "")
