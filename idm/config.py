@@ -57,9 +57,10 @@ class IDMConfig:
             approximate pseudo-inverses such as CT's filtered back-projection,
             which turns the sinogram of the constant image ``1`` into streaks
             and bright corners (on two clinical slices at 256x256, 60 views,
-            the network's ``A^+ y`` is 31.3 / 30.5 dB that way, 35.8 / 34.0 dB
-            mapped). The range-null-space step is the same function either
-            way (``idm.step.project_to_measurements``).
+            the network's ``A^+ y`` is 34.9 / 33.7 dB that way, 36.6 / 34.8 dB
+            mapped: ``python -m benchmarks.ct_start``). The range-null-space
+            step is the same function either way
+            (``idm.step.project_to_measurements``).
     """
 
     unet: str = "tiny"

@@ -237,6 +237,20 @@ def test_ct_projector_benchmark_times_both_projectors(tmp_path):
     assert "python -m benchmarks.ct_projector" in (tmp_path / "ct_projector.md").read_text()
 
 
+def test_ct_start_measures_the_three_ct_settings(bench_files, tmp_path):
+    from benchmarks import ct_start
+
+    slices = tmp_path / "ct"
+    slices.mkdir()
+    np.save(slices / "s.npy", (np.random.default_rng(0).random((16, 16)) * 1400 - 1000).astype(np.int16))
+    assert ct_start.main(["--data", str(slices), "--size", "16", "--views", "6", "--prior", str(bench_files / "prior"),
+                          "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "out" / "ct_start.json").read_text())
+    assert record["filters"]["hann"]["norm_I_minus_FBP_A"] < record["filters"]["ramp"]["norm_I_minus_FBP_A"]
+    assert set(record["pinv_mapping"]) == {"measurements", "images"} and set(record["alpha_init"]) == {"0.5", "0.99"}
+    assert "untrained IDM PSNR" in (tmp_path / "out" / "ct_start.md").read_text()
+
+
 def test_folded_upsamplers_cost_fewer_flops(tmp_path):
     from benchmarks import speed
 
