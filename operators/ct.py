@@ -37,12 +37,14 @@ numbers are not bit-comparable with torch-radon results.
   dB on two clinical slices at 256x256): ``python -m benchmarks.ct_start``,
   ``tests/test_operators.py::test_ct_hann_fbp_barely_amplifies_what_it_cannot_see``.
 
-Device and dtype (float32, float64) follow the input: the matrix is built
-once per (device, dtype) met, from float64 weights.  Memory: ``R`` has about
-``2.2 * W * W * views`` nonzeros (8.7 M for 256x256 at 60 views), stored
-twice (``R`` and ``R^T``) at a value and a 64-bit index each: about 200 MB in
-float32 for 256x256 at 60 views, 800 MB for 512x512.  Building it takes a
-few seconds at 256x256 on the CPU.
+Device and dtype (float32, float64) follow the input.  The float64 weights
+are built once, at construction (a few seconds at 256x256 on the CPU), for
+``||R||`` and a float32 CPU copy; float32 on another device is converted
+from that copy, float64 is rebuilt from the weights when first used.
+Memory: ``R`` has about ``2.2 * W * W * views`` nonzeros (8.7 M for 256x256
+at 60 views), stored twice (``R`` and ``R^T``) at a value and a 64-bit index
+each: about 200 MB in float32 for 256x256 at 60 views, 800 MB for 512x512,
+per (device, dtype) used, plus the CPU float32 copy.
 """
 
 from __future__ import annotations
@@ -128,18 +130,24 @@ class CT(Operator):
         # Projection matrices and FBP filters per (device, dtype): not submodules, so .to() leaves them alone.
         self._radon: dict[tuple[torch.device, torch.dtype], SparseMatrix] = {}
         self._filters: dict[tuple[torch.device, torch.dtype], Any] = {}
-        self.radon_norm = self._power_norm(self._matrix(torch.zeros((), dtype=torch.float64)))
-        self._radon.clear()  # the float64 matrix is rebuilt if float64 is used again
+        exact = SparseMatrix.from_coo(self._radon_triplets())  # float64, CPU: for ||R||, then dropped (memory)
+        self.radon_norm = self._power_norm(exact)
+        # The float32 copy every float32 use starts from (the weights are built once, the costly part).
+        self._radon[(torch.device("cpu"), torch.float32)] = exact.to(torch.device("cpu"), torch.float32)
 
     # ---- the projection matrix --------------------------------------------------------
     def _matrix(self, like: torch.Tensor) -> SparseMatrix:
-        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, built on first use."""
+        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, made on first use: float32
+        from the CPU float32 copy, float64 from the weights again."""
         if like.dtype not in (torch.float32, torch.float64):
             raise OperatorInputError(f"ct supports float32 and float64 tensors, got {like.dtype}")
         key = (like.device, like.dtype)
         matrix = self._radon.get(key)
         if matrix is None:
-            matrix = SparseMatrix(self._radon_triplets().to(device=like.device, dtype=like.dtype))
+            if like.dtype == torch.float32:
+                matrix = self._radon[(torch.device("cpu"), torch.float32)].to(like.device, torch.float32)
+            else:
+                matrix = SparseMatrix.from_coo(self._radon_triplets()).to(like.device, torch.float64)
             self._radon[key] = matrix
         return matrix
 

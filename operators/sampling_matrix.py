@@ -68,24 +68,38 @@ def sum_sparse(blocks: list[Tensor]) -> Tensor:
 class SparseMatrix:
     """A fixed real matrix ``M`` (``m x n``), kept as CSR with its transpose, applied with autograd.
 
-    Args:
-        matrix: a coalesced sparse COO ``(m, n)`` tensor, on the device and in
-            the dtype (float32 or float64) it will be applied in.
+    Made with :meth:`from_coo`, from a coalesced sparse COO ``(m, n)`` tensor
+    on the device and in the dtype (float32 or float64) it will be applied in.
 
     :meth:`matmul` of ``x`` ``(n, k)`` is ``M x`` ``(m, k)``; its gradient is
     ``M^T g`` (the stored transpose), so the backward is exact and as cheap
-    as the forward. :meth:`rmatmul` applies ``M^T`` the same way. Memory:
-    twice the nonzeros, a value and a column index each.
+    as the forward. :meth:`rmatmul` applies ``M^T`` the same way. :meth:`to`
+    gives a copy on another device or in another dtype. Memory: twice the
+    nonzeros, a value and a column index each.
     """
 
-    def __init__(self, matrix: Tensor):
-        self.shape = tuple(matrix.shape)
-        self.nnz = int(matrix._nnz())
-        self.device, self.dtype = matrix.device, matrix.dtype
+    def __init__(self, forward: Tensor, transpose: Tensor):
+        """From ``M`` and ``M^T`` as CSR tensors (use :meth:`from_coo`)."""
+        self._forward, self._transpose = forward, transpose
+
+    @classmethod
+    def from_coo(cls, matrix: Tensor) -> "SparseMatrix":
+        """``M`` from a coalesced sparse COO tensor; its transpose is sorted here once."""
         with warnings.catch_warnings():  # torch says "Sparse CSR tensor support is in beta state" once per process
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            self._forward = matrix.to_sparse_csr()
-            self._transpose = matrix.t().coalesce().to_sparse_csr()
+            return cls(matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self._forward.shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self._forward._nnz())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "SparseMatrix":
+        """The same matrix on ``device`` in ``dtype`` (both CSR tensors converted; no new sort)."""
+        return SparseMatrix(self._forward.to(device=device, dtype=dtype), self._transpose.to(device=device, dtype=dtype))
 
     def matmul(self, x: Tensor) -> Tensor:
         """``M x`` for a dense ``x`` of shape ``(n, k)`` on the matrix's device and dtype, with autograd."""

@@ -317,7 +317,7 @@ def test_sparse_matrix_product_gradients():
 
     gen = torch.Generator().manual_seed(1)
     dense = torch.rand(7, 5, dtype=F64, generator=gen) * (torch.rand(7, 5, generator=gen) < 0.4)
-    matrix = SparseMatrix(dense.to_sparse().coalesce())
+    matrix = SparseMatrix.from_coo(dense.to_sparse().coalesce())
     assert torch.autograd.gradcheck(matrix.matmul, torch.rand(5, 3, dtype=F64, requires_grad=True))
     assert torch.autograd.gradcheck(matrix.rmatmul, torch.rand(7, 3, dtype=F64, requires_grad=True))
     x = torch.rand(5, 3, dtype=F64, requires_grad=True)
@@ -325,6 +325,9 @@ def test_sparse_matrix_product_gradients():
     (grad,) = torch.autograd.grad((matrix.matmul(x) * weights).sum(), x)
     assert torch.allclose(grad, dense.t() @ weights, rtol=0, atol=1e-14)
     assert torch.allclose(matrix.rmatmul(weights), dense.t() @ weights, rtol=0, atol=1e-14)
+    single = matrix.to(torch.device("cpu"), torch.float32)  # converted, not rebuilt
+    assert single.shape == (7, 5) and single.nnz == matrix.nnz
+    assert torch.allclose(single.matmul(x.detach().float()), (dense @ x.detach()).float(), rtol=0, atol=1e-6)
 
 # ---- config / resample -------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
