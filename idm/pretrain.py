@@ -37,14 +37,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
-from idm.training.batches import ShardedBatches, worker_init
-from idm.training.csv_log import CsvLog
+from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
@@ -311,23 +310,11 @@ def pretrain(
             "identity": identity,
             "settings": {**config.settings(), **(settings or {}), "world_size": env.world_size, "device": device.type},
         }
-        log = CsvLog(folder.log_path)
-        if env.is_main:
-            folder.write_config(run_config)
-            log.start(start if ckpt is not None else None)
-            if ckpt is not None:
-                say(f"resuming {folder.out} from {ckpt.name} (iteration {start} of {config.iters})")
+        log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(unet, env, device)
         scheduler = make_scheduler()
         shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
-        loader = DataLoader(
-            shards,
-            batch_size=None,
-            sampler=range(start, max(start, config.iters)),
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=worker_init,
-        )
+        loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
         local = config.batch_size // env.world_size
         amp = config.amp and device.type == "cuda"
         prior_info = {"channels": arch.channels, **(data_info or {})}
@@ -389,7 +376,7 @@ def pretrain(
             cadence=Cadence(config.checkpoint_every, config.log_every, 0),
             env=env,
             device=device,
-            log=log if env.is_main else None,
+            log=log,
             deadline=deadline,
             seconds_before=seconds_before,
             progress=config.progress,

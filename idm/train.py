@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from idm.checkpoint import save_json, save_tensors
 from idm.config import IDMConfig
@@ -49,8 +49,7 @@ from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
-from idm.training.batches import ShardedBatches, worker_init
-from idm.training.csv_log import CsvLog
+from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
@@ -373,23 +372,11 @@ def train(
             },
             "model_config": model.export_config(),
         }
-        log = CsvLog(folder.log_path)
-        if env.is_main:
-            folder.write_config(run_config)
-            log.start(start if ckpt is not None else None)
-            if ckpt is not None:
-                say(f"resuming {folder.out} from {ckpt.name} (iteration {start} of {config.iters})")
+        log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(model, env, device)
 
         shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
-        loader = DataLoader(
-            shards,
-            batch_size=None,
-            sampler=range(start, max(start, config.iters)),
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=worker_init,
-        )
+        loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
         resample = getattr(operator, "resample", None)
         randomize = config.randomize_operator and callable(resample)
         noise_init = model_config.init == "noise"
@@ -445,7 +432,7 @@ def train(
             cadence=Cadence(config.checkpoint_every, config.log_every, config.val_every or config.checkpoint_every),
             env=env,
             device=device,
-            log=log if env.is_main else None,
+            log=log,
             validate=validate if val_images is not None else None,
             deadline=deadline,
             seconds_before=seconds_before,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import signal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from idm.training import seeds
 
@@ -137,3 +137,21 @@ class ShardedBatches(Dataset):
         if self.augment:
             batch = dihedral(batch, flip_rotation(self.seed, int(iteration), batch.shape[-1] == batch.shape[-2]))
         return batch.contiguous()
+
+
+def iteration_loader(
+    batches: ShardedBatches, start: int, stop: int, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """The batches of iterations ``start .. stop - 1`` in order (none when ``stop <= start``).
+
+    Items as :class:`ShardedBatches`; ``num_workers`` processes prefetch them
+    and ignore Ctrl-C / SIGTERM (:func:`worker_init`).
+    """
+    return DataLoader(
+        batches,
+        batch_size=None,
+        sampler=range(start, max(start, stop)),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+    )

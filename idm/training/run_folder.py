@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from idm.checkpoint import CheckpointError, load_json, save_json
+from idm.training.csv_log import CsvLog
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.csv"
@@ -179,6 +180,21 @@ class RunFolder:
     def write_config(self, config: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         save_json({"format": self.kind, **config}, self.config_path)
+
+    def begin(
+        self, config: dict[str, Any], resumed: Path | None, start: int, iters: int, say: Callable[[str], None]
+    ) -> CsvLog:
+        """Start (or continue, from checkpoint ``resumed`` at iteration ``start``) a run on rank 0.
+
+        Writes ``config.json``, opens ``log.csv`` (keeping the rows up to
+        ``start`` when resuming) and says where a resumed run continues.
+        """
+        self.write_config(config)
+        log = CsvLog(self.log_path)
+        log.start(start if resumed is not None else None)
+        if resumed is not None:
+            say(f"resuming {self.out} from {resumed.name} (iteration {start} of {iters})")
+        return log
 
     # ---- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self, iteration: int, write: Callable[[Path], None], run_config: dict[str, Any], keep: int) -> Path:
