@@ -87,6 +87,11 @@ class Operator(LinearPhysics):
 
     name: ClassVar[str] = ""
 
+    @property
+    def exact_pinv(self) -> bool:
+        """Whether :meth:`A_dagger` is the exact pseudo-inverse (``A A^+ A = A``); CT's FBP is not."""
+        return True
+
     def __init__(self, img_size: tuple[int, int], channels: int, **kwargs):
         super().__init__(**kwargs)
         self.img_hw = check_img_size(img_size)

@@ -228,6 +228,11 @@ class CT(Operator):
         self.check_measurement(y)
         return self._back_project(y) / self.radon_norm
 
+    @property
+    def exact_pinv(self) -> bool:
+        """False: FBP and a finite number of CG steps are approximate pseudo-inverses."""
+        return False
+
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Approximate inverse: FBP (``pinv="fbp"``) or CG least squares (``pinv="cg"``)."""
         if self.pinv == "fbp":

@@ -115,6 +115,27 @@ def test_ddnm_result_is_consistent_with_the_measurements(ops, priors, case, eta)
     assert relative_error(op.A(x_hat), y) < 1e-5
 
 
+def test_exact_pinv_is_declared_by_every_operator(ops):
+    assert [case for case, op in ops.items() if op.exact_pinv] == EXACT  # ct's FBP is approximate
+
+
+def test_ddnm_projects_with_least_squares_where_the_pinv_is_approximate(ops, priors):
+    ct, cs = ops["ct"], ops["cs"]
+    assert DDNM(priors[1]).projection_operator(cs) is cs  # auto: an exact A_dagger is kept
+    assert DDNM(priors[1], pinv="operator").projection_operator(ct) is ct
+    lsq = DDNM(priors[1], lsq_iters=50).projection_operator(ct)
+    y = ct.A(images(ct))
+    # least squares fits the sinogram far better than FBP does, and the result of DDNM with it too
+    assert relative_error(ct.A(lsq.A_dagger(y)), y) < 0.1 * relative_error(ct.A(ct.A_dagger(y)), y)
+    solved = DDNM(priors[1], steps=3, lsq_iters=50, progress=False)(y, ct, generator=gen(0))
+    as_is = DDNM(priors[1], steps=3, pinv="operator", progress=False)(y, ct, generator=gen(0))
+    assert relative_error(ct.A(solved), y) < 0.1 * relative_error(ct.A(as_is), y)
+    with pytest.raises(ValueError, match="pinv"):
+        DDNM(priors[1], pinv="fbp")
+    with pytest.raises(ValueError, match="lsq_iters"):
+        DDNM(priors[1], lsq_iters=0)
+
+
 def test_ddnm_options(ops, priors):
     op = ops["inpainting"]
     y = op.A(images(op))

@@ -49,6 +49,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
+    parser.add_argument("--ddnm-pinv", choices=("auto", "operator", "least-squares"), default="auto",
+                        help="A^+ of DDNM's projection: the operator's A_dagger, or least squares by conjugate "
+                        "gradients; auto (default): least squares where A_dagger is approximate (ct's FBP)")
     parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
     parser.add_argument("--dps-zeta", help="DPS step size at the DPS authors' 3x256x256 image size, scaled to the "
                         "images' size: a number, or the JSON record of benchmarks.tune_dps (e.g. "
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         prior = load_prior(prior_path, device=device)
 
     options = {
-        "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta),
+        "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta, pinv=args.ddnm_pinv),
         "dps": dict(steps=args.dps_steps, zeta=dps_zeta),
     }
     methods = []
