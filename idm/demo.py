@@ -52,6 +52,7 @@ DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("mri-4x", "mri", {"acceleration": 4}, images="phantom"),
     DemoCase("mri-8x", "mri", {"acceleration": 8, "center_fraction": 0.04}, images="phantom"),
     DemoCase("ct-60", "ct", {"views": 60}, images="phantom"),
+    DemoCase("ct-18", "ct", {"views": 18}, images="phantom"),
 )
 
 

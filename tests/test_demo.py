@@ -14,7 +14,8 @@ from idm.cli import main
 
 #: Least PSNR gain (dB) of the shipped models over A^+ y on the first sample image, a floor below what
 #: the shipped weights reach (see idm/weights/README.md), so a broken model or loader fails the test.
-#: Measured with the weights shipped now: 15.7, 19.3, 13.9, 5.6, 2.7 and 2.9 dB.
+#: Measured with the weights shipped now: 15.7, 19.3, 13.9, 4.9, 2.6 and 2.9 dB. ct-18 has no floor: on
+#: the phantom it is 1.2 dB below FBP (on clinical slices 7.9 dB above, README), which a floor cannot test.
 SHIPPED_MIN_GAIN_DB = {"cs-10": 12.0, "cs-50": 15.0, "inpainting-50-missing": 10.0, "mri-4x": 4.0, "mri-8x": 1.0,
                        "ct-60": 1.5}
 
@@ -61,7 +62,7 @@ def test_demo_runs_every_shipped_model_and_skips_settings_without_one(tmp_path, 
     assert main(["demo", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| cs-10 | cs-any (y) | idm |" in printed and "| inpainting-box | inpainting-rgb (rgb) | pinv |" in printed
-    assert "No shipped model for: cs-50, mri-4x, mri-8x, ct-60." in printed  # 0.5 is outside the 0.05..0.35 family
+    assert "No shipped model for: cs-50, mri-4x, mri-8x, ct-60, ct-18." in printed  # 0.5 is outside the 0.05..0.35 family
     assert (out / "demo.png").is_file() and (out / "demo.md").read_text() in printed and "Total time" in printed
     rows = list(csv.DictReader(open(out / "cs-30" / "results.csv")))
     assert {r["method"] for r in rows} == {"pinv", "idm"} and all(r["status"] == "ok" for r in rows)
