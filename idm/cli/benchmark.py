@@ -33,6 +33,8 @@ DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
 
 
 def add_parser(subparsers) -> None:
+    from benchmarks.ddnm import PINV_CHOICES
+
     parser = subparsers.add_parser(
         "benchmark",
         help="compare IDM with DDNM, DPS and classical solvers on a folder of images",
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
-    parser.add_argument("--ddnm-pinv", choices=("auto", "operator", "least-squares"), default="auto",
+    parser.add_argument("--ddnm-pinv", choices=PINV_CHOICES, default="auto",
                         help="A^+ of DDNM's projection: the operator's A_dagger, or least squares by conjugate "
                         "gradients; auto (default): least squares where A_dagger is approximate (ct's FBP)")
     parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
