@@ -40,8 +40,8 @@ Choices, checked against the authors' code (wyhuai/DDNM):
   error, and DDNM diverges (3.7 dB on the clinical slices). So with
   ``pinv="auto"`` (default) an operator whose ``exact_pinv`` is false gets
   a least-squares ``A^+``: ``lsq_iters`` conjugate-gradient steps on the
-  normal equations (deepinv's ``LinearPhysics`` built from ``A`` and
-  ``A^T``). ``pinv="operator"`` uses ``A_dagger`` as it is,
+  normal equations (:class:`operators.least_squares.LeastSquaresInverse`,
+  the solver of CT's ``pinv="cg"``). ``pinv="operator"`` uses ``A_dagger`` as it is,
   ``"least-squares"`` always solves.
 * Noise-free measurements (DDNM, not DDNM+): no ``sigma_y`` weighting.
 * No time-travel (the authors' default ``travel_length=1, travel_repeat=1``).
@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.prior import DiffusionPrior, default_generator, image_shape, randn
 from idm.step import ddnm_step, ddnm_timesteps
+from operators.least_squares import LeastSquaresInverse
 
 
 #: How :class:`DDNM` gets the ``A^+`` of its projection.
@@ -121,11 +122,7 @@ class DDNM:
         solve = self.pinv == "least-squares" or (self.pinv == "auto" and not getattr(op, "exact_pinv", True))
         if not solve:
             return op
-        from deepinv.physics import LinearPhysics
-
-        return LinearPhysics(
-            A=op.A, A_adjoint=op.A_adjoint, max_iter=self.lsq_iters, tol=1e-6, solver="CG", implicit_backward_solver=False
-        )
+        return LeastSquaresInverse(op, max_iter=self.lsq_iters)
 
     @torch.no_grad()
     def __call__(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:

@@ -27,8 +27,9 @@ numbers are not bit-comparable with torch-radon results.
   then the exact back-projection ``R^T``, scaled by ``pi / (2 views)``, as
   deepinv's ``Tomography.fbp``), or, with
   ``pinv="cg"``, the minimum-norm least squares solution of ``A x = y`` by
-  ``cg_iters`` conjugate-gradient steps on the normal equations (exact only
-  at convergence; slow for many views).
+  ``cg_iters`` conjugate-gradient steps on the normal equations
+  (:func:`operators.least_squares.least_squares_solve`; exact only at
+  convergence; slow for many views).
 * Why Hann: IDM's range-null-space step ``x0 + A^+ (y - A x0)`` must not
   amplify the errors of ``x0``. With the bare ramp filter ``FBP A`` has
   eigenvalues near 6.6 at 60 views (high frequencies along the projection
@@ -57,6 +58,7 @@ from deepinv.physics.functional.radon import RampFilter
 
 from . import register
 from .base import Operator, OperatorInputError, check_int
+from .least_squares import least_squares_solve
 from .sampling_matrix import SparseMatrix, bilinear_weights, sparse_from_triplets, sum_sparse
 
 _PINVS = ("fbp", "cg")
@@ -237,17 +239,8 @@ class CT(Operator):
         """Approximate inverse: FBP (``pinv="fbp"``) or CG least squares (``pinv="cg"``)."""
         if self.pinv == "fbp":
             return self.fbp(y)
-        from deepinv.optim.linear import conjugate_gradient
-
         self.check_measurement(y)
-        return conjugate_gradient(
-            lambda v: self.A_adjoint(self.A(v)),
-            self.A_adjoint(y),
-            max_iter=self.cg_iters,
-            tol=self.cg_tol,
-            eps=1e-30,  # deepinv's default 1e-8 stalls CG once p^T A^T A p ~ 1e-8 (A has unit norm)
-            parallel_dim=[0],
-        )
+        return least_squares_solve(self, y, max_iter=self.cg_iters, tol=self.cg_tol)
 
     def fbp(self, y: torch.Tensor) -> torch.Tensor:
         """Filtered back-projection (filter, then ``R^T``) of a sinogram of this operator (approximate).

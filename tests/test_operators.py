@@ -262,6 +262,41 @@ def test_ct_cg_and_norm(ops):
 
 
 
+class DenseMatrixOperator(torch.nn.Module):
+    """``A = M`` on flattened images, for any dense ``M`` (rank-deficient allowed)."""
+
+    def __init__(self, matrix, image_shape):
+        super().__init__()
+        self.matrix, self.image_shape = matrix, image_shape
+
+    def A(self, x, **kwargs):
+        return x.reshape(x.shape[0], -1) @ self.matrix.T
+
+    def A_adjoint(self, y, **kwargs):
+        return (y @ self.matrix).reshape(y.shape[0], *self.image_shape)
+
+
+def test_least_squares_inverse_is_the_pseudo_inverse():
+    from operators.least_squares import LeastSquaresInverse
+
+    gen = torch.Generator().manual_seed(0)
+    # 40 x 64, rank 30: no exact solution for a generic y, and a 34-dimensional null space
+    left, right = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((40, 30), (30, 64)))
+    matrix = left @ right
+    op = DenseMatrixOperator(matrix, (1, 8, 8))
+    y = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    exact = (y @ torch.linalg.pinv(matrix).T).reshape(3, 1, 8, 8)
+    solved = LeastSquaresInverse(op, max_iter=200, tol=1e-14).A_dagger(y)
+    assert torch.allclose(solved, exact, atol=1e-8 * float(exact.abs().max()))
+    x = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    fast = LeastSquaresInverse(op, max_iter=3)
+    assert torch.equal(fast.A(x), op.A(x)) and torch.equal(fast.A_adjoint(y), op.A_adjoint(y))
+    # fewer steps: an approximation, worse than the converged solve
+    assert rel(op.A(fast.A_dagger(y)), op.A(exact)) > 1e-3
+    with pytest.raises(ValueError, match="max_iter"):
+        LeastSquaresInverse(op, max_iter=0)
+
+
 @pytest.mark.parametrize("size, views", [(32, 20), (33, 7)])
 def test_ct_matrix_is_deepinv_tomography(size, views):
     """The sparse Radon matrix is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP."""
