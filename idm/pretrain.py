@@ -48,14 +48,7 @@ from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
-from idm.training.state import (
-    TRAINER_STATE_NAME,
-    capture_rng,
-    flatten_optimizer,
-    read_checkpoint_files,
-    restore_optimizer,
-    restore_rng,
-)
+from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, write_trainer_state
 from idm.unets.factory import PRIOR_INFO_NAME
 
 RUN_FORMAT = "idm-pretrain-run"
@@ -344,22 +337,8 @@ def pretrain(
                 save_tensors(unet.state_dict(), tmp / "unet.safetensors")
                 if ema is not None:
                     save_tensors(ema.shadow, tmp / "ema.safetensors")
-                opt_tensors, opt_meta = flatten_optimizer(optimizer)
-                save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                rng_tensors, rng_meta = capture_rng()
-                save_tensors(rng_tensors, tmp / "rng.safetensors")
-                save_json(
-                    {
-                        "iteration": iteration,
-                        "seconds": seconds,
-                        "ema_updates": ema.updates if ema is not None else 0,
-                        "optimizer": opt_meta,
-                        "rng": rng_meta,
-                        "world_size": env.world_size,
-                        "torch": torch.__version__,
-                    },
-                    tmp / TRAINER_STATE_NAME,
-                )
+                ema_updates = ema.updates if ema is not None else 0
+                write_trainer_state(tmp, optimizer, iteration, seconds, env.world_size, ema_updates=ema_updates)
 
             folder.save_checkpoint(iteration, write, {**run_config, "iteration": iteration}, config.keep)
             weights = ema.weights_for(unet) if ema is not None else unet.state_dict()

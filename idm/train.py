@@ -42,7 +42,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from idm.checkpoint import save_json, save_tensors
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
@@ -55,14 +54,7 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
-from idm.training.state import (
-    TRAINER_STATE_NAME,
-    capture_rng,
-    flatten_optimizer,
-    read_checkpoint_files,
-    restore_optimizer,
-    restore_rng,
-)
+from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, write_trainer_state
 from idm.wiring import WiredSequence
 
 __all__ = [
@@ -243,21 +235,7 @@ def _autocast(device: torch.device, amp: bool):
 
 def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, env: DistEnv) -> None:
     model.save_pretrained(folder)
-    opt_tensors, opt_meta = flatten_optimizer(optimizer)
-    save_tensors(opt_tensors, folder / "optimizer.safetensors")
-    rng_tensors, rng_meta = capture_rng()
-    save_tensors(rng_tensors, folder / "rng.safetensors")
-    save_json(
-        {
-            "iteration": iteration,
-            "seconds": seconds,
-            "optimizer": opt_meta,
-            "rng": rng_meta,
-            "world_size": env.world_size,
-            "torch": torch.__version__,
-        },
-        folder / TRAINER_STATE_NAME,
-    )
+    write_trainer_state(folder, optimizer, iteration, seconds, env.world_size)
 
 
 def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:

@@ -163,9 +163,9 @@ def test_validation_psnr_is_logged(tmp_path, data):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, data, monkeypatch, capsys):
-    import idm.train as train_module
+    import idm.training.state as state_module  # writes the optimizer state of every checkpoint
 
-    real = train_module.save_tensors
+    real = state_module.save_tensors
     calls = []
 
     def crash_on_second_optimizer_write(tensors, path, metadata=None):
@@ -175,14 +175,14 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, data, mon
                 raise OSError("No space left on device (simulated)")
         return real(tensors, path, metadata)
 
-    monkeypatch.setattr(train_module, "save_tensors", crash_on_second_optimizer_write)
+    monkeypatch.setattr(state_module, "save_tensors", crash_on_second_optimizer_write)
     out = tmp_path / "run"
     args = [*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "1", "--out", str(out)]
     assert main(args) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_0000001"]  # no half-written folder left
     assert load_trained(out).path.name == "iter_0000001"
-    monkeypatch.setattr(train_module, "save_tensors", real)
+    monkeypatch.setattr(state_module, "save_tensors", real)
     assert main([*args, "--resume"]) == 0
     assert resolve_model_dir(out).name == "iter_0000003"
 

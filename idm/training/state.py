@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors
+from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.training.optimizer import KERNEL_CHOICES
 
 Model = TypeVar("Model")
@@ -51,6 +51,24 @@ def read_checkpoint_files(
             "from the previous checkpoint, if any; nothing was overwritten)"
         ) from None
     return model, state, opt_tensors, rng_tensors
+
+
+def write_trainer_state(
+    folder: Path, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, world_size: int, **extra: Any
+) -> None:
+    """Write the trainer's part of a checkpoint into ``folder``, as :func:`read_checkpoint_files` reads it.
+
+    ``optimizer.safetensors`` and ``rng.safetensors`` (:func:`flatten_optimizer`,
+    :func:`capture_rng`), and ``trainer_state.json`` with ``iteration``,
+    ``seconds`` (of training so far), ``world_size``, the torch version, the
+    optimizer and RNG metadata and any JSON-able ``extra`` entries.
+    """
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    save_tensors(opt_tensors, folder / "optimizer.safetensors")
+    rng_tensors, rng_meta = capture_rng()
+    save_tensors(rng_tensors, folder / "rng.safetensors")
+    state = {"iteration": iteration, "seconds": seconds, **extra, "optimizer": opt_meta, "rng": rng_meta}
+    save_json({**state, "world_size": world_size, "torch": torch.__version__}, folder / TRAINER_STATE_NAME)
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
