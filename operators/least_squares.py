@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from deepinv.physics import LinearPhysics
 
+from .base import OperatorInputError, check_int
+
 
 def least_squares_solve(op: Any, y: torch.Tensor, max_iter: int = 20, tol: float = 1e-6) -> torch.Tensor:
     """Minimum-norm least squares solution of ``A x = y`` by ``max_iter`` CG steps at most.
@@ -63,10 +65,10 @@ class LeastSquaresInverse(LinearPhysics):
 
     def __init__(self, op: Any, max_iter: int = 20, tol: float = 1e-6):
         super().__init__()
-        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
         self.op = op
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int(max_iter, "max_iter")
+        if self.max_iter < 1:
+            raise OperatorInputError(f"max_iter must be a positive integer, got {max_iter!r}")
         self.tol = float(tol)
 
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -67,8 +67,16 @@ def write_trainer_state(
     save_tensors(opt_tensors, folder / "optimizer.safetensors")
     rng_tensors, rng_meta = capture_rng()
     save_tensors(rng_tensors, folder / "rng.safetensors")
-    state = {"iteration": iteration, "seconds": seconds, **extra, "optimizer": opt_meta, "rng": rng_meta}
-    save_json({**state, "world_size": world_size, "torch": torch.__version__}, folder / TRAINER_STATE_NAME)
+    state = {
+        "iteration": iteration,
+        "seconds": seconds,
+        **extra,
+        "optimizer": opt_meta,
+        "rng": rng_meta,
+        "world_size": world_size,
+        "torch": torch.__version__,
+    }
+    save_json(state, folder / TRAINER_STATE_NAME)
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
