@@ -52,6 +52,14 @@ def check_int(value: Any, name: str) -> int:
         raise OperatorInputError(f"{name} must be an integer, got {value!r}") from None
 
 
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` as a Python int >= 1 (see :func:`check_int`), or raise."""
+    number = check_int(value, name)
+    if number <= 0:
+        raise OperatorInputError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
 def check_img_size(img_size: Any) -> tuple[int, int]:
     """Return ``img_size`` as ``(H, W)`` positive ints, or raise."""
     try:

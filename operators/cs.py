@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import Operator, OperatorInputError, check_int, check_ratio
+from .base import Operator, OperatorInputError, check_int, check_positive_int, check_ratio
 
 _MODES = ("spatial", "permuted")
 
@@ -97,9 +97,7 @@ class CompressedSensing(Operator):
     ):
         super().__init__(img_size, channels)
         self.ratio = check_ratio(ratio, "ratio")
-        block = check_int(block, "block")
-        if block <= 0:
-            raise OperatorInputError(f"block must be a positive integer, got {block!r}")
+        block = check_positive_int(block, "block")
         if mode not in _MODES:
             raise OperatorInputError(f"mode must be one of {_MODES}, got {mode!r}")
         seed, phi_seed = check_int(seed, "seed"), check_int(phi_seed, "phi_seed")

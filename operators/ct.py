@@ -57,7 +57,7 @@ import torch
 from deepinv.physics.functional.radon import RampFilter
 
 from . import register
-from .base import Operator, OperatorInputError, check_int
+from .base import Operator, OperatorInputError, check_positive_int
 from .least_squares import least_squares_solve
 from .sampling_matrix import SparseMatrix, bilinear_weights, sparse_from_triplets, sum_sparse
 
@@ -108,18 +108,14 @@ class CT(Operator):
             raise OperatorInputError(f"ct needs a square img_size (H == W), got {self.img_hw}")
         if w < 4:
             raise OperatorInputError(f"img_size must be at least 4x4 for ct, got {self.img_hw}")
-        self.views = check_int(views, "views")
-        if self.views <= 0:
-            raise OperatorInputError(f"views must be a positive integer, got {views!r}")
+        self.views = check_positive_int(views, "views")
         if pinv not in _PINVS:
             raise OperatorInputError(f"pinv must be one of {_PINVS}, got {pinv!r}")
         self.pinv = pinv
         if fbp_filter not in _FBP_FILTERS:
             raise OperatorInputError(f"fbp_filter must be one of {_FBP_FILTERS}, got {fbp_filter!r}")
         self.fbp_filter = fbp_filter
-        self.cg_iters = check_int(cg_iters, "cg_iters")
-        if self.cg_iters <= 0:
-            raise OperatorInputError(f"cg_iters must be a positive integer, got {cg_iters!r}")
+        self.cg_iters = check_positive_int(cg_iters, "cg_iters")
         try:
             self.cg_tol = float(cg_tol)
         except (TypeError, ValueError):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from deepinv.physics import LinearPhysics
 
-from .base import OperatorInputError, check_int
+from .base import check_positive_int
 
 
 def least_squares_solve(op: Any, y: torch.Tensor, max_iter: int = 20, tol: float = 1e-6) -> torch.Tensor:
@@ -66,9 +66,7 @@ class LeastSquaresInverse(LinearPhysics):
     def __init__(self, op: Any, max_iter: int = 20, tol: float = 1e-6):
         super().__init__()
         self.op = op
-        self.max_iter = check_int(max_iter, "max_iter")
-        if self.max_iter < 1:
-            raise OperatorInputError(f"max_iter must be a positive integer, got {max_iter!r}")
+        self.max_iter = check_positive_int(max_iter, "max_iter")
         self.tol = float(tol)
 
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
