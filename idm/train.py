@@ -10,7 +10,8 @@ batch, :mod:`idm.training.batches`), a fresh operator draw
 ``op.resample(seed(run seed, i))`` when the operator is random (permuted CS,
 inpainting masks, MRI masks; identical on every rank without
 communication), ``y = op.A(x)`` in float32, ``x_hat = model(y, op)`` under
-bf16 autocast on CUDA (float32 on the CPU), L1 loss ``mean|x_hat - x|``,
+bf16 autocast on CUDA (float32 on the CPU), L1 loss ``mean|x_hat - x|``
+(plus ``ssim_weight * (1 - SSIM)`` when asked, :mod:`idm.training.losses`),
 Adam; the learning rate is ``lr * gamma ** (number of milestones <= i)``
 and the learnable scalars (``abar``'s ``alpha``, the wiring ``v`` and
 in/out scales) use ``lr * scalar_lr_mult``.
@@ -51,6 +52,7 @@ from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
+from idm.training.losses import ReconstructionLoss
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
@@ -89,6 +91,9 @@ class TrainConfig(LoopOptions):
         randomize_operator: a fresh operator draw every iteration (for operators
             with random parts; others are unaffected).
         val_every: iterations between validations (``0``: at checkpoints).
+        ssim_weight: weight of the ``1 - SSIM`` term added to the L1 loss
+            (:class:`~idm.training.losses.ReconstructionLoss`; SSIM on the
+            ``metric_transform`` images). ``0`` (default): the paper's L1 alone.
     """
 
     iters: int = 50_000
@@ -96,9 +101,11 @@ class TrainConfig(LoopOptions):
     scalar_lr_mult: float = 1.0
     randomize_operator: bool = True
     val_every: int = 0
+    ssim_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.need(0 <= self.ssim_weight < math.inf, f"ssim_weight must be a finite number >= 0, got {self.ssim_weight}")
         self.need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
         if self.lr_milestones is not None:
             self.need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")
@@ -284,7 +291,8 @@ def train(
             shipped model names its prior, which need not exist as a folder).
             Ignored on resume.
         metric_transform: maps ``(B, C, H, W)`` outputs/targets to the images
-            PSNR is computed on (e.g. MRI magnitude); identity by default.
+            PSNR (validation) and the loss's SSIM term are computed on (e.g.
+            MRI magnitude); identity by default.
         resume: continue from the latest checkpoint in ``out``.
         device: ``cuda`` / ``cpu``; under torchrun each process uses ``cuda:LOCAL_RANK``.
         started_at: ``time.monotonic()`` when the command started (the
@@ -358,6 +366,7 @@ def train(
         resample = getattr(operator, "resample", None)
         randomize = config.randomize_operator and callable(resample)
         noise_init = model_config.init == "noise"
+        loss_fn = ReconstructionLoss(config.ssim_weight, metric_transform)
 
         def step(index: int, batch: Tensor) -> Tensor:
             x = batch.to(device, non_blocking=True)
@@ -368,7 +377,7 @@ def train(
             gen = seeds.generator(config.seed, seeds.NOISE, index, env.rank, device=device) if noise_init else None
             with _autocast(device, config.amp):
                 x_hat = net(y, op, generator=gen)
-            loss = (x_hat.float() - x).abs().mean()
+            loss = loss_fn(x_hat.float(), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -193,7 +193,7 @@ class Task:
         """The image PSNR/SSIM are measured on, ``(B, C', H, W)``: the images themselves, or the
         magnitude of complex (2-channel real/imaginary) MRI images."""
         if self.metric == "magnitude":
-            return torch.sqrt(x[:, :1] ** 2 + x[:, 1:2] ** 2)
+            return torch.linalg.vector_norm(x[:, :2], dim=1, keepdim=True)  # its gradient at 0 is 0, not NaN
         return x
 
     def describe(self) -> dict[str, Any]:
