@@ -52,7 +52,7 @@ from idm.training.options import LoopOptions
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
-from idm.training.losses import ReconstructionLoss
+from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
@@ -105,7 +105,10 @@ class TrainConfig(LoopOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.need(0 <= self.ssim_weight < math.inf, f"ssim_weight must be a finite number >= 0, got {self.ssim_weight}")
+        try:
+            check_ssim_weight(self.ssim_weight)
+        except ValueError as error:
+            self.need(False, str(error))
         self.need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
         if self.lr_milestones is not None:
             self.need(all(int(m) >= 1 for m in self.lr_milestones), f"lr_milestones must be positive, got {self.lr_milestones}")

@@ -72,3 +72,12 @@ def test_ssim_weight_flag_adds_the_term_to_the_logged_loss(tmp_path):
     l1, mixed = (float(read_log(tmp_path / name)[0]["loss"]) for name in ("l1", "ssim"))
     assert mixed > l1 + 1e-3  # the same first forward pass, plus 0.5 * (1 - SSIM) of an untrained network
     assert json.loads((tmp_path / "ssim" / "config.json").read_text())["settings"]["ssim_weight"] == 0.5
+
+
+def test_negative_ssim_weight_is_a_clear_cli_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    data = write_images(tmp_path / "data")
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--ssim-weight", "-1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("idm train: error:") and "ssim_weight must be a finite number >= 0" in err, err
+    assert not out.exists()

@@ -12,18 +12,27 @@ the same thing.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ReconstructionLoss", "differentiable_ssim"]
+__all__ = ["ReconstructionLoss", "check_ssim_weight", "differentiable_ssim"]
 
 #: scikit-image's ``structural_similarity`` defaults (uniform window, sample covariance).
 SSIM_WINDOW = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+
+
+def check_ssim_weight(weight: float) -> float:
+    """``weight`` as a float if it is a finite number >= 0; ``ValueError`` naming ``ssim_weight`` otherwise."""
+    weight = float(weight)
+    if not 0 <= weight < math.inf:
+        raise ValueError(f"ssim_weight must be a finite number >= 0, got {weight}")
+    return weight
 
 
 def differentiable_ssim(x: Tensor, ref: Tensor, data_range: float = 1.0) -> Tensor:
@@ -69,9 +78,7 @@ class ReconstructionLoss:
     """
 
     def __init__(self, ssim_weight: float = 0.0, metric_view: Callable[[Tensor], Tensor] | None = None) -> None:
-        if not (ssim_weight >= 0 and ssim_weight < float("inf")):
-            raise ValueError(f"ssim_weight must be a finite number >= 0, got {ssim_weight}")
-        self.ssim_weight = float(ssim_weight)
+        self.ssim_weight = check_ssim_weight(ssim_weight)
         self.metric_view = metric_view or (lambda t: t)
 
     def __call__(self, x_hat: Tensor, x: Tensor) -> Tensor:
