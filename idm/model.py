@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
 from idm.precision import autocast_for, check_precision
-from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
+from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step, project_to_measurements
 from idm.unets import (
     SD15_UNET_CONFIG,
     WiredUNet,
@@ -201,7 +201,26 @@ class IDM(nn.Module):
             else:
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
-        return self.from_prior_range(x)
+        return self.output(x, y, op)
+
+    def output(self, x: Tensor, y: Tensor, op: Any) -> Tensor:
+        """The wired network's output in the prior's range -> the reconstruction in ``[0, 1]``
+        (projected onto the measurements when ``IDMConfig.final_projection``)."""
+        x = self.from_prior_range(x)
+        return self.project_onto_measurements(x, y, op) if self.config.final_projection else x
+
+    def project_onto_measurements(self, x: Tensor, y: Tensor, op: Any) -> Tensor:
+        """``x + A^+ (y - A x)`` for ``(B, C, H, W)`` images ``x`` in ``[0, 1]`` (``IDMConfig.final_projection``).
+
+        Raises ``ValueError`` when ``op`` declares an approximate pseudo-inverse
+        (``exact_pinv`` false): then this would not be a projection.
+        """
+        if not getattr(op, "exact_pinv", True):
+            raise ValueError(
+                f"final_projection needs an exact pseudo-inverse, but the {type(op).__name__} operator's A^+ is "
+                "approximate (exact_pinv is False); use a model built with final_projection=False"
+            )
+        return project_to_measurements(x, op, self.pseudo_inverse(y, op))
 
     def _inference_autocast(self, device_type: str):
         """bf16 autocast when :meth:`for_inference` asked for it and the model is in eval mode; else a no-op."""
@@ -270,7 +289,7 @@ class IDM(nn.Module):
             else:
                 x1, x2 = coupling_forward(x_prev, x1, x2, self.wiring.v[k])
         x_hat = x1 if x2 is None else x1 + self.wiring.out_scale * x2
-        return self.from_prior_range(x_hat), traces
+        return self.output(x_hat, y, op), traces
 
     # ---- persistence ---------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:

@@ -12,7 +12,10 @@ shipped model is an ordinary IDM model folder written by ``idm train``
 training operator), so what it serves is read from the folder itself: a
 request matches when the task is the same and the recorded operator, or
 operator family (e.g. every CS ratio from 1% to 50%), covers every requested
-setting (:func:`operators.family.config_mismatches`).
+setting (:func:`operators.family.config_mismatches`). When several serve it,
+a model trained for exactly that operator (e.g. ``cs-10``, CS at 10 % only)
+is preferred over one trained on a family that contains it
+(``cs-ratio-1-50``).
 
 ``$IDM_MODELS_DIR`` names a folder of further model folders (e.g. larger
 GPU-trained ones); they are searched first.
@@ -27,7 +30,7 @@ from typing import Any, Mapping
 
 from idm.checkpoint import CheckpointError, load_json
 from idm.training.run_folder import RUN_NAME
-from operators.family import config_mismatches
+from operators.family import OperatorFamily, config_mismatches
 
 #: Environment variable naming a folder of extra model folders, searched before the shipped ones.
 MODELS_ENV = "IDM_MODELS_DIR"
@@ -47,6 +50,11 @@ class ShippedModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def trained_on_family(self) -> bool:
+        """Whether it was trained on a family of operators (e.g. a range of CS ratios) rather than one."""
+        return self.operator.get("name") == OperatorFamily.name
 
     @property
     def color(self) -> str | None:
@@ -81,7 +89,11 @@ def shipped_models() -> list[ShippedModel]:
 
 
 def find_shipped(task: str, operator_config: Mapping[str, Any]) -> ShippedModel | None:
-    """The first shipped model that serves ``task`` with ``operator_config``, or ``None``.
+    """The shipped model that serves ``task`` with ``operator_config``, or ``None``.
+
+    Folders of ``$IDM_MODELS_DIR`` come first; within one folder, a model
+    trained for exactly the requested operator comes before one trained on a
+    family containing it, then name order decides.
 
     Args:
         task: task name (``"cs"``, ``"inpainting"``...).
@@ -89,7 +101,11 @@ def find_shipped(task: str, operator_config: Mapping[str, Any]) -> ShippedModel 
             or ``{"name": "cs", "ratio": 0.1, ...}`` (``img_size`` and ``seed``
             are not compared).
     """
-    return next((model for model in shipped_models() if model.serves(task, operator_config)), None)
+    roots = [root.resolve() for root in search_dirs()]
+    serving = [model for model in shipped_models() if model.serves(task, operator_config)]
+    if not serving:
+        return None
+    return min(serving, key=lambda m: (roots.index(m.path.parent.resolve()), m.trained_on_family, m.name))
 
 
 def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | None:

@@ -196,6 +196,8 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
     d = config.to_dict()
     if d["unet"] not in ("tiny", "sd15"):
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
+    if not d["final_projection"]:
+        del d["final_projection"]  # added later: runs recorded without it had it off, and still resume
     return d
 
 

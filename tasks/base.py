@@ -88,6 +88,9 @@ class Task:
         alpha_init: ``IDMConfig.alpha_init`` of those models (0.5 as the
             authors; close to 1 makes the untrained network return about
             ``A^+ y``, a better start when ``A^+ y`` is already good).
+        final_projection: ``IDMConfig.final_projection`` of those models
+            (needs an exact ``A^+``; on for CS, where it raised both PSNR and
+            SSIM of the shipped model).
         description: one line for ``--help`` and the README.
     """
 
@@ -106,6 +109,7 @@ class Task:
     size_bound: bool = False
     pinv_mapping: str = "measurements"
     alpha_init: float = 0.5
+    final_projection: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -117,6 +117,21 @@ def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, mes
     assert message in capsys.readouterr().err
 
 
+def test_final_projection_can_be_switched_for_the_benchmark(bench_files, tmp_path):
+    argv = ["benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+            "--methods", "idm", "--checkpoint", str(bench_files / "idm"), "--device", "cpu", "--no-progress",
+            "--no-images"]  # fmt: skip
+    psnr = {}
+    for flag in ("--no-final-projection", "--final-projection"):
+        out = tmp_path / flag
+        assert main([*argv, flag, "--out", str(out)]) == 0
+        settings = json.loads((out / "benchmark.json").read_text())
+        assert settings["idm_final_projection"] is (flag == "--final-projection")
+        assert ("projected onto the measurements" in (out / "summary.md").read_text()) is (flag == "--final-projection")
+        psnr[flag] = [float(r["psnr"]) for r in _rows(out / "results.csv")]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(psnr["--final-projection"], psnr["--no-final-projection"]))
+
+
 def test_size_resizes_the_test_images(bench_files, tmp_path):
     argv = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--methods", "pinv", "--size", "16",
             "--ratio", "0.5", "--block", "8", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]

@@ -121,5 +121,12 @@ def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monke
     assert shipped.model_path("cs-any-ratio") == folder  # a shipped model's name, e.g. for --init-from
     assert shipped.model_path(str(tmp_path)) == str(tmp_path) and shipped.model_path("nowhere") == "nowhere"
     assert load_trained("cs-any-ratio").path == folder  # every --checkpoint takes a shipped model's name
+    # a model trained for exactly the requested ratio wins over the family, whatever the names' order
+    exact = tmp_path / "models" / "zz-cs-10"
+    IDM(IDMConfig(unet="tiny", image_channels=1, steps=1)).save_pretrained(exact)
+    exact_op = operators.make("cs", img_size=(32, 32), channels=1, ratio=0.1, block=8).config()
+    (exact / "run.json").write_text(json.dumps({"format": "idm-train-run", "identity": {"task": "cs", "operator": exact_op}}))
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.1, "block": 8}) == exact
+    assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.3, "block": 8}) == folder
     with pytest.raises(CheckpointError, match="nor is it the name of a shipped model"):
         load_trained("nowhere")

@@ -421,3 +421,51 @@ def test_images_that_are_not_a_multiple_of_the_downsampling_work(size):
     assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
     for trace in traces:
         assert relative_error(op.A(trace.x0), op.A(x)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "name, channels, kwargs",
+    [
+        ("cs", 1, dict(ratio=0.25, block=8, mode="permuted")),
+        ("inpainting", 3, dict(ratio=0.3)),
+        ("mri", 2, dict(acceleration=4, center_fraction=0.125)),
+    ],
+)
+def test_final_projection_fits_the_measurements_and_changes_only_the_range_part(name, channels, kwargs):
+    import operators
+
+    op = operators.make(name, img_size=(16, 16), channels=channels, **kwargs)
+    config = IDMConfig(image_channels=channels, steps=2, prior_range="symmetric")
+    x = torch.rand(2, channels, 16, 16, dtype=torch.float64)
+    y = op.A(x)
+    plain = _perturbed_model(config)(y, op).detach()
+    projected_model = _perturbed_model(config.replace(final_projection=True))
+    projected = projected_model(y, op).detach()
+    assert relative_error(op.A(plain), y) > 1e-3  # the authors' output does not fit y ...
+    assert relative_error(op.A(projected), y) < 1e-12  # ... the projected one does
+    change = projected - plain  # in the range of A^+: the null-space part is untouched
+    assert float((change - op.A_dagger(op.A(change))).abs().max()) < 1e-12
+    assert float((projected - x).norm()) <= float((plain - x).norm())  # closer to the truth, as a projection is
+    assert torch.equal(projected_model.trace(y, op)[0].detach(), projected)
+
+
+def test_final_projection_keeps_the_memory_saving_backward_exact(ortho_op):
+    op = ortho_op(SHAPE, 64)
+    config = IDMConfig(unet="tiny", steps=2, invertible="both", final_projection=True)
+    _, grads_rec, gy_rec = _loss_and_grads(_perturbed_model(config.replace(recompute=True)), op)
+    _, grads_plain, gy_plain = _loss_and_grads(_perturbed_model(config.replace(recompute=False)), op)
+    assert relative_error(gy_rec, gy_plain) <= 1e-8
+    scale = max(g.norm().item() for g in grads_plain.values())
+    for name, g in grads_plain.items():
+        assert relative_error(grads_rec[name], g, floor=1e-6 * scale) <= 1e-8, name
+
+
+def test_final_projection_refuses_an_approximate_pseudo_inverse():
+    import operators
+
+    op = operators.make("ct", img_size=SHAPE[1:], views=6)
+    model = IDM(IDMConfig(steps=1, final_projection=True)).double()
+    with pytest.raises(ValueError, match="final_projection needs an exact pseudo-inverse"):
+        model(op.A(torch.rand(1, *SHAPE, dtype=torch.float64)), op)
+    with pytest.raises(ValueError, match="final_projection must be True or False"):
+        IDMConfig(final_projection="yes")

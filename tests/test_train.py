@@ -410,7 +410,7 @@ def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
     assert isinstance(caught.value, ValueError)  # the CLI prints it as `idm train: error: ...`
 
 
-def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
+def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path, capsys):
     """ct trains with pinv_mapping="images" and alpha_init=0.99 unless told otherwise (tasks/ct.py)."""
     slices = tmp_path / "ct"
     slices.mkdir()
@@ -425,3 +425,35 @@ def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
     assert main([*argv, "--pinv-mapping", "measurements", "--alpha-init", "0.5", "--out", str(tmp_path / "set")]) == 0
     model = load_trained(tmp_path / "set").model.config
     assert (model.pinv_mapping, model.alpha_init) == ("measurements", 0.5)
+    assert model.final_projection is False  # FBP is no exact A^+: ct models do not project their output
+    assert main([*argv, "--final-projection", "--out", str(tmp_path / "projected")]) == 2
+    assert "--final-projection needs an exact pseudo-inverse" in capsys.readouterr().err
+    assert not (tmp_path / "projected").exists()
+
+
+def test_final_projection_defaults_to_the_task_and_to_the_init_from_model(tmp_path):
+    data = write_images(tmp_path / "data")
+    one_step = ["--data", str(data), "--iters", "1", "--lr", "1e-12"]
+    assert main([*BASE, *one_step, "--out", str(tmp_path / "default")]) == 0
+    assert load_trained(tmp_path / "default").model.config.final_projection is True  # cs: A^+ is exact
+    assert main([*BASE, *one_step, "--no-final-projection", "--out", str(tmp_path / "off")]) == 0
+    assert load_trained(tmp_path / "off").model.config.final_projection is False
+    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    assert main([*flags, *one_step, "--init-from", str(tmp_path / "off"), "--out", str(tmp_path / "kept")]) == 0
+    assert load_trained(tmp_path / "kept").model.config.final_projection is False  # the model's, not the task's
+    assert main([*flags, *one_step, "--init-from", str(tmp_path / "off"), "--final-projection", "--out", str(tmp_path / "on")]) == 0
+    assert load_trained(tmp_path / "on").model.config.final_projection is True
+
+
+def test_runs_recorded_before_final_projection_existed_still_resume(tmp_path, capsys):
+    """A run folder whose recorded model identity has no final_projection field (it was off) resumes."""
+    data = write_images(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = [*BASE, "--no-final-projection", "--lr-milestones", "5", "--data", str(data), "--checkpoint-every", "1", "--out", str(out)]
+    assert main([*argv, "--iters", "1"]) == 0
+    for record in (out / "config.json", *out.glob("checkpoints/*/run.json")):
+        run = json.loads(record.read_text())
+        assert "final_projection" not in run["identity"]["model"]  # off reads as absent, as in older runs
+    assert main([*argv, "--iters", "2", "--resume"]) == 0
+    assert main([*BASE, "--lr-milestones", "5", "--data", str(data), "--iters", "3", "--resume", "--out", str(out)]) == 2
+    assert "final_projection: null in the run, true now" in capsys.readouterr().err

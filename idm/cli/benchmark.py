@@ -61,6 +61,9 @@ def add_parser(subparsers) -> None:
                         "Default: the authors' value where they give one (inpainting)")
     parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
+                        help="run IDM with (or without) its output projected onto the measurements, x + A^+(y - A x), "
+                        "whatever the model's config says (default: as the model was built; IDMConfig.final_projection)")
     add_precision_arg(parser)
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder for results.csv, summary.md and pictures")
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
 
     trained = _load_checkpoint(args, task, overrides, device) if "idm" in names else None
+    if trained is not None and args.final_projection is not None:
+        trained.model.config = trained.model.config.replace(final_projection=args.final_projection)
     prior = None
     if any(needs_prior(m) for m in names if m != "idm"):
         prior_path = args.prior
@@ -172,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         "protocol": describe_protocol(task),
         "checkpoint": None if trained is None else str(trained.path),
         "idm_precision": args.precision,
+        "idm_final_projection": None if trained is None else trained.model.config.final_projection,
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),
         "images": [im.name for im in images],
@@ -186,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         + f"; seeds: operators and generators {args.seed} + image index"
         + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
         + (f"; IDM in {args.precision}" if trained is not None and args.precision != "fp32" else "")
+        + ("; IDM output projected onto the measurements" if settings["idm_final_projection"] else "")
         + ".\n\n"
         + summary_table(rows, [m.name for m in methods])
         + "\n"

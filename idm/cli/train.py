@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     model.add_argument("--pinv-mapping", choices=("measurements", "images"),
                        help="A^+ y in the prior's [-1, 1] range: A^+(2y - A1) or 2 A^+ y - 1 (default: the task's; "
                        "'images' for ct, whose FBP turns the constant image into streaks)")
+    model.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
+                       help="project the output onto the measurements, x + A^+(y - A x) (no parameters; default: "
+                       "the task's, on where A^+ is exact, off for ct; with --init-from, the model's)")
     model.add_argument("--alpha-init", type=float,
                        help="initial learnable alpha, abar_t = alpha^t (default: the task's; 0.5 as the authors, "
                        "0.99 for ct: the untrained network then returns about A^+ y instead of a poor first guess)")
@@ -157,7 +160,8 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if start is not None:
-        model_config = dataclasses.replace(start.config, recompute=not args.no_recompute)
+        final_projection = start.config.final_projection if args.final_projection is None else args.final_projection
+        model_config = dataclasses.replace(start.config, recompute=not args.no_recompute, final_projection=final_projection)
     else:
         model_config = IDMConfig(
             unet=_prior_folder(args.prior) if args.prior else args.unet,
@@ -169,6 +173,7 @@ def run_train(args: argparse.Namespace) -> int:
             init=args.init,
             pinv_mapping=args.pinv_mapping or task.pinv_mapping,
             alpha_init=task.alpha_init if args.alpha_init is None else args.alpha_init,
+            final_projection=task.final_projection if args.final_projection is None else args.final_projection,
         )
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -177,6 +182,8 @@ def run_train(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
     seed_everything(args.seed)
     operator = task.make_training_operator((crop, crop), seed=args.seed, **operator_overrides(args))
+    if model_config.final_projection and not getattr(operator, "exact_pinv", True):
+        raise ValueError(f"--final-projection needs an exact pseudo-inverse; task {task.name}'s A^+ is approximate")
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
     val = task.dataset(args.val_data) if args.val_data else None
     result = train(
