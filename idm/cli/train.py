@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
                        "'images' for ct, whose FBP turns the constant image into streaks)")
     model.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
                        help="project the output onto the measurements, x + A^+(y - A x) (no parameters; default: "
-                       "the task's, on where A^+ is exact, off for ct; with --init-from, the model's)")
+                       "the task's, on for cs; needs an exact A^+, so not for ct; with --init-from, the model's)")
     model.add_argument("--alpha-init", type=float,
                        help="initial learnable alpha, abar_t = alpha^t (default: the task's; 0.5 as the authors, "
                        "0.99 for ct: the untrained network then returns about A^+ y instead of a poor first guess)")
