@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from idm.checkpoint import CheckpointError, load_json
 from idm.training.run_folder import RUN_NAME
-from operators.family import OperatorFamily, config_mismatches
+from operators.family import config_mismatches, is_family_config
 
 #: Environment variable naming a folder of extra model folders, searched before the shipped ones.
 MODELS_ENV = "IDM_MODELS_DIR"
@@ -54,7 +54,7 @@ class ShippedModel:
     @property
     def trained_on_family(self) -> bool:
         """Whether it was trained on a family of operators (e.g. a range of CS ratios) rather than one."""
-        return self.operator.get("name") == OperatorFamily.name
+        return is_family_config(self.operator)
 
     @property
     def color(self) -> str | None:

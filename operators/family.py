@@ -204,6 +204,11 @@ class OperatorFamily(Operator):
         return f"{len(self.components)} component(s) of {self.representative.name}"
 
 
+def is_family_config(recorded: Mapping[str, Any] | None) -> bool:
+    """Whether a recorded operator config (``op.config()``) is that of an :class:`OperatorFamily`."""
+    return (recorded or {}).get("name") == OperatorFamily.name
+
+
 def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -> list[str]:
     """Why an operator recorded with a model (``op.config()``) cannot serve ``request``.
 
@@ -211,7 +216,7 @@ def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -
     equal) or a family config (some component must cover the request).
     ``img_size`` and ``seed`` are not compared. Returns ``[]`` when it can.
     """
-    if recorded.get("name") == OperatorFamily.name:
+    if is_family_config(recorded):
         return _closest_mismatches([Component.from_json(c) for c in recorded.get("components", [])], request)
     return Component(dict(recorded)).mismatches(request)
 
@@ -225,7 +230,7 @@ def _closest_mismatches(components: Sequence[Component], request: Mapping[str, A
 
 def representative_config(recorded: Mapping[str, Any]) -> dict[str, Any]:
     """The concrete operator config a recorded operator stands for: a family's first base, else itself."""
-    if recorded.get("name") == OperatorFamily.name:
+    if is_family_config(recorded):
         comps = recorded.get("components") or []
         if not comps:
             raise OperatorInputError("the recorded operator family is empty")

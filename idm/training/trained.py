@@ -22,7 +22,7 @@ import torch
 from idm.checkpoint import CheckpointError, load_json
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, IDM, WEIGHTS_NAME
 from idm.training.run_folder import RUN_NAME, RunFolder
-from operators.family import OperatorFamily, config_mismatches, representative_config
+from operators.family import config_mismatches, is_family_config, representative_config
 
 #: ``format`` of an ``idm train`` run config (``OUT/config.json``, ``run.json`` in checkpoints).
 RUN_FORMAT = "idm-train-run"
@@ -90,7 +90,7 @@ class TrainedModel:
         it; same ``Phi`` for CS): the training operator, or for a model trained on a family, the
         family's first member with :attr:`operator_defaults` (the task's defaults) on top."""
         recorded = self.recorded_operator
-        if recorded is None or recorded.get("name") != OperatorFamily.name:
+        if not is_family_config(recorded):
             return recorded
         return {**representative_config(recorded), **(self.operator_defaults or {})}
 
@@ -115,7 +115,7 @@ class TrainedModel:
     @property
     def trained_on_family(self) -> bool:
         """Whether one model was trained for a family of operators (e.g. a range of ratios)."""
-        return (self.recorded_operator or {}).get("name") == OperatorFamily.name
+        return is_family_config(self.recorded_operator)
 
 
 def load_trained(
