@@ -66,11 +66,19 @@ class IDMConfig:
             The authors' network returns ``x_1 + s_out x_2`` of the first-level
             wiring, which mixes the last projected ``x0`` with the previous
             state, so ``A x_hat != y`` (4.5 % relative residual for the first
-            shipped CS model at 50 %). For an exact pseudo-inverse (orthonormal
-            CS rows, masks, Cartesian MRI) the projection only removes the
-            error's range-space part, so it never lowers PSNR on noise-free
-            measurements. It needs ``op.exact_pinv``: the forward pass refuses
-            an approximate ``A^+`` (CT's FBP), where it would not project.
+            shipped CS model at 50 %). The projection only removes the error's
+            part in the range of ``A^T``, so it never lowers PSNR on noise-free
+            measurements. For an operator with an exact pseudo-inverse
+            (orthonormal CS rows, masks, Cartesian MRI) ``A^+`` is the
+            operator's own; for one whose ``A_dagger`` is approximate
+            (``exact_pinv`` false: CT's filtered back-projection, which is
+            no projection) it is the minimum-norm least-squares solve of
+            :func:`operators.least_squares.least_squares_solve`, the same
+            solver as DDNM's projection in ``benchmarks/``.
+        projection_cg_iters: conjugate-gradient steps of that least-squares
+            solve (only for operators whose ``exact_pinv`` is false): two
+            operator applications each. The default 20 is DDNM's; on the
+            shipped 18-view CT model, 200 steps gain 0.02 dB over 20.
     """
 
     unet: str = "tiny"
@@ -90,6 +98,7 @@ class IDMConfig:
     prior_range: str | None = None
     pinv_mapping: str = "measurements"
     final_projection: bool = False
+    projection_cg_iters: int = 20
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -110,6 +119,8 @@ class IDMConfig:
         need(self.prior_range is None or self.prior_range in PRIOR_RANGE_CHOICES, f"prior_range must be None or one of {PRIOR_RANGE_CHOICES}, got {self.prior_range!r}")
         need(self.pinv_mapping in PINV_MAPPING_CHOICES, f"pinv_mapping must be one of {PINV_MAPPING_CHOICES}, got {self.pinv_mapping!r}")
         need(isinstance(self.final_projection, bool), f"final_projection must be True or False, got {self.final_projection!r}")
+        need(isinstance(self.projection_cg_iters, int) and self.projection_cg_iters >= 1,
+             f"projection_cg_iters must be an int >= 1, got {self.projection_cg_iters!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -65,6 +65,7 @@ def export_model(
     half: bool = True,
     prior_name: str | None = None,
     hardware: str | None = None,
+    final_projection: bool | None = None,
 ) -> Path:
     """Export an ``idm train`` checkpoint (or run folder: its latest checkpoint) to ``out``.
 
@@ -75,6 +76,11 @@ def export_model(
         prior_name: recorded as the model's ``unet`` instead of the local prior
             path (e.g. the name of a prior shipped beside it).
         hardware: what it was trained on, when ``run.json`` does not say.
+        final_projection: set ``IDMConfig.final_projection`` (it has no
+            parameters: a deployment choice); ``None`` keeps the trained setting.
+
+    ``checkpoint`` may also be an exported folder (a shipped model): its
+    ``provenance.json`` is kept, with ``exported_from`` naming that folder.
     """
     folder = resolve_model_dir(checkpoint)
     if not (folder / RUN_NAME).is_file():
@@ -91,7 +97,16 @@ def export_model(
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    provenance = _provenance(folder, run, state, {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]})
+    if final_projection is not None:
+        config = {**config, "idm": {**config["idm"], "final_projection": bool(final_projection)}}
+        run = {**run, "model_config": config}
+    extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
+    if final_projection is not None:
+        extra["final_projection"] = bool(final_projection)
+    if (folder / PROVENANCE_NAME).is_file():  # re-exporting a shipped model: its training record stays
+        provenance = {**load_json(folder / PROVENANCE_NAME, "provenance"), **extra, "exported_from": str(folder)}
+    else:
+        provenance = _provenance(folder, run, state, extra)
 
     def write(tmp: Path) -> None:
         save_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": MODEL_FORMAT})

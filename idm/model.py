@@ -37,6 +37,7 @@ from idm.unets import (
     unet_from_config,
 )
 from idm.wiring import WiredSequence, coupling_forward
+from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -212,15 +213,17 @@ class IDM(nn.Module):
     def project_onto_measurements(self, x: Tensor, y: Tensor, op: Any) -> Tensor:
         """``x + A^+ (y - A x)`` for ``(B, C, H, W)`` images ``x`` in ``[0, 1]`` (``IDMConfig.final_projection``).
 
-        Raises ``ValueError`` when ``op`` declares an approximate pseudo-inverse
-        (``exact_pinv`` false): then this would not be a projection.
+        ``A^+`` is ``op.A_dagger`` when ``op.exact_pinv`` holds, else
+        ``IDMConfig.projection_cg_iters`` conjugate-gradient steps of least
+        squares (an approximate ``A_dagger`` such as CT's filtered
+        back-projection would not project). Runs outside autocast, in the
+        real dtype of ``y``; differentiable either way.
         """
-        if not getattr(op, "exact_pinv", True):
-            raise ValueError(
-                f"final_projection needs an exact pseudo-inverse, but the {type(op).__name__} operator's A^+ is "
-                "approximate (exact_pinv is False); use a model built with final_projection=False"
-            )
-        return project_to_measurements(x, op, self.pseudo_inverse(y, op))
+        if getattr(op, "exact_pinv", True):
+            return project_to_measurements(x, op, self.pseudo_inverse(y, op))
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(y.real.dtype)
+            return x + least_squares_solve(op, y - op.A(x), max_iter=self.config.projection_cg_iters)
 
     def _inference_autocast(self, device_type: str):
         """bf16 autocast when :meth:`for_inference` asked for it and the model is in eval mode; else a no-op."""

@@ -198,6 +198,8 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
     if not d["final_projection"]:
         del d["final_projection"]  # added later: runs recorded without it had it off, and still resume
+    if d["projection_cg_iters"] == IDMConfig.projection_cg_iters:
+        del d["projection_cg_iters"]  # likewise: those runs had the default (or no projection at all)
     return d
 
 

@@ -89,8 +89,8 @@ class Task:
             authors; close to 1 makes the untrained network return about
             ``A^+ y``, a better start when ``A^+ y`` is already good).
         final_projection: ``IDMConfig.final_projection`` of those models
-            (needs an exact ``A^+``; on for CS, where it raised both PSNR and
-            SSIM of the shipped model).
+            (on for CS and CT, where it raised both PSNR and SSIM of the
+            shipped models; off for MRI and inpainting, where it lowered SSIM).
         description: one line for ``--help`` and the README.
     """
 

@@ -92,3 +92,22 @@ def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
     with pytest.raises(CheckpointError, match="does not exist"):
         export_model(tmp_path / "nothing", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_reexport_switches_the_final_projection_and_keeps_the_training_record(runs, tmp_path):
+    _, idm_run = runs
+    shipped = export_model(idm_run, tmp_path / "shipped")
+    assert load_trained(shipped).model.config.final_projection is True  # cs's task default
+    switched = export_model(shipped, tmp_path / "switched", final_projection=False)
+    model = load_trained(switched, expect_task="cs").model.eval()
+    assert model.config.final_projection is False
+    assert json.loads((switched / "run.json").read_text())["model_config"]["idm"]["final_projection"] is False
+    provenance = json.loads((switched / "provenance.json").read_text())
+    before = json.loads((shipped / "provenance.json").read_text())
+    assert provenance["iteration"] == before["iteration"] == 1 and provenance["command"] == before["command"]
+    assert provenance["exported_from"] == str(shipped) and provenance["final_projection"] is False
+    op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
+    y = op.A(torch.rand(2, 1, 16, 16))
+    with torch.no_grad():
+        on, off = load_trained(shipped).model.eval()(y, op), model(y, op)
+    assert float((op.A(on) - y).norm() / y.norm()) < 1e-5 < float((op.A(off) - y).norm() / y.norm())

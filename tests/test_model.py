@@ -449,8 +449,11 @@ def test_final_projection_fits_the_measurements_and_changes_only_the_range_part(
     assert torch.equal(projected_model.trace(y, op)[0].detach(), projected)
 
 
-def test_final_projection_keeps_the_memory_saving_backward_exact(ortho_op):
-    op = ortho_op(SHAPE, 64)
+@pytest.mark.parametrize("operator", ["ortho", "ct"])
+def test_final_projection_keeps_the_memory_saving_backward_exact(ortho_op, operator):
+    import operators
+
+    op = ortho_op(SHAPE, 64) if operator == "ortho" else operators.make("ct", img_size=SHAPE[1:], views=6)
     config = IDMConfig(unet="tiny", steps=2, invertible="both", final_projection=True)
     _, grads_rec, gy_rec = _loss_and_grads(_perturbed_model(config.replace(recompute=True)), op)
     _, grads_plain, gy_plain = _loss_and_grads(_perturbed_model(config.replace(recompute=False)), op)
@@ -460,12 +463,33 @@ def test_final_projection_keeps_the_memory_saving_backward_exact(ortho_op):
         assert relative_error(grads_rec[name], g, floor=1e-6 * scale) <= 1e-8, name
 
 
-def test_final_projection_refuses_an_approximate_pseudo_inverse():
+def test_final_projection_solves_least_squares_where_the_pseudo_inverse_is_approximate():
+    """CT's FBP is no projection: the output is projected by CG least squares (``projection_cg_iters`` steps)."""
     import operators
 
     op = operators.make("ct", img_size=SHAPE[1:], views=6)
-    model = IDM(IDMConfig(steps=1, final_projection=True)).double()
-    with pytest.raises(ValueError, match="final_projection needs an exact pseudo-inverse"):
-        model(op.A(torch.rand(1, *SHAPE, dtype=torch.float64)), op)
+    assert not op.exact_pinv
+    x = torch.rand(2, *SHAPE, dtype=torch.float64)
+    y = op.A(x)
+    config = IDMConfig(steps=1, prior_range="symmetric")
+    plain = _perturbed_model(config)(y, op).detach()
+    projected = _perturbed_model(config.replace(final_projection=True, projection_cg_iters=200))(y, op).detach()
+    assert relative_error(op.A(plain), y) > 1e-2
+    assert relative_error(op.A(projected), y) < 1e-5  # CG's tolerance, not FBP's error
+    assert float((projected - x).norm()) <= float((plain - x).norm())
+    few = _perturbed_model(config.replace(final_projection=True, projection_cg_iters=2))(y, op).detach()
+    assert relative_error(op.A(projected), y) < relative_error(op.A(few), y) < relative_error(op.A(plain), y)
     with pytest.raises(ValueError, match="final_projection must be True or False"):
         IDMConfig(final_projection="yes")
+    with pytest.raises(ValueError, match="projection_cg_iters must be an int >= 1"):
+        IDMConfig(projection_cg_iters=0)
+
+
+def test_least_squares_projection_has_the_gradient_of_its_finite_difference():
+    import operators
+
+    op = operators.make("ct", img_size=(8, 8), views=4)
+    model = IDM(IDMConfig(steps=1, final_projection=True, projection_cg_iters=3)).double()
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = op.A(torch.rand(1, 1, 8, 8, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: model.project_onto_measurements(a, b, op), (x, y))

@@ -410,7 +410,7 @@ def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
     assert isinstance(caught.value, ValueError)  # the CLI prints it as `idm train: error: ...`
 
 
-def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path, capsys):
+def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
     """ct trains with pinv_mapping="images" and alpha_init=0.99 unless told otherwise (tasks/ct.py)."""
     slices = tmp_path / "ct"
     slices.mkdir()
@@ -425,10 +425,9 @@ def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path, 
     assert main([*argv, "--pinv-mapping", "measurements", "--alpha-init", "0.5", "--out", str(tmp_path / "set")]) == 0
     model = load_trained(tmp_path / "set").model.config
     assert (model.pinv_mapping, model.alpha_init) == ("measurements", 0.5)
-    assert model.final_projection is False  # FBP is no exact A^+: ct models do not project their output
-    assert main([*argv, "--final-projection", "--out", str(tmp_path / "projected")]) == 2
-    assert "--final-projection needs an exact pseudo-inverse" in capsys.readouterr().err
-    assert not (tmp_path / "projected").exists()
+    assert model.final_projection is True  # by least squares: FBP is no projection (IDMConfig.projection_cg_iters)
+    assert main([*argv, "--no-final-projection", "--out", str(tmp_path / "plain")]) == 0
+    assert load_trained(tmp_path / "plain").model.config.final_projection is False
 
 
 def test_final_projection_defaults_to_the_task_and_to_the_init_from_model(tmp_path):

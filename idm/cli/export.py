@@ -2,6 +2,7 @@
 
     idm export --checkpoint runs/cs-any --out idm/weights/cs-any-ratio --prior-name prior-natural-y
     idm export --checkpoint runs/prior --out idm/weights/prior-natural-y        # an `idm pretrain` run
+    idm export --checkpoint idm/weights/ct-60 --final-projection --out /tmp/ct-60  # switch the projection on
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights")
     parser.add_argument("--prior-name", help="record this name as the model's prior instead of the local path")
     parser.add_argument("--hardware", help="what it was trained on, when the run does not record it")
+    parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
+                        help="switch the parameter-free projection of the output onto the measurements on or off "
+                        "(IDMConfig.final_projection; default: as trained)")
     add_common_args(parser, out_help="the folder to write (replaced atomically)")
     parser.set_defaults(run=run)
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if (source / PRIOR_DIR / "config.json").is_file():
         out = export_prior(source, args.out, half=not args.fp32, hardware=args.hardware)
     else:
-        out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware)
+        out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware,
+                           final_projection=args.final_projection)
     print(f"idm export: {out} ({weights_megabytes(out):.1f} MiB of weights)")
     return 0
