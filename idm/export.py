@@ -99,7 +99,8 @@ def export_model(
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
     if final_projection is not None:
         config = {**config, "idm": {**config["idm"], "final_projection": bool(final_projection)}}
-        run = {**run, "model_config": config}
+        recorded = run.get("model_config", {})  # the training's record: only this field changes
+        run = {**run, "model_config": {**recorded, "idm": {**recorded.get("idm", {}), "final_projection": bool(final_projection)}}}
     extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
     if final_projection is not None:
         extra["final_projection"] = bool(final_projection)

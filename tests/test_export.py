@@ -101,7 +101,9 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     switched = export_model(shipped, tmp_path / "switched", final_projection=False)
     model = load_trained(switched, expect_task="cs").model.eval()
     assert model.config.final_projection is False
-    assert json.loads((switched / "run.json").read_text())["model_config"]["idm"]["final_projection"] is False
+    recorded = json.loads((switched / "run.json").read_text())["model_config"]["idm"]
+    before_run = json.loads((shipped / "run.json").read_text())["model_config"]["idm"]
+    assert recorded == {**before_run, "final_projection": False}  # the training record keeps every other field
     provenance = json.loads((switched / "provenance.json").read_text())
     before = json.loads((shipped / "provenance.json").read_text())
     assert provenance["iteration"] == before["iteration"] == 1 and provenance["command"] == before["command"]
