@@ -97,13 +97,13 @@ def export_model(
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    if final_projection is not None:
-        config = {**config, "idm": {**config["idm"], "final_projection": bool(final_projection)}}
-        recorded = run.get("model_config", {})  # the training's record: only this field changes
-        run = {**run, "model_config": {**recorded, "idm": {**recorded.get("idm", {}), "final_projection": bool(final_projection)}}}
     extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
     if final_projection is not None:
-        extra["final_projection"] = bool(final_projection)
+        switch = {"final_projection": bool(final_projection)}
+        config = {**config, "idm": {**config["idm"], **switch}}
+        recorded = run.get("model_config", {})  # the training's record: only this field changes
+        run = {**run, "model_config": {**recorded, "idm": {**recorded.get("idm", {}), **switch}}}
+        extra.update(switch)
     if (folder / PROVENANCE_NAME).is_file():  # re-exporting a shipped model: its training record stays
         provenance = {**load_json(folder / PROVENANCE_NAME, "provenance"), **extra, "exported_from": str(folder)}
     else:

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
 from idm.precision import autocast_for, check_precision
-from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step, project_to_measurements
+from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
 from idm.unets import (
     SD15_UNET_CONFIG,
     WiredUNet,
@@ -216,14 +216,16 @@ class IDM(nn.Module):
         ``A^+`` is ``op.A_dagger`` when ``op.exact_pinv`` holds, else
         ``IDMConfig.projection_cg_iters`` conjugate-gradient steps of least
         squares (an approximate ``A_dagger`` such as CT's filtered
-        back-projection would not project). Runs outside autocast, in the
-        real dtype of ``y``; differentiable either way.
+        back-projection would not project). One ``A`` and one ``A^+`` of the
+        residual; runs outside autocast, in the real dtype of ``y``;
+        differentiable either way.
         """
-        if getattr(op, "exact_pinv", True):
-            return project_to_measurements(x, op, self.pseudo_inverse(y, op))
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(y.real.dtype)
-            return x + least_squares_solve(op, y - op.A(x), max_iter=self.config.projection_cg_iters)
+            residual = y - op.A(x)
+            if getattr(op, "exact_pinv", True):
+                return x + op.A_dagger(residual)
+            return x + least_squares_solve(op, residual, max_iter=self.config.projection_cg_iters)
 
     def _inference_autocast(self, device_type: str):
         """bf16 autocast when :meth:`for_inference` asked for it and the model is in eval mode; else a no-op."""
