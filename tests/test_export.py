@@ -54,7 +54,7 @@ def test_half_precision_export_keeps_scalars_and_outputs(runs, tmp_path, capsys)
     assert 0 < float((a - b).abs().max()) < 5e-3  # float16 rounding of the weights, nothing more
 
 
-def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch):
+def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch, capsys):
     from diffusers import UNet2DModel
 
     from idm import shipped
@@ -66,6 +66,9 @@ def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkey
     assert unet.config.in_channels == 1 and next(unet.parameters()).dtype == torch.float32
     stored = load_file(str(out / "diffusion_pytorch_model.safetensors"))
     assert {t.dtype for t in stored.values() if t.numel() > KEEP_FP32_NUMEL} == {torch.float16}
+    assert main(["export", "--checkpoint", str(prior_run), "--final-projection", "--out", str(tmp_path / "p")]) == 2
+    assert "--final-projection applies to IDM models, not priors" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
     full = tmp_path / "prior-fp32"
     assert main(["export", "--checkpoint", str(prior_run), "--fp32", "--out", str(full)]) == 0
     reference = UNet2DModel.from_pretrained(full)

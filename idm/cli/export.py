@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.checkpoint)
     if (source / PRIOR_DIR / "config.json").is_file():
+        if args.final_projection is not None:
+            raise ValueError(f"{source} is an `idm pretrain` run: --final-projection applies to IDM models, not priors")
         out = export_prior(source, args.out, half=not args.fp32, hardware=args.hardware)
     else:
         out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware,
