@@ -78,6 +78,14 @@ class IDMConfig:
         projection_cg_iters: conjugate-gradient steps of that least-squares
             solve (only for operators whose ``exact_pinv`` is false): two
             operator applications each. The default 20 is DDNM's.
+        separate_channels: run the U-Net and the injectors on each image
+            channel as its own one-channel image (a grey prior for colour
+            images: ``(B, C, H, W)`` is folded to ``(B * C, 1, H, W)`` around
+            them; the operator and the range-null-space step still see the
+            whole image). ``False`` (the default) feeds all channels to one
+            U-Net whose first and last convolutions are tiled over them: it
+            starts out treating the colours as one grey image, so it fills
+            inpainting holes in grey and must learn colour from scratch.
     """
 
     unet: str = "tiny"
@@ -98,6 +106,7 @@ class IDMConfig:
     pinv_mapping: str = "measurements"
     final_projection: bool = False
     projection_cg_iters: int = 20
+    separate_channels: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -120,6 +129,7 @@ class IDMConfig:
         need(isinstance(self.final_projection, bool), f"final_projection must be True or False, got {self.final_projection!r}")
         need(isinstance(self.projection_cg_iters, int) and self.projection_cg_iters >= 1,
              f"projection_cg_iters must be an int >= 1, got {self.projection_cg_iters!r}")
+        need(isinstance(self.separate_channels, bool), f"separate_channels must be True or False, got {self.separate_channels!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,14 +47,18 @@ class Injector(nn.Module):
         ``H' >= H``, ``W' >= W`` when the U-Net padded the image to a multiple of
         its downsampling: the operator then sees the top-left ``H x W`` crop and
         the injected correction is zero on the padding.
+
+        When the U-Net runs image channels separately, ``features`` is
+        ``(B * C, ...)`` and ``C_img`` is 1: the operator sees ``f`` regrouped
+        into whole ``(B, C, H, W)`` images.
         """
         f = self.to_image(F.pixel_shuffle(features, self.scale) if self.scale > 1 else features)
         height, width = x_pinv.shape[-2:]
         pad_h, pad_w = f.shape[-2] - height, f.shape[-1] - width
         f = f[..., :height, :width]
-        f_op = f.to(x_pinv.dtype)  # the operator runs in the precision of the data, never under autocast
+        f_op = f.to(x_pinv.dtype).reshape(x_pinv.shape)  # the operator runs in the data's precision, never under autocast
         with torch.autocast(f.device.type, enabled=False):
             f_range = op.A_dagger(op.A(f_op))
-        g = torch.cat([f, f_range.to(f.dtype), x_pinv.to(f.dtype)], dim=1)
+        g = torch.cat([f, f_range.to(f.dtype).reshape(f.shape), x_pinv.to(f.dtype).reshape(f.shape)], dim=1)
         out = F.pad(self.to_feature(g), (0, pad_w, 0, pad_h)) if pad_h or pad_w else self.to_feature(g)
         return features + (F.pixel_unshuffle(out, self.scale) if self.scale > 1 else out)

@@ -58,7 +58,7 @@ class StepTrace:
 def _source_unet(config: IDMConfig) -> nn.Module:
     """The unpruned diffusers U-Net named by ``config.unet`` (meta device for ``sd15``)."""
     if config.unet == "tiny":
-        return unet_from_config("UNet2DModel", tiny_unet_config(config.image_channels))
+        return unet_from_config("UNet2DModel", tiny_unet_config(1 if config.separate_channels else config.image_channels))
     if config.unet == "sd15":
         return unet_from_config("UNet2DConditionModel", SD15_UNET_CONFIG, device="meta")
     return load_unet_folder(config.unet)
@@ -111,6 +111,7 @@ class IDM(nn.Module):
             injectors=config.injectors,
             wire_blocks=config.invertible == "both",
             injector_kernel=config.injector_kernel,
+            separate_channels=config.separate_channels,
         )
         if config.schedule == "learned":
             self.schedule = LearnedSchedule(config.steps, config.alpha_init)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from idm.channel_layout import convert_channel_layout
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
@@ -200,15 +201,21 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
         del d["final_projection"]  # added later: runs recorded without it had it off, and still resume
     if d["projection_cg_iters"] == IDMConfig.projection_cg_iters:
         del d["projection_cg_iters"]  # likewise: those runs had the default (or no projection at all)
+    if not d["separate_channels"]:
+        del d["separate_channels"]  # likewise: those runs tiled the U-Net over the channels
     return d
 
 
 def _fresh_model(model_config: IDMConfig, init_model: IDM | None) -> IDM:
-    """``IDM(model_config)``: from its prior folder, or with ``init_model``'s U-Net architecture and weights."""
+    """``IDM(model_config)``: from its prior folder, or with ``init_model``'s U-Net architecture and weights
+    (converted when ``model_config`` runs the colour channels the other way: :mod:`idm.channel_layout`)."""
     if init_model is None:
         return IDM(model_config)
     model = IDM.from_config_dict({**init_model.export_config(), "idm": model_config.to_dict()}, init_weights=False)
-    model.load_weights(init_model.state_dict(), source="the --init-from model")
+    weights = init_model.state_dict()
+    if model_config.separate_channels != init_model.config.separate_channels:
+        weights = convert_channel_layout(weights, model_config.image_channels, model_config.separate_channels)
+    model.load_weights(weights, source="the --init-from model")
     return model
 
 

@@ -91,6 +91,8 @@ class Task:
         final_projection: ``IDMConfig.final_projection`` of those models
             (on for CS and CT, where it raised both PSNR and SSIM of the
             shipped models; off for MRI and inpainting, where it lowered SSIM).
+        separate_channels: ``IDMConfig.separate_channels`` of those models
+            (on for inpainting: a grey prior fills each colour channel).
         description: one line for ``--help`` and the README.
     """
 
@@ -110,6 +112,7 @@ class Task:
     pinv_mapping: str = "measurements"
     alpha_init: float = 0.5
     final_projection: bool = False
+    separate_channels: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -18,5 +18,6 @@ TASK = Task(
     crop=256,
     family_choices={"box_position": ("center", "random")},
     schedule=Schedule(iters=50_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
+    separate_channels=True,  # the grey prior per colour channel: tiled over RGB it fills holes in grey (README)
     description="inpainting of natural RGB images, random masks keeping 50% of the pixels",
 )

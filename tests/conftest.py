@@ -59,6 +59,19 @@ def ortho_op():
     return OrthoRowsOperator
 
 
+def perturbed_model(config, seed: int = 0):
+    """A float64 ``IDM(config)`` whose scalars are moved off their initial values (so no term vanishes)."""
+    from idm import IDM
+
+    torch.manual_seed(seed)
+    model = IDM(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() < 50:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     """``||a - b|| / max(||b||, floor)``."""
     return ((a - b).norm() / max(b.norm().item(), floor, 1e-300)).item()

@@ -13,20 +13,9 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
 from idm.unets import UNetSourceError, tiny_unet_config
-from tests.conftest import relative_error, saved_bytes_for_backward
+from tests.conftest import perturbed_model, relative_error, saved_bytes_for_backward
 
 SHAPE = (1, 16, 16)
-
-
-def _perturbed_model(config: IDMConfig, seed: int = 0) -> IDM:
-    """A float64 model whose scalars are moved off their initial values (so no term vanishes)."""
-    torch.manual_seed(seed)
-    model = IDM(config).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() < 50:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def _loss_and_grads(model: IDM, op, seed: int = 1):
@@ -44,8 +33,8 @@ def _loss_and_grads(model: IDM, op, seed: int = 1):
 def test_memory_saving_backward_equals_plain_autograd(ortho_op, invertible, steps):
     op = ortho_op(SHAPE, 64)
     config = IDMConfig(unet="tiny", steps=steps, invertible=invertible)
-    out_rec, grads_rec, gy_rec = _loss_and_grads(_perturbed_model(config.replace(recompute=True)), op)
-    out_plain, grads_plain, gy_plain = _loss_and_grads(_perturbed_model(config.replace(recompute=False)), op)
+    out_rec, grads_rec, gy_rec = _loss_and_grads(perturbed_model(config.replace(recompute=True)), op)
+    out_plain, grads_plain, gy_plain = _loss_and_grads(perturbed_model(config.replace(recompute=False)), op)
     assert torch.equal(out_rec, out_plain)
     assert relative_error(gy_rec, gy_plain) <= 1e-8
     assert set(grads_rec) == set(grads_plain) and len(grads_plain) > 100
@@ -65,7 +54,7 @@ def test_memory_saving_backward_under_autocast_agrees_with_plain_autograd(ortho_
     op = ortho_op(SHAPE, 64)
     x = torch.rand(2, *SHAPE)
     y = op.A(x)
-    model = _perturbed_model(IDMConfig(steps=3, invertible="both")).float()
+    model = perturbed_model(IDMConfig(steps=3, invertible="both")).float()
 
     def flat_gradient(recompute: bool) -> torch.Tensor:
         model.config = model.config.replace(recompute=recompute)
@@ -86,7 +75,7 @@ def test_state_dict_does_not_depend_on_recompute():
 
 def test_wired_step_and_block_inverses_reproduce_inputs(ortho_op):
     op = ortho_op(SHAPE, 64)
-    model = _perturbed_model(IDMConfig(unet="tiny", steps=3, invertible="both"))
+    model = perturbed_model(IDMConfig(unet="tiny", steps=3, invertible="both"))
     y = op.A(torch.rand(1, *SHAPE, dtype=torch.float64))
     x_pinv = model.pseudo_inverse(y, op)
     with torch.no_grad():
@@ -159,7 +148,7 @@ def test_plain_network_reproduces_ddnm_step_for_step(ortho_op, steps):
 @pytest.mark.parametrize("invertible", ["none", "steps", "both"])
 def test_each_projected_x0_is_consistent_with_the_measurements(ortho_op, invertible):
     op = ortho_op(SHAPE, 48)
-    model = _perturbed_model(IDMConfig(steps=3, invertible=invertible))
+    model = perturbed_model(IDMConfig(steps=3, invertible=invertible))
     y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
     x_hat, traces = model.trace(y, op)
     with torch.no_grad():
@@ -185,7 +174,7 @@ def test_activation_memory_is_flat_in_the_number_of_steps(ortho_op):
 
 def test_save_and_load_round_trip(tmp_path, ortho_op):
     op = ortho_op(SHAPE, 64)
-    model = _perturbed_model(IDMConfig(steps=2)).float()
+    model = perturbed_model(IDMConfig(steps=2)).float()
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     loaded = IDM.from_pretrained(tmp_path / "m")
@@ -338,7 +327,7 @@ def test_toolkit_operators_plug_in_and_keep_measurement_consistency(name, channe
     import operators
 
     op = operators.make(name, img_size=(16, 16), channels=channels, **kwargs)
-    model = _perturbed_model(IDMConfig(image_channels=channels, steps=2, invertible="both"))
+    model = perturbed_model(IDMConfig(image_channels=channels, steps=2, invertible="both"))
     x = torch.rand(2, channels, 16, 16, dtype=torch.float64)
     y = op.A(x)
     x_hat, traces = model.trace(y, op)
@@ -349,7 +338,7 @@ def test_toolkit_operators_plug_in_and_keep_measurement_consistency(name, channe
 
 def test_symmetric_prior_range_keeps_measurements_consistent_in_image_space(ortho_op):
     op = ortho_op(SHAPE, 48)
-    model = _perturbed_model(IDMConfig(steps=2, prior_range="symmetric"))
+    model = perturbed_model(IDMConfig(steps=2, prior_range="symmetric"))
     y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
     x_hat, traces = model.trace(y, op)
     with torch.no_grad():
@@ -368,11 +357,11 @@ def test_pinv_mapping_changes_only_what_the_network_sees(name, kwargs):
     y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
     config = IDMConfig(steps=2, injectors=False, init="noise", prior_range="symmetric")
     x_hat = {
-        mapping: _perturbed_model(config.replace(pinv_mapping=mapping))(y, op, generator=torch.Generator().manual_seed(3))
+        mapping: perturbed_model(config.replace(pinv_mapping=mapping))(y, op, generator=torch.Generator().manual_seed(3))
         for mapping in ("measurements", "images")
     }
     assert relative_error(x_hat["images"], x_hat["measurements"]) < 1e-10
-    traces = _perturbed_model(config.replace(pinv_mapping="images")).trace(y, op)[1]
+    traces = perturbed_model(config.replace(pinv_mapping="images")).trace(y, op)[1]
     if name == "cs":  # an exact A^+: every projected x0 fits the measurements
         for trace in traces:
             assert relative_error(op.A((trace.x0 + 1) / 2), y) < 1e-12
@@ -415,7 +404,7 @@ def test_images_that_are_not_a_multiple_of_the_downsampling_work(size):
     import operators
 
     op = operators.make("inpainting", img_size=size, ratio=0.5)
-    model = _perturbed_model(IDMConfig(steps=2))
+    model = perturbed_model(IDMConfig(steps=2))
     x = torch.rand(1, 1, *size, dtype=torch.float64)
     x_hat, traces = model.trace(op.A(x), op)
     assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
@@ -438,8 +427,8 @@ def test_final_projection_fits_the_measurements_and_changes_only_the_range_part(
     config = IDMConfig(image_channels=channels, steps=2, prior_range="symmetric")
     x = torch.rand(2, channels, 16, 16, dtype=torch.float64)
     y = op.A(x)
-    plain = _perturbed_model(config)(y, op).detach()
-    projected_model = _perturbed_model(config.replace(final_projection=True))
+    plain = perturbed_model(config)(y, op).detach()
+    projected_model = perturbed_model(config.replace(final_projection=True))
     projected = projected_model(y, op).detach()
     assert relative_error(op.A(plain), y) > 1e-3  # the authors' output does not fit y ...
     assert relative_error(op.A(projected), y) < 1e-12  # ... the projected one does
@@ -455,8 +444,8 @@ def test_final_projection_keeps_the_memory_saving_backward_exact(ortho_op, opera
 
     op = ortho_op(SHAPE, 64) if operator == "ortho" else operators.make("ct", img_size=SHAPE[1:], views=6)
     config = IDMConfig(unet="tiny", steps=2, invertible="both", final_projection=True)
-    _, grads_rec, gy_rec = _loss_and_grads(_perturbed_model(config.replace(recompute=True)), op)
-    _, grads_plain, gy_plain = _loss_and_grads(_perturbed_model(config.replace(recompute=False)), op)
+    _, grads_rec, gy_rec = _loss_and_grads(perturbed_model(config.replace(recompute=True)), op)
+    _, grads_plain, gy_plain = _loss_and_grads(perturbed_model(config.replace(recompute=False)), op)
     assert relative_error(gy_rec, gy_plain) <= 1e-8
     scale = max(g.norm().item() for g in grads_plain.values())
     for name, g in grads_plain.items():
@@ -472,12 +461,12 @@ def test_final_projection_solves_least_squares_where_the_pseudo_inverse_is_appro
     x = torch.rand(2, *SHAPE, dtype=torch.float64)
     y = op.A(x)
     config = IDMConfig(steps=1, prior_range="symmetric")
-    plain = _perturbed_model(config)(y, op).detach()
-    projected = _perturbed_model(config.replace(final_projection=True, projection_cg_iters=200))(y, op).detach()
+    plain = perturbed_model(config)(y, op).detach()
+    projected = perturbed_model(config.replace(final_projection=True, projection_cg_iters=200))(y, op).detach()
     assert relative_error(op.A(plain), y) > 1e-2
     assert relative_error(op.A(projected), y) < 1e-5  # CG's tolerance, not FBP's error
     assert float((projected - x).norm()) <= float((plain - x).norm())
-    few = _perturbed_model(config.replace(final_projection=True, projection_cg_iters=2))(y, op).detach()
+    few = perturbed_model(config.replace(final_projection=True, projection_cg_iters=2))(y, op).detach()
     assert relative_error(op.A(projected), y) < relative_error(op.A(few), y) < relative_error(op.A(plain), y)
     with pytest.raises(ValueError, match="final_projection must be True or False"):
         IDMConfig(final_projection="yes")

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
                        help="project the output onto the measurements, x + A^+(y - A x) (no parameters; default: "
                        "the task's, on for cs and ct, whose approximate A^+ is replaced there by CG least squares; "
                        "with --init-from, the model's)")
+    model.add_argument("--separate-channels", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the U-Net on each colour channel as a grey image (a grey prior on RGB; default: the "
+                       "task's, on for inpainting); --no-separate-channels tiles it over the channels. With "
+                       "--init-from a model of the other layout, its weights are converted (idm/channel_layout.py)")
     model.add_argument("--alpha-init", type=float,
                        help="initial learnable alpha, abar_t = alpha^t (default: the task's; 0.5 as the authors, "
                        "0.99 for ct: the untrained network then returns about A^+ y instead of a poor first guess)")
@@ -162,7 +166,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if start is not None:
         final_projection = start.config.final_projection if args.final_projection is None else args.final_projection
-        model_config = dataclasses.replace(start.config, recompute=not args.no_recompute, final_projection=final_projection)
+        separate = start.config.separate_channels if args.separate_channels is None else args.separate_channels
+        model_config = dataclasses.replace(
+            start.config, recompute=not args.no_recompute, final_projection=final_projection, separate_channels=separate
+        )
     else:
         model_config = IDMConfig(
             unet=_prior_folder(args.prior) if args.prior else args.unet,
@@ -175,6 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
             pinv_mapping=args.pinv_mapping or task.pinv_mapping,
             alpha_init=task.alpha_init if args.alpha_init is None else args.alpha_init,
             final_projection=task.final_projection if args.final_projection is None else args.final_projection,
+            separate_channels=task.separate_channels if args.separate_channels is None else args.separate_channels,
         )
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -6,7 +6,10 @@ The adapter walks the blocks of a diffusers ``UNet2DModel`` or
 * the image ``(B, C_img, H, W)`` is pixel-unshuffled by ``s`` (2 for SD's
   4-channel latent U-Net, 1 for pixel-space priors) and padded to a multiple
   of what the downsamplers need; ``conv_in``/``conv_out`` are widened by
-  tiling when ``C_img * s^2`` exceeds the U-Net's channels (RGB, MRI);
+  tiling when ``C_img * s^2`` exceeds the U-Net's channels (RGB, MRI), or,
+  with ``separate_channels``, each image channel runs as its own one-channel
+  image (the batch becomes ``B * C_img``; the injectors' operator still sees
+  whole images);
 * every "layer" of a block (a resnet and, if present, its attention) forms a
   **group**: a channel-changing resnet runs as is, the equal-width modules
   that follow it (the resnet itself if it keeps the width, the attention),
@@ -93,6 +96,8 @@ class WiredUNet(nn.Module):
         injectors: add injectors after every wired module.
         wire_blocks: wire the groups (second-level invertibility).
         injector_kernel: kernel size of the injectors' convolutions.
+        separate_channels: run the U-Net and injectors on each image channel
+            as a one-channel image (``IDMConfig.separate_channels``).
     """
 
     def __init__(
@@ -104,9 +109,13 @@ class WiredUNet(nn.Module):
         injectors: bool = True,
         wire_blocks: bool = True,
         injector_kernel: int = 1,
+        separate_channels: bool = False,
     ):
         super().__init__()
         self.image_channels = image_channels
+        self.separate_channels = separate_channels
+        #: image channels of one U-Net input item: 1 when the channels run separately
+        self.item_channels = 1 if separate_channels else image_channels
         self.unshuffle = int(pixel_unshuffle)
         self.keep_time = getattr(unet, "time_embedding", None) is not None
         self.unet = unet
@@ -127,7 +136,7 @@ class WiredUNet(nn.Module):
         if injectors:
             self.injectors = nn.ModuleList(
                 nn.ModuleList(
-                    Injector(p.channels, p.scale, image_channels, injector_kernel)
+                    Injector(p.channels, p.scale, self.item_channels, injector_kernel)
                     for p in self.plans
                     for _ in range(self._injector_count(p))
                 )
@@ -136,14 +145,18 @@ class WiredUNet(nn.Module):
 
     # ---- construction ----------------------------------------------------------
     def _adapt_channels(self) -> None:
-        need = self.image_channels * self.unshuffle**2
+        need = self.item_channels * self.unshuffle**2
         have_in, have_out = self.unet.conv_in.in_channels, self.unet.conv_out.out_channels
         if need == have_in and need == have_out:
             return
         if need % have_in or need % have_out:
+            what = "one image channel at a time (separate_channels)" if self.separate_channels else (
+                f"an image of {self.image_channels} channel(s)")
             raise ValueError(
-                f"an image of {self.image_channels} channel(s), pixel-unshuffled by {self.unshuffle}, gives {need} "
-                f"channels, which the U-Net's {have_in} input / {have_out} output channels cannot be tiled to"
+                f"{what}, pixel-unshuffled by {self.unshuffle}, gives {need} channels, which the U-Net's "
+                f"{have_in} input / {have_out} output channels cannot be tiled to"
+                + ("; a U-Net of several input channels needs separate_channels=False (idm train --no-separate-channels)"
+                   if self.separate_channels else "")
             )
         self.unet.conv_in = _tile_conv(self.unet.conv_in, need // have_in, 1)
         self.unet.conv_out = _tile_conv(self.unet.conv_out, 1, need // have_out)
@@ -283,6 +296,9 @@ class WiredUNet(nn.Module):
         """
         if self.keep_time and timestep is None:
             raise ValueError("this U-Net kept its time embedding: pass the timestep")
+        image_shape = x.shape
+        if self.separate_channels:
+            x = x.reshape(-1, 1, *image_shape[-2:])
         _, _, height, width = x.shape
         multiple = self.unshuffle * 2**self.num_downsamplers
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
@@ -319,4 +335,4 @@ class WiredUNet(nn.Module):
         h = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
         if self.unshuffle > 1:
             h = F.pixel_shuffle(h, self.unshuffle)
-        return h[..., :height, :width]
+        return h[..., :height, :width].reshape(image_shape)
