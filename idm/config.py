@@ -83,9 +83,9 @@ class IDMConfig:
             images: ``(B, C, H, W)`` is folded to ``(B * C, 1, H, W)`` around
             them; the operator and the range-null-space step still see the
             whole image). ``False`` (the default) feeds all channels to one
-            U-Net whose first and last convolutions are tiled over them: it
-            starts out treating the colours as one grey image, so it fills
-            inpainting holes in grey and must learn colour from scratch.
+            U-Net whose first and last convolutions are tiled over them: apart
+            from the injectors it starts out treating the colours as one grey
+            image, so it fills inpainting holes in grey and must learn colour.
     """
 
     unet: str = "tiny"
