@@ -193,16 +193,18 @@ def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float, fused: bo
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+#: IDMConfig fields newer than some recorded runs: left out of a run's identity while at their defaults
+#: (no final projection, DDNM's CG count, the U-Net tiled over the channels).
+_FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_channels")
+
+
 def _model_identity(config: IDMConfig) -> dict[str, Any]:
     d = config.to_dict()
     if d["unet"] not in ("tiny", "sd15"):
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
-    if not d["final_projection"]:
-        del d["final_projection"]  # added later: runs recorded without it had it off, and still resume
-    if d["projection_cg_iters"] == IDMConfig.projection_cg_iters:
-        del d["projection_cg_iters"]  # likewise: those runs had the default (or no projection at all)
-    if not d["separate_channels"]:
-        del d["separate_channels"]  # likewise: those runs tiled the U-Net over the channels
+    for name in _FIELDS_ADDED_LATER:
+        if d[name] == getattr(IDMConfig, name):
+            del d[name]  # runs recorded before the field existed had its default, and still resume
     return d
 
 

@@ -88,6 +88,10 @@ def test_separate_channels_need_a_one_channel_unet(tmp_path):
     with pytest.raises(ValueError, match="a U-Net of several input channels needs separate_channels=False"):
         IDM(IDMConfig(unet=str(folder), image_channels=3, separate_channels=True))
     IDM(IDMConfig(unet=str(folder), image_channels=3))  # the joint layout takes it as is
+    with pytest.raises(ValueError, match="an image of 2 channel.*cannot be tiled to"):
+        IDM(IDMConfig(unet=str(folder), image_channels=2))  # ... but cannot widen 3 channels to 2
+    with pytest.raises(ValueError, match="separate_channels must be True or False, got 'yes'"):
+        IDMConfig(image_channels=3, separate_channels="yes")
 
 
 def test_separate_channels_survive_save_and_load(tmp_path):

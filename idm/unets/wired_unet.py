@@ -149,14 +149,16 @@ class WiredUNet(nn.Module):
         have_in, have_out = self.unet.conv_in.in_channels, self.unet.conv_out.out_channels
         if need == have_in and need == have_out:
             return
-        if need % have_in or need % have_out:
-            what = "one image channel at a time (separate_channels)" if self.separate_channels else (
-                f"an image of {self.image_channels} channel(s)")
+        if (need % have_in or need % have_out) and self.separate_channels:
             raise ValueError(
-                f"{what}, pixel-unshuffled by {self.unshuffle}, gives {need} channels, which the U-Net's "
-                f"{have_in} input / {have_out} output channels cannot be tiled to"
-                + ("; a U-Net of several input channels needs separate_channels=False (idm train --no-separate-channels)"
-                   if self.separate_channels else "")
+                f"separate_channels feeds the U-Net one image channel at a time ({need} channel(s) after "
+                f"pixel-unshuffle by {self.unshuffle}), but it has {have_in} input / {have_out} output channels: "
+                "a U-Net of several input channels needs separate_channels=False (idm train --no-separate-channels)"
+            )
+        if need % have_in or need % have_out:
+            raise ValueError(
+                f"an image of {self.image_channels} channel(s), pixel-unshuffled by {self.unshuffle}, gives {need} "
+                f"channels, which the U-Net's {have_in} input / {have_out} output channels cannot be tiled to"
             )
         self.unet.conv_in = _tile_conv(self.unet.conv_in, need // have_in, 1)
         self.unet.conv_out = _tile_conv(self.unet.conv_out, 1, need // have_out)
