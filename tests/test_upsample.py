@@ -7,6 +7,7 @@ import torch
 from diffusers.models.upsampling import Upsample2D
 
 from idm import IDM, IDMConfig
+from idm.precision import full_precision
 from idm.unets.upsample import can_fold, upsample
 from tests.conftest import relative_error
 
@@ -61,17 +62,35 @@ def test_bf16_inference_runs_the_unet_in_bf16_and_keeps_states_in_float32(ortho_
     model = IDM(IDMConfig(steps=2)).eval()
     op = ortho_op((1, 32, 32), 300)
     y = op.A(torch.rand(2, 1, 32, 32))
-    seen = []
-    hook = model.eps_net.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    unet = model.eps_net.unet
+    body, ends = [], []  # a resnet convolution's output dtype; conv_in's and conv_out's input and output dtypes
+    hooks = [unet.down_blocks[0].resnets[0].conv1.register_forward_hook(lambda _m, _i, out: body.append(out.dtype))]
+    for conv in (unet.conv_in, unet.conv_out):
+        hooks.append(conv.register_forward_hook(lambda _m, inputs, out: ends.append((inputs[0].dtype, out.dtype))))
     with torch.no_grad():
         reference = model.for_inference(precision="fp32")(y, op)
         fast = model.for_inference(precision="bf16")(y, op)
         _, traces = model.trace(y, op)
         back = model.for_inference(precision="fp32")(y, op)
-    hook.remove()
-    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 4 + [torch.float32] * 2  # fp32, bf16, trace, fp32
+    for hook in hooks:
+        hook.remove()
+    assert body == [torch.float32] * 2 + [torch.bfloat16] * 4 + [torch.float32] * 2  # fp32, bf16, trace, fp32
+    assert ends == [(torch.float32, torch.float32)] * 16  # the first and last layers stay float32 (idm.precision)
     assert fast.dtype == torch.float32 and all(t.x_prev.dtype == torch.float32 for t in traces)
     assert 0 < relative_error(fast, reference) < 2e-2  # bf16 rounding, not another function
     assert torch.equal(back, reference)
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         model.for_inference(precision="fp16")
+
+
+def test_full_precision_runs_a_layer_in_float32_under_autocast_and_leaves_it_alone_outside():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16  # what autocast does without it
+        kept = full_precision(conv, x.bfloat16())
+    assert kept.dtype == torch.float32
+    assert torch.equal(kept, conv(x.bfloat16().float()))  # float32 arithmetic on the (rounded) input
+    wide = full_precision(conv.double(), x.double())  # no autocast: the layer as it is, float64 kept
+    assert wide.dtype == torch.float64 and torch.equal(wide, conv(x.double()))

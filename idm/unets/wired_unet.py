@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from idm.injector import Injector
+from idm.precision import full_precision
 from idm.unets.upsample import upsample
 from idm.wiring import WiredSequence
 
@@ -310,7 +311,7 @@ class WiredUNet(nn.Module):
         temb = self.time_embedding(timestep, x.shape[0], x) if self.keep_time else None
         context = (op, x_pinv, temb)
         unet = self.unet
-        h = unet.conv_in(h)
+        h = full_precision(unet.conv_in, h)  # float32 under autocast, as conv_out: idm.precision
         skips = [h]
         groups = iter(range(len(self.plans)))
         for block in unet.down_blocks:
@@ -334,7 +335,7 @@ class WiredUNet(nn.Module):
             if block.upsamplers is not None:
                 for sampler in block.upsamplers:
                     h = upsample(sampler, h) if self.fold_upsamplers else sampler(h)
-        h = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        h = full_precision(unet.conv_out, unet.conv_act(unet.conv_norm_out(h)))
         if self.unshuffle > 1:
             h = F.pixel_shuffle(h, self.unshuffle)
         return h[..., :height, :width].reshape(image_shape)
