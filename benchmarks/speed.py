@@ -2,16 +2,20 @@
 
     python -m benchmarks.speed --device cuda --unet sd15 --size 256 --batch 1 16 --precision fp32 bf16 \\
         --train-batch 8 --peak-tflops 790 --out benchmarks/results/h100-speed
-    python -m benchmarks.speed --device cpu --checkpoint cs-any-ratio --size 256 --batch 1 \\
-        --out benchmarks/results/cpu-speed          # a shipped model on this CPU
+    python -m benchmarks.speed --device cpu --checkpoint cs-10 mri-4x ct-60 --size 256 --batch 1 \\
+        --levers channels_last --out benchmarks/results/cpu-speed      # shipped models on this CPU
 
-Inference: ``model(y, op)`` under ``torch.no_grad`` on block CS
-(10%, permuted, 32x32 blocks), median over ``--iters`` timed runs after
+Inference: ``model(y, op)`` under ``torch.no_grad``, median over ``--iters`` timed runs after
 ``--warmup``, for every batch size, precision (``fp32``, or ``bf16``
 autocast with the wired states in float32) and lever (``base``,
 ``channels_last``, ``compile``: ``torch.compile`` of the noise estimator; ``unfolded``: the
 upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
-low-resolution form, for comparison). Training:
+low-resolution form, for comparison). The operator is block CS (10%,
+permuted, 32x32 blocks) for ``--unet``, and a checkpoint's own operator (its
+recorded config at ``--size``, as ``idm benchmark`` rebuilds it; for a model
+trained on a family, the family's first member) for ``--checkpoint``, so a
+shipped model is timed with its own measurement injectors and final
+projection. Training:
 one iteration (forward, L1, backward, Adam) for the plain network
 (``invertible="none"``) and the two-level wiring with the memory-saving
 backward (``both``), at ``--train-batch``.
@@ -34,17 +38,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 import operators
 from idm import IDM, IDMConfig
 from benchmarks.timing import add_timing_args, median_seconds, setup
+from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS, autocast_for
 from idm.training.optimizer import fused_by_default
+from idm.training.trained import resolve_model_dir
 
 FIELDS = [
-    "mode", "model", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
+    "mode", "model", "operator", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "status",
 ]  # fmt: skip
 LEVERS = ("base", "channels_last", "compile", "unfolded")
@@ -55,14 +61,32 @@ def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
+def _with_sparse_products(dense_formula: Callable[..., int]) -> Callable[..., int]:
+    """A FLOP formula for ``mm``/``addmm`` that counts a sparse factor by its nonzeros, ``dense_formula`` otherwise."""
+
+    def formula(*args, out_val=None, **kwargs) -> int:
+        sparse = [a for a in args if isinstance(a, torch.Tensor) and a.layout != torch.strided]
+        if not sparse:
+            return dense_formula(*args, out_val=out_val, **kwargs)
+        return 2 * int(sparse[0]._nnz()) * out_val.shape[-1]
+
+    formula._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
+    return formula
+
+
 def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter (2 per multiply-add), also counting attention on the CPU.
+    """torch's FLOP counter (2 per multiply-add), also counting attention on the CPU, and sparse products right.
 
     torch counts the CUDA attention kernels but not the CPU one
     (``_scaled_dot_product_flash_attention_for_cpu``), which would leave out the
-    two ``N x N`` products of every self-attention.
+    two ``N x N`` products of every self-attention. And it counts a sparse
+    matrix times a dense one (CT's projector, :mod:`operators.sampling_matrix`)
+    as if the sparse factor were dense: at 256x256 and 60 views, 2.9 GFLOP per
+    product instead of 17 MFLOP.
     """
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    mapping.update({op: _with_sparse_products(flop_registry[op]) for op in (aten.mm, aten.addmm)})
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
@@ -94,17 +118,46 @@ def training_flops(model: IDM, run: Callable[[], Any], forward: Callable[[], Any
         return plain + count_flops(forward)
 
 
-def build_model(unet: str | None, checkpoint: str | None, steps: int, variant: str, device: torch.device) -> tuple[IDM, str]:
-    """``(model, label)``: a trained IDM (a folder or a shipped model's name), or ``unet`` with random weights."""
+def build_model(unet: str | None, checkpoint: str | None, steps: int, variant: str, size: int,
+                device: torch.device) -> tuple[IDM, str, operators.Operator]:  # fmt: skip
+    """``(model, label, operator)``: a trained IDM (a folder or a shipped model's name) with its own operator,
+    or ``unet`` with random weights and block CS at 10 %, the operator at ``size x size``."""
     if checkpoint is not None:
-        from idm.train import load_trained
-
-        trained = load_trained(checkpoint)
-        return trained.model.to(device), Path(checkpoint).name
+        model, config = load_checkpoint(checkpoint, device)
+        return model, Path(checkpoint).name, make_operator(config, size, model.config.image_channels)
     invertible, recompute = ("none", False) if variant == "none" else ("both", True)
     torch.manual_seed(0)
     model = IDM(IDMConfig(unet=unet or "sd15", image_channels=1, steps=steps, invertible=invertible, recompute=recompute))
-    return model.to(device), unet or "sd15"
+    return model.to(device), unet or "sd15", make_operator(None, size, 1)
+
+
+def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[IDM, dict[str, Any] | None]:
+    """``(model, operator config)``: a trained IDM and the config of the operator it serves by default
+    (``None`` for a bare model folder without a run record)."""
+    import tasks
+    from idm.train import load_trained
+
+    trained = load_trained(checkpoint, device=device)
+    if trained.task is not None:  # again, with the task's defaults for a model trained on a family
+        trained = load_trained(checkpoint, device=device, operator_defaults=tasks.get(trained.task).operator_kwargs())
+    return trained.model.to(device), trained.operator
+
+
+def make_operator(config: dict[str, Any] | None, size: int, channels: int) -> operators.Operator:
+    """The operator to time: ``config`` at ``size x size`` (seed 0), or block CS at 10 % when ``config`` is ``None``."""
+    if config is None:
+        return operators.make("cs", img_size=(size, size), channels=channels, ratio=0.1, mode="permuted")
+    config = {**config, "img_size": [size, size]}
+    if "seed" in config:
+        config["seed"] = 0
+    return operators.from_config(config)
+
+
+def describe(op: operators.Operator) -> str:
+    """``"cs ratio=0.1"``: the operator's name and its scalar settings other than sizes and seeds."""
+    skip = {"name", "img_size", "seed", "phi_seed", "channels"}
+    settings = [f"{k}={v}" for k, v in op.config().items() if k not in skip and isinstance(v, (int, float, str)) and len(str(v)) <= 20]
+    return " ".join([op.config()["name"], *settings])
 
 
 def _rate(row: dict, flops: int, seconds: float, peak: float | None) -> None:
@@ -112,13 +165,12 @@ def _rate(row: dict, flops: int, seconds: float, peak: float | None) -> None:
     row["percent_of_peak"] = round(100 * row["tflops"] / peak, 1) if peak else ""
 
 
-def inference_row(model: IDM, label: str, batch: int, size: int, precision: str, lever: str, device: torch.device,
+def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, lever: str, device: torch.device,
                   iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
     """Time ``model(y, op)`` for one configuration."""
-    row = dict(mode="inference", model=label, variant=model.config.invertible, precision=precision, lever=lever,
-               batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+    row = dict(mode="inference", model=label, operator=describe(op), variant=model.config.invertible,
+               precision=precision, lever=lever, batch=batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)
     model.eval()
@@ -144,15 +196,14 @@ def inference_row(model: IDM, label: str, batch: int, size: int, precision: str,
     return row
 
 
-def training_row(model: IDM, label: str, batch: int, size: int, precision: str, device: torch.device,
+def training_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, device: torch.device,
                  iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
     """Time one training iteration (forward, L1, backward, Adam step)."""
-    row = dict(mode="train", model=label, variant=model.config.invertible, precision=precision, lever="base",
-               batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+    row = dict(mode="train", model=label, operator=describe(op), variant=model.config.invertible, precision=precision,
+               lever="base", batch=batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=fused_by_default(model.parameters()))  # as idm train
-    op = operators.make("cs", img_size=(size, size), channels=model.config.image_channels, ratio=0.1, mode="permuted")
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)
 
@@ -173,7 +224,7 @@ def training_row(model: IDM, label: str, batch: int, size: int, precision: str, 
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    shown = ["mode", "model", "variant", "precision", "lever", "batch", "ms_per_image", "s_per_iter", "gflop_per_image",
+    shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "ms_per_image", "s_per_iter", "gflop_per_image",
              "tflops", "percent_of_peak", "status"]  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
@@ -195,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     add_timing_args(parser, "benchmarks/results/speed")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--unet", help="architecture with random weights: tiny, sd15 (default) or a diffusers U-Net folder")
-    source.add_argument("--checkpoint", help="a trained IDM: model/run folder or a shipped model's name (inference only)")
+    source.add_argument("--checkpoint", nargs="+",
+                        help="trained IDMs: model/run folders or shipped models' names (inference only)")  # fmt: skip
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="inference batch sizes")
@@ -204,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch", type=int, default=0, help="also time training at this batch (0: no)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
     args = parser.parse_args(argv)
+    for checkpoint in args.checkpoint or []:  # every name checked before the first timing
+        try:
+            resolve_model_dir(checkpoint)
+        except CheckpointError as err:
+            parser.error(str(err))
     device, out = setup(args)
     rows = []
 
@@ -211,17 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
 
+    for checkpoint in args.checkpoint or [None]:
+        for precision in args.precision:
+            for lever in args.levers:
+                for batch in args.batch:
+                    label = Path(checkpoint).name if checkpoint else args.unet or "sd15"
+                    base = dict(mode="inference", model=label, precision=precision, lever=lever, batch=batch, size=args.size)
+                    add(_guarded(lambda: inference_row(*build_model(args.unet, checkpoint, args.steps, "both", args.size, device),
+                                                       batch, args.size, precision, lever, device, args.iters, args.warmup,
+                                                       args.peak_tflops), base))  # fmt: skip
     for precision in args.precision:
-        for lever in args.levers:
-            for batch in args.batch:
-                base = dict(mode="inference", precision=precision, lever=lever, batch=batch, size=args.size)
-                add(_guarded(lambda: inference_row(*build_model(args.unet, args.checkpoint, args.steps, "both", device),
-                                                   batch, args.size, precision, lever, device, args.iters, args.warmup,
-                                                   args.peak_tflops), base))  # fmt: skip
         if args.train_batch and args.checkpoint is None:
             for variant in ("none", "both"):
                 base = dict(mode="train", variant=variant, precision=precision, batch=args.train_batch, size=args.size)
-                add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, device),
+                add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
                                                   args.train_batch, args.size, precision, device, args.iters,
                                                   args.warmup, args.peak_tflops), base))  # fmt: skip
     with open(out / "speed.csv", "w", newline="") as handle:

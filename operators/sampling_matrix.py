@@ -5,7 +5,9 @@ transform) is linear in the image, so it is a sparse matrix: every sample of
 the grid is a bilinear mix of at most four pixels. Written out once as CSR,
 applying it is a sparse-dense product, several times faster on the CPU than
 ``grid_sample`` and its scatter-add backward, and the exact adjoint is the
-transposed matrix, stored beside it.
+transposed matrix, stored beside it. Its index arrays are int32 where they
+fit: with torch's int64 default, every CPU product first copies the whole
+matrix (MKL's sparse kernels take int32), which doubled its time.
 
 Conventions are ``grid_sample(..., mode="bilinear", padding_mode="zeros",
 align_corners=True)``, the ones deepinv uses: ``grid[..., 0]`` is the
@@ -87,7 +89,7 @@ class SparseMatrix:
         """``M`` from a coalesced sparse COO tensor; its transpose is sorted here once."""
         with warnings.catch_warnings():  # torch says "Sparse CSR tensor support is in beta state" once per process
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            return cls(matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr())
+            return cls(_compact_csr(matrix.to_sparse_csr()), _compact_csr(matrix.t().coalesce().to_sparse_csr()))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,6 +110,15 @@ class SparseMatrix:
     def rmatmul(self, y: Tensor) -> Tensor:
         """``M^T y`` for a dense ``y`` of shape ``(m, k)``, with autograd."""
         return _SparseProduct.apply(y, self._transpose, self._forward)
+
+
+def _compact_csr(matrix: Tensor) -> Tensor:
+    """``matrix`` (CSR) with int32 row pointers and column indices when its sizes and nonzeros allow."""
+    if max(*matrix.shape, matrix._nnz()) >= 2**31:
+        return matrix
+    return torch.sparse_csr_tensor(
+        matrix.crow_indices().int(), matrix.col_indices().int(), matrix.values(), matrix.shape, check_invariants=False
+    )
 
 
 class _SparseProduct(torch.autograd.Function):

@@ -241,6 +241,44 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
     assert "python -m benchmarks.speed" in (out / "speed.md").read_text()
 
 
+def test_speed_benchmark_times_a_checkpoint_on_its_own_operator(tmp_path, capsys):
+    """A trained checkpoint is timed with the operator it was trained for (at ``--size``), not block CS."""
+    import tasks
+    from benchmarks import speed
+
+    folder = tmp_path / "mri-model"
+    torch.manual_seed(0)
+    IDM(IDMConfig(unet="tiny", image_channels=2, steps=1)).save_pretrained(folder)
+    operator = tasks.get("mri").make_operator((16, 16), acceleration=8, center_fraction=0.04).config()
+    (folder / "run.json").write_text(json.dumps({"format": "idm-train-run", "identity": {"task": "mri", "operator": operator}}))
+    out = tmp_path / "speed"
+    assert speed.main(["--device", "cpu", "--checkpoint", str(folder), "--size", "32", "--batch", "1",
+                       "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+    (row,) = list(csv.DictReader(open(out / "speed.csv")))
+    assert row["status"] == "ok" and row["model"] == "mri-model" and float(row["ms_per_image"]) > 0
+    assert row["operator"].split()[0] == "mri" and "acceleration=8" in row["operator"].split()
+    op = speed.make_operator(operator, 32, 2)
+    assert op.config()["img_size"] == [32, 32] and op.config()["acceleration"] == 8
+    with pytest.raises(SystemExit):  # a wrong name: a usage error before any timing, not a traceback
+        speed.main(["--device", "cpu", "--checkpoint", str(folder), str(tmp_path / "nope"), "--out", str(out)])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_flop_counter_counts_a_sparse_factor_by_its_nonzeros():
+    """CT's projector is a sparse matrix: 2 FLOPs per nonzero and column, not those of the dense shape."""
+    from benchmarks.speed import count_flops
+    from operators.sampling_matrix import SparseMatrix
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.rand(30, 20, generator=gen) * (torch.rand(30, 20, generator=gen) < 0.1)
+    matrix, x = SparseMatrix.from_coo(dense.to_sparse().coalesce()), torch.rand(20, 3, generator=gen)
+    nnz = int((dense != 0).sum())
+    assert count_flops(lambda: matrix.matmul(x)) == 2 * nnz * 3
+    assert count_flops(lambda: matrix.rmatmul(torch.rand(30, 3))) == 2 * nnz * 3
+    assert count_flops(lambda: dense @ x) == 2 * 30 * 20 * 3  # dense products as torch counts them
+    assert count_flops(lambda: torch.addmm(torch.zeros(30, 3), dense, x)) == 2 * 30 * 20 * 3
+
+
 def test_ct_projector_benchmark_times_both_projectors(tmp_path):
     from benchmarks import ct_projector
 

@@ -362,6 +362,9 @@ def test_sparse_matrix_product_gradients():
     assert torch.allclose(matrix.rmatmul(weights), dense.t() @ weights, rtol=0, atol=1e-14)
     single = matrix.to(torch.device("cpu"), torch.float32)  # converted, not rebuilt
     assert single.shape == (7, 5) and single.nnz == matrix.nnz
+    # int32 indices, kept by .to(): with int64 the CPU product copies the whole matrix first (MKL takes int32)
+    for csr in (matrix._forward, matrix._transpose, single._forward, single._transpose):
+        assert csr.crow_indices().dtype == csr.col_indices().dtype == torch.int32
     assert torch.allclose(single.matmul(x.detach().float()), (dense @ x.detach()).float(), rtol=0, atol=1e-6)
 
 # ---- config / resample -------------------------------------------------------------------
