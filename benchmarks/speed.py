@@ -138,8 +138,8 @@ def load_checkpoint(checkpoint: str, device: torch.device) -> tuple[IDM, dict[st
     from idm.train import load_trained
 
     trained = load_trained(checkpoint, device=device)
-    if trained.task is not None:  # again, with the task's defaults for a model trained on a family
-        trained = load_trained(checkpoint, device=device, operator_defaults=tasks.get(trained.task).operator_kwargs())
+    if trained.task is not None:  # a model trained on a family serves its first member with the task's defaults
+        trained.operator_defaults = tasks.get(trained.task).operator_kwargs()
     return trained.model.to(device), trained.operator
 
 
@@ -155,9 +155,9 @@ def make_operator(config: dict[str, Any] | None, size: int, channels: int) -> op
 
 def describe(op: operators.Operator) -> str:
     """``"cs ratio=0.1"``: the operator's name and its scalar settings other than sizes and seeds."""
-    skip = {"name", "img_size", "seed", "phi_seed", "channels"}
-    settings = [f"{k}={v}" for k, v in op.config().items() if k not in skip and isinstance(v, (int, float, str)) and len(str(v)) <= 20]
-    return " ".join([op.config()["name"], *settings])
+    config, skip = op.config(), {"name", "img_size", "seed", "phi_seed", "channels"}
+    settings = [f"{k}={v}" for k, v in config.items() if k not in skip and isinstance(v, (int, float, str)) and len(str(v)) <= 20]
+    return " ".join([config["name"], *settings])
 
 
 def _rate(row: dict, flops: int, seconds: float, peak: float | None) -> None:
@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
 
     for checkpoint in args.checkpoint or [None]:
+        label = Path(checkpoint).name if checkpoint else args.unet or "sd15"
         for precision in args.precision:
             for lever in args.levers:
                 for batch in args.batch:
-                    label = Path(checkpoint).name if checkpoint else args.unet or "sd15"
                     base = dict(mode="inference", model=label, precision=precision, lever=lever, batch=batch, size=args.size)
                     add(_guarded(lambda: inference_row(*build_model(args.unet, checkpoint, args.steps, "both", args.size, device),
                                                        batch, args.size, precision, lever, device, args.iters, args.warmup,
