@@ -13,9 +13,12 @@ numbers are not bit-comparable with torch-radon results.
 * The projector is deepinv's Radon transform written out as a sparse matrix
   ``R`` (``operators.sampling_matrix``: deepinv's own sampling grids, the
   bilinear weights of ``grid_sample``), equal to deepinv's ``Tomography.A``
-  to rounding (tested in float64).  Applying it is a sparse-dense product
-  and the exact adjoint is the stored transpose ``R^T``: on the CPU, ``A^+ A``
-  with its backward runs several times faster than through ``grid_sample``.
+  to rounding (tested in float64).  Only the views in ``[0, 45]`` degrees are
+  stored; the others are quarter turns and mirrors of them
+  (``operators.symmetric_projector``).  Applying it is one sparse-dense
+  product with four transformed copies of the image, and the exact adjoint
+  is the stored transpose: on the CPU, ``A^+ A`` with its backward runs
+  several times faster than through ``grid_sample``.
 * ``A`` is normalised to unit operator norm (``A = R / ||R||``, as deepinv's
   ``normalize=True``).  ``||R||`` is computed here, once, by a deterministic
   power iteration in float64.
@@ -39,13 +42,14 @@ numbers are not bit-comparable with torch-radon results.
   ``tests/test_operators.py::test_ct_hann_fbp_barely_amplifies_what_it_cannot_see``.
 
 Device and dtype (float32, float64) follow the input.  The float64 weights
-are built once, at construction (a few seconds at 256x256 on the CPU), for
-``||R||`` and a float32 CPU copy; float32 on another device is converted
-from that copy, float64 is rebuilt from the weights when first used.
-Memory: ``R`` has about ``2.2 * W * W * views`` nonzeros (8.7 M for 256x256
-at 60 views), stored twice (``R`` and ``R^T``) at a value and a 64-bit index
-each: about 200 MB in float32 for 256x256 at 60 views, 800 MB for 512x512,
-per (device, dtype) used, plus the CPU float32 copy.
+are built once, at construction (about 6 s at 256x256 and 60 views on the
+CPU, for all views: the symmetries are found by comparing them), and kept;
+every other device and dtype is converted from them on first use.
+Memory: the stored views have about ``2.2 * W * W`` nonzeros each (2.3 M for
+256x256 at 60 views, of which 16 are stored), kept twice (the matrix and its
+transpose) at a value and a 32-bit index each: 37 MB in float32 and 55 MB
+in float64 for 256x256 at 60 views, four times that at 512x512, per (device,
+dtype) used.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ from deepinv.physics.functional.radon import RampFilter
 from . import register
 from .base import Operator, OperatorInputError, check_positive_int
 from .least_squares import least_squares_solve
-from .sampling_matrix import SparseMatrix, bilinear_weights, sparse_from_triplets, sum_sparse
+from .sampling_matrix import bilinear_weights, sparse_from_triplets
+from .symmetric_projector import SymmetricProjector
 
 _PINVS = ("fbp", "cg")
 _FBP_FILTERS = ("hann", "ramp")
@@ -125,68 +130,65 @@ class CT(Operator):
         #: ``(views,)`` float64 projection angles in degrees, ``k * 180 / views``.
         self.angles = torch.arange(self.views, dtype=torch.float64) * (180.0 / self.views)
         self.detectors = math.ceil(math.sqrt(2) * w)
-        # Projection matrices and FBP filters per (device, dtype): not submodules, so .to() leaves them alone.
-        self._radon: dict[tuple[torch.device, torch.dtype], SparseMatrix] = {}
+        # Projectors and FBP filters per (device, dtype): not submodules, so .to() leaves them alone.
+        exact = self._build_projector()  # float64, CPU: kept, every other copy is converted from it
+        self._projectors: dict[tuple[torch.device, torch.dtype], SymmetricProjector] = {
+            (torch.device("cpu"), torch.float64): exact
+        }
         self._filters: dict[tuple[torch.device, torch.dtype], Any] = {}
-        exact = SparseMatrix.from_coo(self._radon_triplets())  # float64, CPU: for ||R||, then dropped (memory)
         self.radon_norm = self._power_norm(exact)
-        # The float32 copy every float32 use starts from (the weights are built once, the costly part).
-        self._radon[(torch.device("cpu"), torch.float32)] = exact.to(torch.device("cpu"), torch.float32)
 
-    # ---- the projection matrix --------------------------------------------------------
-    def _matrix(self, like: torch.Tensor) -> SparseMatrix:
-        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, made on first use: float32
-        from the CPU float32 copy, float64 from the weights again."""
+    # ---- the projector ------------------------------------------------------------------
+    def _projector(self, like: torch.Tensor) -> SymmetricProjector:
+        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, converted on first use."""
         if like.dtype not in (torch.float32, torch.float64):
             raise OperatorInputError(f"ct supports float32 and float64 tensors, got {like.dtype}")
         key = (like.device, like.dtype)
-        matrix = self._radon.get(key)
-        if matrix is None:
-            if like.dtype == torch.float32:
-                matrix = self._radon[(torch.device("cpu"), torch.float32)].to(like.device, torch.float32)
-            else:
-                matrix = SparseMatrix.from_coo(self._radon_triplets()).to(like.device, torch.float64)
-            self._radon[key] = matrix
-        return matrix
+        projector = self._projectors.get(key)
+        if projector is None:
+            projector = self._projectors[key] = self._projectors[(torch.device("cpu"), torch.float64)].to(*key)
+        return projector
 
-    def _radon_triplets(self) -> torch.Tensor:
-        """deepinv's Radon transform as a coalesced float64 COO matrix ``(D * views, W * W)``.
+    def _build_projector(self) -> SymmetricProjector:
+        """deepinv's Radon transform as a :class:`SymmetricProjector` (float64, CPU).
 
-        Row ``d * views + v`` is detector cell ``d`` at angle ``v`` (the
-        sinogram ``(D, views)`` flattened); column ``i * W + j`` is pixel
-        ``(i, j)``.  deepinv zero-pads the image to ``D x D`` and samples it on
-        one ``D x D`` grid per angle, summing each grid column along the ray.
+        deepinv zero-pads the image to ``D x D`` and samples it on one
+        ``D x D`` grid per angle, summing each grid column along the ray;
+        each view is written out as the bilinear weights of that grid. The
+        rotation centre is the padded grid's, so the views are stored over
+        the smallest square about it that holds the image (the domain).
         """
         from deepinv.physics.functional.radon import Radon
 
-        size, d, views = self.img_hw[1], self.detectors, self.views
+        size, d = self.img_hw[1], self.detectors
         radon = Radon(size, theta=self.angles, circle=False, dtype=torch.float64)
         grids = radon.all_grids[0]  # (D, views * D, 2): angle v is columns [v * D, (v + 1) * D)
-        if grids.shape != (d, views * d, 2):
-            raise RuntimeError(f"unexpected deepinv Radon grid shape {tuple(grids.shape)} for {size}x{size}, {views} views")
+        if grids.shape != (d, self.views * d, 2):
+            raise RuntimeError(f"unexpected deepinv Radon grid shape {tuple(grids.shape)} for {size}x{size}, {self.views} views")
         pad_before = d // 2 - size // 2  # deepinv pads the image to D x D, this many zeros before it
-        blocks = []
-        for v in range(views):
+        twice_centre = d - 1  # in padded pixels, times 2 (integer also when the centre falls between pixels)
+        half_span = max(twice_centre - 2 * pad_before, 2 * (pad_before + size - 1) - twice_centre)  # 2 x half-width
+        domain_start, domain_size = (twice_centre - half_span) // 2, half_span + 1
+
+        def view_matrix(v: int) -> torch.Tensor:
             sample, pixel, weight = bilinear_weights(grids[:, v * d : (v + 1) * d], d, d)
-            row, col = pixel // d - pad_before, pixel % d - pad_before  # padded pixel -> image pixel
-            inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
+            row, col = pixel // d - domain_start, pixel % d - domain_start  # padded pixel -> domain pixel
+            inside = (row >= 0) & (row < domain_size) & (col >= 0) & (col < domain_size)
             detector = sample[inside] % d  # sample (h, d') lies on ray d' of this angle
-            blocks.append(sparse_from_triplets(
-                detector * views + v, row[inside] * size + col[inside], weight[inside], (d * views, size * size)
-            ))
-        return sum_sparse(blocks)
+            return sparse_from_triplets(detector, row[inside] * domain_size + col[inside], weight[inside],
+                                        (d, domain_size * domain_size))
+
+        return SymmetricProjector.from_views(view_matrix, self.views, d, size, domain_size, pad_before - domain_start)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """``R x``: ``(B, C, W, W)`` -> ``(B, C, D, views)``."""
         b, c = x.shape[:2]
-        columns = self._matrix(x).matmul(x.reshape(b * c, -1).t())
-        return columns.t().reshape(b, c, self.detectors, self.views)
+        return self._projector(x).project(x.reshape(b * c, *self.img_hw)).reshape(b, c, self.detectors, self.views)
 
     def _back_project(self, y: torch.Tensor) -> torch.Tensor:
         """``R^T y``: ``(B, C, D, views)`` -> ``(B, C, W, W)``."""
         b, c = y.shape[:2]
-        columns = self._matrix(y).rmatmul(y.reshape(b * c, -1).t())
-        return columns.t().reshape(b, c, *self.img_hw)
+        return self._projector(y).back_project(y.reshape(b * c, self.detectors, self.views)).reshape(b, c, *self.img_hw)
 
     def _filter(self, y: torch.Tensor) -> torch.Tensor:
         """The FBP filter (deepinv's ramp, Hann-windowed or not) along the detector axis of ``(B, C, D, views)``."""
@@ -196,13 +198,13 @@ class CT(Operator):
             filt = self._filters[key] = (HannFilter if self.fbp_filter == "hann" else RampFilter)(dtype=y.dtype)
         return filt(y)
 
-    def _power_norm(self, matrix: SparseMatrix, max_iter: int = 30, tol: float = 1e-7) -> float:
+    def _power_norm(self, projector: SymmetricProjector, max_iter: int = 30, tol: float = 1e-7) -> float:
         """``||R||_2`` by power iteration from a constant image (deterministic, float64)."""
-        v = torch.ones(self.img_hw[0] * self.img_hw[1], 1, dtype=torch.float64)
+        v = torch.ones(1, *self.img_hw, dtype=torch.float64)
         v = v / v.norm()
         sq = 0.0
         for _ in range(max_iter):
-            u = matrix.rmatmul(matrix.matmul(v))
+            u = projector.back_project(projector.project(v))
             new = float((u * v).sum())
             v = u / u.norm()
             if abs(new - sq) <= tol * new:

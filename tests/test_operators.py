@@ -297,9 +297,12 @@ def test_least_squares_inverse_is_the_pseudo_inverse():
         LeastSquaresInverse(op, max_iter=0)
 
 
-@pytest.mark.parametrize("size, views", [(32, 20), (33, 7)])
+@pytest.mark.parametrize("size, views", [(32, 20), (33, 7), (20, 12)])
 def test_ct_matrix_is_deepinv_tomography(size, views):
-    """The sparse Radon matrix is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP."""
+    """The sparse Radon projector is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP.
+
+    20x20 pads to an odd 29x29 grid: the rotation centre is off the image's, the symmetries act on 21x21.
+    """
     from deepinv.physics import Tomography
 
     op = operators.make("ct", img_size=(size, size), views=views, fbp_filter="ramp")
@@ -311,6 +314,37 @@ def test_ct_matrix_is_deepinv_tomography(size, views):
     assert rel(op.A(x) * op.radon_norm, ref.A(x)) < 1e-13
     assert rel(op.A_adjoint(y) * op.radon_norm, ref.A_adjoint(y)) < 1e-13
     assert rel(op.fbp(y), ref.fbp(y * op.radon_norm)) < 1e-13
+
+
+@pytest.mark.parametrize("views, representatives", [(60, 16), (18, 5), (7, 4)])
+def test_ct_projector_stores_only_representative_views(views, representatives):
+    """Views that are quarter turns or mirrors of others are not stored: 60 views keep the 16 in [0, 45] degrees."""
+    op = operators.make("ct", img_size=(24, 24), views=views)
+    projector = op._projector(torch.zeros(1, dtype=F64))
+    assert projector.representatives == tuple(range(representatives))
+    assert projector.matrix.shape[0] == op.detectors * representatives
+
+
+def test_symmetric_projector_keeps_every_view_that_matches_no_other():
+    """Random views (no symmetry): every view is a representative and the projector is the stacked matrix, float64."""
+    from operators.sampling_matrix import SparseMatrix
+    from operators.symmetric_projector import SymmetricProjector
+
+    gen = torch.Generator().manual_seed(3)
+    views, detectors, size = 5, 7, 6
+    dense = torch.rand(views, detectors, size * size, dtype=F64, generator=gen)
+    dense = dense * (torch.rand(dense.shape, generator=gen) < 0.3)
+    projector = SymmetricProjector.from_views(lambda v: dense[v].to_sparse().coalesce(), views, detectors,
+                                              image_size=size, domain_size=size, offset=0)
+    assert projector.representatives == tuple(range(views)) and projector.symmetries == ((0, False),)
+    x = torch.rand(2, size, size, dtype=F64, generator=gen, requires_grad=True)
+    expected = torch.einsum("vdp,np->ndv", dense, x.reshape(2, -1))
+    assert torch.allclose(projector.project(x), expected, rtol=0, atol=1e-13)
+    y = torch.rand(2, detectors, views, dtype=F64, generator=gen)
+    back = torch.einsum("vdp,ndv->np", dense, y).reshape(2, size, size)
+    assert torch.allclose(projector.back_project(y), back, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(projector.project, (x,))
+    assert isinstance(projector.to(torch.device("cpu"), torch.float32).matrix, SparseMatrix)
 
 
 def test_ct_hann_fbp_barely_amplifies_what_it_cannot_see():
