@@ -25,8 +25,11 @@ FLOPs are counted once per configuration with
 training count includes the backward's recomputation, see
 :func:`training_flops`), so achieved TFLOP/s
 = FLOPs / time, and percent of peak uses ``--peak-tflops`` (the device's
-dense peak for the precision; left blank when not given). Writes
-``OUT/speed.csv`` and ``OUT/speed.md``.
+dense peak for the precision; left blank when not given). On the CPU, the
+page-fault column counts the minor page faults of one more inference run
+after the timed ones, and ``--malloc glibc`` times glibc's own allocator
+against the kept freed memory that ``idm``'s commands set
+(:mod:`idm.cpu_memory`). Writes ``OUT/speed.csv`` and ``OUT/speed.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 
 import operators
 from idm import IDM, IDMConfig
-from benchmarks.timing import add_timing_args, median_seconds, setup
+from benchmarks.timing import add_timing_args, median_seconds, minor_page_faults, setup
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS, autocast_for
@@ -51,7 +54,7 @@ from idm.training.trained import resolve_model_dir
 
 FIELDS = [
     "mode", "model", "operator", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
-    "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "status",
+    "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image", "status",
 ]  # fmt: skip
 LEVERS = ("base", "channels_last", "compile", "unfolded")
 
@@ -189,6 +192,8 @@ def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, si
     flops = count_flops(run) if lever != "compile" else None
     seconds = median_seconds(run, device, iters, warmup)
     row["ms_per_image"] = round(1000 * seconds / batch, 2)
+    if device.type == "cpu":
+        row["page_faults_per_image"] = round(minor_page_faults(run) / batch)
     if flops:
         row["gflop_per_image"] = round(flops / batch / 1e9, 2)
         _rate(row, flops, seconds, peak)
@@ -225,7 +230,7 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
 
 def summary_markdown(rows: list[dict]) -> str:
     shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "ms_per_image", "s_per_iter", "gflop_per_image",
-             "tflops", "percent_of_peak", "status"]  # fmt: skip
+             "tflops", "percent_of_peak", "page_faults_per_image", "status"]  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
     return "\n".join(lines)

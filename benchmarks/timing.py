@@ -10,28 +10,52 @@ from typing import Any, Callable
 
 import torch
 
+from idm.cpu_memory import keep_freed_memory
+
 
 def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: int = 5, warmup: int = 2) -> None:
-    """``--device --seed --out --iters --warmup``."""
+    """``--device --seed --out --iters --warmup --malloc``."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out)
     parser.add_argument("--iters", type=int, default=iters, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations first")
+    parser.add_argument("--malloc", choices=("kept", "glibc"), default="kept",
+                        help="on the CPU: keep freed memory for reuse, as idm's commands do (idm.cpu_memory; "
+                             "default), or glibc's own behaviour, for comparison")  # fmt: skip
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
-    """Seed torch, return ``(device, out folder)`` (created)."""
+    """Seed torch, set ``--malloc`` for a CPU run, return ``(device, out folder)`` (created)."""
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.malloc == "kept":
+        keep_freed_memory()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return torch.device(args.device), out
+    return device, out
 
 
 def sync(device: torch.device) -> None:
     """Wait for the GPU (a no-op on the CPU), so wall times are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def minor_page_faults(run: Callable[[], Any]) -> int:
+    """Minor page faults of the process during one ``run()``: fresh pages the kernel zeroed and mapped.
+
+    On the CPU, a steady-state forward that still faults in pages pays for
+    them in system time (:mod:`idm.cpu_memory`). 0 where ``resource`` is
+    missing (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return 0
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:

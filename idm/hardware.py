@@ -12,24 +12,50 @@ import torch
 BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
-def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """``["AMD EPYC", "AVX512-BF16"]``: the CPU's model name and its bfloat16 units, from ``cpuinfo``.
-
-    Empty where the file is missing or unreadable (not Linux).
-    """
+def _cpuinfo_fields(cpuinfo: str | Path) -> dict[str, str]:
+    """The first processor's ``key: value`` fields of ``cpuinfo``; empty where it is missing or unreadable."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return []
+        return {}
     fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() not in fields:
             fields[key.strip()] = value.strip()
-    flags = set(fields.get("flags", "").split())
-    details = [fields["model name"]] if fields.get("model name") else []
-    bf16 = [name for flag, name in BF16_CPU_FLAGS.items() if flag in flags]
-    return details + bf16[:1]
+    return fields
+
+
+def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """``["AVX512-BF16"]``: the CPU's native bfloat16 units (:data:`BF16_CPU_FLAGS`); empty where it has none.
+
+    Empty too where ``cpuinfo`` is missing or unreadable (not Linux): callers then assume none.
+    """
+    flags = set(_cpuinfo_fields(cpuinfo).get("flags", "").split())
+    return [name for flag, name in BF16_CPU_FLAGS.items() if flag in flags]
+
+
+def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """``["AMD EPYC", "AVX512-BF16"]``: the CPU's model name and its bfloat16 units, from ``cpuinfo``.
+
+    Empty where the file is missing or unreadable (not Linux).
+    """
+    model = _cpuinfo_fields(cpuinfo).get("model name")
+    return ([model] if model else []) + cpu_bf16_units(cpuinfo)[:1]
+
+
+def has_native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether ``device`` computes in bfloat16 natively rather than by emulation.
+
+    CUDA: compute capability 8.0 or newer (``torch.cuda.is_bf16_supported`` without emulation).
+    CPU: AVX512-BF16 or AMX-BF16 in ``cpuinfo``; oneDNN emulates bfloat16 elsewhere, slower than
+    float32 (README, *Speed on this CPU*). Other devices: ``False``.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(cpu_bf16_units(cpuinfo))
+    return False
 
 
 def hardware_name(device: torch.device) -> str:

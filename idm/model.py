@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
-from idm.precision import autocast_for, check_precision
+from idm.precision import autocast_for, resolve_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
 from idm.unets import (
     SD15_UNET_CONFIG,
@@ -243,9 +243,11 @@ class IDM(nn.Module):
 
         ``precision="bf16"`` runs the U-Net under bfloat16 autocast from now
         on, the wired states and the operator in float32
-        (:mod:`idm.precision`); ``"fp32"`` (the default) switches it back.
+        (:mod:`idm.precision`); ``"fp32"`` (the default) switches it back;
+        ``"auto"`` picks bf16 where the parameters' device has native bfloat16.
         """
-        self.inference_precision = check_precision(precision)
+        device = next(self.parameters()).device
+        self.inference_precision = resolve_precision(precision, device)
         self.eval().requires_grad_(False)
         if channels_last is None:
             channels_last = all(p.device.type == "cpu" for p in self.parameters())

@@ -212,7 +212,7 @@ class CompressedSensing(Operator):
             for rs, cs, m in mats["parts"]:
                 y[:, :, rs, cs] = blocks[:, :, rs, cs] @ m.T
             return y.reshape(bsz, c, hb * wb, self.q)
-        v = x.reshape(bsz, c, h * w)[..., mats["perm"]]
+        v = x.reshape(bsz, c, h * w).index_select(-1, mats["perm"])  # faster than [..., perm] on the CPU
         out = []
         if self._n_full:
             out.append(v[..., : self._n_full * n].reshape(bsz, c, self._n_full, n) @ mats["phi"].T)
@@ -242,7 +242,7 @@ class CompressedSensing(Operator):
         if self._rest:
             parts.append((y[:, :, -1] @ mats["last"])[..., : self._rest])
         v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return v[..., mats["inv_perm"]].reshape(bsz, c, h, w)
+        return v.index_select(-1, mats["inv_perm"]).reshape(bsz, c, h, w)
 
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Exact pseudo-inverse, equal to :meth:`A_adjoint` (the rows of ``A`` are orthonormal)."""

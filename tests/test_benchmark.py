@@ -232,6 +232,7 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
         ("inference", "base", "1"), ("inference", "base", "2"), ("inference", "channels_last", "1"),
         ("inference", "channels_last", "2"), ("train", "base", "2"), ("train", "base", "2")]  # fmt: skip
     assert all(r["status"] == "ok" for r in rows)
+    assert all(int(r["page_faults_per_image"]) >= 0 for r in rows if r["mode"] == "inference")  # counted on the CPU
     base = [r for r in rows if r["mode"] == "inference" and r["lever"] == "base"]
     assert base[0]["gflop_per_image"] == base[1]["gflop_per_image"] and float(base[0]["gflop_per_image"]) > 0
     train = {r["variant"]: r for r in rows if r["mode"] == "train"}

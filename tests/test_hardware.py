@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from idm.hardware import cpu_details, hardware_name
+from idm.hardware import cpu_bf16_units, cpu_details, hardware_name, has_native_bf16
+from idm.precision import resolve_precision
 
 
 def test_cpu_details_name_the_model_and_its_bf16_units(tmp_path):
@@ -22,3 +24,24 @@ def test_cpu_details_name_the_model_and_its_bf16_units(tmp_path):
 def test_hardware_name_of_the_cpu():
     name = hardware_name(torch.device("cpu"))
     assert name.startswith("CPU, ") and " cores (" in name
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_bf16_units(cpuinfo) == ["AMX-BF16"] and has_native_bf16(torch.device("cpu"), cpuinfo)
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")  # oneDNN would emulate bf16 here
+    assert cpu_bf16_units(cpuinfo) == [] and not has_native_bf16(torch.device("cpu"), cpuinfo)
+    assert not has_native_bf16(torch.device("cpu"), tmp_path / "missing")  # unknown: assume emulated
+    assert not has_native_bf16(torch.device("meta"))
+
+
+def test_auto_precision_is_bf16_exactly_where_it_is_native(monkeypatch):
+    native = {"cpu": False}
+    monkeypatch.setattr("idm.hardware.has_native_bf16", lambda device: native[device.type])
+    assert resolve_precision("auto", "cpu") == "fp32"
+    native["cpu"] = True
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp16'"):
+        resolve_precision("fp16", "cpu")

@@ -192,7 +192,7 @@ def test_measurement_file_round_trip_and_clear_errors(tmp_path):
 
 
 # ---- CS / images -----------------------------------------------------------------------------
-def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_path):
+def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_path, monkeypatch):
     models = files / "models"
     meas = tmp_path / "meas.npz"
     assert main(["simulate", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "cs"),
@@ -234,6 +234,15 @@ def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_
     assert json.loads((out3 / "reconstruct.json").read_text())["precision"] == "bf16"
     for fast, exact in zip(_rows(out3 / "metrics.csv"), from_npz):
         assert fast["name"] == exact["name"] and abs(float(fast["psnr"]) - float(exact["psnr"])) < 0.5
+
+    # auto (the default) on a device with native bfloat16 is bf16: the bf16 run's numbers, "bf16" recorded
+    monkeypatch.setattr("idm.hardware.has_native_bf16", lambda device: True)
+    out4 = tmp_path / "auto"
+    assert main(["reconstruct", "--input", str(meas), "--checkpoint", str(models / "cs"), "--device", "cpu",
+                 "--seed", "3", "--no-progress", "--out", str(out4)]) == 0  # fmt: skip
+    assert json.loads((out4 / "reconstruct.json").read_text())["precision"] == "bf16"
+    scores = [[(r["name"], r["psnr"], r["ssim"]) for r in _rows(folder / "metrics.csv")] for folder in (out3, out4)]
+    assert scores[0] == scores[1]
 
 
 def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):

@@ -79,7 +79,7 @@ def test_bf16_inference_runs_the_unet_in_bf16_and_keeps_states_in_float32(ortho_
     assert fast.dtype == torch.float32 and all(t.x_prev.dtype == torch.float32 for t in traces)
     assert 0 < relative_error(fast, reference) < 2e-2  # bf16 rounding, not another function
     assert torch.equal(back, reference)
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         model.for_inference(precision="fp16")
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from idm import __version__
+from idm.cpu_memory import keep_freed_memory
 
 #: Command modules, relative to this package.
 COMMANDS: tuple[str, ...] = ("info", "demo", "pretrain", "train", "export", "benchmark", "simulate", "reconstruct")
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if str(getattr(args, "device", "")).startswith("cpu"):
+        keep_freed_memory()  # ~100,000 fewer page faults per 256x256 forward (idm.cpu_memory)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from idm.cli.common import (
     command_line,
     operator_overrides,
     resolve_device,
+    resolve_precision_arg,
     seed_everything,
 )
 
@@ -64,7 +65,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
                         help="run IDM with (or without) its output projected onto the measurements, x + A^+(y - A x), "
                         "whatever the model's config says (default: as the model was built; IDMConfig.final_projection)")
-    add_precision_arg(parser)
+    add_precision_arg(parser, default="fp32")  # a benchmark measures one fixed thing on every machine
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder for results.csv, summary.md and pictures")
     parser.set_defaults(run=run)
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    resolve_precision_arg(args, device)
     task = tasks.get(args.task)
     if args.color:
         task = task.with_color(args.color)

@@ -28,13 +28,22 @@ def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.add_argument("--out", required=out_required, help=out_help)
 
 
-def add_precision_arg(parser: argparse.ArgumentParser) -> None:
-    """``--precision fp32|bf16`` of the commands that run a trained IDM."""
-    from idm.precision import PRECISIONS
+def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--precision auto|fp32|bf16`` of the commands that run a trained IDM (resolve it with :func:`resolve_precision_arg`)."""
+    from idm.precision import PRECISION_CHOICES
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="IDM arithmetic: fp32 (default) or bf16 (the U-Net under bfloat16 autocast, states and "
-                        "operator in float32; faster on GPUs and on CPUs with AVX512-BF16 or AMX)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=default,
+                        help="IDM arithmetic: fp32, bf16 (the U-Net under bfloat16 autocast, states and operator in "
+                        "float32), or auto: bf16 where the device computes it natively (CUDA GPUs from Ampere on, "
+                        f"CPUs with AVX512-BF16 or AMX), else fp32 (default: {default})")
+
+
+def resolve_precision_arg(args: argparse.Namespace, device: torch.device) -> str:
+    """Replace ``args.precision`` ``"auto"`` by the precision it means on ``device``; return it (what is recorded)."""
+    from idm.precision import resolve_precision
+
+    args.precision = resolve_precision(args.precision, device)
+    return args.precision
 
 
 def ratio_range(text: str) -> float | tuple[float, float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from idm.cli.common import add_common_args, add_precision_arg, resolve_device, seed_everything
+from idm.cli.common import add_common_args, add_precision_arg, resolve_device, resolve_precision_arg, seed_everything
 
 
 def add_parser(subparsers) -> None:
@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     out = args.out or "idm-demo"
-    text = run_demo(out, resolve_device(args.device), seed=args.seed, progress=not args.no_progress,
-                    precision=args.precision)  # fmt: skip
+    device = resolve_device(args.device)
+    text = run_demo(out, device, seed=args.seed, progress=not args.no_progress,
+                    precision=resolve_precision_arg(args, device))  # fmt: skip
     print(text)
     print(f"idm demo: pictures and tables in {out}/ (demo.png, demo.md)")
     return 0

@@ -64,6 +64,7 @@ from idm.cli.common import (
     command_line,
     operator_overrides,
     resolve_device,
+    resolve_precision_arg,
     seed_everything,
 )
 from idm.cli.simulate import (
@@ -510,6 +511,7 @@ def run(args: argparse.Namespace) -> int:
     kind = input_kind(source, args.task)
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    resolve_precision_arg(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]
