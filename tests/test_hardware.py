@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -45,3 +47,13 @@ def test_auto_precision_is_bf16_exactly_where_it_is_native(monkeypatch):
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp16'"):
         resolve_precision("fp16", "cpu")
+
+
+def test_idm_info_says_what_auto_precision_runs(monkeypatch, tmp_path, capsys):
+    from idm.cli import main
+
+    monkeypatch.setattr("idm.hardware.has_native_bf16", lambda device: True)
+    assert main(["info", "--device", "cpu", "--out", str(tmp_path / "info.json")]) == 0
+    assert "--precision auto runs bf16 on cpu" in capsys.readouterr().out
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["precision_auto"] == "bf16" and info["hardware"].startswith("CPU, ")

@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
     import operators
     from idm import __version__
     from idm.checkpoint import save_json
+    from idm.hardware import hardware_name
+    from idm.precision import resolve_precision
     from idm.shipped import shipped_models
 
     device = resolve_device(args.device)
@@ -29,11 +31,14 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "hardware": hardware_name(device),
+        "precision_auto": resolve_precision("auto", device),
         "operators": operators.available(),
         "shipped_models": [{"name": m.name, "task": m.task, "path": str(m.path)} for m in shipped_models()],
     }
     print(f"idm {info['idm']} | python {info['python']} | torch {info['torch']}")
-    print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'})")
+    print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'}): {info['hardware']}")
+    print(f"--precision auto runs {info['precision_auto']} on {device}")
     print(f"operators: {', '.join(info['operators'])}")
     shipped = ", ".join(f"{m['name']} ({m['task']})" for m in info["shipped_models"])
     print(f"shipped models: {shipped or 'none'}")
