@@ -19,7 +19,6 @@ median per setting).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import statistics
@@ -86,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args.checkpoint, args.child, args.size, args.precision, args.runs, args.warmup)))
         return 0
+    from benchmarks.report import script_command, write_csv_and_markdown
     from idm.hardware import hardware_name
     from idm.training.trained import resolve_model_dir
 
@@ -103,16 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             rows += [{"round": round_, "malloc": mode, **r} for r in measured]
             print(f"round {round_} {mode}: median {statistics.median(r['ms'] for r in measured):.0f} ms", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "malloc.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    typed = "python -m benchmarks.cpu_malloc " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = summary_markdown(rows)
-    (out / "malloc.md").write_text(f"`{typed}` on {hardware_name(torch.device('cpu'))}\n\n{summary}\n")
-    print(summary)
+    typed = script_command("benchmarks.cpu_malloc", argv)
+    write_csv_and_markdown(Path(args.out), "malloc", rows, FIELDS,
+                           f"`{typed}` on {hardware_name(torch.device('cpu'))}\n\n{summary_markdown(rows)}\n")  # fmt: skip
     return 0
 
 

@@ -20,11 +20,11 @@ Writes ``OUT/ct_projector.json`` and ``OUT/ct_projector.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
+from benchmarks.report import script_command
 from benchmarks.timing import add_timing_args, median_seconds, setup
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"projector": name, "A_ms": 1e3 * a, "A_adjoint_ms": 1e3 * at,
                      "pinv_A_train_ms": 1e3 * train, "build_s": build})
 
-    command = "python -m benchmarks.ct_projector " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = script_command("benchmarks.ct_projector", argv)
     record = {"command": command, "hardware": hardware_name(device), "threads": torch.get_num_threads(),
               "size": args.size, "views": args.views, "batch": args.batch, "rows": rows}
     save_json(record, out / "ct_projector.json")

@@ -20,7 +20,6 @@ Writes ``OUT/ct_start.md`` and ``OUT/ct_start.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import operators
     import tasks
     from benchmarks.harness import load_images
+    from benchmarks.report import script_command
     from idm import IDM, IDMConfig
     from idm.checkpoint import save_json
     from idm.shipped import find_prior
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = tasks.get("ct")
     images = load_images(task, args.data, args.limit, size=args.size)
-    record: dict = {"command": "python -m benchmarks.ct_start " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record: dict = {"command": script_command("benchmarks.ct_start", argv),
                     "images": [im.name for im in images], "filters": {}, "pinv_mapping": {}, "alpha_init": {}}
     for kind in ("ramp", "hann"):
         op = operators.make("ct", img_size=(args.size, args.size), views=args.views, fbp_filter=kind)

@@ -14,8 +14,6 @@ count is that of the network. Writes ``OUT/flops.md`` and ``OUT/flops.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from deepinv.physics import LinearPhysics
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from benchmarks.report import script_command, write_csv_and_markdown
 from benchmarks.speed import flop_counter
 from idm import IDM, IDMConfig
 
@@ -82,21 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/flops")
     args = parser.parse_args(argv)
     rows = [count(args.unet, args.size, args.steps, fold) for fold in (False, True)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "flops.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    command = "python -m benchmarks.flops " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = script_command("benchmarks.flops", argv)
     lines = [f"`{command}` (fake tensors: no computation, any machine)", "",
              "GFLOP per image, inference, batch 1 (2 FLOPs per multiply-add):", "",
              "| upsamplers | total | convolution | attention | linear | other |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['upsamplers']} | {r['gflop_per_image']} | {r['convolution']} | {r['attention']} | {r['linear']} | "
               f"{r['other']} |" for r in rows]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    (out / "flops.md").write_text(text)
-    print(text)
+    write_csv_and_markdown(Path(args.out), "flops", rows, FIELDS, "\n".join(lines) + "\n")
     return 0
 
 

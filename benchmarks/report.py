@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -61,6 +62,22 @@ def write_results_csv(rows: Iterable[Mapping[str, Any]], path: Path, fields: Seq
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if k == "seconds" else f"{v:.4f}") if isinstance(v, float) else v for k, v in row.items()})
+
+
+def script_command(module: str, argv: Sequence[str] | None) -> str:
+    """``python -m MODULE ARGS``: how a benchmark script was run (``argv`` as given to its ``main``, else ``sys.argv[1:]``)."""
+    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def write_csv_and_markdown(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], markdown: str) -> None:
+    """``OUT/STEM.csv`` (``rows`` as they are, in the columns ``fields``) and ``OUT/STEM.md`` (``markdown``); prints the latter."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
 
 
 def _mean_std(values: list[float], digits: int) -> str:

@@ -35,8 +35,6 @@ against the kept freed memory that ``idm``'s commands set
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 
 import operators
 from idm import IDM, IDMConfig
+from benchmarks.report import script_command, write_csv_and_markdown
 from benchmarks.timing import add_timing_args, median_seconds, minor_page_faults, setup
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
@@ -289,14 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
                                                   args.train_batch, args.size, precision, device, args.iters,
                                                   args.warmup, args.peak_tflops), base))  # fmt: skip
-    with open(out / "speed.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    command = "python -m benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = summary_markdown(rows)
-    (out / "speed.md").write_text(f"`{command}` on {hardware_name(device)}\n\n{summary}\n")
-    print(summary)
+    command = script_command("benchmarks.speed", argv)
+    write_csv_and_markdown(out, "speed", rows, FIELDS, f"`{command}` on {hardware_name(device)}\n\n{summary_markdown(rows)}\n")
     return 0
 
 

@@ -18,13 +18,13 @@ authors' images), so the chosen value carries over to full-size images.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
 from benchmarks.prior import load_prior
+from benchmarks.report import script_command
 from idm.checkpoint import load_json, save_json
 from idm.hardware import hardware_name
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     best, scores = tune_dps_step(prior, op, images, grid=args.grid, steps=args.steps, seed=args.seed, return_scores=True)
     record = {
-        "command": "python -m benchmarks.tune_dps " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": script_command("benchmarks.tune_dps", argv),
         "hardware": hardware_name(device),
         "seconds": round(time.perf_counter() - start, 1),
         "task": task.name,
