@@ -44,8 +44,9 @@ def keep_freed_memory(kept_bytes: int = DEFAULT_KEPT_BYTES) -> bool:
     """Have glibc keep freed blocks up to ``kept_bytes`` (and that much free heap top) for reuse.
 
     Process-wide, for the rest of the process. Returns whether the settings
-    were applied: False off glibc, or when one of
-    :data:`GLIBC_MALLOC_VARIABLES` is set (the user's tuning is left alone).
+    were applied: False off glibc, when one of :data:`GLIBC_MALLOC_VARIABLES`
+    is set (the user's tuning is left alone), or when glibc's ``mallopt``
+    refuses the values (glibc 2.36 takes 1 GiB).
     """
     if kept_bytes <= 0 or kept_bytes >= 1 << 31:
         raise ValueError(f"kept_bytes must be in (0, 2 GiB) for mallopt's int argument, got {kept_bytes}")
