@@ -61,11 +61,12 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_img_size(img_size: Any) -> tuple[int, int]:
-    """Return ``img_size`` as ``(H, W)`` positive ints, or raise."""
+    """Return ``img_size`` as ``(H, W)`` positive ints (ints or integer tensors/arrays, not 8.7 or True), or raise."""
     try:
-        h, w = (int(s) for s in img_size)
+        h, w = img_size
     except (TypeError, ValueError):
         raise OperatorInputError(f"img_size must be (H, W), got {img_size!r}") from None
+    h, w = check_int(h, "img_size height"), check_int(w, "img_size width")
     if h <= 0 or w <= 0:
         raise OperatorInputError(f"img_size must be positive, got {img_size!r}")
     return h, w
@@ -79,6 +80,12 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise OperatorInputError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if not torch.isfinite(t).all():
         raise OperatorInputError(f"{name} contains NaN or inf values")
+
+
+def check_float32_or_64(t: torch.Tensor, operator_name: str, name: str) -> None:
+    """Raise :class:`OperatorInputError` unless ``t`` is float32 or float64 (what FFTs and sparse products take)."""
+    if t.dtype not in (torch.float32, torch.float64):
+        raise OperatorInputError(f"{operator_name} supports float32 and float64 tensors, got {name} of dtype {t.dtype}")
 
 
 class Operator(LinearPhysics):

@@ -61,7 +61,7 @@ import torch
 from deepinv.physics.functional.radon import RampFilter
 
 from . import register
-from .base import Operator, OperatorInputError, check_positive_int
+from .base import Operator, OperatorInputError, check_float32_or_64, check_positive_int
 from .least_squares import least_squares_solve
 from .sampling_matrix import bilinear_weights, sparse_from_triplets
 from .symmetric_projector import SymmetricProjector
@@ -141,8 +141,7 @@ class CT(Operator):
     # ---- the projector ------------------------------------------------------------------
     def _projector(self, like: torch.Tensor) -> SymmetricProjector:
         """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, converted on first use."""
-        if like.dtype not in (torch.float32, torch.float64):
-            raise OperatorInputError(f"ct supports float32 and float64 tensors, got {like.dtype}")
+        check_float32_or_64(like, self.name, "a tensor")
         key = (like.device, like.dtype)
         projector = self._projectors.get(key)
         if projector is None:
@@ -221,11 +220,13 @@ class CT(Operator):
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """Normalised sinogram: ``(B, C, W, W)`` -> ``(B, C, D, views)``."""
         self.check_image(x)
+        check_float32_or_64(x, self.name, "x")
         return self._project(x) / self.radon_norm
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Exact adjoint (``R^T / ||R||``): ``(B, C, D, views)`` -> ``(B, C, W, W)``."""
         self.check_measurement(y)
+        check_float32_or_64(y, self.name, "y")
         return self._back_project(y) / self.radon_norm
 
     @property
@@ -247,6 +248,7 @@ class CT(Operator):
         with ``adjoint_via_backprop=True``.
         """
         self.check_measurement(y)
+        check_float32_or_64(y, self.name, "y")
         return self._back_project(self._filter(y * self.radon_norm)) * (math.pi / (2 * self.views))
 
     def config(self) -> dict[str, Any]:

@@ -39,6 +39,10 @@ from .base import Operator, OperatorInputError
 UNCOMPARED = ("img_size", "seed")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal settings; numbers compared with a relative tolerance of 1e-9 (bools exactly)."""
     numbers = (int, float)
@@ -74,6 +78,8 @@ class Component:
                 low, high = float(spec[0]), float(spec[1])
                 if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                     raise OperatorInputError(f"family range for {key!r} must be finite with low <= high, got {spec!r}")
+                if _is_int(self.base.get(key)) and math.ceil(low) > math.floor(high):
+                    raise OperatorInputError(f"family range for the integer setting {key!r} holds no integer: {spec!r}")
                 vary[key] = (low, high)
             elif isinstance(spec, list) and spec:
                 vary[key] = list(spec)
@@ -87,15 +93,25 @@ class Component:
         object.__setattr__(self, "vary", vary)
 
     def draw(self, generator: torch.Generator, seed: int) -> dict[str, Any]:
-        """A concrete operator config: varied settings drawn with ``generator``, ``seed`` for its random parts."""
+        """A concrete operator config: varied settings drawn with ``generator``, ``seed`` for its random parts.
+
+        A range over a setting whose base value is an integer (``views``,
+        ``acceleration``) draws integers, each of ``ceil(low)..floor(high)``
+        equally likely. ``seed`` is set only for operators whose config has one
+        (CT's projector has no random part).
+        """
         config = dict(self.base)
         for key, spec in self.vary.items():
             u = float(torch.rand((), generator=generator, dtype=torch.float64))
-            if isinstance(spec, tuple):
+            if isinstance(spec, tuple) and _is_int(self.base.get(key)):
+                low, high = math.ceil(spec[0]), math.floor(spec[1])
+                config[key] = min(low + int(u * (high - low + 1)), high)
+            elif isinstance(spec, tuple):
                 config[key] = spec[0] + u * (spec[1] - spec[0])
             else:
                 config[key] = spec[min(int(u * len(spec)), len(spec) - 1)]
-        config["seed"] = int(seed)
+        if "seed" in self.base:
+            config["seed"] = int(seed)
         return config
 
     def mismatches(self, request: Mapping[str, Any]) -> list[str]:

@@ -118,6 +118,10 @@ class Inpainting(Operator):
                 raise OperatorInputError(
                     f"box_fraction={box_fraction!r} removes every pixel of a {h}x{w} image; use a value below 1"
                 )
+            if bh == 0 or bw == 0:
+                raise OperatorInputError(
+                    f"box_fraction={box_fraction!r} gives a {bh}x{bw} box on a {h}x{w} image: it removes no pixel"
+                )
             if box_position == "center":
                 top, left = (h - bh) // 2, (w - bw) // 2
             else:

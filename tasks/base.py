@@ -178,7 +178,9 @@ class Task:
         if kinds and "mask" not in self.options:
             raise ValueError(f"task {self.name} does not use --mask")
         fixed = {k: v for k, v in overrides.items() if k not in ranges and not (kinds and k == "mask")}
-        middle = {k: (lo + hi) / 2 for k, (lo, hi) in ranges.items()}
+        # the middle of each range; an integer setting (ranges given as ints: views, acceleration) stays an integer
+        middle = {k: (lo + hi) // 2 if isinstance(lo, int) and isinstance(hi, int) else (lo + hi) / 2
+                  for k, (lo, hi) in ranges.items()}  # fmt: skip
         components = []
         for kind in kinds or [None]:
             base = self.make_operator(img_size, seed, **fixed, **middle, **({"mask": kind} if kind else {})).config()

@@ -382,7 +382,7 @@ def test_npy_hu_clip(tmp_path):
 
 
 def _write_dicom(path, stored: np.ndarray, modality: str = "CT", slope=1.0, intercept=-1024.0,
-                 transfer_syntax=None, pixel_bytes=None) -> None:
+                 transfer_syntax=None, pixel_bytes=None, samples_per_pixel: int = 1) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -396,8 +396,11 @@ def _write_dicom(path, stored: np.ndarray, modality: str = "CT", slope=1.0, inte
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
     ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.SamplesPerPixel = samples_per_pixel
+    ds.PhotometricInterpretation = "MONOCHROME2" if samples_per_pixel == 1 else "RGB"
+    if samples_per_pixel > 1:
+        ds.PlanarConfiguration = 0
+        stored = np.repeat(stored[..., None], samples_per_pixel, axis=-1)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
     ds.PixelRepresentation = 1
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
@@ -420,6 +423,47 @@ def test_dicom_ct_to_hu(tmp_path):
     torch.testing.assert_close(x[0], torch.from_numpy(hu_window(hu)))
 
 
+def _write_enhanced_ct(path, stored: np.ndarray, shared=(1.0, -1024.0), per_frame=None) -> None:
+    """A multi-frame (Enhanced CT) file whose rescale lives only in its functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def group(rescale):
+        item = Dataset()
+        if rescale is not None:
+            transform = Dataset()
+            transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = rescale[0], rescale[1], "HU"
+            item.PixelValueTransformationSequence = Sequence([transform])
+        return item
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedCTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.NumberOfFrames = "CT", stored.shape[0]
+    ds.Rows, ds.Columns = stored.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SharedFunctionalGroupsSequence = Sequence([group(shared)])
+    if per_frame is not None:
+        ds.PerFrameFunctionalGroupsSequence = Sequence([group(r) for r in per_frame])
+    ds.PixelData = stored.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_ct_dicom_rescale_comes_from_the_functional_groups(tmp_path):
+    stored = np.array([[[0, 1024]], [[1064, 2048]]], dtype=np.uint16)  # 2 frames of 1x2
+    _write_enhanced_ct(tmp_path / "shared.dcm", stored)
+    np.testing.assert_array_equal(read_dicom_hu(tmp_path / "shared.dcm"), [[[-1024, 0]], [[40, 1024]]])
+    _write_enhanced_ct(tmp_path / "frames.dcm", stored, per_frame=[(1.0, -1000.0), (2.0, -3000.0)])
+    np.testing.assert_array_equal(read_dicom_hu(tmp_path / "frames.dcm", clip_air=False), [[[-1000, 24]], [[-872, 1096]]])
+    _write_enhanced_ct(tmp_path / "none.dcm", stored, shared=None)
+    with pytest.raises(DataError, match=r"none.dcm.*no RescaleSlope/RescaleIntercept"):
+        read_dicom_hu(tmp_path / "none.dcm")
+
+
 def test_dicom_rejections(tmp_path):
     _write_dicom(tmp_path / "mr.dcm", np.zeros((4, 4), np.int16), modality="MR")
     with pytest.raises(DataError, match=r"mr.dcm.*Modality is 'MR', not 'CT'"):
@@ -429,6 +473,10 @@ def test_dicom_rejections(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match="junk.dcm"):
         read_dicom_hu(tmp_path / "junk.dcm")
+    _write_dicom(tmp_path / "rgb.dcm", np.zeros((4, 4), np.int16), samples_per_pixel=3)  # a screenshot tagged CT
+    for read in (read_dicom_hu, ct_num_slices):
+        with pytest.raises(DataError, match=r"rgb.dcm.*SamplesPerPixel 3 and PhotometricInterpretation 'RGB'"):
+            read(tmp_path / "rgb.dcm")
 
 
 def test_dicom_undecodable_jpeg2000_names_package(tmp_path):

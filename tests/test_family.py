@@ -32,6 +32,18 @@ def test_draws_cover_the_range_and_are_reproducible():
     assert again.resample(11).config() == fam.resample(11).config()
 
 
+def test_integer_settings_draw_integers_and_seedless_operators_get_no_seed():
+    views = tasks.get("ct").make_training_operator(16, views=(4, 8))  # CT's projector takes no seed
+    assert views.config()["components"][0]["base"]["views"] == 6  # the representative: the middle, an integer
+    drawn = [views.resample(s).config()["views"] for s in range(60)]
+    assert set(drawn) == {4, 5, 6, 7, 8} and all(type(v) is int for v in drawn)
+    accelerations = {tasks.get("mri").make_training_operator(16, acceleration=(4, 6)).resample(s).acceleration for s in range(30)}
+    assert accelerations == {4, 5, 6}
+    base = operators.make("ct", img_size=(16, 16), views=4).config()
+    with pytest.raises(OperatorInputError, match="integer setting 'views' holds no integer"):
+        Component(base, {"views": (4.2, 4.8)})
+
+
 def test_members_are_exact_operators_and_the_family_acts_as_its_representative():
     fam = cs_family()
     x = torch.rand(2, 1, 32, 32, dtype=torch.float64)

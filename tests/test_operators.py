@@ -492,11 +492,14 @@ def test_bad_tensors(ops, case):
         ("cs", dict(img_size=(32, 32), block=0), "block"),
         ("cs", dict(img_size=(32, 32), seed=1.5), "seed"),
         ("cs", dict(img_size=(0, 32)), "img_size"),
+        ("cs", dict(img_size=(32.7, 32)), "img_size height must be an integer"),
+        ("cs", dict(img_size=(32, True)), "img_size width must be an integer"),
         ("cs", dict(img_size=(32, 32), channels=0), "channels"),
         ("inpainting", dict(img_size=(32, 32), ratio=0), "ratio"),
         ("inpainting", dict(img_size=(4, 4), ratio=0.01), "ratio"),
         ("inpainting", dict(img_size=(32, 32), mask="box", box_fraction=1.0), "box_fraction"),
         ("inpainting", dict(img_size=(32, 32), mask="box", box_position="left"), "box_position"),
+        ("inpainting", dict(img_size=(16, 16), mask="box", box_fraction=0.02), "0x0 box on a 16x16 image: it removes no pixel"),
         ("inpainting", dict(img_size=(32, 32), mask=np.ones((32, 31))), r"mask must have shape \(H, W\)"),
         ("inpainting", dict(img_size=(32, 32), mask=np.zeros((32, 32))), "keeps no pixel"),
         ("inpainting", dict(img_size=(32, 32), mask=42), "mask must be"),
@@ -601,3 +604,15 @@ def test_cuda_follows_input(ops, case):
             assert out.is_cuda and out.dtype == dtype
             tol = 1e-4 if dtype == torch.float32 else 1e-10
             assert rel(out.cpu(), fn(arg)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64])
+def test_mri_and_ct_name_the_dtypes_they_take(dtype):
+    for name, kwargs in (("mri", {}), ("ct", dict(views=4))):
+        op = operators.make(name, img_size=(8, 8), **kwargs)
+        x = torch.zeros(1, *op.image_shape, dtype=dtype)
+        with pytest.raises(OperatorInputError, match=f"{name} supports float32 and float64 tensors, got x of dtype"):
+            op.A(x)
+        y = torch.zeros(1, *op.measurement_shape(), dtype=dtype)
+        with pytest.raises(OperatorInputError, match=f"{name} supports float32 and float64 tensors, got y of dtype"):
+            op.A_adjoint(y)

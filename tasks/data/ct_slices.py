@@ -138,21 +138,68 @@ def _decoder_hint(ts_uid: str) -> str:
     return "install pylibjpeg with its plugins or python-gdcm"
 
 
+def _check_ct_header(ds, p: Path) -> None:
+    """A :class:`DataError` naming ``p`` unless ``ds`` is a single-sample (greyscale) CT image."""
+    modality = ds.get("Modality", None)
+    if modality != "CT":
+        raise DataError(f"{p}: DICOM Modality is {modality!r}, not 'CT' (only CT is supported)")
+    samples, photometric = ds.get("SamplesPerPixel", 1), str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples != 1 or not photometric.startswith("MONOCHROME"):
+        raise DataError(f"{p}: a CT image has one greyscale sample per pixel; this file has SamplesPerPixel "
+                        f"{samples} and PhotometricInterpretation {photometric!r} (a secondary capture?)")
+
+
+def _frame_rescales(ds, frames: int) -> list[tuple[float, float]] | None:
+    """``(slope, intercept)`` per frame: top-level tags, else the Enhanced CT functional groups; None if absent."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return [(float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0)))] * frames
+
+    def of(group) -> tuple[float, float] | None:
+        items = group.get("PixelValueTransformationSequence", None) if group is not None else None
+        if not items or "RescaleIntercept" not in items[0]:
+            return None
+        return float(items[0].get("RescaleSlope", 1.0)), float(items[0].RescaleIntercept)
+
+    shared = ds.get("SharedFunctionalGroupsSequence", None)
+    common = of(shared[0]) if shared else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
+    rescales = [of(per_frame[i]) if i < len(per_frame) else None for i in range(frames)]
+    rescales = [own or common for own in rescales]
+    return None if any(r is None for r in rescales) else rescales
+
+
+def _stored_to_hu(raw: np.ndarray, ds, p: Path) -> np.ndarray:
+    """Stored values ``(H, W)`` or ``(frames, H, W)`` -> float32 HU, by the file's rescale (or modality LUT)."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    frames = raw.shape[0] if raw.ndim == 3 else 1
+    rescales = _frame_rescales(ds, frames)
+    if rescales is None:
+        raise DataError(f"{p}: no RescaleSlope/RescaleIntercept (top level or Enhanced CT functional groups): "
+                        "the stored values cannot be converted to HU")
+    slope = np.array([r[0] for r in rescales], dtype=np.float64).reshape((-1, 1, 1) if raw.ndim == 3 else ())
+    intercept = np.array([r[1] for r in rescales], dtype=np.float64).reshape(slope.shape)
+    return (raw.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
 def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
     """Read a CT DICOM file into Hounsfield units.
 
-    Applies the modality LUT (RescaleSlope / RescaleIntercept). Returns
+    Applies the rescale (RescaleSlope / RescaleIntercept, at the top level or,
+    for Enhanced CT, in the shared or per-frame functional groups) or the
+    modality LUT. Returns
     float32 ``(H, W)`` (``(frames, H, W)`` for multi-frame files); values
     below -1024 are clipped to -1024 when ``clip_air``.
 
     Raises :class:`DataError` naming the file if it is not DICOM, its
-    Modality is not "CT", it has no pixel data, or its compressed pixel data
-    cannot be decoded (the message names the package needed).
+    Modality is not "CT", it is not greyscale (one sample per pixel), it has
+    no pixel data or no rescale to HU, or its compressed pixel data cannot be
+    decoded (the message names the package needed).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
-
     p = check_file(path)
     try:
         ds = pydicom.dcmread(p)
@@ -160,9 +207,7 @@ def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
         raise DataError(f"{p}: not a DICOM file ({exc})") from exc
     except Exception as exc:
         raise DataError(f"{p}: cannot read DICOM ({type(exc).__name__}: {exc})") from exc
-    modality = ds.get("Modality", None)
-    if modality != "CT":
-        raise DataError(f"{p}: DICOM Modality is {modality!r}, not 'CT' (only CT is supported)")
+    _check_ct_header(ds, p)
     if "PixelData" not in ds:
         raise DataError(f"{p}: DICOM file has no pixel data")
     ts = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
@@ -176,7 +221,9 @@ def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
             ) from exc
         raise DataError(f"{p}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
     try:
-        hu = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+        hu = _stored_to_hu(raw, ds, p)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{p}: cannot apply rescale to HU ({type(exc).__name__}: {exc})") from exc
     if clip_air:
@@ -322,9 +369,7 @@ def ct_num_slices(path: PathLike) -> tuple[int, int, int]:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
         except Exception as exc:
             raise DataError(f"{p}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-        modality = ds.get("Modality", None)
-        if modality != "CT":
-            raise DataError(f"{p}: DICOM Modality is {modality!r}, not 'CT' (only CT is supported)")
+        _check_ct_header(ds, p)
         try:
             return int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
         except Exception as exc:
