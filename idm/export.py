@@ -55,6 +55,11 @@ def _half(tensors: dict[str, Any]) -> dict[str, Any]:
     return {k: v.half() if v.is_floating_point() and v.numel() > KEEP_FP32_NUMEL else v for k, v in tensors.items()}
 
 
+def _full(tensors: dict[str, Any]) -> dict[str, Any]:
+    """float32 copies of the floating tensors (a float16 export re-exported with ``half=False`` is float32 again)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def _dtype_note(half: bool) -> str:
     return "float16 (tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
 
@@ -91,8 +96,7 @@ def export_model(
     if config.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not an IDM model config")
     tensors = load_tensors(folder / WEIGHTS_NAME)
-    if half:
-        tensors = _half(tensors)
+    tensors = _half(tensors) if half else _full(tensors)  # what provenance.json's weights_dtype says
     if prior_name is not None:
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
     if hardware is not None:

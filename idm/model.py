@@ -179,17 +179,22 @@ class IDM(nn.Module):
         """Reconstruct images from measurements.
 
         Args:
-            y: measurements, in the layout of ``op`` (e.g. ``(B, C, n_blocks, q)`` for block CS).
+            y: measurements, in the layout of ``op`` (e.g. ``(B, C, n_blocks, q)`` for block CS);
+                floating-point measurements of another dtype (float64 for a float32 model, bf16)
+                are cast to the model's dtype first.
             op: any deepinv ``LinearPhysics`` with ``A``, ``A_adjoint``, ``A_dagger``.
             generator: random source for ``init="noise"``.
 
         Returns:
-            ``(B, C, H, W)`` reconstruction, in the value range of the training
-            images (``[0, 1]`` for the toolkit's tasks; not clamped).
+            ``(B, C, H, W)`` reconstruction in the model's dtype, in the value range
+            of the training images (``[0, 1]`` for the toolkit's tasks; not clamped).
         """
         check = getattr(op, "check_measurement", None)
         if callable(check):
             check(y)
+        dtype = next(self.parameters()).dtype
+        if y.is_floating_point() and y.dtype != dtype:
+            y = y.to(dtype)
         x_pinv = self.prior_range_pinv(y, op)
         x = self.initial_state(x_pinv, generator)
         layers = self._layers()
@@ -337,7 +342,13 @@ class IDM(nn.Module):
         return model.to(device)
 
     def load_weights(self, state: dict[str, Tensor], source: str | Path = "state dict") -> None:
-        """``load_state_dict`` with an error that says which keys or shapes do not match."""
+        """``load_state_dict`` with an error that says which keys or shapes do not match.
+
+        The values are copied: into the existing tensors (keeping their device,
+        dtype and memory format), or, for a model built without storage
+        (``init_weights=False``, on the meta device), as new tensors in this
+        model's dtypes. Either way ``state`` and this model share no storage.
+        """
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -350,4 +361,7 @@ class IDM(nn.Module):
                      f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
                      f"{len(wrong)} of another shape ({show(wrong)})" if wrong else ""]
             raise CheckpointError(f"weights in {source} do not fit this IDM: " + "; ".join(p for p in parts if p))
-        self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, assign=True)
+        if any(t.is_meta for t in own.values()):
+            self.load_state_dict({k: v.to(own[k].dtype, copy=True) for k, v in state.items()}, assign=True)
+        else:
+            self.load_state_dict(state)

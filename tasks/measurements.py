@@ -62,7 +62,7 @@ from operators import OperatorInputError
 __all__ = [
     "FORMAT", "SINOGRAM_FORMAT", "VERSION", "MeasurementFileError", "Measurement", "MeasurementSet",
     "OperatorCache", "save_measurements", "load_measurements", "Sinogram", "sidecar_path", "save_sinogram",
-    "load_sinogram", "looks_like_sinogram", "ct_width_for_detectors", "atomic_write", "describe_operator", "unique_names",
+    "load_sinogram", "looks_like_sinogram", "ct_width_for_detectors", "atomic_write", "describe_operator", "unique_names", "check_item_name",
 ]  # fmt: skip
 
 FORMAT = "idm-measurements"
@@ -356,6 +356,8 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
         names = [str(n) for n in names]
         if len(set(names)) != count:
             raise MeasurementFileError(f"{path}: item names are not unique")
+        for name in names:
+            check_item_name(name, path)
         ys = _item_arrays(data, "y", count, path)
         truth = bool(meta.get("truth", False))
         xs: list[np.ndarray | None] = _item_arrays(data, "x_true", count, path) if truth else [None] * count
@@ -500,8 +502,11 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise MeasurementFileError(f"{path}: not a readable .npy sinogram ({err})") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3):
-        raise MeasurementFileError(f"{path}: a sinogram must be (detectors, views) or (N, detectors, views), got shape {getattr(arr, 'shape', None)}")
+    if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3) or 0 in arr.shape:
+        raise MeasurementFileError(f"{path}: a sinogram must be (detectors, views) or (N, detectors, views) with no empty "
+                                   f"axis, got shape {getattr(arr, 'shape', None)}")  # fmt: skip
+    if arr.dtype.kind not in "fiu":
+        raise MeasurementFileError(f"{path}: a sinogram must hold real numbers (float or integer), got dtype {arr.dtype}")
     data = _float_array(arr if arr.dtype.kind == "f" else arr.astype(np.float32), "the sinogram", path)
     if data.ndim == 2:
         data = data[None]
@@ -512,7 +517,7 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
         side = sidecar_path(path)
         listed = info.get("names")
         if isinstance(listed, list) and len(listed) == count and all(isinstance(n, str) for n in listed):
-            names = list(listed)
+            names = [check_item_name(n, sidecar_path(path)) for n in listed]
         cache = cache or OperatorCache()
         try:
             op = cache.get(info["operator"])
@@ -525,6 +530,17 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
                 f"{describe_operator(info['operator'])} measures {shape[1]} x {shape[2]}"
             )
     return Sinogram(path, data, info, names)
+
+
+def check_item_name(name: str, path: PathLike) -> str:
+    """``name`` if it can name output files (``NAME.png``, ``NAME.npy``) inside the output folder, else an error naming ``path``.
+
+    An item name read from a file must not lead out of the folder that ``idm
+    reconstruct`` writes to: no path separators, NUL, ``.`` or ``..``, and not empty.
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise MeasurementFileError(f"{path}: item name {name!r} is not a plain file name (no '/', '\\', '..' or empty names)")
+    return name
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

@@ -53,6 +53,12 @@ def test_half_precision_export_keeps_scalars_and_outputs(runs, tmp_path, capsys)
         a, b = original(op.A(x), op), exported(op.A(x), op)
     assert 0 < float((a - b).abs().max()) < 5e-3  # float16 rounding of the weights, nothing more
 
+    # re-exported with --fp32 (as a shipped model can be): float32 tensors, as provenance.json says
+    again = tmp_path / "weights" / "cs-any-fp32"
+    assert main(["export", "--checkpoint", str(out), "--fp32", "--out", str(again)]) == 0
+    assert {t.dtype for t in load_file(str(again / "model.safetensors")).values()} == {torch.float32}
+    assert json.loads((again / "provenance.json").read_text())["weights_dtype"] == "float32"
+
 
 def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch, capsys):
     from diffusers import UNet2DModel
@@ -68,6 +74,8 @@ def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkey
     assert {t.dtype for t in stored.values() if t.numel() > KEEP_FP32_NUMEL} == {torch.float16}
     assert main(["export", "--checkpoint", str(prior_run), "--final-projection", "--out", str(tmp_path / "p")]) == 2
     assert "--final-projection applies to IDM models, not priors" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(prior_run), "--prior-name", "x", "--out", str(tmp_path / "p")]) == 2
+    assert "--prior-name applies to IDM models, not priors" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
     full = tmp_path / "prior-fp32"
     assert main(["export", "--checkpoint", str(prior_run), "--fp32", "--out", str(full)]) == 0

@@ -482,3 +482,33 @@ def test_least_squares_projection_has_the_gradient_of_its_finite_difference():
     x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     y = op.A(torch.rand(1, 1, 8, 8, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: model.project_onto_measurements(a, b, op), (x, y))
+
+
+def test_load_weights_copies_into_the_model_and_keeps_its_layout(tmp_path):
+    torch.manual_seed(0)
+    source = IDM(IDMConfig(steps=2))
+    state = source.state_dict()
+    model = IDM(IDMConfig(steps=2)).for_inference()  # channels-last convolution weights on the CPU
+    model.load_weights(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    conv = model.eps_net.unet.down_blocks[0].resnets[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    with torch.no_grad():
+        model.eps_net.unet.conv_in.weight.add_(1.0)  # e.g. an optimizer step of the model that was initialised from `source`
+    assert torch.equal(source.eps_net.unet.conv_in.weight, state["eps_net.unet.conv_in.weight"])  # untouched
+    source.save_pretrained(tmp_path / "m")
+    loaded = IDM.from_pretrained(tmp_path / "m")  # built without storage, then given the file's tensors
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_measurements_of_another_float_dtype_are_cast_to_the_models(ortho_op):
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(steps=2)).eval()
+    op = ortho_op((1, 32, 32), 300)
+    y = op.A(torch.rand(1, 1, 32, 32))
+    with torch.no_grad():
+        reference = model(y, op)
+        assert torch.equal(model(y.double(), op), model(y.double().float(), op))  # float64 y, float32 model
+        assert model(y.bfloat16(), op).dtype == torch.float32
+        wide = model.double()(y, op)  # float32 y, float64 model
+    assert wide.dtype == torch.float64 and relative_error(wide.float(), reference) < 1e-4

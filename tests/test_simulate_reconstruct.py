@@ -176,7 +176,12 @@ def test_measurement_file_round_trip_and_clear_errors(tmp_path):
     meta["items"][0]["operator"]["ratio"] = 0.5  # y no longer fits its operator
     meta["truth"] = False
     np.savez(tmp_path / "shape.npz", meta=np.array(json.dumps(meta)), names=np.array(["p", "q"]), y_0=items[0].y, y_1=items[1].y)
+    meta = json.loads(str(np.load(path)["meta"]))
+    meta["items"][0]["name"] = "../escaped"  # would write NAME.png outside the output folder
+    np.savez(tmp_path / "escape.npz", meta=np.array(json.dumps(meta)), names=np.array(["../escaped", "q"]), y_0=items[0].y,
+             y_1=items[1].y, x_true_0=items[0].x_true, x_true_1=items[1].x_true)  # fmt: skip
     cases = [
+        ("escape.npz", MeasurementFileError, r"escape.npz: item name '\.\./escaped' is not a plain file name"),
         ("junk.npz", MeasurementFileError, r"junk.npz: not an .npz measurement file"),
         ("single.npy", MeasurementFileError, r"single.npy: holds a single array"),
         ("missing.npz", MeasurementFileError, r"missing.npz' does not exist"),
@@ -396,6 +401,16 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     for argv, message in cases:
         assert main(rec + ["--input"] + argv) == 2, argv
         assert message in _error(capsys), argv
+    np.save(tmp_path / "empty.npy", np.zeros((0, 46, 20), np.float32))
+    np.save(tmp_path / "complex.npy", np.zeros((46, 20), np.complex64))
+    shutil.copy(sidecar_path(sino), sidecar_path(tmp_path / "named.npy"))
+    np.save(tmp_path / "named.npy", np.load(sino))
+    info["names"] = ["/tmp/elsewhere"]
+    sidecar_path(tmp_path / "named.npy").write_text(json.dumps(info))
+    for name, message in (("empty.npy", "with no empty axis, got shape (0, 46, 20)"), ("complex.npy", "must hold real numbers"),
+                          ("named.npy", "item name '/tmp/elsewhere' is not a plain file name")):  # fmt: skip
+        assert main(rec + ["--input", str(tmp_path / name), "--checkpoint", str(models / "ct20")]) == 2, name
+        assert message in _error(capsys), name
     np.save(tmp_path / "odd.npy", np.zeros((48, 20), np.float32))
     assert main(rec + ["--input", str(tmp_path / "odd.npy"), "--checkpoint", str(models / "ct20")]) == 2
     assert "48 detector cells match no square image" in _error(capsys)

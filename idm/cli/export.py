@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         help="export a trained model (fp16 IDM folder, or a pretrained prior) with its provenance",
         description="Write a model folder with float16 weights (learnable scalars kept float32), the run's task and "
         "operator record, and provenance.json (source, iterations, seconds, hardware, command). For an "
-        "`idm pretrain` run folder, export its prior (float32 diffusers folder) instead.",
+        "`idm pretrain` run folder, export its prior (a diffusers folder, float16 unless --fp32) instead.",
     )
     parser.add_argument("--checkpoint", required=True, help="an `idm train` / `idm pretrain` --out folder, or a checkpoint")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights")
@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.checkpoint)
     if (source / PRIOR_DIR / "config.json").is_file():
-        if args.final_projection is not None:
-            raise ValueError(f"{source} is an `idm pretrain` run: --final-projection applies to IDM models, not priors")
+        for flag, value in (("--final-projection", args.final_projection), ("--prior-name", args.prior_name)):
+            if value is not None:
+                raise ValueError(f"{source} is an `idm pretrain` run: {flag} applies to IDM models, not priors")
         out = export_prior(source, args.out, half=not args.fp32, hardware=args.hardware)
     else:
         out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware,
