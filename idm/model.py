@@ -319,12 +319,21 @@ class IDM(nn.Module):
         """Rebuild the architecture from :meth:`export_config` output (random or empty weights)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CheckpointError(f"not an IDM model config (expected format {FORMAT!r})")
+        expected = {"idm": dict, "unet_class": str, "unet_config": dict}
+        wrong = [f"{key!r} ({kind.__name__})" for key, kind in expected.items() if not isinstance(data.get(key), kind)]
+        if wrong:
+            raise CheckpointError(f"IDM model config lacks or mistypes {', '.join(wrong)}")
         config = IDMConfig.from_dict(data["idm"])
         unet = unet_from_config(data["unet_class"], data["unet_config"], device="meta")
         return cls(config, unet=unet, init_weights=init_weights)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each file atomically.
+
+        The two are replaced one after the other; to replace a whole model
+        folder at once, write it elsewhere and swap folders (as ``idm export``
+        and the training checkpoints do).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_tensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
@@ -337,7 +346,10 @@ class IDM(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist")
-        model = cls.from_config_dict(load_json(directory / CONFIG_NAME, "IDM config"), init_weights=False)
+        try:
+            model = cls.from_config_dict(load_json(directory / CONFIG_NAME, "IDM config"), init_weights=False)
+        except CheckpointError as err:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
         model.load_weights(load_tensors(directory / WEIGHTS_NAME), source=directory / WEIGHTS_NAME)
         return model.to(device)
 

@@ -66,14 +66,17 @@ def file_mask_columns(volume: FastMRISlices) -> Optional[torch.Tensor]:
     return mask.to(torch.float64)
 
 
-def volume_scale(kspace: torch.Tensor, columns: torch.Tensor) -> float:
-    """The per-volume normalisation: max ``|F^H (M k)|`` over all slices (see the module docstring)."""
+def volume_scale(kspace: torch.Tensor, columns: torch.Tensor, source: str = "k-space") -> float:
+    """The per-volume normalisation: max ``|F^H (M k)|`` over all slices (see the module docstring).
+
+    ``source`` (the file) begins the :class:`DataError` raised for NaN/inf or all-zero measured k-space.
+    """
     masked = kspace * columns.to(kspace.real.dtype)
     scale = float(kspace_to_image(masked, crop=None, magnitude=True).max())
     if not np.isfinite(scale):
-        raise DataError("k-space contains NaN or inf")
+        raise DataError(f"{source}: k-space contains NaN or inf")
     if scale <= 0:
-        raise DataError("the measured k-space is all zeros")
+        raise DataError(f"{source}: the measured k-space is all zeros")
     return scale
 
 

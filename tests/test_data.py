@@ -339,6 +339,11 @@ def test_fastmri_errors(tmp_path):
         f["kspace"] = np.zeros((1, 8, 8), np.float32)
     with pytest.raises(DataError, match="real.h5.*complex"):
         load_fastmri_slices(p)
+    p = tmp_path / "pairs.h5"  # real and imaginary parts as a last axis of 2: not multi-coil data
+    with h5py.File(p, "w") as f:
+        f["kspace"] = np.zeros((1, 8, 8, 2), np.float32)
+    with pytest.raises(DataError, match=r"pairs.h5: kspace must be complex .*float32 of shape \(1, 8, 8, 2\)"):
+        load_fastmri_slices(p)
     (tmp_path / "text.h5").write_text("hello")
     with pytest.raises(DataError, match="text.h5"):
         load_fastmri_slices(tmp_path / "text.h5")
@@ -379,6 +384,10 @@ def test_npy_hu_clip(tmp_path):
     (tmp_path / "junk.npy").write_text("junk")
     with pytest.raises(DataError, match="junk.npy"):
         read_npy_hu(tmp_path / "junk.npy")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8, 8), np.int16))
+    for read in (read_npy_hu, ct_num_slices):
+        with pytest.raises(DataError, match=r"empty.npy: expected \(H, W\) or \(N, H, W\) with no empty axis, got shape \(0, 8, 8\)"):
+            read(tmp_path / "empty.npy")
 
 
 def _write_dicom(path, stored: np.ndarray, modality: str = "CT", slope=1.0, intercept=-1024.0,

@@ -257,6 +257,20 @@ def test_unet_folder_errors(tmp_path):
     (tmp_path / "noweights" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UNetSourceError, match="cannot load the U-Net weights"):
         IDM(IDMConfig(unet=str(tmp_path / "noweights")))
+    (tmp_path / "bad.json").mkdir()
+    (tmp_path / "bad.json" / "config.json").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(UNetSourceError, match="cannot read .*bad.json/config.json"):
+        IDM(IDMConfig(unet=str(tmp_path / "bad.json")))
+
+
+@pytest.mark.parametrize(("setting", "config", "message"), [
+    ({"center_input_sample": True}, {}, "center_input_sample=True are not supported"),
+    ({"time_embedding_type": "fourier"}, {"time_input": True, "schedule": "ddpm"}, "Fourier time embedding"),
+])  # fmt: skip
+def test_diffusers_settings_the_adapter_does_not_apply_are_refused(setting, config, message):
+    unet = UNet2DModel(**tiny_unet_config(1), **setting)
+    with pytest.raises(ValueError, match=message):
+        IDM(IDMConfig(**config), unet=unet)
 
 
 def test_sd15_architecture_has_the_authors_parameter_count():
@@ -512,3 +526,16 @@ def test_measurements_of_another_float_dtype_are_cast_to_the_models(ortho_op):
         assert model(y.bfloat16(), op).dtype == torch.float32
         wide = model.double()(y, op)  # float32 y, float64 model
     assert wide.dtype == torch.float64 and relative_error(wide.float(), reference) < 1e-4
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.pop("idm"), r"lacks or mistypes 'idm' \(dict\)"),
+    (lambda c: c.update(unet_config="oops"), r"lacks or mistypes 'unet_config' \(dict\)"),
+])  # fmt: skip
+def test_a_damaged_model_config_is_a_clear_error(tmp_path, edit, message):
+    folder = IDM(IDMConfig(steps=1)).save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: IDM model config " + message):
+        IDM.from_pretrained(folder)

@@ -352,6 +352,12 @@ def test_fastmri_normalisation_is_undone():
     magnitude = torch.sqrt(zero_filled[:, 0] ** 2 + zero_filled[:, 1] ** 2)
     assert abs(float(magnitude.max()) - 1.0) < 1e-5
     torch.testing.assert_close(magnitude * scale, kspace_to_image(k * columns.float(), crop=None), rtol=1e-4, atol=1e-9)
+    from tasks.data import DataError
+
+    for bad, message in ((torch.full_like(k, float("nan")), "scan.h5: k-space contains NaN or inf"),
+                         (torch.zeros_like(k), "scan.h5: the measured k-space is all zeros")):  # fmt: skip
+        with pytest.raises(DataError, match=message):
+            mri_files.volume_scale(bad, columns, source="scan.h5")
 
 
 def test_bad_fastmri_files_are_clear_errors(files, tmp_path, capsys):

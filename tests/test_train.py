@@ -263,15 +263,19 @@ def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys)
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage_json"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage_json", "no_optimizer"])
 def test_damaged_checkpoint_is_refused(base_run, tmp_path, data, capsys, damage):
     out = copy_run(base_run, tmp_path)
     latest = out / "checkpoints" / "iter_0000002"
     if damage == "truncate":
         blob = (latest / "model.safetensors").read_bytes()
         (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    else:
+    elif damage == "garbage_json":
         (latest / "trainer_state.json").write_text('{"iteration": 2, "optimi')
+    else:
+        state = json.loads((latest / "trainer_state.json").read_text())
+        del state["optimizer"]
+        (latest / "trainer_state.json").write_text(json.dumps(state))
     before = snapshot(out)
     err = _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(out), "--resume"], capsys, "cannot resume from")
     assert "iter_0000002" in err and "damaged" in err

@@ -156,7 +156,7 @@ def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: 
     height, width = item.image_size
     x_hat = x_hat[..., :height, :width].float().cpu()
     if not torch.isfinite(x_hat).all():
-        raise FloatingPointError(f"{item.name}: the reconstruction contains NaN or inf")
+        raise ValueError(f"{item.name}: the reconstruction contains NaN or inf (are the checkpoint's weights finite?)")
     return x_hat, seconds
 
 
@@ -458,7 +458,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
             op = plan.operator(f_index, (height, width))
             columns = op.mask[0]
             masks.append(f"{path.name}: seeded mask (seed {op.config().get('seed')}, {int(columns.sum())} of {width} columns)")
-        scale = mri_files.volume_scale(volume.kspace, columns)
+        scale = mri_files.volume_scale(volume.kspace, columns, source=str(path))
         ys = mri_files.slice_measurements(volume.kspace, columns, scale)
         crop = None if args.no_crop else mri_files.output_crop(volume)
         reference, ref_kind = mri_files.reference_volume(volume, volume.mask is not None, crop)

@@ -115,8 +115,8 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv, device: torch.device) -> tor
     ``static_graph=True`` (as the IDM authors do): the set of parameters that
     get gradients is the same every iteration, and IDM's memory-saving
     backward delivers all parameter gradients at once from one custom
-    autograd function (gradients computed by nested ``torch.autograd.grad``
-    calls inside its backward); a static graph lets the reducer handle
+    autograd function (gradients summed by ``torch.autograd.backward(...,
+    inputs=...)`` calls inside its backward); a static graph lets the reducer handle
     parameters whose gradients stay ``None`` (e.g. unused ones) without
     ``find_unused_parameters``' extra traversal. DDP broadcasts rank 0's
     parameters and buffers at construction, so every rank starts identical.

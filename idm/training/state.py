@@ -45,6 +45,11 @@ def read_checkpoint_files(
         rng_tensors = load_tensors(folder / "rng.safetensors")
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
             raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no iteration number")
+        optimizer = state.get("optimizer")
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]
+        ):
+            raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no readable optimizer record (param_groups)")
     except CheckpointError as err:
         raise CheckpointError(
             f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "

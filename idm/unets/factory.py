@@ -93,7 +93,7 @@ def read_unet_class(folder: Path) -> str:
     """The diffusers class name recorded in ``folder/config.json``; clear errors otherwise."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UNetSourceError(f"cannot read {folder / 'config.json'}: {err}") from None
     name = cfg.get("_class_name") if isinstance(cfg, dict) else None
     if name not in UNET_CLASSES:

@@ -173,6 +173,11 @@ class WiredUNet(nn.Module):
                     "UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D",
                 }:  # fmt: skip
                     raise ValueError(f"U-Net block type {kind} is not supported by the IDM adapter")
+        config = getattr(self.unet, "config", {})
+        if config.get("center_input_sample", False):  # diffusers maps the sample to 2x - 1 first; this walk does not
+            raise ValueError("U-Nets with center_input_sample=True are not supported by the IDM adapter")
+        if self.keep_time and config.get("time_embedding_type", "positional") == "fourier":
+            raise ValueError("U-Nets with a Fourier time embedding are not supported with the time input kept")
         if not self.keep_time:
             for module in self.unet.modules():
                 if getattr(module, "time_embedding_norm", "default") != "default":

@@ -234,8 +234,8 @@ def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
 def _validate_hu(arr: np.ndarray, p: Path) -> np.ndarray:
     if arr.dtype.kind not in "iuf":
         raise DataError(f"{p}: expected a numeric HU array, got dtype {arr.dtype}")
-    if arr.ndim not in (2, 3):
-        raise DataError(f"{p}: expected (H, W) or (N, H, W), got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or 0 in arr.shape:
+        raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {arr.shape}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{p}: contains NaN or infinite values")
     return arr
@@ -355,11 +355,9 @@ def ct_num_slices(path: PathLike) -> tuple[int, int, int]:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             raise DataError(f"{p}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
-        if arr.ndim == 2:
-            return 1, int(arr.shape[0]), int(arr.shape[1])
-        if arr.ndim == 3:
-            return int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2])
-        raise DataError(f"{p}: expected (H, W) or (N, H, W), got shape {arr.shape}")
+        if arr.ndim in (2, 3) and 0 not in arr.shape:
+            return (1, *map(int, arr.shape)) if arr.ndim == 2 else tuple(map(int, arr.shape))
+        raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {arr.shape}")
     if ext in (".tif", ".tiff"):
         return _tiff_frames(p)
     if ext == ".dcm":

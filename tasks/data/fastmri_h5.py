@@ -109,15 +109,15 @@ def load_fastmri_slices(path: PathLike) -> FastMRISlices:
                 f"{p}: no 'kspace' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})"
             )
         ds = f["kspace"]
+        if ds.dtype.kind != "c":  # before the shape: (S, H, W, 2) real pairs are not multi-coil data
+            raise DataError(f"{p}: kspace must be complex (fastMRI stores complex64), got dtype {ds.dtype} of shape {ds.shape}")
         if ds.ndim == 4:
             raise DataError(
                 f"{p}: kspace has shape {ds.shape} (slices, coils, H, W): "
                 "multi-coil data is not supported yet (single-coil only)"
             )
-        if ds.ndim != 3:
-            raise DataError(f"{p}: kspace must have shape (slices, H, W), got {ds.shape}")
-        if ds.dtype.kind != "c":
-            raise DataError(f"{p}: kspace must be complex, got dtype {ds.dtype}")
+        if ds.ndim != 3 or 0 in ds.shape:
+            raise DataError(f"{p}: kspace must have shape (slices, H, W) with no empty axis, got {ds.shape}")
         try:
             kspace = torch.from_numpy(np.ascontiguousarray(ds[()], dtype=np.complex64))
             recon = None
