@@ -51,8 +51,8 @@ def has_native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo")
     CPU: AVX512-BF16 or AMX-BF16 in ``cpuinfo``; oneDNN emulates bfloat16 elsewhere, slower than
     float32 (README, *Speed on this CPU*). Other devices: ``False``.
     """
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # compute capability 8.0+: what is_bf16_supported checks, here for this device
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return bool(cpu_bf16_units(cpuinfo))
     return False

@@ -57,3 +57,19 @@ def test_idm_info_says_what_auto_precision_runs(monkeypatch, tmp_path, capsys):
     assert "--precision auto runs bf16 on cpu" in capsys.readouterr().out
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["precision_auto"] == "bf16" and info["hardware"].startswith("CPU, ")
+
+
+def test_device_flags_name_what_this_machine_lacks(monkeypatch):
+    from idm.cli.common import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:5: this machine has 1 CUDA device\(s\), numbered from 0"):
+        resolve_device("cuda:5")

@@ -414,6 +414,19 @@ def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
     assert isinstance(caught.value, ValueError)  # the CLI prints it as `idm train: error: ...`
 
 
+def test_a_diverged_loss_stops_the_run_before_it_is_checkpointed():
+    from idm.training import distributed
+    from idm.training.loop import Cadence, TrainingDiverged, run_loop
+
+    saved = []
+    losses = [0.5, 0.4, 0.3, float("nan"), 0.2, 0.1]  # iteration 4 diverges; 5 and 6 would look fine again
+    with pytest.raises(TrainingDiverged, match=r"loss is nan over iterations 4\.\.4: .*No checkpoint was written after iteration 2; resume from it with a lower --lr") as caught:
+        run_loop(start=0, stop=6, batches=iter([torch.zeros(1)] * 6), step=lambda i, b: torch.tensor(losses[i]),
+                 lr_at=lambda i: 1e-4, save=lambda it, sec: saved.append(it), cadence=Cadence(checkpoint_every=2, log_every=1),
+                 env=distributed.detect(), device=torch.device("cpu"), progress=False)  # fmt: skip
+    assert saved == [2] and isinstance(caught.value, ValueError)  # iteration 4's checkpoint is never written
+
+
 def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
     """ct trains with pinv_mapping="images" and alpha_init=0.99 unless told otherwise (tasks/ct.py)."""
     slices = tmp_path / "ct"

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if torch.cuda.is_available() else None,
         "hardware": hardware_name(device),
         "precision_auto": resolve_precision("auto", device),
         "operators": operators.available(),

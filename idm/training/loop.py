@@ -3,8 +3,10 @@
 It owns what both trainers do around a training step: the time budget
 (``--max-minutes``: stop early enough to checkpoint and exit cleanly), the
 log / validation / checkpoint cadence, the progress bar, a clean stop on
-SIGTERM or Ctrl-C (finish the iteration, checkpoint, exit), and keeping
-every decision identical on all DDP ranks.
+SIGTERM or Ctrl-C (finish the iteration, checkpoint, exit), a clear stop
+when the loss becomes NaN or infinite (before a diverged model is
+checkpointed over good ones), and keeping every decision identical on all
+DDP ranks.
 
 Iteration numbers: the step for index ``i`` (0-based) completes iteration
 ``i + 1``; checkpoints, log rows and ``--iters`` count completed iterations.
@@ -12,6 +14,7 @@ Iteration numbers: the step for index ``i`` (0-based) completes iteration
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -47,6 +50,10 @@ class Cadence:
 
 class OutOfDeviceMemory(ValueError):
     """A training step did not fit in the accelerator's memory; the message says what to change."""
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite; no checkpoint is written from then on (the message says what to do)."""
 
 
 def _out_of_memory(iteration: int, batch: torch.Tensor, err: Exception) -> OutOfDeviceMemory:
@@ -155,6 +162,8 @@ def run_loop(
     window_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_n = 0
     completed = start
+    window_first = start + 1  # the first iteration whose loss is in the window
+    last_saved = start  # the iteration of the newest checkpoint (the resume point at the start)
     reason = "done"
     bar = tqdm(total=stop, initial=start, desc=desc, unit="it", dynamic_ncols=True, disable=not (progress and main))
     try:
@@ -187,8 +196,15 @@ def run_loop(
                 if final or do_save or val_due or completed % cadence.log_every == 0:  # same on every rank
                     total, count = distributed.all_reduce_sum([float(window_sum), float(window_n)], env, device)
                     mean_loss = total / max(count, 1.0)
+                    if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
+                        raise TrainingDiverged(
+                            f"the training loss is {mean_loss} over iterations {window_first}..{completed}: the run "
+                            f"diverged. No checkpoint was written after iteration {last_saved}; resume from it with "
+                            "a lower --lr (or without AMP, --no-amp)"
+                        )
                     window_sum.zero_()
                     window_n = 0
+                    window_first = completed + 1
                     seconds = seconds_before + time.monotonic() - t0
                     if main and log is not None:
                         log.append(iteration=completed, loss=mean_loss, lr=lr_at(i), val_psnr=val_psnr, seconds=round(seconds, 3))
@@ -196,6 +212,7 @@ def run_loop(
                 if do_save and main:
                     tick = time.monotonic()
                     save(completed, seconds_before + time.monotonic() - t0)
+                    last_saved = completed
                     timed_saves.append(time.monotonic() - tick)
                     est_save = max(timed_saves)
                 bar.update(1)
