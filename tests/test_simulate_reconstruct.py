@@ -274,6 +274,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
          "the measurement file must be F.npz"),
         (["reconstruct", "--input", str(files / "images"), "--checkpoint", str(models / "cs"), "--device", "cpu", "--out", str(tmp_path / "o")],
          "--task is needed"),
+        (rec + ["--checkpoint", str(models / "cs"), "--no-crop"], "--no-crop applies to fastMRI .h5 files (their centre crop)"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv

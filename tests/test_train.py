@@ -220,6 +220,13 @@ def test_empty_data_folder(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_validation_cadence_without_validation_images(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails([*BASE, "--data", str(write_images(tmp_path / "d", n=2)), "--iters", "2", "--val-every", "1", "--out", str(out)],
+           capsys, "--val-every sets how often to validate on --val-data, which is not given")  # fmt: skip
+    assert not out.exists()
+
+
 def test_unreadable_image(tmp_path, capsys):
     bad = write_images(tmp_path / "bad", n=2)
     (bad / "broken.png").write_bytes(b"\x89PNG not really")

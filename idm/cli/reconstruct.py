@@ -512,6 +512,8 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     device = resolve_device(args.device)
     resolve_precision_arg(args, device)
+    if args.no_crop and kind != "h5":
+        raise ValueError(f"--no-crop applies to fastMRI .h5 files (their centre crop); {source} is read as {kind}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]

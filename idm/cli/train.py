@@ -192,6 +192,8 @@ def run_train(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     operator = task.make_training_operator((crop, crop), seed=args.seed, **operator_overrides(args))
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
+    if not args.val_data and args.val_every:
+        raise ValueError("--val-every sets how often to validate on --val-data, which is not given")
     val = task.dataset(args.val_data) if args.val_data else None
     result = train(
         model_config,
