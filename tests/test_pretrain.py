@@ -104,6 +104,8 @@ def test_max_minutes_and_bad_input(tmp_path, data, capsys):
     fails([*BASE, "--data", str(data), "--iters", "20", "--crop", "64", "--out", str(tmp_path / "x")], "larger than every image")
     (tmp_path / "empty").mkdir()
     fails([*BASE, "--data", str(tmp_path / "empty"), "--iters", "2", "--out", str(tmp_path / "x")], "no image files")
+    fails([*BASE, "--data", str(data), "--data-kind", "ct", "--color", "y", "--iters", "2", "--out", str(tmp_path / "x")],
+          "--data-kind ct reads no image files")  # fmt: skip
     assert snapshot(out) == before and not (tmp_path / "x").exists()
 
 

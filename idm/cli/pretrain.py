@@ -61,6 +61,8 @@ def _dataset(args: argparse.Namespace, color: str):
         return ImageFolderDataset(args.data, color=color, crop=args.crop, augment=False, seed=args.seed)
     if args.channels != 1:
         raise ValueError(f"--data-kind {args.data_kind} gives 1-channel images; use --channels 1")
+    if args.color is not None:
+        raise ValueError(f"--color sets how image files are read; --data-kind {args.data_kind} reads no image files")
     if args.data_kind == "mat":
         return MatFolderDataset(args.data, crop=args.crop, augment=False, seed=args.seed)
     return CTSliceDataset(args.data, crop=args.crop, augment=False, seed=args.seed)
