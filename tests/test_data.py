@@ -704,3 +704,6 @@ def test_grayscale_dataset_mixes_image_and_mat_folders(tmp_path):
         ds[2]
     with pytest.raises(DataError, match="no image or .mat"):
         grayscale_dataset([])
+    Image.fromarray((_rng(2).random((12, 12)) * 255).astype(np.uint8)).save(mats / "stray.png")  # would be skipped
+    with pytest.raises(DataError, match=r"mats holds .mat files and image files \(stray.png, ...\)"):
+        grayscale_dataset([images, mats])

@@ -341,6 +341,11 @@ def grayscale_dataset(
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     mats = [p for p in paths if holds_mat_files(p)]
+    for folder in (Path(p) for p in mats if Path(p).is_dir()):
+        pictures = [f.name for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if pictures:
+            raise DataError(f"{folder} holds .mat files and image files ({pictures[0]}, ...): a folder is read as one "
+                            "or the other; put them in separate folders and pass both")  # fmt: skip
     images = [p for p in paths if p not in mats]
     parts: list[Dataset] = []
     if mats:
