@@ -8,9 +8,10 @@ An exported IDM is an ordinary model folder (``config.json``,
 ``model.safetensors``, ``run.json``: :func:`idm.train.load_trained` and the
 shipped-model lookup read it) plus ``provenance.json``: the source
 checkpoint, iteration, training seconds and hardware, the command, and the
-weights' dtype. ``half`` stores the weights in float16 except tensors of at
-most :data:`KEEP_FP32_NUMEL` elements (the learnable scalars: abar, the
-wiring's ``v``, whose rounding the steps amplify); loading casts back to
+weights' dtype. ``half`` stores the weights in float16 except the learnable
+scalars (:data:`SCALAR_KEYS`: abar's ``alpha``, the wiring's ``v`` and
+scales, whose rounding the steps amplify, for any number of steps) and other
+tensors of at most :data:`KEEP_FP32_NUMEL` elements; loading casts back to
 float32. An exported prior is the diffusers folder that ``idm pretrain``
 wrote (loadable by diffusers; float16 unless ``half=False``) plus the same
 ``provenance.json``.
@@ -50,9 +51,18 @@ def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra:
     }
 
 
+#: Last key components of the learnable scalars (the schedule's ``alpha``, a wired chain's ``v`` and scales),
+#: kept float32 in a half-precision export whatever their length (T of them for T steps).
+SCALAR_KEYS = ("alpha", "v", "in_scale", "out_scale")
+
+
+def _keeps_fp32(key: str, tensor: Any) -> bool:
+    return tensor.numel() <= KEEP_FP32_NUMEL or key.rsplit(".", 1)[-1] in SCALAR_KEYS
+
+
 def _half(tensors: dict[str, Any]) -> dict[str, Any]:
-    """float16 copies of the floating tensors of more than :data:`KEEP_FP32_NUMEL` elements."""
-    return {k: v.half() if v.is_floating_point() and v.numel() > KEEP_FP32_NUMEL else v for k, v in tensors.items()}
+    """float16 copies of the floating tensors, except the learnable scalars and tensors of at most :data:`KEEP_FP32_NUMEL` elements."""
+    return {k: v.half() if v.is_floating_point() and not _keeps_fp32(k, v) else v for k, v in tensors.items()}
 
 
 def _full(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +71,7 @@ def _full(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dtype_note(half: bool) -> str:
-    return "float16 (tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
+    return "float16 (learnable scalars and tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
 
 
 def export_model(

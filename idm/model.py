@@ -86,7 +86,9 @@ class IDM(nn.Module):
     Args:
         config: the architecture (:class:`IDMConfig`).
         unet: an unpruned diffusers U-Net to use instead of ``config.unet``
-            (used by :meth:`from_pretrained`; may live on the meta device).
+            (used by :meth:`from_pretrained`; may live on the meta device). It
+            is pruned and wired in place and becomes this model's: pass a
+            ``copy.deepcopy`` to build a second model from the same U-Net.
         init_weights: give a meta-device U-Net (``sd15``, :meth:`from_pretrained`)
             a fresh random initialisation. ``False`` leaves it on the meta
             device, without storage: :meth:`load_weights` assigns real tensors

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import operators
 from idm.checkpoint import CheckpointError
 from idm.cli import main
-from idm.export import KEEP_FP32_NUMEL, export_model
+from idm.export import KEEP_FP32_NUMEL, _half, export_model
 from idm.train import load_trained
 from tests import test_pretrain
 from tests.test_train import write_images
@@ -39,7 +39,10 @@ def test_half_precision_export_keeps_scalars_and_outputs(runs, tmp_path, capsys)
     assert "MiB of weights" in capsys.readouterr().out
     tensors = load_file(str(out / "model.safetensors"))
     assert {t.dtype for k, t in tensors.items() if t.numel() > KEEP_FP32_NUMEL} == {torch.float16}
+    long_scalars = _half({"schedule.alpha": torch.rand(40), "eps_net.wirings.b.v": torch.rand(20), "conv.weight": torch.rand(40)})
+    assert [t.dtype for t in long_scalars.values()] == [torch.float32, torch.float32, torch.float16]  # 40 steps: alpha kept
     assert all(t.dtype == torch.float32 for t in tensors.values() if t.numel() <= KEEP_FP32_NUMEL)
+    assert tensors["schedule.alpha"].dtype == tensors["wiring.v"].dtype == torch.float32
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["iteration"] == 1 and provenance["hardware"] == "test CPU" and provenance["prior"] == "prior-x"
     assert provenance["command"].startswith("idm train") and provenance["training_seconds"] > 0
