@@ -539,3 +539,12 @@ def test_a_damaged_model_config_is_a_clear_error(tmp_path, edit, message):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json: IDM model config " + message):
         IDM.from_pretrained(folder)
+
+
+def test_ddnm_timesteps_are_uniform_and_bounded():
+    from idm.step import ddnm_timesteps
+
+    assert ddnm_timesteps(3) == [666, 333, 0] and ddnm_timesteps(1000) == list(range(999, -1, -1))
+    for steps in (0, 1001):
+        with pytest.raises(ValueError, match=f"takes 1 to 1000 steps, got {steps}"):
+            ddnm_timesteps(steps)
