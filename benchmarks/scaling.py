@@ -5,7 +5,7 @@
         --ratio 0.1 --iters 2000 --device cuda --out benchmarks/results/scaling
     python -m benchmarks.scaling --sweep ratio --values 0.01 0.04 0.1 0.25 0.3 0.5 ... (same options)
 
-    python -m benchmarks.scaling --sweep ratio --values 0.01 0.04 0.1 0.25 0.5 --checkpoint cs-ratio-1-50 \
+    python -m benchmarks.scaling --sweep ratio --values 0.01 0.04 0.1 0.25 0.5 --checkpoint cs-ratio-1-50 \\
         --test-data data/natural/test/Set11 --out benchmarks/results/scaling-shipped
 
 Each value trains the full IDM (two-level invertible, injectors, pinv
