@@ -40,8 +40,10 @@ from idm.train import TrainConfig
 
 VARIANTS = (
     Variant("ddnm", end_to_end=False, description="prior as DDNM, no training"),
-    Variant("e2e_scratch", dict(invertible="none", injectors=False), random_init=True, description="E2E, random init"),
-    Variant("e2e", dict(invertible="none", injectors=False), description="E2E, reused prior"),
+    # the plain network with plain autograd (recompute=True would checkpoint each step: not the paper's variant)
+    Variant("e2e_scratch", dict(invertible="none", injectors=False, recompute=False), random_init=True,
+            description="E2E, random init"),
+    Variant("e2e", dict(invertible="none", injectors=False, recompute=False), description="E2E, reused prior"),
     Variant("e2e_inv", dict(invertible="both", injectors=False), description="+ two-level invertibility"),
     Variant("idm", dict(invertible="both", injectors=True), description="+ injectors (full IDM)"),
     Variant("idm_noise_init", dict(invertible="both", injectors=True, init="noise"), description="full IDM, noise init"),
@@ -80,7 +82,7 @@ def experiment_setup(args: argparse.Namespace):
     overrides = {k: getattr(args, k) for k in ("ratio", "views", "acceleration") if getattr(args, k, None) is not None}
     device = torch.device(args.device)
     images = load_images(task, args.test_data, args.limit, args.seed)
-    base = IDMConfig(unet=args.prior, image_channels=task.channels, steps=args.steps)
+    base = IDMConfig(unet=args.prior, steps=args.steps, **task.model_defaults())  # as `idm train` builds it
     budget = TrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, scalar_lr_mult=args.scalar_lr_mult,
                          seed=args.seed, checkpoint_every=args.iters, progress=False)
     return task, overrides, images, base, budget, device

@@ -97,7 +97,7 @@ def run_variant(
     folder = out / variant.name
     unet = str(random_copy_of_prior(prior, folder / "random_prior", budget.seed)) if variant.random_init else prior
     model_config = replace(base_model, unet=unet, **variant.model)
-    dataset = task.dataset(list(train_data), crop=crop, augment=budget.augment, seed=budget.seed)
+    dataset = task.dataset(list(train_data), crop=crop, augment=False, seed=budget.seed)  # train() flips whole batches, as idm train
     operator = task.make_operator((crop, crop), seed=budget.seed, **overrides)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
 
-#: Columns of ``results.csv`` (``peak_mem_mb`` is filled on CUDA only).
+#: Columns of ``results.csv`` (``peak_mem_mb``, on CUDA only: the method's peak above what was allocated before
+#: its call, i.e. without the loaded models' weights).
 RESULT_FIELDS = ("method", "image", "psnr", "ssim", "seconds", "nfe", "peak_mem_mb", "status", "error")
 
 
@@ -124,15 +125,16 @@ def run_benchmark(
             row = {"method": method.name, "image": image.name, "nfe": method.nfe}
             generator = torch.Generator(device).manual_seed(seed + i)
             try:
-                if device.type == "cuda":
+                if device.type == "cuda":  # the method's own memory: its peak above what is already allocated
                     torch.cuda.reset_peak_memory_stats(device)
+                    allocated_before = torch.cuda.memory_allocated(device)
                 _sync(device)
                 start = time.perf_counter()
                 x_hat = method(y, op, generator=generator)
                 _sync(device)
                 row["seconds"] = time.perf_counter() - start
                 if device.type == "cuda":
-                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
                 x_hat = x_hat[..., :height, :width].detach()
                 if not torch.isfinite(x_hat).all():
                     raise FloatingPointError("the reconstruction contains NaN or inf")

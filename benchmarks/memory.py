@@ -66,9 +66,10 @@ def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim
     return max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
 
 
-def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int) -> dict:
-    """One row of the table: build the model, train ``warmup + iters`` iterations, measure."""
-    torch.manual_seed(0)
+def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int,
+            seed: int = 0) -> dict:  # fmt: skip
+    """One row of the table: build the model (weights and data from ``seed``), train ``warmup + iters`` iterations, measure."""
+    torch.manual_seed(seed)
     row = dict(variant=variant, steps=steps, batch=batch, size=size, unet=unet, device=device.type)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for steps in args.steps:
             for variant in args.variants:
                 try:
-                    row = measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup)
+                    row = measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed)
                 except torch.cuda.OutOfMemoryError:
                     row = dict(variant=variant, steps=steps, batch=batch, size=args.size, unet=args.unet,
                                device=device.type, status="out of memory")

@@ -79,11 +79,18 @@ def score_checkpoint(args: argparse.Namespace) -> list[dict]:
     from benchmarks.harness import load_images
     from benchmarks.idm_method import IDMMethod
     from idm.train import load_trained
+    from operators.family import config_mismatches
 
     task = tasks.get(args.task)
     device = torch.device(args.device)
     images = load_images(task, args.test_data, args.limit, args.seed)
     trained = load_trained(args.checkpoint, expect_task=task.name, device=device)
+    recorded = trained.recorded_operator  # None for a bare model folder: nothing to check against
+    outside = {value: config_mismatches(recorded, {"ratio": value}) if recorded else [] for value in args.values}
+    outside = {value: problems for value, problems in outside.items() if problems}
+    if outside:
+        raise SystemExit(f"scaling: {args.checkpoint} was not trained for every ratio asked: "
+                         + "; ".join(f"{value:g}: {', '.join(problems)}" for value, problems in outside.items()))  # fmt: skip
     method = IDMMethod(trained.model.to(device))
     rows = []
     for value in args.values:

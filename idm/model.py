@@ -151,12 +151,21 @@ class IDM(nn.Module):
             for t in range(self.config.steps, 0, -1)
         ]
 
-    def initial_state(self, x_pinv: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``x_T``: ``sqrt(abar_T) A^+ y`` or standard normal noise, shaped like ``x_pinv``."""
-        if self.config.init == "noise":
-            noise = torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
-            return noise
-        return self.schedule.abar()[-1].to(x_pinv.dtype).sqrt() * x_pinv
+    def initial_state(self, x_pinv: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """``x_T``: ``sqrt(abar_T) A^+ y``, or for ``init="noise"`` standard normal noise shaped like ``x_pinv``.
+
+        The noise is ``noise`` when given (drawn by the caller, e.g. a slice of
+        a global batch's draw), else drawn from ``generator``.
+        """
+        if self.config.init != "noise":
+            if noise is not None:
+                raise ValueError(f"noise is the start of init='noise' models; this one starts from {self.config.init!r}")
+            return self.schedule.abar()[-1].to(x_pinv.dtype).sqrt() * x_pinv
+        if noise is None:
+            return torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
+        if noise.shape != x_pinv.shape:
+            raise ValueError(f"noise must have the shape of A^+ y, {tuple(x_pinv.shape)}; got {tuple(noise.shape)}")
+        return noise.to(device=x_pinv.device, dtype=x_pinv.dtype)
 
     def prior_range_pinv(self, y: Tensor, op: Any) -> Tensor:
         """``A^+ y`` of ``[0, 1]``-image measurements ``y``, in the prior's range (``IDMConfig.pinv_mapping``)."""
@@ -177,7 +186,7 @@ class IDM(nn.Module):
             )
         return x_pinv
 
-    def forward(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, y: Tensor, op: Any, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """Reconstruct images from measurements.
 
         Args:
@@ -186,6 +195,7 @@ class IDM(nn.Module):
                 are cast to the model's dtype first.
             op: any deepinv ``LinearPhysics`` with ``A``, ``A_adjoint``, ``A_dagger``.
             generator: random source for ``init="noise"``.
+            noise: ``x_T`` for ``init="noise"`` instead (shaped like ``A^+ y``, ``(B, C, H, W)``).
 
         Returns:
             ``(B, C, H, W)`` reconstruction in the model's dtype, in the value range
@@ -198,7 +208,7 @@ class IDM(nn.Module):
         if y.is_floating_point() and y.dtype != dtype:
             y = y.to(dtype)
         x_pinv = self.prior_range_pinv(y, op)
-        x = self.initial_state(x_pinv, generator)
+        x = self.initial_state(x_pinv, generator, noise)
         layers = self._layers()
         with self._inference_autocast(y.device.type):
             if self.config.invertible == "none":

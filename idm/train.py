@@ -390,9 +390,13 @@ def train(
             set_learning_rate(optimizer, config.lr_at(index))
             with torch.no_grad():
                 y = op.A(x)
-            gen = seeds.generator(config.seed, seeds.NOISE, index, env.rank, device=device) if noise_init else None
+            noise = None
+            if noise_init:  # drawn for the global batch and sliced, so K processes compute what one does (as pretrain)
+                rows = slice(env.rank * x.shape[0], (env.rank + 1) * x.shape[0])
+                shape = (x.shape[0] * env.world_size, *x.shape[1:])
+                noise = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))[rows].to(device)
             with _autocast(device, config.amp):
-                x_hat = net(y, op, generator=gen)
+                x_hat = net(y, op, noise=noise)
             loss = loss_fn(x_hat.float(), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -405,12 +409,14 @@ def train(
             from idm.metrics import psnr
 
             scores = []
+            # the same start noise at every validation (init="noise"): scores comparable across iterations and resumes
+            gen = seeds.generator(config.seed, seeds.VALIDATION, device=device) if noise_init else None
             with torch.no_grad():
                 for chunk in torch.split(val_images, max(1, config.batch_size // env.world_size)):
                     x = chunk.to(device)
                     y = operator.A(x)  # float32, outside autocast (as in training)
                     with _autocast(device, config.amp):
-                        x_hat = model(y, operator).float()
+                        x_hat = model(y, operator, generator=gen).float()
                     a, b = transform(x_hat).clamp(0, 1), transform(x)
                     scores.extend(psnr(a[i], b[i]) for i in range(a.shape[0]))
             finite = [s for s in scores if math.isfinite(s)]

@@ -131,6 +131,12 @@ class Task:
             raise ValueError(f"color must be one of {', '.join(IMAGE_COLORS)}, got {color!r}")
         return dataclasses.replace(self, color=color, channels=IMAGE_COLORS[color])
 
+    # ---- model -----------------------------------------------------------------------
+    def model_defaults(self) -> dict[str, Any]:
+        """The :class:`idm.IDMConfig` fields this task sets for the models trained on it (see the class docstring)."""
+        return {"image_channels": self.channels, "pinv_mapping": self.pinv_mapping, "alpha_init": self.alpha_init,
+                "final_projection": self.final_projection, "separate_channels": self.separate_channels}  # fmt: skip
+
     # ---- operator ------------------------------------------------------------------
     def operator_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Default operator arguments updated with ``overrides`` (``None`` values ignored)."""

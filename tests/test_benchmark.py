@@ -104,6 +104,7 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     "argv, message",
     [
         (["--methods", "idm,magic"], "unknown method"),
+        (["--methods", "pinv,tv,pinv"], "--methods names a method twice: pinv,tv,pinv"),
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
         (["--methods", "pinv", "--views", "60"], "does not use --views"),
@@ -218,6 +219,13 @@ def test_scaling_scores_one_trained_model_at_every_ratio(bench_files, tmp_path, 
     with pytest.raises(SystemExit):
         scaling.main(["--sweep", "ratio", "--values", "0.1", "--test-data", "x", "--out", str(tmp_path)])
     assert "--prior and --train-data are needed" in capsys.readouterr().err
+    fixed = tmp_path / "fixed-ratio"  # trained at 25 % only: other ratios are refused, as idm benchmark does
+    assert main(["train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(bench_files / "prior"), "--steps", "1",
+                 "--crop", "16", "--batch-size", "1", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress",
+                 "--data", str(bench_files / "images"), "--out", str(fixed)]) == 0  # fmt: skip
+    with pytest.raises(SystemExit, match=r"not trained for every ratio asked: 0.5: .*ratio: trained with 0.25, requested 0.5"):
+        scaling.main(["--sweep", "ratio", "--values", "0.25", "0.5", "--checkpoint", str(fixed),
+                      "--test-data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path / "s")])  # fmt: skip
 
 
 def test_speed_benchmark_writes_times_and_flops(tmp_path):

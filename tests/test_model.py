@@ -548,3 +548,19 @@ def test_ddnm_timesteps_are_uniform_and_bounded():
     for steps in (0, 1001):
         with pytest.raises(ValueError, match=f"takes 1 to 1000 steps, got {steps}"):
             ddnm_timesteps(steps)
+
+
+def test_noise_init_takes_the_callers_noise(ortho_op):
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(steps=2, init="noise")).eval()
+    op = ortho_op((1, 32, 32), 300)
+    y = op.A(torch.rand(2, 1, 32, 32))
+    noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        drawn = model(y, op, generator=torch.Generator().manual_seed(5))
+        given = model(y, op, noise=noise)
+    assert torch.equal(drawn, given)  # the same x_T, drawn here or by the caller
+    with pytest.raises(ValueError, match=r"noise must have the shape of A\^\+ y"):
+        model(y, op, noise=noise[:1])
+    with pytest.raises(ValueError, match="this one starts from 'pinv'"):
+        IDM(IDMConfig(steps=2)).eval()(y, op, noise=noise)

@@ -124,8 +124,21 @@ def test_resume_is_exact(tmp_path, data):
     assert kept == ["iter_0000016", "iter_0000020"]  # --keep 2
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path, data):
-    common = [*BASE[1:], "--data", str(data), "--iters", "2", "--batch-size", "4", "--lr", "1e-5", "--checkpoint-every", "2"]
+def test_validation_of_a_noise_init_model_resumes_exactly(tmp_path, data):
+    val = write_images(tmp_path / "val", n=2, size=16, seed=5)
+    common = [*BASE, "--data", str(data), "--init", "noise", "--val-data", str(val), "--val-every", "1", "--lr-milestones", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--iters", "4", "--out", str(straight)]) == 0
+    assert main([*common, "--iters", "2", "--out", str(split)]) == 0
+    assert main([*common, "--iters", "4", "--out", str(split), "--resume"]) == 0
+    scores = [[r["val_psnr"] for r in read_log(run)] for run in (straight, split)]
+    assert scores[0] == scores[1] and all(scores[0])  # its own start noise, not the global RNG's next draw
+
+
+@pytest.mark.parametrize("init", ["pinv", "noise"])  # noise: drawn for the global batch, each rank takes its slice
+def test_ddp_two_processes_equal_one_process(tmp_path, data, init):
+    common = [*BASE[1:], "--data", str(data), "--iters", "2", "--batch-size", "4", "--lr", "1e-5", "--checkpoint-every", "2",
+              "--init", init]  # fmt: skip
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert torch.get_num_threads() == 1  # as each torchrun process (the same summation order)
     assert main(["train", *common, "--out", str(single)]) == 0
@@ -136,8 +149,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, data):
     assert proc.stdout.count("idm train: done") == 1  # rank 0 only
     a, b = weights(single, 2), weights(ddp, 2)
     torch.manual_seed(0)  # the run's seed: the same initial weights
-    init = IDM(IDMConfig(unet="tiny", steps=1))
-    assert max((a[k] - init.state_dict()[k]).abs().max().item() for k in a if "unet" in k) > 5e-6  # it trained
+    start = IDM(IDMConfig(unet="tiny", steps=1))
+    assert max((a[k] - start.state_dict()[k]).abs().max().item() for k in a if "unet" in k) > 5e-6  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     for ra, rb in zip(read_log(single), read_log(ddp)):
         assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-6

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in names if m not in known]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods names a method twice: {args.methods}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}

@@ -171,18 +171,16 @@ def run_train(args: argparse.Namespace) -> int:
             start.config, recompute=not args.no_recompute, final_projection=final_projection, separate_channels=separate
         )
     else:
+        chosen = {"pinv_mapping": args.pinv_mapping, "alpha_init": args.alpha_init,
+                  "final_projection": args.final_projection, "separate_channels": args.separate_channels}  # fmt: skip
         model_config = IDMConfig(
             unet=_prior_folder(args.prior) if args.prior else args.unet,
-            image_channels=task.channels,
             steps=args.steps,
             invertible=args.invertible,
             recompute=not args.no_recompute,
             injectors=not args.no_injectors,
             init=args.init,
-            pinv_mapping=args.pinv_mapping or task.pinv_mapping,
-            alpha_init=task.alpha_init if args.alpha_init is None else args.alpha_init,
-            final_projection=task.final_projection if args.final_projection is None else args.final_projection,
-            separate_channels=task.separate_channels if args.separate_channels is None else args.separate_channels,
+            **{**task.model_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         )
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -20,6 +20,7 @@ AUGMENT = 2
 OPERATOR = 3
 NOISE = 4
 TIMESTEPS = 5
+VALIDATION = 6
 
 
 def derive_seed(*keys: int, bits: int = 63) -> int:

@@ -8,8 +8,10 @@ non-tensor per-parameter state). :func:`restore_optimizer` reverses it.
 RNG state: torch's CPU generator state (a uint8 tensor), every CUDA
 generator's, Python's ``random`` and NumPy's legacy global state. Training
 draws its randomness from derived generators (:mod:`idm.training.seeds`), so
-these are restored only so that anything else touching the global RNG (a
-user callback, a model with dropout) resumes exactly too.
+these are restored only so that something else touching the global RNG (a
+user callback, a model with dropout) starts from the saved state on resume.
+That is not a guarantee of exact draws: the data loader's start on resume
+also takes a seed from torch's global generator.
 """
 
 from __future__ import annotations
