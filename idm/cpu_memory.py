@@ -6,11 +6,13 @@ glibc's ``malloc`` serves blocks above its mmap threshold (128 KiB, growing
 to at most 32 MiB) with a fresh ``mmap`` and hands them back to the kernel on
 ``free``, and trims the heap top above 128 KiB, so every step's tensors land
 on pages the kernel must zero and map again. For ``cs-10`` at 256x256 on a
-2-core CPU that is 110,000 minor page faults and 0.22 s of system time per
-forward, and the median forward falls from 1080 to 959 ms in fp32 (850 to
-694 ms in bf16) when freed memory is kept (``python -m
-benchmarks.cpu_malloc``). A run whose large early allocations already raised
-glibc's threshold (CT's projector matrices) has nothing left to gain.
+2-core CPU that is 90,000-110,000 minor page faults and 0.2-0.3 s of system
+time per forward, and the median forward falls from 1100 to 965 ms in fp32
+(850 to 694 ms in bf16) on an AVX512-BF16 EPYC, from 1276 to 1131 ms on an
+AVX2 one, when freed memory is kept (``python -m benchmarks.cpu_malloc``,
+``benchmarks/results/cpu/malloc*``). A run whose large early allocations
+already raised glibc's threshold (CT's projector matrices) has nothing left
+to gain.
 
 :func:`keep_freed_memory` raises both thresholds so freed blocks stay in the
 heap for the next step, which is what PyTorch's CPU performance guide gets
