@@ -493,3 +493,18 @@ def test_runs_recorded_before_final_projection_existed_still_resume(tmp_path, ca
     assert main([*argv, "--iters", "2", "--resume"]) == 0
     assert main([*BASE, "--lr-milestones", "5", "--data", str(data), "--iters", "3", "--resume", "--out", str(out)]) == 2
     assert "final_projection: null in the run, true now" in capsys.readouterr().err
+
+
+def test_log_rows_cut_short_by_a_crash_are_dropped_on_resume(tmp_path):
+    from idm.training.csv_log import CsvLog
+
+    log = CsvLog(tmp_path / "log.csv")
+    log.start(None)
+    for i in (1, 2):
+        log.append(iteration=i, loss=0.5, lr=1e-4, seconds=float(i))
+    with open(tmp_path / "log.csv", "a") as handle:
+        handle.write("3,0.4")  # the process died while writing iteration 3's row
+    log.start(resume_iteration=3)
+    assert [r["iteration"] for r in read_log(tmp_path)] == ["1", "2"]
+    log.append(iteration=3, loss=0.4, lr=1e-4, seconds=3.0)
+    assert [r["loss"] for r in read_log(tmp_path)] == ["0.5", "0.5", "0.4"]

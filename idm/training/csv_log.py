@@ -43,9 +43,9 @@ class CsvLog:
                 reader = csv.reader(handle)
                 header = next(reader, None)
                 if header == list(self.columns):
-                    for row in reader:
+                    for row in reader:  # a row cut short by a crash mid-write is dropped
                         try:
-                            if row and int(row[0]) <= resume_iteration:
+                            if len(row) == len(self.columns) and int(row[0]) <= resume_iteration:
                                 rows.append(row)
                         except ValueError:
                             continue

@@ -158,6 +158,7 @@ def run_loop(
     t0 = time.monotonic()
     est_iter = 0.0
     est_save = save_estimate
+    est_val = 0.0  # the longest validation so far (seconds)
     timed_saves: list[float] = []
     window_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_n = 0
@@ -183,11 +184,16 @@ def run_loop(
                 val_due = validate is not None and (
                     completed == stop or bool(cadence.val_every and completed % cadence.val_every == 0)
                 )
-                val_psnr = validate(completed) if val_due and main else None
+                val_psnr = None
+                if val_due and main:
+                    tick_val = time.monotonic()
+                    val_psnr = validate(completed)
+                    est_val = max(est_val, time.monotonic() - tick_val)
 
                 halt = False
                 if completed < stop:
-                    late = deadline is not None and time.monotonic() + est_iter + est_save > deadline
+                    # keep an iteration, a checkpoint and a validation (the last iteration has both) in reserve
+                    late = deadline is not None and time.monotonic() + est_iter + est_save + est_val > deadline
                     halt = distributed.any_rank(late or stopper.requested, env, device)
                     if halt:
                         reason = "signal" if stopper.requested else "time"
