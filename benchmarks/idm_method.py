@@ -20,6 +20,9 @@ class IDMMethod:
         precision: ``"fp32"`` or ``"bf16"`` (the U-Net under bfloat16 autocast, :mod:`idm.precision`).
     """
 
+    #: Cheap enough to run once untimed before the timed images (benchmarks.harness.run_benchmark).
+    warm_up = True
+
     def __init__(self, model: IDM, name: str = "idm", precision: str = "fp32"):
         self.model = model.for_inference(precision=precision)
         self.name = name

@@ -100,6 +100,27 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     assert (tmp_path / "grids" / "third.png").is_file()
 
 
+def test_cheap_methods_run_once_untimed_before_the_first_image():
+    import operators
+
+    class Counted:
+        nfe = 0
+
+        def __init__(self, name, warm_up):
+            self.name, self.warm_up, self.seen = name, warm_up, []
+
+        def __call__(self, y, op, generator=None):
+            self.seen.append(op.seed)
+            return op.A_dagger(y)
+
+    images = [BenchmarkImage(n, torch.rand(1, 16, 16)) for n in ("a", "b")]
+    cheap, slow = Counted("cheap", True), Counted("slow", False)
+    rows = run_benchmark(images, [cheap, slow], lambda i, size: operators.make("inpainting", img_size=size, ratio=0.5, seed=i),
+                         score=lambda x_hat, x: (0.0, 0.0), display=lambda x: x, device=torch.device("cpu"), progress=False)  # fmt: skip
+    assert cheap.seen == [0, 0, 1] and slow.seen == [0, 1]  # the warm-up on image 0's operator, then the timed calls
+    assert [(r["method"], r["image"]) for r in rows] == [("cheap", "a"), ("slow", "a"), ("cheap", "b"), ("slow", "b")]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
