@@ -25,15 +25,13 @@ time and memory, NFEs, inference time per image).
 from __future__ import annotations
 
 import argparse
-import csv
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.experiments import Variant, run_variant
 from benchmarks.harness import load_images
+from benchmarks.report import script_command, write_csv_and_markdown
 from idm.hardware import hardware_name
 from idm import IDMConfig
 from idm.train import TrainConfig
@@ -89,12 +87,7 @@ def experiment_setup(args: argparse.Namespace):
 
 
 def write_table(rows: list[dict], fields: list[str], out: Path, stem: str, header: str) -> str:
-    """``OUT/STEM.csv`` and ``OUT/STEM.md``; returns the markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """``OUT/STEM.csv`` and ``OUT/STEM.md`` (printed); returns the markdown."""
 
     def cell(value) -> str:
         if value is None or value == "":
@@ -108,7 +101,7 @@ def write_table(rows: list[dict], fields: list[str], out: Path, stem: str, heade
     failed = [r for r in rows if r.get("status") != "ok"]
     lines += [""] + [f"- `{r[shown[0]]}` failed: {r.get('error')}" for r in failed]
     text = "\n".join(lines) + "\n"
-    (out / f"{stem}.md").write_text(text)
+    write_csv_and_markdown(out, stem, rows, fields, text)
     return text
 
 
@@ -132,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                    "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
         print("  " + ", ".join(f"{k}={row.get(k)}" for k in ("psnr", "train_seconds", "train_memory_mb", "status")), flush=True)
-    command = "python -m benchmarks.ablation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = script_command("benchmarks.ablation", argv)
     header = f"`{command}` on {hardware_name(device)}; T={args.steps}, {args.iters} iterations per variant, batch {args.batch_size}, crop {args.crop}."
-    print(write_table(rows, FIELDS, out, "ablation", header))
+    write_table(rows, FIELDS, out, "ablation", header)
     return 0
 
 

@@ -24,14 +24,13 @@ and ``OUT/memory.md`` (the summary table).
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import script_command, write_csv_and_markdown
 from benchmarks.timing import add_timing_args, setup, sync
 from idm.hardware import hardware_name
 from idm.training.optimizer import fused_by_default
@@ -185,14 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
-    with open(out / "memory.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    command = script_command("benchmarks.memory", argv)
+    write_csv_and_markdown(out, "memory", rows, FIELDS, f"`{command}` on {hardware_name(device)}\n\n{summary_markdown(rows)}\n")
     plot(rows, out / "memory.png")
-    summary = summary_markdown(rows)
-    (out / "memory.md").write_text(f"`{' '.join(['python -m benchmarks.memory', *(argv if argv is not None else sys.argv[1:])])}` on {hardware_name(device)}\n\n{summary}")
-    print(summary)
     print(f"wrote {out / 'memory.csv'}, {out / 'memory.png'} and {out / 'memory.md'}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -65,8 +66,9 @@ def write_results_csv(rows: Iterable[Mapping[str, Any]], path: Path, fields: Seq
 
 
 def script_command(module: str, argv: Sequence[str] | None) -> str:
-    """``python -m MODULE ARGS``: how a benchmark script was run (``argv`` as given to its ``main``, else ``sys.argv[1:]``)."""
-    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    """``python -m MODULE ARGS``: how a benchmark script was run (``argv`` as given to its ``main``, else
+    ``sys.argv[1:]``; shell-quoted, so the line can be pasted back)."""
+    return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
 def write_csv_and_markdown(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], markdown: str) -> None:

@@ -19,13 +19,12 @@ range of ratios, is scored at every value. Writes
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.ablation import add_experiment_args, experiment_setup, write_table
+from benchmarks.report import script_command
 from benchmarks.experiments import Variant, run_variant
 from idm.hardware import hardware_name
 
@@ -62,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prior and --train-data are needed to train one model per value (or give --checkpoint)")
     out = Path(args.out)
     rows = score_checkpoint(args) if args.checkpoint is not None else train_per_value(args, out)
-    command = "python -m benchmarks.scaling " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = script_command("benchmarks.scaling", argv)
     device = torch.device(args.device)
     budget = (f"the trained model {args.checkpoint}, no training" if args.checkpoint is not None else
               f"{args.iters} iterations per value, batch {args.batch_size}, crop {args.crop}")
     header = f"`{command}` on {hardware_name(device)}; {budget}."
-    print(write_table(rows, FIELDS, out, f"scaling_{args.sweep}", header))
+    write_table(rows, FIELDS, out, f"scaling_{args.sweep}", header)
     plot(rows, args.sweep, out / f"scaling_{args.sweep}.png")
     return 0
 

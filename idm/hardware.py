@@ -26,13 +26,17 @@ def _cpuinfo_fields(cpuinfo: str | Path) -> dict[str, str]:
     return fields
 
 
+def _bf16_units(fields: dict[str, str]) -> list[str]:
+    flags = set(fields.get("flags", "").split())
+    return [name for flag, name in BF16_CPU_FLAGS.items() if flag in flags]
+
+
 def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
     """``["AVX512-BF16"]``: the CPU's native bfloat16 units (:data:`BF16_CPU_FLAGS`); empty where it has none.
 
     Empty too where ``cpuinfo`` is missing or unreadable (not Linux): callers then assume none.
     """
-    flags = set(_cpuinfo_fields(cpuinfo).get("flags", "").split())
-    return [name for flag, name in BF16_CPU_FLAGS.items() if flag in flags]
+    return _bf16_units(_cpuinfo_fields(cpuinfo))
 
 
 def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
@@ -40,8 +44,9 @@ def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
 
     Empty where the file is missing or unreadable (not Linux).
     """
-    model = _cpuinfo_fields(cpuinfo).get("model name")
-    return ([model] if model else []) + cpu_bf16_units(cpuinfo)[:1]
+    fields = _cpuinfo_fields(cpuinfo)  # read once for both
+    model = fields.get("model name")
+    return ([model] if model else []) + _bf16_units(fields)[:1]
 
 
 def has_native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

@@ -62,7 +62,8 @@ from operators import OperatorInputError
 __all__ = [
     "FORMAT", "SINOGRAM_FORMAT", "VERSION", "MeasurementFileError", "Measurement", "MeasurementSet",
     "OperatorCache", "save_measurements", "load_measurements", "Sinogram", "sidecar_path", "save_sinogram",
-    "load_sinogram", "looks_like_sinogram", "ct_width_for_detectors", "atomic_write", "describe_operator", "unique_names", "check_item_name",
+    "load_sinogram", "looks_like_sinogram", "ct_width_for_detectors", "atomic_write", "describe_operator", "unique_names",
+    "check_item_name",
 ]  # fmt: skip
 
 FORMAT = "idm-measurements"
@@ -517,7 +518,7 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
         side = sidecar_path(path)
         listed = info.get("names")
         if isinstance(listed, list) and len(listed) == count and all(isinstance(n, str) for n in listed):
-            names = [check_item_name(n, sidecar_path(path)) for n in listed]
+            names = [check_item_name(n, side) for n in listed]
         cache = cache or OperatorCache()
         try:
             op = cache.get(info["operator"])

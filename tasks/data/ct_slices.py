@@ -231,11 +231,15 @@ def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
     return hu
 
 
+def _check_slice_shape(shape: tuple[int, ...], p: Path) -> None:
+    if len(shape) not in (2, 3) or 0 in shape:
+        raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {shape}")
+
+
 def _validate_hu(arr: np.ndarray, p: Path) -> np.ndarray:
     if arr.dtype.kind not in "iuf":
         raise DataError(f"{p}: expected a numeric HU array, got dtype {arr.dtype}")
-    if arr.ndim not in (2, 3) or 0 in arr.shape:
-        raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {arr.shape}")
+    _check_slice_shape(arr.shape, p)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{p}: contains NaN or infinite values")
     return arr
@@ -355,9 +359,8 @@ def ct_num_slices(path: PathLike) -> tuple[int, int, int]:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             raise DataError(f"{p}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
-        if arr.ndim in (2, 3) and 0 not in arr.shape:
-            return (1, *map(int, arr.shape)) if arr.ndim == 2 else tuple(map(int, arr.shape))
-        raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {arr.shape}")
+        _check_slice_shape(arr.shape, p)
+        return (1, *map(int, arr.shape)) if arr.ndim == 2 else tuple(map(int, arr.shape))
     if ext in (".tif", ".tiff"):
         return _tiff_frames(p)
     if ext == ".dcm":
