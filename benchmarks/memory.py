@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import script_command, write_csv_and_markdown
+from benchmarks.report import script_command, write_csv, write_csv_and_markdown
 from benchmarks.timing import add_timing_args, setup, sync
 from idm.hardware import hardware_name
 from idm.training.optimizer import fused_by_default
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
+                write_csv(out, "memory", rows, FIELDS)  # the rows so far, if a time limit stops the run
     command = script_command("benchmarks.memory", argv)
     write_csv_and_markdown(out, "memory", rows, FIELDS, f"`{command}` on {hardware_name(device)}\n\n{summary_markdown(rows)}\n")
     plot(rows, out / "memory.png")

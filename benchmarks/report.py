@@ -71,13 +71,18 @@ def script_command(module: str, argv: Sequence[str] | None) -> str:
     return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
-def write_csv_and_markdown(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], markdown: str) -> None:
-    """``OUT/STEM.csv`` (``rows`` as they are, in the columns ``fields``) and ``OUT/STEM.md`` (``markdown``); prints the latter."""
+def write_csv(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    """``OUT/STEM.csv``: ``rows`` as they are, in the columns ``fields`` (rewritten whole: also for the rows so far)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_csv_and_markdown(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], markdown: str) -> None:
+    """``OUT/STEM.csv`` (``rows`` as they are, in the columns ``fields``) and ``OUT/STEM.md`` (``markdown``); prints the latter."""
+    write_csv(out, stem, rows, fields)
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
 

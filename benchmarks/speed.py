@@ -8,7 +8,9 @@
 Inference: ``model(y, op)`` under ``torch.no_grad``, median over ``--iters`` timed runs after
 ``--warmup``, for every batch size, precision (``fp32``, or ``bf16``
 autocast with the wired states in float32) and lever (``base``,
-``channels_last``, ``compile``: ``torch.compile`` of the noise estimator; ``unfolded``: the
+``channels_last``, ``compile``: ``torch.compile`` of the noise estimator; ``cudagraphs``:
+the whole ``model(y, op)`` captured once as a CUDA graph and replayed, CUDA only
+(:func:`captured`); ``unfolded``: the
 upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
 low-resolution form, for comparison). The operator is block CS (10%,
 permuted, 32x32 blocks) for ``--unet``, and a checkpoint's own operator (its
@@ -43,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 
 import operators
 from idm import IDM, IDMConfig
-from benchmarks.report import script_command, write_csv_and_markdown
+from benchmarks.report import script_command, write_csv, write_csv_and_markdown
 from benchmarks.timing import add_timing_args, median_seconds, minor_page_faults, setup
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
@@ -55,7 +57,7 @@ FIELDS = [
     "mode", "model", "operator", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image", "status",
 ]  # fmt: skip
-LEVERS = ("base", "channels_last", "compile", "unfolded")
+LEVERS = ("base", "channels_last", "compile", "cudagraphs", "unfolded")
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
@@ -189,6 +191,8 @@ def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, si
             return model(y, op)
 
     flops = count_flops(run) if lever != "compile" else None
+    if lever == "cudagraphs":
+        run = captured(run, device)
     seconds = median_seconds(run, device, iters, warmup)
     row["ms_per_image"] = round(1000 * seconds / batch, 2)
     if device.type == "cpu":
@@ -198,6 +202,34 @@ def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, si
         _rate(row, flops, seconds, peak)
     row["status"] = "ok"
     return row
+
+
+def captured(run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """``run`` captured as a CUDA graph: a callable that replays it (same inputs, same output tensor).
+
+    The recipe of ``torch.cuda.graphs``: three warm-up calls on a side
+    stream, one captured call, then every call is one ``replay()`` (no Python,
+    no kernel launches). Capture needs a forward that never reads a value back
+    to the host: it runs inside :func:`operators.unchecked_values`, where the
+    model's one read (the measurement NaN check) is skipped too.
+    """
+    if device.type != "cuda":
+        raise RuntimeError(f"cudagraphs needs a CUDA device, not {device.type}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), operators.unchecked_values():
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), operators.unchecked_values():
+        out = run()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def training_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, device: torch.device,
@@ -271,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     def add(row: dict) -> None:
         rows.append(row)
         print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
+        write_csv(out, "speed", rows, FIELDS)  # the rows so far, if a time limit stops the run
 
     for checkpoint in args.checkpoint or [None]:
         label = Path(checkpoint).name if checkpoint else args.unet or "sd15"

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from operators import unchecked_values
+
 
 class Injector(nn.Module):
     """Adds ``{y, A}`` information to a feature map ``(B, C, H/r, W/r)``.
@@ -57,7 +59,7 @@ class Injector(nn.Module):
         pad_h, pad_w = f.shape[-2] - height, f.shape[-1] - width
         f = f[..., :height, :width]
         f_op = f.to(x_pinv.dtype).reshape(x_pinv.shape)  # the operator runs in the data's precision, never under autocast
-        with torch.autocast(f.device.type, enabled=False):
+        with torch.autocast(f.device.type, enabled=False), unchecked_values():  # no host sync (operators.value_checks)
             f_range = op.A_dagger(op.A(f_op))
         g = torch.cat([f, f_range.to(f.dtype).reshape(f.shape), x_pinv.to(f.dtype).reshape(f.shape)], dim=1)
         out = F.pad(self.to_feature(g), (0, pad_w, 0, pad_h)) if pad_h or pad_w else self.to_feature(g)

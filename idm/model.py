@@ -37,6 +37,7 @@ from idm.unets import (
     unet_from_config,
 )
 from idm.wiring import WiredSequence, coupling_forward
+from operators import unchecked_values
 from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
@@ -201,12 +202,19 @@ class IDM(nn.Module):
             ``(B, C, H, W)`` reconstruction in the model's dtype, in the value range
             of the training images (``[0, 1]`` for the toolkit's tasks; not clamped).
         """
+        y = self._checked_measurements(y, op)
+        with unchecked_values():  # y is checked: the ~80 operator calls below need no host sync each
+            return self._forward(y, op, generator, noise)
+
+    def _checked_measurements(self, y: Tensor, op: Any) -> Tensor:
+        """``y`` checked by ``op`` (shape, NaN/inf) and cast to the model's dtype."""
         check = getattr(op, "check_measurement", None)
         if callable(check):
             check(y)
         dtype = next(self.parameters()).dtype
-        if y.is_floating_point() and y.dtype != dtype:
-            y = y.to(dtype)
+        return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
+
+    def _forward(self, y: Tensor, op: Any, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
         x_pinv = self.prior_range_pinv(y, op)
         x = self.initial_state(x_pinv, generator, noise)
         layers = self._layers()
@@ -301,6 +309,11 @@ class IDM(nn.Module):
         Gives the same ``x_hat`` as :meth:`forward`; for inspection and figures.
         The traces are in the prior's range (see ``IDMConfig.prior_range``).
         """
+        y = self._checked_measurements(y, op)
+        with unchecked_values():
+            return self._trace(y, op, generator)
+
+    def _trace(self, y: Tensor, op: Any, generator: torch.Generator | None) -> tuple[Tensor, list[StepTrace]]:
         x_pinv = self.prior_range_pinv(y, op)
         x1 = self.initial_state(x_pinv, generator)
         x2 = self.wiring.in_scale * x1 if self.config.invertible != "none" else None

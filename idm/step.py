@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from operators import unchecked_values
+
 
 def project_to_measurements(x0: Tensor, op, x_pinv: Tensor, shift: float = 0.0) -> Tensor:
     """``A^+ y + (I - A^+ A) x0``: the part of ``x0`` in the null space of ``A``, plus ``A^+ y``.
@@ -27,9 +29,10 @@ def project_to_measurements(x0: Tensor, op, x_pinv: Tensor, shift: float = 0.0) 
     image (``2 A^+ y - 1``, ``s = 1``) rather than the pseudo-inverse of the
     mapped measurements (``A^+ (2 y - A 1)``, ``s = 0``). By linearity both
     give the same result; see ``IDMConfig.pinv_mapping``.
-    The operator runs outside autocast, in the dtype of ``x_pinv``.
+    The operator runs outside autocast, in the dtype of ``x_pinv``, without
+    its NaN/inf checks (:func:`operators.unchecked_values`: no host sync).
     """
-    with torch.autocast(x0.device.type, enabled=False):
+    with torch.autocast(x0.device.type, enabled=False), unchecked_values():
         x0 = x0.to(x_pinv.dtype) + shift if shift else x0.to(x_pinv.dtype)
         return x0 - op.A_dagger(op.A(x0)) + x_pinv
 

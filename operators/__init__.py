@@ -12,6 +12,7 @@ it with ``@operators.register("name")`` (see README).
 
 from .base import Operator, OperatorInputError, check_finite, check_img_size, check_ratio
 from .registry import OperatorRegistry
+from .value_checks import unchecked_values, values_checked
 
 REGISTRY = OperatorRegistry()
 register = REGISTRY.register
@@ -33,4 +34,6 @@ __all__ = [
     "from_config",
     "make",
     "register",
+    "unchecked_values",
+    "values_checked",
 ]

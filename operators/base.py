@@ -13,8 +13,9 @@ solvers and any deepinv linear physics interoperate with ours) that also
 
 Tensors: images are float ``(B, C, H, W)``; the measurement layout is each
 operator's own (documented in its class). Buffers live on the CPU in float64
-and are cast to the device and dtype of the input on every call, so one
-operator object serves CPU and GPU, float32 and float64 alike.
+and are used on the device and dtype of the input, converted on first use
+and kept (:meth:`Operator.cast_like`), so one operator object serves CPU
+and GPU, float32 and float64 alike.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 from deepinv.physics import LinearPhysics
+
+from .value_checks import values_checked
 
 
 class OperatorInputError(ValueError):
@@ -73,12 +76,16 @@ def check_img_size(img_size: Any) -> tuple[int, int]:
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise :class:`OperatorInputError` if ``t`` holds NaN or inf."""
+    """Raise :class:`OperatorInputError` unless ``t`` is a floating-point tensor without NaN or inf.
+
+    The NaN/inf part (one read-back from the device) is skipped inside
+    :func:`operators.unchecked_values`.
+    """
     if not torch.is_tensor(t):
         raise OperatorInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point() and not t.is_complex():
         raise OperatorInputError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not torch.isfinite(t).all():
+    if values_checked() and not torch.isfinite(t).all():
         raise OperatorInputError(f"{name} contains NaN or inf values")
 
 
@@ -113,6 +120,23 @@ class Operator(LinearPhysics):
         if int(channels) != channels or channels <= 0:
             raise OperatorInputError(f"channels must be a positive integer, got {channels!r}")
         self.channels = int(channels)
+        self._casts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cast_like(self, buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``buffer`` (a CPU tensor of this operator) on ``like``'s device, in ``like``'s real dtype
+        (complex inputs map to their real dtype; integer buffers keep theirs).
+
+        Converted on first use per device and dtype and kept: a copy to the GPU
+        on every call would wait for the GPU each time (and could not be
+        captured in a CUDA graph). ``buffer`` must not change in place.
+        """
+        dtype = like.real.dtype if like.is_complex() else like.dtype
+        dtype = dtype if buffer.is_floating_point() else buffer.dtype
+        key = (id(buffer), like.device, dtype)
+        cached = self._casts.get(key)
+        if cached is None or cached[0] is not buffer:
+            cached = self._casts[key] = (buffer, buffer.to(device=like.device, dtype=dtype))
+        return cached[1]
 
     # ---- shapes and checks -------------------------------------------------
     @property
@@ -177,8 +201,3 @@ class Operator(LinearPhysics):
         cfg = {k: v for k, v in self.config().items() if k != "name" and not isinstance(v, (list, dict))}
         return ", ".join(f"{k}={v!r}" for k, v in cfg.items())
 
-
-def cast_like(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``buffer`` on the device of ``like``, in its real dtype (complex inputs map to their real dtype)."""
-    dtype = like.real.dtype if like.is_complex() else like.dtype
-    return buffer.to(device=like.device, dtype=dtype if buffer.is_floating_point() else buffer.dtype)

@@ -135,7 +135,7 @@ class CT(Operator):
         self._projectors: dict[tuple[torch.device, torch.dtype], SymmetricProjector] = {
             (torch.device("cpu"), torch.float64): exact
         }
-        self._filters: dict[tuple[torch.device, torch.dtype], Any] = {}
+        self._filters: dict[tuple[torch.device, torch.dtype], tuple[Any, torch.Tensor, int]] = {}  # module, response, padding
         self.radon_norm = self._power_norm(exact)
 
     # ---- the projector ------------------------------------------------------------------
@@ -190,12 +190,22 @@ class CT(Operator):
         return self._projector(y).back_project(y.reshape(b * c, self.detectors, self.views)).reshape(b, c, *self.img_hw)
 
     def _filter(self, y: torch.Tensor) -> torch.Tensor:
-        """The FBP filter (deepinv's ramp, Hann-windowed or not) along the detector axis of ``(B, C, D, views)``."""
+        """The FBP filter (deepinv's ramp, Hann-windowed or not) along the detector axis of ``(B, C, D, views)``.
+
+        The same as calling deepinv's filter module, whose forward rebuilds
+        the frequency response from host tensors on every call (a host-to-
+        device copy, which waits for the GPU); here it is built once per
+        device and dtype and kept.
+        """
         key = (y.device, y.dtype)
-        filt = self._filters.get(key)
-        if filt is None:
-            filt = self._filters[key] = (HannFilter if self.fbp_filter == "hann" else RampFilter)(dtype=y.dtype)
-        return filt(y)
+        cached = self._filters.get(key)
+        if cached is None:
+            filt = (HannFilter if self.fbp_filter == "hann" else RampFilter)(dtype=y.dtype)
+            padded = max(64, 2 ** math.ceil(math.log2(2 * self.detectors)))  # deepinv's zero-padded FFT length
+            response = filt.create_filter(filt._get_fourier_filter(padded, device=y.device)).unsqueeze(-1)
+            cached = self._filters[key] = (filt, response, padded - self.detectors)
+        filt, response, pad_width = cached
+        return filt.filter(y, response, pad_width, dim=-2)
 
     def _power_norm(self, projector: SymmetricProjector, max_iter: int = 30, tol: float = 1e-7) -> float:
         """``||R||_2`` by power iteration from a constant image (deterministic, float64)."""

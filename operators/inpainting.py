@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import register
-from .base import Operator, OperatorInputError, cast_like, check_int, check_ratio
+from .base import Operator, OperatorInputError, check_int, check_ratio
 
 _POSITIONS = ("center", "random")
 
@@ -172,12 +172,12 @@ class Inpainting(Operator):
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``, zeros at the missing pixels."""
         self.check_image(x)
-        return x * cast_like(self._mask, x)
+        return x * self.cast_like(self._mask, x)
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """``mask * y`` (exact adjoint: ``A`` is symmetric)."""
         self.check_measurement(y)
-        return y * cast_like(self._mask, y)
+        return y * self.cast_like(self._mask, y)
 
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """``mask * y``, the exact pseudo-inverse (``A`` is an orthogonal projection)."""

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import register
-from .base import Operator, OperatorInputError, cast_like, check_float32_or_64, check_int
+from .base import Operator, OperatorInputError, check_float32_or_64, check_int
 
 _MASK_TYPES = ("random", "equispaced", "given")
 _DIMS = (-2, -1)
@@ -196,13 +196,13 @@ class MRI(Operator):
         """``(B, 2, H, W)`` image -> ``(B, 2, H, W)`` masked centred k-space."""
         self.check_image(x)
         check_float32_or_64(x, self.name, "x")
-        return _to_channels(centered_fft2(_to_complex(x)) * cast_like(self._columns, x))
+        return _to_channels(centered_fft2(_to_complex(x)) * self.cast_like(self._columns, x))
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """``F^H (M y)``: ``(B, 2, H, W)`` k-space -> ``(B, 2, H, W)`` image (exact)."""
         self.check_measurement(y)
         check_float32_or_64(y, self.name, "y")
-        return _to_channels(centered_ifft2(_to_complex(y) * cast_like(self._columns, y)))
+        return _to_channels(centered_ifft2(_to_complex(y) * self.cast_like(self._columns, y)))
 
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Exact pseudo-inverse, equal to :meth:`A_adjoint` (zero-filled reconstruction)."""

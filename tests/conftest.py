@@ -94,3 +94,26 @@ def saved_bytes_for_backward(run, params) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return total
+
+
+def host_reads(run) -> int:
+    """How many times ``run()`` reads a tensor value back to Python (``.item()``, ``bool(t)``, ``if t:``).
+
+    On a GPU each such read waits for every queued kernel (a host sync) and
+    cannot be captured in a CUDA graph; counting them on the CPU finds them.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.calls

@@ -343,6 +343,59 @@ def test_folded_upsamplers_cost_fewer_flops(tmp_path):
     assert flops["base"] < flops["unfolded"]
 
 
+def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path):
+    """The row reports why the lever did not run; the other rows still run."""
+    from benchmarks import speed
+
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--levers", "cudagraphs", "base",
+                       "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = {r["lever"]: r for r in csv.DictReader(open(tmp_path / "speed.csv"))}
+    assert rows["cudagraphs"]["status"] == "RuntimeError: cudagraphs needs a CUDA device, not cpu"
+    assert rows["base"]["status"] == "ok"
+
+
+def test_speed_benchmark_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
+    """A run stopped by a time limit (here: interrupted at its second row) leaves the finished rows in speed.csv."""
+    from benchmarks import speed
+
+    real, calls = speed.inference_row, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "inference_row", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "2", "--iters", "1", "--warmup", "0",
+                    "--out", str(tmp_path)])  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
+    assert [(r["batch"], r["status"]) for r in rows] == [("1", "ok")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("task, channels, kwargs", [("cs", 1, dict(ratio=0.1)), ("mri", 2, dict(acceleration=4)),
+                                                    ("inpainting", 1, dict(ratio=0.5))])  # fmt: skip
+def test_captured_inference_replays_the_eager_forward(task, channels, kwargs):
+    """A CUDA graph of ``model(y, op)`` gives the eager output; replays follow new values written into ``y``."""
+    import operators
+    from benchmarks.speed import captured
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(unet="tiny", image_channels=channels, steps=2, final_projection=True)).to(device).for_inference()
+    op = operators.make(task, img_size=(32, 32), channels=channels, **kwargs)
+    x = torch.rand(2, channels, 32, 32, device=device)
+    y = op.A(x)
+    with torch.no_grad():
+        eager = model(y, op)
+        replay = captured(lambda: model(y, op), device)
+        assert torch.allclose(replay(), eager, rtol=0, atol=1e-5)
+        y.copy_(op.A(x.flip(-1)))
+        assert torch.allclose(replay(), model(y, op), rtol=0, atol=1e-5)
+
+
 def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
     from benchmarks import memory
 

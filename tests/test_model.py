@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
 from idm.unets import UNetSourceError, tiny_unet_config
-from tests.conftest import perturbed_model, relative_error, saved_bytes_for_backward
+from tests.conftest import host_reads, perturbed_model, relative_error, saved_bytes_for_backward
 
 SHAPE = (1, 16, 16)
 
@@ -348,6 +348,38 @@ def test_toolkit_operators_plug_in_and_keep_measurement_consistency(name, channe
     assert x_hat.shape == x.shape
     for trace in traces:
         assert relative_error(op.A(trace.x0), y) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "name, channels, kwargs",
+    [("cs", 1, dict(ratio=0.25, block=8)), ("inpainting", 1, dict(ratio=0.5)), ("mri", 2, dict(acceleration=4))],
+)
+@pytest.mark.parametrize("invertible", ["none", "both"])
+def test_forward_and_backward_read_back_only_the_measurement_check(name, channels, kwargs, invertible):
+    """One host read per forward (y's NaN check), none per operator call; none in the recomputing backward."""
+    import operators
+
+    op = operators.make(name, img_size=(16, 16), channels=channels, **kwargs)
+    config = IDMConfig(image_channels=channels, steps=2, invertible=invertible, final_projection=True)
+    model = perturbed_model(config.replace(recompute=True))
+    x = torch.rand(2, channels, 16, 16, dtype=torch.float64)
+    y = op.A(x)
+
+    def inference():
+        with torch.no_grad():
+            model(y, op)
+
+    def training_iteration():
+        (model(y, op) - x).abs().mean().backward()
+
+    assert host_reads(inference) == 1
+    assert host_reads(training_iteration) == 1
+    with operators.unchecked_values():
+        assert host_reads(inference) == 0
+    y_nan = y.clone()
+    y_nan.view(-1)[3] = float("nan")
+    with pytest.raises(operators.OperatorInputError, match="y contains NaN"):
+        model(y_nan, op)
 
 
 def test_symmetric_prior_range_keeps_measurements_consistent_in_image_space(ortho_op):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 
 import numpy as np
@@ -479,6 +480,61 @@ def test_bad_tensors(ops, case):
     y[0].view(-1)[0] = float("inf")
     with pytest.raises(OperatorInputError, match=r"y contains NaN or inf"):
         op.A_dagger(y)
+
+
+@pytest.mark.parametrize("case", ["cs-permuted", "mri-random", "ct"])
+def test_unchecked_values_skips_the_nan_check_only(ops, case):
+    """Inside the block NaN passes (no read-back); shapes and dtypes are still checked; on exit, on
+    an error, and in other threads the NaN check holds."""
+    op = ops[case]
+    bad = rand_x(op)
+    bad[0, 0, 1, 1] = float("nan")
+    with operators.unchecked_values():
+        assert not operators.values_checked()
+        assert torch.isnan(op.A(bad)).any()
+        with pytest.raises(OperatorInputError, match=r"x must have shape"):
+            op.A(bad[:, :, 1:])
+        with pytest.raises(OperatorInputError, match="float32 and float64|floating-point"):
+            op.A(bad.to(torch.bfloat16) if case != "cs-permuted" else bad.long())
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(operators.values_checked()))
+        thread.start()
+        thread.join()
+        assert seen == [True]
+    assert operators.values_checked()
+    with pytest.raises(OperatorInputError, match=r"x contains NaN"):
+        op.A(bad)
+    with pytest.raises(RuntimeError, match="inside"), operators.unchecked_values():
+        raise RuntimeError("inside")
+    assert operators.values_checked()
+
+
+@pytest.mark.parametrize("case", ["mri-random", "inpainting-random"])
+def test_buffers_are_converted_once_per_dtype(ops, case):
+    """The mask on the input's dtype is made on first use and reused (on a GPU: no copy per call)."""
+    op = ops[case]
+    buffer = op._columns if case.startswith("mri") else op._mask
+    x32 = rand_x(op).float()
+    first = op.cast_like(buffer, x32)
+    assert first.dtype == torch.float32 and torch.equal(first.double(), buffer)
+    assert op.cast_like(buffer, x32) is first
+    assert op.cast_like(buffer, torch.zeros(1, dtype=torch.complex64)) is first  # complex -> its real dtype
+    assert op.cast_like(buffer, rand_x(op)).dtype == F64
+    assert op.cast_like(buffer.clone(), x32) is not first  # another tensor, another copy
+
+
+@pytest.mark.parametrize("fbp_filter", ["hann", "ramp"])
+def test_ct_filter_is_deepinvs_filter_module(fbp_filter):
+    """The cached frequency response filters as deepinv's module (which rebuilds it every call) does."""
+    from deepinv.physics.functional.radon import RampFilter
+
+    from operators.ct import HannFilter
+
+    op = operators.make("ct", img_size=(40, 40), views=5, fbp_filter=fbp_filter)
+    y = torch.randn(2, 1, op.detectors, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    module = (HannFilter if fbp_filter == "hann" else RampFilter)(dtype=F64)
+    for _ in range(2):  # built, then cached
+        assert torch.equal(op._filter(y), module(y))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU measurements of the speed (#8) and memory (#3) issues, as one prepared command for
+# the lent device machine (see ../shared/device/README.md and benchmarks/results/h100/README.md).
+#
+#   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
+#
+# Stages (each under its own `timeout`, seconds in brackets; about 8 minutes in all on an H100):
+#   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
+#   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
+#                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
+#   speed-sd15   sd15 U-Net: inference batch 16 bf16, eager and CUDA graph;
+#                training batch 8 in bf16 (plain and memory-saving backward)             [240]
+#   memory       sd15, batch 8: peak memory and time per iteration for T = 1, 3, 6, 12,
+#                every variant (none, checkpoint, steps, both)                           [300]
+#
+# On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh speed-sd15 memory
+#
+# What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
+# speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
+# run stopped at the time limit still returns what finished. Without $OUT, both go to
+# ./gpu-checks. DEVICE (default cuda), SIZE (256), SD15 (sd15) and PRIOR (the shipped
+# prior-natural-y) may be set to try the script elsewhere, e.g. on the CPU:
+#   DEVICE=cpu SIZE=32 SD15=tiny PRIOR=tiny bash benchmarks/gpu_checks.sh speed-small speed-sd15 memory
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+OUT=${OUT:-gpu-checks}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-256}
+SD15=${SD15:-sd15}
+PRIOR=${PRIOR:-idm/weights/prior-natural-y}
+PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
+STAGES=("$@")
+KNOWN=" cuda-tests speed-small speed-sd15 memory "
+[ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
+for stage in "${STAGES[@]}"; do
+    [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
+done
+RESULTS=$(mktemp -d)
+mkdir -p "$OUT"
+
+run_stage() {  # name, seconds, command...
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S), at most ${seconds} s): $*"
+    timeout "$seconds" "$@"
+    echo "=== $name: exit $?"
+    tar -cf "$OUT/results.tar" -C "$RESULTS" .
+}
+
+{
+    python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+    for stage in "${STAGES[@]}"; do
+        case $stage in
+            cuda-tests)
+                run_stage "$stage" 120 python3 -m pytest -q -p no:cacheprovider tests/test_operators.py tests/test_benchmark.py \
+                    -k "cuda or captured" ;;
+            speed-small)
+                run_stage "$stage" 150 python3 -m benchmarks.speed --device "$DEVICE" --unet "$PRIOR" --size "$SIZE" --steps 3 \
+                    --batch 1 16 --precision fp32 bf16 --levers base cudagraphs --train-batch 16 --peak-tflops $PEAK \
+                    --iters 5 --warmup 2 --out "$RESULTS/$stage" ;;
+            speed-sd15)
+                run_stage "$stage" 240 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
+                    --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --peak-tflops $PEAK \
+                    --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
+            memory)
+                run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                    --variants none checkpoint steps both --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \
+                    --out "$RESULTS/$stage" ;;
+        esac
+    done
+} 2>&1 | tee "$OUT/log.txt"
