@@ -203,7 +203,7 @@ class IDM(nn.Module):
             of the training images (``[0, 1]`` for the toolkit's tasks; not clamped).
         """
         y = self._checked_measurements(y, op)
-        with unchecked_values():  # y is checked: the ~80 operator calls below need no host sync each
+        with unchecked_values():  # y is checked; the many operator calls below skip the host sync of theirs
             return self._forward(y, op, generator, noise)
 
     def _checked_measurements(self, y: Tensor, op: Any) -> Tensor:

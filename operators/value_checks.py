@@ -8,8 +8,8 @@ so that a NaN from a user's data gets an error that names it. That check
 reads one value of a device tensor back to the host: on a GPU each call
 waits until every queued kernel has run, the Python side can no longer run
 ahead of the GPU, and the code cannot be captured as a CUDA graph. An IDM
-forward calls its operator about 80 times (block CS, T=3), a training
-iteration about 230 times; the model checks its measurements once on entry
+forward calls its operator dozens of times (twice per injector), a training
+iteration hundreds of times; the model checks its measurements once on entry
 and runs the rest inside this block (a non-finite value inside the network
 then reaches the output, where ``idm reconstruct`` and the training loop
 report it).
