@@ -4,25 +4,27 @@
 #
 #   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
 #
-# Stages (each under its own `timeout`, seconds in brackets; about 8 minutes in all on an H100):
-#   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
+# Stages, most wanted first (each under its own `timeout`, seconds in brackets; a device
+# command may run 10 minutes, so one call takes memory-b1 and speed-sd15, the next the rest):
+#   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
+#                (none, checkpoint, steps, both): peak memory, time per iteration        [300]
+#   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
+#                graph; training batch 8 in bf16 (plain and memory-saving backward)      [240]
+#   memory-b8    the same table at batch 8 (T = 2 left out)                              [300]
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
-#   speed-sd15   sd15 U-Net: inference batch 16 bf16, eager and CUDA graph;
-#                training batch 8 in bf16 (plain and memory-saving backward)             [240]
-#   memory       sd15, batch 8: peak memory and time per iteration for T = 1, 3, 6, 12,
-#                every variant (none, checkpoint, steps, both)                           [300]
+#   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh speed-sd15 memory
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh memory-b1 speed-sd15
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
 # run stopped at the time limit still returns what finished. Without $OUT, both go to
 # ./gpu-checks. DEVICE (default cuda), SIZE (256), SD15 (sd15) and PRIOR (the shipped
 # prior-natural-y) may be set to try the script elsewhere, e.g. on the CPU:
-#   DEVICE=cpu SIZE=32 SD15=tiny PRIOR=tiny bash benchmarks/gpu_checks.sh speed-small speed-sd15 memory
+#   DEVICE=cpu SIZE=32 SD15=tiny PRIOR=tiny bash benchmarks/gpu_checks.sh speed-small speed-sd15
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -33,7 +35,7 @@ SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
-KNOWN=" cuda-tests speed-small speed-sd15 memory "
+KNOWN=" memory-b1 speed-sd15 memory-b8 speed-small cuda-tests "
 [ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -65,7 +67,11 @@ run_stage() {  # name, seconds, command...
                 run_stage "$stage" 240 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
                     --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --peak-tflops $PEAK \
                     --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
-            memory)
+            memory-b1)
+                run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                    --variants none checkpoint steps both --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \
+                    --out "$RESULTS/$stage" ;;
+            memory-b8)
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \
                     --out "$RESULTS/$stage" ;;
