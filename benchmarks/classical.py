@@ -30,23 +30,28 @@ inpainting, lam = 0.01, objective against a 1000-iteration reference):
   cost of PGD reaching the same objective.
 
 Defaults per task (:data:`TV_DEFAULTS`, override with ``lam=`` / ``iters=``)
-were chosen with :func:`tune_tv_weight` on TRAINING images only; see the
-comment at :data:`TV_DEFAULTS` for the data, the settings and the numbers.
+were chosen with :func:`tune_tv_weight` (``python -m benchmarks.tune_tv``) on
+TRAINING images only; see the comment at :data:`TV_DEFAULTS` for the data,
+the settings and the numbers.
 """
 
 from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from benchmarks.protocol import mean_psnr
+
 # How these were chosen (noise-free y = A x, mean PSNR in dB on TRAINING images only;
 # lam picked by tune_tv_weight on the grid 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2 with
-# 400 iterations, then the iteration count checked at 200 / 400 / 800):
+# 400 iterations, then the iteration count checked at 200 / 400 / 800; hand-run calls that
+# scored the raw channels, before `python -m benchmarks.tune_tv` scored as the benchmark does,
+# which for mri 4x keeps 5e-3: benchmarks/results/cpu/tv-lam-mri4x.json):
 # * cs: Train400 test_001..004, centre 160x160 crops, block 32 permuted, ratios 10/30/50 %.
 #   Best lam per ratio 5e-3 / 2e-3 / 1e-3; lam = 2e-3 has the best mean (30.98 dB vs 30.57
 #   for 5e-3; pinv 8.4 / 9.4 / 11.0). At 800 iterations lam = 2e-3 gives 27.21 / 31.27 / 34.92
@@ -65,7 +70,8 @@ from tqdm.auto import tqdm
 #   calibration, the choice was lam 2e-4 at 400 iterations: 40.10 dB, FBP 31.24.)
 # The ranking used a fixed budget: small weights converge slowly, so lam is "best at this
 # budget", not the best minimiser. Different ratios / view counts may prefer other values
-# (see the per-ratio optima above); pass lam= / iters= or rerun tune_tv_weight.
+# (see the per-ratio optima above); pass lam= / iters= (idm benchmark --tv-lam / --tv-iters)
+# or run python -m benchmarks.tune_tv.
 #: Per-task ``(lam, iters)`` defaults of :class:`TV`.
 TV_DEFAULTS = MappingProxyType(
     {
@@ -160,16 +166,20 @@ def tune_tv_weight(
     iters: int | None = None,
     progress: bool = True,
     return_scores: bool = False,
+    score: Callable[[Tensor, Tensor], tuple[float, float]] | None = None,
     **tv_options: Any,
 ) -> float | tuple[float, dict[float, float]]:
-    """The ``lam`` of ``grid`` with the best mean PSNR on ``images`` (how :data:`TV_DEFAULTS` was made).
+    """The ``lam`` of ``grid`` with the best mean PSNR on ``images`` (``python -m benchmarks.tune_tv``).
 
     Args:
         op: the task's operator; noise-free ``y = A x`` is simulated.
         images: a few TRAINING images ``(B, C, H, W)`` in the image space.
         grid: candidate weights, tried in order; ties keep the earlier one.
         iters: outer iterations (``None``: the task default).
-        return_scores: also return ``{lam: mean PSNR (dB, data range 1, unclamped)}``.
+        return_scores: also return ``{lam: mean PSNR (dB)}``.
+        score: how PSNR is measured (:func:`benchmarks.protocol.mean_psnr`): the
+            task's :func:`~benchmarks.protocol.score_function`, as the benchmark
+            scores; ``None``: the raw values, unclamped, data range 1.
         tv_options: passed to :class:`TV`.
     """
     grid = [float(v) for v in grid]
@@ -179,8 +189,6 @@ def tune_tv_weight(
         y = op.A(images)
     scores: dict[float, float] = {}
     for lam in tqdm(grid, desc="tune tv lam", leave=False, disable=not progress):
-        x_hat = TV(lam=lam, iters=iters, progress=progress, **tv_options)(y, op)
-        mse = (x_hat.double() - images.double()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-30)
-        scores[lam] = float((-10 * torch.log10(mse)).mean())
+        scores[lam] = mean_psnr(TV(lam=lam, iters=iters, progress=progress, **tv_options)(y, op), images, score)
     best = max(grid, key=lambda v: (scores[v], -grid.index(v)))
     return (best, scores) if return_scores else best

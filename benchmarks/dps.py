@@ -85,6 +85,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from benchmarks.prior import DiffusionPrior, default_generator, image_shape, randn
+from benchmarks.protocol import mean_psnr
 
 #: The DPS authors' step sizes ``zeta`` by task; other tasks are tuned (:func:`tune_dps_step`).
 AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resolution": 0.3, "deblur": 0.3})
@@ -274,14 +275,6 @@ class DPS:
         )
 
 
-def _mean_psnr(x_hat: Tensor, ref: Tensor) -> float:
-    """Mean per-image PSNR (data range 1, no clamping); ``-inf`` if anything is not finite."""
-    if not torch.isfinite(x_hat).all():
-        return -math.inf
-    mse = (x_hat.double() - ref.double()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-30)
-    return float((-10 * torch.log10(mse)).mean())
-
-
 def tune_dps_step(
     prior: DiffusionPrior,
     op: Any,
@@ -291,6 +284,7 @@ def tune_dps_step(
     seed: int = 0,
     progress: bool = True,
     return_scores: bool = False,
+    score: Callable[[Tensor, Tensor], tuple[float, float]] | None = None,
     **dps_options: Any,
 ) -> float | tuple[float, dict[float, float]]:
     """Pick DPS's ``zeta`` for a task: the grid value with the best mean PSNR on ``images``.
@@ -305,6 +299,9 @@ def tune_dps_step(
         seed: every candidate runs from ``torch.Generator().manual_seed(seed)``
             (same noise for all), so the choice is deterministic.
         return_scores: also return ``{zeta: mean PSNR}`` (``-inf`` for diverged runs).
+        score: how PSNR is measured (:func:`benchmarks.protocol.mean_psnr`): the
+            task's :func:`~benchmarks.protocol.score_function`, as the benchmark
+            scores; ``None``: the raw values, unclamped.
         dps_options: passed to :class:`DPS` (``clip_x0``, ``variance``, ``scale_with_size``).
 
     Returns:
@@ -319,6 +316,6 @@ def tune_dps_step(
     for zeta in tqdm(grid, desc="tune dps zeta", leave=False, disable=not progress):
         method = DPS(prior, zeta=zeta, steps=steps, progress=progress, **dps_options)
         generator = torch.Generator(device=images.device).manual_seed(seed)
-        scores[zeta] = _mean_psnr(method(y, op, generator=generator), images)
+        scores[zeta] = mean_psnr(method(y, op, generator=generator), images, score)
     best = max(grid, key=lambda z: (scores[z], -grid.index(z)))
     return (best, scores) if return_scores else best

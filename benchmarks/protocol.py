@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 import operators
@@ -36,6 +39,21 @@ def score_function(task: Any) -> Callable[[Tensor, Tensor], tuple[float, float]]
         return psnr(estimate, reference, data_range=1.0), ssim(estimate, reference, data_range=1.0)
 
     return score
+
+
+def mean_psnr(x_hat: Tensor, x: Tensor, score: Callable[[Tensor, Tensor], tuple[float, float]] | None = None) -> float:
+    """Mean PSNR (dB) over a batch of ``(B, C, H, W)`` images; ``-inf`` if ``x_hat`` is not finite (a diverged run).
+
+    With ``score`` (:func:`score_function` of a task) each image is scored as
+    ``idm benchmark`` scores it (CS protocol, MRI magnitude, clamped); without
+    it, on the raw values (data range 1, unclamped), for operators of no task.
+    """
+    if not torch.isfinite(x_hat).all():
+        return -math.inf
+    if score is None:
+        mse = (x_hat.double() - x.double()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-30)
+        return float((-10 * torch.log10(mse)).mean())
+    return statistics.fmean(score(x_hat[i : i + 1], x[i : i + 1])[0] for i in range(x.shape[0]))
 
 
 def describe_protocol(task: Any) -> str:

@@ -131,6 +131,9 @@ def test_cheap_methods_run_once_untimed_before_the_first_image():
         (["--methods", "pinv", "--views", "60"], "does not use --views"),
         (["--methods", "pinv", "--size", "2"], "--size must be at least 4"),
         (["--methods", "pinv", "--dps-zeta", "no-such-record.json"], "DPS step-size record file 'no-such-record.json' does not exist"),
+        (["--methods", "pinv", "--tv-lam", "0.01"], "--tv-lam and --tv-iters set the tv baseline, which --methods does not run"),
+        (["--methods", "tv", "--tv-lam", "no-such.json"], "TV weight record file 'no-such.json' does not exist"),
+        (["--methods", "tv", "--tv-iters", "0"], "--tv-iters must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, message):
@@ -191,6 +194,47 @@ def test_dps_step_size_from_a_tuning_record(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"zeta": 1}))
     with pytest.raises(ValueError, match="nor a record of benchmarks.tune_dps"):
         step_size_from(str(tmp_path / "other.json"), "mri", here)
+
+
+def test_tv_weight_from_a_tuning_record_reaches_the_benchmark(bench_files, tmp_path):
+    """``benchmarks.tune_tv`` writes a record; ``idm benchmark --tv-lam`` takes it (or a number) and reports it."""
+    from benchmarks import tune_tv
+
+    record = tmp_path / "lam.json"
+    assert tune_tv.main(["--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+                         "--crop", "16", "--images", "2", "--iters", "5", "--grid", "0.001", "0.05", "--device", "cpu",
+                         "--out", str(record)]) == 0  # fmt: skip
+    tuned = json.loads(record.read_text())
+    assert tuned["lam"] in (0.001, 0.05) and set(tuned["mean_psnr_by_lam"]) == {"0.001", "0.05"}
+    assert tuned["task"] == "cs" and tuned["operator"]["ratio"] == 0.25 and tuned["iters"] == 5 and len(tuned["images"]) == 2
+    argv = ["benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+            "--methods", "tv", "--tv-iters", "3", "--device", "cpu", "--no-progress", "--no-images"]  # fmt: skip
+    for lam in (str(record), "0.3"):
+        out = tmp_path / lam.replace("/", "_")
+        assert main([*argv, "--tv-lam", lam, "--out", str(out)]) == 0
+        expected = tuned["lam"] if lam.endswith(".json") else 0.3
+        assert json.loads((out / "benchmark.json").read_text())["tv_lam_iters"] == [expected, 3]
+        assert f"TV weight {expected}, 3 iterations" in (out / "summary.md").read_text()
+    with pytest.raises(ValueError, match=r"ratio 0.25 \(here 0.5\); pass --tv-lam"):
+        tune_tv.lam_from(str(record), "cs", {"name": "cs", "ratio": 0.5, "block": 8})
+
+
+def test_tuning_scores_as_the_benchmark_does():
+    """MRI candidates are scored on the clamped magnitude, not on the real and imaginary channels."""
+    import tasks
+    from benchmarks.protocol import mean_psnr, score_function
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 2, 16, 16, generator=g, dtype=torch.float64)
+    x[:, 1] = 0  # magnitude images as (real, 0)
+    x_hat = x.clone()
+    x_hat[:, 1] = 0.1 * torch.randn(2, 16, 16, generator=g, dtype=torch.float64)  # an imaginary part only
+    x_hat[0, 0, 0, 0] = 1.5  # out of range: clamped by the benchmark
+    score = score_function(tasks.get("mri"))
+    expected = sum(score(x_hat[i : i + 1], x[i : i + 1])[0] for i in range(2)) / 2
+    assert mean_psnr(x_hat, x, score) == pytest.approx(expected, abs=1e-9)
+    assert abs(mean_psnr(x_hat, x, score) - mean_psnr(x_hat, x)) > 1.0  # raw channels would rank differently
+    assert mean_psnr(x_hat.clone().fill_(float("nan")), x, score) == float("-inf")
 
 
 def test_a_checkpoint_of_another_task_is_refused(bench_files, tmp_path, capsys):

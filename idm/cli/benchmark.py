@@ -60,6 +60,9 @@ def add_parser(subparsers) -> None:
                         "images' size: a number, or the JSON record of benchmarks.tune_dps (e.g. "
                         "benchmarks/results/cpu/dps-zeta-mri4x.json; checked against the task and operator). "
                         "Default: the authors' value where they give one (inpainting)")
+    parser.add_argument("--tv-lam", help="TV weight: a number, or the JSON record of benchmarks.tune_tv (checked "
+                        "against the task and operator). Default: the task's (benchmarks.classical.TV_DEFAULTS)")
+    parser.add_argument("--tv-iters", type=int, help="TV iterations (default: the task's, 800)")
     parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.protocol import describe_protocol, operator_factory, pad_multiple, score_function
     from benchmarks.report import summary_table, write_results_csv
     from benchmarks.tune_dps import step_size_from
+    from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
     from idm.shipped import find_prior
@@ -117,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}
     dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
+    if "tv" not in names and (args.tv_lam is not None or args.tv_iters is not None):
+        raise ValueError("--tv-lam and --tv-iters set the tv baseline, which --methods does not run")
+    tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)
+    if args.tv_iters is not None and args.tv_iters < 1:
+        raise ValueError(f"--tv-iters must be >= 1, got {args.tv_iters}")
 
     trained = _load_checkpoint(args, task, overrides, device) if "idm" in names else None
     if trained is not None and args.final_projection is not None:
@@ -133,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta, pinv=args.ddnm_pinv),
         "dps": dict(steps=args.dps_steps, zeta=dps_zeta),
+        "tv": dict(lam=tv_lam, iters=args.tv_iters),
     }
     methods = []
     for name in names:
@@ -151,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             if warning:
                 print(warning, file=sys.stderr)
     dps = next((m for m in methods if m.name == "dps"), None)
+    tv = next((m for m in methods if m.name == "tv"), None)
     if dps is not None:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
 
@@ -184,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "idm_final_projection": None if trained is None else trained.model.config.final_projection,
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),
+        "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
         "images": [im.name for im in images],
         "resized_to": args.size,
     }
@@ -195,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         + (f", resized to {args.size}x{args.size}" if args.size else "")
         + f"; seeds: operators and generators {args.seed} + image index"
         + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
+        + (f"; TV weight {settings['tv_lam_iters'][0]}, {settings['tv_lam_iters'][1]} iterations" if tv is not None else "")
         + (f"; IDM in {args.precision}" if trained is not None and args.precision != "fp32" else "")
         + ("; IDM output projected onto the measurements" if settings["idm_final_projection"] else "")
         + ".\n\n"

@@ -1,0 +1,106 @@
+"""What ``benchmarks.tune_dps`` and ``benchmarks.tune_tv`` share: a few seeded TRAINING crops of a
+task, its operator at the crop size, and the JSON record of the choice.
+
+The candidates are scored as ``idm benchmark`` scores the task
+(:func:`benchmarks.protocol.score_function`: the authors' protocol for CS,
+the clamped magnitude for MRI, clamped [0, 1] images otherwise), so the
+value chosen is the best by the measure the tables report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from benchmarks.protocol import score_function
+from benchmarks.report import script_command
+from idm.checkpoint import load_json
+from idm.hardware import hardware_name
+
+
+def add_tuning_args(parser: argparse.ArgumentParser, crop: int, images: int) -> None:
+    """The task, data and output flags of a tuning command (and the operator flags of every command)."""
+    from idm.cli.common import add_operator_args
+
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--color", choices=("gray", "y", "rgb"))
+    parser.add_argument("--data", nargs="+", required=True, help="TRAINING images (never the test set)")
+    parser.add_argument("--crop", type=int, default=crop, help="side of the random square crops")
+    parser.add_argument("--images", type=int, default=images, help="how many crops")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="picks the crops, their positions and the operator draw")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_operator_args(parser)
+
+
+@dataclass
+class TuningSetup:
+    """``images`` ``(N, C, crop, crop)`` on ``device``, the ``op`` that measures them, and how to score."""
+
+    task: Any
+    op: Any
+    images: Tensor
+    names: list[str]
+    device: torch.device
+    score: Callable[[Tensor, Tensor], tuple[float, float]]
+
+    def record(self, script: str, argv: list[str] | None, seconds: float, **fields: Any) -> dict[str, Any]:
+        """The JSON record: command, hardware, task, operator (sizes and seeds left out), crops, then ``fields``."""
+        return {
+            "command": script_command(script, argv),
+            "hardware": hardware_name(self.device),
+            "seconds": round(seconds, 1),
+            "task": self.task.name,
+            "operator": {k: v for k, v in self.op.config().items() if k not in ("img_size", "seed")},
+            "images": self.names,
+            "crop": int(self.images.shape[-1]),
+            "scored_as": "idm benchmark scores the task (benchmarks.protocol.score_function)",
+            **fields,
+        }
+
+
+def tuning_setup(args: argparse.Namespace) -> TuningSetup:
+    """``--images`` random crops (seeded) of the task's ``--data`` and the task's operator at the crop size."""
+    import tasks
+    from idm.cli.common import operator_overrides
+
+    task = tasks.get(args.task)
+    if args.color:
+        task = task.with_color(args.color)
+    dataset = task.dataset(args.data, crop=args.crop, augment=False, seed=args.seed)
+    torch.manual_seed(args.seed)
+    picks = torch.randperm(len(dataset))[: args.images].tolist()
+    device = torch.device(args.device)
+    images = torch.stack([dataset[i] for i in picks]).to(device)
+    op = task.make_operator(args.crop, seed=args.seed, **operator_overrides(args))
+    names = [getattr(dataset, "item_name", str)(i) for i in picks]
+    return TuningSetup(task, op, images, names, device, score_function(task))
+
+
+def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, script: str, what: str) -> float:
+    """A benchmark flag's value: a number, or the JSON record ``script`` wrote (its ``key``; ``what`` names it).
+
+    A record is checked against the benchmark's task and operator settings
+    (those both name); a mismatch is a ``ValueError`` that says to pass the
+    number instead, to use that value anyway.
+    """
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    record = load_json(text, what)
+    if not isinstance(record, dict) or key not in record or "task" not in record:
+        raise ValueError(f"{flag} {text}: not a number, nor a record of {script} (no 'task' / '{key}')")
+    if record["task"] != task_name:
+        raise ValueError(f"{flag} {text}: tuned for task {record['task']!r}, this benchmark is {task_name!r}")
+    tuned = record.get("operator", {})
+    differ = sorted(k for k in set(tuned) & set(operator) if tuned[k] != operator[k])
+    if differ:
+        settings = ", ".join(f"{k} {tuned[k]} (here {operator[k]})" for k in differ)
+        raise ValueError(f"{flag} {text}: tuned with {settings}; pass {flag} {record[key]} to use it anyway")
+    return float(record[key])
