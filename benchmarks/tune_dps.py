@@ -18,12 +18,11 @@ authors' images), so the chosen value carries over to full-size images.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
 from benchmarks.prior import load_prior
-from benchmarks.tuning import add_tuning_args, tuned_value, tuning_setup
+from benchmarks.tuning import tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import save_json
 
 
@@ -34,8 +33,7 @@ def step_size_from(text: str, task_name: str, operator: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_tuning_args(parser, crop=64, images=4)
+    parser = tuning_parser(__doc__, crop=64, images=4)
     parser.add_argument("--prior", required=True, help="diffusers UNet2DModel folder (an idm pretrain prior)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_STEP_GRID))

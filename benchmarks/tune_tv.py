@@ -14,11 +14,10 @@ the values chosen so; ``idm benchmark --tv-lam`` takes another.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from benchmarks.classical import DEFAULT_LAM_GRID, tune_tv_weight
-from benchmarks.tuning import add_tuning_args, tuned_value, tuning_setup
+from benchmarks.tuning import tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import save_json
 
 
@@ -29,8 +28,7 @@ def lam_from(text: str, task_name: str, operator: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_tuning_args(parser, crop=128, images=4)
+    parser = tuning_parser(__doc__, crop=128, images=4)
     parser.add_argument("--iters", type=int, default=400, help="TV iterations per candidate")
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_LAM_GRID))
     args = parser.parse_args(argv)

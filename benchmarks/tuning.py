@@ -22,10 +22,12 @@ from idm.checkpoint import load_json
 from idm.hardware import hardware_name
 
 
-def add_tuning_args(parser: argparse.ArgumentParser, crop: int, images: int) -> None:
-    """The task, data and output flags of a tuning command (and the operator flags of every command)."""
+def tuning_parser(doc: str, crop: int, images: int) -> argparse.ArgumentParser:
+    """A tuning command's parser, described by the first paragraph of ``doc``, with the task, data and
+    output flags (and the operator flags of every command); ``crop`` and ``images`` are their defaults."""
     from idm.cli.common import add_operator_args
 
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--task", required=True)
     parser.add_argument("--color", choices=("gray", "y", "rgb"))
     parser.add_argument("--data", nargs="+", required=True, help="TRAINING images (never the test set)")
@@ -36,6 +38,7 @@ def add_tuning_args(parser: argparse.ArgumentParser, crop: int, images: int) -> 
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_operator_args(parser)
+    return parser
 
 
 @dataclass
