@@ -469,3 +469,31 @@ def test_flops_are_counted_without_computing_and_include_attention(tmp_path):
     assert float(folded["attention"]) == float(unfolded["attention"]) > 0
     parts = sum(float(unfolded[k]) for k in ("convolution", "attention", "linear", "other"))
     assert parts == pytest.approx(float(unfolded["gflop_per_image"]), rel=5e-3)  # parts rounded one by one
+
+
+def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
+    """Every benchmark command of benchmarks/gpu_checks.sh parses (its flags exist), stopped before any work."""
+    import importlib
+    import re
+    import shlex
+    from pathlib import Path
+
+    script = (Path(__file__).parent.parent / "benchmarks" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    values = {"DEVICE": "cpu", "SIZE": "32", "SD15": "tiny", "PRIOR": "tiny", "PEAK": "790", "RESULTS": "/tmp/x",
+              "stage": "stage"}  # fmt: skip
+    commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
+    assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory"} and len(commands) == 4
+
+    class Parsed(Exception):
+        pass
+
+    def stop(args):
+        raise Parsed(args)
+
+    for module, rest in commands:
+        argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], rest))
+        benchmark = importlib.import_module(module)
+        monkeypatch.setattr(benchmark, "setup", stop)
+        with pytest.raises(Parsed) as parsed:
+            benchmark.main(argv)
+        assert parsed.value.args[0].device == "cpu"
