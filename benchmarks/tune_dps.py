@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_STEP_GRID))
     args = parser.parse_args(argv)
-    setup = tuning_setup(args)
-    prior = load_prior(args.prior, device=setup.device)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    setup = tuning_setup(args, parser)
+    try:
+        prior = load_prior(args.prior, device=setup.device)
+    except ValueError as err:  # PriorError: not a prior folder
+        parser.error(str(err))
     start = time.perf_counter()
     best, scores = tune_dps_step(prior, setup.op, setup.images, grid=args.grid, steps=args.steps, seed=args.seed,
                                  return_scores=True, score=setup.score, progress=not args.no_progress)  # fmt: skip

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error(f"--iters must be at least 1, got {args.iters}")
-    setup = tuning_setup(args)
+    setup = tuning_setup(args, parser)
     start = time.perf_counter()
     best, scores = tune_tv_weight(setup.op, setup.images, grid=args.grid, iters=args.iters, return_scores=True,
                                   score=setup.score, progress=not args.no_progress)  # fmt: skip

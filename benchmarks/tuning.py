@@ -10,6 +10,7 @@ value chosen is the best by the measure the tables report.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,20 +68,33 @@ class TuningSetup:
         }
 
 
-def tuning_setup(args: argparse.Namespace) -> TuningSetup:
-    """``--images`` random crops (seeded) of the task's ``--data`` and the task's operator at the crop size."""
+def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TuningSetup:
+    """``--images`` random crops (seeded) of the task's ``--data`` and the task's operator at the crop size.
+
+    Anything wrong with the arguments (a grid value below 0, an unknown task,
+    unreadable data, an impossible operator setting) ends in ``parser.error``
+    with the message that names it, before any candidate runs.
+    """
     import tasks
     from idm.cli.common import operator_overrides
 
-    task = tasks.get(args.task)
-    if args.color:
-        task = task.with_color(args.color)
-    dataset = task.dataset(args.data, crop=args.crop, augment=False, seed=args.seed)
-    torch.manual_seed(args.seed)
-    picks = torch.randperm(len(dataset))[: args.images].tolist()
-    device = torch.device(args.device)
-    images = torch.stack([dataset[i] for i in picks]).to(device)
-    op = task.make_operator(args.crop, seed=args.seed, **operator_overrides(args))
+    bad = [v for v in args.grid if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        parser.error(f"--grid values must be finite and >= 0, got {bad}")
+    if args.images < 1:
+        parser.error(f"--images must be at least 1, got {args.images}")
+    try:
+        task = tasks.get(args.task)
+        if args.color:
+            task = task.with_color(args.color)
+        dataset = task.dataset(args.data, crop=args.crop, augment=False, seed=args.seed)
+        torch.manual_seed(args.seed)
+        picks = torch.randperm(len(dataset))[: args.images].tolist()
+        device = torch.device(args.device)
+        images = torch.stack([dataset[i] for i in picks]).to(device)
+        op = task.make_operator(args.crop, seed=args.seed, **operator_overrides(args))
+    except (ValueError, RuntimeError) as err:  # tasks' DataError and operators' errors are ValueErrors
+        parser.error(str(err))
     names = [getattr(dataset, "item_name", str)(i) for i in picks]
     return TuningSetup(task, op, images, names, device, score_function(task))
 

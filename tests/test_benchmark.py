@@ -219,6 +219,25 @@ def test_tv_weight_from_a_tuning_record_reaches_the_benchmark(bench_files, tmp_p
         tune_tv.lam_from(str(record), "cs", {"name": "cs", "ratio": 0.5, "block": 8})
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--task", "cs", "--ratio", "7"], "ratio must be in (0, 1], got 7.0"),
+        (["--task", "cs", "--grid", "0.01", "-1"], "--grid values must be finite and >= 0, got [-1.0]"),
+        (["--task", "cs", "--images", "0"], "--images must be at least 1, got 0"),
+        (["--task", "cs", "--iters", "0"], "--iters must be at least 1, got 0"),
+    ],
+)
+def test_tune_tv_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, argv, message):
+    from benchmarks import tune_tv
+
+    with pytest.raises(SystemExit) as stopped:
+        tune_tv.main([*argv, "--data", str(bench_files / "images"), "--crop", "16", "--out", str(tmp_path / "lam.json")])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "lam.json").exists()
+
+
 def test_tuning_scores_as_the_benchmark_does():
     """MRI candidates are scored on the clamped magnitude, not on the real and imaginary channels."""
     import tasks
