@@ -86,6 +86,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.prior import DiffusionPrior, default_generator, image_shape, randn
 from benchmarks.protocol import mean_psnr
+from operators import unchecked_values
 
 #: The DPS authors' step sizes ``zeta`` by task; other tasks are tuned (:func:`tune_dps_step`).
 AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resolution": 0.3, "deblur": 0.3})
@@ -159,9 +160,12 @@ def dps_step(
 ) -> tuple[Tensor, Tensor]:
     """One DPS step ``x_t -> x_prev`` (see module docstring); returns ``(x_prev, x0_hat)``.
 
-    ``abar_prev = 1`` marks the last step (no noise added, ``noise`` ignored).
-    ``alpha_t = abar_t / abar_prev`` (so respaced schedules work); ``variance``
-    ``"small"`` = ``beta_tilde_t``, ``"large"`` = ``beta_t``.
+    ``noise`` is ``z ~ N(0, I)`` shaped like ``x_t`` for every step but the
+    last; ``None`` on the last step (``abar_prev = 1``), which adds no noise.
+    (Deciding by ``noise`` rather than by the value of ``abar_prev`` keeps the
+    step free of reads from the device.) ``alpha_t = abar_t / abar_prev`` (so
+    respaced schedules work); ``variance`` ``"small"`` = ``beta_tilde_t``,
+    ``"large"`` = ``beta_t``.
     """
     grad, x0, _ = dps_guidance(x_t, t, eps_fn, abar_t, y, op, clip_x0)
     alpha_t = abar_t / abar_prev
@@ -169,9 +173,7 @@ def dps_step(
     c1 = beta_t * abar_prev.sqrt() / (1 - abar_t)
     c2 = (1 - abar_prev) * alpha_t.sqrt() / (1 - abar_t)
     x_prev = c1 * x0 + c2 * x_t.detach()
-    if float(abar_prev) < 1.0:
-        if noise is None:
-            raise ValueError("dps_step needs the noise tensor z before the last step")
+    if noise is not None:
         var = beta_t * (1 - abar_prev) / (1 - abar_t) if variance == "small" else beta_t
         x_prev = x_prev + var.sqrt() * noise
     return x_prev - zeta * grad, x0
@@ -251,21 +253,25 @@ class DPS:
         if self.scale_with_size:
             zeta = size_scaled_step(zeta, shape[1:])
         prior.check_images(shape)
+        check = getattr(op, "check_measurement", None)
+        if callable(check):  # once: the steps' operator calls then skip their NaN read-back
+            check(y)
         generator = default_generator(generator, y)
         with torch.no_grad():
             y_model = space.measurement_to_model(y, op)
         x = randn(shape, generator, y_model)
         nexts = self.timesteps[1:] + [-1]
-        for t, t_prev in tqdm(
-            list(zip(self.timesteps, nexts)), desc="dps", leave=False, disable=not self.progress
-        ):
-            abar_t, abar_prev = prior.abar(t, x), prior.abar(t_prev, x)
-            noise = randn(shape, generator, x) if t_prev >= 0 else None
-            x, _ = dps_step(
-                x, t, prior.eps, abar_t, abar_prev, y_model, op, zeta,
-                noise=noise, clip_x0=self.clip_x0, variance=self.variance,
-            )
-            x = x.detach()
+        with unchecked_values():
+            for t, t_prev in tqdm(
+                list(zip(self.timesteps, nexts)), desc="dps", leave=False, disable=not self.progress
+            ):
+                abar_t, abar_prev = prior.abar(t, x), prior.abar(t_prev, x)
+                noise = randn(shape, generator, x) if t_prev >= 0 else None
+                x, _ = dps_step(
+                    x, t, prior.eps, abar_t, abar_prev, y_model, op, zeta,
+                    noise=noise, clip_x0=self.clip_x0, variance=self.variance,
+                )
+                x = x.detach()
         return space.to_image(x)
 
     def __repr__(self) -> str:

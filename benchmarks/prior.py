@@ -154,6 +154,8 @@ class DiffusionPrior(nn.Module):
         self.alphas_cumprod = ddpm_alphas_cumprod(
             SCHEDULE["num_train_timesteps"], SCHEDULE["beta_start"], SCHEDULE["beta_end"]
         )
+        # ``alphas_cumprod`` then 1 (for ``t = -1``) on each (device, dtype) used: one copy, not one per step.
+        self._abar_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @property
     def channels(self) -> int:
@@ -172,9 +174,19 @@ class DiffusionPrior(nn.Module):
             )
 
     def abar(self, t: int, like: Tensor) -> Tensor:
-        """``abar_t`` as a 0-d tensor in ``like``'s dtype and device; ``t = -1`` gives ``abar = 1``."""
-        value = self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod.new_ones(())
-        return value.to(device=like.device, dtype=real_dtype(like))
+        """``abar_t`` as a 0-d tensor in ``like``'s dtype and device; ``t = -1`` gives ``abar = 1``.
+
+        Indexes a copy of the table kept on that device and dtype (no copy from
+        the host per step, which on a GPU would wait for the queued work).
+        """
+        if not -1 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must be in [-1, {self.num_train_timesteps - 1}], got {t}")
+        key = (like.device, real_dtype(like))
+        table = self._abar_tables.get(key)
+        if table is None:
+            ones = self.alphas_cumprod.new_ones(1)
+            table = self._abar_tables[key] = torch.cat([self.alphas_cumprod, ones]).to(device=like.device, dtype=key[1])
+        return table[t]
 
     def eps(self, x_t: Tensor, t: int) -> Tensor:
         """Noise estimate ``unet(x_t, t).sample`` (one NFE), in ``x_t``'s dtype.

@@ -22,7 +22,7 @@ from benchmarks.prior import DiffusionPrior, PriorError, PriorSpace, load_prior
 from idm import IDM, IDMConfig
 from idm.step import ddpm_alphas_cumprod
 from idm.unets import tiny_unet_config
-from tests.conftest import relative_error
+from tests.conftest import host_reads, relative_error
 
 F64 = torch.float64
 SIZE = (16, 16)
@@ -410,6 +410,32 @@ def test_make_method_and_available_methods(ops, priors):
     assert make_method(custom) is custom and check_method(custom) is custom
     with pytest.raises(TypeError, match="nfe"):
         make_method(lambda y, op, generator=None: y)
+
+
+def test_prior_abar_table():
+    prior, like = tiny_prior(1), torch.zeros(1)
+    assert prior.abar(-1, like).item() == 1.0 and prior.abar(0, like).dtype == torch.float32
+    assert prior.abar(999, like.double()).item() == prior.alphas_cumprod[999].item()
+    prior.abar(5, like)
+    assert sorted(str(dtype) for _, dtype in prior._abar_tables) == ["torch.float32", "torch.float64"]  # one table each
+    with pytest.raises(ValueError, match=r"timestep must be in \[-1, 999\], got -2"):
+        prior.abar(-2, like)
+
+
+@pytest.mark.parametrize("case", ["cs", "mri"])
+def test_diffusion_baselines_read_back_a_fixed_number_of_values_whatever_the_steps(ops, priors, case):
+    """DDNM and DPS check their measurements once; their steps' operator calls read nothing back (no host sync)."""
+    op = ops[case]
+    y = op.A(images(op))
+    counts = {}
+    for steps in (2, 5):
+        for method in (DDNM(priors[op.channels], steps=steps, progress=False), DPS(priors[op.channels], zeta=1.0, steps=steps, progress=False)):
+            counts[method.name, steps] = host_reads(lambda: method(y, op, generator=gen(0)))
+    assert set(counts.values()) == {2}  # y's NaN check and the all-ones image's (A 1 maps y to the prior's range)
+    y_nan = y.clone()
+    y_nan.view(-1)[0] = float("nan")
+    with pytest.raises(operators.OperatorInputError, match="y contains NaN"):
+        DPS(priors[op.channels], zeta=1.0, steps=2, progress=False)(y_nan, op)
 
 
 def test_tune_dps_command_records_the_choice(tmp_path):
