@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.prior import DiffusionPrior, default_generator, image_shape, randn
 from benchmarks.protocol import mean_psnr
-from operators import unchecked_values
+from operators import check_measurements_for, unchecked_values
 
 #: The DPS authors' step sizes ``zeta`` by task; other tasks are tuned (:func:`tune_dps_step`).
 AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resolution": 0.3, "deblur": 0.3})
@@ -253,9 +253,7 @@ class DPS:
         if self.scale_with_size:
             zeta = size_scaled_step(zeta, shape[1:])
         prior.check_images(shape)
-        check = getattr(op, "check_measurement", None)
-        if callable(check):  # once: the steps' operator calls then skip their NaN read-back
-            check(y)
+        check_measurements_for(op, y)  # once: the steps' operator calls then skip their NaN read-back
         generator = default_generator(generator, y)
         with torch.no_grad():
             y_model = space.measurement_to_model(y, op)

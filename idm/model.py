@@ -37,7 +37,7 @@ from idm.unets import (
     unet_from_config,
 )
 from idm.wiring import WiredSequence, coupling_forward
-from operators import unchecked_values
+from operators import check_measurements_for, unchecked_values
 from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
@@ -208,9 +208,7 @@ class IDM(nn.Module):
 
     def _checked_measurements(self, y: Tensor, op: Any) -> Tensor:
         """``y`` checked by ``op`` (shape, NaN/inf) and cast to the model's dtype."""
-        check = getattr(op, "check_measurement", None)
-        if callable(check):
-            check(y)
+        check_measurements_for(op, y)
         dtype = next(self.parameters()).dtype
         return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
 

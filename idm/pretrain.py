@@ -308,17 +308,16 @@ def pretrain(
         scheduler = make_scheduler()
         shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
         loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
-        local = config.batch_size // env.world_size
         amp = config.amp and device.type == "cuda"
         prior_info = {"channels": arch.channels, **(data_info or {})}
 
         def step(index: int, batch: Tensor) -> Tensor:
             x = batch.to(device, non_blocking=True) * 2 - 1
             shape = (config.batch_size, *x.shape[1:])
-            rows = slice(env.rank * local, (env.rank + 1) * local)
-            noise = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))[rows].to(device)
+            noise = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))
             t = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (config.batch_size,),
-                              generator=seeds.generator(config.seed, seeds.TIMESTEPS, index))[rows].to(device)
+                              generator=seeds.generator(config.seed, seeds.TIMESTEPS, index))
+            noise, t = (seeds.rows_of_rank(d, env.rank, env.world_size).to(device) for d in (noise, t))
             noisy = scheduler.add_noise(x, noise, t)
             set_learning_rate(optimizer, config.lr_at(index))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -392,9 +392,9 @@ def train(
                 y = op.A(x)
             noise = None
             if noise_init:  # drawn for the global batch and sliced, so K processes compute what one does (as pretrain)
-                rows = slice(env.rank * x.shape[0], (env.rank + 1) * x.shape[0])
                 shape = (x.shape[0] * env.world_size, *x.shape[1:])
-                noise = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))[rows].to(device)
+                drawn = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))
+                noise = seeds.rows_of_rank(drawn, env.rank, env.world_size).to(device)
             with _autocast(device, config.amp):
                 x_hat = net(y, op, noise=noise)
             loss = loss_fn(x_hat.float(), x)

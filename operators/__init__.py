@@ -10,7 +10,7 @@ Add a forward model by subclassing :class:`operators.Operator` and decorating
 it with ``@operators.register("name")`` (see README).
 """
 
-from .base import Operator, OperatorInputError, check_finite, check_img_size, check_ratio
+from .base import Operator, OperatorInputError, check_finite, check_img_size, check_measurements_for, check_ratio
 from .registry import OperatorRegistry
 from .value_checks import unchecked_values, values_checked
 
@@ -30,6 +30,7 @@ __all__ = [
     "available",
     "check_finite",
     "check_img_size",
+    "check_measurements_for",
     "check_ratio",
     "from_config",
     "make",

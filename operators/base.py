@@ -89,6 +89,15 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise OperatorInputError(f"{name} contains NaN or inf values")
 
 
+def check_measurements_for(op: Any, y: torch.Tensor) -> None:
+    """``op.check_measurement(y)`` (shape, NaN/inf) where ``op`` has one, as the toolkit's operators do;
+    other deepinv physics check nothing. For code that checks ``y`` once and then calls ``op`` inside
+    :func:`operators.unchecked_values`."""
+    check = getattr(op, "check_measurement", None)
+    if callable(check):
+        check(y)
+
+
 def check_float32_or_64(t: torch.Tensor, operator_name: str, name: str) -> None:
     """Raise :class:`OperatorInputError` unless ``t`` is float32 or float64 (what FFTs and sparse products take)."""
     if t.dtype not in (torch.float32, torch.float64):

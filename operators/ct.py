@@ -140,8 +140,8 @@ class CT(Operator):
 
     # ---- the projector ------------------------------------------------------------------
     def _projector(self, like: torch.Tensor) -> SymmetricProjector:
-        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype, converted on first use."""
-        check_float32_or_64(like, self.name, "a tensor")
+        """``R`` (unnormalised Radon transform) on ``like``'s device and dtype (float32 or float64, which
+        ``A``, ``A_adjoint`` and ``fbp`` check), converted on first use."""
         key = (like.device, like.dtype)
         projector = self._projectors.get(key)
         if projector is None:

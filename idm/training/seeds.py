@@ -42,3 +42,11 @@ def derive_seed(*keys: int, bits: int = 63) -> int:
 def generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A :class:`torch.Generator` on ``device`` seeded with :func:`derive_seed` of ``keys``."""
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+def rows_of_rank(global_draw: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of a draw made for the whole global batch (every rank draws the same from the
+    same generator), so that K processes use what one process would: rows ``rank * B .. (rank + 1) * B``
+    of ``world_size * B``."""
+    local = global_draw.shape[0] // world_size
+    return global_draw[rank * local : (rank + 1) * local]
