@@ -238,6 +238,18 @@ def test_tune_tv_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, a
     assert not (tmp_path / "lam.json").exists()
 
 
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps must be at least 1, got 0"),
+                                           ([], "is not a diffusers U-Net folder")])  # fmt: skip
+def test_tune_dps_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, argv, message):
+    from benchmarks import tune_dps
+
+    with pytest.raises(SystemExit) as stopped:
+        tune_dps.main([*argv, "--task", "cs", "--prior", str(tmp_path), "--data", str(bench_files / "images"),
+                       "--crop", "16", "--out", str(tmp_path / "zeta.json")])  # fmt: skip
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "zeta.json").exists()
+
+
 def test_tuning_scores_as_the_benchmark_does():
     """MRI candidates are scored on the clamped magnitude, not on the real and imaginary channels."""
     import tasks
