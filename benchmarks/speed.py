@@ -105,10 +105,12 @@ def count_flops(run: Callable[[], Any]) -> int:
 def training_flops(model: IDM, run: Callable[[], Any], forward: Callable[[], Any]) -> int:
     """FLOPs of one training iteration ``run``.
 
-    torch's counter cannot follow the memory-saving backward (it calls
-    ``autograd.grad`` inside ``backward``), so for ``recompute=True`` the
-    iteration is counted with plain autograd on the same network (identical
-    arithmetic) plus one forward: the recomputation.
+    torch's counter cannot follow the memory-saving backward (it runs
+    autograd inside ``backward``), so for ``recompute=True`` the iteration is
+    counted with plain autograd on the same network (identical arithmetic)
+    plus one forward for the recomputation. That is a round figure: the
+    backward recomputes every step but the last (whose graph the forward
+    keeps) and, with ``invertible="both"``, every wired U-Net block once more.
     """
     if not model.config.recompute:
         return count_flops(run)

@@ -28,8 +28,10 @@ class IDMConfig:
         invertible: ``"none"`` (plain T-step network), ``"steps"`` (wired
             steps), ``"both"`` (wired steps and wired U-Net blocks).
         recompute: run the memory-saving backward (rebuild inputs from
-            outputs). With ``invertible="none"`` it checkpoints each step
-            (``torch.utils.checkpoint``). Does not change the state dict.
+            outputs; the last step's graph is kept from the forward, as its
+            backward would rebuild it first). With ``invertible="none"`` it
+            checkpoints each step but the last (``torch.utils.checkpoint``).
+            Does not change the state dict.
         injectors: measurement injectors after every wired U-Net module.
         init: ``"pinv"`` (``x_T = sqrt(abar_T) A^+ y``) or ``"noise"``.
         schedule: ``"learned"`` (IDM: learnable ``abar``) or ``"ddpm"`` (fixed,

@@ -121,7 +121,8 @@ class IDM(nn.Module):
         else:
             self.schedule = DDPMSchedule(config.steps)
         if config.invertible != "none":
-            self.wiring = WiredSequence(config.steps)
+            # The steps are the outermost chain: the last step's graph is kept from the forward (idm.wiring).
+            self.wiring = WiredSequence(config.steps, keep_last_graph=True)
         #: ``"fp32"`` or ``"bf16"`` (U-Net under bf16 autocast) in eval mode, set by :meth:`for_inference`;
         #: not saved. Training mode always runs as the caller's autocast says.
         self.inference_precision = "fp32"
@@ -218,8 +219,9 @@ class IDM(nn.Module):
         layers = self._layers()
         with self._inference_autocast(y.device.type):
             if self.config.invertible == "none":
-                for layer in layers:
-                    if self.config.recompute and torch.is_grad_enabled():
+                for k, layer in enumerate(layers):
+                    # the last step is not checkpointed: its backward would rebuild its graph at once
+                    if self.config.recompute and torch.is_grad_enabled() and k < len(layers) - 1:
                         x = checkpoint(layer, x, op, x_pinv, use_reentrant=False)
                     else:
                         x = layer(x, op, x_pinv)

@@ -20,7 +20,14 @@ that keeps only its final pair ``(x1, x2)`` and its context tensors. The
 backward walks the layers in reverse, recovers each layer's input from its
 output with the inverse above, recomputes ``F_k`` with autograd enabled for
 that layer only, and back-propagates through it. Activation memory is thus
-that of a single layer, whatever ``K``. The gradients of parameters shared
+that of a single layer, whatever ``K``. With ``keep_last_graph`` the last
+layer runs with autograd in the forward already and its graph is kept for
+the backward, which then recomputes ``K - 1`` layers instead of ``K``: the
+walk's peak (one layer's graph) is reached at the end of the forward
+instead of at the start of the backward, so an outermost chain saves one
+layer's recomputation for no memory (IDM's steps: one U-Net pass of ``T``
+per training iteration). Chains nested in a layer of another should not
+keep theirs: all of them would hold their last layer at once. The gradients of parameters shared
 by the layers (IDM's U-Net, used by every step) and of the context tensors
 are summed by autograd in place in their ``.grad`` (the parameters' own is
 set aside during the walk and restored), so the
@@ -42,7 +49,7 @@ return their gradients.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -89,15 +96,27 @@ class _WiredChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: "_ChainSpec", x1: Tensor, x2: Tensor, v: Tensor, *tensors: Tensor):
-        context = spec.context(tensors[: spec.n_context])
+        context_tensors = tensors[: spec.n_context]
+        context = spec.context(context_tensors)
         x1_in = x1
-        for k, layer in enumerate(spec.layers):
-            x1, x2 = coupling_forward(layer(x1, *context), x1, x2, v[k])
+        recomputed = len(spec.layers) - 1 if spec.keep_last_graph else len(spec.layers)
+        for k in range(recomputed):
+            x1, x2 = coupling_forward(spec.layers[k](x1, *context), x1, x2, v[k])
+        ctx.kept = None
+        if spec.keep_last_graph:
+            # The last layer with autograd on detached inputs; its graph waits in ctx for the backward.
+            layer_input = x1.detach().requires_grad_(True)
+            needs_ctx = ctx.needs_input_grad[4 : 4 + spec.n_context]
+            context_leaves = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
+            with torch.enable_grad():
+                f_x1 = spec.layers[-1](layer_input, *spec.context(context_leaves))
+            ctx.kept = _KeptLayer(layer_input, context_leaves, f_x1)
+            x1, x2 = coupling_forward(f_x1.detach(), x1, x2, v[-1])
         if x2 is x1_in:  # K == 1: an output may not alias an input
             x2 = x2.clone()
         ctx.spec = spec
         ctx.autocast = spec.autocast_state(x1.device.type)
-        ctx.save_for_backward(x1, x2, v, *tensors[: spec.n_context])
+        ctx.save_for_backward(x1, x2, v, *context_tensors)
         return x1, x2
 
     @staticmethod
@@ -115,7 +134,12 @@ class _WiredChain(torch.autograd.Function):
         # layers by autograd itself, in place, in their ``.grad``: no running sums beside each layer's own.
         # The parameters' ``.grad`` is set aside meanwhile and restored. Parameters whose ``.grad`` an
         # enclosing walk has already taken over keep it: this walk adds to that sum and returns None for them.
-        ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
+        kept: _KeptLayer | None = ctx.kept
+        ctx.kept = None  # used once: a second backward (retain_graph) recomputes every layer
+        if kept is not None:
+            ctx_inputs = kept.context_leaves
+        else:
+            ctx_inputs = [t.detach().requires_grad_(need) for t, need in zip(context_tensors, needs_ctx)]
         ctx_wrt = [t for t, need in zip(ctx_inputs, needs_ctx) if need]
         takes_over = [not getattr(p, GRAD_TAKEN_OVER, False) for p in params]
         set_aside = [p.grad if take else None for p, take in zip(params, takes_over)]
@@ -125,9 +149,13 @@ class _WiredChain(torch.autograd.Function):
                 setattr(p, GRAD_TAKEN_OVER, True)
         try:
             for k in reversed(range(len(spec.layers))):
-                x1 = y2.detach().requires_grad_(True)
-                with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-                    f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
+                if kept is not None and k == len(spec.layers) - 1:
+                    x1, f_x1 = kept.layer_input, kept.output
+                    kept = None
+                else:
+                    x1 = y2.detach().requires_grad_(True)
+                    with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                        f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
                 v_k = v[k].detach()
                 torch.autograd.backward(f_x1, grad_tensors=((1 - v_k) * dy1).to(f_x1.dtype), inputs=[x1, *ctx_wrt, *params])
                 with torch.no_grad():
@@ -147,15 +175,26 @@ class _WiredChain(torch.autograd.Function):
         return (None, dy1, dy2, grad_v, *(t.grad for t in ctx_inputs), *grad_params)
 
 
+class _KeptLayer(NamedTuple):
+    """The last layer's graph, built in the forward with ``keep_last_graph``: its input leaf, the context
+    leaves it used (the backward's other layers use them too, so their ``.grad`` sums every layer's part),
+    and its output ``F(x1)``."""
+
+    layer_input: Tensor
+    context_leaves: list[Tensor]
+    output: Tensor
+
+
 class _ChainSpec:
     """What the autograd function needs besides tensors: layers, context layout, params."""
 
-    def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor]):
+    def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor], keep_last_graph: bool = False):
         self.layers = list(layers)
         self.template = context
         self.tensor_slots = [i for i, c in enumerate(context) if torch.is_tensor(c)]
         self.n_context = len(self.tensor_slots)
         self.params = params
+        self.keep_last_graph = keep_last_graph
 
     def context_tensors(self) -> list[Tensor]:
         return [self.template[i] for i in self.tensor_slots]
@@ -179,6 +218,7 @@ def wired_chain(
     context: tuple[Any, ...] = (),
     params: Iterable[Tensor] = (),
     recompute: bool = True,
+    keep_last_graph: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``len(layers)`` wired layers on ``(x1, x2)``; returns the final pair.
 
@@ -190,13 +230,15 @@ def wired_chain(
         params: parameters used by the layers (needed only with ``recompute``); leaf tensors.
         recompute: keep only the final pair and rebuild the rest in backward
             (memory flat in K); ``False`` runs plain autograd.
+        keep_last_graph: with ``recompute``, build the last layer's graph in the forward
+            and keep it, so the backward recomputes ``K - 1`` layers (for an outermost chain).
     """
     if len(layers) != v.shape[0]:
         raise ValueError(f"wired_chain got {len(layers)} layers but {v.shape[0]} mixing weights")
     tensors_need_grad = any(t.requires_grad for t in (x1, x2, v) + tuple(c for c in context if torch.is_tensor(c)))
     params = list(params)
     if recompute and torch.is_grad_enabled() and (tensors_need_grad or any(p.requires_grad for p in params)):
-        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v]))
+        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v]), keep_last_graph)
         if not all(p.is_leaf for p in spec.params):
             raise ValueError("wired_chain(recompute=True) needs leaf tensors (parameters) in params: their gradients "
                              "are summed in their .grad; pass the parameters a computed weight is made from")
@@ -218,10 +260,14 @@ class WiredSequence(nn.Module):
         v_init: initial mixing weight (paper: 0.5).
         in_scale_init: initial ``w_T`` (1.0).
         out_scale_init: initial ``w_0`` (0.0).
+        keep_last_graph: see :func:`wired_chain`; for an outermost chain (IDM's steps). Not part
+            of the state dict.
     """
 
-    def __init__(self, num_layers: int, v_init: float = 0.5, in_scale_init: float = 1.0, out_scale_init: float = 0.0):
+    def __init__(self, num_layers: int, v_init: float = 0.5, in_scale_init: float = 1.0, out_scale_init: float = 0.0,
+                 keep_last_graph: bool = False):  # fmt: skip
         super().__init__()
+        self.keep_last_graph = keep_last_graph
         if num_layers < 1:
             raise ValueError(f"a wired sequence needs at least one layer, got {num_layers}")
         self.v = nn.Parameter(torch.full((num_layers,), float(v_init)))
@@ -240,7 +286,7 @@ class WiredSequence(nn.Module):
         params: Iterable[Tensor] = (),
         recompute: bool = True,
     ) -> Tensor:
-        x1, x2 = wired_chain(layers, self.v, x, self.in_scale * x, context, params, recompute)
+        x1, x2 = wired_chain(layers, self.v, x, self.in_scale * x, context, params, recompute, self.keep_last_graph)
         return x1 + self.out_scale * x2
 
     def layer_forward(self, k: int, layer: Layer, x1: Tensor, x2: Tensor, context: tuple[Any, ...] = ()):

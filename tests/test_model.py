@@ -28,7 +28,7 @@ def _loss_and_grads(model: IDM, op, seed: int = 1):
     return out.detach(), grads, y.grad.detach().clone()
 
 
-@pytest.mark.parametrize("invertible", ["steps", "both"])
+@pytest.mark.parametrize("invertible", ["none", "steps", "both"])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_memory_saving_backward_equals_plain_autograd(ortho_op, invertible, steps):
     op = ortho_op(SHAPE, 64)
@@ -170,6 +170,20 @@ def test_activation_memory_is_flat_in_the_number_of_steps(ortho_op):
     none_8 = saved(8, "none", False)
     assert both_8 < 1.25 * both_1
     assert both_8 < 0.20 * none_8
+
+
+@pytest.mark.parametrize("invertible", ["none", "steps", "both"])
+def test_the_backward_recomputes_every_step_but_the_last(ortho_op, invertible):
+    """T U-Net passes forward, T - 1 more in the memory-saving backward (the last step's graph is kept:
+    its backward would rebuild it first, so keeping it costs no peak memory); plain autograd: none."""
+    op = ortho_op(SHAPE, 64)
+    for recompute, expected in [(True, 3 + 2), (False, 3)]:
+        model = perturbed_model(IDMConfig(unet="tiny", steps=3, invertible=invertible, recompute=recompute))
+        passes = []
+        model.eps_net.register_forward_pre_hook(lambda module, args: passes.append(1))
+        x = torch.rand(2, *SHAPE, dtype=torch.float64)
+        (model(op.A(x), op) - x).abs().mean().backward()
+        assert len(passes) == expected, (recompute, len(passes))
 
 
 def test_save_and_load_round_trip(tmp_path, ortho_op):

@@ -22,10 +22,10 @@ class ConvLayer(nn.Module):
         return torch.tanh(self.conv(x)) + 0.3 * ctx * x
 
 
-def _run(recompute: bool, num_layers: int, seed: int = 0):
+def _run(recompute: bool, num_layers: int, seed: int = 0, keep_last_graph: bool = False):
     torch.manual_seed(seed)
     layers = nn.ModuleList(ConvLayer(3) for _ in range(num_layers)).double()
-    wiring = WiredSequence(num_layers).double()
+    wiring = WiredSequence(num_layers, keep_last_graph=keep_last_graph).double()
     with torch.no_grad():
         wiring.v.uniform_(0.3, 0.7)
         wiring.out_scale.fill_(0.4)
@@ -39,24 +39,28 @@ def _run(recompute: bool, num_layers: int, seed: int = 0):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("keep_last_graph", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2, 5])
-def test_recompute_backward_matches_plain_autograd(num_layers):
+def test_recompute_backward_matches_plain_autograd(num_layers, keep_last_graph):
     out_plain, grads_plain = _run(False, num_layers)
-    out_rec, grads_rec = _run(True, num_layers)
+    out_rec, grads_rec = _run(True, num_layers, keep_last_graph=keep_last_graph)
     assert torch.equal(out_plain, out_rec)
     assert set(grads_plain) == set(grads_rec)
     for name, g in grads_plain.items():
         assert relative_error(grads_rec[name], g) < 1e-12, name
 
 
-def test_gradcheck_of_the_recomputing_chain():
+@pytest.mark.parametrize("keep_last_graph", [False, True])
+def test_gradcheck_of_the_recomputing_chain(keep_last_graph):
+    """gradcheck back-propagates each output many times (retain_graph): with ``keep_last_graph`` the first
+    backward uses the kept graph, the later ones recompute every layer."""
     torch.manual_seed(0)
     layers = [ConvLayer(2).double() for _ in range(3)]
     params = [p for layer in layers for p in layer.parameters()]
     v = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64, requires_grad=True)
 
     def chain(x1, x2, ctx, v):
-        y1, y2 = wired_chain(layers, v, x1, x2, ("static item", ctx), params, recompute=True)
+        y1, y2 = wired_chain(layers, v, x1, x2, ("static item", ctx), params, recompute=True, keep_last_graph=keep_last_graph)
         return y1, y2
 
     inputs = [torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)] + [v]
@@ -92,19 +96,47 @@ def test_plain_network_is_the_special_case_u1_v0():
         assert torch.allclose(wiring(x, layers, ctx), expected, rtol=0, atol=1e-14)
 
 
-def test_saved_memory_does_not_grow_with_depth():
+@pytest.mark.parametrize("keep_last_graph", [False, True])
+def test_saved_memory_does_not_grow_with_depth(keep_last_graph):
     def saved_bytes(num_layers: int) -> int:
         torch.manual_seed(0)
         layers = [ConvLayer(3) for _ in range(num_layers)]
         params = [p for layer in layers for p in layer.parameters()]
-        wiring = WiredSequence(num_layers)
+        wiring = WiredSequence(num_layers, keep_last_graph=keep_last_graph)
         x = torch.randn(1, 3, 16, 16, requires_grad=True)
         return saved_bytes_for_backward(
             lambda: wiring(x, layers, ("static item", torch.ones(1)), params, recompute=True), params
         )
 
-    # Only the (K,) mixing-weight vector grows: 11 more float32 values.
+    # Only the (K,) mixing-weight vector grows: 11 more float32 values (the kept graph is one layer's).
     assert saved_bytes(12) - saved_bytes(1) == 11 * 4
+    if keep_last_graph:  # and it is kept: the tanh output, the conv input and ctx * x's x (16x16x3 floats each)
+        assert saved_bytes(1) >= 3 * 16 * 16 * 3 * 4
+
+
+@pytest.mark.parametrize("keep_last_graph", [False, True])
+def test_the_kept_last_graph_saves_one_layer_of_recomputation(keep_last_graph):
+    """K layers cost 2K layer calls per forward and backward, 2K - 1 with the last layer's graph kept;
+    a second backward (retain_graph) recomputes all K and gives the same gradients."""
+    torch.manual_seed(0)
+    calls = []
+    conv = ConvLayer(3).double()
+
+    def layer(x, label, ctx):
+        calls.append(1)
+        return conv(x, label, ctx)
+
+    wiring = WiredSequence(4, keep_last_graph=keep_last_graph).double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    ctx = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = wiring(x, [layer] * 4, ("static item", ctx), list(conv.parameters()), recompute=True)
+    assert len(calls) == 4
+    first = torch.autograd.grad(out.square().sum(), [x, ctx, *conv.parameters()], retain_graph=True)
+    assert len(calls) == (7 if keep_last_graph else 8)
+    second = torch.autograd.grad(out.square().sum(), [x, ctx, *conv.parameters()])
+    assert len(calls) == (11 if keep_last_graph else 12)
+    for a, b in zip(first, second):
+        assert relative_error(a, b) < 1e-13
 
 
 def test_mismatched_weights_are_refused():
@@ -152,7 +184,7 @@ def test_non_leaf_params_are_refused():
         wired_chain([layer], torch.full((1,), 0.5), x, x, (), [scaled], recompute=True)
 
 
-def _nested_chain_loss(weight: torch.Tensor, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def _nested_chain_loss(weight: torch.Tensor, x: torch.Tensor, recompute: bool, keep_last_graph: bool = False) -> torch.Tensor:
     """Two wired layers, each itself a wired chain of two uses of ``weight`` (IDM's wired blocks in wired steps)."""
     inner_v = torch.tensor([0.4, 0.6], dtype=weight.dtype)
 
@@ -161,25 +193,28 @@ def _nested_chain_loss(weight: torch.Tensor, x: torch.Tensor, recompute: bool) -
         return y1 + 0.5 * y2
 
     outer_v = torch.tensor([0.5, 0.7], dtype=weight.dtype)
-    y1, y2 = wired_chain([inner_block] * 2, outer_v, x, x, (), [weight], recompute=recompute)
+    y1, y2 = wired_chain([inner_block] * 2, outer_v, x, x, (), [weight], recompute=recompute, keep_last_graph=keep_last_graph)
     return (y1.square() + y2).sum()
 
 
-def test_nested_chains_sum_into_the_enclosing_walks_gradient():
-    """Gradients agree with plain autograd, and the walk holds one set of gradients, not one per nesting level."""
+@pytest.mark.parametrize("keep_last_graph", [False, True])
+def test_nested_chains_sum_into_the_enclosing_walks_gradient(keep_last_graph):
+    """Gradients agree with plain autograd, and the walk holds one set of gradients, not one per nesting
+    level; also when the outer chain kept its last layer's graph (the inner chains in it run backward
+    inside the outer walk, as in IDM's last step)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(0)
     weight = (0.05 * torch.randn(64, 64, dtype=torch.float64)).requires_grad_(True)
     x = torch.randn(2, 64, dtype=torch.float64)
     (expected,) = torch.autograd.grad(_nested_chain_loss(weight, x, recompute=False), [weight])
-    (got,) = torch.autograd.grad(_nested_chain_loss(weight, x, recompute=True), [weight])
+    (got,) = torch.autograd.grad(_nested_chain_loss(weight, x, True, keep_last_graph), [weight])
     assert relative_error(got, expected) < 1e-12 and weight.grad is None
 
     big = torch.randn(512, 512).div_(512**0.5).requires_grad_(True)  # 1 MiB: dominates the activations (2 KiB)
     tracker = MemTracker()
     with tracker:
-        _nested_chain_loss(big, torch.randn(1, 512), recompute=True).backward()
+        _nested_chain_loss(big, torch.randn(1, 512), True, keep_last_graph).backward()
     peak = max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
     set_bytes = big.numel() * big.element_size()
     # the weight, the summed gradient and one use's gradient before it is added (3.04 sets); a second
