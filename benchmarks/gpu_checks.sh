@@ -5,11 +5,14 @@
 #   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
 #
 # Stages, most wanted first (each under its own `timeout`, seconds in brackets; a device
-# command may run 10 minutes, so one call takes memory-b1 and speed-sd15, the next the rest):
+# command may run 10 minutes, so one call takes memory-b1 and speed-sd15, the next levers-b8
+# and memory-b8, the last the rest):
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
 #                (none, checkpoint, steps, both): peak memory, time per iteration        [300]
 #   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
 #                graph; training batch 8 in bf16 (plain and memory-saving backward)      [240]
+#   levers-b8    sd15, batch 8, T=3: none, both, and both with each lever of its backward
+#                switched off (the last step recomputed; unwired layers keeping all)     [240]
 #   memory-b8    the same table at batch 8 (T = 2 left out)                              [300]
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
@@ -35,7 +38,7 @@ SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
-KNOWN=" memory-b1 speed-sd15 memory-b8 speed-small cuda-tests "
+KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests "
 [ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -71,6 +74,10 @@ run_stage() {  # name, seconds, command...
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \
                     --out "$RESULTS/$stage" ;;
+            levers-b8)
+                run_stage "$stage" 240 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                    --variants none both --ablations last-step-recomputed unwired-layers-plain --batch 8 --steps 3 \
+                    --iters 2 --warmup 1 --out "$RESULTS/$stage" ;;
             memory-b8)
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \

@@ -16,7 +16,8 @@ variant, batch and T it reports the median iteration time after warm-up and
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
 ``both`` (two-level wiring), the last two with the memory-saving backward.
-The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
+``--ablations`` adds rows of ``both`` with one lever of its backward switched
+off (:data:`ABLATIONS`). The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
 :mod:`idm.training.optimizer`). Writes ``OUT/memory.csv``, ``OUT/memory.png``
 and ``OUT/memory.md`` (the summary table).
 """
@@ -26,7 +27,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,6 +46,13 @@ VARIANTS = {
     "checkpoint": dict(invertible="none", recompute=True),
     "steps": dict(invertible="steps", recompute=True),
     "both": dict(invertible="both", recompute=True),
+}
+#: Levers of the memory-saving backward that ``--ablations`` switches off, one row each, for ``both``.
+ABLATIONS: dict[str, Callable[[IDM], None]] = {
+    # the backward recomputes every step, the last too (idm.wiring's keep_last_graph off)
+    "last-step-recomputed": lambda model: setattr(model.wiring, "keep_last_graph", False),
+    # the resnets outside the wired groups and the output head keep all their activations
+    "unwired-layers-plain": lambda model: setattr(model.eps_net, "lean_unwired", False),
 }
 FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "status"]
 
@@ -65,46 +75,107 @@ def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim
     return max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
 
 
-def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int,
-            seed: int = 0) -> dict:  # fmt: skip
-    """One row of the table: build the model (weights and data from ``seed``), train ``warmup + iters`` iterations, measure."""
+@dataclass
+class TrainingSetup:
+    """One benchmark training problem: the model, Adam as ``idm train`` makes it, block CS at 10 %, images
+    ``x`` ``(B, 1, size, size)`` in ``[0, 1]`` and their measurements ``y``."""
+
+    model: IDM
+    optimizer: torch.optim.Optimizer
+    op: operators.Operator
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def forward(self) -> torch.Tensor:
+        """The training forward, under bf16 autocast on CUDA (fp32 on the CPU)."""
+        device_type = self.x.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            return self.model(self.y, self.op)
+
+    def iteration(self) -> None:
+        """Forward, L1 loss, backward, Adam step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.forward().float() - self.x).abs().mean().backward()
+        self.optimizer.step()
+
+
+def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, seed: int = 0,
+                   ablation: str | None = None) -> TrainingSetup:  # fmt: skip
+    """The problem of one table row, weights and data drawn from ``seed``; ``ablation`` (a key of
+    :data:`ABLATIONS`, for ``both``) switches one lever off."""
     torch.manual_seed(seed)
-    row = dict(variant=variant, steps=steps, batch=batch, size=size, unet=unet, device=device.type)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
-    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    if ablation is not None:
+        ABLATIONS[ablation](model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused_by_default(model.parameters()))  # as idm train
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
     x = torch.rand(batch, 1, size, size, device=device)
-    y = op.A(x)
+    return TrainingSetup(model, optimizer, op, x, op.A(x))
 
-    def iteration() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(y, op)
-        (out.float() - x).abs().mean().backward()
-        optimizer.step()
 
-    times = []
+def row_label(variant: str, ablation: str | None) -> str:
+    return variant if ablation is None else f"{variant}, {ablation}"
+
+
+def _timed_ms(iteration: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    iteration()
+    sync(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def _row(variant: str, ablation: str | None, steps: int, batch: int, size: int, unet: str, device: torch.device,
+         training: TrainingSetup) -> dict:  # fmt: skip
+    return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=size, unet=unet, device=device.type,
+                params_m=round(sum(p.numel() for p in training.model.parameters()) / 1e6, 3))  # fmt: skip
+
+
+def _add_cpu_peak(row: dict, training: TrainingSetup) -> None:
+    peak = tracked_peak_bytes(training.iteration, training.model, training.optimizer)
+    row["memory_mb"] = "" if peak is None else round(peak / 2**20, 3)
+    row["memory_kind"] = "not measurable with this torch" if peak is None else "peak_tracked"
+
+
+def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int,
+            seed: int = 0, ablation: str | None = None) -> dict:  # fmt: skip
+    """One row of the table: build the problem (weights and data from ``seed``), train ``warmup + iters`` iterations, measure."""
+    training = training_setup(variant, steps, batch, size, unet, device, seed, ablation)
+    row = _row(variant, ablation, steps, batch, size, unet, device, training)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + iters):
-        sync(device)
-        start = time.perf_counter()
-        iteration()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    row["ms_per_iter"] = round(1000 * statistics.median(times), 2)
+    times = [_timed_ms(training.iteration, device) for _ in range(warmup + iters)][warmup:]
+    row["ms_per_iter"] = round(statistics.median(times), 2)
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["memory_kind"] = "peak_allocated"
     else:
-        peak = tracked_peak_bytes(iteration, model, optimizer)
-        row["memory_mb"] = "" if peak is None else round(peak / 2**20, 3)
-        row["memory_kind"] = "not measurable with this torch" if peak is None else "peak_tracked"
+        _add_cpu_peak(row, training)
     row["status"] = "ok"
     return row
+
+
+def measure_interleaved(runs: list[tuple[str, str | None]], steps: int, batch: int, size: int, unet: str, device: torch.device,
+                        iters: int, warmup: int, seed: int = 0) -> list[dict]:  # fmt: skip
+    """The rows of ``runs`` (``(variant, ablation)`` pairs) at one batch and T, their iterations timed round-robin
+    (one of each in turn), so that a machine whose speed drifts (a shared CPU) slows them alike; CPU only
+    (every model is alive at once, which ``max_memory_allocated`` would count). Peaks as :func:`measure`'s."""
+    setups = [training_setup(variant, steps, batch, size, unet, device, seed, ablation) for variant, ablation in runs]
+    times: list[list[float]] = [[] for _ in runs]
+    for i in range(warmup + iters):
+        for run_times, training in zip(times, setups):
+            ms = _timed_ms(training.iteration, device)
+            if i >= warmup:
+                run_times.append(ms)
+    rows = []
+    for (variant, ablation), training, run_times in zip(runs, setups, times):
+        row = _row(variant, ablation, steps, batch, size, unet, device, training)
+        row["ms_per_iter"] = round(statistics.median(run_times), 2)
+        _add_cpu_peak(row, training)
+        row["status"] = "ok"
+        rows.append(row)
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -116,7 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
     for col, batch in enumerate(batches):
-        for variant in VARIANTS:
+        for variant in row_labels(rows):
             pts = [r for r in rows if r["batch"] == batch and r["variant"] == variant and r["status"] == "ok"]
             if not pts:
                 continue
@@ -132,6 +203,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def row_labels(rows: list[dict]) -> list[str]:
+    """The variants (and ablations) of ``rows``, each once, in the order they were measured."""
+    return list(dict.fromkeys(r["variant"] for r in rows))
+
+
 def summary_markdown(rows: list[dict]) -> str:
     """Memory per T for each variant, and the ratios the README quotes."""
     ok = [r for r in rows if r["status"] == "ok"]
@@ -142,7 +218,7 @@ def summary_markdown(rows: list[dict]) -> str:
         get = {(r["variant"], r["steps"]): r for r in pts}
         lines += [f"batch {batch}, {pts[0]['memory_kind'].replace('_', ' ')} (MiB) / ms per iteration:", ""]
         lines += ["| variant | " + " | ".join(f"T={t}" for t in steps) + " |", "|---|" + "---|" * len(steps)]
-        for variant in VARIANTS:
+        for variant in row_labels(rows):
             cells = []
             for t in steps:
                 r = get.get((variant, t))
@@ -162,6 +238,16 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure_or_oom(variant: str, ablation: str | None, steps: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """:func:`measure`'s row, or a row that says the GPU ran out of memory."""
+    try:
+        return measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed, ablation)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=args.size, unet=args.unet,
+                    device=device.type, status="out of memory")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_timing_args(parser, "benchmarks/results")
@@ -170,18 +256,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 6, 12])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ablations", nargs="+", default=[], choices=list(ABLATIONS),
+                        help="also measure `both` with each of these levers of the memory-saving backward switched "
+                             "off, one row each (last-step-recomputed: the backward recomputes the last step too; "
+                             "unwired-layers-plain: the layers outside the wired groups keep all their activations)")  # fmt: skip
+    parser.add_argument("--interleave", action="store_true",
+                        help="on the CPU: time the rows of each batch and T round-robin, one iteration of each in turn, "
+                             "so that a machine whose speed drifts slows them alike")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.ablations and "both" not in args.variants:
+        parser.error("--ablations switch levers of the `both` variant off: add both to --variants")
+    if args.interleave and torch.device(args.device).type != "cpu":
+        parser.error("--interleave is for the CPU: on a GPU every model alive at once would count in the peak memory")
     device, out = setup(args)
     rows = []
+    runs = [(v, None) for v in args.variants] + [("both", a) for a in args.ablations]
     for batch in args.batch:
         for steps in args.steps:
-            for variant in args.variants:
-                try:
-                    row = measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed)
-                except torch.cuda.OutOfMemoryError:
-                    row = dict(variant=variant, steps=steps, batch=batch, size=args.size, unet=args.unet,
-                               device=device.type, status="out of memory")
-                    torch.cuda.empty_cache()
+            if args.interleave:
+                measured = measure_interleaved(runs, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed)
+            else:
+                measured = (measure_or_oom(variant, ablation, steps, batch, args, device) for variant, ablation in runs)
+            for row in measured:
                 rows.append(row)
                 print(", ".join(f"{k}={row.get(k, '')}" for k in FIELDS), flush=True)
                 write_csv(out, "memory", rows, FIELDS)  # the rows so far, if a time limit stops the run

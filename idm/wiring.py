@@ -99,6 +99,9 @@ class _WiredChain(torch.autograd.Function):
         context_tensors = tensors[: spec.n_context]
         context = spec.context(context_tensors)
         x1_in = x1
+        start_scale = x2 if spec.scaled_start else None
+        if spec.scaled_start:
+            x2 = start_scale * x1
         recomputed = len(spec.layers) - 1 if spec.keep_last_graph else len(spec.layers)
         for k in range(recomputed):
             x1, x2 = coupling_forward(spec.layers[k](x1, *context), x1, x2, v[k])
@@ -116,13 +119,13 @@ class _WiredChain(torch.autograd.Function):
             x2 = x2.clone()
         ctx.spec = spec
         ctx.autocast = spec.autocast_state(x1.device.type)
-        ctx.save_for_backward(x1, x2, v, *context_tensors)
+        ctx.save_for_backward(x1, x2, v, start_scale, *context_tensors)
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1: Tensor | None, dy2: Tensor | None):
         spec: _ChainSpec = ctx.spec
-        y1, y2, v, *context_tensors = ctx.saved_tensors
+        y1, y2, v, start_scale, *context_tensors = ctx.saved_tensors
         dy1 = torch.zeros_like(y1) if dy1 is None else dy1
         dy2 = torch.zeros_like(y2) if dy2 is None else dy2
         params = spec.params
@@ -167,6 +170,9 @@ class _WiredChain(torch.autograd.Function):
                 del f_x1
                 y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
             grad_params = [p.grad if take else None for p, take in zip(params, takes_over)]
+            if spec.scaled_start:  # x2 was start_scale * x1, and y1 is now the x1 it was made from
+                grad_scale = (dy2 * y1).sum().to(start_scale.dtype) if ctx.needs_input_grad[2] else None
+                dy1, dy2 = dy1 + start_scale.to(dy2.dtype) * dy2, grad_scale
         finally:
             for p, take, g in zip(params, takes_over, set_aside):
                 if take:
@@ -188,8 +194,10 @@ class _KeptLayer(NamedTuple):
 class _ChainSpec:
     """What the autograd function needs besides tensors: layers, context layout, params."""
 
-    def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor], keep_last_graph: bool = False):
+    def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor], keep_last_graph: bool = False,
+                 scaled_start: bool = False):  # fmt: skip
         self.layers = list(layers)
+        self.scaled_start = scaled_start
         self.template = context
         self.tensor_slots = [i for i, c in enumerate(context) if torch.is_tensor(c)]
         self.n_context = len(self.tensor_slots)
@@ -225,7 +233,10 @@ def wired_chain(
     Args:
         layers: callables ``layer(x, *context)`` returning a tensor shaped like ``x``.
         v: ``(K,)`` mixing weights, one per layer (``u = 1 - v``).
-        x1, x2: the pair of states, same shape.
+        x1, x2: the pair of states, same shape; or ``x2`` a scalar tensor ``s`` for the pair
+            ``(x1, s * x1)`` (a :class:`WiredSequence`'s start: with ``recompute`` the backward then
+            takes ``s``'s gradient from the ``x1`` it recovers, where autograd would keep ``x1``
+            alive for it, one state of memory).
         context: extra arguments for every layer; tensor items receive gradients.
         params: parameters used by the layers (needed only with ``recompute``); leaf tensors.
         recompute: keep only the final pair and rebuild the rest in backward
@@ -235,14 +246,17 @@ def wired_chain(
     """
     if len(layers) != v.shape[0]:
         raise ValueError(f"wired_chain got {len(layers)} layers but {v.shape[0]} mixing weights")
+    scaled_start = x2.dim() == 0
     tensors_need_grad = any(t.requires_grad for t in (x1, x2, v) + tuple(c for c in context if torch.is_tensor(c)))
     params = list(params)
     if recompute and torch.is_grad_enabled() and (tensors_need_grad or any(p.requires_grad for p in params)):
-        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v]), keep_last_graph)
+        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v, x2]), keep_last_graph, scaled_start)
         if not all(p.is_leaf for p in spec.params):
             raise ValueError("wired_chain(recompute=True) needs leaf tensors (parameters) in params: their gradients "
                              "are summed in their .grad; pass the parameters a computed weight is made from")
         return _WiredChain.apply(spec, x1, x2, v, *spec.context_tensors(), *spec.params)
+    if scaled_start:
+        x2 = x2 * x1
     for k, layer in enumerate(layers):
         x1, x2 = coupling_forward(layer(x1, *context), x1, x2, v[k])
     return x1, x2
@@ -286,7 +300,7 @@ class WiredSequence(nn.Module):
         params: Iterable[Tensor] = (),
         recompute: bool = True,
     ) -> Tensor:
-        x1, x2 = wired_chain(layers, self.v, x, self.in_scale * x, context, params, recompute, self.keep_last_graph)
+        x1, x2 = wired_chain(layers, self.v, x, self.in_scale, context, params, recompute, self.keep_last_graph)
         return x1 + self.out_scale * x2
 
     def layer_forward(self, k: int, layer: Layer, x1: Tensor, x2: Tensor, context: tuple[Any, ...] = ()):

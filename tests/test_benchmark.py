@@ -476,7 +476,7 @@ def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
 
     assert memory.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--steps", "1", "2",
                         "--variants", "none", "checkpoint", "both", "--iters", "1", "--warmup", "0",
-                        "--out", str(tmp_path)]) == 0  # fmt: skip
+                        "--ablations", "last-step-recomputed", "unwired-layers-plain", "--out", str(tmp_path)]) == 0  # fmt: skip
     rows = {(r["variant"], int(r["steps"])): r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
     assert {r["memory_kind"] for r in rows.values()} == {"peak_tracked"}
     mib = {key: float(r["memory_mb"]) for key, r in rows.items()}
@@ -487,7 +487,59 @@ def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
     assert mib[("none", 2)] - mib[("none", 1)] > 3 * (mib[("both", 2)] - mib[("both", 1)])
     assert mib[("both", 2)] - mib[("both", 1)] < 1.2 * weights
     assert mib[("checkpoint", 2)] < mib[("none", 2)]  # checkpointed recomputation is seen too
+    # the levers: keeping the last step's graph costs no peak; the unwired layers' saved maps are seen
+    assert abs(mib[("both, last-step-recomputed", 2)] - mib[("both", 2)]) < 0.02 * weights
+    assert mib[("both, unwired-layers-plain", 2)] > mib[("both", 2)] + weights
     assert (tmp_path / "memory.png").is_file() and "T=2" in (tmp_path / "memory.md").read_text()
+    assert "`both, unwired-layers-plain`" in (tmp_path / "memory.md").read_text()
+    with pytest.raises(SystemExit):  # ablations of `both` without it
+        memory.main(["--device", "cpu", "--variants", "none", "--ablations", "last-step-recomputed", "--out", str(tmp_path)])
+
+
+def test_interleaved_rows_are_timed_round_robin_and_measured_one_by_one(tmp_path, monkeypatch, capsys):
+    from benchmarks import memory
+
+    order = []
+    real_setup = memory.training_setup
+
+    def recording_setup(variant, *args):
+        training = real_setup(variant, *args)
+        real_iteration = training.iteration
+        training.iteration = lambda: (order.append((variant, args[-1])), real_iteration())[1]
+        return training
+
+    monkeypatch.setattr(memory, "training_setup", recording_setup)
+    assert memory.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
+                        "--variants", "none", "both", "--ablations", "unwired-layers-plain", "--interleave",
+                        "--iters", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
+    runs = [("none", None), ("both", None), ("both", "unwired-layers-plain")]
+    assert order[:6] == runs * 2  # timed: one iteration of each in turn
+    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
+    assert float(rows["both, unwired-layers-plain"]["memory_mb"]) > float(rows["both"]["memory_mb"])
+    with pytest.raises(SystemExit):
+        memory.main(["--device", "cuda", "--interleave", "--out", str(tmp_path)])
+    assert "--interleave is for the CPU" in capsys.readouterr().err
+
+
+def test_saved_tensors_are_charged_to_the_modules_that_keep_them(tmp_path, capsys):
+    from benchmarks import saved_tensors
+
+    def table(variant: str, *extra: str) -> dict[str, float]:
+        out = tmp_path / "-".join((variant, *extra))
+        assert saved_tensors.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--steps", "2",
+                                   "--variant", variant, *extra, "--out", str(out)]) == 0  # fmt: skip
+        return {r["module"]: float(r["mib"]) for r in csv.DictReader(open(out / "saved_tensors.csv"))}
+
+    both, none = table("both"), table("none")
+    plain_unwired = table("both", "--ablation", "unwired-layers-plain")
+    assert sum(both.values()) < 0.5 * sum(none.values())
+    assert sum(both.values()) < 0.8 * sum(plain_unwired.values())
+    assert any(".resnets." in module for module in both)  # the unwired resnets keep their convolutions' outputs
+    assert "Kept for backward" in (tmp_path / "both" / "saved_tensors.md").read_text()
+    for bad, message in [(["--steps", "0"], "must be positive"), (["--variant", "none", "--ablation", "last-step-recomputed"], "use --variant both")]:
+        with pytest.raises(SystemExit):
+            saved_tensors.main([*bad, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
 
 
 def test_flops_are_counted_without_computing_and_include_attention(tmp_path):
@@ -513,7 +565,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
     values = {"DEVICE": "cpu", "SIZE": "32", "SD15": "tiny", "PRIOR": "tiny", "PEAK": "790", "RESULTS": "/tmp/x",
               "stage": "stage"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
-    assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory"} and len(commands) == 4
+    assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory"} and len(commands) == 5
 
     class Parsed(Exception):
         pass

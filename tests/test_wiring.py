@@ -50,10 +50,11 @@ def test_recompute_backward_matches_plain_autograd(num_layers, keep_last_graph):
         assert relative_error(grads_rec[name], g) < 1e-12, name
 
 
-@pytest.mark.parametrize("keep_last_graph", [False, True])
-def test_gradcheck_of_the_recomputing_chain(keep_last_graph):
+@pytest.mark.parametrize("keep_last_graph, scaled_start", [(False, False), (True, False), (True, True)])
+def test_gradcheck_of_the_recomputing_chain(keep_last_graph, scaled_start):
     """gradcheck back-propagates each output many times (retain_graph): with ``keep_last_graph`` the first
-    backward uses the kept graph, the later ones recompute every layer."""
+    backward uses the kept graph, the later ones recompute every layer. A scalar ``x2`` starts the pair
+    as ``(x1, x2 * x1)``, and its gradient comes from the ``x1`` the walk recovers."""
     torch.manual_seed(0)
     layers = [ConvLayer(2).double() for _ in range(3)]
     params = [p for layer in layers for p in layer.parameters()]
@@ -64,6 +65,8 @@ def test_gradcheck_of_the_recomputing_chain(keep_last_graph):
         return y1, y2
 
     inputs = [torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)] + [v]
+    if scaled_start:
+        inputs[1] = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(chain, inputs, eps=1e-6, atol=1e-8)
 
 
@@ -110,6 +113,9 @@ def test_saved_memory_does_not_grow_with_depth(keep_last_graph):
 
     # Only the (K,) mixing-weight vector grows: 11 more float32 values (the kept graph is one layer's).
     assert saved_bytes(12) - saved_bytes(1) == 11 * 4
+    state = 3 * 16 * 16 * 4
+    if not keep_last_graph:  # the final pair and out_scale's use of x2; not the input x (in_scale's gradient)
+        assert saved_bytes(1) < 4 * state
     if keep_last_graph:  # and it is kept: the tanh output, the conv input and ctx * x's x (16x16x3 floats each)
         assert saved_bytes(1) >= 3 * 16 * 16 * 3 * 4
 

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from idm.injector import Injector
 from idm.precision import full_precision
+from idm.unets.conv_outputs_only import conv_outputs_only
 from idm.unets.upsample import upsample
 from idm.wiring import WiredSequence
 
@@ -123,6 +124,9 @@ class WiredUNet(nn.Module):
         self.wire_blocks = wire_blocks
         # nearest-upsample + 3x3 conv computed at low resolution (idm.unets.upsample); False runs diffusers' own
         self.fold_upsamplers = True
+        # with wired groups and recompute, the layers outside the groups keep only their input and their
+        # convolutions' outputs for backward (idm.unets.conv_outputs_only); False keeps everything, for comparison
+        self.lean_unwired = True
         self.use_injectors = injectors
         self._adapt_channels()
         self._check_supported()
@@ -269,7 +273,8 @@ class WiredUNet(nn.Module):
     def _run_group(self, index: int, h: Tensor, step: int, context: tuple, recompute: bool) -> Tensor:
         plan = self.plans[index]
         if plan.pre is not None:
-            h = getattr(self._block(plan.where), plan.pre[0])[plan.pre[1]](h, context[2])
+            pre = getattr(self._block(plan.where), plan.pre[0])[plan.pre[1]]
+            h = self._run_unwired(pre, h, context[2], recompute=recompute)
         layers, modules = self.group_layers(index, step)
         if not layers:
             return h
@@ -279,6 +284,19 @@ class WiredUNet(nn.Module):
         for layer in layers:
             h = layer(h, *context)
         return h
+
+    def _run_unwired(self, layer, *args, recompute: bool) -> Tensor:
+        """A layer outside the wired groups (a channel-changing resnet, the output head). With wired
+        groups and ``recompute``, it keeps only its input and its convolutions' outputs for backward
+        (:func:`~idm.unets.conv_outputs_only.conv_outputs_only`): the groups keep only their ends, so
+        these layers are most of what a step stores."""
+        if self.wire_blocks and recompute and self.lean_unwired:
+            return conv_outputs_only(layer, *args)
+        return layer(*args)
+
+    def _output_head(self, h: Tensor) -> Tensor:
+        unet = self.unet
+        return full_precision(unet.conv_out, unet.conv_act(unet.conv_norm_out(h)))
 
     def time_embedding(self, timestep: int | Tensor, batch: int, like: Tensor) -> Tensor | None:
         """The U-Net's own time embedding of ``timestep`` (only with a kept time input)."""
@@ -340,7 +358,7 @@ class WiredUNet(nn.Module):
             if block.upsamplers is not None:
                 for sampler in block.upsamplers:
                     h = upsample(sampler, h) if self.fold_upsamplers else sampler(h)
-        h = full_precision(unet.conv_out, unet.conv_act(unet.conv_norm_out(h)))
+        h = self._run_unwired(self._output_head, h, recompute=recompute)
         if self.unshuffle > 1:
             h = F.pixel_shuffle(h, self.unshuffle)
         return h[..., :height, :width].reshape(image_shape)
