@@ -5,14 +5,14 @@
 #   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
 #
 # Stages, most wanted first (each under its own `timeout`, seconds in brackets; a device
-# command may run 10 minutes, so one call takes memory-b1 and speed-sd15, the next levers-b8
-# and memory-b8, the last the rest):
+# command may run 10 minutes, so one call takes memory-b1, speed-sd15 and levers-b8 (540 s),
+# the next memory-b8, speed-small and cuda-tests):
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
-#                (none, checkpoint, steps, both): peak memory, time per iteration        [300]
+#                (none, checkpoint, steps, both): peak memory, time per iteration        [250]
 #   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
-#                graph; training batch 8 in bf16 (plain and memory-saving backward)      [240]
+#                graph; training batch 8 in bf16 (plain and memory-saving backward)      [170]
 #   levers-b8    sd15, batch 8, T=3: none, both, and both with each lever of its backward
-#                switched off (the last step recomputed; unwired layers keeping all)     [240]
+#                switched off (the last step recomputed; unwired layers keeping all)     [120]
 #   memory-b8    the same table at batch 8 (T = 2 left out)                              [300]
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
@@ -20,7 +20,7 @@
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh memory-b1 speed-sd15
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh memory-b1 speed-sd15 levers-b8
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
@@ -67,15 +67,15 @@ run_stage() {  # name, seconds, command...
                     --batch 1 16 --precision fp32 bf16 --levers base cudagraphs --train-batch 16 --peak-tflops $PEAK \
                     --iters 5 --warmup 2 --out "$RESULTS/$stage" ;;
             speed-sd15)
-                run_stage "$stage" 240 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
+                run_stage "$stage" 170 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
                     --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --peak-tflops $PEAK \
                     --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
             memory-b1)
-                run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                run_stage "$stage" 250 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \
                     --out "$RESULTS/$stage" ;;
             levers-b8)
-                run_stage "$stage" 240 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                run_stage "$stage" 120 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none both --ablations last-step-recomputed unwired-layers-plain --batch 8 --steps 3 \
                     --iters 2 --warmup 1 --out "$RESULTS/$stage" ;;
             memory-b8)

@@ -231,7 +231,7 @@ def summary_markdown(rows: list[dict]) -> str:
             if none["memory_mb"] != "" and both["memory_mb"] != "":
                 lines += ["", f"At T={t_max}: `both` uses {100 * (1 - both['memory_mb'] / none['memory_mb']):.1f}% less memory than `none`; "
                           f"a `both` iteration costs {both['ms_per_iter'] / none['ms_per_iter']:.2f}x a `none` iteration."]
-            if ("both", steps[0]) in get and get[("both", steps[0])]["memory_mb"] not in ("", 0):
+            if len(steps) > 1 and ("both", steps[0]) in get and get[("both", steps[0])]["memory_mb"] not in ("", 0):
                 growth = both["memory_mb"] / get[("both", steps[0])]["memory_mb"] - 1
                 lines.append(f"`both` memory grows {100 * growth:.1f}% from T={steps[0]} to T={t_max}.")
         lines.append("")
