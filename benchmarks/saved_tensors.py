@@ -10,7 +10,9 @@ saved: the innermost one at most ``--depth`` dotted names deep (e.g.
 ``eps_net.unet.up_blocks.1.resnets.0`` at depth 6). Parameters are left
 out, and a storage kept by several operations is counted once, for the
 first. A layer run under checkpointing (``idm.unets.conv_outputs_only``)
-has its input charged to the module that called it (``eps_net``). This is the activation part of ``benchmarks.memory``'s peak, before
+has its input charged to the module that called it (``eps_net``); the
+tensors it keeps are seen from torch 2.14 on (earlier versions keep them
+outside the saved-tensor hooks). This is the activation part of ``benchmarks.memory``'s peak, before
 the backward's own temporaries (the memory-saving backward rebuilds one
 layer at a time). Writes ``OUT/saved_tensors.csv`` (every module) and
 ``OUT/saved_tensors.md`` (the total and the ``--top`` largest).

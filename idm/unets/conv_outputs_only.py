@@ -23,6 +23,7 @@ Outside autograd (inference, ``no_grad``) the layer simply runs.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,13 @@ from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _KEPT = (torch.ops.aten.convolution.default,)
+
+#: torch 2.14 added ``respect_saved_tensors_hooks``: with it the tensors selective checkpointing keeps pass
+#: through the caller's saved-tensor hooks (so ``benchmarks.saved_tensors`` sees them, and ``save_on_cpu``
+#: would move them); earlier versions, which reject the keyword, keep them aside. No value changes either way.
+_THROUGH_HOOKS = (
+    {"respect_saved_tensors_hooks": True} if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
+)
 
 
 def _keep_convolutions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -61,5 +69,5 @@ def conv_outputs_only(layer: Callable[..., Tensor], *args: Any) -> Tensor:
         *args,
         use_reentrant=False,
         context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_convolutions),
-        respect_saved_tensors_hooks=True,
+        **_THROUGH_HOOKS,
     )
