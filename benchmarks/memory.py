@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import add_timing_args, setup, sync
+from benchmarks.timing import TrainingSetup, add_timing_args, median_seconds, seconds_of, setup
 from idm.hardware import hardware_name
-from idm.training.optimizer import fused_by_default
 
 import operators
 from idm import IDM, IDMConfig
@@ -75,30 +72,6 @@ def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim
     return max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
 
 
-@dataclass
-class TrainingSetup:
-    """One benchmark training problem: the model, Adam as ``idm train`` makes it, block CS at 10 %, images
-    ``x`` ``(B, 1, size, size)`` in ``[0, 1]`` and their measurements ``y``."""
-
-    model: IDM
-    optimizer: torch.optim.Optimizer
-    op: operators.Operator
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def forward(self) -> torch.Tensor:
-        """The training forward, under bf16 autocast on CUDA (fp32 on the CPU)."""
-        device_type = self.x.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            return self.model(self.y, self.op)
-
-    def iteration(self) -> None:
-        """Forward, L1 loss, backward, Adam step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        (self.forward().float() - self.x).abs().mean().backward()
-        self.optimizer.step()
-
-
 def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, seed: int = 0,
                    ablation: str | None = None) -> TrainingSetup:  # fmt: skip
     """The problem of one table row, weights and data drawn from ``seed``; ``ablation`` (a key of
@@ -107,22 +80,13 @@ def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, d
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
     if ablation is not None:
         ABLATIONS[ablation](model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused_by_default(model.parameters()))  # as idm train
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
-    x = torch.rand(batch, 1, size, size, device=device)
-    return TrainingSetup(model, optimizer, op, x, op.A(x))
+    # bf16 autocast on CUDA, fp32 on the CPU
+    return TrainingSetup.for_model(model, op, batch, size, "bf16" if device.type == "cuda" else "fp32", lr=1e-5)
 
 
 def row_label(variant: str, ablation: str | None) -> str:
     return variant if ablation is None else f"{variant}, {ablation}"
-
-
-def _timed_ms(iteration: Callable[[], None], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    iteration()
-    sync(device)
-    return 1000 * (time.perf_counter() - start)
 
 
 def _row(variant: str, ablation: str | None, steps: int, batch: int, size: int, unet: str, device: torch.device,
@@ -145,8 +109,7 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = [_timed_ms(training.iteration, device) for _ in range(warmup + iters)][warmup:]
-    row["ms_per_iter"] = round(statistics.median(times), 2)
+    row["ms_per_iter"] = round(1000 * median_seconds(training.iteration, device, iters, warmup), 2)
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["memory_kind"] = "peak_allocated"
@@ -165,13 +128,13 @@ def measure_interleaved(runs: list[tuple[str, str | None]], steps: int, batch: i
     times: list[list[float]] = [[] for _ in runs]
     for i in range(warmup + iters):
         for run_times, training in zip(times, setups):
-            ms = _timed_ms(training.iteration, device)
+            seconds = seconds_of(training.iteration, device)
             if i >= warmup:
-                run_times.append(ms)
+                run_times.append(seconds)
     rows = []
     for (variant, ablation), training, run_times in zip(runs, setups, times):
         row = _row(variant, ablation, steps, batch, size, unet, device, training)
-        row["ms_per_iter"] = round(statistics.median(run_times), 2)
+        row["ms_per_iter"] = round(1000 * statistics.median(run_times), 2)
         _add_cpu_peak(row, training)
         row["status"] = "ok"
         rows.append(row)

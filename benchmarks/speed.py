@@ -46,11 +46,10 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 import operators
 from idm import IDM, IDMConfig
 from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import add_timing_args, median_seconds, minor_page_faults, setup
+from benchmarks.timing import TrainingSetup, add_timing_args, median_seconds, minor_page_faults, setup
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
-from idm.precision import PRECISIONS, autocast_for
-from idm.training.optimizer import fused_by_default
+from idm.precision import PRECISIONS
 from idm.training.trained import resolve_model_dir
 
 FIELDS = [
@@ -240,20 +239,9 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
     row = dict(mode="train", model=label, operator=describe(op), variant=model.config.invertible, precision=precision,
                lever="base", batch=batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=fused_by_default(model.parameters()))  # as idm train
-    x = torch.rand(batch, model.config.image_channels, size, size, device=device)
-    y = op.A(x)
-
-    def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device.type, precision):
-            out = model(y, op)
-        (out.float() - x).abs().mean().backward()
-        optimizer.step()
-
-    flops = training_flops(model, run, lambda: model(y, op))
-    seconds = median_seconds(run, device, iters, warmup)
+    training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6)
+    flops = training_flops(model, training.iteration, lambda: model(training.y, op))
+    seconds = median_seconds(training.iteration, device, iters, warmup)
     row["s_per_iter"] = round(seconds, 4)
     row["gflop_per_image"] = round(flops / batch / 1e9, 2)
     _rate(row, flops, seconds, peak)

@@ -1,16 +1,20 @@
-"""What the timing scripts (``benchmarks.memory``, ``benchmarks.speed``) share: options, clocks."""
+"""What the timing scripts (``benchmarks.memory``, ``benchmarks.speed``) share: options, clocks, the training problem."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from idm import IDM
 from idm.cpu_memory import keep_freed_memory
+from idm.precision import autocast_for
+from idm.training.optimizer import fused_by_default
 
 
 def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: int = 5, warmup: int = 2) -> None:
@@ -58,14 +62,48 @@ def minor_page_faults(run: Callable[[], Any]) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def seconds_of(run: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one ``run()`` (synchronised on CUDA)."""
+    sync(device)
+    start = time.perf_counter()
+    run()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> float:
     """Median wall time of ``run()`` over ``iters`` calls after ``warmup`` (synchronised on CUDA)."""
-    times = []
-    for i in range(warmup + iters):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median([seconds_of(run, device) for _ in range(warmup + iters)][warmup:])
+
+
+@dataclass
+class TrainingSetup:
+    """One benchmark training problem: an IDM in training mode, Adam as ``idm train`` makes it, images
+    ``x`` ``(B, C, size, size)`` in ``[0, 1]``, their measurements ``y = A x``, and the autocast precision."""
+
+    model: IDM
+    optimizer: torch.optim.Optimizer
+    op: Any
+    x: torch.Tensor
+    y: torch.Tensor
+    precision: str
+
+    @classmethod
+    def for_model(cls, model: IDM, op: Any, batch: int, size: int, precision: str, lr: float) -> "TrainingSetup":
+        """``model`` (on its device, set to training mode) on ``batch`` random images of ``size x size``."""
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused_by_default(model.parameters()))  # as idm train
+        device = next(model.parameters()).device
+        x = torch.rand(batch, model.config.image_channels, size, size, device=device)
+        return cls(model, optimizer, op, x, op.A(x), precision)
+
+    def forward(self) -> torch.Tensor:
+        """The training forward, under the autocast of ``precision``."""
+        with autocast_for(self.x.device.type, self.precision):
+            return self.model(self.y, self.op)
+
+    def iteration(self) -> None:
+        """Forward, L1 loss, backward, Adam step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.forward().float() - self.x).abs().mean().backward()
+        self.optimizer.step()
