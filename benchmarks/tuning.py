@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.protocol import score_function
+from operators import without_size_and_seed
 from benchmarks.report import script_command
 from idm.checkpoint import load_json
 from idm.hardware import hardware_name
@@ -60,7 +61,7 @@ class TuningSetup:
             "hardware": hardware_name(self.device),
             "seconds": round(seconds, 1),
             "task": self.task.name,
-            "operator": {k: v for k, v in self.op.config().items() if k not in ("img_size", "seed")},
+            "operator": without_size_and_seed(self.op.config()),
             "images": self.names,
             "crop": int(self.images.shape[-1]),
             "scored_as": "idm benchmark scores the task (benchmarks.protocol.score_function)",

@@ -22,6 +22,7 @@ from_config = REGISTRY.from_config
 
 # The toolkit's own operators register themselves on import.
 from . import cs, inpainting, mri, ct, family  # noqa: E402,F401
+from .family import without_size_and_seed  # noqa: E402
 
 __all__ = [
     "Operator",
@@ -37,4 +38,5 @@ __all__ = [
     "register",
     "unchecked_values",
     "values_checked",
+    "without_size_and_seed",
 ]

@@ -39,6 +39,12 @@ from .base import Operator, OperatorInputError
 UNCOMPARED = ("img_size", "seed")
 
 
+def without_size_and_seed(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An operator ``config`` without its :data:`UNCOMPARED` settings: what says which operator it is,
+    whatever the image size and the random draw."""
+    return {k: v for k, v in config.items() if k not in UNCOMPARED}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

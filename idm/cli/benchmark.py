@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
     from idm.shipped import find_prior
+    from operators import without_size_and_seed
 
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command,
         "hardware": hardware_name(device),
         "task": task.describe(),
-        "operator": {k: v for k, v in first_op.config().items() if k not in ("img_size", "seed")},
+        "operator": without_size_and_seed(first_op.config()),
         "operator_seeds": f"{args.seed} + image index" if "seed" in first_op.config() else None,
         "generator_seeds": f"{args.seed} + image index",
         "protocol": describe_protocol(task),

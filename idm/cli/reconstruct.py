@@ -276,6 +276,7 @@ def _check_flags_against(overrides: dict[str, Any], config: dict[str, Any], wher
 
 
 def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
+    from operators import without_size_and_seed
     from tasks.measurements import describe_operator, load_measurements
 
     path = Path(args.input)
@@ -288,9 +289,9 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
         task = get_task(mset.task, color)
     overrides = operator_overrides(args)
     first = mset.items[0].operator
-    shared = {k: v for k, v in first.items() if k not in ("img_size", "seed")}
+    shared = without_size_and_seed(first)
     for item in mset.items[1:]:
-        if {k: v for k, v in item.operator.items() if k not in ("img_size", "seed")} != shared:
+        if without_size_and_seed(item.operator) != shared:
             raise ValueError(
                 f"{path}: its items were measured with different operators ({item.name}: {describe_operator(item.operator)} vs "
                 f"{mset.items[0].name}: {describe_operator(first)}); one IDM serves one operator, split the file"
@@ -355,6 +356,7 @@ def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, 
 
 def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
     from tasks.data import DEFAULT_HU_WINDOW
+    from operators import without_size_and_seed
     from tasks.measurements import Measurement, OperatorCache, ct_width_for_detectors, describe_operator, load_sinogram
 
     task = get_task(args.task or "ct")
@@ -371,7 +373,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
     if sino.info is not None:
         config = dict(sino.info["operator"])
         _check_flags_against(overrides, config, str(path))
-        shared = {k: v for k, v in config.items() if k not in ("img_size", "seed")}
+        shared = without_size_and_seed(config)
         trained = load_model(
             args.checkpoint, task, expect=shared, request=shared, device=device, precision=args.precision,
             context=f"(the sinogram {path} was measured with the {describe_operator(config)})",
