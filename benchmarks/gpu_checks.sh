@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed (#8) and memory (#3) issues, as one prepared command for
-# the lent device machine (see ../shared/device/README.md and benchmarks/results/h100/README.md).
+# the lent device machine (see ../shared/device/README.md; results: benchmarks/results/h200/).
 #
 #   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
 #
-# Stages, most wanted first (each under its own `timeout`, seconds in brackets; a device
-# command may run 10 minutes, so one call takes memory-b1, speed-sd15 and levers-b8 (540 s),
-# the next memory-b8, speed-small and cuda-tests):
+# Stages (each under its own `timeout`, seconds in brackets; a device command may run 10
+# minutes). On the H200 (2026-12-04) memory-b1, speed-sd15 and levers-b8 took 180 s together,
+# memory-b8, cuda-tests and speed-small 187 s: benchmarks/results/h200/.
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
 #                (none, checkpoint, steps, both): peak memory, time per iteration        [250]
 #   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
@@ -17,10 +17,14 @@
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
 #   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
+#   compile      sd15 with torch.compile of the noise estimator: inference batch 16 and
+#                training batch 8 (plain and memory-saving), bf16                         [300]
+#   profile      sd15 kernel time by kind (attention, convolution, ...): inference batch 16,
+#                training batch 8 plain and memory-saving, bf16                          [150]
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh memory-b1 speed-sd15 levers-b8
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh compile profile
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
@@ -38,7 +42,7 @@ SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
-KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests "
+KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile profile "
 [ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -78,6 +82,14 @@ run_stage() {  # name, seconds, command...
                 run_stage "$stage" 120 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none both --ablations last-step-recomputed unwired-layers-plain --batch 8 --steps 3 \
                     --iters 2 --warmup 1 --out "$RESULTS/$stage" ;;
+            compile)
+                run_stage "$stage" 300 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
+                    --batch 16 --precision bf16 --levers compile --train-batch 8 --train-levers compile --peak-tflops $PEAK \
+                    --iters 3 --warmup 2 --out "$RESULTS/$stage" ;;
+            profile)
+                run_stage "$stage" 150 python3 -m benchmarks.kernel_profile --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                    --steps 3 --batch 16 --train-batch 8 --train-variants none both --mode inference train --precision bf16 \
+                    --out "$RESULTS/$stage" ;;
             memory-b8)
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \

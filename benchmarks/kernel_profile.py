@@ -1,7 +1,8 @@
 """Where an IDM's time goes: operator totals of one inference call or one training iteration.
 
     python -m benchmarks.kernel_profile --device cuda --unet sd15 --size 256 --steps 3 --batch 16 \\
-        --precision bf16 --mode inference train --out benchmarks/results/h200/kernel-profile
+        --train-batch 8 --train-variants none both --precision bf16 --mode inference train \\
+        --out benchmarks/results/h200/kernel-profile
 
 Runs ``torch.profiler`` over one call after ``--warmup`` untimed ones and
 writes, per mode, the operators with the most self time on the device
@@ -18,6 +19,7 @@ import argparse
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.report import script_command
@@ -40,31 +42,47 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS.items() if any(key in lowered for key in keys)), "other")
 
 
-def profile_call(run, device: torch.device, warmup: int) -> tuple[float, list[tuple[str, float, int]]]:
-    """``(wall seconds, [(operator, self device seconds, calls), ...] most first)`` of one ``run()``."""
+HOST_STALL = "Command Buffer Full"  # CUPTI's record of the host waiting for room in the launch queue
+
+
+def profile_call(run, device: torch.device, warmup: int) -> tuple[float, float, list[tuple[str, float, int]]]:
+    """``(wall seconds, host-stall seconds, [(operator, self device seconds, calls), ...] most first)`` of
+    one ``run()``.
+
+    On CUDA the operators are the device's own events (kernels, copies): a CPU operator's "self device
+    time" repeats the time of the kernels it launched, so counting both would count that time twice.
+    The host's stalls on a full launch queue (:data:`HOST_STALL`) are returned apart: they mean the
+    device, not the host, set the pace.
+    """
     for _ in range(warmup):
         run()
     sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         wall = seconds_of(run, device)
-    rows = []
+    rows, stalled = [], 0.0
     for event in prof.key_averages():
-        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if event.key == HOST_STALL:
+            stalled += max(event.self_device_time_total, event.self_cpu_time_total) / 1e6
+            continue
+        if on_cuda and event.device_type != DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         if us > 0:
             rows.append((event.key, us / 1e6, event.count))
     rows.sort(key=lambda row: -row[1])
-    return wall, rows
+    return wall, stalled, rows
 
 
-def report(mode: str, wall: float, rows: list[tuple[str, float, int]], top: int) -> str:
-    """A markdown section: busy vs wall time, totals by kind, the ``top`` operators."""
+def report(mode: str, wall: float, stalled: float, rows: list[tuple[str, float, int]], top: int) -> str:
+    """A markdown section: busy vs wall time, host stalls, totals by kind, the ``top`` operators."""
     busy = sum(seconds for _, seconds, _ in rows)
     by_kind: dict[str, float] = defaultdict(float)
     for name, seconds, _ in rows:
         by_kind[kind_of(name)] += seconds
     lines = [f"### {mode}", "", f"wall {1000 * wall:.1f} ms; device busy {1000 * busy:.1f} ms "
-             f"({100 * busy / wall:.0f} % of the wall time)", "", "| kind | ms | share of busy |", "|---|---|---|"]  # fmt: skip
+             f"({100 * busy / wall:.0f} % of the wall time); host stalled on a full launch queue {1000 * stalled:.1f} ms", "", "| kind | ms | share of busy |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {kind} | {1000 * s:.1f} | {100 * s / busy:.1f} % |" for kind, s in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     lines += ["", "| operator | ms | calls | share of busy |", "|---|---|---|---|"]
     lines += [f"| `{name[:90]}` | {1000 * s:.2f} | {n} | {100 * s / busy:.1f} % |" for name, s, n in rows[:top]]
@@ -77,19 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder (random weights)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="inference batch")
+    parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--variant", choices=("none", "both"), default="both", help="training: plain or memory-saving backward")
+    parser.add_argument("--train-variants", nargs="+", choices=("none", "both"), default=["both"],
+                        help="training: plain autograd and/or the memory-saving backward")  # fmt: skip
     parser.add_argument("--mode", nargs="+", choices=("inference", "train"), default=["inference"])
-    parser.add_argument("--top", type=int, default=25, help="operators listed per mode")
+    parser.add_argument("--top", type=int, default=25, help="operators listed per profiled call")
     args = parser.parse_args(argv)
     device, out = setup(args)
+    calls = [("inference", "both")] if "inference" in args.mode else []
+    calls += [("train", variant) for variant in args.train_variants] if "train" in args.mode else []
     sections = []
-    for mode in args.mode:
-        model, _, op = build_model(args.unet, None, args.steps, "both" if mode == "inference" else args.variant, args.size, device)
+    for mode, variant in calls:
+        model, _, op = build_model(args.unet, None, args.steps, variant, args.size, device)
         if mode == "inference":
-            x = torch.rand(args.batch, 1, args.size, args.size, device=device)
-            y = op.A(x)
+            y = op.A(torch.rand(args.batch, 1, args.size, args.size, device=device))
             model.eval()
             model.inference_precision = args.precision  # as benchmarks.speed times it
 
@@ -99,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
             label = f"inference, batch {args.batch}"
         else:
-            run = TrainingSetup.for_model(model, op, args.batch, args.size, args.precision, lr=1e-6).iteration
-            label = f"training iteration ({args.variant}), batch {args.batch}"
-        wall, rows = profile_call(run, device, args.warmup)
-        sections.append(report(label, wall, rows, args.top))
+            run = TrainingSetup.for_model(model, op, args.train_batch, args.size, args.precision, lr=1e-6).iteration
+            label = f"training iteration ({variant}), batch {args.train_batch}"
+        wall, stalled, rows = profile_call(run, device, args.warmup)
+        sections.append(report(label, wall, stalled, rows, args.top))
         print(sections[-1], flush=True)
         del model, run
         if device.type == "cuda":

@@ -329,13 +329,18 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
 
     out = tmp_path / "speed"
     assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "2", "--train-batch", "2",
-                       "--levers", "base", "channels_last", "--iters", "1", "--warmup", "0", "--peak-tflops", "1",
-                       "--out", str(out)]) == 0  # fmt: skip
+                       "--levers", "base", "channels_last", "--train-levers", "base", "channels_last", "--iters", "1",
+                       "--warmup", "0", "--peak-tflops", "1", "--out", str(out)]) == 0  # fmt: skip
     rows = list(csv.DictReader(open(out / "speed.csv")))
     assert [(r["mode"], r["lever"], r["batch"]) for r in rows] == [
         ("inference", "base", "1"), ("inference", "base", "2"), ("inference", "channels_last", "1"),
-        ("inference", "channels_last", "2"), ("train", "base", "2"), ("train", "base", "2")]  # fmt: skip
+        ("inference", "channels_last", "2"), ("train", "base", "2"), ("train", "base", "2"),
+        ("train", "channels_last", "2"), ("train", "channels_last", "2")]  # fmt: skip
     assert all(r["status"] == "ok" for r in rows)
+    assert [r["variant"] for r in rows if r["mode"] == "train"] == ["none", "both"] * 2
+    lever_rows = [r for r in rows if r["mode"] == "train" and r["lever"] == "channels_last"]
+    assert [r["gflop_per_image"] for r in lever_rows] == [r["gflop_per_image"] for r in rows if r["mode"] == "train"][:2]
+    rows = [r for r in rows if r["lever"] == "base" or r["mode"] == "inference"]
     assert all(int(r["page_faults_per_image"]) >= 0 for r in rows if r["mode"] == "inference")  # counted on the CPU
     base = [r for r in rows if r["mode"] == "inference" and r["lever"] == "base"]
     assert base[0]["gflop_per_image"] == base[1]["gflop_per_image"] and float(base[0]["gflop_per_image"]) > 0
@@ -565,7 +570,8 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
     values = {"DEVICE": "cpu", "SIZE": "32", "SD15": "tiny", "PRIOR": "tiny", "PEAK": "790", "RESULTS": "/tmp/x",
               "stage": "stage"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
-    assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory"} and len(commands) == 5
+    assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory", "benchmarks.kernel_profile"}
+    assert len(commands) == 7
 
     class Parsed(Exception):
         pass
@@ -580,3 +586,40 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
         with pytest.raises(Parsed) as parsed:
             benchmark.main(argv)
         assert parsed.value.args[0].device == "cpu"
+
+
+def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):
+    from benchmarks import kernel_profile
+
+    kinds = {  # names as the H200's profile gave them
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "void cutlass::Kernel2<cutlass_75_wmma_tensorop_s161616gemm_bf16_32x32_32x1_tn_align1>": "matrix products",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "normalisation",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda": "other",
+    }
+    assert {name: kernel_profile.kind_of(name) for name in kinds} == kinds
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    wall, stalled, rows = kernel_profile.profile_call(lambda: (a @ b).relu(), torch.device("cpu"), warmup=1)
+    assert stalled == 0 and 0 < sum(seconds for _, seconds, _ in rows) <= wall
+    assert "aten::mm" in {name for name, _, _ in rows}
+
+    out = tmp_path / "profile"
+    assert kernel_profile.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "2", "--train-batch", "1",
+                                "--train-variants", "none", "both", "--steps", "2", "--mode", "inference", "train",
+                                "--top", "3", "--out", str(out)]) == 0  # fmt: skip
+    text = (out / "kernel_profile.md").read_text()
+    sections = ["### inference, batch 2", "### training iteration (none), batch 1", "### training iteration (both), batch 1"]
+    assert [text.index(section) for section in sections] == sorted(text.index(section) for section in sections)
+    assert "| convolution |" in text and "python -m benchmarks.kernel_profile" in text
+
+
+def test_compile_lever_lets_every_group_and_step_compile():
+    from benchmarks import speed
+
+    default = torch._dynamo.config.recompile_limit
+    with speed.compile_budget("compile"):
+        assert torch._dynamo.config.recompile_limit == speed.COMPILE_RECOMPILE_LIMIT > default
+    with speed.compile_budget("base"):
+        assert torch._dynamo.config.recompile_limit == default
