@@ -8,11 +8,13 @@
 # minutes). On the H200 (2026-12-04) memory-b1, speed-sd15 and levers-b8 took 180 s together,
 # memory-b8, cuda-tests and speed-small 187 s: benchmarks/results/h200/.
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
-#                (none, checkpoint, steps, both): peak memory, time per iteration        [250]
+#                (none, checkpoint, steps, both, and both with attention kept): peak memory,
+#                time per iteration                                                     [250]
 #   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
 #                graph; training batch 8 in bf16 (plain and memory-saving backward)      [170]
-#   levers-b8    sd15, batch 8, T=3: none, both, and both with each lever of its backward
-#                switched off (the last step recomputed; unwired layers keeping all)     [120]
+#   levers-b8    sd15, batch 8, T=3: none, both, both with each lever of its backward
+#                switched off (the last step recomputed; unwired layers keeping all) and
+#                with the wired blocks' attention kept (IDMConfig.keep_attention)        [120]
 #   memory-b8    the same table at batch 8 (T = 2 left out)                              [300]
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
@@ -24,7 +26,7 @@
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh compile profile
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh levers-b8 compile profile
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
@@ -76,11 +78,11 @@ run_stage() {  # name, seconds, command...
                     --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
             memory-b1)
                 run_stage "$stage" 250 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
-                    --variants none checkpoint steps both --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \
+                    --variants none checkpoint steps both --ablations attention-kept --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \
                     --out "$RESULTS/$stage" ;;
             levers-b8)
                 run_stage "$stage" 120 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
-                    --variants none both --ablations last-step-recomputed unwired-layers-plain --batch 8 --steps 3 \
+                    --variants none both --ablations last-step-recomputed unwired-layers-plain attention-kept --batch 8 --steps 3 \
                     --iters 2 --warmup 1 --out "$RESULTS/$stage" ;;
             compile)
                 run_stage "$stage" 300 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
@@ -92,7 +94,7 @@ run_stage() {  # name, seconds, command...
                     --out "$RESULTS/$stage" ;;
             memory-b8)
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
-                    --variants none checkpoint steps both --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \
+                    --variants none checkpoint steps both --ablations attention-kept --batch 8 --steps 1 3 6 12 --iters 1 --warmup 1 \
                     --out "$RESULTS/$stage" ;;
         esac
     done

@@ -16,8 +16,9 @@ variant, batch and T it reports the median iteration time after warm-up and
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
 ``both`` (two-level wiring), the last two with the memory-saving backward.
-``--ablations`` adds rows of ``both`` with one lever of its backward switched
-off (:data:`ABLATIONS`). The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
+``--ablations`` adds rows of ``both`` with one setting of its backward
+changed (:data:`ABLATIONS`): a lever switched off, or the optional
+``keep_attention`` switched on. The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
 :mod:`idm.training.optimizer`). Writes ``OUT/memory.csv``, ``OUT/memory.png``
 and ``OUT/memory.md`` (the summary table).
 """
@@ -44,12 +45,15 @@ VARIANTS = {
     "steps": dict(invertible="steps", recompute=True),
     "both": dict(invertible="both", recompute=True),
 }
-#: Levers of the memory-saving backward that ``--ablations`` switches off, one row each, for ``both``.
+#: Settings of the memory-saving backward that ``--ablations`` changes, one row each, for ``both``: its
+#: levers switched off, and the optional attention replay (IDMConfig.keep_attention) switched on.
 ABLATIONS: dict[str, Callable[[IDM], None]] = {
     # the backward recomputes every step, the last too (idm.wiring's keep_last_graph off)
     "last-step-recomputed": lambda model: setattr(model.wiring, "keep_last_graph", False),
     # the resnets outside the wired groups and the output head keep all their activations
     "unwired-layers-plain": lambda model: setattr(model.eps_net, "lean_unwired", False),
+    # the wired blocks' attention products are kept from the forward, not recomputed (idm.attention_replay)
+    "attention-kept": lambda model: setattr(model, "config", model.config.replace(keep_attention=True)),
 }
 FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "status"]
 
@@ -220,15 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 6, 12])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ablations", nargs="+", default=[], choices=list(ABLATIONS),
-                        help="also measure `both` with each of these levers of the memory-saving backward switched "
-                             "off, one row each (last-step-recomputed: the backward recomputes the last step too; "
-                             "unwired-layers-plain: the layers outside the wired groups keep all their activations)")  # fmt: skip
+                        help="also measure `both` with each of these settings of the memory-saving backward changed, "
+                             "one row each (last-step-recomputed: the backward recomputes the last step too; "
+                             "unwired-layers-plain: the layers outside the wired groups keep all their activations; "
+                             "attention-kept: the wired blocks keep their attention products for the backward)")  # fmt: skip
     parser.add_argument("--interleave", action="store_true",
                         help="on the CPU: time the rows of each batch and T round-robin, one iteration of each in turn, "
                              "so that a machine whose speed drifts slows them alike")  # fmt: skip
     args = parser.parse_args(argv)
     if args.ablations and "both" not in args.variants:
-        parser.error("--ablations switch levers of the `both` variant off: add both to --variants")
+        parser.error("--ablations change the `both` variant: add both to --variants")
     if args.interleave and torch.device(args.device).type != "cpu":
         parser.error("--interleave is for the CPU: on a GPU every model alive at once would count in the peak memory")
     device, out = setup(args)

@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--variant", default="both", choices=list(VARIANTS))
-    parser.add_argument("--ablation", choices=list(ABLATIONS), help="switch this lever of `both` off (benchmarks.memory)")
+    parser.add_argument("--ablation", choices=list(ABLATIONS), help="change this setting of `both` (benchmarks.memory's --ablations)")
     parser.add_argument("--depth", type=int, default=6, help="module names at most this many dotted parts deep")
     parser.add_argument("--top", type=int, default=25, help="modules listed in the markdown summary")
     args = parser.parse_args(argv)
     if min(args.size, args.batch, args.steps, args.depth, args.top) < 1:
         parser.error("--size, --batch, --steps, --depth and --top must be positive")
     if args.ablation and args.variant != "both":
-        parser.error("--ablation switches a lever of the `both` variant off: use --variant both")
+        parser.error("--ablation changes the `both` variant: use --variant both")
     device, out = torch.device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     training = training_setup(args.variant, args.steps, args.batch, args.size, args.unet, device, args.seed, args.ablation)

@@ -88,6 +88,13 @@ class IDMConfig:
             U-Net whose first and last convolutions are tiled over them: apart
             from the injectors it starts out treating the colours as one grey
             image, so it fills inpainting holes in grey and must learn colour.
+        keep_attention: with ``invertible="both"`` and ``recompute``, the wired
+            U-Net blocks keep their attention products from the forward for
+            their recomputation in the backward, which then skips the
+            attention kernels (:mod:`idm.attention_replay`): faster training,
+            for the memory of one step's attention inputs and outputs
+            (``Q, K, V`` and the result of every attention layer). Does not
+            change the state dict or the results.
     """
 
     unet: str = "tiny"
@@ -109,6 +116,7 @@ class IDMConfig:
     final_projection: bool = False
     projection_cg_iters: int = 20
     separate_channels: bool = False
+    keep_attention: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -132,6 +140,10 @@ class IDMConfig:
         need(isinstance(self.projection_cg_iters, int) and self.projection_cg_iters >= 1,
              f"projection_cg_iters must be an int >= 1, got {self.projection_cg_iters!r}")
         need(isinstance(self.separate_channels, bool), f"separate_channels must be True or False, got {self.separate_channels!r}")
+        need(isinstance(self.keep_attention, bool), f"keep_attention must be True or False, got {self.keep_attention!r}")
+        need(not self.keep_attention or (self.invertible == "both" and self.recompute),
+             "keep_attention=True applies to the wired U-Net blocks' memory-saving backward: it needs invertible='both' "
+             "and recompute=True")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -138,6 +138,7 @@ class IDM(nn.Module):
             x_pinv=x_pinv,
             recompute=self.config.recompute,
             timestep=self.schedule.timestep(t),
+            keep_attention=self.config.keep_attention,
         )
         x_prev, x0 = ddnm_step(x_t, eps, abar[t], abar[t - 1], op, x_pinv, shift=self._projection_shift)
         return x_prev, eps, x0

@@ -205,6 +205,7 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
     for name in _FIELDS_ADDED_LATER:
         if d[name] == getattr(IDMConfig, name):
             del d[name]  # runs recorded before the field existed had its default, and still resume
+    del d["keep_attention"]  # how the backward runs, not what it computes: may change between chunks
     return d
 
 
@@ -355,6 +356,7 @@ def train(
         start, seconds_before = 0, 0.0
         if ckpt is not None:
             model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
+            model.config = model.config.replace(keep_attention=model_config.keep_attention)  # this chunk's choice
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         else:
             model = _fresh_model(model_config, init_model)

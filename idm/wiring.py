@@ -36,7 +36,10 @@ rather than running sums beside each layer's own. A chain nested in a
 layer of another (IDM's wired U-Net blocks inside a wired step) finds its
 parameters' ``.grad`` already taken over by the enclosing walk: it adds its
 gradients to that running sum directly and returns none for them, instead
-of starting a second set beside it (:data:`GRAD_TAKEN_OVER`). Layers must be
+of starting a second set beside it (:data:`GRAD_TAKEN_OVER`). With
+``keep_attention`` each layer's attention products are recorded in the
+forward and replayed in its recomputation (:mod:`idm.attention_replay`):
+faster, for the memory of one walk's attention inputs and outputs. Layers must be
 deterministic (no dropout or other randomness): the recomputation must
 reproduce the forward.
 
@@ -49,10 +52,13 @@ return their gradients.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from idm.attention_replay import AttentionRecord
 
 Layer = Callable[..., Tensor]
 
@@ -103,8 +109,12 @@ class _WiredChain(torch.autograd.Function):
         if spec.scaled_start:
             x2 = start_scale * x1
         recomputed = len(spec.layers) - 1 if spec.keep_last_graph else len(spec.layers)
+        records = [AttentionRecord() for _ in range(recomputed)] if spec.keep_attention else None
         for k in range(recomputed):
-            x1, x2 = coupling_forward(spec.layers[k](x1, *context), x1, x2, v[k])
+            with records[k].recording() if records else contextlib.nullcontext():
+                f_x1 = spec.layers[k](x1, *context)
+            x1, x2 = coupling_forward(f_x1, x1, x2, v[k])
+        ctx.records = records
         ctx.kept = None
         if spec.keep_last_graph:
             # The last layer with autograd on detached inputs; its graph waits in ctx for the backward.
@@ -138,7 +148,8 @@ class _WiredChain(torch.autograd.Function):
         # The parameters' ``.grad`` is set aside meanwhile and restored. Parameters whose ``.grad`` an
         # enclosing walk has already taken over keep it: this walk adds to that sum and returns None for them.
         kept: _KeptLayer | None = ctx.kept
-        ctx.kept = None  # used once: a second backward (retain_graph) recomputes every layer
+        records: list[AttentionRecord] | None = ctx.records
+        ctx.kept = ctx.records = None  # used once: a second backward (retain_graph) recomputes every layer
         if kept is not None:
             ctx_inputs = kept.context_leaves
         else:
@@ -157,8 +168,11 @@ class _WiredChain(torch.autograd.Function):
                     kept = None
                 else:
                     x1 = y2.detach().requires_grad_(True)
-                    with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                    replay = records[k].replaying() if records else contextlib.nullcontext()
+                    with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled), replay:
                         f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
+                    if records:
+                        records[k] = None
                 v_k = v[k].detach()
                 torch.autograd.backward(f_x1, grad_tensors=((1 - v_k) * dy1).to(f_x1.dtype), inputs=[x1, *ctx_wrt, *params])
                 with torch.no_grad():
@@ -195,8 +209,9 @@ class _ChainSpec:
     """What the autograd function needs besides tensors: layers, context layout, params."""
 
     def __init__(self, layers: Sequence[Layer], context: tuple[Any, ...], params: list[Tensor], keep_last_graph: bool = False,
-                 scaled_start: bool = False):  # fmt: skip
+                 scaled_start: bool = False, keep_attention: bool = False):  # fmt: skip
         self.layers = list(layers)
+        self.keep_attention = keep_attention
         self.scaled_start = scaled_start
         self.template = context
         self.tensor_slots = [i for i, c in enumerate(context) if torch.is_tensor(c)]
@@ -227,6 +242,7 @@ def wired_chain(
     params: Iterable[Tensor] = (),
     recompute: bool = True,
     keep_last_graph: bool = False,
+    keep_attention: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``len(layers)`` wired layers on ``(x1, x2)``; returns the final pair.
 
@@ -243,6 +259,10 @@ def wired_chain(
             (memory flat in K); ``False`` runs plain autograd.
         keep_last_graph: with ``recompute``, build the last layer's graph in the forward
             and keep it, so the backward recomputes ``K - 1`` layers (for an outermost chain).
+        keep_attention: with ``recompute``, the layers' attention products are recorded in the
+            forward and replayed, not recomputed, in the backward (:mod:`idm.attention_replay`; for
+            chains of transformer blocks, not for chains of chains: an outer chain would keep every
+            inner layer's attention at once).
     """
     if len(layers) != v.shape[0]:
         raise ValueError(f"wired_chain got {len(layers)} layers but {v.shape[0]} mixing weights")
@@ -250,7 +270,8 @@ def wired_chain(
     tensors_need_grad = any(t.requires_grad for t in (x1, x2, v) + tuple(c for c in context if torch.is_tensor(c)))
     params = list(params)
     if recompute and torch.is_grad_enabled() and (tensors_need_grad or any(p.requires_grad for p in params)):
-        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v, x2]), keep_last_graph, scaled_start)
+        spec = _ChainSpec(layers, context, _unique_trainable(params, exclude=[v, x2]), keep_last_graph, scaled_start,
+                          keep_attention)  # fmt: skip
         if not all(p.is_leaf for p in spec.params):
             raise ValueError("wired_chain(recompute=True) needs leaf tensors (parameters) in params: their gradients "
                              "are summed in their .grad; pass the parameters a computed weight is made from")
@@ -265,7 +286,7 @@ def wired_chain(
 class WiredSequence(nn.Module):
     """The learnable scalars of one wired chain: ``v`` per layer, ``in_scale``, ``out_scale``.
 
-    ``forward(x, layers, context, params, recompute)`` computes
+    ``forward(x, layers, context, params, recompute, keep_attention)`` computes
     ``x1 + out_scale * x2`` where ``(x1, x2) = chain(x, in_scale * x)``.
     At the first level ``in_scale``/``out_scale`` are the paper's ``w_T``/``w_0``.
 
@@ -299,8 +320,10 @@ class WiredSequence(nn.Module):
         context: tuple[Any, ...] = (),
         params: Iterable[Tensor] = (),
         recompute: bool = True,
+        keep_attention: bool = False,
     ) -> Tensor:
-        x1, x2 = wired_chain(layers, self.v, x, self.in_scale, context, params, recompute, self.keep_last_graph)
+        x1, x2 = wired_chain(layers, self.v, x, self.in_scale, context, params, recompute, self.keep_last_graph,
+                             keep_attention)  # fmt: skip
         return x1 + self.out_scale * x2
 
     def layer_forward(self, k: int, layer: Layer, x1: Tensor, x2: Tensor, context: tuple[Any, ...] = ()):

@@ -481,7 +481,8 @@ def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
 
     assert memory.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--steps", "1", "2",
                         "--variants", "none", "checkpoint", "both", "--iters", "1", "--warmup", "0",
-                        "--ablations", "last-step-recomputed", "unwired-layers-plain", "--out", str(tmp_path)]) == 0  # fmt: skip
+                        "--ablations", "last-step-recomputed", "unwired-layers-plain", "attention-kept",
+                        "--out", str(tmp_path)]) == 0  # fmt: skip
     rows = {(r["variant"], int(r["steps"])): r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
     assert {r["memory_kind"] for r in rows.values()} == {"peak_tracked"}
     mib = {key: float(r["memory_mb"]) for key, r in rows.items()}
@@ -495,6 +496,8 @@ def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
     # the levers: keeping the last step's graph costs no peak; the unwired layers' saved maps are seen
     assert abs(mib[("both, last-step-recomputed", 2)] - mib[("both", 2)]) < 0.02 * weights
     assert mib[("both, unwired-layers-plain", 2)] > mib[("both", 2)] + weights
+    # the kept attention products (Q, K, V and the result of every attention call of one step) are seen
+    assert mib[("both", 2)] < mib[("both, attention-kept", 2)] < mib[("none", 2)]
     assert (tmp_path / "memory.png").is_file() and "T=2" in (tmp_path / "memory.md").read_text()
     assert "`both, unwired-layers-plain`" in (tmp_path / "memory.md").read_text()
     with pytest.raises(SystemExit):  # ablations of `both` without it

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
@@ -186,6 +187,45 @@ def test_the_backward_recomputes_every_step_but_the_last(ortho_op, invertible):
         assert len(passes) == expected, (recompute, len(passes))
 
 
+class _AttentionProducts(TorchDispatchMode):
+    """Counts the attention products computed (aten's scaled-dot-product kernels, forward only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.count += "scaled_dot_product" in name and "backward" not in name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_kept_attention_is_not_recomputed_and_the_gradients_stay_exact(ortho_op, steps):
+    """With ``keep_attention`` the wired blocks' recomputation replays the forward's attention products:
+    T fewer U-Net passes' worth of attention per iteration, the same float64 gradients as plain autograd."""
+    op = ortho_op(SHAPE, 64)
+    config = IDMConfig(unet="tiny", steps=steps, invertible="both")
+    _, grads_plain, gy_plain = _loss_and_grads(perturbed_model(config.replace(recompute=False)), op)
+    with torch.no_grad(), _AttentionProducts() as one_forward:
+        perturbed_model(config)(op.A(torch.rand(2, *SHAPE, dtype=torch.float64)), op)
+    per_pass = one_forward.count // steps
+    assert per_pass > 0 and one_forward.count == steps * per_pass
+    counts = {}
+    for keep in (False, True):
+        model = perturbed_model(config.replace(keep_attention=keep))
+        with _AttentionProducts() as products:
+            _, grads, gy = _loss_and_grads(model, op)
+        counts[keep] = products.count
+        assert relative_error(gy, gy_plain) <= 1e-8
+        scale = max(g.norm().item() for g in grads_plain.values())
+        for name, g in grads_plain.items():
+            assert relative_error(grads[name], g, floor=1e-6 * scale) <= 1e-8, (keep, name)
+    # forward T passes, the steps' recomputation T - 1, each wired group's own recomputation T more
+    assert counts[False] == (3 * steps - 1) * per_pass
+    assert counts[True] == (2 * steps - 1) * per_pass
+
+
 def test_save_and_load_round_trip(tmp_path, ortho_op):
     op = ortho_op(SHAPE, 64)
     model = perturbed_model(IDMConfig(steps=2)).float()
@@ -328,6 +368,9 @@ def test_config_errors():
         (dict(init="zeros"), "init"),
         (dict(time_input=True), "time_input"),
         (dict(image_channels=0), "image_channels"),
+        (dict(keep_attention=True, invertible="steps"), "needs invertible='both' and recompute=True"),
+        (dict(keep_attention=True, recompute=False), "needs invertible='both' and recompute=True"),
+        (dict(keep_attention=1), "keep_attention must be True or False"),
     ]:
         with pytest.raises(ValueError, match=match):
             IDMConfig(**bad)

@@ -508,3 +508,18 @@ def test_log_rows_cut_short_by_a_crash_are_dropped_on_resume(tmp_path):
     assert [r["iteration"] for r in read_log(tmp_path)] == ["1", "2"]
     log.append(iteration=3, loss=0.4, lr=1e-4, seconds=3.0)
     assert [r["loss"] for r in read_log(tmp_path)] == ["0.5", "0.5", "0.4"]
+
+
+def test_kept_attention_trains_the_same_weights_and_may_change_on_resume(base_run, tmp_path, data, capsys):
+    """--keep-attention changes how the backward runs, not what it computes: a chunk may switch it on."""
+    runs = {}
+    for keep in (False, True):
+        out = copy_run(base_run, tmp_path / str(keep))
+        assert main([*BASE, "--data", str(data), "--iters", "3", "--out", str(out), "--resume",
+                     *(["--keep-attention"] if keep else [])]) == 0  # fmt: skip
+        runs[keep] = weights(out, 3)
+    assert runs[True].keys() == runs[False].keys()
+    assert all(torch.allclose(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-7) for k in runs[True])
+    _fails([*BASE, "--data", str(data), "--iters", "1", "--invertible", "steps", "--keep-attention",
+            "--out", str(tmp_path / "refused")], capsys, "keep_attention=True applies to the wired U-Net blocks")  # fmt: skip
+    assert not (tmp_path / "refused").exists()

@@ -47,6 +47,10 @@ def add_parser(subparsers) -> None:
     model.add_argument("--steps", type=int, default=3, help="sampling steps T (default 3)")
     model.add_argument("--invertible", choices=("none", "steps", "both"), default="both", help="wiring (default both)")
     model.add_argument("--no-recompute", action="store_true", help="plain autograd instead of the memory-saving backward")
+    model.add_argument("--keep-attention", action="store_true",
+                       help="with --invertible both and the memory-saving backward: the wired U-Net blocks keep their "
+                            "attention products for the backward instead of recomputing them (faster; more memory: "
+                            "Q, K, V and the output of every attention layer of one step). May change on --resume")  # fmt: skip
     model.add_argument("--no-injectors", action="store_true", help="no measurement injectors")
     model.add_argument("--init", choices=("pinv", "noise"), default="pinv", help="x_T: sqrt(abar_T) A^+ y (default) or noise")
     model.add_argument("--pinv-mapping", choices=("measurements", "images"),
@@ -168,7 +172,8 @@ def run_train(args: argparse.Namespace) -> int:
         final_projection = start.config.final_projection if args.final_projection is None else args.final_projection
         separate = start.config.separate_channels if args.separate_channels is None else args.separate_channels
         model_config = dataclasses.replace(
-            start.config, recompute=not args.no_recompute, final_projection=final_projection, separate_channels=separate
+            start.config, recompute=not args.no_recompute, final_projection=final_projection, separate_channels=separate,
+            keep_attention=args.keep_attention,
         )
     else:
         chosen = {"pinv_mapping": args.pinv_mapping, "alpha_init": args.alpha_init,
@@ -178,6 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
             steps=args.steps,
             invertible=args.invertible,
             recompute=not args.no_recompute,
+            keep_attention=args.keep_attention,
             injectors=not args.no_injectors,
             init=args.init,
             **{**task.model_defaults(), **{k: v for k, v in chosen.items() if v is not None}},

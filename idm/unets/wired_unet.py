@@ -270,7 +270,7 @@ class WiredUNet(nn.Module):
             add_injector()
         return layers, modules
 
-    def _run_group(self, index: int, h: Tensor, step: int, context: tuple, recompute: bool) -> Tensor:
+    def _run_group(self, index: int, h: Tensor, step: int, context: tuple, recompute: bool, keep_attention: bool) -> Tensor:
         plan = self.plans[index]
         if plan.pre is not None:
             pre = getattr(self._block(plan.where), plan.pre[0])[plan.pre[1]]
@@ -280,7 +280,7 @@ class WiredUNet(nn.Module):
             return h
         if self.wire_blocks:
             params = [p for module in modules for p in module.parameters()]
-            return self.wirings[plan.key](h, layers, context, params, recompute)
+            return self.wirings[plan.key](h, layers, context, params, recompute, keep_attention)
         for layer in layers:
             h = layer(h, *context)
         return h
@@ -314,11 +314,15 @@ class WiredUNet(nn.Module):
         x_pinv: Tensor,
         recompute: bool = True,
         timestep: int | Tensor | None = None,
+        keep_attention: bool = False,
     ) -> Tensor:
         """Noise estimate for ``x`` ``(B, C_img, H, W)`` at sampling step index ``step`` (0-based).
 
         ``op`` and ``x_pinv = A^+ y`` feed the injectors; ``timestep`` is used
-        only when the U-Net kept its time embedding.
+        only when the U-Net kept its time embedding. ``recompute``: the wired
+        groups' memory-saving backward; ``keep_attention``: with it, their
+        attention products are kept for the recomputation
+        (:mod:`idm.attention_replay`).
         """
         if self.keep_time and timestep is None:
             raise ValueError("this U-Net kept its time embedding: pass the timestep")
@@ -339,14 +343,14 @@ class WiredUNet(nn.Module):
         groups = iter(range(len(self.plans)))
         for block in unet.down_blocks:
             for _ in block.resnets:
-                h = self._run_group(next(groups), h, step, context, recompute)
+                h = self._run_group(next(groups), h, step, context, recompute, keep_attention)
                 skips.append(h)
             if block.downsamplers is not None:
                 for sampler in block.downsamplers:
                     h = sampler(h)
                 skips.append(h)
         if unet.mid_block is not None:
-            h = self._run_group(next(groups), h, step, context, recompute)
+            h = self._run_group(next(groups), h, step, context, recompute, keep_attention)
         for block in unet.up_blocks:
             for resnet in block.resnets:
                 skip = skips.pop()
@@ -354,7 +358,7 @@ class WiredUNet(nn.Module):
                 if h.shape[1] != need:  # pruned bottleneck: repeat channels to the kept up block's width
                     h = h.repeat(1, need // h.shape[1], 1, 1)
                 h = torch.cat([h, skip], dim=1)
-                h = self._run_group(next(groups), h, step, context, recompute)
+                h = self._run_group(next(groups), h, step, context, recompute, keep_attention)
             if block.upsamplers is not None:
                 for sampler in block.upsamplers:
                     h = upsample(sampler, h) if self.fold_upsamplers else sampler(h)
