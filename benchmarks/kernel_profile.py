@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="inference batch")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--train-variants", nargs="+", choices=("none", "both"), default=["both"],
-                        help="training: plain autograd and/or the memory-saving backward")  # fmt: skip
+    parser.add_argument("--train-variants", nargs="+", choices=("none", "both", "both-attention-kept"), default=["both"],
+                        help="training: plain autograd, the memory-saving backward, and/or the latter with the wired "
+                             "blocks' attention kept (IDMConfig.keep_attention)")  # fmt: skip
     parser.add_argument("--mode", nargs="+", choices=("inference", "train"), default=["inference"])
     parser.add_argument("--top", type=int, default=25, help="operators listed per profiled call")
     args = parser.parse_args(argv)
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     calls += [("train", variant) for variant in args.train_variants] if "train" in args.mode else []
     sections = []
     for mode, variant in calls:
-        model, _, op = build_model(args.unet, None, args.steps, variant, args.size, device)
+        model, _, op = build_model(args.unet, None, args.steps, variant.removesuffix("-attention-kept"), args.size, device)
+        if variant.endswith("-attention-kept"):
+            model.config = model.config.replace(keep_attention=True)
         if mode == "inference":
             y = op.A(torch.rand(args.batch, 1, args.size, args.size, device=device))
             model.eval()

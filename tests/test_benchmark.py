@@ -610,10 +610,11 @@ def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):
 
     out = tmp_path / "profile"
     assert kernel_profile.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "2", "--train-batch", "1",
-                                "--train-variants", "none", "both", "--steps", "2", "--mode", "inference", "train",
+                                "--train-variants", "none", "both", "both-attention-kept", "--steps", "2", "--mode", "inference", "train",
                                 "--top", "3", "--out", str(out)]) == 0  # fmt: skip
     text = (out / "kernel_profile.md").read_text()
-    sections = ["### inference, batch 2", "### training iteration (none), batch 1", "### training iteration (both), batch 1"]
+    sections = ["### inference, batch 2", "### training iteration (none), batch 1", "### training iteration (both), batch 1",
+                "### training iteration (both-attention-kept), batch 1"]
     assert [text.index(section) for section in sections] == sorted(text.index(section) for section in sections)
     assert "| convolution |" in text and "python -m benchmarks.kernel_profile" in text
 
