@@ -16,7 +16,9 @@ The price is memory: ``Q, K, V``, the output and the softmax statistics of
 every attention call of one layer walk (the wired blocks of one step) stay
 alive from the forward until the backward reaches them. The record is a
 torch function mode: no module state, so concurrent models do not see each
-other's records.
+other's records. The mode sees every torch call the layer makes and passes
+all but the attention through (about 2 microseconds each on the project's
+CPU machine).
 """
 
 from __future__ import annotations
