@@ -21,12 +21,14 @@
 #   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
 #   compile      sd15 with torch.compile of the noise estimator: inference batch 16 and
 #                training batch 8 (plain and memory-saving), bf16                         [300]
+#   attention    sd15 with attention restricted to each of torch's kernels (flash, memory-
+#                efficient, cuDNN): inference batch 16, training batch 8, bf16           [240]
 #   profile      sd15 kernel time by kind (attention, convolution, ...): inference batch 16,
 #                training batch 8 plain and memory-saving, bf16                          [150]
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh levers-b8 compile profile
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh levers-b8 compile attention
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
@@ -44,7 +46,7 @@ SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
-KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile profile "
+KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
 [ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -88,6 +90,11 @@ run_stage() {  # name, seconds, command...
                 run_stage "$stage" 300 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
                     --batch 16 --precision bf16 --levers compile --train-batch 8 --train-levers compile --peak-tflops $PEAK \
                     --iters 3 --warmup 2 --out "$RESULTS/$stage" ;;
+            attention)
+                run_stage "$stage" 240 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
+                    --batch 16 --precision bf16 --levers sdpa-flash sdpa-efficient sdpa-cudnn --train-batch 8 \
+                    --train-levers sdpa-flash sdpa-efficient sdpa-cudnn --peak-tflops $PEAK --iters 3 --warmup 1 \
+                    --out "$RESULTS/$stage" ;;
             profile)
                 run_stage "$stage" 150 python3 -m benchmarks.kernel_profile --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --steps 3 --batch 16 --train-batch 8 --train-variants none both --mode inference train --precision bf16 \

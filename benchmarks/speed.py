@@ -12,7 +12,8 @@ autocast with the wired states in float32) and lever (``base``,
 the whole ``model(y, op)`` captured once as a CUDA graph and replayed, CUDA only
 (:func:`captured`); ``unfolded``: the
 upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
-low-resolution form, for comparison). The operator is block CS (10%,
+low-resolution form, for comparison; ``sdpa-flash``, ``sdpa-efficient``,
+``sdpa-cudnn``: attention restricted to that kernel of torch's). The operator is block CS (10%,
 permuted, 32x32 blocks) for ``--unet``, and a checkpoint's own operator (its
 recorded config at ``--size``, as ``idm benchmark`` rebuilds it; for a model
 trained on a family, the family's first member) for ``--checkpoint``, so a
@@ -21,7 +22,7 @@ projection. Training:
 one iteration (forward, L1, backward, Adam) for the plain network
 (``invertible="none"``) and the two-level wiring with the memory-saving
 backward (``both``), at ``--train-batch``, for each of ``--train-levers``
-(``base``, ``channels_last``, ``compile``).
+(``base``, ``channels_last``, ``compile``, the attention kernels).
 
 FLOPs are counted once per configuration with
 ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; the
@@ -58,8 +59,11 @@ FIELDS = [
     "mode", "model", "operator", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image", "status",
 ]  # fmt: skip
-LEVERS = ("base", "channels_last", "compile", "cudagraphs", "unfolded")
-TRAIN_LEVERS = ("base", "channels_last", "compile")
+#: Attention levers: scaled-dot-product attention restricted to one of torch's kernels (by default torch
+#: picks one per call; on the H200 with torch 2.11 it picked cuDNN's for sd15's 40-wide heads).
+ATTENTION_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+LEVERS = ("base", "channels_last", "compile", "cudagraphs", "unfolded", *ATTENTION_KERNELS)
+TRAIN_LEVERS = ("base", "channels_last", "compile", *ATTENTION_KERNELS)
 # torch.compile's guard-failure budget per function: the U-Net walk runs each wired group (ten in
 # sd15) at every step, with the group's index and the step as constants, so every (group, step)
 # is a graph of its own; dynamo's default of 8 would leave most of them to run eagerly.
@@ -196,7 +200,7 @@ def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, si
     flops = count_flops(run) if lever != "compile" else None
     if lever == "cudagraphs":
         run = captured(run, device)
-    with compile_budget(lever):
+    with lever_context(lever):
         seconds = median_seconds(run, device, iters, warmup)
     row["ms_per_image"] = round(1000 * seconds / batch, 2)
     if device.type == "cpu":
@@ -219,12 +223,18 @@ def with_lever(model: IDM, lever: str) -> IDM:
     return model
 
 
-def compile_budget(lever: str) -> contextlib.AbstractContextManager:
-    """For ``compile``: dynamo's recompile limit raised to :data:`COMPILE_RECOMPILE_LIMIT` (it compiles
-    at the first, untimed calls); otherwise nothing."""
-    if lever != "compile":
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT)
+def lever_context(lever: str) -> contextlib.AbstractContextManager:
+    """What a lever needs around the timed calls: for ``compile``, dynamo's recompile limit raised to
+    :data:`COMPILE_RECOMPILE_LIMIT` (it compiles at the first, untimed calls); for an attention lever
+    (:data:`ATTENTION_KERNELS`), that kernel alone (a call it cannot serve is an error, recorded as the
+    row's status); otherwise nothing."""
+    if lever == "compile":
+        return torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT)
+    if lever in ATTENTION_KERNELS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, ATTENTION_KERNELS[lever]))
+    return contextlib.nullcontext()
 
 
 def captured(run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
@@ -264,7 +274,7 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
     training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6)
     flops = training_flops(model, training.iteration, lambda: model(training.y, op))  # before the lever: same count
     model = with_lever(model, lever)
-    with compile_budget(lever):
+    with lever_context(lever):
         seconds = median_seconds(training.iteration, device, iters, warmup)
     row["s_per_iter"] = round(seconds, 4)
     row["gflop_per_image"] = round(flops / batch / 1e9, 2)

@@ -574,7 +574,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
               "stage": "stage"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
     assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory", "benchmarks.kernel_profile"}
-    assert len(commands) == 7
+    assert len(commands) == 8
 
     class Parsed(Exception):
         pass
@@ -623,7 +623,19 @@ def test_compile_lever_lets_every_group_and_step_compile():
     from benchmarks import speed
 
     default = torch._dynamo.config.recompile_limit
-    with speed.compile_budget("compile"):
+    with speed.lever_context("compile"):
         assert torch._dynamo.config.recompile_limit == speed.COMPILE_RECOMPILE_LIMIT > default
-    with speed.compile_budget("base"):
+    with speed.lever_context("base"):
         assert torch._dynamo.config.recompile_limit == default
+
+
+def test_attention_levers_restrict_attention_to_one_kernel(tmp_path):
+    """sdpa-flash has a CPU kernel and gives a timed row; sdpa-cudnn has none on the CPU: an error row."""
+    from benchmarks import speed
+
+    out = tmp_path / "speed"
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--steps", "1", "--batch", "1",
+                       "--levers", "sdpa-flash", "sdpa-cudnn", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+    rows = {r["lever"]: r for r in csv.DictReader(open(out / "speed.csv"))}
+    assert rows["sdpa-flash"]["status"] == "ok" and float(rows["sdpa-flash"]["ms_per_image"]) > 0
+    assert rows["sdpa-cudnn"]["status"].startswith("RuntimeError")
