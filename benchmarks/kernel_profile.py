@@ -1,11 +1,11 @@
 """Where an IDM's time goes: operator totals of one inference call or one training iteration.
 
     python -m benchmarks.kernel_profile --device cuda --unet sd15 --size 256 --steps 3 --batch 16 \\
-        --train-batch 8 --train-variants none both --precision bf16 --mode inference train \\
+        --train-batch 8 --train-variants none both both-attention-kept --precision bf16 --mode inference train \\
         --out benchmarks/results/h200/kernel-profile
 
-Runs ``torch.profiler`` over one call after ``--warmup`` untimed ones and
-writes, per mode, the operators with the most self time on the device
+Runs ``torch.profiler`` over ``--iters`` calls (default 1) after ``--warmup``
+untimed ones and writes, per call and mode, the operators with the most self time on the device
 (the GPU's kernels on CUDA, the CPU's own time on the CPU) and the sum over
 kinds (attention, convolution, matrix products, normalisation, the rest).
 It also gives the wall time of the profiled call beside the device's busy
@@ -45,9 +45,9 @@ def kind_of(name: str) -> str:
 HOST_STALL = "Command Buffer Full"  # CUPTI's record of the host waiting for room in the launch queue
 
 
-def profile_call(run, device: torch.device, warmup: int) -> tuple[float, float, list[tuple[str, float, int]]]:
+def profile_call(run, device: torch.device, warmup: int, calls: int = 1) -> tuple[float, float, list[tuple[str, float, float]]]:
     """``(wall seconds, host-stall seconds, [(operator, self device seconds, calls), ...] most first)`` of
-    one ``run()``.
+    one ``run()``, averaged over ``calls`` profiled calls.
 
     On CUDA the operators are the device's own events (kernels, copies): a CPU operator's "self device
     time" repeats the time of the kernels it launched, so counting both would count that time twice.
@@ -60,22 +60,22 @@ def profile_call(run, device: torch.device, warmup: int) -> tuple[float, float, 
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        wall = seconds_of(run, device)
+        wall = sum(seconds_of(run, device) for _ in range(calls)) / calls
     rows, stalled = [], 0.0
     for event in prof.key_averages():
         if event.key == HOST_STALL:
-            stalled += max(event.self_device_time_total, event.self_cpu_time_total) / 1e6
+            stalled += max(event.self_device_time_total, event.self_cpu_time_total) / 1e6 / calls
             continue
         if on_cuda and event.device_type != DeviceType.CUDA:
             continue
         us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         if us > 0:
-            rows.append((event.key, us / 1e6, event.count))
+            rows.append((event.key, us / 1e6 / calls, event.count / calls))
     rows.sort(key=lambda row: -row[1])
     return wall, stalled, rows
 
 
-def report(mode: str, wall: float, stalled: float, rows: list[tuple[str, float, int]], top: int) -> str:
+def report(mode: str, wall: float, stalled: float, rows: list[tuple[str, float, float]], top: int) -> str:
     """A markdown section: busy vs wall time, host stalls, totals by kind, the ``top`` operators."""
     busy = sum(seconds for _, seconds, _ in rows)
     by_kind: dict[str, float] = defaultdict(float)
@@ -85,7 +85,7 @@ def report(mode: str, wall: float, stalled: float, rows: list[tuple[str, float, 
              f"({100 * busy / wall:.0f} % of the wall time); host stalled on a full launch queue {1000 * stalled:.1f} ms", "", "| kind | ms | share of busy |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {kind} | {1000 * s:.1f} | {100 * s / busy:.1f} % |" for kind, s in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     lines += ["", "| operator | ms | calls | share of busy |", "|---|---|---|---|"]
-    lines += [f"| `{name[:90]}` | {1000 * s:.2f} | {n} | {100 * s / busy:.1f} % |" for name, s, n in rows[:top]]
+    lines += [f"| `{name[:90]}` | {1000 * s:.2f} | {n:g} | {100 * s / busy:.1f} % |" for name, s, n in rows[:top]]
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = TrainingSetup.for_model(model, op, args.train_batch, args.size, args.precision, lr=1e-6).iteration
             label = f"training iteration ({variant}), batch {args.train_batch}"
-        wall, stalled, rows = profile_call(run, device, args.warmup)
+        wall, stalled, rows = profile_call(run, device, args.warmup, args.iters)
         sections.append(report(label, wall, stalled, rows, args.top))
         print(sections[-1], flush=True)
         del model, run

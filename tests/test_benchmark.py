@@ -607,6 +607,8 @@ def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):
     wall, stalled, rows = kernel_profile.profile_call(lambda: (a @ b).relu(), torch.device("cpu"), warmup=1)
     assert stalled == 0 and 0 < sum(seconds for _, seconds, _ in rows) <= wall
     assert "aten::mm" in {name for name, _, _ in rows}
+    _, _, rows = kernel_profile.profile_call(lambda: (a @ b).relu(), torch.device("cpu"), warmup=0, calls=3)
+    assert {name: calls for name, _, calls in rows}["aten::mm"] == 1  # per call
 
     out = tmp_path / "profile"
     assert kernel_profile.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "2", "--train-batch", "1",
