@@ -94,7 +94,8 @@ class IDMConfig:
             attention kernels (:mod:`idm.attention_replay`): faster training,
             for the memory of one step's attention inputs and outputs
             (``Q, K, V`` and the result of every attention layer). Does not
-            change the state dict or the results.
+            change the state dict or the results; without the wired blocks'
+            memory-saving backward it does nothing.
     """
 
     unet: str = "tiny"
@@ -141,9 +142,6 @@ class IDMConfig:
              f"projection_cg_iters must be an int >= 1, got {self.projection_cg_iters!r}")
         need(isinstance(self.separate_channels, bool), f"separate_channels must be True or False, got {self.separate_channels!r}")
         need(isinstance(self.keep_attention, bool), f"keep_attention must be True or False, got {self.keep_attention!r}")
-        need(not self.keep_attention or (self.invertible == "both" and self.recompute),
-             "keep_attention=True applies to the wired U-Net blocks' memory-saving backward: it needs invertible='both' "
-             "and recompute=True")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -518,8 +518,9 @@ def test_kept_attention_trains_the_same_weights_and_may_change_on_resume(base_ru
         assert main([*BASE, "--data", str(data), "--iters", "3", "--out", str(out), "--resume",
                      *(["--keep-attention"] if keep else [])]) == 0  # fmt: skip
         runs[keep] = weights(out, 3)
+        assert load_trained(out).model.config.keep_attention == keep  # this chunk's choice is what it ran
     assert runs[True].keys() == runs[False].keys()
     assert all(torch.allclose(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-7) for k in runs[True])
     _fails([*BASE, "--data", str(data), "--iters", "1", "--invertible", "steps", "--keep-attention",
-            "--out", str(tmp_path / "refused")], capsys, "keep_attention=True applies to the wired U-Net blocks")  # fmt: skip
+            "--out", str(tmp_path / "refused")], capsys, "--keep-attention applies to the wired U-Net blocks")  # fmt: skip
     assert not (tmp_path / "refused").exists()

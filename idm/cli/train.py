@@ -188,6 +188,9 @@ def run_train(args: argparse.Namespace) -> int:
             init=args.init,
             **{**task.model_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         )
+    if model_config.keep_attention and not (model_config.invertible == "both" and model_config.recompute):
+        raise ValueError("--keep-attention applies to the wired U-Net blocks' memory-saving backward: it needs "
+                         "--invertible both (the model's wiring) and no --no-recompute")  # fmt: skip
     device = resolve_device(args.device)
     if device.type == "cuda":
         import torch
