@@ -22,6 +22,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.memory import ABLATIONS
 from benchmarks.report import script_command
 from benchmarks.speed import build_model
 from benchmarks.timing import TrainingSetup, add_timing_args, seconds_of, setup, sync
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, variant in calls:
         model, _, op = build_model(args.unet, None, args.steps, variant.removesuffix("-attention-kept"), args.size, device)
         if variant.endswith("-attention-kept"):
-            model.config = model.config.replace(keep_attention=True)
+            ABLATIONS["attention-kept"](model)  # the row benchmarks.memory --ablations attention-kept measures
         if mode == "inference":
             y = op.A(torch.rand(args.batch, 1, args.size, args.size, device=device))
             model.eval()

@@ -79,7 +79,7 @@ def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim
 def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, seed: int = 0,
                    ablation: str | None = None) -> TrainingSetup:  # fmt: skip
     """The problem of one table row, weights and data drawn from ``seed``; ``ablation`` (a key of
-    :data:`ABLATIONS`, for ``both``) switches one lever off."""
+    :data:`ABLATIONS`, for ``both``) changes one setting of its backward."""
     torch.manual_seed(seed)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
     if ablation is not None:
