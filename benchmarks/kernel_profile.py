@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", nargs="+", choices=("inference", "train"), default=["inference"])
     parser.add_argument("--top", type=int, default=25, help="operators listed per profiled call")
     args = parser.parse_args(argv)
+    if min(args.size, args.steps, args.batch, args.train_batch, args.iters, args.top) < 1 or args.warmup < 0:
+        parser.error("--size, --steps, --batch, --train-batch, --iters and --top must be positive, --warmup not negative")
     device, out = setup(args)
     calls = [("inference", "both")] if "inference" in args.mode else []
     calls += [("train", variant) for variant in args.train_variants] if "train" in args.mode else []

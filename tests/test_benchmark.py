@@ -619,6 +619,10 @@ def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):
                 "### training iteration (both-attention-kept), batch 1"]
     assert [text.index(section) for section in sections] == sorted(text.index(section) for section in sections)
     assert "| convolution |" in text and "python -m benchmarks.kernel_profile" in text
+    for bad in (["--iters", "0"], ["--train-batch", "0"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            kernel_profile.main([*bad, "--out", str(out)])
+        assert "must be positive" in capsys.readouterr().err
 
 
 def test_compile_lever_lets_every_group_and_step_compile():
