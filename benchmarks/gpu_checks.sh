@@ -10,8 +10,12 @@
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
 #                (none, checkpoint, steps, both, and both with attention kept): peak memory,
 #                time per iteration                                                     [250]
+#   graphs-b1    the core issue's time ratio where the host sets the pace: sd15, batch 1,
+#                T = 1, 2, 3, 6, 12, none and both, each iteration replayed as one CUDA
+#                graph (benchmarks.memory --cuda-graphs)                                 [200]
 #   speed-sd15   the speed issue's targets: sd15 inference batch 16 bf16, eager and CUDA
-#                graph; training batch 8 in bf16 (plain and memory-saving backward)      [170]
+#                graph; training batch 8 in bf16 (plain and memory-saving backward), eager
+#                and as a CUDA graph                                                     [200]
 #   levers-b8    sd15, batch 8, T=3: none, both, both with each lever of its backward
 #                switched off (the last step recomputed; unwired layers keeping all) and
 #                with the wired blocks' attention kept (IDMConfig.keep_attention)        [120]
@@ -28,7 +32,7 @@
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh levers-b8 compile attention
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh graphs-b1 levers-b8 attention
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
@@ -46,7 +50,7 @@ SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
-KNOWN=" memory-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
+KNOWN=" memory-b1 graphs-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
 [ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -75,9 +79,13 @@ run_stage() {  # name, seconds, command...
                     --batch 1 16 --precision fp32 bf16 --levers base cudagraphs --train-batch 16 --peak-tflops $PEAK \
                     --iters 5 --warmup 2 --out "$RESULTS/$stage" ;;
             speed-sd15)
-                run_stage "$stage" 170 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
-                    --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --peak-tflops $PEAK \
-                    --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
+                run_stage "$stage" 200 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
+                    --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --train-levers base cudagraphs \
+                    --peak-tflops $PEAK --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
+            graphs-b1)
+                run_stage "$stage" 200 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
+                    --variants none both --batch 1 --steps 1 2 3 6 12 --iters 3 --warmup 1 --cuda-graphs \
+                    --out "$RESULTS/$stage" ;;
             memory-b1)
                 run_stage "$stage" 250 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --variants none checkpoint steps both --ablations attention-kept --batch 1 --steps 1 2 3 6 12 --iters 2 --warmup 1 \

@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 8 --steps 1 2 3 6 12
     python -m benchmarks.memory --device cpu --unet tiny --size 32 --batch 2 --steps 1 2 4 8   # a CPU check
+    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 --variants none both --cuda-graphs
 
 One training iteration = forward, L1 loss, backward, Adam step on block CS
 (10%, structurally random, 32x32 blocks) with bf16 autocast on CUDA. For each
@@ -16,7 +17,9 @@ variant, batch and T it reports the median iteration time after warm-up and
 Variants: ``none`` (plain T-step network), ``checkpoint`` (plain network,
 ``torch.utils.checkpoint`` per step), ``steps`` (first-level wiring) and
 ``both`` (two-level wiring), the last two with the memory-saving backward.
-``--ablations`` adds rows of ``both`` with one setting of its backward
+``--cuda-graphs`` (CUDA) times each row by replaying its iteration captured
+as one CUDA graph, so that a small batch measures the GPU's time rather than
+the host's. ``--ablations`` adds rows of ``both`` with one setting of its backward
 changed (:data:`ABLATIONS`): a lever switched off, or the optional
 ``keep_attention`` switched on. The optimizer is Adam as ``idm train`` makes it (the fused kernel on CUDA,
 :mod:`idm.training.optimizer`). Writes ``OUT/memory.csv``, ``OUT/memory.png``
@@ -55,7 +58,8 @@ ABLATIONS: dict[str, Callable[[IDM], None]] = {
     # the wired blocks' attention products are kept from the forward, not recomputed (idm.attention_replay)
     "attention-kept": lambda model: setattr(model, "config", model.config.replace(keep_attention=True)),
 }
-FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "status"]
+FIELDS = ["variant", "steps", "batch", "size", "unet", "device", "params_m", "memory_mb", "memory_kind", "ms_per_iter", "timing",
+          "status"]  # fmt: skip
 
 
 def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
@@ -77,16 +81,18 @@ def tracked_peak_bytes(iteration, model: torch.nn.Module, optimizer: torch.optim
 
 
 def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, seed: int = 0,
-                   ablation: str | None = None) -> TrainingSetup:  # fmt: skip
+                   ablation: str | None = None, capturable: bool = False) -> TrainingSetup:  # fmt: skip
     """The problem of one table row, weights and data drawn from ``seed``; ``ablation`` (a key of
-    :data:`ABLATIONS`, for ``both``) changes one setting of its backward."""
+    :data:`ABLATIONS`, for ``both``) changes one setting of its backward; ``capturable``: ready to be
+    captured as a CUDA graph (:meth:`TrainingSetup.captured_iteration`)."""
     torch.manual_seed(seed)
     model = IDM(IDMConfig(unet=unet, image_channels=1, steps=steps, **VARIANTS[variant])).to(device)
     if ablation is not None:
         ABLATIONS[ablation](model)
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
     # bf16 autocast on CUDA, fp32 on the CPU
-    return TrainingSetup.for_model(model, op, batch, size, "bf16" if device.type == "cuda" else "fp32", lr=1e-5)
+    return TrainingSetup.for_model(model, op, batch, size, "bf16" if device.type == "cuda" else "fp32", lr=1e-5,
+                                   capturable=capturable)  # fmt: skip
 
 
 def row_label(variant: str, ablation: str | None) -> str:
@@ -106,14 +112,20 @@ def _add_cpu_peak(row: dict, training: TrainingSetup) -> None:
 
 
 def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: torch.device, iters: int, warmup: int,
-            seed: int = 0, ablation: str | None = None) -> dict:  # fmt: skip
-    """One row of the table: build the problem (weights and data from ``seed``), train ``warmup + iters`` iterations, measure."""
-    training = training_setup(variant, steps, batch, size, unet, device, seed, ablation)
+            seed: int = 0, ablation: str | None = None, cuda_graph: bool = False) -> dict:  # fmt: skip
+    """One row of the table: build the problem (weights and data from ``seed``), train ``warmup + iters`` iterations, measure.
+
+    ``cuda_graph``: the iterations replay one CUDA graph of the iteration, captured after warm-up
+    iterations of its own (:meth:`TrainingSetup.captured_iteration`); the peak then includes the capture.
+    """
+    training = training_setup(variant, steps, batch, size, unet, device, seed, ablation, capturable=cuda_graph)
     row = _row(variant, ablation, steps, batch, size, unet, device, training)
+    row["timing"] = "cuda graph" if cuda_graph else "eager"
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    row["ms_per_iter"] = round(1000 * median_seconds(training.iteration, device, iters, warmup), 2)
+    run = training.captured_iteration() if cuda_graph else training.iteration
+    row["ms_per_iter"] = round(1000 * median_seconds(run, device, iters, warmup), 2)
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         row["memory_kind"] = "peak_allocated"
@@ -138,6 +150,7 @@ def measure_interleaved(runs: list[tuple[str, str | None]], steps: int, batch: i
     rows = []
     for (variant, ablation), training, run_times in zip(runs, setups, times):
         row = _row(variant, ablation, steps, batch, size, unet, device, training)
+        row["timing"] = "eager"
         row["ms_per_iter"] = round(1000 * statistics.median(run_times), 2)
         _add_cpu_peak(row, training)
         row["status"] = "ok"
@@ -208,11 +221,17 @@ def summary_markdown(rows: list[dict]) -> str:
 def measure_or_oom(variant: str, ablation: str | None, steps: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
     """:func:`measure`'s row, or a row that says the GPU ran out of memory."""
     try:
-        return measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed, ablation)
+        return measure(variant, steps, batch, args.size, args.unet, device, args.iters, args.warmup, args.seed, ablation,
+                       args.cuda_graphs)  # fmt: skip
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=args.size, unet=args.unet,
-                    device=device.type, status="out of memory")  # fmt: skip
+        status = "out of memory"
+    except RuntimeError as err:
+        if not args.cuda_graphs:
+            raise
+        status = f"capture failed: {str(err).splitlines()[0][:160]}"  # recorded; the next rows still run
+    torch.cuda.empty_cache()
+    return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=args.size, unet=args.unet,
+                device=device.type, timing="cuda graph" if args.cuda_graphs else "eager", status=status)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", action="store_true",
                         help="on the CPU: time the rows of each batch and T round-robin, one iteration of each in turn, "
                              "so that a machine whose speed drifts slows them alike")  # fmt: skip
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA: time each row by replaying its training iteration captured as one CUDA graph "
+                             "(no Python or kernel launches between the kernels: the GPU's own time, where a small "
+                             "batch leaves it waiting on the host)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        parser.error("--cuda-graphs needs a CUDA device")
     if args.ablations and "both" not in args.variants:
         parser.error("--ablations change the `both` variant: add both to --variants")
     if args.interleave and torch.device(args.device).type != "cpu":

@@ -22,7 +22,9 @@ projection. Training:
 one iteration (forward, L1, backward, Adam) for the plain network
 (``invertible="none"``) and the two-level wiring with the memory-saving
 backward (``both``), at ``--train-batch``, for each of ``--train-levers``
-(``base``, ``channels_last``, ``compile``, the attention kernels).
+(``base``, ``channels_last``, ``compile``, the attention kernels, ``cudagraphs``: the whole
+iteration, backward and Adam step included, captured once as a CUDA graph and replayed,
+:meth:`benchmarks.timing.TrainingSetup.captured_iteration`).
 
 FLOPs are counted once per configuration with
 ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; the
@@ -49,7 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 import operators
 from idm import IDM, IDMConfig
 from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import TrainingSetup, add_timing_args, median_seconds, minor_page_faults, setup
+from benchmarks.timing import (TrainingSetup, add_timing_args, captured, median_seconds, minor_page_faults,
+                               require_cuda_for_graphs, setup)
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS
@@ -63,7 +66,7 @@ FIELDS = [
 #: picks one per call; on the H200 with torch 2.11 it picked cuDNN's for sd15's 40-wide heads).
 ATTENTION_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 LEVERS = ("base", "channels_last", "compile", "cudagraphs", "unfolded", *ATTENTION_KERNELS)
-TRAIN_LEVERS = ("base", "channels_last", "compile", *ATTENTION_KERNELS)
+TRAIN_LEVERS = ("base", "channels_last", "compile", "cudagraphs", *ATTENTION_KERNELS)
 # torch.compile's guard-failure budget per function: the U-Net walk runs each wired group (ten in
 # sd15) at every step, with the group's index and the step as constants, so every (group, step)
 # is a graph of its own; dynamo's default of 8 would leave most of them to run eagerly.
@@ -237,45 +240,21 @@ def lever_context(lever: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def captured(run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
-    """``run`` captured as a CUDA graph: a callable that replays it (same inputs, same output tensor).
-
-    The recipe of ``torch.cuda.graphs``: three warm-up calls on a side
-    stream, one captured call, then every call is one ``replay()`` (no Python,
-    no kernel launches). Capture needs a forward that never reads a value back
-    to the host: it runs inside :func:`operators.unchecked_values`, where the
-    model's one read (the measurement NaN check) is skipped too.
-    """
-    if device.type != "cuda":
-        raise RuntimeError(f"cudagraphs needs a CUDA device, not {device.type}")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), operators.unchecked_values():
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), operators.unchecked_values():
-        out = run()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
-
-
 def training_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, lever: str,
                  device: torch.device, iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
     """Time one training iteration (forward, L1, backward, Adam step)."""
     row = dict(mode="train", model=label, operator=describe(op), variant=model.config.invertible, precision=precision,
                lever=lever, batch=batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6)
+    graphed = lever == "cudagraphs"
+    if graphed:
+        require_cuda_for_graphs(device)  # before Adam is made capturable, which the CPU refuses
+    training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6, capturable=graphed)
     flops = training_flops(model, training.iteration, lambda: model(training.y, op))  # before the lever: same count
     model = with_lever(model, lever)
     with lever_context(lever):
-        seconds = median_seconds(training.iteration, device, iters, warmup)
+        run = training.captured_iteration() if graphed else training.iteration
+        seconds = median_seconds(run, device, iters, warmup)
     row["s_per_iter"] = round(seconds, 4)
     row["gflop_per_image"] = round(flops / batch / 1e9, 2)
     _rate(row, flops, seconds, peak)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+import operators
 from idm import IDM
 from idm.cpu_memory import keep_freed_memory
 from idm.precision import autocast_for
@@ -76,10 +77,51 @@ def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, war
     return statistics.median([seconds_of(run, device) for _ in range(warmup + iters)][warmup:])
 
 
+def require_cuda_for_graphs(device: torch.device) -> None:
+    """A ``RuntimeError`` that the benchmarks record as a row's status, off CUDA."""
+    if device.type != "cuda":
+        raise RuntimeError(f"cudagraphs needs a CUDA device, not {device.type}")
+
+
+def captured(run: Callable[[], Any], device: torch.device, warmup: Callable[[], Any] | None = None,
+             before_capture: Callable[[], Any] | None = None) -> Callable[[], Any]:  # fmt: skip
+    """``run`` captured as a CUDA graph: a callable that replays it (same inputs, same output tensors).
+
+    The recipe of ``torch.cuda.graphs``: three warm-up calls (of ``warmup``, by
+    default ``run`` itself) on a side stream, ``before_capture()``, one
+    captured call of ``run``, then every call is one ``replay()`` (no Python,
+    no kernel launches). Capture needs work that never reads a value back to
+    the host: it runs inside :func:`operators.unchecked_values`, where the
+    model's one read (the measurement NaN check) is skipped too.
+    """
+    require_cuda_for_graphs(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), operators.unchecked_values():
+        for _ in range(3):
+            (warmup or run)()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), operators.unchecked_values():
+        out = run()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
+
+
 @dataclass
 class TrainingSetup:
     """One benchmark training problem: an IDM in training mode, Adam as ``idm train`` makes it, images
-    ``x`` ``(B, C, size, size)`` in ``[0, 1]``, their measurements ``y = A x``, and the autocast precision."""
+    ``x`` ``(B, C, size, size)`` in ``[0, 1]``, their measurements ``y = A x``, and the autocast precision.
+
+    ``capturable``: Adam keeps its step counts on the device and autocast casts weights at every use
+    (no weight cache), so that :meth:`captured_iteration` can capture the iteration as a CUDA graph.
+    """
 
     model: IDM
     optimizer: torch.optim.Optimizer
@@ -87,23 +129,46 @@ class TrainingSetup:
     x: torch.Tensor
     y: torch.Tensor
     precision: str
+    capturable: bool = False
 
     @classmethod
-    def for_model(cls, model: IDM, op: Any, batch: int, size: int, precision: str, lr: float) -> "TrainingSetup":
-        """``model`` (on its device, set to training mode) on ``batch`` random images of ``size x size``."""
+    def for_model(cls, model: IDM, op: Any, batch: int, size: int, precision: str, lr: float | torch.Tensor,
+                  capturable: bool = False) -> "TrainingSetup":  # fmt: skip
+        """``model`` (on its device, set to training mode) on ``batch`` random images of ``size x size``.
+
+        ``lr`` may be a 0-dim tensor on the device with ``capturable``: a captured iteration reads it, so
+        changing it in place changes the replays' rate."""
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused_by_default(model.parameters()))  # as idm train
+        fused = fused_by_default(model.parameters())  # as idm train
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused, capturable=capturable)
         device = next(model.parameters()).device
         x = torch.rand(batch, model.config.image_channels, size, size, device=device)
-        return cls(model, optimizer, op, x, op.A(x), precision)
+        return cls(model, optimizer, op, x, op.A(x), precision, capturable)
 
     def forward(self) -> torch.Tensor:
         """The training forward, under the autocast of ``precision``."""
-        with autocast_for(self.x.device.type, self.precision):
+        with autocast_for(self.x.device.type, self.precision, cache_enabled=not self.capturable):
             return self.model(self.y, self.op)
+
+    def step(self) -> None:
+        """Forward, L1 loss, backward, Adam step, adding to the gradients there are (none after ``zero_grad``)."""
+        (self.forward().float() - self.x).abs().mean().backward()
+        self.optimizer.step()
 
     def iteration(self) -> None:
         """Forward, L1 loss, backward, Adam step."""
         self.optimizer.zero_grad(set_to_none=True)
-        (self.forward().float() - self.x).abs().mean().backward()
-        self.optimizer.step()
+        self.step()
+
+    def captured_iteration(self) -> Callable[[], None]:
+        """The iteration captured as one CUDA graph (:func:`captured`): each call replays it, a full
+        iteration without Python or kernel launches (for a setup made with ``capturable``).
+
+        torch's whole-network recipe: warm-up iterations, then the gradients set to none and one
+        :meth:`step` captured, whose backward writes the gradients afresh; replays reuse its tensors.
+        """
+        if not self.capturable:
+            raise ValueError("capture needs a TrainingSetup made with capturable=True "
+                             "(Adam's step on the device, no autocast cache)")
+        return captured(self.step, self.x.device, warmup=self.iteration,
+                        before_capture=lambda: self.optimizer.zero_grad(set_to_none=True))  # fmt: skip

@@ -81,6 +81,9 @@ def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
     return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle, prior_range=prior_range)
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 class IDM(nn.Module):
     """Invertible Diffusion Model: ``x_hat = model(y, op)``.
 
@@ -227,9 +230,24 @@ class IDM(nn.Module):
                     else:
                         x = layer(x, op, x_pinv)
             else:
-                params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")]
+                # only the memory-saving backward needs them (a list of every parameter, per call, is host time)
+                need_params = self.config.recompute and torch.is_grad_enabled()
+                if need_params and self.training:
+                    self._refuse_active_dropout()
+                params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
+
+    def _refuse_active_dropout(self) -> None:
+        """The memory-saving backward recomputes every layer and inverts the wiring with the recomputed
+        values: a dropout that draws a new mask there would give wrong gradients, silently. Refused."""
+        active = [name for name, m in self.named_modules() if isinstance(m, _DROPOUTS) and m.p > 0 and m.training]
+        if active:
+            raise ValueError(
+                f"the memory-saving backward (invertible={self.config.invertible!r}, recompute=True) recomputes the "
+                f"U-Net and needs it deterministic, but it has dropout in training mode ({', '.join(active[:3])}"
+                f"{', ...' if len(active) > 3 else ''}): set the U-Net's dropout to 0, or train with recompute=False"
+            )
 
     def output(self, x: Tensor, y: Tensor, op: Any) -> Tensor:
         """The wired network's output in the prior's range -> the reconstruction in ``[0, 1]``

@@ -55,11 +55,15 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def autocast_for(device_type: str, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` on ``device_type`` (``"cpu"``, ``"cuda"``); a no-op for ``"fp32"``."""
+def autocast_for(device_type: str, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device_type`` (``"cpu"``, ``"cuda"``); a no-op for ``"fp32"``.
+
+    ``cache_enabled=False`` casts weights anew at every use instead of once per autocast region: what a
+    region captured as a CUDA graph needs (torch's CUDA graphs notes).
+    """
     if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16)
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
 def full_precision(layer: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -67,6 +67,12 @@ Layer = Callable[..., Tensor]
 GRAD_TAKEN_OVER = "_idm_wired_walk_sums_into_grad"
 
 
+def _lerp(start: Tensor, end: Tensor, weight: Tensor) -> Tensor:
+    """``start + weight * (end - start)`` in one pass over the state, in the wider of the two inputs' dtypes."""
+    dtype = torch.promote_types(start.dtype, end.dtype)
+    return torch.lerp(start.to(dtype), end.to(dtype), weight.to(dtype))
+
+
 def coupling_forward(f_x1: Tensor, x1: Tensor, x2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """One wired layer forward, given ``f_x1 = F(x1)``: returns ``(x1', x2')``.
 
@@ -74,13 +80,16 @@ def coupling_forward(f_x1: Tensor, x1: Tensor, x2: Tensor, v: Tensor) -> tuple[T
     state (three element-wise passes otherwise; the state is memory-bound work
     on every device), in the wider of the two inputs' dtypes.
     """
-    dtype = torch.promote_types(f_x1.dtype, x2.dtype)
-    return torch.lerp(f_x1.to(dtype), x2.to(dtype), v.to(dtype)), x1
+    return _lerp(f_x1, x2, v), x1
 
 
-def coupling_inverse(f_x1: Tensor, y1: Tensor, v: Tensor) -> Tensor:
-    """Recover ``x2`` from the output ``y1`` and ``f_x1 = F(x1)`` where ``x1 = y2``."""
-    return (y1 - (1 - v) * f_x1) / v
+def coupling_inverse(f_x1: Tensor, y1: Tensor, v: Tensor, inverse_v: Tensor | None = None) -> Tensor:
+    """Recover ``x2`` from the output ``y1`` and ``f_x1 = F(x1)`` where ``x1 = y2``.
+
+    ``(y1 - (1 - v) * f_x1) / v = f_x1 + (y1 - f_x1) / v``: one ``torch.lerp`` with weight ``1 / v``
+    (``inverse_v`` when the caller has it already).
+    """
+    return _lerp(f_x1, y1, v.reciprocal() if inverse_v is None else inverse_v)
 
 
 def _unique_trainable(params: Iterable[Tensor], exclude: Sequence[Tensor]) -> list[Tensor]:
@@ -141,8 +150,11 @@ class _WiredChain(torch.autograd.Function):
         params = spec.params
         n_c = spec.n_context
         needs_ctx = ctx.needs_input_grad[4 : 4 + n_c]
-        grad_v = torch.zeros_like(v)
-        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+        # per-layer scalars for the whole walk at once: fewer small kernels per layer (the host's time at small batches)
+        v = v.detach()
+        u, inverse_v = 1 - v, v.reciprocal()
+        grad_v_reversed = []
+        device_type, autocast_enabled, autocast_dtype, autocast_cache = ctx.autocast
         # Gradients of what every layer uses (the parameters, the context tensors) are summed over the
         # layers by autograd itself, in place, in their ``.grad``: no running sums beside each layer's own.
         # The parameters' ``.grad`` is set aside meanwhile and restored. Parameters whose ``.grad`` an
@@ -169,20 +181,22 @@ class _WiredChain(torch.autograd.Function):
                 else:
                     x1 = y2.detach().requires_grad_(True)
                     replay = records[k].replaying() if records else contextlib.nullcontext()
-                    with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled), replay:
+                    autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled,
+                                              cache_enabled=autocast_cache)  # fmt: skip
+                    with torch.enable_grad(), autocast, replay:
                         f_x1 = spec.layers[k](x1, *spec.context(ctx_inputs))
                     if records:
                         records[k] = None
-                v_k = v[k].detach()
-                torch.autograd.backward(f_x1, grad_tensors=((1 - v_k) * dy1).to(f_x1.dtype), inputs=[x1, *ctx_wrt, *params])
+                torch.autograd.backward(f_x1, grad_tensors=(u[k] * dy1).to(f_x1.dtype), inputs=[x1, *ctx_wrt, *params])
                 with torch.no_grad():
                     f_x1 = f_x1.detach()
-                    x2 = coupling_inverse(f_x1, y1, v_k)
-                    grad_v[k] = (dy1 * (x2 - f_x1)).sum()
+                    x2 = coupling_inverse(f_x1, y1, v[k], inverse_v[k])
+                    grad_v_reversed.append((dy1 * (x2 - f_x1)).sum())
                     dx1 = dy2 if x1.grad is None else x1.grad + dy2
-                    dx2 = v_k * dy1
+                    dx2 = v[k] * dy1
                 del f_x1
                 y1, y2, dy1, dy2 = x1.detach(), x2, dx1, dx2
+            grad_v = torch.stack(grad_v_reversed[::-1]).to(v.dtype)
             grad_params = [p.grad if take else None for p, take in zip(params, takes_over)]
             if spec.scaled_start:  # x2 was start_scale * x1, and y1 is now the x1 it was made from
                 grad_scale = (dy2 * y1).sum().to(start_scale.dtype) if ctx.needs_input_grad[2] else None
@@ -229,8 +243,11 @@ class _ChainSpec:
         return tuple(items)
 
     @staticmethod
-    def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-        return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype, bool]:
+        """The forward's autocast, for the backward's recomputation (which runs where autocast is off):
+        ``(device type, enabled, dtype, weight cache enabled)``."""
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        return (device_type, enabled, dtype, torch.is_autocast_cache_enabled())
 
 
 def wired_chain(

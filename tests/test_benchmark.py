@@ -423,15 +423,30 @@ def test_folded_upsamplers_cost_fewer_flops(tmp_path):
     assert flops["base"] < flops["unfolded"]
 
 
-def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path):
-    """The row reports why the lever did not run; the other rows still run."""
-    from benchmarks import speed
+def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path, capsys):
+    """The row reports why the lever did not run; the other rows still run. The memory benchmark refuses it."""
+    from benchmarks import memory, speed
 
     assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--levers", "cudagraphs", "base",
-                       "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
-    rows = {r["lever"]: r for r in csv.DictReader(open(tmp_path / "speed.csv"))}
-    assert rows["cudagraphs"]["status"] == "RuntimeError: cudagraphs needs a CUDA device, not cpu"
-    assert rows["base"]["status"] == "ok"
+                       "--train-batch", "1", "--train-levers", "cudagraphs", "base", "--iters", "1", "--warmup", "0",
+                       "--out", str(tmp_path)])  == 0  # fmt: skip
+    rows = {(r["mode"], r["lever"], r["variant"]): r["status"] for r in csv.DictReader(open(tmp_path / "speed.csv"))}
+    needs_cuda = "RuntimeError: cudagraphs needs a CUDA device, not cpu"
+    assert rows == {("inference", "cudagraphs", ""): needs_cuda, ("inference", "base", "both"): "ok",
+                    ("train", "cudagraphs", "none"): needs_cuda, ("train", "cudagraphs", "both"): needs_cuda,
+                    ("train", "base", "none"): "ok", ("train", "base", "both"): "ok"}  # fmt: skip
+    with pytest.raises(SystemExit):
+        memory.main(["--device", "cpu", "--cuda-graphs", "--out", str(tmp_path)])
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_training_setup_is_captured_only_when_made_capturable():
+    from benchmarks.memory import training_setup
+
+    training = training_setup("both", 1, 1, 32, "tiny", torch.device("cpu"))
+    assert not training.capturable and training.optimizer.defaults["capturable"] is False
+    with pytest.raises(ValueError, match="capturable=True"):
+        training.captured_iteration()
 
 
 def test_speed_benchmark_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
@@ -474,6 +489,48 @@ def test_captured_inference_replays_the_eager_forward(task, channels, kwargs):
         assert torch.allclose(replay(), eager, rtol=0, atol=1e-5)
         y.copy_(op.A(x.flip(-1)))
         assert torch.allclose(replay(), model(y, op), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["none", "both"])
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_captured_training_iteration_replays_the_eager_one(variant, precision, tolerance):
+    """A CUDA graph of the whole training iteration (forward, backward with the memory-saving recomputation,
+    Adam step) gives the eager iteration's gradients, follows new data written into x and y, and steps Adam."""
+    import copy
+
+    import operators
+    from benchmarks.memory import VARIANTS
+    from benchmarks.timing import TrainingSetup
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(unet="tiny", image_channels=1, steps=2, **VARIANTS[variant])).to(device)
+    op = operators.make("cs", img_size=(32, 32), channels=1, ratio=0.25)
+    reference = TrainingSetup.for_model(copy.deepcopy(model), op, 2, 32, precision, lr=0.0)
+    rate = torch.zeros((), device=device)  # a tensor read by the captured Adam step: changed in place below
+    graphed = TrainingSetup.for_model(model, op, 2, 32, precision, lr=rate, capturable=True)
+    graphed.x.copy_(reference.x), graphed.y.copy_(reference.y)
+    replay = graphed.captured_iteration()
+
+    def assert_same_gradients() -> None:
+        reference.iteration()
+        replay()
+        torch.cuda.synchronize()
+        for (name, p), q in zip(model.named_parameters(), reference.model.parameters()):
+            assert p.grad is not None and q.grad is not None, name
+            assert (p.grad - q.grad).norm() <= tolerance * q.grad.norm() + 1e-12, name
+
+    assert_same_gradients()
+    x = torch.rand_like(reference.x)
+    for setup in (reference, graphed):  # the static inputs take new values; the replay follows them
+        setup.x.copy_(x), setup.y.copy_(op.A(x))
+    assert_same_gradients()
+    before = [p.detach().clone() for p in model.parameters()]
+    rate.fill_(1e-3)
+    replay()
+    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    assert sum(changed) > len(changed) // 2
 
 
 def test_memory_benchmark_tracks_everything_on_the_cpu(tmp_path):
@@ -574,7 +631,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
               "stage": "stage"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
     assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory", "benchmarks.kernel_profile"}
-    assert len(commands) == 8
+    assert len(commands) == 9
 
     class Parsed(Exception):
         pass
@@ -583,12 +640,13 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
         raise Parsed(args)
 
     for module, rest in commands:
-        argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], rest))
+        device = "cuda" if "--cuda-graphs" in rest else "cpu"  # refused on the CPU before setup
+        argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: {**values, "DEVICE": device}[m.group(1)], rest))
         benchmark = importlib.import_module(module)
         monkeypatch.setattr(benchmark, "setup", stop)
         with pytest.raises(Parsed) as parsed:
             benchmark.main(argv)
-        assert parsed.value.args[0].device == "cpu"
+        assert parsed.value.args[0].device == device
 
 
 def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):

@@ -236,6 +236,25 @@ def test_kept_attention_does_nothing_without_the_wired_blocks_backward(ortho_op,
     assert all(torch.equal(grads_kept[name], g) for name, g in grads.items())
 
 
+def test_training_with_dropout_is_refused_where_the_backward_recomputes(ortho_op):
+    """A dropout mask drawn anew in the recomputation would invert the wiring with other values than the
+    forward's: silently wrong gradients. Training with it is refused; inference and plain autograd run."""
+    torch.manual_seed(0)
+    model = IDM(IDMConfig(unet="tiny", image_channels=1, steps=2))
+    model.eps_net.unet.down_blocks[0].resnets[0].dropout.p = 0.1
+    op = ortho_op(SHAPE, 64)
+    y = op.A(torch.rand(1, *SHAPE))
+    with pytest.raises(ValueError, match=r"has dropout in training mode \(eps_net.unet.down_blocks.0.resnets.0.dropout\)"):
+        model(y, op)
+    with torch.no_grad():
+        model(y, op)
+    model.eval()
+    model(y, op).sum().backward()
+    model.train()
+    model.config = model.config.replace(recompute=False)
+    model(y, op).sum().backward()
+
+
 def test_save_and_load_round_trip(tmp_path, ortho_op):
     op = ortho_op(SHAPE, 64)
     model = perturbed_model(IDMConfig(steps=2)).float()

@@ -145,6 +145,25 @@ def test_the_kept_last_graph_saves_one_layer_of_recomputation(keep_last_graph):
         assert relative_error(a, b) < 1e-13
 
 
+@pytest.mark.parametrize("cache_enabled", [True, False])
+def test_the_recomputation_runs_under_the_forwards_autocast(cache_enabled):
+    """The backward runs where autocast is off; it recomputes each layer under the forward's autocast: on,
+    its dtype, and its weight cache setting (off for a region captured as a CUDA graph)."""
+    conv = nn.Conv2d(3, 3, 1)
+    seen = []
+
+    def layer(x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()))
+        return conv(x)
+
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled):
+        x1, x2 = wired_chain([layer] * 2, torch.full((2,), 0.5), x, torch.tensor(1.0), params=list(conv.parameters()))
+    assert torch.is_autocast_cache_enabled()  # the global setting is back outside the region
+    (x1 + x2).sum().backward()
+    assert seen == [(True, torch.bfloat16, cache_enabled)] * 4  # 2 in the forward, 2 recomputed
+
+
 def test_mismatched_weights_are_refused():
     with pytest.raises(ValueError, match="2 layers but 3 mixing weights"):
         wired_chain([lambda x: x, lambda x: x], torch.ones(3), torch.ones(1), torch.ones(1))

@@ -68,6 +68,7 @@ def conv_outputs_only(layer: Callable[..., Tensor], *args: Any) -> Tensor:
         functools.partial(_without_autocast_cache, layer),
         *args,
         use_reentrant=False,
+        preserve_rng_state=False,  # deterministic layers (IDM refuses active dropout): no RNG state to save per call
         context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_convolutions),
         **_THROUGH_HOOKS,
     )

@@ -279,7 +279,8 @@ class WiredUNet(nn.Module):
         if not layers:
             return h
         if self.wire_blocks:
-            params = [p for module in modules for p in module.parameters()]
+            # only the memory-saving backward needs them (a list of every parameter, per call, is host time)
+            params = [p for module in modules for p in module.parameters()] if recompute and torch.is_grad_enabled() else []
             return self.wirings[plan.key](h, layers, context, params, recompute, keep_attention)
         for layer in layers:
             h = layer(h, *context)
