@@ -233,14 +233,18 @@ class IDM(nn.Module):
                 # only the memory-saving backward needs them (a list of every parameter, per call, is host time)
                 need_params = self.config.recompute and torch.is_grad_enabled()
                 if need_params and self.training:
-                    self._refuse_active_dropout()
+                    self.check_deterministic()
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
 
-    def _refuse_active_dropout(self) -> None:
-        """The memory-saving backward recomputes every layer and inverts the wiring with the recomputed
-        values: a dropout that draws a new mask there would give wrong gradients, silently. Refused."""
+    def check_deterministic(self) -> None:
+        """A ``ValueError`` if this model would train with the memory-saving backward (wired, ``recompute``)
+        and a dropout in training mode: the backward recomputes every layer and inverts the wiring with the
+        recomputed values, so a dropout mask drawn anew there would give wrong gradients, silently.
+        Checked by every training forward; ``idm train`` checks it before it writes its run folder."""
+        if self.config.invertible == "none" or not self.config.recompute:
+            return
         active = [name for name, m in self.named_modules() if isinstance(m, _DROPOUTS) and m.p > 0 and m.training]
         if active:
             raise ValueError(

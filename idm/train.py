@@ -361,6 +361,7 @@ def train(
         else:
             model = _fresh_model(model_config, init_model)
         model.to(device).train()
+        model.check_deterministic()  # before the run folder is written
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:
             restore_optimizer(optimizer, opt_tensors, state["optimizer"])  # Adam moves its state to the parameters' device

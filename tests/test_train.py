@@ -264,6 +264,21 @@ def test_prior_that_is_not_a_diffusers_model(tmp_path, data, capsys):
     assert not out.exists()
 
 
+def test_prior_with_dropout_is_refused_before_anything_is_written(tmp_path, data, capsys):
+    """Its masks, drawn anew when the memory-saving backward recomputes, would give wrong gradients."""
+    from diffusers import UNet2DModel
+
+    from idm.unets import tiny_unet_config
+
+    prior = tmp_path / "prior"
+    UNet2DModel(**{**tiny_unet_config(1), "dropout": 0.1}).save_pretrained(prior)
+    out = tmp_path / "run"
+    args = [a for a in BASE if a not in ("--unet", "tiny")]
+    _fails([*args, "--prior", str(prior), "--data", str(data), "--iters", "2", "--out", str(out)], capsys,
+           "needs it deterministic, but it has dropout in training mode")  # fmt: skip
+    assert not out.exists()
+
+
 def test_existing_run_without_resume_is_refused(base_run, tmp_path, data, capsys):
     out = copy_run(base_run, tmp_path)
     before = snapshot(out)
