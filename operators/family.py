@@ -26,6 +26,7 @@ training checkpoint records the whole family and ``idm reconstruct`` /
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -43,6 +44,13 @@ def without_size_and_seed(config: Mapping[str, Any]) -> dict[str, Any]:
     """An operator ``config`` without its :data:`UNCOMPARED` settings: what says which operator it is,
     whatever the image size and the random draw."""
     return {k: v for k, v in config.items() if k not in UNCOMPARED}
+
+
+def _takes_seed(name: str) -> bool:
+    """Whether the operator registered as ``name`` has a ``seed`` argument (random parts of its own)."""
+    from . import REGISTRY
+
+    return "seed" in inspect.signature(REGISTRY.get(name)).parameters
 
 
 def _is_int(value: Any) -> bool:
@@ -103,8 +111,10 @@ class Component:
 
         A range over a setting whose base value is an integer (``views``,
         ``acceleration``) draws integers, each of ``ceil(low)..floor(high)``
-        equally likely. ``seed`` is set only for operators whose config has one
-        (CT's projector has no random part).
+        equally likely. ``seed`` is set for operators that take one, also where
+        the base config has none because its own draw is not random (a centred
+        box whose ``box_position`` varies to ``"random"``); not for CT's
+        projector, which has no random part.
         """
         config = dict(self.base)
         for key, spec in self.vary.items():
@@ -116,7 +126,7 @@ class Component:
                 config[key] = spec[0] + u * (spec[1] - spec[0])
             else:
                 config[key] = spec[min(int(u * len(spec)), len(spec) - 1)]
-        if "seed" in self.base:
+        if "seed" in self.base or _takes_seed(self.base["name"]):
             config["seed"] = int(seed)
         return config
 

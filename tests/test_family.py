@@ -71,6 +71,9 @@ def test_mask_mixture_serves_random_masks_and_boxes():
     assert kinds == {"random", "box"}
     positions = {fam.resample(s).config().get("box_position") for s in range(40)} - {None}
     assert positions == {"center", "random"}
+    # boxes at random positions get a seed of their draw (the centred box's config has none to vary)
+    random_boxes = [op for op in map(fam.resample, range(60)) if op.kind == "box" and op.box_position == "random"]
+    assert len({int(op.mask.argmin()) for op in random_boxes}) > len(random_boxes) // 2 > 5
     recorded = fam.config()
     assert config_mismatches(recorded, {"name": "inpainting", "mask": "box", "ratio": 0.5}) == []  # ratio: not a box setting
     assert config_mismatches(recorded, {"name": "inpainting", "mask": "random", "ratio": 0.2}) == []
