@@ -20,6 +20,7 @@ and GPU, float32 and float64 alike.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from typing import Any, ClassVar
@@ -60,6 +61,20 @@ def check_positive_int(value: Any, name: str) -> int:
     number = check_int(value, name)
     if number <= 0:
         raise OperatorInputError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _check_not_empty(t: torch.Tensor, name: str) -> None:
+    if t.shape[0] == 0:
+        raise OperatorInputError(f"{name} is an empty batch (shape {tuple(t.shape)}): nothing to measure or reconstruct")
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """Return ``value`` as an int in ``[0, 2**32)``, the range every random source here takes (numpy's
+    ``RandomState`` is the narrowest), or raise."""
+    number = check_int(value, name)
+    if not 0 <= number < 2**32:
+        raise OperatorInputError(f"{name} must be in [0, 2**32), got {value!r}")
     return number
 
 
@@ -126,9 +141,7 @@ class Operator(LinearPhysics):
     def __init__(self, img_size: tuple[int, int], channels: int, **kwargs):
         super().__init__(**kwargs)
         self.img_hw = check_img_size(img_size)
-        if int(channels) != channels or channels <= 0:
-            raise OperatorInputError(f"channels must be a positive integer, got {channels!r}")
-        self.channels = int(channels)
+        self.channels = check_positive_int(channels, "channels")
         self._casts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cast_like(self, buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -165,6 +178,7 @@ class Operator(LinearPhysics):
                 f"{name} must have shape (B, {', '.join(map(str, self.image_shape))}) for this "
                 f"{self.name} operator, got {tuple(x.shape)}"
             )
+        _check_not_empty(x, name)
 
     def check_measurement(self, y: torch.Tensor, name: str = "y") -> None:
         """Raise :class:`OperatorInputError` unless ``y`` has this operator's measurement shape."""
@@ -175,6 +189,7 @@ class Operator(LinearPhysics):
                 f"{name} must have shape (B, {', '.join(map(str, shape))}) for this {self.name} "
                 f"operator, got {tuple(y.shape)}"
             )
+        _check_not_empty(y, name)
 
     # ---- state ---------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -183,8 +198,13 @@ class Operator(LinearPhysics):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Operator":
-        """Rebuild the operator from :meth:`config` output (``"name"`` ignored)."""
+        """Rebuild the operator from :meth:`config` output (``"name"`` ignored); a setting the operator does
+        not take, or a missing one, is an :class:`OperatorInputError` that names it."""
         kwargs = {k: v for k, v in config.items() if k != "name"}
+        try:
+            inspect.signature(cls).bind(**kwargs)
+        except TypeError as err:
+            raise OperatorInputError(f"the {cls.name!r} operator's config does not fit it: {err}") from None
         return cls(**kwargs)
 
     def variant(self, config: dict[str, Any]) -> "Operator":

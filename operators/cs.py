@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import Operator, OperatorInputError, check_int, check_positive_int, check_ratio
+from .base import Operator, OperatorInputError, check_positive_int, check_ratio, check_seed
 
 _MODES = ("spatial", "permuted")
 
@@ -100,7 +100,7 @@ class CompressedSensing(Operator):
         block = check_positive_int(block, "block")
         if mode not in _MODES:
             raise OperatorInputError(f"mode must be one of {_MODES}, got {mode!r}")
-        seed, phi_seed = check_int(seed, "seed"), check_int(phi_seed, "phi_seed")
+        seed, phi_seed = check_seed(seed), check_seed(phi_seed, "phi_seed")
         self.block = block
         self.mode = mode
         self.seed = seed

@@ -169,7 +169,7 @@ class Component:
                 k: list(v["choices"]) if isinstance(v, Mapping) else tuple(v) for k, v in dict(data.get("vary", {})).items()
             }
             return cls(dict(data["base"]), vary, float(data.get("weight", 1.0)))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # AttributeError: data not a mapping
             raise OperatorInputError(f"malformed operator family component {data!r:.200}: {err}") from None
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import register
-from .base import Operator, OperatorInputError, check_int, check_ratio
+from .base import Operator, OperatorInputError, check_ratio, check_seed
 
 _POSITIONS = ("center", "random")
 
@@ -40,11 +40,18 @@ def _pack(mask: np.ndarray) -> dict[str, Any]:
 
 
 def _unpack(packed: dict[str, Any]) -> np.ndarray:
+    """The boolean mask of :func:`_pack`'s dict; damaged data (not base64, or not as many bytes as the shape
+    needs) is an error, not a mask padded with zeros or read from uninitialised memory."""
     try:
         shape = tuple(int(s) for s in packed["shape"])
-        bits = np.frombuffer(base64.b64decode(packed["packbits"]), dtype=np.uint8)
-        return np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
-    except (KeyError, TypeError, ValueError) as err:
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape must be two positive sizes, got {packed['shape']!r}")
+        bits = np.frombuffer(base64.b64decode(packed["packbits"], validate=True), dtype=np.uint8)
+        pixels = shape[0] * shape[1]
+        if bits.size != (pixels + 7) // 8:
+            raise ValueError(f"{bits.size} bytes of packed bits for a {shape[0]}x{shape[1]} mask, which needs {(pixels + 7) // 8}")
+        return np.unpackbits(bits, count=pixels).astype(bool).reshape(shape)
+    except (KeyError, TypeError, ValueError) as err:  # binascii.Error is a ValueError
         raise OperatorInputError(f"mask dict must have 'shape' and base64 'packbits' entries: {err}") from None
 
 
@@ -94,7 +101,7 @@ class Inpainting(Operator):
     ):
         super().__init__(img_size, channels)
         h, w = self.img_hw
-        self.seed = check_int(seed, "seed")
+        self.seed = check_seed(seed)
         self.kind = "user"
         self.ratio = self.box_fraction = self.box_position = None
         if isinstance(mask, str) and mask == "random":

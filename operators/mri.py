@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import register
-from .base import Operator, OperatorInputError, check_float32_or_64, check_int
+from .base import Operator, OperatorInputError, check_float32_or_64, check_seed
 
 _MASK_TYPES = ("random", "equispaced", "given")
 _DIMS = (-2, -1)
@@ -125,6 +125,10 @@ class MRI(Operator):
         if not math.isfinite(cf) or not 0.0 <= cf < 1.0:
             raise OperatorInputError(f"center_fraction must be in [0, 1), got {center_fraction!r}")
         width = self.img_hw[1]
+        if acc > width:
+            raise OperatorInputError(
+                f"acceleration={acceleration!r} keeps fewer than one of the {width} k-space columns; at most {width}"
+            )
         if round(width * cf) * acc >= width:
             raise OperatorInputError(
                 f"center_fraction={center_fraction!r} keeps {round(width * cf)} central columns of {width}, "
@@ -133,9 +137,7 @@ class MRI(Operator):
         self.acceleration = int(acc) if acc.is_integer() else acc
         self.center_fraction = cf
         self.mask_type = mask_type
-        self.seed = check_int(seed, "seed")
-        if not 0 <= self.seed < 2**32:
-            raise OperatorInputError(f"seed must be in [0, 2**32) (numpy RandomState), got {seed!r}")
+        self.seed = check_seed(seed)
         columns = self._draw_columns(width)
         if not columns.any():
             raise OperatorInputError(

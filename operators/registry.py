@@ -51,6 +51,6 @@ class OperatorRegistry:
 
     def from_config(self, config: dict[str, Any]) -> Operator:
         """Rebuild an operator from ``op.config()`` (a dict with key ``"name"``)."""
-        if not isinstance(config, dict) or "name" not in config:
-            raise OperatorInputError(f"an operator config must be a dict with a 'name' key, got {config!r:.200}")
+        if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+            raise OperatorInputError(f"an operator config must be a dict with a 'name' string, got {config!r:.200}")
         return self.get(config["name"]).from_config(config)

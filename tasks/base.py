@@ -189,8 +189,12 @@ class Task:
                   for k, (lo, hi) in ranges.items()}  # fmt: skip
         components = []
         for kind in kinds or [None]:
-            base = self.make_operator(img_size, seed, **fixed, **middle, **({"mask": kind} if kind else {})).config()
+            kind_setting = {"mask": kind} if kind else {}
+            base = self.make_operator(img_size, seed, **fixed, **middle, **kind_setting).config()
             vary = {k: r for k, r in ranges.items() if k in base}
+            for key, ends in vary.items():  # a range the operator refuses fails here, not at a draw mid-training
+                for end in ends:
+                    self.make_operator(img_size, seed, **fixed, **{**middle, key: end}, **kind_setting)
             vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})
             components.append(Component(base, vary))
         return OperatorFamily(components, seed=seed)

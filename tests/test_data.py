@@ -367,6 +367,16 @@ def test_hu_window():
         hu_window(np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match="low < high"):
         hu_window(hu, 100, 100)
+    with pytest.raises(ValueError, match="hu_window needs finite low < high"):  # every HU would map to NaN
+        hu_window(hu, -np.inf, np.inf)
+
+
+def test_ct_dataset_window_is_checked(tmp_path):
+    np.save(tmp_path / "slice.npy", np.zeros((8, 8), np.int16))
+    for window, message in [((-np.inf, np.inf), "finite low < high"), ((100, 0), "finite low < high"),
+                            (None, r"a pair \(low, high\)"), (("a", 2), "two numbers")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            CTSliceDataset(tmp_path / "slice.npy", window=window)
 
 
 def test_npy_hu_clip(tmp_path):

@@ -90,6 +90,8 @@ def test_bad_families_are_clear_errors():
         OperatorFamily([Component(base), Component({**base, "img_size": [8, 8]})])
     with pytest.raises(ValueError, match="does not use --mask"):
         tasks.get("cs").make_training_operator(32, mask="random,box")
+    with pytest.raises(OperatorInputError, match=r"ratio must be in \(0, 1\], got 1.5"):  # at once, not at a later draw
+        tasks.get("cs").make_training_operator(32, ratio=(0.5, 1.5))
 
 
 def test_train_on_a_ratio_range_then_reconstruct_any_ratio_inside(tmp_path, capsys):

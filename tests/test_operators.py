@@ -480,6 +480,10 @@ def test_bad_tensors(ops, case):
     y[0].view(-1)[0] = float("inf")
     with pytest.raises(OperatorInputError, match=r"y contains NaN or inf"):
         op.A_dagger(y)
+    with pytest.raises(OperatorInputError, match=r"x is an empty batch \(shape \(0, "):
+        op.A(torch.zeros(0, c, h, w, dtype=F64))
+    with pytest.raises(OperatorInputError, match=r"y is an empty batch"):
+        op.A_dagger(rand_y(op)[:0])
 
 
 @pytest.mark.parametrize("case", ["cs-permuted", "mri-random", "ct"])
@@ -572,6 +576,15 @@ def test_ct_filter_is_deepinvs_filter_module(fbp_filter):
         ("ct", dict(img_size=(32, 32), pinv="sirt"), "pinv"),
         ("ct", dict(img_size=(32, 32), cg_iters=0), "cg_iters"),
         ("nope", dict(), "unknown operator 'nope'"),
+        ("cs", dict(img_size=(32, 32), seed=2**64), r"seed must be in \[0, 2\*\*32\)"),
+        ("cs", dict(img_size=(32, 32), phi_seed=-1), r"phi_seed must be in \[0, 2\*\*32\)"),
+        ("cs", dict(img_size=(32, 32), channels=None), "channels must be an integer, got None"),
+        ("cs", dict(img_size=(32, 32), channels=float("nan")), "channels must be an integer, got nan"),
+        ("inpainting", dict(img_size=(8, 8), mask="box", box_position="random", seed=-1), r"seed must be in \[0, 2\*\*32\)"),
+        ("inpainting", dict(img_size=(4, 4), mask={"shape": [4, 4], "packbits": ""}), "0 bytes of packed bits for a 4x4 mask, which needs 2"),
+        ("inpainting", dict(img_size=(8, 8), mask={"shape": [8, 8], "packbits": "//8="}), "2 bytes of packed bits for a 8x8 mask"),
+        ("inpainting", dict(img_size=(4, 4), mask={"shape": [4, 4], "packbits": "!!"}), "mask dict must have 'shape' and base64"),
+        ("mri", dict(img_size=(64, 64), acceleration=1e300, center_fraction=0, mask_type="equispaced"), "at most 64"),
     ],
 )
 def test_bad_arguments(name, kwargs, pattern):
@@ -598,6 +611,16 @@ def test_bad_mask_files(tmp_path):
 def test_bad_config():
     with pytest.raises(OperatorInputError, match="name"):
         operators.from_config({"img_size": [8, 8]})
+    with pytest.raises(OperatorInputError, match="name"):
+        operators.from_config({"name": ["cs"]})
+    with pytest.raises(OperatorInputError, match="the 'cs' operator's config does not fit it: missing a required argument: 'img_size'"):
+        operators.from_config({"name": "cs", "ratio": 0.1})
+    with pytest.raises(OperatorInputError, match="unexpected keyword argument 'ratoi'"):
+        operators.from_config({"name": "cs", "img_size": [8, 8], "ratoi": 0.1})
+    with pytest.raises(OperatorInputError, match="malformed operator family component 5"):
+        operators.from_config({"name": "family", "components": [5]})
+    packed = operators.make("inpainting", img_size=(5, 7), mask=np.eye(5, 7)).config()
+    assert torch.equal(operators.from_config(packed).mask, torch.from_numpy(np.eye(5, 7)))  # the round trip still holds
 
 
 # ---- registry ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ HU + 1024 brain tissue would read about +5000 HU, which is impossible).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_HU_WINDOW",
     "SOFT_TISSUE_WINDOW",
     "CT_EXTENSIONS",
+    "check_window",
     "hu_window",
     "inverse_hu_window",
     "read_dicom_hu",
@@ -95,6 +97,18 @@ _J2K_SYNTAXES = {
 }
 
 
+def check_window(low: float, high: float, what: str = "window") -> tuple[float, float]:
+    """``(low, high)`` as floats, finite with ``low < high`` (an infinite window maps every HU to NaN), or a
+    ``ValueError`` naming ``what``."""
+    try:
+        low, high = float(low), float(high)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} needs two numbers low < high, got low={low!r}, high={high!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{what} needs finite low < high, got low={low}, high={high}")
+    return low, high
+
+
 def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAULT_HU_WINDOW[1]) -> Array:
     """Map Hounsfield units linearly to [0, 1]: ``clip((hu - low) / (high - low), 0, 1)``.
 
@@ -104,8 +118,7 @@ def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAUL
     Raises :class:`ValueError` naming ``hu`` if it holds NaN, or for
     ``low >= high``.
     """
-    if not low < high:
-        raise ValueError(f"hu_window needs low < high, got low={low}, high={high}")
+    check_window(low, high, "hu_window")
     if isinstance(hu, torch.Tensor):
         x = hu.to(torch.float32)
         if torch.isnan(x).any():
@@ -119,8 +132,7 @@ def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAUL
 
 def inverse_hu_window(x: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAULT_HU_WINDOW[1]) -> Array:
     """HU of a windowed image: ``low + x * (high - low)`` (exact inside the window)."""
-    if not low < high:
-        raise ValueError(f"inverse_hu_window needs low < high, got low={low}, high={high}")
+    check_window(low, high, "inverse_hu_window")
     if isinstance(x, torch.Tensor):
         return x.to(torch.float32) * (high - low) + low
     return (np.asarray(x, dtype=np.float32) * np.float32(high - low) + np.float32(low)).astype(np.float32)

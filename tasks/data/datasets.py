@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, ct_num_slices, read_ct_slice
+from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, check_window, ct_num_slices, read_ct_slice
 from .errors import DataError
 from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, read_image
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
@@ -261,9 +261,11 @@ class CTSliceDataset(_SliceDataset):
         recursive: bool = False,
         tiff_units: str = "auto",
     ) -> None:
-        low, high = float(window[0]), float(window[1])
-        if not low < high:
-            raise ValueError(f"window must satisfy low < high, got {window}")
+        try:
+            low, high = window
+        except (TypeError, ValueError):
+            raise ValueError(f"window must be a pair (low, high) of HU, got {window!r}") from None
+        low, high = check_window(low, high)
         if tiff_units not in TIFF_UNITS:
             raise ValueError(f"tiff_units must be one of {TIFF_UNITS}, got {tiff_units!r}")
         self.window = (low, high)
