@@ -237,8 +237,9 @@ class DPS:
         if task in AUTHOR_STEP_SIZES:
             return AUTHOR_STEP_SIZES[task]
         raise ValueError(
-            f"DPS has no author step size for task {task!r}; pick one with "
-            "benchmarks.dps.tune_dps_step on training images and pass zeta="
+            f"DPS has no author step size for task {task!r}; tune one on training images with "
+            "`python -m benchmarks.tune_dps` and pass it to idm benchmark's --dps-zeta (in Python: "
+            "benchmarks.dps.tune_dps_step, then DPS(zeta=...))"
         )
 
     def __call__(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:

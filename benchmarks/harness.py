@@ -49,17 +49,20 @@ def load_images(
     values kept in [0, 1]); the images must then be square. ``None`` keeps
     them at their own size.
     """
-    if size is not None and size < 4:
-        raise ValueError(f"--size must be at least 4, got {size}")
+    if size is not None and size < 7:
+        raise ValueError(f"--size must be at least 7 (SSIM's 7x7 window), got {size}")
     dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
+    names = [name_of(i) for i in range(count)]
+    repeated = {n for n in names if names.count(n) > 1}  # same file name in two folders: rows and PNGs apart
+    names = [f"{n}-{i:03d}" if n in repeated else n for i, n in enumerate(names)]
     images = []
-    for i in range(count):
+    for i, name in enumerate(names):
         x = dataset[i]
         if size is not None:
-            x = _resize_square(x, size, name_of(i))
-        images.append(BenchmarkImage(name_of(i), x))
+            x = _resize_square(x, size, name)
+        images.append(BenchmarkImage(name, x))
     return images
 
 

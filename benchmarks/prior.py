@@ -244,10 +244,12 @@ def load_prior(
     ``path`` holds a diffusers ``UNet2DModel`` (``config.json`` + weights, at
     its top or in a ``unet/`` subfolder); a diffusers scheduler config beside
     it, if any, must describe the 1000-step linear 1e-4..0.02 epsilon schedule.
+    Without ``space``, the prior's value range is the one its ``idm_prior.json``
+    records (what IDM models built on it use too), else diffusers' [-1, 1].
     Raises :class:`PriorError` with the reason otherwise.
     """
     from idm.shipped import find_prior
-    from idm.unets.factory import UNetSourceError, load_unet_folder
+    from idm.unets.factory import UNetSourceError, load_unet_folder, read_prior_range
 
     folder = Path(path)
     if not folder.exists():
@@ -256,8 +258,13 @@ def load_prior(
         raise PriorError(f"prior folder {str(folder)!r} does not exist")
     try:
         unet = load_unet_folder(folder)
+        recorded = read_prior_range(folder)
     except UNetSourceError as err:
         raise PriorError(f"cannot load the diffusion prior in {str(folder)!r}: {err}") from None
+    if space is None and recorded is not None:  # images in [0, 1] -> the recorded [low, high]
+        if not recorded[0] < recorded[1]:
+            raise PriorError(f"the prior in {str(folder)!r} records an empty data_range {list(recorded)}")
+        space = PriorSpace(scale=recorded[1] - recorded[0], offset=recorded[0])
     _check_scheduler(folder)
     prior = DiffusionPrior(unet, space=space)
     prior.to(device=device, dtype=dtype) if dtype is not None else prior.to(device=device)

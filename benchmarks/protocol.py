@@ -58,7 +58,8 @@ def mean_psnr(x_hat: Tensor, x: Tensor, score: Callable[[Tensor, Tensor], tuple[
 
 def describe_protocol(task: Any) -> str:
     if uses_cs_protocol(task):
-        return "IDM authors' CS protocol (Y, pad to block, clamp, x255, peak 255)"
+        channels = {"y": "Y", "gray": "grey", "rgb": "RGB"}.get(task.color, task.color)  # what is scored
+        return f"IDM authors' CS protocol ({channels}, pad to block, clamp, x255, peak 255)"
     return "[0, 1] images" + (" (magnitude)" if task.metric == "magnitude" else "") + ", clamped, data_range 1"
 
 

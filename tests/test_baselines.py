@@ -367,6 +367,23 @@ def test_load_prior_folder(tmp_path, ops):
         DDNM(tiny_prior(2), steps=2, progress=False)(ops["cs-rgb"].A(torch.rand(1, 3, *SIZE)), ops["cs-rgb"])
 
 
+def test_loaded_prior_works_in_the_value_range_its_folder_records(tmp_path):
+    """The baselines map images to the range the prior was trained on, as IDM models built on it do."""
+    from idm.unets.factory import PRIOR_INFO_NAME
+
+    folder = tmp_path / "prior"
+    tiny_prior(1).unet.save_pretrained(folder)
+    assert load_prior(folder).space == PriorSpace(2.0, -1.0)  # no record: diffusers' [-1, 1]
+    for data_range, space in [([0, 1], PriorSpace(1.0, 0.0)), ([-1, 1], PriorSpace(2.0, -1.0))]:
+        (folder / PRIOR_INFO_NAME).write_text(json.dumps({"format": "idm-prior", "data_range": data_range}))
+        assert load_prior(folder).space == space
+        expected = "unit" if data_range == [0, 1] else "symmetric"
+        assert IDM(IDMConfig(unet=str(folder), steps=1)).config.prior_range == expected
+    (folder / PRIOR_INFO_NAME).write_text(json.dumps({"format": "idm-prior", "data_range": [1, 1]}))
+    with pytest.raises(PriorError, match="empty data_range"):
+        load_prior(folder)
+
+
 def test_prior_pads_odd_sizes():
     prior = tiny_prior(1)
     out = prior.eps(torch.randn(1, 1, 15, 13), 5)

@@ -129,9 +129,12 @@ def test_cheap_methods_run_once_untimed_before_the_first_image():
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
         (["--methods", "pinv", "--views", "60"], "does not use --views"),
-        (["--methods", "pinv", "--size", "2"], "--size must be at least 4"),
-        (["--methods", "pinv", "--dps-zeta", "no-such-record.json"], "DPS step-size record file 'no-such-record.json' does not exist"),
-        (["--methods", "pinv", "--tv-lam", "0.01"], "--tv-lam and --tv-iters set the tv baseline, which --methods does not run"),
+        (["--methods", "pinv", "--size", "6"], "--size must be at least 7 (SSIM's 7x7 window), got 6"),
+        (["--methods", "dps", "--prior", "prior-natural-y", "--dps-zeta", "no-such-record.json"],
+         "DPS step-size record file 'no-such-record.json' does not exist"),
+        (["--methods", "pinv", "--tv-lam", "0.01"], "--tv-lam set the tv baseline, which --methods does not run"),
+        (["--methods", "pinv", "--ddnm-steps", "3", "--ddnm-eta", "0"], "--ddnm-steps and --ddnm-eta set the ddnm baseline"),
+        (["--methods", "pinv,ddnm", "--dps-zeta", "1"], "--dps-zeta set the dps baseline, which --methods does not run"),
         (["--methods", "tv", "--tv-lam", "no-such.json"], "TV weight record file 'no-such.json' does not exist"),
         (["--methods", "tv", "--tv-iters", "0"], "--tv-iters must be >= 1, got 0"),
     ],
@@ -140,6 +143,45 @@ def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, mes
     base = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path)]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.shipped
+def test_the_checkpoint_sets_the_operator_and_prior_of_baselines_and_tuning_records(bench_files, tmp_path, capsys):
+    """Without idm in --methods the checkpoint still gives the baselines its operator and prior; a tuning
+    record is checked against the operator that runs (the checkpoint's), not the task's default."""
+    argv = ["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--device", "cpu", "--no-progress", "--no-images"]
+    out = tmp_path / "baselines"
+    assert main([*argv, "--methods", "pinv,ddnm", "--ddnm-steps", "2", "--checkpoint", str(bench_files / "idm"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    settings = json.loads((out / "benchmark.json").read_text())
+    assert settings["prior"] == str(bench_files / "prior") and settings["checkpoint"] == str(bench_files / "idm")
+    record = tmp_path / "zeta.json"
+    record.write_text(json.dumps({"task": "cs", "operator": {"name": "cs", "ratio": 0.1}, "zeta": 2.0}))
+    assert main([*argv, "--methods", "dps", "--checkpoint", "cs-30", "--dps-zeta", str(record), "--out", str(tmp_path / "z")]) == 2
+    assert "tuned with ratio 0.1 (here 0.3)" in capsys.readouterr().err
+    assert main([*argv, "--methods", "pinv", "--checkpoint", "mri-4x", "--out", str(tmp_path / "m")]) == 2  # checked, not ignored
+    assert "task" in capsys.readouterr().err
+
+
+def test_images_of_one_name_in_two_folders_keep_apart(bench_files, tmp_path):
+    import shutil
+
+    import tasks
+    from benchmarks.harness import load_images
+
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(bench_files / "images" / ("a.png" if folder == "one" else "b.png"), tmp_path / folder / "same.png")
+    images = load_images(tasks.get("cs"), [str(tmp_path / "one"), str(tmp_path / "two"), str(bench_files / "images")])
+    assert [im.name for im in images] == ["same-000", "same-001", "a", "b"]
+
+
+def test_a_benchmark_where_nothing_could_be_scored_fails(tmp_path, capsys):
+    (tmp_path / "tiny").mkdir()
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "tiny" / "a.png")  # below SSIM's 7x7 window
+    assert main(["benchmark", "--task", "cs", "--data", str(tmp_path / "tiny"), "--methods", "pinv", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "out")]) == 1  # fmt: skip
+    assert "1 reconstruction(s) failed" in capsys.readouterr().err
 
 
 def test_final_projection_can_be_switched_for_the_benchmark(bench_files, tmp_path):

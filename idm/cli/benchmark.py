@@ -44,18 +44,18 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
     parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
-    parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name (default: the shipped model serving the task and operator)")
+    parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name (default: the shipped model serving the task and operator); its operator and prior are every method's, also when --methods leaves idm out")
     parser.add_argument("--prior", help="diffusion prior for ddnm/dps: a folder or a shipped prior's name (default: the checkpoint's prior)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
     parser.add_argument("--size", type=int, help="resize every (square) test image to SIZE x SIZE, anti-aliased, "
                         "e.g. 256 for CT slices of 512 with a model trained at 256 (default: their own size)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
-    parser.add_argument("--ddnm-steps", type=int, default=100, help="DDNM sampling steps (default 100, as its authors)")
-    parser.add_argument("--ddnm-eta", type=float, default=0.85, help="DDNM eta (default 0.85, as its authors)")
-    parser.add_argument("--ddnm-pinv", choices=PINV_CHOICES, default="auto",
+    parser.add_argument("--ddnm-steps", type=int, help="DDNM sampling steps (default 100, as its authors)")
+    parser.add_argument("--ddnm-eta", type=float, help="DDNM eta (default 0.85, as its authors)")
+    parser.add_argument("--ddnm-pinv", choices=PINV_CHOICES,
                         help="A^+ of DDNM's projection: the operator's A_dagger, or least squares by conjugate "
                         "gradients; auto (default): least squares where A_dagger is approximate (ct's FBP)")
-    parser.add_argument("--dps-steps", type=int, default=1000, help="DPS steps (default 1000, as its authors)")
+    parser.add_argument("--dps-steps", type=int, help="DPS steps (default 1000, as its authors)")
     parser.add_argument("--dps-zeta", help="DPS step size at the DPS authors' 3x256x256 image size, scaled to the "
                         "images' size: a number, or the JSON record of benchmarks.tune_dps (e.g. "
                         "benchmarks/results/cpu/dps-zeta-mri4x.json; checked against the task and operator). "
@@ -120,17 +120,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods names a method twice: {args.methods}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    request = {"name": task.operator, **task.operator_kwargs(**overrides)}
-    dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
-    if "tv" not in names and (args.tv_lam is not None or args.tv_iters is not None):
-        raise ValueError("--tv-lam and --tv-iters set the tv baseline, which --methods does not run")
-    tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)
+    method_flags = {"tv": ("--tv-lam", "--tv-iters"), "ddnm": ("--ddnm-steps", "--ddnm-eta", "--ddnm-pinv"),
+                    "dps": ("--dps-steps", "--dps-zeta")}  # fmt: skip
+    for method, flags in method_flags.items():
+        given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if method not in names and given:
+            raise ValueError(f"{' and '.join(given)} set the {method} baseline, which --methods does not run")
     if args.tv_iters is not None and args.tv_iters < 1:
         raise ValueError(f"--tv-iters must be >= 1, got {args.tv_iters}")
 
-    trained = _load_checkpoint(args, task, overrides, device) if "idm" in names else None
+    # the checkpoint (for idm, or for the operator and prior of the baselines alone)
+    trained = _load_checkpoint(args, task, overrides, device) if "idm" in names or args.checkpoint else None
     if trained is not None and args.final_projection is not None:
         trained.model.config = trained.model.config.replace(final_projection=args.final_projection)
+    images = load_images(task, args.data, args.limit, args.seed, size=args.size)
+    operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
+    first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
+    request = without_size_and_seed(first_op.config())  # tuning records are checked against what runs
+    dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
+    tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)
     prior = None
     if any(needs_prior(m) for m in names if m != "idm"):
         prior_path = args.prior
@@ -141,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
         prior = load_prior(prior_path, device=device)
 
     options = {
-        "ddnm": dict(steps=args.ddnm_steps, eta=args.ddnm_eta, pinv=args.ddnm_pinv),
-        "dps": dict(steps=args.dps_steps, zeta=dps_zeta),
+        "ddnm": dict(steps=_or(args.ddnm_steps, 100), eta=_or(args.ddnm_eta, 0.85), pinv=_or(args.ddnm_pinv, "auto")),
+        "dps": dict(steps=_or(args.dps_steps, 1000), zeta=dps_zeta),
         "tv": dict(lam=tv_lam, iters=args.tv_iters),
     }
     methods = []
@@ -153,9 +161,6 @@ def run(args: argparse.Namespace) -> int:
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
 
-    images = load_images(task, args.data, args.limit, args.seed, size=args.size)
-    operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
-    first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
     if trained is not None and task.size_bound:
         for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
             warning = trained.size_warning(size)
@@ -220,4 +225,9 @@ def run(args: argparse.Namespace) -> int:
     failures = sum(1 for r in rows if r["status"] != "ok")
     if failures:
         print(f"{failures} reconstruction(s) failed; see the error column of {out / 'results.csv'}", file=sys.stderr)
-    return 0
+    return 1 if rows and failures == len(rows) else 0  # some results: 0; nothing scored: a failure
+
+
+def _or(value: Any, default: Any) -> Any:
+    """A flag's value, or its default where it was not given (``None``)."""
+    return default if value is None else value
