@@ -55,7 +55,7 @@ def file_mask_columns(volume: FastMRISlices) -> Optional[torch.Tensor]:
     mask = volume.mask.to(torch.bool)
     if mask.dim() == 2 and mask.shape[-1] == width and bool((mask == mask[:1]).all()):
         mask = mask[0]
-    mask = mask.reshape(-1) if mask.numel() == width else mask
+    mask = mask.squeeze()  # (1, W), (W, 1), (1, 1, W): one column each; (2, W / 2) stays two-dimensional: refused
     if mask.dim() != 1 or mask.numel() != width:
         raise DataError(
             f"{volume.path}: 'mask' has shape {tuple(volume.mask.shape)}; expected the {width} sampled "

@@ -339,6 +339,22 @@ def test_fastmri_mask_in_the_file_is_used_as_is(files, tmp_path):
     assert not (out / "metrics.csv").exists()  # undersampled at the scanner: no reference
 
 
+def test_file_masks_are_read_as_columns_only_when_they_are_columns():
+    from types import SimpleNamespace
+
+    from tasks import mri_files
+    from tasks.data import DataError
+
+    columns = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])
+    for mask in (columns, columns[None], columns[:, None], columns.expand(4, 8)):  # fastMRI's (W,) and broadcasts
+        volume = SimpleNamespace(mask=mask, kspace=torch.zeros(1, 4, 8), path="scan.h5")
+        assert torch.equal(mri_files.file_mask_columns(volume), columns.double())
+    for mask in (columns.reshape(2, 4), torch.stack([columns, 1 - columns])):  # 8 values, but not columns
+        volume = SimpleNamespace(mask=mask, kspace=torch.zeros(1, 4, 8), path="scan.h5")
+        with pytest.raises(DataError, match=r"scan.h5: 'mask' has shape \(2, "):
+            mri_files.file_mask_columns(volume)
+
+
 def test_fastmri_normalisation_is_undone():
     from tasks import mri_files
     from tasks.data import kspace_to_image
