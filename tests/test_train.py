@@ -264,6 +264,19 @@ def test_prior_that_is_not_a_diffusers_model(tmp_path, data, capsys):
     assert not out.exists()
 
 
+def test_an_image_that_fails_in_a_worker_stops_the_run_with_its_error(tmp_path):
+    """A file that passes the start-up check but fails to decode mid-run: a clear error and exit status 2,
+    not the worker's traceback and a process waiting for workers that ignore SIGTERM."""
+    data = write_images(tmp_path / "d", n=2, size=32)
+    whole = (data / "img00.png").read_bytes()
+    (data / "zz-cut.png").write_bytes(whole[: len(whole) // 2])
+    args = [a if a != "0" or prev != "--num-workers" else "2" for prev, a in zip([""] + BASE, BASE)]
+    done = subprocess.run([sys.executable, "-m", "idm", *args, "--data", str(data), "--iters", "4", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "zz-cut.png" in done.stderr and "Original Traceback" not in done.stderr
+
+
 def test_prior_with_dropout_is_refused_before_anything_is_written(tmp_path, data, capsys):
     """Its masks, drawn anew when the memory-saving backward recomputes, would give wrong gradients."""
     from diffusers import UNet2DModel

@@ -19,7 +19,9 @@ from ``(seed, iteration)`` and applied to every shard.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -155,3 +157,40 @@ def iteration_loader(
         pin_memory=pin_memory,
         worker_init_fn=worker_init,
     )
+
+
+@contextlib.contextmanager
+def loader_batches(loader: DataLoader) -> Iterator[Iterator[torch.Tensor]]:
+    """``iter(loader)``, whose worker processes are stopped on the way out, after an error too.
+
+    The workers ignore SIGTERM (:func:`worker_init`), which is how Python's exit would stop them, so
+    an error that left them running (a file that fails to decode mid-run) would hang the process.
+    A worker's error comes out with its own message, without the worker's traceback text.
+    """
+    batches = iter(loader)
+
+    def relayed() -> Iterator[torch.Tensor]:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except ValueError as err:  # DataError and other bad-input errors, re-raised by the loader
+                raise type(err)(_worker_error_message(str(err))) from None
+            yield batch
+
+    try:
+        yield relayed()
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_error_message(text: str) -> str:
+    """The original message of an error a DataLoader worker raised (its last traceback line, without the
+    exception's name); ``text`` itself for an error of the main process."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
