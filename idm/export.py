@@ -74,6 +74,25 @@ def _dtype_note(half: bool) -> str:
     return "float16 (learnable scalars and tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
 
 
+def _check_replaceable(out: Path, source: Path) -> None:
+    """``out`` may be written: new, empty, or an earlier export (``provenance.json`` and ``config.json``, no
+    training state beside them) that the atomic replacement may overwrite; never a folder holding ``source``
+    (a training run exported into itself would lose its checkpoints) or any other folder's files."""
+    out, source = out.resolve(), source.resolve()
+    if out != source and out in source.parents:
+        raise CheckpointError(f"--out {out} holds the checkpoint being exported ({source}); export to another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a folder")
+    is_export = (out / PROVENANCE_NAME).is_file() and (out / "config.json").is_file() and not (out / "checkpoints").exists()
+    if any(out.iterdir()) and not is_export:
+        raise CheckpointError(
+            f"--out {out} exists and is not an earlier export (no {PROVENANCE_NAME}, or a training run's "
+            "checkpoints): export to a new folder, or remove it first"
+        )
+
+
 def export_model(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -98,6 +117,7 @@ def export_model(
     ``provenance.json`` is kept, with ``exported_from`` naming that folder.
     """
     folder = resolve_model_dir(checkpoint)
+    _check_replaceable(Path(out), folder)
     if not (folder / RUN_NAME).is_file():
         raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
     run = load_json(folder / RUN_NAME, "run config")
@@ -144,6 +164,7 @@ def export_prior(
     prior = run_folder / PRIOR_DIR
     if not (prior / "config.json").is_file():
         raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/")
+    _check_replaceable(Path(out), prior)
     latest = RunFolder(run_folder, PRETRAIN_RUN_FORMAT).latest()
     run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
     state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}

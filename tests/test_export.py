@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import operators
 from idm.checkpoint import CheckpointError
 from idm.cli import main
-from idm.export import KEEP_FP32_NUMEL, _half, export_model
+from idm.export import KEEP_FP32_NUMEL, _half, export_model, export_prior
 from idm.train import load_trained
 from tests import test_pretrain
 from tests.test_train import write_images
@@ -106,6 +106,31 @@ def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
     with pytest.raises(CheckpointError, match="does not exist"):
         export_model(tmp_path / "nothing", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_never_replaces_a_run_or_another_folder(runs, tmp_path):
+    """Only an earlier export is replaced (re-exporting a shipped model in place is fine)."""
+    import shutil
+
+    prior, idm_run = runs
+    run = tmp_path / "run"
+    shutil.copytree(idm_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(CheckpointError, match="holds the checkpoint being exported"):
+        export_model(run, run)  # the run into itself: its checkpoints would go
+    with pytest.raises(CheckpointError, match="holds the checkpoint being exported"):
+        export_model(run / "checkpoints", tmp_path)
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "data.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is not an earlier export"):
+        export_model(run, precious)
+    with pytest.raises(CheckpointError, match="is not an earlier export"):
+        export_prior(prior, precious)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and (precious / "sub" / "data.txt").is_file()
+    shipped = export_model(run, tmp_path / "shipped")
+    assert export_model(shipped, shipped, final_projection=False) == shipped  # an export replaced in place
+    assert load_trained(shipped).model.config.final_projection is False
 
 
 def test_reexport_switches_the_final_projection_and_keeps_the_training_record(runs, tmp_path):
