@@ -119,7 +119,7 @@ def test_export_never_replaces_a_run_or_another_folder(runs, tmp_path):
     with pytest.raises(CheckpointError, match="holds the checkpoint being exported"):
         export_model(run, run)  # the run into itself: its checkpoints would go
     with pytest.raises(CheckpointError, match="holds the checkpoint being exported"):
-        export_model(run / "checkpoints", tmp_path)
+        export_model(run, tmp_path)  # a folder above the run
     precious = tmp_path / "precious"
     (precious / "sub").mkdir(parents=True)
     (precious / "sub" / "data.txt").write_text("keep me")
