@@ -517,6 +517,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_crop and kind != "h5":
         raise ValueError(f"--no-crop applies to fastMRI .h5 files (their centre crop); {source} is read as {kind}")
     out = Path(args.out)
+    input_folder = source if source.is_dir() else source.parent
+    if out.resolve() == input_folder.resolve():  # its outputs are named as the inputs: they would replace them
+        raise ValueError(f"--out {out} is the input's folder: its reconstructions would overwrite the input files; "
+                         "write them to another folder")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]
     rows, settings, what = handler(args, device, out)
