@@ -248,6 +248,13 @@ def test_unreadable_image(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_crop_smaller_than_a_cs_block(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    _fails([*BASE, "--data", str(data), "--crop", "4", "--iters", "2", "--out", str(out)], capsys,
+           "--crop 4 is smaller than one 8x8 block of the cs operator")  # fmt: skip
+    assert not out.exists()
+
+
 def test_crop_larger_than_every_image(tmp_path, data, capsys):
     out = tmp_path / "run"
     _fails([*BASE, "--data", str(data), "--crop", "64", "--iters", "2", "--out", str(out)], capsys, "larger than every image")

@@ -198,6 +198,10 @@ def run_train(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
     seed_everything(args.seed)
     operator = task.make_training_operator((crop, crop), seed=args.seed, **operator_overrides(args))
+    block = getattr(operator, "representative", operator).config().get("block")
+    if block and crop < block:  # the operator would then measure a whole crop as one padded block
+        raise ValueError(f"--crop {crop} is smaller than one {block}x{block} block of the cs operator: "
+                         f"train on crops of at least {block}x{block} pixels")  # fmt: skip
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
     if not args.val_data and args.val_every:
         raise ValueError("--val-every sets how often to validate on --val-data, which is not given")
