@@ -102,6 +102,16 @@ def test_train_on_a_ratio_range_then_reconstruct_any_ratio_inside(tmp_path, caps
     assert main([*argv, "--data", str(data), "--iters", "1", "--out", str(out)]) == 0
     trained = load_trained(out, expect_task="cs", expect_operator={"name": "cs", "ratio": 0.3}, operator_defaults={"ratio": 0.1})
     assert trained.trained_on_family and trained.operator["ratio"] == 0.1 and trained.operator["block"] == 8
+    # the task's defaults change what the family varies, where it covers them; the block it was trained with stays
+    defaults = tasks.get("cs").operator_kwargs()  # ratio 0.1, block 32
+    assert {k: load_trained(out, operator_defaults=defaults).operator[k] for k in ("ratio", "block")} == {"ratio": 0.1, "block": 8}
+    assert load_trained(out, operator_defaults={"ratio": 0.05}).operator["ratio"] == pytest.approx(0.3)  # outside: the middle
+    # idm simulate measures with the operator idm reconstruct uses for such a model
+    assert main(["simulate", "--task", "cs", "--checkpoint", str(out), "--input", str(data), "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "m.npz")]) == 0  # fmt: skip
+    from tasks.measurements import load_measurements
+
+    assert load_measurements(tmp_path / "m.npz").items[0].operator["ratio"] == 0.1
     with pytest.raises(CheckpointError, match=r"trained with 0.1..0.5, requested 0.05"):
         load_trained(out, expect_operator={"ratio": 0.05})
     for ratio in ("0.2", "0.45"):

@@ -160,7 +160,8 @@ def checkpoint_operator(path: str, task: Any, overrides: dict[str, Any], device:
     """The operator config an IDM checkpoint was trained with (``None`` for a bare model folder); refuses mismatches."""
     from idm.train import load_trained
 
-    trained = load_trained(path, expect_task=task.name, expect_operator={"name": task.operator, **overrides}, device=device)
+    trained = load_trained(path, expect_task=task.name, expect_operator={"name": task.operator, **overrides}, device=device,
+                           operator_defaults=task.operator_kwargs())  # as idm reconstruct: a family's member at the task's defaults
     return trained.operator
 
 

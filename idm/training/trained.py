@@ -88,11 +88,17 @@ class TrainedModel:
     def operator(self) -> dict[str, Any] | None:
         """The config of the operator this model serves by default (``operators.from_config`` rebuilds
         it; same ``Phi`` for CS): the training operator, or for a model trained on a family, the
-        family's first member with :attr:`operator_defaults` (the task's defaults) on top."""
+        family's first member with :attr:`operator_defaults` (the task's defaults) on top for the
+        settings the family varies, where the family covers them (a setting it was trained with at
+        one value, such as a CS block of 8, keeps that value)."""
         recorded = self.recorded_operator
         if not is_family_config(recorded):
             return recorded
-        return {**representative_config(recorded), **(self.operator_defaults or {})}
+        member = representative_config(recorded)
+        varied = {key for component in recorded.get("components", []) for key in dict(component).get("vary", {})}
+        defaults = {k: v for k, v in (self.operator_defaults or {}).items() if k in varied}
+        with_defaults = {**member, **defaults}
+        return with_defaults if not config_mismatches(recorded, with_defaults) else member
 
     @property
     def image_size(self) -> tuple[int, int] | None:
