@@ -48,7 +48,7 @@ from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
-from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, write_trainer_state
+from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.unets.factory import PRIOR_INFO_NAME
 
 RUN_FORMAT = "idm-pretrain-run"
@@ -291,8 +291,9 @@ def pretrain(
         optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, fused=fused_by_default(unet.parameters()))
         ema = EMA(unet, config.ema_decay) if config.ema_decay > 0 else None
         if ckpt is not None:
-            restore_optimizer(optimizer, opt_tensors, state["optimizer"])
-            restore_rng(rng_tensors, state.get("rng", {}))
+            with resuming_from(ckpt):
+                restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+                restore_rng(rng_tensors, state.get("rng", {}))
             if ema is not None:
                 if ema_weights is None:
                     raise CheckpointError(f"{ckpt} has no ema.safetensors but the run uses an EMA")

@@ -57,7 +57,7 @@ from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
-from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, write_trainer_state
+from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.wiring import WiredSequence
 
 __all__ = [
@@ -364,8 +364,9 @@ def train(
         model.check_deterministic()  # before the run folder is written
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:
-            restore_optimizer(optimizer, opt_tensors, state["optimizer"])  # Adam moves its state to the parameters' device
-            restore_rng(rng_tensors, state.get("rng", {}))
+            with resuming_from(ckpt):
+                restore_optimizer(optimizer, opt_tensors, state["optimizer"])  # Adam moves its state to the parameters' device
+                restore_rng(rng_tensors, state.get("rng", {}))
 
         run_config = {
             "identity": identity,

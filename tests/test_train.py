@@ -318,11 +318,25 @@ def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys)
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage_json", "no_optimizer"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage_json", "no_optimizer", "moment_shape", "moment_missing", "rng_short"])
 def test_damaged_checkpoint_is_refused(base_run, tmp_path, data, capsys, damage):
+    from safetensors.torch import load_file, save_file
+
     out = copy_run(base_run, tmp_path)
     latest = out / "checkpoints" / "iter_0000002"
-    if damage == "truncate":
+    if damage in ("moment_shape", "moment_missing"):  # readable files whose content does not fit the model
+        tensors = load_file(latest / "optimizer.safetensors")
+        key = next(k for k in tensors if k.endswith(".exp_avg") and tensors[k].dim() == 4)
+        if damage == "moment_shape":
+            tensors[key] = tensors[key][:1]
+        else:
+            del tensors[key]
+        save_file(tensors, latest / "optimizer.safetensors")
+    elif damage == "rng_short":
+        tensors = load_file(latest / "rng.safetensors")
+        tensors["torch_cpu"] = tensors["torch_cpu"][:100]
+        save_file(tensors, latest / "rng.safetensors")
+    elif damage == "truncate":
         blob = (latest / "model.safetensors").read_bytes()
         (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     elif damage == "garbage_json":

@@ -16,9 +16,10 @@ also takes a seed from torch's global generator.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def read_checkpoint_files(
     Any missing or broken file raises :class:`CheckpointError` saying the
     checkpoint is damaged and how to fall back to the previous one.
     """
-    try:
+    with resuming_from(folder):
         model = read_model(folder)
         state = load_json(folder / TRAINER_STATE_NAME, "trainer state")
         opt_tensors = load_tensors(folder / "optimizer.safetensors")
@@ -52,12 +53,20 @@ def read_checkpoint_files(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]
         ):
             raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no readable optimizer record (param_groups)")
+    return model, state, opt_tensors, rng_tensors
+
+
+@contextlib.contextmanager
+def resuming_from(folder: Path) -> Iterator[None]:
+    """A :class:`CheckpointError` inside (reading the checkpoint ``folder``, or restoring its optimizer and RNG
+    state) says that the checkpoint is damaged and how to fall back to the previous one."""
+    try:
+        yield
     except CheckpointError as err:
         raise CheckpointError(
             f"cannot resume from {str(folder)!r}: {err}\n(the checkpoint is damaged; delete that folder to resume "
             "from the previous checkpoint, if any; nothing was overwritten)"
         ) from None
-    return model, state, opt_tensors, rng_tensors
 
 
 def write_trainer_state(
@@ -121,10 +130,32 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         state.setdefault(int(index), {})[name] = value
     for index, entry in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(entry)
+    _check_state_fits(optimizer, state)
     try:
         optimizer.load_state_dict({"state": state, "param_groups": fixed})
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"the optimizer state in the checkpoint does not fit: {err}") from None
+
+
+#: What Adam keeps per parameter; a state without one of them would fail at the first step.
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _check_state_fits(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Any]]) -> None:
+    """A :class:`CheckpointError` now, rather than a failure deep in the first step, for a saved state whose
+    moments have another shape than their parameter or that lacks what Adam keeps."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        if not 0 <= index < len(params):
+            raise CheckpointError(f"the optimizer state in the checkpoint names parameter {index} of {len(params)}")
+        missing = [k for k in _ADAM_STATE if k not in entry] if isinstance(optimizer, torch.optim.Adam) else []
+        wrong = [k for k, v in entry.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape != params[index].shape]
+        if missing or wrong:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has {wrong[0]} of shape {tuple(entry[wrong[0]].shape)}"
+            raise CheckpointError(
+                f"the optimizer state in the checkpoint does not fit: parameter {index} (shape "
+                f"{tuple(params[index].shape)}) {problem}"
+            )
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -143,7 +174,15 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng` (CUDA states only for devices that exist)."""
+    """Inverse of :func:`capture_rng` (CUDA states only for devices that exist); a damaged state is a
+    :class:`CheckpointError`."""
+    try:
+        _restore_rng(tensors, meta)
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"the random generators' state in the checkpoint is damaged: {err}") from None
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     if "torch_cpu" in tensors:
         torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
     if torch.cuda.is_available():

@@ -153,6 +153,9 @@ def load_trained(
         run = load_json(folder / RUN_NAME, "run config")
         if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{folder / RUN_NAME} is not an idm train run config")
+        identity = run.get("identity", {})
+        if not isinstance(identity, dict) or not isinstance(identity.get("operator", {}), dict):
+            raise CheckpointError(f"{folder / RUN_NAME} is damaged: its 'identity' must map task and operator settings")
     model = IDM.from_pretrained(folder, device=device)
     trained = TrainedModel(model, folder, run, operator_defaults)
     if run is not None:
