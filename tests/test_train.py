@@ -489,7 +489,7 @@ def test_a_diverged_loss_stops_the_run_before_it_is_checkpointed():
 
     saved = []
     losses = [0.5, 0.4, 0.3, float("nan"), 0.2, 0.1]  # iteration 4 diverges; 5 and 6 would look fine again
-    with pytest.raises(TrainingDiverged, match=r"loss is nan over iterations 4\.\.4: .*No checkpoint was written after iteration 2; resume from it with a lower --lr") as caught:
+    with pytest.raises(TrainingDiverged, match=r"loss is nan over iterations 4\.\.4: .*No checkpoint was written after iteration 2\. .*start a new run \(another --out\) with --init-from OUT/checkpoints/iter_0000002") as caught:
         run_loop(start=0, stop=6, batches=iter([torch.zeros(1)] * 6), step=lambda i, b: torch.tensor(losses[i]),
                  lr_at=lambda i: 1e-4, save=lambda it, sec: saved.append(it), cadence=Cadence(checkpoint_every=2, log_every=1),
                  env=distributed.detect(), device=torch.device("cpu"), progress=False)  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 from idm.training import distributed
 from idm.training.csv_log import CsvLog
 from idm.training.distributed import DistEnv
+from idm.training.run_folder import checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,20 @@ class OutOfDeviceMemory(ValueError):
 
 class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite; no checkpoint is written from then on (the message says what to do)."""
+
+
+def _diverged_message(loss: float, first: int, last: int, last_saved: int) -> str:
+    """What to do after a loss of ``loss`` over iterations ``first..last``: ``--resume`` keeps the run's
+    settings (its learning rate too), so a lower rate is a new run that starts from the last checkpoint."""
+    message = f"the training loss is {loss} over iterations {first}..{last}: the run diverged. "
+    if last_saved <= 0:
+        return message + "No checkpoint was written; start again with a lower --lr (or without AMP, --no-amp)"
+    return message + (
+        f"No checkpoint was written after iteration {last_saved}. Its weights may already be on the way up (the loss "
+        f"is checked every --log-every iterations): start a new run (another --out) with --init-from "
+        f"OUT/checkpoints/{checkpoint_name(last_saved)}, or an earlier one, and a lower --lr (or without AMP, --no-amp); "
+        "--resume would keep this run's settings"
+    )
 
 
 def _out_of_memory(iteration: int, batch: torch.Tensor, err: Exception) -> OutOfDeviceMemory:
@@ -203,11 +218,7 @@ def run_loop(
                     total, count = distributed.all_reduce_sum([float(window_sum), float(window_n)], env, device)
                     mean_loss = total / max(count, 1.0)
                     if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
-                        raise TrainingDiverged(
-                            f"the training loss is {mean_loss} over iterations {window_first}..{completed}: the run "
-                            f"diverged. No checkpoint was written after iteration {last_saved}; resume from it with "
-                            "a lower --lr (or without AMP, --no-amp)"
-                        )
+                        raise TrainingDiverged(_diverged_message(mean_loss, window_first, completed, last_saved))
                     window_sum.zero_()
                     window_n = 0
                     window_first = completed + 1
