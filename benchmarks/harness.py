@@ -14,8 +14,8 @@ error and the run goes on.
 
 from __future__ import annotations
 
+import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -165,7 +165,7 @@ def run_benchmark(
             except Exception as err:  # noqa: BLE001 -- one failure must not stop the benchmark
                 row["status"] = "error"
                 row["error"] = f"{type(err).__name__}: {err}"
-                traceback.print_exc()
+                print(f"{method.name} failed on {image.name}: {row['error']}", file=sys.stderr)  # in results.csv too
             rows.append(row)
         if out is not None:
             save_grid(shown, out / "grids" / f"{image.name}.png", title=image.name)

@@ -186,6 +186,8 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
 
     started = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo writes a folder")
     rows: list[dict[str, Any]] = []
     grids: list[Path] = []
     skipped = []
