@@ -22,7 +22,8 @@
 #   memory-b8    the same table at batch 8 (T = 2 left out)                              [300]
 #   speed-small  shipped prior U-Net, 256x256, T=3: inference batch 1 and 16, fp32 and bf16,
 #                eager and CUDA graph; training batch 16 (plain and memory-saving)      [150]
-#   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager   [120]
+#   cuda-tests   the CUDA-only tests: operators on the GPU, CUDA-graph replay == eager
+#                (inference, and the whole training iteration)                           [120]
 #   compile      sd15 with torch.compile of the noise estimator: inference batch 16 and
 #                training batch 8 (plain and memory-saving), bf16                         [300]
 #   attention    sd15 with attention restricted to each of torch's kernels (flash, memory-
@@ -32,7 +33,7 @@
 #
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh graphs-b1 levers-b8 attention
+#     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh cuda-tests graphs-b1 levers-b8
 #
 # What comes back is $OUT/log.txt (everything printed) and $OUT/results.tar (each stage's
 # speed.csv/.md or memory.csv/.md under its stage name), rewritten after every stage so that a
