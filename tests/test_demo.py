@@ -75,13 +75,13 @@ def test_demo_without_any_shipped_model_says_so(tmp_path, capsys):
     assert "no shipped model is installed" in capsys.readouterr().err
 
 
-@pytest.mark.shipped
 def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert main(["demo", "--device", "cpu", "--out", str(tmp_path / "afile")]) == 2
     assert capsys.readouterr().err.strip() == f"idm demo: error: --out {tmp_path / 'afile'} is a file; the demo writes a folder"
 
 
+@pytest.mark.shipped
 def test_the_shipped_models_load_and_serve_their_settings():
     from idm.shipped import find_shipped, shipped_models
 
