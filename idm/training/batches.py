@@ -175,8 +175,15 @@ def loader_batches(loader: DataLoader) -> Iterator[Iterator[torch.Tensor]]:
                 batch = next(batches)
             except StopIteration:
                 return
-            except ValueError as err:  # DataError and other bad-input errors, re-raised by the loader
-                raise type(err)(_worker_error_message(str(err))) from None
+            except ValueError as err:  # DataError and other bad-input errors, re-raised from a worker
+                message = _worker_error_message(str(err))
+                if message == str(err):
+                    raise
+                try:
+                    relay = type(err)(message)
+                except Exception:  # noqa: BLE001 -- an error class that takes other arguments: as it came
+                    raise err from None
+                raise relay from None
             yield batch
 
     try:
