@@ -248,6 +248,19 @@ def test_unreadable_image(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "pretrain", "demo", "simulate", "reconstruct", "benchmark"])
+def test_seeds_outside_what_the_random_sources_take_are_usage_errors(command, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--seed", str(2**64), "--out", str(tmp_path / "o")])
+    assert f"argument --seed: must be in [0, 2**32), got {2**64}" in capsys.readouterr().err
+
+
+def test_validation_limit_must_be_positive(tmp_path, data, capsys):
+    with pytest.raises(SystemExit):
+        main([*BASE, "--data", str(data), "--val-max", "0", "--out", str(tmp_path / "o")])
+    assert "argument --val-max: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_crop_smaller_than_a_cs_block(tmp_path, data, capsys):
     out = tmp_path / "run"
     _fails([*BASE, "--data", str(data), "--crop", "4", "--iters", "2", "--out", str(out)], capsys,

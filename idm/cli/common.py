@@ -24,8 +24,30 @@ def default_device() -> str:
 def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output folder", out_required: bool = True) -> None:
     """``--device``, ``--seed``, ``--out``."""
     parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed, 0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--out", required=out_required, help=out_help)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: an integer in [0, 2**32), the range every random source here takes (NumPy's is the narrowest)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {seed}")
+    return seed
 
 
 def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") -> None:

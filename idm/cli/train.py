@@ -20,6 +20,7 @@ from idm.cli.common import (
     add_run_control_args,
     command_line,
     operator_overrides,
+    positive_int,
     resolve_device,
     seed_everything,
 )
@@ -86,7 +87,7 @@ def add_parser(subparsers) -> None:
     run = add_run_control_args(parser, log_every=10)
     run.add_argument("--val-data", nargs="+", metavar="DIR", help="a few validation images (centre-cropped to --crop)")
     run.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: at checkpoints)")
-    run.add_argument("--val-max", type=int, default=16, help="at most this many validation images (default 16)")
+    run.add_argument("--val-max", type=positive_int, default=16, help="at most this many validation images (default 16)")
     parser.set_defaults(run=run_train)
 
 
