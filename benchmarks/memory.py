@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -229,6 +230,7 @@ def measure_or_oom(variant: str, ablation: str | None, steps: int, batch: int, a
         if not args.cuda_graphs:
             raise
         status = f"capture failed: {str(err).splitlines()[0][:160]}"  # recorded; the next rows still run
+        traceback.print_exc()  # where in the iteration capture broke, for the device log
     torch.cuda.empty_cache()
     return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=args.size, unet=args.unet,
                 device=device.type, timing="cuda graph" if args.cuda_graphs else "eager", status=status)  # fmt: skip

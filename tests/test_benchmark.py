@@ -483,6 +483,25 @@ def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path, capsys):
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
+def test_a_failed_capture_is_a_row_and_the_run_goes_on(monkeypatch, capsys):
+    """On the GPU a capture that fails (an operation CUDA graphs do not allow) is recorded with its first line
+    and its traceback goes to the log; without --cuda-graphs such an error is not hidden."""
+    import argparse
+
+    from benchmarks import memory
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(memory, "measure", refused)
+    args = argparse.Namespace(size=32, unet="tiny", iters=1, warmup=0, seed=0, cuda_graphs=True)
+    row = memory.measure_or_oom("both", None, 2, 1, args, torch.device("cpu"))
+    assert row["status"] == "capture failed: operation not permitted when stream is capturing"
+    assert row["timing"] == "cuda graph" and "Traceback" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        memory.measure_or_oom("both", None, 2, 1, argparse.Namespace(**{**vars(args), "cuda_graphs": False}), torch.device("cpu"))
+
+
 def test_training_setup_is_captured_only_when_made_capturable():
     from benchmarks.memory import training_setup
 
