@@ -85,7 +85,7 @@ def _check_replaceable(out: Path, source: Path) -> None:
         return
     if not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is not a folder")
-    is_export = (out / PROVENANCE_NAME).is_file() and (out / "config.json").is_file() and not (out / "checkpoints").exists()
+    is_export = (out / PROVENANCE_NAME).is_file() and (out / CONFIG_NAME).is_file() and not (out / "checkpoints").exists()
     if any(out.iterdir()) and not is_export:
         raise CheckpointError(
             f"--out {out} exists and is not an earlier export (no {PROVENANCE_NAME}, or a training run's "

@@ -26,6 +26,7 @@ training checkpoint records the whole family and ``idm reconstruct`` /
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ def without_size_and_seed(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in UNCOMPARED}
 
 
+@functools.cache  # asked at every training draw; a registered name never changes its class
 def _takes_seed(name: str) -> bool:
     """Whether the operator registered as ``name`` has a ``seed`` argument (random parts of its own)."""
     from . import REGISTRY

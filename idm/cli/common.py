@@ -28,12 +28,16 @@ def add_common_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.add_argument("--out", required=out_required, help=out_help)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -41,10 +45,7 @@ def positive_int(text: str) -> int:
 
 def seed_value(text: str) -> int:
     """``--seed``: an integer in [0, 2**32), the range every random source here takes (NumPy's is the narrowest)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    seed = _integer(text)
     if not 0 <= seed < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {seed}")
     return seed

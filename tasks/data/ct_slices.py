@@ -118,7 +118,7 @@ def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAUL
     Raises :class:`ValueError` naming ``hu`` if it holds NaN, or for
     ``low >= high``.
     """
-    check_window(low, high, "hu_window")
+    low, high = check_window(low, high, "hu_window")
     if isinstance(hu, torch.Tensor):
         x = hu.to(torch.float32)
         if torch.isnan(x).any():
@@ -132,7 +132,7 @@ def hu_window(hu: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAUL
 
 def inverse_hu_window(x: Array, low: float = DEFAULT_HU_WINDOW[0], high: float = DEFAULT_HU_WINDOW[1]) -> Array:
     """HU of a windowed image: ``low + x * (high - low)`` (exact inside the window)."""
-    check_window(low, high, "inverse_hu_window")
+    low, high = check_window(low, high, "inverse_hu_window")
     if isinstance(x, torch.Tensor):
         return x.to(torch.float32) * (high - low) + low
     return (np.asarray(x, dtype=np.float32) * np.float32(high - low) + np.float32(low)).astype(np.float32)
