@@ -43,7 +43,7 @@ from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, 
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
-from idm.training.batches import ShardedBatches, iteration_loader, loader_batches
+from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
@@ -345,24 +345,23 @@ def pretrain(
             export_prior(unet, weights, folder.out / PRIOR_DIR, {**prior_info, "iteration": iteration, "ema_decay": config.ema_decay})
 
         deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes
-        with loader_batches(loader) as batches:
-            result = run_loop(
-                start=start,
-                stop=config.iters,
-                batches=batches,
-                step=step,
-                lr_at=config.lr_at,
-                save=save,
-                cadence=Cadence(config.checkpoint_every, config.log_every, 0),
-                env=env,
-                device=device,
-                log=log,
-                deadline=deadline,
-                seconds_before=seconds_before,
-                progress=config.progress,
-                save_estimate=checkpoint_time_guess(unet),
-                desc="idm pretrain",
-            )
+        result = run_loop(
+            start=start,
+            stop=config.iters,
+            batches=loader,
+            step=step,
+            lr_at=config.lr_at,
+            save=save,
+            cadence=Cadence(config.checkpoint_every, config.log_every, 0),
+            env=env,
+            device=device,
+            log=log,
+            deadline=deadline,
+            seconds_before=seconds_before,
+            progress=config.progress,
+            save_estimate=checkpoint_time_guess(unet),
+            desc="idm pretrain",
+        )
     except BaseException:
         distributed.teardown(env, clean=False)
         raise

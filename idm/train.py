@@ -50,7 +50,7 @@ from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
-from idm.training.batches import ShardedBatches, iteration_loader, loader_batches
+from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.losses import ReconstructionLoss, check_ssim_weight
@@ -435,25 +435,24 @@ def train(
             )
 
         deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes
-        with loader_batches(loader) as batches:
-            result = run_loop(
-                start=start,
-                stop=config.iters,
-                batches=batches,
-                step=step,
-                lr_at=config.lr_at,
-                save=save,
-                cadence=Cadence(config.checkpoint_every, config.log_every, config.val_every or config.checkpoint_every),
-                env=env,
-                device=device,
-                log=log,
-                validate=validate if val_images is not None else None,
-                deadline=deadline,
-                seconds_before=seconds_before,
-                progress=config.progress,
-                save_estimate=checkpoint_time_guess(model),
-                desc=f"idm train {task}",
-            )
+        result = run_loop(
+            start=start,
+            stop=config.iters,
+            batches=loader,
+            step=step,
+            lr_at=config.lr_at,
+            save=save,
+            cadence=Cadence(config.checkpoint_every, config.log_every, config.val_every or config.checkpoint_every),
+            env=env,
+            device=device,
+            log=log,
+            validate=validate if val_images is not None else None,
+            deadline=deadline,
+            seconds_before=seconds_before,
+            progress=config.progress,
+            save_estimate=checkpoint_time_guess(model),
+            desc=f"idm train {task}",
+        )
     except BaseException:
         distributed.teardown(env, clean=False)
         raise

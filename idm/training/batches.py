@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -160,8 +160,8 @@ def iteration_loader(
 
 
 @contextlib.contextmanager
-def loader_batches(loader: DataLoader) -> Iterator[Iterator[torch.Tensor]]:
-    """``iter(loader)``, whose worker processes are stopped on the way out, after an error too.
+def loader_batches(loader: Iterable[torch.Tensor]) -> Iterator[Iterator[torch.Tensor]]:
+    """``iter(loader)``, whose worker processes (a DataLoader's) are stopped on the way out, after an error too.
 
     The workers ignore SIGTERM (:func:`worker_init`), which is how Python's exit would stop them, so
     an error that left them running (a file that fails to decode mid-run) would hang the process.

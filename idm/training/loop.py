@@ -19,11 +19,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
 from idm.training import distributed
+from idm.training.batches import loader_batches
 from idm.training.csv_log import CsvLog
 from idm.training.distributed import DistEnv
 from idm.training.run_folder import checkpoint_name
@@ -138,7 +139,7 @@ def run_loop(
     *,
     start: int,
     stop: int,
-    batches: Iterator[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     step: Callable[[int, torch.Tensor], torch.Tensor],
     lr_at: Callable[[int], float],
     save: Callable[[int, float], None],
@@ -156,7 +157,8 @@ def run_loop(
     """Run steps ``start .. stop - 1``; see the module docstring.
 
     Args:
-        batches: yields this rank's batch for each step index, in order.
+        batches: yields this rank's batch for each step index, in order (a DataLoader's worker
+            processes are shut down when the loop ends, after an error too: :func:`loader_batches`).
         step: ``step(i, batch)`` trains on one batch and returns the detached
             0-dim loss (may stay on the device; it is read only when logging).
         lr_at: base learning rate of step index ``i`` (for the log).
@@ -183,10 +185,10 @@ def run_loop(
     reason = "done"
     bar = tqdm(total=stop, initial=start, desc=desc, unit="it", dynamic_ncols=True, disable=not (progress and main))
     try:
-        with GracefulStop() as stopper:
+        with loader_batches(batches) as batch_iterator, GracefulStop() as stopper:
             for i in range(start, stop):
                 tick = time.monotonic()
-                batch = next(batches)
+                batch = next(batch_iterator)
                 try:
                     loss = step(i, batch)
                 except torch.OutOfMemoryError as err:
