@@ -79,7 +79,9 @@ class TrainConfig(LoopOptions):
 
     Identity (must match on ``--resume``): ``batch_size`` (global, over all
     processes), ``lr``, ``lr_milestones`` (resolved), ``lr_gamma``,
-    ``scalar_lr_mult``, ``seed``, ``amp``, ``augment``, ``randomize_operator``.
+    ``scalar_lr_mult``, ``seed``, ``amp``, ``augment``, ``randomize_operator``,
+    ``ssim_weight`` (recorded only when non-zero: runs from before the SSIM
+    term trained without it, and still resume).
     Settings (may change between chunks): the rest.
 
     Attributes:
@@ -136,10 +138,11 @@ class TrainConfig(LoopOptions):
             "amp": self.amp,
             "augment": self.augment,
             "randomize_operator": self.randomize_operator,
+            **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
         }
 
     def settings(self) -> dict[str, Any]:
-        keys = set(self.identity()) | {"lr_milestones"}
+        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight"}  # the SSIM weight shows there even at 0
         return {k: v for k, v in asdict(self).items() if k not in keys}
 
 

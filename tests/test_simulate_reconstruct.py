@@ -223,6 +223,9 @@ def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_
                  "--device", "cpu", "--seed", "3", "--no-progress", "--out", str(out2)]) == 0  # fmt: skip
     assert [(r["name"], r["psnr"], r["ssim"]) for r in _rows(out2 / "metrics.csv")] == [(r["name"], r["psnr"], r["ssim"]) for r in from_npz]
     np.testing.assert_array_equal(np.load(out2 / "a.npy"), np.load(out / "a.npy"))
+    record = json.loads((out2 / "reconstruct.json").read_text())  # b is measured zero-padded to whole 8x8 blocks
+    assert record["sizes"]["b"] == {"image": [28, 36], "operator": [32, 40]} and "img_size" not in record["operator"]
+    assert record["complete"] is True
 
     # without the truth: reconstructions, no metrics; without --checkpoint the task's defaults give the same Phi
     plain = tmp_path / "plain.npz"
@@ -284,6 +287,26 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
         assert main(argv) == 2, argv
         assert message in _error(capsys), argv
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_run_that_fails_part_way_says_what_it_wrote(files, tmp_path, capsys):
+    """The reconstructions before the failing image stay, and reconstruct.json says the run is incomplete."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes((files / "images" / "a.png").read_bytes())
+    whole = (files / "images" / "b.png").read_bytes()
+    (images / "z.png").write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "out"
+    argv = ["reconstruct", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(images), "--checkpoint",
+            str(files / "models" / "cs"), "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "z.png" in _error(capsys)
+    record = json.loads((out / "reconstruct.json").read_text())
+    assert record["complete"] is False and record["written"] == ["a.npy", "a.png"] and "z.png" in record["stopped_by"]
+
+    (images / "a.png").unlink()  # fails before writing anything: the earlier record stays as it was
+    assert main(argv) == 2
+    assert json.loads((out / "reconstruct.json").read_text()) == record
 
 
 def test_a_shipped_model_plugs_in_at_one_place(files, tmp_path, monkeypatch):

@@ -35,7 +35,9 @@ reconstruction in [0, 1] units; CT also ``<name>_hu.npy`` in Hounsfield
 units), for ``.h5`` inputs ``<stem>.h5`` and ``<stem>_s<k>.png``;
 ``metrics.csv`` (name, psnr, ssim, seconds) when the ground truth is known
 (image input, ``x_true`` in the ``.npz``, ``reconstruction_esc`` or fully
-sampled k-space in the ``.h5``); ``reconstruct.json`` (the settings).
+sampled k-space in the ``.h5``); ``reconstruct.json`` (the settings, each
+image's size and the size its operator measured; ``"complete": false``, the
+files written and the error when a run stopped part-way).
 PSNR/SSIM follow ``benchmarks.protocol.score_function`` (CS: the IDM
 authors' protocol; others: [0, 1] images, data_range 1); for ``.h5`` files
 they compare the magnitude (in the file's units, centre-cropped) with the
@@ -195,7 +197,8 @@ def reconstruct_items(
             from tasks.data import inverse_hu_window
 
             np.save(out / f"{item.name}_hu.npy", inverse_hu_window(x_hat[0, 0].numpy(), *hu_window), allow_pickle=False)
-        row: dict[str, Any] = {"name": item.name, "seconds": seconds}
+        row: dict[str, Any] = {"name": item.name, "seconds": seconds, "size": list(item.image_size),
+                               "operator_size": op.config().get("img_size")}  # fmt: skip
         if item.x_true is not None:
             row["psnr"], row["ssim"] = score(x_hat, torch.from_numpy(item.x_true)[None])
         rows.append(row)
@@ -505,6 +508,17 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
 
 
 # ---- the command -------------------------------------------------------------------------------
+def _record_interrupted(record: dict[str, Any], error: BaseException, out: Path, started: float) -> None:
+    """After a failure part-way through, say in ``reconstruct.json`` which outputs this run wrote and why it
+    stopped (nothing is written when it wrote no output, so an earlier run's record stays)."""
+    from idm.checkpoint import save_json
+
+    written = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "reconstruct.json" and p.stat().st_mtime >= started)
+    if written:
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        save_json({**record, "complete": False, "stopped_by": reason, "written": written}, out / "reconstruct.json")
+
+
 def run(args: argparse.Namespace) -> int:
     from idm import __version__
     from idm.checkpoint import save_json
@@ -523,19 +537,29 @@ def run(args: argparse.Namespace) -> int:
                          "write them to another folder")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]
-    rows, settings, what = handler(args, device, out)
+    record = {
+        "command": command_line("reconstruct"),
+        "idm_version": __version__,
+        "input": str(source),
+        "input_kind": kind,
+        "device": str(device),
+        "precision": args.precision,
+        "seed": args.seed,
+    }
+    started = time.time() - 1.0  # file times come from the kernel's coarser clock
+    try:
+        rows, settings, what = handler(args, device, out)
+    except (Exception, KeyboardInterrupt) as error:
+        _record_interrupted(record, error, out, started)
+        raise
     means = write_metrics(rows, out)
     save_json(
         {
-            "command": command_line("reconstruct"),
-            "idm_version": __version__,
-            "input": str(source),
-            "input_kind": kind,
-            "device": str(device),
-            "precision": args.precision,
-            "seed": args.seed,
+            **record,
+            "complete": True,
             **settings,
             "items": [r["name"] for r in rows],
+            "sizes": {r["name"]: {"image": r["size"], "operator": r["operator_size"]} for r in rows if "size" in r} or None,
             "mean": means,
         },
         out / "reconstruct.json",

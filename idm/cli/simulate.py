@@ -95,7 +95,8 @@ class OperatorPlan:
         self._factory = operator_factory(task, overrides, trained_operator, seed)
         self._template: dict[str, Any] | None = None
         #: the operator settings in force (defaults < checkpoint < flags), without img_size / seed
-        self.settings = {"name": task.operator, **task.operator_kwargs(), **(trained_operator or {}), **overrides}
+        settings = {"name": task.operator, **task.operator_kwargs(), **(trained_operator or {}), **overrides}
+        self.settings = {k: v for k, v in settings.items() if k not in ("img_size", "seed")}
         self.block = self.settings.get("block") if uses_cs_protocol(task) else None
 
     def operator(self, index: int, size: tuple[int, int]):
