@@ -5,7 +5,7 @@
   PSNR with peak 255, SSIM (scikit-image) with data_range 255.
 * Every other task scores [0, 1] images (MRI: magnitudes), clamped, with
   data_range 1.
-* Image ``i`` is measured by an operator drawn with seed ``seed + i``; with a
+* Image ``i`` is measured by an operator drawn with seed ``seed + i`` (modulo 2**32); with a
   trained checkpoint the operator is rebuilt from its recorded config (the
   same ``Phi`` for CS), with the user's flags on top.
 """
@@ -63,15 +63,20 @@ def describe_protocol(task: Any) -> str:
     return "[0, 1] images" + (" (magnitude)" if task.metric == "magnitude" else "") + ", clamped, data_range 1"
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The operator seed of image ``index``: ``seed + index``, wrapped into the seeds' range [0, 2**32)."""
+    return (seed + index) % 2**32
+
+
 def operator_factory(task: Any, overrides: dict[str, Any], trained_operator: dict[str, Any] | None, seed: int):
-    """``(image index, (H, W)) -> operator`` seeded ``seed + index``."""
+    """``(image index, (H, W)) -> operator`` seeded :func:`image_seed` ``(seed, index)``."""
 
     def operator_for(index: int, size: tuple[int, int]):
         if trained_operator is None:
-            return task.make_operator(size, seed=seed + index, **overrides)
+            return task.make_operator(size, seed=image_seed(seed, index), **overrides)
         config = {**trained_operator, **overrides, "img_size": list(size)}
         if "seed" in config:
-            config["seed"] = seed + index
+            config["seed"] = image_seed(seed, index)
         return operators.from_config(config)
 
     return operator_for

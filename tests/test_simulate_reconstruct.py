@@ -289,6 +289,13 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
     assert not (tmp_path / "s.npz").exists()
 
 
+def test_per_image_operator_seeds_wrap_at_the_top_of_the_seed_range(files, tmp_path):
+    meas = tmp_path / "meas.npz"
+    assert main(["simulate", "--task", "inpainting", "--input", str(files / "images"), "--seed", str(2**32 - 1),
+                 "--device", "cpu", "--no-progress", "--out", str(meas)]) == 0  # fmt: skip
+    assert [m.seed for m in load_measurements(meas).items] == [2**32 - 1, 0]
+
+
 def test_a_run_that_fails_part_way_says_what_it_wrote(files, tmp_path, capsys):
     """The reconstructions before the failing image stay, and reconstruct.json says the run is incomplete."""
     images = tmp_path / "images"

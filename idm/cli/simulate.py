@@ -4,7 +4,7 @@
     idm simulate --task ct --views 60 --input SLICE.dcm|SLICE.npy|DIR --out sino.npy   # + sino.npy.json
 
 Image ``i`` (in the loader's order: sorted files, slices of a volume in order)
-is measured by an operator drawn with seed ``--seed + i``. Which operator:
+is measured by an operator drawn with seed ``--seed + i`` (modulo 2**32). Which operator:
 
 * with ``--checkpoint``: the one the checkpoint was trained with (its
   recorded config; for CS the same ``Phi``), with the operator flags on top
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
         "simulate",
         help="measure images with a task's forward model; write the measurements (.npz, or a CT sinogram .npy)",
         description=__doc__.split("\n\n")[0],
-        epilog="Image i is measured with operator seed --seed + i. With --checkpoint the operator is the one the "
+        epilog="Image i is measured with operator seed --seed + i (modulo 2**32). With --checkpoint the operator is the one the "
         "checkpoint was trained with (the same CS Phi), else the task's defaults; operator flags go on top.",
     )
     parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
@@ -100,6 +100,8 @@ class OperatorPlan:
         self.block = self.settings.get("block") if uses_cs_protocol(task) else None
 
     def operator(self, index: int, size: tuple[int, int]):
+        from benchmarks.protocol import image_seed
+
         if self._template is None:
             op = self._factory(index, tuple(size))
             self._template = op.config()
@@ -107,7 +109,7 @@ class OperatorPlan:
             return op
         config = {**self._template, "img_size": [int(s) for s in size]}
         if "seed" in config:
-            config["seed"] = self.seed + index
+            config["seed"] = image_seed(self.seed, index)
         return self.cache.get(config)
 
 
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         save_measurements(out, task.name, items, extra)
         written = str(out)
     truth = "ground truth stored (x_true)" if args.keep_truth else "no ground truth stored (--keep-truth adds it)"
-    seeds = f"operator seeds {args.seed}..{args.seed + len(items) - 1}" if items[0].seed is not None else "no random operator parts"
+    seeds = f"operator seeds {items[0].seed}..{items[-1].seed}" if items[0].seed is not None else "no random operator parts"
     print(
         f"idm simulate: {len(items)} measurement(s) of task {task.name} with the {describe_operator(first)}; "
         f"{seeds}; {truth}; wrote {written}"
