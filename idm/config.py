@@ -124,24 +124,29 @@ class IDMConfig:
             if not ok:
                 raise ValueError(f"IDMConfig: {message}")
 
+        def is_int(value: Any) -> bool:  # bool is an int to Python, never a count here
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("recompute", "injectors", "time_input", "final_projection", "separate_channels", "keep_attention"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        need(self.keep_mid is None or isinstance(self.keep_mid, bool), f"keep_mid must be None, True or False, got {self.keep_mid!r}")
         need(isinstance(self.unet, str) and bool(self.unet), f"unet must be 'tiny', 'sd15' or a folder path, got {self.unet!r}")
-        need(isinstance(self.image_channels, int) and self.image_channels > 0, f"image_channels must be a positive int, got {self.image_channels!r}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        need(is_int(self.image_channels) and self.image_channels > 0, f"image_channels must be a positive int, got {self.image_channels!r}")
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
         need(self.invertible in INVERTIBLE_CHOICES, f"invertible must be one of {INVERTIBLE_CHOICES}, got {self.invertible!r}")
         need(self.init in INIT_CHOICES, f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         need(self.schedule in SCHEDULE_CHOICES, f"schedule must be one of {SCHEDULE_CHOICES}, got {self.schedule!r}")
         need(not self.time_input or self.schedule == "ddpm", "time_input=True needs schedule='ddpm' (a learned schedule has no timesteps)")
-        need(self.keep_scales is None or (isinstance(self.keep_scales, int) and self.keep_scales >= 1), f"keep_scales must be None or an int >= 1, got {self.keep_scales!r}")
-        need(self.pixel_unshuffle is None or self.pixel_unshuffle in (1, 2, 4), f"pixel_unshuffle must be None, 1, 2 or 4, got {self.pixel_unshuffle!r}")
-        need(self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
-        need(0.0 < float(self.alpha_init) < 1.0, f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
+        need(self.keep_scales is None or (is_int(self.keep_scales) and self.keep_scales >= 1), f"keep_scales must be None or an int >= 1, got {self.keep_scales!r}")
+        need(self.pixel_unshuffle is None or (is_int(self.pixel_unshuffle) and self.pixel_unshuffle in (1, 2, 4)),
+             f"pixel_unshuffle must be None, 1, 2 or 4, got {self.pixel_unshuffle!r}")
+        need(is_int(self.injector_kernel) and self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
+        need(isinstance(self.alpha_init, (int, float)) and not isinstance(self.alpha_init, bool) and 0.0 < self.alpha_init < 1.0,
+             f"alpha_init must be a number in (0, 1), got {self.alpha_init!r}")
         need(self.prior_range is None or self.prior_range in PRIOR_RANGE_CHOICES, f"prior_range must be None or one of {PRIOR_RANGE_CHOICES}, got {self.prior_range!r}")
         need(self.pinv_mapping in PINV_MAPPING_CHOICES, f"pinv_mapping must be one of {PINV_MAPPING_CHOICES}, got {self.pinv_mapping!r}")
-        need(isinstance(self.final_projection, bool), f"final_projection must be True or False, got {self.final_projection!r}")
-        need(isinstance(self.projection_cg_iters, int) and self.projection_cg_iters >= 1,
+        need(is_int(self.projection_cg_iters) and self.projection_cg_iters >= 1,
              f"projection_cg_iters must be an int >= 1, got {self.projection_cg_iters!r}")
-        need(isinstance(self.separate_channels, bool), f"separate_channels must be True or False, got {self.separate_channels!r}")
-        need(isinstance(self.keep_attention, bool), f"keep_attention must be True or False, got {self.keep_attention!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -171,6 +171,9 @@ class IDM(nn.Module):
             return torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
         if noise.shape != x_pinv.shape:
             raise ValueError(f"noise must have the shape of A^+ y, {tuple(x_pinv.shape)}; got {tuple(noise.shape)}")
+        if not noise.is_floating_point() or not bool(torch.isfinite(noise).all()):
+            raise ValueError(f"noise must be finite floating-point values, got {noise.dtype}"
+                             + ("" if not noise.is_floating_point() else " with NaN or inf"))  # fmt: skip
         return noise.to(device=x_pinv.device, dtype=x_pinv.dtype)
 
     def prior_range_pinv(self, y: Tensor, op: Any) -> Tensor:
@@ -213,6 +216,8 @@ class IDM(nn.Module):
 
     def _checked_measurements(self, y: Tensor, op: Any) -> Tensor:
         """``y`` checked by ``op`` (shape, NaN/inf) and cast to the model's dtype."""
+        if y.is_complex():  # the toolkit's operators take complex data as real channels (MRI: 2 channels)
+            raise ValueError(f"y is {y.dtype}: IDM takes real measurements, with a complex value as two real channels")
         check_measurements_for(op, y)
         dtype = next(self.parameters()).dtype
         return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
@@ -371,9 +376,14 @@ class IDM(nn.Module):
         wrong = [f"{key!r} ({kind.__name__})" for key, kind in expected.items() if not isinstance(data.get(key), kind)]
         if wrong:
             raise CheckpointError(f"IDM model config lacks or mistypes {', '.join(wrong)}")
-        config = IDMConfig.from_dict(data["idm"])
-        unet = unet_from_config(data["unet_class"], data["unet_config"], device="meta")
-        return cls(config, unet=unet, init_weights=init_weights)
+        try:
+            config = IDMConfig.from_dict(data["idm"])
+            unet = unet_from_config(data["unet_class"], data["unet_config"], device="meta")
+            return cls(config, unet=unet, init_weights=init_weights)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError) as err:  # a damaged value: diffusers' or our own complaint about it
+            raise CheckpointError(f"IDM model config describes a model that cannot be built: {type(err).__name__}: {err}") from None
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``, each file atomically.

@@ -356,6 +356,25 @@ def test_diffusers_settings_the_adapter_does_not_apply_are_refused(setting, conf
         IDM(IDMConfig(**config), unet=unet)
 
 
+def test_resampling_resnets_run_with_the_memory_saving_backward(tmp_path, ortho_op):
+    """diffusers' ``downsample_type="resnet"`` / ``upsample_type="resnet"``: resnets that take the time embedding."""
+    UNet2DModel(**tiny_unet_config(1), downsample_type="resnet", upsample_type="resnet").save_pretrained(tmp_path / "prior")
+    op = ortho_op(SHAPE, 64)
+    config = IDMConfig(unet=str(tmp_path / "prior"), steps=2)
+    out_rec, grads_rec, gy_rec = _loss_and_grads(perturbed_model(config), op)
+    out_plain, grads_plain, gy_plain = _loss_and_grads(perturbed_model(config.replace(recompute=False)), op)
+    assert torch.equal(out_rec, out_plain) and relative_error(gy_rec, gy_plain) <= 1e-8
+    scale = max(g.norm().item() for g in grads_plain.values())
+    assert max(relative_error(grads_rec[n], g, floor=1e-6 * scale) for n, g in grads_plain.items()) <= 1e-8
+
+
+def test_a_pruned_bottleneck_that_cannot_feed_the_kept_up_blocks_is_refused():
+    unet = UNet2DModel(**{**tiny_unet_config(1), "block_out_channels": (16, 24, 40),  # 40 cannot be made of 24s
+                          "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3})  # fmt: skip
+    with pytest.raises(ValueError, match="expects 40 channels from below, which the 24-channel bottleneck cannot"):
+        IDM(IDMConfig(keep_scales=2, keep_mid=False), unet=unet)
+
+
 def test_sd15_architecture_has_the_authors_parameter_count():
     model = IDM(IDMConfig(unet="sd15", image_channels=1, steps=3), init_weights=False)  # meta: no memory
     total = sum(p.numel() for p in model.parameters())
@@ -398,6 +417,13 @@ def test_config_errors():
         (dict(time_input=True), "time_input"),
         (dict(image_channels=0), "image_channels"),
         (dict(keep_attention=1), "keep_attention must be True or False"),
+        (dict(recompute="false"), "recompute must be True or False, got 'false'"),  # a truthy string: the opposite
+        (dict(injectors="no"), "injectors must be True or False"),
+        (dict(keep_mid=0), "keep_mid must be None, True or False"),
+        (dict(steps=True), "steps must be an int"),
+        (dict(injector_kernel=True), "injector_kernel must be 1 or 3"),
+        (dict(alpha_init=None), r"alpha_init must be a number in \(0, 1\), got None"),
+        (dict(alpha_init="0.5"), "alpha_init must be a number"),
     ]:
         with pytest.raises(ValueError, match=match):
             IDMConfig(**bad)
@@ -647,13 +673,16 @@ def test_measurements_of_another_float_dtype_are_cast_to_the_models(ortho_op):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c.pop("idm"), r"lacks or mistypes 'idm' \(dict\)"),
     (lambda c: c.update(unet_config="oops"), r"lacks or mistypes 'unet_config' \(dict\)"),
+    (lambda c: c["idm"].update(alpha_init=None), r"describes a model that cannot be built: ValueError: IDMConfig: alpha_init must be a number"),
+    (lambda c: c["unet_config"].update(layers_per_block="two"), r"describes a model that cannot be built: TypeError"),
+    (lambda c: c["unet_config"].update(norm_num_groups=7), r"describes a model that cannot be built: ValueError: .*divisible"),
 ])  # fmt: skip
 def test_a_damaged_model_config_is_a_clear_error(tmp_path, edit, message):
     folder = IDM(IDMConfig(steps=1)).save_pretrained(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="config.json: IDM model config " + message):
+    with pytest.raises(CheckpointError, match="config.json: IDM model config .*" + message):
         IDM.from_pretrained(folder)
 
 
@@ -680,3 +709,7 @@ def test_noise_init_takes_the_callers_noise(ortho_op):
         model(y, op, noise=noise[:1])
     with pytest.raises(ValueError, match="this one starts from 'pinv'"):
         IDM(IDMConfig(steps=2)).eval()(y, op, noise=noise)
+    with pytest.raises(ValueError, match="noise must be finite floating-point values, got torch.float32 with NaN"):
+        model(y, op, noise=torch.full_like(noise, float("nan")))
+    with pytest.raises(ValueError, match="IDM takes real measurements"):
+        model(torch.complex(y, y), op)

@@ -209,6 +209,28 @@ def test_non_leaf_params_are_refused():
         wired_chain([layer], torch.full((1,), 0.5), x, x, (), [scaled], recompute=True)
 
 
+@pytest.mark.parametrize("register", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_parameters_with_gradient_hooks_are_refused(register):
+    """The walk sums a parameter's gradient over the layers in several passes: a hook would see each partial sum."""
+    layers = nn.ModuleList(ConvLayer(3) for _ in range(2))
+    getattr(layers[0].conv.weight, register)(lambda *args: None)
+    x = torch.randn(1, 3, 4, 4)
+    ctx = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="has gradient hooks"):
+        WiredSequence(2)(x, list(layers), ("static item", ctx), layers.parameters(), recompute=True)
+    WiredSequence(2)(x, list(layers), ("static item", ctx), layers.parameters(), recompute=False).sum().backward()  # plain autograd
+
+
+def test_a_gradient_of_the_gradient_is_refused():
+    """The walk's own gradients are not differentiable: create_graph=True would silently lose terms."""
+    layers = nn.ModuleList(ConvLayer(3) for _ in range(2))
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    ctx = torch.randn(1, 3, 4, 4)
+    out = WiredSequence(2)(x, list(layers), ("static item", ctx), layers.parameters(), recompute=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
 def _nested_chain_loss(weight: torch.Tensor, x: torch.Tensor, recompute: bool, keep_last_graph: bool = False) -> torch.Tensor:
     """Two wired layers, each itself a wired chain of two uses of ``weight`` (IDM's wired blocks in wired steps)."""
     inner_v = torch.tensor([0.4, 0.6], dtype=weight.dtype)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -186,6 +187,20 @@ class WiredUNet(nn.Module):
             for module in self.unet.modules():
                 if getattr(module, "time_embedding_norm", "default") != "default":
                     raise ValueError("resnets with scale-shift time conditioning need the time input (time_input=True)")
+        bottom = self.unet.down_blocks[-1].resnets[-1].out_channels  # the bottleneck's width, also its skip's
+        from_below = self.unet.up_blocks[0].resnets[0].in_channels - bottom
+        if from_below % bottom:  # pruned scales: the bottleneck is repeated to the width the kept up blocks expect
+            raise ValueError(
+                f"the first kept up block expects {from_below} channels from below, which the {bottom}-channel "
+                "bottleneck cannot be repeated to; keep another number of scales (IDMConfig.keep_scales)"
+            )
+
+    def _resample(self, sampler: nn.Module, h: Tensor, temb: Tensor | None) -> Tensor:
+        """A block's down- or upsampler: a resampling resnet (diffusers' ``*sample_type="resnet"``) takes the
+        time embedding (``None`` once pruned); an ``Upsample2D`` runs at low resolution (:mod:`idm.unets.upsample`)."""
+        if isinstance(sampler, ResnetBlock2D):
+            return sampler(h, temb)
+        return upsample(sampler, h) if self.fold_upsamplers else sampler(h)
 
     def _plan_groups(self) -> list[GroupPlan]:
         plans: list[GroupPlan] = []
@@ -348,7 +363,7 @@ class WiredUNet(nn.Module):
                 skips.append(h)
             if block.downsamplers is not None:
                 for sampler in block.downsamplers:
-                    h = sampler(h)
+                    h = self._resample(sampler, h, temb)
                 skips.append(h)
         if unet.mid_block is not None:
             h = self._run_group(next(groups), h, step, context, recompute, keep_attention)
@@ -362,7 +377,7 @@ class WiredUNet(nn.Module):
                 h = self._run_group(next(groups), h, step, context, recompute, keep_attention)
             if block.upsamplers is not None:
                 for sampler in block.upsamplers:
-                    h = upsample(sampler, h) if self.fold_upsamplers else sampler(h)
+                    h = self._resample(sampler, h, temb)
         h = self._run_unwired(self._output_head, h, recompute=recompute)
         if self.unshuffle > 1:
             h = F.pixel_shuffle(h, self.unshuffle)
