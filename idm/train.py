@@ -70,6 +70,7 @@ DEFAULT_MILESTONE_FRACTIONS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
 RESUME_HINTS = {
     "lr_milestones": "(the default milestones follow --iters: to train longer, resume with the run's "
     "milestones given explicitly as --lr-milestones)",
+    "ssim_weight": "(null: the L1 loss alone; to change the loss, start a new run from this one's checkpoint with --init-from)",
 }
 
 
