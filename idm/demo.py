@@ -118,7 +118,7 @@ def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, pro
 
     task = tasks.get(case.task)
     request = {"name": task.operator, **task.operator_kwargs(**case.overrides)}
-    shipped = find_shipped(task.name, request)
+    shipped = find_shipped(task.name, request, task.channels)
     if shipped is None:
         return None
     if shipped.color and shipped.color != task.color:

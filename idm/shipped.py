@@ -61,9 +61,24 @@ class ShippedModel:
         """The colour mode of the images it was trained on (``"y"``, ``"rgb"``...), when recorded."""
         return self.run.get("identity", {}).get("task_info", {}).get("color")
 
-    def serves(self, task: str, request: Mapping[str, Any]) -> bool:
-        """Whether this model was trained for ``task`` and an operator covering ``request``."""
-        return task == self.task and not config_mismatches(self.operator, request)
+    @property
+    def channels(self) -> int | None:
+        """The image channels it reconstructs (1: grey / Y, 2: MRI, 3: RGB), when recorded."""
+        return self.run.get("identity", {}).get("task_info", {}).get("channels")
+
+    def mismatches(self, task: str, request: Mapping[str, Any], channels: int | None = None) -> list[str]:
+        """Why this model cannot serve ``task`` with operator ``request`` on ``channels``-channel images
+        (``None``: any); ``[]`` when it can."""
+        if task != self.task:
+            return [f"trained for task {self.task!r}"]
+        if channels is not None and self.channels is not None and channels != self.channels:
+            return [f"reconstructs {self.channels}-channel images, not {channels}"]
+        return config_mismatches(self.operator, request)
+
+    def serves(self, task: str, request: Mapping[str, Any], channels: int | None = None) -> bool:
+        """Whether this model was trained for ``task``, an operator covering ``request`` and, when
+        ``channels`` is given, images of that many channels."""
+        return not self.mismatches(task, request, channels)
 
 
 def search_dirs() -> list[Path]:
@@ -88,8 +103,9 @@ def shipped_models() -> list[ShippedModel]:
     return models
 
 
-def find_shipped(task: str, operator_config: Mapping[str, Any]) -> ShippedModel | None:
-    """The shipped model that serves ``task`` with ``operator_config``, or ``None``.
+def find_shipped(task: str, operator_config: Mapping[str, Any], channels: int | None = None) -> ShippedModel | None:
+    """The shipped model that serves ``task`` with ``operator_config`` (on ``channels``-channel images when
+    given), or ``None``.
 
     Folders of ``$IDM_MODELS_DIR`` come first; within one folder, a model
     trained for exactly the requested operator comes before one trained on a
@@ -100,17 +116,19 @@ def find_shipped(task: str, operator_config: Mapping[str, Any]) -> ShippedModel 
         operator_config: the requested operator settings, e.g. ``op.config()``
             or ``{"name": "cs", "ratio": 0.1, ...}`` (``img_size`` and ``seed``
             are not compared).
+        channels: the task's image channels (``Task.channels``): a model of another colour mode
+            (a grey inpainting model for RGB images) does not serve.
     """
     roots = [root.resolve() for root in search_dirs()]
-    serving = [model for model in shipped_models() if model.serves(task, operator_config)]
+    serving = [model for model in shipped_models() if model.serves(task, operator_config, channels)]
     if not serving:
         return None
     return min(serving, key=lambda m: (roots.index(m.path.parent.resolve()), m.trained_on_family, m.name))
 
 
-def default_checkpoint(task: str, operator_config: Mapping[str, Any]) -> Path | None:
+def default_checkpoint(task: str, operator_config: Mapping[str, Any], channels: int | None = None) -> Path | None:
     """The folder of :func:`find_shipped`'s model, or ``None``."""
-    model = find_shipped(task, operator_config)
+    model = find_shipped(task, operator_config, channels)
     return None if model is None else model.path
 
 
@@ -140,11 +158,14 @@ def describe_request(task: str, operator_config: Mapping[str, Any]) -> str:
     return f"task {task!r}" + (f" ({settings})" if settings else "")
 
 
-def missing_message(task: str, operator_config: Mapping[str, Any]) -> str:
-    """The error shown when no shipped model serves a request."""
-    available = [f"{m.name} ({m.task})" for m in shipped_models()]
+def missing_message(task: str, operator_config: Mapping[str, Any], channels: int | None = None) -> str:
+    """The error shown when no shipped model serves a request: each model of the task says why not."""
+    models = shipped_models()
+    available = [f"{m.name} ({m.task})" for m in models]
+    reasons = ["; ".join(m.mismatches(task, operator_config, channels)) for m in models if m.task == task]
+    why = "".join(f"; {m.name}: {r}" for m, r in zip((m for m in models if m.task == task), reasons))
     return (
-        f"no shipped model serves {describe_request(task, operator_config)}; "
+        f"no shipped model serves {describe_request(task, operator_config)}{why}; "
         f"shipped: {', '.join(available) or 'none'}; pass --checkpoint DIR "
         "(an IDM model folder or an `idm train` --out folder)"
     )

@@ -60,10 +60,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal settings; numbers compared with a relative tolerance of 1e-9 (bools exactly)."""
+    """Equal settings; numbers compared with a relative tolerance of 1e-6, so that a value that went through
+    float32 (0.3 -> 0.30000001192...) is still the same setting (bools exactly)."""
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
     return a == b
 
 

@@ -25,7 +25,8 @@ def _shipped(root, name, task, color, channels, operator_config):
     folder = root / name
     torch.manual_seed(0)
     IDM(IDMConfig(unet="tiny", image_channels=channels, steps=1)).save_pretrained(folder)
-    run = {"format": "idm-train-run", "identity": {"task": task, "operator": operator_config, "task_info": {"color": color}}}
+    task_info = {"color": color, "channels": channels}
+    run = {"format": "idm-train-run", "identity": {"task": task, "operator": operator_config, "task_info": task_info}}
     (folder / "run.json").write_text(json.dumps(run))
 
 
@@ -94,6 +95,38 @@ def test_the_shipped_models_load_and_serve_their_settings():
         assert model is not None, case
         weights = model.path / "model.safetensors"
         assert weights.stat().st_size < 16 * 2**20
+
+
+@pytest.mark.shipped
+def test_the_shipped_model_is_chosen_by_what_it_serves():
+    from idm.shipped import find_shipped, missing_message
+
+    def chosen(task_name, channels=None, **flags):
+        task = tasks.get(task_name)
+        model = find_shipped(task.name, {"name": task.operator, **task.operator_kwargs(**flags)}, channels)
+        return model and model.name
+
+    assert chosen("cs", ratio=0.3) == chosen("cs", ratio=0.30000001) == "cs-30"  # 0.3 after a float32 round trip
+    assert chosen("cs", ratio=0.31) == "cs-ratio-1-50"
+    assert chosen("mri", acceleration=8) == "mri-8x"  # the centre follows the acceleration: 4 % at 8x
+    assert chosen("mri", acceleration=8, center_fraction=0.08) is None
+    assert chosen("inpainting", channels=3) == "inpainting-rgb" and chosen("cs", channels=3) is None
+    request = {"name": "mri", **tasks.get("mri").operator_kwargs(acceleration=8, center_fraction=0.08)}
+    assert "mri-8x: operator center_fraction: trained with 0.04, requested 0.08" in missing_message("mri", request, 2)
+
+
+def test_a_model_of_other_colours_does_not_serve_a_request(tmp_path, monkeypatch):
+    """A grey inpainting model in $IDM_MODELS_DIR does not take RGB requests from the shipped RGB model."""
+    from idm import shipped
+
+    models = tmp_path / "models"
+    config = tasks.get("inpainting").with_color("y").make_operator((32, 32)).config()
+    _shipped(models, "inpainting-y", "inpainting", "y", 1, config)
+    monkeypatch.setenv(shipped.MODELS_ENV, str(models))
+    request = {"name": "inpainting", **tasks.get("inpainting").operator_kwargs()}
+    assert shipped.find_shipped("inpainting", request, 3) is None
+    assert shipped.find_shipped("inpainting", request, 1).name == "inpainting-y"
+    assert "inpainting-y: reconstructs 1-channel images, not 3" in shipped.missing_message("inpainting", request, 3)
 
 
 def _shipped_psnr_gain(case: demo.DemoCase) -> tuple[float, float]:

@@ -80,9 +80,9 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
 
     expect = {"name": task.operator, **overrides}
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}
-    checkpoint = args.checkpoint or default_checkpoint(task.name, request)
+    checkpoint = args.checkpoint or default_checkpoint(task.name, request, task.channels)
     if checkpoint is None:
-        raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request)}")
+        raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request, task.channels)}")
     return load_trained(
         checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
     )

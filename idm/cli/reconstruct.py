@@ -117,9 +117,9 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
 
     path = checkpoint
     if path is None:
-        path = default_checkpoint(task.name, request)
+        path = default_checkpoint(task.name, request, task.channels)
         if path is None:
-            raise ValueError(missing_message(task.name, request))
+            raise ValueError(missing_message(task.name, request, task.channels))
     try:
         trained = load_trained(
             path, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
