@@ -32,6 +32,7 @@ from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
+from idm.unets.factory import PRIOR_INFO_NAME
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
@@ -74,10 +75,17 @@ def _dtype_note(half: bool) -> str:
     return "float16 (learnable scalars and tensors of <= %d elements float32)" % KEEP_FP32_NUMEL if half else "float32"
 
 
-def _check_replaceable(out: Path, source: Path) -> None:
-    """``out`` may be written: new, empty, or an earlier export (``provenance.json`` and ``config.json``, no
-    training state beside them) that the atomic replacement may overwrite; never a folder holding ``source``
-    (a training run exported into itself would lose its checkpoints) or any other folder's files."""
+def _export_kind(folder: Path) -> str:
+    """``"prior"`` for an exported diffusion prior (a diffusers folder with ``idm_prior.json``), else ``"model"``."""
+    return "prior" if (folder / PRIOR_INFO_NAME).is_file() else "model"
+
+
+def _check_replaceable(out: Path, source: Path, kind: str) -> None:
+    """``out`` may be written: new, empty, or an earlier export of the same ``kind`` (``"model"`` or
+    ``"prior"``: ``provenance.json`` and ``config.json``, no training state beside them) that the atomic
+    replacement may overwrite; never a folder holding ``source`` (a training run exported into itself would
+    lose its checkpoints), an export of the other kind (the prior a model was trained from) or any other
+    folder's files."""
     out, source = out.resolve(), source.resolve()
     if out != source and out in source.parents:
         raise CheckpointError(f"--out {out} holds the checkpoint being exported ({source}); export to another folder")
@@ -91,6 +99,9 @@ def _check_replaceable(out: Path, source: Path) -> None:
             f"--out {out} exists and is not an earlier export (no {PROVENANCE_NAME}, or a training run's "
             "checkpoints): export to a new folder, or remove it first"
         )
+    if is_export and _export_kind(out) != kind:
+        raise CheckpointError(f"--out {out} is an exported {_export_kind(out)}, which an exported {kind} would replace: "
+                              "export to another folder")  # fmt: skip
 
 
 def export_model(
@@ -114,10 +125,12 @@ def export_model(
             parameters: a deployment choice); ``None`` keeps the trained setting.
 
     ``checkpoint`` may also be an exported folder (a shipped model): its
-    ``provenance.json`` is kept, with ``exported_from`` naming that folder.
+    ``provenance.json`` is kept, and ``exported_from`` lists the exported
+    folders it came through, oldest first, ending with that folder (as it was
+    before, when ``out`` is the same folder).
     """
     folder = resolve_model_dir(checkpoint)
-    _check_replaceable(Path(out), folder)
+    _check_replaceable(Path(out), folder, "model")
     if not (folder / RUN_NAME).is_file():
         raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
     run = load_json(folder / RUN_NAME, "run config")
@@ -139,7 +152,10 @@ def export_model(
         run = {**run, "model_config": {**recorded, "idm": {**recorded.get("idm", {}), **switch}}}
         extra.update(switch)
     if (folder / PROVENANCE_NAME).is_file():  # re-exporting a shipped model: its training record stays
-        provenance = {**load_json(folder / PROVENANCE_NAME, "provenance"), **extra, "exported_from": str(folder)}
+        earlier = load_json(folder / PROVENANCE_NAME, "provenance")
+        chain = earlier.get("exported_from") or []
+        chain = [chain] if isinstance(chain, str) else list(chain)  # one folder in exports before the chain
+        provenance = {**earlier, **extra, "exported_from": [*chain, str(folder)]}
     else:
         provenance = _provenance(folder, run, state, extra)
 
@@ -163,8 +179,9 @@ def export_prior(
     run_folder = Path(run_folder)
     prior = run_folder / PRIOR_DIR
     if not (prior / "config.json").is_file():
-        raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/")
-    _check_replaceable(Path(out), prior)
+        raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/ (a run "
+                              f"that stopped before exporting one writes it when resumed: idm pretrain ... --resume)")  # fmt: skip
+    _check_replaceable(Path(out), prior, "prior")
     latest = RunFolder(run_folder, PRETRAIN_RUN_FORMAT).latest()
     run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
     state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}

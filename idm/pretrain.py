@@ -211,6 +211,24 @@ def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info
     return replace_folder(folder, write)
 
 
+def is_pretrain_run(folder: Path) -> bool:
+    """Whether ``folder`` is an ``idm pretrain`` ``--out`` folder (its ``config.json``, or an exported ``prior/``)."""
+    try:
+        if load_json(folder / "config.json", "run config").get("format") == RUN_FORMAT:
+            return True
+    except (CheckpointError, AttributeError):
+        pass
+    return (folder / PRIOR_DIR / "config.json").is_file()
+
+
+def _exported_iteration(prior: Path) -> int | None:
+    """The iteration of the prior exported in ``prior`` (its ``idm_prior.json``), ``None`` if none is readable."""
+    try:
+        return int(load_json(prior / PRIOR_INFO, "prior info").get("iteration"))
+    except (CheckpointError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def _read_unet_files(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
     unet_config = load_json(folder / "unet_config.json", "U-Net config")
     weights = load_tensors(folder / "unet.safetensors")
@@ -341,8 +359,14 @@ def pretrain(
                 write_trainer_state(tmp, optimizer, iteration, seconds, env.world_size, ema_updates=ema_updates)
 
             folder.save_checkpoint(iteration, write, {**run_config, "iteration": iteration}, config.keep)
+            export_current(iteration)
+
+        def export_current(iteration: int) -> None:
             weights = ema.weights_for(unet) if ema is not None else unet.state_dict()
             export_prior(unet, weights, folder.out / PRIOR_DIR, {**prior_info, "iteration": iteration, "ema_decay": config.ema_decay})
+
+        if ckpt is not None and env.is_main and _exported_iteration(folder.out / PRIOR_DIR) != start:
+            export_current(start)  # a run stopped between its checkpoint and the prior's export: catch up
 
         deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes
         result = run_loop(

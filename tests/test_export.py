@@ -131,6 +131,13 @@ def test_export_never_replaces_a_run_or_another_folder(runs, tmp_path):
     shipped = export_model(run, tmp_path / "shipped")
     assert export_model(shipped, shipped, final_projection=False) == shipped  # an export replaced in place
     assert load_trained(shipped).model.config.final_projection is False
+    exported_prior = export_prior(prior, tmp_path / "exported-prior")
+    kept = sorted(p.name for p in exported_prior.iterdir())
+    with pytest.raises(CheckpointError, match="is an exported prior, which an exported model would replace"):
+        export_model(run, exported_prior)  # e.g. the prior every shipped model names
+    with pytest.raises(CheckpointError, match="is an exported model, which an exported prior would replace"):
+        export_prior(prior, shipped)
+    assert sorted(p.name for p in exported_prior.iterdir()) == kept and (shipped / "run.json").is_file()
 
 
 def test_reexport_switches_the_final_projection_and_keeps_the_training_record(runs, tmp_path):
@@ -146,7 +153,9 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     provenance = json.loads((switched / "provenance.json").read_text())
     before = json.loads((shipped / "provenance.json").read_text())
     assert provenance["iteration"] == before["iteration"] == 1 and provenance["command"] == before["command"]
-    assert provenance["exported_from"] == str(shipped) and provenance["final_projection"] is False
+    assert provenance["exported_from"] == [str(shipped)] and provenance["final_projection"] is False
+    again = json.loads((export_model(switched, tmp_path / "again") / "provenance.json").read_text())
+    assert again["exported_from"] == [str(shipped), str(switched)]  # the whole way back
     op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
     y = op.A(torch.rand(2, 1, 16, 16))
     with torch.no_grad():

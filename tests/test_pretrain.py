@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_idm_train_accepts_a_pretrain_folder_as_prior(prior_run, data, tmp_path)
     assert config["unet_class"] == "UNet2DModel" and config["idm"]["prior_range"] == "symmetric"
 
 
-def test_pretrain_resume_is_exact(tmp_path, data):
+def test_pretrain_resume_is_exact(tmp_path, data, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*BASE, "--data", str(data), "--checkpoint-every", "2"]
     assert main([*common, "--iters", "4", "--out", str(straight)]) == 0
@@ -83,6 +84,12 @@ def test_pretrain_resume_is_exact(tmp_path, data):
         a = load_file(str(straight / "checkpoints" / "iter_0000004" / name))
         b = load_file(str(split / "checkpoints" / "iter_0000004" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert snapshot(straight / "prior") == snapshot(split / "prior")
+
+    shutil.rmtree(split / "prior")  # as if stopped between writing the checkpoint and exporting the prior
+    assert main(["export", "--checkpoint", str(split), "--out", str(tmp_path / "exported")]) == 2
+    assert "writes it when resumed" in capsys.readouterr().err
+    assert main([*common, "--iters", "4", "--out", str(split), "--resume"]) == 0  # nothing to train: it catches up
     assert snapshot(straight / "prior") == snapshot(split / "prior")
 
 

@@ -34,10 +34,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from idm.export import export_model, export_prior, weights_megabytes
-    from idm.pretrain import PRIOR_DIR
+    from idm.pretrain import is_pretrain_run
 
     source = Path(args.checkpoint)
-    if (source / PRIOR_DIR / "config.json").is_file():
+    if is_pretrain_run(source):
         for flag, value in (("--final-projection", args.final_projection), ("--prior-name", args.prior_name)):
             if value is not None:
                 raise ValueError(f"{source} is an `idm pretrain` run: {flag} applies to IDM models, not priors")
