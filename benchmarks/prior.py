@@ -248,12 +248,14 @@ def load_prior(
     records (what IDM models built on it use too), else diffusers' [-1, 1].
     Raises :class:`PriorError` with the reason otherwise.
     """
-    from idm.shipped import find_prior
+    from idm.checkpoint import CheckpointError
+    from idm.pretrain import prior_folder
     from idm.unets.factory import UNetSourceError, load_unet_folder, read_prior_range
 
-    folder = Path(path)
-    if not folder.exists():
-        folder = find_prior(str(path)) or folder  # a shipped prior's name
+    try:
+        folder = Path(prior_folder(path))  # a pretrain run stands for its prior, a shipped prior's name for its folder
+    except CheckpointError as err:
+        raise PriorError(str(err)) from None
     if not folder.is_dir():
         raise PriorError(f"prior folder {str(folder)!r} does not exist")
     try:

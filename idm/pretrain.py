@@ -221,6 +221,23 @@ def is_pretrain_run(folder: Path) -> bool:
     return (folder / PRIOR_DIR / "config.json").is_file()
 
 
+def prior_folder(path: str | Path) -> str:
+    """What a ``--prior`` argument names: an ``idm pretrain`` ``--out`` folder stands for the prior it exports
+    (``OUT/prior``), a shipped prior's name (``prior-natural-y``) for its folder when no such path exists,
+    anything else for itself. A pretrain run that has not exported a prior yet is a :class:`CheckpointError`."""
+    from idm.shipped import find_prior
+
+    folder = Path(path)
+    if not folder.exists():
+        return str(find_prior(str(path)) or folder)
+    if is_pretrain_run(folder):
+        if not (folder / PRIOR_DIR / "config.json").is_file():
+            raise CheckpointError(f"{folder} is an `idm pretrain` run that has not exported its {PRIOR_DIR}/ yet "
+                                  "(it does at its first checkpoint, and when resumed)")  # fmt: skip
+        return str(folder / PRIOR_DIR)
+    return str(folder)
+
+
 def _exported_iteration(prior: Path) -> int | None:
     """The iteration of the prior exported in ``prior`` (its ``idm_prior.json``), ``None`` if none is readable."""
     try:

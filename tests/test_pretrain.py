@@ -74,6 +74,24 @@ def test_idm_train_accepts_a_pretrain_folder_as_prior(prior_run, data, tmp_path)
     assert config["unet_class"] == "UNet2DModel" and config["idm"]["prior_range"] == "symmetric"
 
 
+def test_a_pretrain_run_stands_for_its_prior_everywhere(prior_run, tmp_path, capsys):
+    from benchmarks.prior import PriorError, load_prior
+
+    assert load_prior(prior_run).unet.config.in_channels == 1  # e.g. idm benchmark --prior RUN
+    early = tmp_path / "early"  # a run stopped before its first checkpoint: config.json, no prior/ yet
+    early.mkdir()
+    (early / "config.json").write_text((prior_run / "config.json").read_text())
+    with pytest.raises(PriorError, match="has not exported its prior/ yet"):
+        load_prior(early)
+    assert main([*_train_args(early), "--out", str(tmp_path / "idm")]) == 2
+    assert "has not exported its prior/ yet" in capsys.readouterr().err
+
+
+def _train_args(prior: Path) -> list[str]:
+    return ["train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(prior), "--steps", "1", "--crop", "16",
+            "--batch-size", "2", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--data", "."]  # fmt: skip
+
+
 def test_pretrain_resume_is_exact(tmp_path, data, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*BASE, "--data", str(data), "--checkpoint-every", "2"]

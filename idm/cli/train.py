@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 from idm.hardware import hardware_name
 from idm.cli.common import (
@@ -91,25 +89,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run_train)
 
 
-def _prior_folder(path: str) -> str:
-    """An `idm pretrain` output folder stands for the prior it exports (``OUT/prior``); a shipped prior's
-    name (``prior-natural-y``) stands for its folder when no such path exists."""
-    from idm.pretrain import PRIOR_DIR, RUN_FORMAT
-    from idm.shipped import find_prior
-
-    p = Path(path)
-    if not p.exists():
-        return str(find_prior(path) or p)
-    if (p / PRIOR_DIR / "config.json").is_file():
-        try:
-            kind = json.loads((p / "config.json").read_text()).get("format")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind == RUN_FORMAT or not (p / "config.json").exists():
-            return str(p / PRIOR_DIR)
-    return str(p)
-
-
 def _starting_model(args: argparse.Namespace, task):
     """The trained IDM named by ``--init-from``, checked against the task (same task, same channels)."""
     from idm.checkpoint import CheckpointError
@@ -129,6 +108,7 @@ def run_train(args: argparse.Namespace) -> int:
     started_at = time.monotonic()
     import tasks
     from idm.config import IDMConfig
+    from idm.pretrain import prior_folder
     from idm.train import TrainConfig, train
     from idm.training.distributed import detect
 
@@ -180,7 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
         chosen = {"pinv_mapping": args.pinv_mapping, "alpha_init": args.alpha_init,
                   "final_projection": args.final_projection, "separate_channels": args.separate_channels}  # fmt: skip
         model_config = IDMConfig(
-            unet=_prior_folder(args.prior) if args.prior else args.unet,
+            unet=prior_folder(args.prior) if args.prior else args.unet,
             steps=args.steps,
             invertible=args.invertible,
             recompute=not args.no_recompute,
