@@ -103,6 +103,18 @@ def shipped_models() -> list[ShippedModel]:
     return models
 
 
+def shipped_priors() -> list[Path]:
+    """Every diffusion prior folder under :func:`search_dirs` (a diffusers U-Net folder written by ``idm
+    pretrain`` / ``idm export``, with ``idm_prior.json``), in name order per folder: what ``--prior NAME`` finds."""
+    from idm.unets.factory import PRIOR_INFO_NAME
+
+    priors = []
+    for root in search_dirs():
+        if root.is_dir():
+            priors += sorted(p for p in root.iterdir() if (p / PRIOR_INFO_NAME).is_file() and (p / "config.json").is_file())
+    return priors
+
+
 def find_shipped(task: str, operator_config: Mapping[str, Any], channels: int | None = None) -> ShippedModel | None:
     """The shipped model that serves ``task`` with ``operator_config`` (on ``channels``-channel images when
     given), or ``None``.

@@ -161,3 +161,21 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     with torch.no_grad():
         on, off = load_trained(shipped).model.eval()(y, op), model(y, op)
     assert float((op.A(on) - y).norm() / y.norm()) < 1e-5 < float((op.A(off) - y).norm() / y.norm())
+
+
+def test_idm_info_lists_models_and_priors_by_where_they_come_from(runs, tmp_path, monkeypatch, capsys):
+    from idm import shipped
+
+    prior_run, idm_run = runs
+    packaged, user = tmp_path / "packaged", tmp_path / "user"
+    export_model(idm_run, packaged / "cs-any")
+    export_prior(prior_run, packaged / "prior-a")
+    export_model(idm_run, user / "cs-any")  # the user's model of the same name: it is the one `cs-any` names
+    monkeypatch.setattr(shipped, "PACKAGED_DIR", packaged)
+    monkeypatch.setenv(shipped.MODELS_ENV, str(user))
+    assert main(["info", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"models in $IDM_MODELS_DIR ({user}): cs-any (cs)" in lines
+    assert "shipped models: cs-any [hidden by $IDM_MODELS_DIR] (cs)" in lines and "shipped priors: prior-a" in lines
+    with pytest.raises(CheckpointError, match="'prior-a' is a shipped diffusion prior, not an IDM model: pass it as --prior"):
+        load_trained("prior-a")

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from idm.checkpoint import save_json
     from idm.hardware import hardware_name
     from idm.precision import resolve_precision
-    from idm.shipped import shipped_models
+    from idm.shipped import PACKAGED_DIR, shipped_models, shipped_priors
 
     device = resolve_device(args.device)
     info = {
@@ -35,13 +35,34 @@ def run(args: argparse.Namespace) -> int:
         "precision_auto": resolve_precision("auto", device),
         "operators": operators.available(),
         "shipped_models": [{"name": m.name, "task": m.task, "path": str(m.path)} for m in shipped_models()],
+        "priors": [{"name": p.name, "path": str(p)} for p in shipped_priors()],
     }
     print(f"idm {info['idm']} | python {info['python']} | torch {info['torch']}")
     print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'}): {info['hardware']}")
     print(f"--precision auto runs {info['precision_auto']} on {device}")
     print(f"operators: {', '.join(info['operators'])}")
-    shipped = ", ".join(f"{m['name']} ({m['task']})" for m in info["shipped_models"])
-    print(f"shipped models: {shipped or 'none'}")
+    packaged = PACKAGED_DIR.resolve()
+    for heading, entries in _by_folder(info["shipped_models"], packaged).items():
+        print(f"{heading}: " + (", ".join(f"{m['name']} ({m['task']})" for m in entries) or "none"))
+    for heading, entries in _by_folder(info["priors"], packaged, "priors").items():
+        print(f"{heading}: " + ", ".join(m["name"] for m in entries))
     if args.out:
         save_json(info, args.out)
     return 0
+
+
+def _by_folder(entries: list[dict], packaged, what: str = "models") -> dict[str, list[dict]]:
+    """Entries under their heading: ``shipped <what>`` for the packaged ones (those that a same-named entry of
+    ``$IDM_MODELS_DIR`` hides marked), ``<what> in $IDM_MODELS_DIR (...)`` for the user's, listed first."""
+    from pathlib import Path
+
+    from idm.shipped import MODELS_ENV
+
+    user = [e for e in entries if Path(e["path"]).parent.resolve() != packaged]
+    hidden = {e["name"] for e in user}
+    shipped = [{**e, "name": e["name"] + (" [hidden by $IDM_MODELS_DIR]" if e["name"] in hidden else "")}
+               for e in entries if Path(e["path"]).parent.resolve() == packaged]  # fmt: skip
+    groups = {f"{what} in ${MODELS_ENV} ({Path(user[0]['path']).parent})": user} if user else {}
+    if shipped or what == "models":
+        groups[f"shipped {what}"] = shipped
+    return groups
