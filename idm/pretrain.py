@@ -402,6 +402,8 @@ def pretrain(
             progress=config.progress,
             save_estimate=checkpoint_time_guess(unet),
             desc="idm pretrain",
+            checkpoints=folder.checkpoints_dir,
+            amp=amp,
         )
     except BaseException:
         distributed.teardown(env, clean=False)

@@ -456,6 +456,8 @@ def train(
             progress=config.progress,
             save_estimate=checkpoint_time_guess(model),
             desc=f"idm train {task}",
+            checkpoints=folder.checkpoints_dir,
+            amp=config.amp and device.type == "cuda",
         )
     except BaseException:
         distributed.teardown(env, clean=False)

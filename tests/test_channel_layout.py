@@ -108,12 +108,12 @@ def test_separate_channels_survive_save_and_load(tmp_path):
 
 def test_train_defaults_to_separate_channels_for_inpainting_and_converts_an_init_from_model(tmp_path):
     data = write_images(tmp_path / "data")
-    argv = ["train", "--task", "inpainting", "--color", "rgb", "--steps", "1", "--crop", "16", "--batch-size", "2",
+    argv = ["train", "--task", "inpainting", "--color", "rgb", "--crop", "16", "--batch-size", "2",
             "--device", "cpu", "--num-workers", "0", "--no-progress", "--data", str(data), "--iters", "1"]  # fmt: skip
     prior = _grey_prior(tmp_path)
-    assert main([*argv, "--prior", prior, "--out", str(tmp_path / "default")]) == 0
+    assert main([*argv, "--steps", "1", "--prior", prior, "--out", str(tmp_path / "default")]) == 0
     assert load_trained(tmp_path / "default").model.config.separate_channels is True
-    assert main([*argv, "--prior", prior, "--no-separate-channels", "--out", str(tmp_path / "joint")]) == 0
+    assert main([*argv, "--steps", "1", "--prior", prior, "--no-separate-channels", "--out", str(tmp_path / "joint")]) == 0
     joint = load_trained(tmp_path / "joint").model
     assert joint.config.separate_channels is False
     assert "separate_channels" not in json.loads((tmp_path / "joint" / "config.json").read_text())["identity"]["model"]

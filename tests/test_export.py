@@ -105,6 +105,7 @@ def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
         export_model(bare, tmp_path / "out")
     with pytest.raises(CheckpointError, match="does not exist"):
         export_model(tmp_path / "nothing", tmp_path / "out")
+    assert main(["export", "--checkpoint", str(runs[1]), "--device", "nonsense", "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 

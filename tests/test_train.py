@@ -429,12 +429,17 @@ class _Identity(torch.nn.Module):
         return y
 
 
+#: BASE for --init-from: the model's architecture comes from the model (no --unet, no --steps)
+INIT_FROM_BASE = [a for i, a in enumerate(BASE) if a not in ("--unet", "tiny", "--steps") and BASE[i - 1] != "--steps"]
+
+
 def test_init_from_a_trained_model_starts_from_its_weights(tmp_path):
     data = write_images(tmp_path / "data")
     first = tmp_path / "first"
     assert main([*BASE, "--data", str(data), "--iters", "2", "--out", str(first)]) == 0
     tuned = tmp_path / "tuned"  # another ratio; the architecture comes from the model, not from BASE's --unet
-    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    flags = INIT_FROM_BASE
+    flags = list(flags)
     flags[flags.index("0.25")] = "0.4"
     one_step = ["--data", str(data), "--iters", "1", "--lr", "1e-12"]  # Adam moves each weight by about 1e-12
     assert main([*flags, *one_step, "--init-from", str(first), "--out", str(tuned)]) == 0
@@ -456,7 +461,7 @@ def test_init_from_an_export_that_names_its_prior(tmp_path):
     exported = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(first), "--fp32", "--prior-name", "prior-not-here", "--out", str(exported)]) == 0
     assert json.loads((exported / "config.json").read_text())["idm"]["unet"] == "prior-not-here"
-    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    flags = INIT_FROM_BASE
     tuned = tmp_path / "tuned"
     assert main([*flags, "--data", str(data), "--iters", "1", "--lr", "1e-12", "--init-from", str(exported), "--out", str(tuned)]) == 0
     before, after = load_trained(exported).model.state_dict(), load_trained(tuned).model.state_dict()
@@ -467,7 +472,7 @@ def test_init_from_refuses_another_task_or_channel_count(tmp_path, capsys):
     data = write_images(tmp_path / "data")
     first = tmp_path / "first"
     assert main([*BASE, "--data", str(data), "--iters", "1", "--out", str(first)]) == 0
-    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    flags = INIT_FROM_BASE
     inpainting = [*flags[:2], "inpainting", *flags[3:]]
     inpainting = [a for a in inpainting if a not in ("--block", "8")]
     assert main([*inpainting, "--color", "y", "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "a")]) == 2
@@ -475,6 +480,10 @@ def test_init_from_refuses_another_task_or_channel_count(tmp_path, capsys):
     assert main([*flags, "--color", "rgb", "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "b")]) == 2
     assert "1-channel images, task cs (rgb) gives 3" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for architecture in (["--steps", "2"], ["--invertible", "none"], ["--no-injectors"], ["--alpha-init", "0.9"]):
+        assert main([*flags, *architecture, "--data", str(data), "--init-from", str(first), "--out", str(tmp_path / "c")]) == 2
+        assert f"{architecture[0]} set the architecture of a new model; --init-from" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_out_of_device_memory_is_a_clear_error_naming_what_to_change():
@@ -503,11 +512,12 @@ def test_a_diverged_loss_stops_the_run_before_it_is_checkpointed():
 
     saved = []
     losses = [0.5, 0.4, 0.3, float("nan"), 0.2, 0.1]  # iteration 4 diverges; 5 and 6 would look fine again
-    with pytest.raises(TrainingDiverged, match=r"loss is nan over iterations 4\.\.4: .*No checkpoint was written after iteration 2\. .*start a new run \(another --out\) with --init-from OUT/checkpoints/iter_0000002") as caught:
+    with pytest.raises(TrainingDiverged, match=r"loss is nan over iterations 4\.\.4: .*No checkpoint was written after iteration 2\. .*start a new run \(another --out\) with --init-from runs/x/checkpoints/iter_0000002") as caught:
         run_loop(start=0, stop=6, batches=iter([torch.zeros(1)] * 6), step=lambda i, b: torch.tensor(losses[i]),
                  lr_at=lambda i: 1e-4, save=lambda it, sec: saved.append(it), cadence=Cadence(checkpoint_every=2, log_every=1),
-                 env=distributed.detect(), device=torch.device("cpu"), progress=False)  # fmt: skip
+                 env=distributed.detect(), device=torch.device("cpu"), progress=False, checkpoints=Path("runs/x/checkpoints"))  # fmt: skip
     assert saved == [2] and isinstance(caught.value, ValueError)  # iteration 4's checkpoint is never written
+    assert "--no-amp" not in str(caught.value)  # no autocast ran: nothing to switch off
 
 
 def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
@@ -537,7 +547,7 @@ def test_final_projection_defaults_to_the_task_and_to_the_init_from_model(tmp_pa
     assert load_trained(tmp_path / "default").model.config.final_projection is True  # cs: A^+ is exact
     assert main([*BASE, *one_step, "--no-final-projection", "--out", str(tmp_path / "off")]) == 0
     assert load_trained(tmp_path / "off").model.config.final_projection is False
-    flags = [a for a in BASE if a not in ("--unet", "tiny")]
+    flags = INIT_FROM_BASE
     assert main([*flags, *one_step, "--init-from", str(tmp_path / "off"), "--out", str(tmp_path / "kept")]) == 0
     assert load_trained(tmp_path / "kept").model.config.final_projection is False  # the model's, not the task's
     assert main([*flags, *one_step, "--init-from", str(tmp_path / "off"), "--final-projection", "--out", str(tmp_path / "on")]) == 0

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
     parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
-    parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name (default: the shipped model serving the task and operator); its operator and prior are every method's, also when --methods leaves idm out")
+    parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name; its operator and prior are every method's, also when --methods leaves idm out (default: for idm, the shipped model serving the task and operator; without idm, none: the task's operator, and --prior for ddnm/dps)")
     parser.add_argument("--prior", help="diffusion prior for ddnm/dps: a folder or a shipped prior's name (default: the checkpoint's prior)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
     parser.add_argument("--size", type=int, help="resize every (square) test image to SIZE x SIZE, anti-aliased, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from idm.cli.common import add_common_args
+from idm.cli.common import add_common_args, resolve_device
 
 
 def add_parser(subparsers) -> None:
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from idm.export import export_model, export_prior, weights_megabytes
     from idm.pretrain import is_pretrain_run
 
+    resolve_device(args.device)  # nothing runs on it, but a device this machine lacks is still refused
     source = Path(args.checkpoint)
     if is_pretrain_run(source):
         for flag, value in (("--final-projection", args.final_projection), ("--prior-name", args.prior_name)):

@@ -238,8 +238,11 @@ def run(args: argparse.Namespace) -> int:
         written = str(out)
     truth = "ground truth stored (x_true)" if args.keep_truth else "no ground truth stored (--keep-truth adds it)"
     seeds = f"operator seeds {items[0].seed}..{items[-1].seed}" if items[0].seed is not None else "no random operator parts"
+    sizes = {tuple(m.operator["img_size"]) for m in items if "img_size" in m.operator}
+    shown = {k: v for k, v in first.items() if k != "img_size"} if len(sizes) > 1 else first
+    per_image = f"; {len(sizes)} image sizes, each measured at its own (padded) size" if len(sizes) > 1 else ""
     print(
-        f"idm simulate: {len(items)} measurement(s) of task {task.name} with the {describe_operator(first)}; "
+        f"idm simulate: {len(items)} measurement(s) of task {task.name} with the {describe_operator(shown)}{per_image}; "
         f"{seeds}; {truth}; wrote {written}"
     )
     return 0

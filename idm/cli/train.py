@@ -43,15 +43,15 @@ def add_parser(subparsers) -> None:
     add_operator_args(parser, training=True)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--steps", type=int, default=3, help="sampling steps T (default 3)")
-    model.add_argument("--invertible", choices=("none", "steps", "both"), default="both", help="wiring (default both)")
+    model.add_argument("--steps", type=int, help="sampling steps T (default 3)")
+    model.add_argument("--invertible", choices=("none", "steps", "both"), help="wiring (default both)")
     model.add_argument("--no-recompute", action="store_true", help="plain autograd instead of the memory-saving backward")
     model.add_argument("--keep-attention", action="store_true",
                        help="with --invertible both and the memory-saving backward: the wired U-Net blocks keep their "
                             "attention products for the backward instead of recomputing them (faster; more memory: "
                             "Q, K, V and the output of every attention layer of one step). May change on --resume")  # fmt: skip
     model.add_argument("--no-injectors", action="store_true", help="no measurement injectors")
-    model.add_argument("--init", choices=("pinv", "noise"), default="pinv", help="x_T: sqrt(abar_T) A^+ y (default) or noise")
+    model.add_argument("--init", choices=("pinv", "noise"), help="x_T: sqrt(abar_T) A^+ y (default) or noise")
     model.add_argument("--pinv-mapping", choices=("measurements", "images"),
                        help="A^+ y in the prior's [-1, 1] range: A^+(2y - A1) or 2 A^+ y - 1 (default: the task's; "
                        "'images' for ct, whose FBP turns the constant image into streaks)")
@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
                        "--init-from a model of the other layout, its weights are converted (idm/channel_layout.py)")
     model.add_argument("--alpha-init", type=float,
                        help="initial learnable alpha, abar_t = alpha^t (default: the task's; 0.5 as the authors, "
-                       "0.99 for ct: the untrained network then returns about A^+ y instead of a poor first guess)")
+                       "0.99 for mri and ct: the untrained network then returns about A^+ y instead of a poor first guess)")
 
     opt = parser.add_argument_group("training (defaults come from the task)")
     opt.add_argument("--iters", type=int, help="total iterations")
@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--crop", type=int, help="square training crop (the operator's image size)")
     opt.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (cs, inpainting)")
     opt.add_argument("--lr", type=float, help="initial Adam learning rate")
-    opt.add_argument("--lr-milestones", type=int, nargs="+", metavar="ITER", help="iterations after which the lr is multiplied by --lr-gamma (default: 20/40/60/80%% of --iters)")
+    opt.add_argument("--lr-milestones", type=int, nargs="+", metavar="ITER", help="iterations after which the lr is multiplied by --lr-gamma (default: the task's fractions of --iters, 20/40/60/80%% for the built-in tasks)")
     opt.add_argument("--lr-gamma", type=float, default=0.5, help="lr factor at each milestone (default 0.5)")
     opt.add_argument("--scalar-lr-mult", type=float, default=1.0, help="lr factor for the learnable scalars: abar's alpha, wiring v, in/out scales (default 1 = the paper)")
     opt.add_argument("--ssim-weight", type=float, default=0.0, metavar="W", help="add W * (1 - SSIM) to the L1 loss, SSIM as the benchmarks measure it (on the MRI magnitude; default 0 = the paper's L1 alone)")
@@ -122,6 +122,13 @@ def run_train(args: argparse.Namespace) -> int:
     task = tasks.get(args.task)
     if args.color is not None:
         task = task.with_color(args.color)
+    if args.init_from:
+        architecture = {"--steps": args.steps, "--invertible": args.invertible, "--no-injectors": args.no_injectors or None,
+                        "--init": args.init, "--pinv-mapping": args.pinv_mapping, "--alpha-init": args.alpha_init}  # fmt: skip
+        given = [flag for flag, value in architecture.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the architecture of a new model; --init-from {args.init_from} "
+                             "keeps the trained model's (start from --prior or --unet to choose them)")  # fmt: skip
     start = _starting_model(args, task) if args.init_from else None
     sched = task.schedule
     iters = args.iters if args.iters is not None else sched.iters
@@ -161,12 +168,12 @@ def run_train(args: argparse.Namespace) -> int:
                   "final_projection": args.final_projection, "separate_channels": args.separate_channels}  # fmt: skip
         model_config = IDMConfig(
             unet=prior_folder(args.prior) if args.prior else args.unet,
-            steps=args.steps,
-            invertible=args.invertible,
+            steps=args.steps if args.steps is not None else 3,
+            invertible=args.invertible or "both",
             recompute=not args.no_recompute,
             keep_attention=args.keep_attention,
             injectors=not args.no_injectors,
-            init=args.init,
+            init=args.init or "pinv",
             **{**task.model_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         )
     if model_config.keep_attention and not (model_config.invertible == "both" and model_config.recompute):

@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -58,17 +59,19 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite; no checkpoint is written from then on (the message says what to do)."""
 
 
-def _diverged_message(loss: float, first: int, last: int, last_saved: int) -> str:
+def _diverged_message(loss: float, first: int, last: int, last_saved: int, checkpoints: Path | None, amp: bool) -> str:
     """What to do after a loss of ``loss`` over iterations ``first..last``: ``--resume`` keeps the run's
-    settings (its learning rate too), so a lower rate is a new run that starts from the last checkpoint."""
+    settings (its learning rate too), so a lower rate is a new run that starts from the last checkpoint
+    (in the folder ``checkpoints``). ``amp``: whether bf16 autocast ran (advise ``--no-amp`` then)."""
     message = f"the training loss is {loss} over iterations {first}..{last}: the run diverged. "
+    lower = "a lower --lr" + (" (or without AMP, --no-amp)" if amp else "")
     if last_saved <= 0:
-        return message + "No checkpoint was written; start again with a lower --lr (or without AMP, --no-amp)"
+        return message + f"No checkpoint was written; start again with {lower}"
+    saved = (checkpoints or Path("OUT/checkpoints")) / checkpoint_name(last_saved)
     return message + (
         f"No checkpoint was written after iteration {last_saved}. Its weights may already be on the way up (the loss "
         f"is checked every --log-every iterations): start a new run (another --out) with --init-from "
-        f"OUT/checkpoints/{checkpoint_name(last_saved)}, or an earlier one, and a lower --lr (or without AMP, --no-amp); "
-        "--resume would keep this run's settings"
+        f"{saved}, or an earlier one, and {lower}; --resume would keep this run's settings"
     )
 
 
@@ -153,6 +156,8 @@ def run_loop(
     progress: bool = True,
     desc: str = "train",
     save_estimate: float = 0.0,
+    checkpoints: Path | None = None,
+    amp: bool = False,
 ) -> LoopResult:
     """Run steps ``start .. stop - 1``; see the module docstring.
 
@@ -168,6 +173,8 @@ def run_loop(
         seconds_before: training seconds of earlier chunks (for the log).
         save_estimate: seconds a checkpoint is expected to take before one
             has been timed (kept in reserve before the deadline).
+        checkpoints, amp: where ``save`` writes and whether the step runs under autocast, for the
+            advice when the loss diverges.
     """
     from tqdm.auto import tqdm
 
@@ -220,7 +227,7 @@ def run_loop(
                     total, count = distributed.all_reduce_sum([float(window_sum), float(window_n)], env, device)
                     mean_loss = total / max(count, 1.0)
                     if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
-                        raise TrainingDiverged(_diverged_message(mean_loss, window_first, completed, last_saved))
+                        raise TrainingDiverged(_diverged_message(mean_loss, window_first, completed, last_saved, checkpoints, amp))
                     window_sum.zero_()
                     window_n = 0
                     window_first = completed + 1
