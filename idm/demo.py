@@ -46,6 +46,7 @@ DEMO_CASES: tuple[DemoCase, ...] = (
     DemoCase("cs-10", "cs", {"ratio": 0.1}),
     DemoCase("cs-30", "cs", {"ratio": 0.3}),
     DemoCase("cs-50", "cs", {"ratio": 0.5}),
+    DemoCase("cs-20", "cs", {"ratio": 0.2}),  # no model for 20 % alone: the one for every ratio (cs-ratio-1-50)
     DemoCase("inpainting-50-missing", "inpainting", {"mask": "random", "ratio": 0.5}),
     DemoCase("inpainting-80-missing", "inpainting", {"mask": "random", "ratio": 0.2}),
     DemoCase("inpainting-box", "inpainting", {"mask": "box"}),
