@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the shipped models on bundled sample images",
-        description="Reconstruct bundled sample images with every shipped model (CS at 10/30/50% and inpainting on "
+        description="Reconstruct bundled sample images with every shipped model (CS at 10/20/30/50% and inpainting on "
         "scikit-image's photographs, MRI and CT on the Shepp-Logan phantom) next to the pseudo-inverse; writes OUT/demo.md (PSNR, SSIM, seconds), OUT/demo.png "
         "(ground truth | A^+ y | IDM) and per-setting grids and results.csv.",
     )
