@@ -222,14 +222,15 @@ def is_pretrain_run(folder: Path) -> bool:
 
 
 def prior_folder(path: str | Path) -> str:
-    """What a ``--prior`` argument names: an ``idm pretrain`` ``--out`` folder stands for the prior it exports
-    (``OUT/prior``), a shipped prior's name (``prior-natural-y``) for its folder when no such path exists,
-    anything else for itself. A pretrain run that has not exported a prior yet is a :class:`CheckpointError`."""
+    """What a ``--prior`` argument names, as an absolute path: an ``idm pretrain`` ``--out`` folder stands for the
+    prior it exports (``OUT/prior``), a shipped prior's name (``prior-natural-y``) for its folder when no such
+    path exists, any other folder for itself. A pretrain run that has not exported a prior yet is a :class:`CheckpointError`."""
     from idm.shipped import find_prior
 
     folder = Path(path)
     if not folder.exists():
         return str(find_prior(str(path)) or folder)
+    folder = Path(os.path.abspath(folder))  # recorded with the models trained on it: valid from any working folder
     if is_pretrain_run(folder):
         if not (folder / PRIOR_DIR / "config.json").is_file():
             raise CheckpointError(f"{folder} is an `idm pretrain` run that has not exported its {PRIOR_DIR}/ yet "
