@@ -212,13 +212,14 @@ def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info
 
 
 def is_pretrain_run(folder: Path) -> bool:
-    """Whether ``folder`` is an ``idm pretrain`` ``--out`` folder (its ``config.json``, or an exported ``prior/``)."""
+    """Whether ``folder`` is an ``idm pretrain`` ``--out`` folder: its ``config.json`` says so, or it has none
+    (a run folder without its config) but holds an exported ``prior/``."""
+    if not (folder / "config.json").is_file():
+        return (folder / PRIOR_DIR / "config.json").is_file()
     try:
-        if load_json(folder / "config.json", "run config").get("format") == RUN_FORMAT:
-            return True
+        return load_json(folder / "config.json", "run config").get("format") == RUN_FORMAT
     except (CheckpointError, AttributeError):
-        pass
-    return (folder / PRIOR_DIR / "config.json").is_file()
+        return False
 
 
 def prior_folder(path: str | Path) -> str:
