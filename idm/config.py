@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 INVERTIBLE_CHOICES = ("none", "steps", "both")
 INIT_CHOICES = ("pinv", "noise")
@@ -127,6 +130,14 @@ class IDMConfig:
         def is_int(value: Any) -> bool:  # bool is an int to Python, never a count here
             return isinstance(value, int) and not isinstance(value, bool)
 
+        # NumPy scalars (np.int64 steps, np.float32 alpha) become Python numbers: the config is saved as JSON
+        for name in ("image_channels", "steps", "keep_scales", "pixel_unshuffle", "injector_kernel", "projection_cg_iters"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, int(value))
+        if isinstance(self.alpha_init, numbers.Real) and not isinstance(self.alpha_init, (bool, np.bool_)):
+            object.__setattr__(self, "alpha_init", float(self.alpha_init))
+
         for name in ("recompute", "injectors", "time_input", "final_projection", "separate_channels", "keep_attention"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         need(self.keep_mid is None or isinstance(self.keep_mid, bool), f"keep_mid must be None, True or False, got {self.keep_mid!r}")
@@ -141,7 +152,7 @@ class IDMConfig:
         need(self.pixel_unshuffle is None or (is_int(self.pixel_unshuffle) and self.pixel_unshuffle in (1, 2, 4)),
              f"pixel_unshuffle must be None, 1, 2 or 4, got {self.pixel_unshuffle!r}")
         need(is_int(self.injector_kernel) and self.injector_kernel in (1, 3), f"injector_kernel must be 1 or 3, got {self.injector_kernel!r}")
-        need(isinstance(self.alpha_init, (int, float)) and not isinstance(self.alpha_init, bool) and 0.0 < self.alpha_init < 1.0,
+        need(isinstance(self.alpha_init, float) and 0.0 < self.alpha_init < 1.0,
              f"alpha_init must be a number in (0, 1), got {self.alpha_init!r}")
         need(self.prior_range is None or self.prior_range in PRIOR_RANGE_CHOICES, f"prior_range must be None or one of {PRIOR_RANGE_CHOICES}, got {self.prior_range!r}")
         need(self.pinv_mapping in PINV_MAPPING_CHOICES, f"pinv_mapping must be one of {PINV_MAPPING_CHOICES}, got {self.pinv_mapping!r}")

@@ -126,8 +126,8 @@ def export_model(
 
     ``checkpoint`` may also be an exported folder (a shipped model): its
     ``provenance.json`` is kept, and ``exported_from`` lists the exported
-    folders it came through, oldest first, ending with that folder (as it was
-    before, when ``out`` is the same folder).
+    folders it came through, oldest first, ending with that folder (each
+    once: re-exporting a folder in place does not list it again).
     """
     folder = resolve_model_dir(checkpoint)
     _check_replaceable(Path(out), folder, "model")
@@ -155,7 +155,10 @@ def export_model(
         earlier = load_json(folder / PROVENANCE_NAME, "provenance")
         chain = earlier.get("exported_from") or []
         chain = [chain] if isinstance(chain, str) else list(chain)  # one folder in exports before the chain
-        provenance = {**earlier, **extra, "exported_from": [*chain, str(folder)]}
+        source = str(folder.resolve())
+        if not chain or Path(chain[-1]).resolve() != Path(source):  # a folder re-exported in place is listed once
+            chain.append(source)
+        provenance = {**earlier, **extra, "exported_from": chain}
     else:
         provenance = _provenance(folder, run, state, extra)
 

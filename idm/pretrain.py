@@ -404,8 +404,7 @@ def pretrain(
             progress=config.progress,
             save_estimate=checkpoint_time_guess(unet),
             desc="idm pretrain",
-            checkpoints=folder.checkpoints_dir,
-            amp=amp,
+            amp=amp,  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
     except BaseException:
         distributed.teardown(env, clean=False)

@@ -202,6 +202,16 @@ def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float, fused: bo
 _FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_channels")
 
 
+def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's identity; runs from before ``ssim_weight`` joined it recorded the weight in their settings."""
+    identity = run.get("identity", {})
+    training = identity.get("training") if isinstance(identity, dict) else None
+    weight = run.get("settings", {}).get("ssim_weight") if isinstance(run.get("settings"), dict) else None
+    if isinstance(training, dict) and "ssim_weight" not in training and weight:
+        identity = {**identity, "training": {**training, "ssim_weight": weight}}
+    return identity
+
+
 def _model_identity(config: IDMConfig) -> dict[str, Any]:
     d = config.to_dict()
     if d["unet"] not in ("tiny", "sd15"):
@@ -347,7 +357,7 @@ def train(
         "data": {"items": len(dataset), "shape": list(shape)},
     }
     folder = RunFolder(out, RUN_FORMAT)
-    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=_recorded_identity)
 
     val_images = None
     if val_dataset is not None:

@@ -59,11 +59,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal settings; numbers compared with a relative tolerance of 1e-6, so that a value that went through
-    float32 (0.3 -> 0.30000001192...) is still the same setting (bools exactly)."""
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal operator settings. A float is compared with a relative tolerance of 1e-6, so that a value that
+    went through float32 (0.3 -> 0.30000001192...) is still the same setting; integers (seeds, sizes) and
+    bools exactly."""
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        if isinstance(a, int) and isinstance(b, int):
+            return a == b
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
     return a == b
 
@@ -151,11 +154,11 @@ class Component:
                 )
                 have = f"{spec[0]:g}..{spec[1]:g}"
             elif isinstance(spec, list):
-                ok = any(_same(v, want) for v in spec)
+                ok = any(same_setting(v, want) for v in spec)
                 have = " or ".join(repr(v) for v in spec)
             else:
                 have = self.base.get(key, "<not set>")
-                ok = _same(have, want)
+                ok = same_setting(have, want)
                 have = repr(have)
             if not ok:
                 problems.append(f"operator {key}: trained with {have}, requested {want!r}")

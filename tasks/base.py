@@ -67,9 +67,6 @@ class Task:
         options: operator arguments the command-line flags may override
             (``ratio``, ``mode``, ``block``, ``mask``, ``acceleration``,
             ``center_fraction``, ``views``).
-        linked_defaults: defaults that follow other settings: a function of
-            the settings in force returning defaults for settings the caller
-            did not give (MRI: the centre fraction follows the acceleration).
         channels: image channels the network reconstructs.
         color: colour mode of image files (``"gray"``, ``"y"``, ``"rgb"``) or
             a loader-specific word (``"magnitude"``, ``"hu"``).
@@ -103,7 +100,6 @@ class Task:
     operator: str
     operator_defaults: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()
-    linked_defaults: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     channels: int = 1
     color: str = "gray"
     crop: int = 256
@@ -150,10 +146,7 @@ class Task:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
             takes = ", ".join("--" + k.replace("_", "-") for k in self.options) or "no operator flags"
             raise ValueError(f"task {self.name} does not use {flags} (it takes {takes})")
-        kwargs = {**self.operator_defaults, **overrides}
-        if self.linked_defaults is not None:
-            kwargs.update({k: v for k, v in self.linked_defaults(kwargs).items() if k not in overrides})
-        return kwargs
+        return {**self.operator_defaults, **overrides}
 
     def make_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
         """The task's operator for ``(H, W)`` images, with ``overrides`` of the defaults.

@@ -18,7 +18,7 @@ wrong, all ``ValueError`` subclasses):
   may exceed ``image_size`` when the image was zero-padded before measuring
   (CS: to a multiple of the block), and the reconstruction is cropped back
   to ``image_size`` (top-left corner). ``seed`` is the operator's seed
-  (``idm simulate``: ``--seed + i``), ``None`` for operators without one.
+  (``idm simulate``: ``--seed + i`` modulo 2**32), ``None`` for operators without one.
   ``extra`` holds what the writer adds (idm version, command, CT window...).
 * ``names``: unicode array ``(N,)``, the item names (unique).
 * ``y``: float32 ``(N, *measurement_shape)`` when all items have the same

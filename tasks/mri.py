@@ -1,5 +1,4 @@
-"""Accelerated single-coil MRI: Cartesian k-space undersampling, 4x with 8 % fully sampled centre
-(by default; at another acceleration R the centre is 0.32 / R unless given: 4 % at 8x, as fastMRI).
+"""Accelerated single-coil MRI: Cartesian k-space undersampling, 4x with 8 % fully sampled centre.
 
 Data: magnitude images (PNG/TIFF folders, or MATLAB ``.mat`` files holding one
 2-D matrix in [0, 1]) become complex images with a zero imaginary part,
@@ -34,15 +33,6 @@ class ComplexFromMagnitude(Dataset):
         return torch.cat([x, torch.zeros_like(x)], dim=0)
 
 
-def fastmri_center_fraction(settings) -> dict:
-    """fastMRI's pairing of the fully sampled centre with the acceleration, 0.08 at 4x and 0.04 at 8x
-    (``0.32 / acceleration``), as the default of ``center_fraction`` when only the acceleration is given."""
-    acceleration = settings.get("acceleration")
-    if isinstance(acceleration, (int, float)) and not isinstance(acceleration, bool) and acceleration >= 1:
-        return {"center_fraction": round(0.32 / acceleration, 6)}
-    return {}  # a family range or a bad value: the operator's own checks speak
-
-
 def mri_loader(task, paths, crop, augment, seed):
     """Magnitude images from image folders and/or ``.mat`` folders -> complex 2-channel items."""
     from tasks.data import grayscale_dataset
@@ -55,7 +45,6 @@ TASK = Task(
     operator="mri",
     operator_defaults={"acceleration": 4, "center_fraction": 0.08, "mask_type": "random"},
     options=("acceleration", "center_fraction"),
-    linked_defaults=fastmri_center_fraction,
     channels=2,
     color="magnitude",
     crop=256,

@@ -154,9 +154,12 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     provenance = json.loads((switched / "provenance.json").read_text())
     before = json.loads((shipped / "provenance.json").read_text())
     assert provenance["iteration"] == before["iteration"] == 1 and provenance["command"] == before["command"]
-    assert provenance["exported_from"] == [str(shipped)] and provenance["final_projection"] is False
+    assert provenance["exported_from"] == [str(shipped.resolve())] and provenance["final_projection"] is False
     again = json.loads((export_model(switched, tmp_path / "again") / "provenance.json").read_text())
-    assert again["exported_from"] == [str(shipped), str(switched)]  # the whole way back
+    assert again["exported_from"] == [str(shipped.resolve()), str(switched.resolve())]  # the whole way back
+    in_place = json.loads((export_model(tmp_path / "again", tmp_path / "again") / "provenance.json").read_text())
+    in_place = json.loads((export_model(tmp_path / "again", tmp_path / "again") / "provenance.json").read_text())
+    assert in_place["exported_from"] == [*again["exported_from"], str((tmp_path / "again").resolve())]  # once
     op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
     y = op.A(torch.rand(2, 1, 16, 16))
     with torch.no_grad():
@@ -180,3 +183,8 @@ def test_idm_info_lists_models_and_priors_by_where_they_come_from(runs, tmp_path
     assert "shipped models: cs-any [hidden by $IDM_MODELS_DIR] (cs)" in lines and "shipped priors: prior-a" in lines
     with pytest.raises(CheckpointError, match="'prior-a' is a shipped diffusion prior, not an IDM model: pass it as --prior"):
         load_trained("prior-a")
+    from idm import IDM, IDMConfig
+
+    IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(user / "bare")  # a model folder without run.json: no prior
+    with pytest.raises(CheckpointError, match="'bare' does not exist, nor is it the name of a shipped model"):
+        load_trained("bare")

@@ -429,6 +429,10 @@ def test_config_errors():
             IDMConfig(**bad)
     with pytest.raises(ValueError, match="unknown field"):
         IDMConfig.from_dict({"stepz": 3})
+    import numpy as np
+
+    converted = IDMConfig(steps=np.int64(2), alpha_init=np.float32(0.25))  # NumPy scalars become Python numbers
+    assert type(converted.steps) is int and type(converted.alpha_init) is float and converted.alpha_init == 0.25
 
 
 def test_wrong_channel_count_is_reported(ortho_op):

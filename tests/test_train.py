@@ -332,6 +332,22 @@ def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys)
     assert snapshot(out) == before
 
 
+def test_a_run_recorded_before_the_ssim_weight_joined_its_identity_resumes(tmp_path, data, capsys):
+    """Older runs kept --ssim-weight in their settings only: resuming one with its own weight still works."""
+    out = tmp_path / "run"
+    argv = [*BASE, "--data", str(data), "--ssim-weight", "0.5", "--lr-milestones", "9", "--out", str(out)]
+    assert main([*argv, "--iters", "1"]) == 0
+    for record in (out / "config.json", *out.glob("checkpoints/*/run.json")):  # as the code before wrote them
+        run = json.loads(record.read_text())
+        del run["identity"]["training"]["ssim_weight"]
+        assert run["settings"]["ssim_weight"] == 0.5
+        record.write_text(json.dumps(run))
+    assert main([*argv, "--iters", "2", "--resume"]) == 0
+    without = [a for a in argv if a not in ("--ssim-weight", "0.5")]
+    assert main([*without, "--iters", "3", "--resume"]) == 2
+    assert "training.ssim_weight: 0.5 in the run, null now" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage_json", "no_optimizer", "moment_shape", "moment_missing", "rng_short"])
 def test_damaged_checkpoint_is_refused(base_run, tmp_path, data, capsys, damage):
     from safetensors.torch import load_file, save_file

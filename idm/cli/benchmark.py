@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "hardware": hardware_name(device),
         "task": task.describe(),
         "operator": without_size_and_seed(first_op.config()),
-        "operator_seeds": f"{args.seed} + image index" if "seed" in first_op.config() else None,
+        "operator_seeds": f"{args.seed} + image index (mod 2**32)" if "seed" in first_op.config() else None,
         "generator_seeds": f"{args.seed} + image index",
         "protocol": describe_protocol(task),
         "checkpoint": None if trained is None else str(trained.path),

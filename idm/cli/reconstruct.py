@@ -22,7 +22,7 @@ What the input is:
   sidecar, else from the checkpoint / task with the image size inferred from
   the detector count; the view count must match ``--views`` and the checkpoint.
 * anything else (an image, a CT slice, a folder) -- simulated exactly as
-  ``idm simulate`` would (seed ``--seed + i``, operator of the checkpoint), then
+  ``idm simulate`` would (seed ``--seed + i`` modulo 2**32, operator of the checkpoint), then
   reconstructed and scored.
 
 Without ``--checkpoint`` the shipped model that serves the task and operator
@@ -87,7 +87,7 @@ def add_parser(subparsers) -> None:
         help="reconstruct measurements (.npz, fastMRI .h5, CT sinogram) or images (simulated) with a trained IDM",
         description=__doc__.split("\n\n")[0],
         epilog="Inputs: an idm simulate .npz; a fastMRI single-coil .h5 (or a folder of them); a CT sinogram .npy "
-        "(--task ct); or images / CT slices / a folder, simulated with seed --seed + i then reconstructed and scored.",
+        "(--task ct); or images / CT slices / a folder, simulated with seed --seed + i (modulo 2**32), then reconstructed and scored.",
     )
     parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
     parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5)")
@@ -261,17 +261,13 @@ def input_kind(path: Path, task_name: str | None) -> str:
     return "images"
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
 def _check_flags_against(overrides: dict[str, Any], config: dict[str, Any], where: str) -> None:
     """Operator flags must agree with the operator recorded in a measurement file."""
+    from operators.family import same_setting
+
     for key, value in overrides.items():
         have = config.get(key, "<not set>")
-        if not _same(have, value):
+        if not same_setting(have, value):
             flag = "--" + key.replace("_", "-")
             raise ValueError(
                 f"{where} was measured with {key}={have!r}; {flag} {value} does not match (the operator comes from the file)"
@@ -339,7 +335,7 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
     settings = {
         "task": task.name,
         "operator": _short({k: v for k, v in plan.settings.items()}),
-        "operator_seeds": f"{args.seed} + image index",
+        "operator_seeds": f"{args.seed} + image index (mod 2**32)",
         "checkpoint": str(trained.path),
         "window": window,
         "padding": f"zero-padded to a multiple of {plan.block}" if plan.block else None,

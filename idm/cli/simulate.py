@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command_line("simulate"),
         "input": str(source),
         "seed": args.seed,
-        "operator_seeds": f"{args.seed} + image index" if items[0].seed is not None else None,
+        "operator_seeds": f"{args.seed} + image index (mod 2**32)" if items[0].seed is not None else None,
         "operator_source": f"checkpoint {args.checkpoint}" if trained_operator else "task defaults and flags",
         "checkpoint": args.checkpoint,
         "color": task.color,

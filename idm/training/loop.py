@@ -61,17 +61,18 @@ class TrainingDiverged(ValueError):
 
 def _diverged_message(loss: float, first: int, last: int, last_saved: int, checkpoints: Path | None, amp: bool) -> str:
     """What to do after a loss of ``loss`` over iterations ``first..last``: ``--resume`` keeps the run's
-    settings (its learning rate too), so a lower rate is a new run that starts from the last checkpoint
-    (in the folder ``checkpoints``). ``amp``: whether bf16 autocast ran (advise ``--no-amp`` then)."""
+    settings (its learning rate too), so a lower rate is a new run, which ``idm train`` can start from the
+    last checkpoint (``--init-from``, in the folder ``checkpoints``; ``None``: a command without it).
+    ``amp``: whether bf16 autocast ran (advise ``--no-amp`` then)."""
     message = f"the training loss is {loss} over iterations {first}..{last}: the run diverged. "
     lower = "a lower --lr" + (" (or without AMP, --no-amp)" if amp else "")
     if last_saved <= 0:
         return message + f"No checkpoint was written; start again with {lower}"
-    saved = (checkpoints or Path("OUT/checkpoints")) / checkpoint_name(last_saved)
+    start = "" if checkpoints is None else f" with --init-from {checkpoints / checkpoint_name(last_saved)}, or an earlier one,"
     return message + (
         f"No checkpoint was written after iteration {last_saved}. Its weights may already be on the way up (the loss "
-        f"is checked every --log-every iterations): start a new run (another --out) with --init-from "
-        f"{saved}, or an earlier one, and {lower}; --resume would keep this run's settings"
+        f"is checked every --log-every iterations): start a new run (another --out){start} {'and' if start else 'with'} {lower}; "
+        "--resume would keep this run's settings"
     )
 
 
@@ -173,8 +174,8 @@ def run_loop(
         seconds_before: training seconds of earlier chunks (for the log).
         save_estimate: seconds a checkpoint is expected to take before one
             has been timed (kept in reserve before the deadline).
-        checkpoints, amp: where ``save`` writes and whether the step runs under autocast, for the
-            advice when the loss diverges.
+        checkpoints, amp: where ``save`` writes, when a new run can start from there (``idm train
+            --init-from``), and whether the step runs under autocast: for the advice when the loss diverges.
     """
     from tqdm.auto import tqdm
 

@@ -131,14 +131,22 @@ class RunFolder:
         return cfg
 
     # ---- starting / resuming -------------------------------------------------------
-    def prepare(self, identity: dict[str, Any], resume: bool, hints: dict[str, str] | None = None) -> Path | None:
+    def prepare(
+        self,
+        identity: dict[str, Any],
+        resume: bool,
+        hints: dict[str, str] | None = None,
+        recorded_identity: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Path | None:
         """Check that the run may use ``out``; return the checkpoint to resume from (``None``: fresh start).
 
         Writes nothing. Raises :class:`CheckpointError` when ``out`` holds
         checkpoints and ``resume`` is false, when a resumed run's identity
         differs from ``identity``, or when ``out`` is not a run folder of this kind.
         ``hints`` maps a field name (last part of the dotted key) to advice
-        added to the message when that field differs.
+        added to the message when that field differs. ``recorded_identity``
+        reads the identity out of a saved run config (default: its
+        ``"identity"``), e.g. to fill in fields that older runs recorded elsewhere.
         """
         if self.out.exists() and not self.out.is_dir():
             raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
@@ -156,13 +164,14 @@ class RunFolder:
                     "pass --resume to continue it, or choose another --out (nothing was overwritten)"
                 )
             return None
+        read = recorded_identity or (lambda run: run.get("identity", {}))
         if not found:
             if has_config:
-                self._check_identity(saved.get("identity", {}), identity, self.config_path, hints)
+                self._check_identity(read(saved), identity, self.config_path, hints)
             return None
         latest = found[-1][1]
         run = self.read_config(latest / RUN_NAME)
-        self._check_identity(run.get("identity", {}), identity, latest, hints)
+        self._check_identity(read(run), identity, latest, hints)
         return latest
 
     def _check_identity(self, saved: dict[str, Any], current: dict[str, Any], where: Path, hints: dict[str, str] | None) -> None:

@@ -46,11 +46,11 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     a shipped model (``"mri-4x"``; a path of that name wins).
     Raises :class:`CheckpointError` otherwise.
     """
-    from idm.shipped import find_prior, model_path  # a shipped model's name, when no such path exists
+    from idm.shipped import model_path, shipped_priors  # a shipped model's name, when no such path exists
 
     p = Path(model_path(str(path)))
     if not p.exists():
-        if find_prior(str(path)) is not None:
+        if any(prior.name == str(path) for prior in shipped_priors()):
             raise CheckpointError(f"{str(path)!r} is a shipped diffusion prior, not an IDM model: "
                                   "pass it as --prior (idm train, idm benchmark)")  # fmt: skip
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist, nor is it the name of a shipped model (`idm info` lists them)")
