@@ -102,11 +102,6 @@ def _unique_trainable(params: Iterable[Tensor], exclude: Sequence[Tensor]) -> li
     return out
 
 
-def _has_gradient_hooks(p: Tensor) -> bool:
-    """Whether ``p`` has hooks from ``register_hook`` or ``register_post_accumulate_grad_hook``."""
-    return bool(getattr(p, "_backward_hooks", None)) or bool(getattr(p, "_post_accumulate_grad_hooks", None))
-
-
 class _WiredChain(torch.autograd.Function):
     """Autograd function: the whole chain forward without storing, backward by inversion.
 
@@ -302,11 +297,7 @@ def wired_chain(
         if not all(p.is_leaf for p in spec.params):
             raise ValueError("wired_chain(recompute=True) needs leaf tensors (parameters) in params: their gradients "
                              "are summed in their .grad; pass the parameters a computed weight is made from")
-        hooked = next((p for p in spec.params if _has_gradient_hooks(p)), None)
-        if hooked is not None:
-            raise ValueError(f"a parameter of shape {tuple(hooked.shape)} has gradient hooks: the memory-saving backward "
-                             "(recompute=True) sums each parameter's gradient over the layers in several passes, and "
-                             "the hooks would run on every partial sum; remove them or run with recompute=False")  # fmt: skip
+
         return _WiredChain.apply(spec, x1, x2, v, *spec.context_tensors(), *spec.params)
     if scaled_start:
         x2 = x2 * x1
