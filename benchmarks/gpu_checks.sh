@@ -2,11 +2,14 @@
 # The GPU measurements of the speed (#8) and memory (#3) issues, as one prepared command for
 # the lent device machine (see ../shared/device/README.md; results: benchmarks/results/h200/).
 #
-#   bash benchmarks/gpu_checks.sh [STAGE ...]       # default: every stage, in this order
+#   bash benchmarks/gpu_checks.sh STAGE [STAGE ...]
 #
-# Stages (each under its own `timeout`, seconds in brackets; a device command may run 10
-# minutes). On the H200 (2026-12-04) memory-b1, speed-sd15 and levers-b8 took 180 s together,
-# memory-b8, cuda-tests and speed-small 187 s: benchmarks/results/h200/.
+# Stages (each under its own `timeout`, seconds in brackets): choose stages whose limits add up
+# to what one device command may run (10 minutes) and the session's device time allows. On the
+# H200 (2026-12-04) memory-b1, speed-sd15 and levers-b8 took 180 s together, memory-b8,
+# cuda-tests and speed-small 187 s (benchmarks/results/h200/), before speed-sd15 gained its
+# CUDA-graph training rows and levers-b8 its attention-kept row. The exit status is 1 when any
+# stage failed or ran out of time (each stage's own is in the log: "=== NAME: exit N").
 #   memory-b1    the core issue's table: sd15, batch 1, T = 1, 2, 3, 6, 12, every variant
 #                (none, checkpoint, steps, both, and both with attention kept): peak memory,
 #                time per iteration                                                     [250]
@@ -52,19 +55,22 @@ PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
 STAGES=("$@")
 KNOWN=" memory-b1 graphs-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
-[ ${#STAGES[@]} -eq 0 ] && STAGES=($KNOWN)
+[ ${#STAGES[@]} -eq 0 ] && { echo "name the stages to run (one or more of:$KNOWN)" >&2; exit 2; }
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
 done
 RESULTS=$(mktemp -d)
 mkdir -p "$OUT"
 
+FAILED=0
 run_stage() {  # name, seconds, command...
-    local name=$1 seconds=$2
+    local name=$1 seconds=$2 status
     shift 2
     echo "=== $name ($(date -u +%H:%M:%S), at most ${seconds} s): $*"
     timeout "$seconds" "$@"
-    echo "=== $name: exit $?"
+    status=$?
+    echo "=== $name: exit $status"
+    [ "$status" -eq 0 ] || FAILED=1
     tar -cf "$OUT/results.tar" -C "$RESULTS" .
 }
 
@@ -114,4 +120,5 @@ run_stage() {  # name, seconds, command...
                     --out "$RESULTS/$stage" ;;
         esac
     done
+    exit $FAILED  # through the pipe (pipefail): the device tool's rc says whether every stage passed
 } 2>&1 | tee "$OUT/log.txt"

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import TrainingSetup, add_timing_args, median_seconds, seconds_of, setup
+from benchmarks.timing import TrainingSetup, add_timing_args, error_line, median_seconds, seconds_of, setup
 from idm.hardware import hardware_name
 
 import operators
@@ -117,7 +117,10 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
     """One row of the table: build the problem (weights and data from ``seed``), train ``warmup + iters`` iterations, measure.
 
     ``cuda_graph``: the iterations replay one CUDA graph of the iteration, captured after warm-up
-    iterations of its own (:meth:`TrainingSetup.captured_iteration`); the peak then includes the capture.
+    iterations of its own (:meth:`TrainingSetup.captured_iteration`); the peak is then the replays' (the
+    graph's memory pool, the weights and the optimizer state), not the eager warm-up's. cuDNN's autotuning
+    (``torch.backends.cudnn.benchmark``, on in ``idm train``) stays off in every row, so that rows of
+    different runs compare.
     """
     training = training_setup(variant, steps, batch, size, unet, device, seed, ablation, capturable=cuda_graph)
     row = _row(variant, ablation, steps, batch, size, unet, device, training)
@@ -126,6 +129,8 @@ def measure(variant: str, steps: int, batch: int, size: int, unet: str, device: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     run = training.captured_iteration() if cuda_graph else training.iteration
+    if cuda_graph and device.type == "cuda":  # the graph's own peak (its pool and the state), not the eager warm-up's
+        torch.cuda.reset_peak_memory_stats(device)
     row["ms_per_iter"] = round(1000 * median_seconds(run, device, iters, warmup), 2)
     if device.type == "cuda":
         row["memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -229,7 +234,7 @@ def measure_or_oom(variant: str, ablation: str | None, steps: int, batch: int, a
     except RuntimeError as err:
         if not args.cuda_graphs:
             raise
-        status = f"capture failed: {str(err).splitlines()[0][:160]}"  # recorded; the next rows still run
+        status = f"capture failed: {error_line(err)}"  # the first error of the chain; the next rows still run
         traceback.print_exc()  # where in the iteration capture broke, for the device log
     torch.cuda.empty_cache()
     return dict(variant=row_label(variant, ablation), steps=steps, batch=batch, size=args.size, unet=args.unet,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,8 +52,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 import operators
 from idm import IDM, IDMConfig
 from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import (TrainingSetup, add_timing_args, captured, median_seconds, minor_page_faults,
-                               require_cuda_for_graphs, setup)
+from benchmarks.timing import (TrainingSetup, add_timing_args, captured, error_line, median_seconds,
+                               minor_page_faults, require_cuda_for_graphs, setup)
 from idm.checkpoint import CheckpointError
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS
@@ -277,7 +278,8 @@ def _guarded(make_row: Callable[[], dict], base: dict) -> dict:
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # noqa: PERF203
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return {**base, "status": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+        traceback.print_exc()  # where it broke (a capture, a compile), for the device log
+        return {**base, "status": error_line(err, 120)}
 
 
 def main(argv: list[str] | None = None) -> int:

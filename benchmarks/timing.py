@@ -77,6 +77,20 @@ def median_seconds(run: Callable[[], Any], device: torch.device, iters: int, war
     return statistics.median([seconds_of(run, device) for _ in range(warmup + iters)][warmup:])
 
 
+def first_cause(error: BaseException) -> BaseException:
+    """The error a chain started from: a failed CUDA-graph capture raises a second error on leaving the capture
+    ("operation failed due to a previous error during capture") whose context is the one that says why."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def error_line(error: BaseException, width: int = 160) -> str:
+    """``"Type: first line"`` of :func:`first_cause` ``(error)``, at most ``width`` characters of the message."""
+    cause = first_cause(error)
+    return f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:width]}"
+
+
 def require_cuda_for_graphs(device: torch.device) -> None:
     """A ``RuntimeError`` that the benchmarks record as a row's status, off CUDA."""
     if device.type != "cuda":

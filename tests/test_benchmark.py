@@ -490,15 +490,18 @@ def test_a_failed_capture_is_a_row_and_the_run_goes_on(monkeypatch, capsys):
 
     from benchmarks import memory
 
-    def refused(*args, **kwargs):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    def refused(*args, **kwargs):  # as torch's capture: leaving it raises a second error over the first
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
     monkeypatch.setattr(memory, "measure", refused)
     args = argparse.Namespace(size=32, unet="tiny", iters=1, warmup=0, seed=0, cuda_graphs=True)
     row = memory.measure_or_oom("both", None, 2, 1, args, torch.device("cpu"))
-    assert row["status"] == "capture failed: operation not permitted when stream is capturing"
+    assert row["status"] == "capture failed: RuntimeError: operation not permitted when stream is capturing"
     assert row["timing"] == "cuda graph" and "Traceback" in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="operation not permitted"):
+    with pytest.raises(RuntimeError, match="previous error during capture"):  # not hidden without --cuda-graphs
         memory.measure_or_oom("both", None, 2, 1, argparse.Namespace(**{**vars(args), "cuda_graphs": False}), torch.device("cpu"))
 
 
@@ -555,7 +558,7 @@ def test_captured_inference_replays_the_eager_forward(task, channels, kwargs):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant", ["none", "both"])
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 2e-2)])  # fp32: atomics in some backward kernels
 def test_captured_training_iteration_replays_the_eager_one(variant, precision, tolerance):
     """A CUDA graph of the whole training iteration (forward, backward with the memory-saving recomputation,
     Adam step) gives the eager iteration's gradients, follows new data written into x and y, and steps Adam."""
