@@ -32,7 +32,7 @@ from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
-from idm.unets.factory import PRIOR_INFO_NAME
+from idm.unets.factory import is_prior_folder
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
@@ -76,8 +76,8 @@ def _dtype_note(half: bool) -> str:
 
 
 def _export_kind(folder: Path) -> str:
-    """``"prior"`` for an exported diffusion prior (a diffusers folder with ``idm_prior.json``), else ``"model"``."""
-    return "prior" if (folder / PRIOR_INFO_NAME).is_file() else "model"
+    """``"prior"`` for an exported diffusion prior, else ``"model"``."""
+    return "prior" if is_prior_folder(folder) else "model"
 
 
 def _check_replaceable(out: Path, source: Path, kind: str) -> None:

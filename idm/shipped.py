@@ -106,12 +106,12 @@ def shipped_models() -> list[ShippedModel]:
 def shipped_priors() -> list[Path]:
     """Every diffusion prior folder under :func:`search_dirs` (a diffusers U-Net folder written by ``idm
     pretrain`` / ``idm export``, with ``idm_prior.json``), in name order per folder: what ``--prior NAME`` finds."""
-    from idm.unets.factory import PRIOR_INFO_NAME
+    from idm.unets.factory import is_prior_folder
 
     priors = []
     for root in search_dirs():
         if root.is_dir():
-            priors += sorted(p for p in root.iterdir() if (p / PRIOR_INFO_NAME).is_file() and (p / "config.json").is_file())
+            priors += sorted(p for p in root.iterdir() if is_prior_folder(p))
     return priors
 
 
@@ -174,8 +174,7 @@ def missing_message(task: str, operator_config: Mapping[str, Any], channels: int
     """The error shown when no shipped model serves a request: each model of the task says why not."""
     models = shipped_models()
     available = [f"{m.name} ({m.task})" for m in models]
-    reasons = ["; ".join(m.mismatches(task, operator_config, channels)) for m in models if m.task == task]
-    why = "".join(f"; {m.name}: {r}" for m, r in zip((m for m in models if m.task == task), reasons))
+    why = "".join(f"; {m.name}: {'; '.join(m.mismatches(task, operator_config, channels))}" for m in models if m.task == task)
     return (
         f"no shipped model serves {describe_request(task, operator_config)}{why}; "
         f"shipped: {', '.join(available) or 'none'}; pass --checkpoint DIR "

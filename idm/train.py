@@ -81,8 +81,9 @@ class TrainConfig(LoopOptions):
     Identity (must match on ``--resume``): ``batch_size`` (global, over all
     processes), ``lr``, ``lr_milestones`` (resolved), ``lr_gamma``,
     ``scalar_lr_mult``, ``seed``, ``amp``, ``augment``, ``randomize_operator``,
-    ``ssim_weight`` (recorded only when non-zero: runs from before the SSIM
-    term trained without it, and still resume).
+    ``ssim_weight`` (recorded only when non-zero, so that runs from before it
+    joined the identity, which trained without the SSIM term or recorded its
+    weight in their settings, still resume: :func:`_recorded_identity`).
     Settings (may change between chunks): the rest.
 
     Attributes:

@@ -297,7 +297,6 @@ def wired_chain(
         if not all(p.is_leaf for p in spec.params):
             raise ValueError("wired_chain(recompute=True) needs leaf tensors (parameters) in params: their gradients "
                              "are summed in their .grad; pass the parameters a computed weight is made from")
-
         return _WiredChain.apply(spec, x1, x2, v, *spec.context_tensors(), *spec.params)
     if scaled_start:
         x2 = x2 * x1

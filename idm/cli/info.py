@@ -58,10 +58,11 @@ def _by_folder(entries: list[dict], packaged, what: str = "models") -> dict[str,
 
     from idm.shipped import MODELS_ENV
 
-    user = [e for e in entries if Path(e["path"]).parent.resolve() != packaged]
+    packaged_entries = [e for e in entries if Path(e["path"]).parent.resolve() == packaged]
+    user = [e for e in entries if e not in packaged_entries]
     hidden = {e["name"] for e in user}
     shipped = [{**e, "name": e["name"] + (" [hidden by $IDM_MODELS_DIR]" if e["name"] in hidden else "")}
-               for e in entries if Path(e["path"]).parent.resolve() == packaged]  # fmt: skip
+               for e in packaged_entries]  # fmt: skip
     groups = {f"{what} in ${MODELS_ENV} ({Path(user[0]['path']).parent})": user} if user else {}
     if shipped or what == "models":
         groups[f"shipped {what}"] = shipped

@@ -73,6 +73,12 @@ def read_prior_range(path: str | Path) -> tuple[float, float] | None:
     return None
 
 
+def is_prior_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a diffusion prior of ours: a diffusers ``config.json`` with the
+    ``idm_prior.json`` that ``idm pretrain`` / ``idm export`` write beside it."""
+    return (folder / PRIOR_INFO_NAME).is_file() and (folder / "config.json").is_file()
+
+
 class UNetSourceError(ValueError):
     """A U-Net folder or config cannot be used."""
 
