@@ -13,6 +13,7 @@ travel as arguments: the model holds no per-call state and is re-entrant.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,40 @@ def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
         recorded = read_prior_range(config.unet) if config.unet not in ("tiny", "sd15") else None
         prior_range = "symmetric" if recorded == (-1.0, 1.0) else "unit"
     return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle, prior_range=prior_range)
+
+
+def _refuse_operator_gradients(op: Any, y: Tensor) -> None:
+    """A ``ValueError`` if ``op.A`` or ``op.A_dagger`` depends on tensors that require grad (a learned
+    sampling matrix or blur kernel, as a parameter or in a closure): the memory-saving backward
+    differentiates the model's own parameters and ``y`` only, so their gradients would be missing or
+    wrong, silently. Probed with one ``A_dagger`` and one ``A`` of detached inputs."""
+    with torch.enable_grad(), torch.autocast(y.device.type, enabled=False):
+        x = op.A_dagger(y.detach())
+        dependent = [name for name, out in (("A_dagger", x), ("A", op.A(x.detach()))) if out.requires_grad]
+    if dependent:
+        raise ValueError(
+            f"the operator's {' and '.join(dependent)} {'depends' if len(dependent) == 1 else 'depend'} on tensors that require grad (e.g. a learned sampling "
+            "matrix); the memory-saving backward (recompute=True with invertible='steps' or 'both') differentiates the "
+            "model's parameters and y only, and would leave those gradients wrong: build the model with "
+            "recompute=False to learn the operator with plain autograd, or detach the operator's tensors"
+        )
+
+
+@contextlib.contextmanager
+def _foreign_operator_errors(op: Any, y: Tensor):
+    """Re-raise a deepinv physics' failure on ``y`` (no shape check of its own) as a ``ValueError`` naming
+    ``y``'s shape and dtype, instead of an error from deep inside torch; the toolkit's operators checked
+    ``y`` already."""
+    if callable(getattr(op, "check_measurement", None)):
+        yield
+        return
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the operator ({type(op).__name__}) failed on y of shape {tuple(y.shape)}, {y.dtype}: {first}") from err
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -186,7 +221,7 @@ class IDM(nn.Module):
 
     def pseudo_inverse(self, y: Tensor, op: Any) -> Tensor:
         """``A^+ y`` ``(B, C, H, W)``, computed outside autocast, with the channel count checked."""
-        with torch.autocast(y.device.type, enabled=False):
+        with torch.autocast(y.device.type, enabled=False), _foreign_operator_errors(op, y):
             x_pinv = op.A_dagger(y)
         if x_pinv.dim() != 4 or x_pinv.shape[1] != self.config.image_channels:
             raise ValueError(
@@ -216,6 +251,14 @@ class IDM(nn.Module):
 
     def _checked_measurements(self, y: Tensor, op: Any) -> Tensor:
         """``y`` checked by ``op`` (shape, NaN/inf) and cast to the model's dtype."""
+        if not torch.is_tensor(y):
+            raise TypeError(f"y must be a torch.Tensor of measurements, got {type(y).__name__}")
+        missing = [name for name in ("A", "A_adjoint", "A_dagger") if not callable(getattr(op, name, None))]
+        if missing:
+            raise TypeError(
+                f"op must be a linear operator with A, A_adjoint and A_dagger (an operators.Operator or a deepinv "
+                f"LinearPhysics); {type(op).__name__} has no {', '.join(missing)}"
+            )
         if y.is_complex():  # the toolkit's operators take complex data as real channels (MRI: 2 channels)
             raise ValueError(f"y is {y.dtype}: IDM takes real measurements, with a complex value as two real channels")
         check_measurements_for(op, y)
@@ -237,8 +280,10 @@ class IDM(nn.Module):
             else:
                 # only the memory-saving backward needs them (a list of every parameter, per call, is host time)
                 need_params = self.config.recompute and torch.is_grad_enabled()
-                if need_params and self.training:
-                    self.check_deterministic()
+                if need_params:
+                    if self.training:
+                        self.check_deterministic()
+                    _refuse_operator_gradients(op, y)
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
@@ -316,7 +361,8 @@ class IDM(nn.Module):
         if self.config.prior_range == "unit":
             return y
         with torch.autocast(y.device.type, enabled=False):
-            ones = torch.ones((1, *self._image_shape(y, op)), dtype=y.dtype, device=y.device)
+            # a whole batch of ones: a physics may hold one mask or kernel per image
+            ones = torch.ones((y.shape[0], *self._image_shape(y, op)), dtype=y.dtype, device=y.device)
             return 2 * y - op.A(ones)
 
     def from_prior_range(self, x: Tensor) -> Tensor:
@@ -326,8 +372,8 @@ class IDM(nn.Module):
     def _image_shape(self, y: Tensor, op: Any) -> tuple[int, ...]:
         shape = getattr(op, "image_shape", None)
         if shape is None:  # a deepinv physics without the toolkit's shape attribute
-            with torch.no_grad():
-                shape = tuple(op.A_adjoint(y[:1]).shape[1:])
+            with torch.no_grad(), _foreign_operator_errors(op, y):
+                shape = tuple(op.A_adjoint(y).shape[1:])
         return tuple(shape)
 
     @torch.no_grad()

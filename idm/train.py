@@ -310,6 +310,10 @@ def train(
             the operator's image size); ``set_epoch(e)`` is called when present.
         operator: the forward model for ``(C, H, W)`` images (deepinv
             ``LinearPhysics``; ``resample(seed)`` gives a fresh random draw).
+            A toolkit operator is recorded by its ``config()``, which resuming
+            checks; any other physics by its class name only, so resuming cannot
+            tell it from another of its class, and the command line cannot
+            rebuild it (load the model in Python, with that physics).
         out: the run folder (see :mod:`idm.training.run_folder`).
         config: :class:`TrainConfig`.
         task: task name recorded in checkpoints (checked by :func:`load_trained`).

@@ -106,11 +106,13 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 def check_measurements_for(op: Any, y: torch.Tensor) -> None:
     """``op.check_measurement(y)`` (shape, NaN/inf) where ``op`` has one, as the toolkit's operators do;
-    other deepinv physics check nothing. For code that checks ``y`` once and then calls ``op`` inside
-    :func:`operators.unchecked_values`."""
+    for other deepinv physics, that ``y`` is a floating-point tensor without NaN or inf (:func:`check_finite`).
+    For code that checks ``y`` once and then calls ``op`` inside :func:`operators.unchecked_values`."""
     check = getattr(op, "check_measurement", None)
     if callable(check):
         check(y)
+    else:  # any other physics: what every measurement must be (its shape only the physics itself can tell)
+        check_finite(y, "y")
 
 
 def check_float32_or_64(t: torch.Tensor, operator_name: str, name: str) -> None:
@@ -160,6 +162,11 @@ class Operator(LinearPhysics):
             cached = self._casts[key] = (buffer, buffer.to(device=like.device, dtype=dtype))
         return cached[1]
 
+    @property
+    def label(self) -> str:
+        """The name messages give this operator: its registry name, else (not registered) its class name."""
+        return self.name or type(self).__name__
+
     # ---- shapes and checks -------------------------------------------------
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -176,7 +183,7 @@ class Operator(LinearPhysics):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise OperatorInputError(
                 f"{name} must have shape (B, {', '.join(map(str, self.image_shape))}) for this "
-                f"{self.name} operator, got {tuple(x.shape)}"
+                f"{self.label} operator, got {tuple(x.shape)}"
             )
         _check_not_empty(x, name)
 
@@ -186,7 +193,7 @@ class Operator(LinearPhysics):
         shape = self.measurement_shape()
         if y.dim() != len(shape) + 1 or tuple(y.shape[1:]) != tuple(shape):
             raise OperatorInputError(
-                f"{name} must have shape (B, {', '.join(map(str, shape))}) for this {self.name} "
+                f"{name} must have shape (B, {', '.join(map(str, shape))}) for this {self.label} "
                 f"operator, got {tuple(y.shape)}"
             )
         _check_not_empty(y, name)
@@ -227,6 +234,10 @@ class Operator(LinearPhysics):
         return type(self).from_config({**cfg, "seed": int(seed)})
 
     def extra_repr(self) -> str:
-        cfg = {k: v for k, v in self.config().items() if k != "name" and not isinstance(v, (list, dict))}
+        try:
+            config = self.config()
+        except NotImplementedError:  # a subclass without a config yet: print it all the same
+            return f"img_size={self.img_hw}, channels={self.channels}"
+        cfg = {k: v for k, v in config.items() if k != "name" and not isinstance(v, (list, dict))}
         return ", ".join(f"{k}={v!r}" for k, v in cfg.items())
 

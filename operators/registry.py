@@ -19,13 +19,21 @@ class OperatorRegistry:
         self._classes: dict[str, type[Operator]] = {}
 
     def register(self, name: str) -> Callable[[type[Operator]], type[Operator]]:
-        """Class decorator: make ``cls`` available as ``make(name, ...)``."""
+        """Class decorator: make ``cls`` available as ``make(name, ...)``.
+
+        A name can be registered once; the same class defined again (a
+        notebook cell or a module run a second time: same module and
+        qualified name) replaces the earlier definition.
+        """
 
         def decorator(cls: type[Operator]) -> type[Operator]:
             if not (isinstance(cls, type) and issubclass(cls, Operator)):
                 raise TypeError(f"register({name!r}) expects an operators.Operator subclass, got {cls!r}")
-            if name in self._classes and self._classes[name] is not cls:
-                raise ValueError(f"an operator named {name!r} is already registered ({self._classes[name].__name__})")
+            known = self._classes.get(name)
+            if known is not None and known is not cls and not _same_definition(known, cls):
+                raise ValueError(
+                    f"an operator named {name!r} is already registered ({known.__module__}.{known.__qualname__})"
+                )
             cls.name = name
             self._classes[name] = cls
             return cls
@@ -54,3 +62,8 @@ class OperatorRegistry:
         if not isinstance(config, dict) or not isinstance(config.get("name"), str):
             raise OperatorInputError(f"an operator config must be a dict with a 'name' string, got {config!r:.200}")
         return self.get(config["name"]).from_config(config)
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Whether ``b`` is ``a``'s code run again (same module and qualified name), not another class."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)

@@ -717,3 +717,71 @@ def test_noise_init_takes_the_callers_noise(ortho_op):
         model(y, op, noise=torch.full_like(noise, float("nan")))
     with pytest.raises(ValueError, match="IDM takes real measurements"):
         model(torch.complex(y, y), op)
+
+
+# ---- any deepinv physics: learned operators, per-image physics, bad input ---------------------------
+def _learned_matrix_physics(m: int = 100):
+    """A deepinv physics whose sampling matrix is a parameter (held in closures, as users write them)."""
+    from deepinv.physics import LinearPhysics
+
+    torch.manual_seed(3)
+    phi = torch.nn.Parameter(torch.randn(m, 16 * 16, dtype=torch.float64) / 16)
+    op = LinearPhysics(A=lambda v: v.flatten(1) @ phi.T, A_adjoint=lambda u: (u @ phi).view(-1, *SHAPE),
+                       max_iter=50, tol=1e-8)  # fmt: skip
+    return op, phi
+
+
+@pytest.mark.parametrize("invertible", ["steps", "both"])
+def test_memory_saving_backward_refuses_an_operator_that_requires_grad(invertible):
+    """It differentiates the model's parameters and y, not the operator's: a learned operator would get a
+    missing or wrong gradient, so it is refused; plain autograd (recompute=False) learns it."""
+    op, phi = _learned_matrix_physics()
+    x = torch.rand(2, *SHAPE, dtype=torch.float64)
+    y = op.A(x).detach()
+    model = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible=invertible, recompute=True))
+    with pytest.raises(ValueError, match="require grad.*recompute=False"):
+        model(y, op)
+    plain = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible=invertible, recompute=False))
+    (plain(y, op) - x).abs().mean().backward()
+    assert phi.grad is not None and torch.isfinite(phi.grad).all() and phi.grad.norm() > 0
+    with torch.no_grad():  # inference needs no gradients: allowed
+        assert torch.equal(model(y, op), plain(y, op))
+    phi.requires_grad_(False)  # a fixed operator: allowed, and the same function
+    assert torch.equal(model(y, op), plain(y, op).detach())
+
+
+def test_physics_with_one_kernel_per_image_in_the_symmetric_range():
+    """A deepinv Blur with one kernel per image: the prior-range shift A(1) and the image-shape probe run on
+    the whole batch, and each image's reconstruction is the one it gets alone."""
+    from deepinv.physics import Blur
+
+    torch.manual_seed(4)
+    kernels = torch.rand(2, 1, 3, 3, dtype=torch.float64)
+    kernels = kernels / kernels.sum(dim=(-2, -1), keepdim=True)
+    x = torch.rand(2, *SHAPE, dtype=torch.float64)
+    model = perturbed_model(IDMConfig(unet="tiny", steps=2, prior_range="symmetric")).eval()
+    exact = dict(padding="circular", max_iter=500, tol=1e-12)  # its A_dagger is CG: converged, batch or not
+    both = Blur(filter=kernels, **exact)
+    with torch.no_grad():
+        out = model(both.A(x), both)
+        for i in range(2):
+            alone = Blur(filter=kernels[i : i + 1], **exact)
+            assert torch.allclose(out[i : i + 1], model(alone.A(x[i : i + 1]), alone), rtol=0, atol=1e-12)
+
+
+def test_bad_input_with_a_deepinv_physics_names_the_problem():
+    from deepinv.physics import CompressedSensing
+
+    model = IDM(IDMConfig(unet="tiny", steps=1)).double().eval()
+    op = CompressedSensing(m=100, img_size=SHAPE, dtype=torch.float64)
+    y = op.A(torch.rand(2, *SHAPE, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y contains NaN"):
+        model(torch.full_like(y, float("nan")), op)
+    with pytest.raises(ValueError, match=r"failed on y of shape \(2, 50\), torch.float64: einsum"):
+        model(y[:, :50], op)
+    with pytest.raises(ValueError, match="floating-point"):
+        model(y.long(), op)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        model(y.numpy(), op)
+    with pytest.raises(TypeError, match="op must be a linear operator"):
+        model(y, None)

@@ -653,9 +653,22 @@ def test_user_operator_in_fresh_registry():
     assert isinstance(reg.from_config(op.config()), cls)
     with pytest.raises(ValueError, match="already registered"):
         reg.register("my_op")(type("Other", (_Scale,), {}))
+    again = type("MyOp", (_Scale,), {})  # the same definition run again (a notebook cell re-run) replaces it
+    assert reg.register("my_op")(again) is again and reg.get("my_op") is again
     with pytest.raises(TypeError):
         reg.register("not_an_op")(dict)
     assert "my_op" not in operators.available()
+
+
+def test_unregistered_operator_prints_and_names_itself():
+    class Unnamed(operators.Operator):  # no config(), not registered: what a user has half-way through
+        def measurement_shape(self):
+            return self.image_shape
+
+    op = Unnamed(img_size=(4, 5), channels=1)
+    assert "img_size=(4, 5)" in repr(op)
+    with pytest.raises(OperatorInputError, match="for this Unnamed operator, got"):
+        op.check_measurement(torch.zeros(1, 1, 5, 4))
 
 
 def test_user_operator_in_global_registry():

@@ -613,3 +613,23 @@ def test_kept_attention_trains_the_same_weights_and_may_change_on_resume(base_ru
     _fails([*BASE, "--data", str(data), "--iters", "1", "--invertible", "steps", "--keep-attention",
             "--out", str(tmp_path / "refused")], capsys, "--keep-attention applies to the wired U-Net blocks")  # fmt: skip
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_check(tmp_path):
+    """train() takes any deepinv physics; only its class is recorded, so load_trained serves it to Python
+    callers and refuses, by name, a request it cannot check (the command line's operator settings)."""
+    from deepinv.physics import Inpainting
+
+    from idm.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    images = [torch.rand(1, 16, 16) for _ in range(4)]
+    physics = Inpainting(img_size=(1, 16, 16), mask=0.5)
+    config = TrainConfig(iters=2, batch_size=2, checkpoint_every=2, log_every=1, num_workers=0, progress=False)
+    train(IDMConfig(unet="tiny", steps=1), images, physics, tmp_path / "run", config, say=lambda _: None)
+    trained = load_trained(tmp_path / "run")
+    assert trained.foreign_operator == "Inpainting" and trained.operator is None and trained.image_size is None
+    y = physics.A(images[0][None])
+    assert trained.model(y, physics).shape == (1, 1, 16, 16)
+    with pytest.raises(CheckpointError, match="trained with a physics of class Inpainting, which is not a registered toolkit operator"):
+        load_trained(tmp_path / "run", expect_operator={"name": "inpainting", "ratio": 0.5})

@@ -88,6 +88,15 @@ class TrainedModel:
         return None if self.run is None else self.run.get("identity", {}).get("operator")
 
     @property
+    def foreign_operator(self) -> str | None:
+        """The class name of a training operator that is not one of the toolkit's (a deepinv physics given
+        to :func:`idm.train.train`: only its class is recorded), else ``None``."""
+        recorded = self.recorded_operator
+        if recorded is None or "name" in recorded:  # a toolkit operator or family, or no run record
+            return None
+        return str(recorded.get("class", "unrecorded"))
+
+    @property
     def operator(self) -> dict[str, Any] | None:
         """The config of the operator this model serves by default (``operators.from_config`` rebuilds
         it; same ``Phi`` for CS): the training operator, or for a model trained on a family, the
@@ -95,6 +104,8 @@ class TrainedModel:
         settings the family varies, where the family covers them (a setting it was trained with at
         one value, such as a CS block of 8, keeps that value)."""
         recorded = self.recorded_operator
+        if self.foreign_operator is not None:
+            return None  # nothing operators.from_config could rebuild
         if not is_family_config(recorded):
             return recorded
         member = representative_config(recorded)
@@ -165,7 +176,15 @@ def load_trained(
         problems = []
         if expect_task is not None and trained.task != expect_task:
             problems.append(f"task: trained for {trained.task!r}, requested {expect_task!r}")
-        problems += config_mismatches(trained.recorded_operator or {"name": "<not set>"}, expect_operator or {})
+        foreign = trained.foreign_operator
+        if foreign is None:
+            problems += config_mismatches(trained.recorded_operator or {"name": "<not set>"}, expect_operator or {})
+        elif expect_operator:
+            problems.append(
+                f"operator: trained with a physics of class {foreign}, which is not a registered toolkit operator (only its "
+                "class was recorded), so it cannot be checked against or rebuilt from these settings; load the model "
+                "in Python (idm.training.load_trained or IDM.from_pretrained) and give it that physics"
+            )
         if problems:
             raise CheckpointError(
                 f"checkpoint {str(folder)!r} does not match the request:\n  " + "\n  ".join(problems)
