@@ -363,6 +363,7 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
         truth = bool(meta.get("truth", False))
         xs: list[np.ndarray | None] = _item_arrays(data, "x_true", count, path) if truth else [None] * count
 
+        _register_operators_of(task, entries, path)
         items = []
         for i, (entry, name, y, x) in enumerate(zip(entries, names, ys, xs)):
             where = f"{path}: item {i} ({name})"
@@ -393,6 +394,24 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
             seed = entry.get("seed")
             items.append(Measurement(name, y, dict(config), image_size, seed if isinstance(seed, int) else None, x))
     return MeasurementSet(task, items, meta, path, cache)
+
+
+def _register_operators_of(task: str, entries: list[dict], path: Path) -> None:
+    """Load ``task`` when the file's operators are not registered yet: a task from another package (an
+    ``idm.tasks`` entry point) registers its operator when its module is imported."""
+    unknown = {str(e.get("operator", {}).get("name")) for e in entries if isinstance(e.get("operator"), dict)}
+    unknown -= set(operators.available())
+    if not unknown:
+        return
+    import tasks
+
+    try:
+        tasks.get(task)
+    except ValueError as err:
+        raise MeasurementFileError(
+            f"{path}: measured with the operator {', '.join(sorted(unknown))} of task {task!r}, which this installation "
+            f"does not have: {err}"
+        ) from None
 
 
 # ---- CT sinograms ---------------------------------------------------------------------------

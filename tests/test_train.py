@@ -633,3 +633,85 @@ def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_chec
     assert trained.model(y, physics).shape == (1, 1, 16, 16)
     with pytest.raises(CheckpointError, match="trained with a physics of class Inpainting, which is not a registered toolkit operator"):
         load_trained(tmp_path / "run", expect_operator={"name": "inpainting", "ratio": 0.5})
+
+
+PLUGIN_MODULE = '''
+import operators
+from tasks import Schedule, Task
+
+
+@operators.register("decimate_plugin")
+class Decimate(operators.Operator):
+    def __init__(self, img_size, channels=1, factor=2):
+        super().__init__(img_size, channels)
+        self.factor = factor
+
+    def measurement_shape(self):
+        c, h, w = self.image_shape
+        return (c, h // self.factor, w // self.factor)
+
+    def A(self, x, **kwargs):
+        self.check_image(x)
+        return x[..., :: self.factor, :: self.factor]
+
+    def A_adjoint(self, y, **kwargs):
+        self.check_measurement(y)
+        x = y.new_zeros(y.shape[0], *self.image_shape)
+        x[..., :: self.factor, :: self.factor] = y
+        return x
+
+    def A_dagger(self, y, **kwargs):
+        return self.A_adjoint(y)
+
+    def config(self):
+        return {"name": self.name, "img_size": list(self.img_hw), "channels": self.channels, "factor": self.factor}
+
+
+TASK = Task(name="decimate", operator="decimate_plugin", operator_defaults={"factor": 2}, channels=1, color="gray",
+            crop=16, schedule=Schedule(iters=10, batch_size=2))
+WRONG_NAME = Task(name="other", operator="decimate_plugin", channels=1, color="gray")
+'''
+
+
+def test_a_task_from_another_installed_package_trains_through_its_entry_point(tmp_path, data, monkeypatch):
+    """An installed package names its task in the idm.tasks entry-point group; idm train finds it there (and
+    its module registers the task's operator). Broken or misnamed entry points are clear errors."""
+    import tasks
+
+    site = tmp_path / "site"
+    (site / "idm_plugin_tasks_test.py").parent.mkdir()
+    (site / "idm_plugin_tasks_test.py").write_text(PLUGIN_MODULE)
+    meta = site / "idm_plugin_tasks_test-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: idm-plugin-tasks-test\nVersion: 0.1\n")
+    (meta / "entry_points.txt").write_text(
+        "[idm.tasks]\ndecimate = idm_plugin_tasks_test:TASK\nmisnamed = idm_plugin_tasks_test:WRONG_NAME\n"
+        "broken = idm_plugin_tasks_test_missing:TASK\ncs = idm_plugin_tasks_test:TASK\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    assert {"decimate", "misnamed", "broken", "cs"} <= set(tasks.available())
+    assert tasks.get("cs").operator == "cs"  # a plug-in cannot replace a built-in task
+    try:
+        out = tmp_path / "run"
+        args = ["train", "--task", "decimate", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2",
+                "--device", "cpu", "--num-workers", "0", "--no-progress", "--iters", "2", "--data", str(data), "--out", str(out)]
+        assert main(args) == 0
+        trained = load_trained(out, expect_task="decimate", expect_operator={"name": "decimate_plugin", "factor": 2})
+        assert trained.operator["factor"] == 2
+        measured = tmp_path / "m.npz"
+        assert main(["simulate", "--task", "decimate", "--input", str(data), "--device", "cpu", "--out", str(measured)]) == 0
+        import operators
+
+        operators.REGISTRY._classes.pop("decimate_plugin")  # as in a fresh process: the file names the task,
+        sys.modules.pop("idm_plugin_tasks_test")  # whose module registers the operator when it is loaded
+        args = ["reconstruct", "--input", str(measured), "--checkpoint", str(out), "--device", "cpu", "--no-progress"]
+        assert main([*args, "--out", str(tmp_path / "rec")]) == 0 and "decimate_plugin" in operators.available()
+        with pytest.raises(ValueError, match="must name a tasks.Task called 'misnamed'"):
+            tasks.get("misnamed")
+        with pytest.raises(ValueError, match="'broken' .*failed to load: No module named 'idm_plugin_tasks_test_missing'"):
+            tasks.get("broken")
+    finally:
+        import operators
+
+        operators.REGISTRY._classes.pop("decimate_plugin", None)
+        sys.modules.pop("idm_plugin_tasks_test", None)

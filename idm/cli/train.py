@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     )
     import tasks
 
-    parser.add_argument("--task", required=True, help=f"task: {', '.join(tasks.available())} (tasks/<name>.py)")
+    parser.add_argument("--task", required=True, help=f"task: {', '.join(tasks.available())} (tasks/<name>.py, or an idm.tasks entry point)")
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, SD v1.5 (its folder or its unet/), or a shipped prior's name")
