@@ -260,6 +260,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
                  "--device", "cpu", "--no-progress", "--out", str(meas)]) == 0  # fmt: skip
     capsys.readouterr()
     rec = ["reconstruct", "--input", str(meas), "--device", "cpu", "--out", str(tmp_path / "out")]
+    bare = IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "bare")  # no run.json: no task recorded
     cases = [
         (rec, "no shipped model serves task 'cs' (ratio=0.25, block=8, mode='permuted', phi_seed=0)"),
         (rec, "pass --checkpoint DIR"),
@@ -279,14 +280,32 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
           "--out", str(tmp_path / "s.npz")], "task: trained for 'mri', requested 'cs'"),
         (["simulate", "--task", "cs", "--input", str(files / "images"), "--device", "cpu", "--out", str(tmp_path / "s.npy")],
          "the measurement file must be F.npz"),
-        (["reconstruct", "--input", str(files / "images"), "--checkpoint", str(models / "cs"), "--device", "cpu", "--out", str(tmp_path / "o")],
-         "--task is needed"),
+        (["reconstruct", "--input", str(files / "images"), "--device", "cpu", "--out", str(tmp_path / "o")],
+         "--task is needed (e.g. --task cs), or a --checkpoint whose training run recorded its task"),
+        (["simulate", "--input", str(files / "images"), "--checkpoint", str(bare), "--device", "cpu", "--out", str(tmp_path / "s.npz")],
+         "is a bare model folder that records no task"),
         (rec + ["--checkpoint", str(models / "cs"), "--no-crop"], "--no-crop applies to fastMRI .h5 files (their centre crop)"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in _error(capsys), argv
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_the_task_defaults_to_the_checkpoints(files, tmp_path):
+    """Without --task, simulate, reconstruct and benchmark take the task the checkpoint was trained for (and
+    its operator): the same measurements as with --task given."""
+    common = ["--input", str(files / "images"), "--checkpoint", str(files / "models" / "cs"), "--device", "cpu", "--no-progress"]
+    assert main(["simulate", *common, "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(["simulate", *common, "--task", "cs", "--out", str(tmp_path / "b.npz")]) == 0
+    a, b = load_measurements(tmp_path / "a.npz"), load_measurements(tmp_path / "b.npz")
+    assert a.task == b.task == "cs" and [m.operator for m in a.items] == [m.operator for m in b.items]
+    assert all(np.array_equal(x.y, y.y) for x, y in zip(a.items, b.items))
+    assert main(["reconstruct", *common, "--out", str(tmp_path / "rec")]) == 0
+    assert json.loads((tmp_path / "rec" / "reconstruct.json").read_text())["task"] == "cs"
+    bench = ["benchmark", "--data", str(files / "images"), "--checkpoint", str(files / "models" / "cs"), "--methods", "idm",
+             "--device", "cpu", "--no-progress", "--no-images", "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert main(bench) == 0
 
 
 def test_per_image_operator_seeds_wrap_at_the_top_of_the_seed_range(files, tmp_path):

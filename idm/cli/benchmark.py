@@ -28,6 +28,7 @@ from idm.cli.common import (
     resolve_device,
     resolve_precision_arg,
     seed_everything,
+    task_name,
 )
 
 DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
@@ -41,7 +42,7 @@ def add_parser(subparsers) -> None:
         help="compare IDM with DDNM, DPS and classical solvers on a folder of images",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
+    parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task)")
     parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
     parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name; its operator and prior are every method's, also when --methods leaves idm out (default: for idm, the shipped model serving the task and operator; without idm, none: the task's operator, and --prior for ddnm/dps)")
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     device = resolve_device(args.device)
     resolve_precision_arg(args, device)
-    task = tasks.get(args.task)
+    task = tasks.get(task_name(args))
     if args.color:
         task = task.with_color(args.color)
     overrides = operator_overrides(args)

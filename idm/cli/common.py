@@ -148,3 +148,18 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0")  # fmt: skip
     return device
+
+
+def task_name(args: argparse.Namespace) -> str:
+    """``--task``, else the task that ``--checkpoint``'s training run recorded; an error naming what is missing."""
+    if args.task:
+        return args.task
+    checkpoint = getattr(args, "checkpoint", None)
+    if not checkpoint:
+        raise ValueError("--task is needed (e.g. --task cs), or a --checkpoint whose training run recorded its task")
+    from idm.training.trained import recorded_task
+
+    task = recorded_task(checkpoint)
+    if task is None:
+        raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
+    return task

@@ -68,6 +68,7 @@ from idm.cli.common import (
     resolve_device,
     resolve_precision_arg,
     seed_everything,
+    task_name,
 )
 from idm.cli.simulate import (
     MRI_FILE_SUFFIXES,
@@ -90,7 +91,8 @@ def add_parser(subparsers) -> None:
         "(--task ct); or images / CT slices / a folder, simulated with seed --seed + i (modulo 2**32), then reconstructed and scored.",
     )
     parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
-    parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5)")
+    parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5; for images, "
+                        "the --checkpoint's task when not given)")
     parser.add_argument("--checkpoint", help="IDM model folder, idm train --out folder or a shipped model's name (default: the shipped model serving the task and operator)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="only the first N images / slices")
@@ -318,9 +320,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
 def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
     from tasks.data import DEFAULT_HU_WINDOW
 
-    if not args.task:
-        raise ValueError("--task is needed to simulate measurements of images (e.g. --task cs)")
-    task = get_task(args.task, args.color)
+    task = get_task(task_name(args), args.color)
     check_limit(args.limit)
     overrides, trained = _model_for_flags(args, task, device)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)

@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from idm.cli.common import add_common_args, add_operator_args, command_line, operator_overrides, resolve_device, seed_everything
+from idm.cli.common import (
+    add_common_args,
+    add_operator_args,
+    command_line,
+    operator_overrides,
+    resolve_device,
+    seed_everything,
+    task_name,
+)
 
 MRI_FILE_SUFFIXES = (".h5", ".hdf5")
 
@@ -49,7 +57,7 @@ def add_parser(subparsers) -> None:
         epilog="Image i is measured with operator seed --seed + i (modulo 2**32). With --checkpoint the operator is the one the "
         "checkpoint was trained with (the same CS Phi), else the task's defaults; operator flags go on top.",
     )
-    parser.add_argument("--task", required=True, help="cs, inpainting, mri, ct (or a task of your own)")
+    parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task)")
     parser.add_argument("--input", required=True, help="an image / CT slice file or a folder of them, in the task's format")
     parser.add_argument("--checkpoint", help="take the operator from this IDM checkpoint (model folder, idm train --out or a shipped model's name)")
     parser.add_argument("--keep-truth", action="store_true", help="also store the ground-truth images (x_true) in the .npz")
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data import DEFAULT_HU_WINDOW
     from tasks.measurements import describe_operator, save_measurements, save_sinogram
 
-    task = get_task(args.task, args.color)
+    task = get_task(task_name(args), args.color)
     overrides = operator_overrides(args)
     task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
     check_limit(args.limit)

@@ -69,6 +69,18 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     )
 
 
+def recorded_task(path: str | os.PathLike) -> str | None:
+    """The task that the run of a checkpoint (see :func:`resolve_model_dir`) was trained for, read from its
+    ``run.json`` without loading the weights; ``None`` for a bare model folder."""
+    folder = resolve_model_dir(path)
+    if not (folder / RUN_NAME).is_file():
+        return None
+    run = load_json(folder / RUN_NAME, "run config")
+    identity = run.get("identity") if isinstance(run, dict) else None
+    task = identity.get("task") if isinstance(identity, dict) else None
+    return task if isinstance(task, str) and task else None
+
+
 @dataclass
 class TrainedModel:
     """A loaded model with the metadata of the run that trained it (``run`` is ``None`` for bare model folders)."""
