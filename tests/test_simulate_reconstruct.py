@@ -328,11 +328,41 @@ def test_a_run_that_fails_part_way_says_what_it_wrote(files, tmp_path, capsys):
     assert main(argv) == 2
     assert "z.png" in _error(capsys)
     record = json.loads((out / "reconstruct.json").read_text())
-    assert record["complete"] is False and record["written"] == ["a.npy", "a.png"] and "z.png" in record["stopped_by"]
+    assert record["complete"] is False and record["written"] == ["a.npy", "a.png", "metrics.csv"] and "z.png" in record["stopped_by"]
+    assert [row["name"] for row in _rows(out / "metrics.csv")] == ["a"]  # the score it had is kept
 
     (images / "a.png").unlink()  # fails before writing anything: the earlier record stays as it was
     assert main(argv) == 2
     assert json.loads((out / "reconstruct.json").read_text()) == record
+
+
+def test_outputs_never_replace_files_they_did_not_write(files, tmp_path, capsys):
+    """simulate refuses to write over its input; reconstruct and benchmark refuse an --out that is a file, or a
+    folder of other files (an earlier run's folder may be written again); a failed run leaves no empty folder."""
+    slice_npy = tmp_path / "slice.npy"
+    slice_npy.write_bytes((files / "ct" / "slice.npy").read_bytes())
+    before = slice_npy.read_bytes()
+    assert main(["simulate", "--task", "ct", "--views", "20", "--input", str(slice_npy), "--device", "cpu",
+                 "--out", str(slice_npy)]) == 2  # fmt: skip
+    assert "is one of the input files" in _error(capsys) and slice_npy.read_bytes() == before
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "a.png").write_bytes(b"the user's own")
+    cs = ["--task", "cs", "--ratio", "0.25", "--block", "8", "--checkpoint", str(files / "models" / "cs"), "--device", "cpu",
+          "--no-progress"]  # fmt: skip
+    rec = ["reconstruct", "--input", str(files / "images"), *cs]
+    assert main([*rec, "--out", str(keep)]) == 2
+    assert "already holds files (a.png) and is not the folder of an earlier `idm reconstruct`" in _error(capsys)
+    assert (keep / "a.png").read_bytes() == b"the user's own"
+    assert main([*rec, "--out", str(keep / "a.png")]) == 2 and "exists and is not a folder" in _error(capsys)
+    bench = ["benchmark", "--data", str(files / "images"), "--methods", "pinv", *cs, "--no-images"]
+    assert main([*bench, "--out", str(keep)]) == 2 and "is not the folder of an earlier `idm benchmark`" in _error(capsys)
+    fresh = tmp_path / "fresh"
+    assert main([*rec, "--out", str(fresh)]) == 0 and main([*rec, "--out", str(fresh)]) == 0  # its own folder again
+    failed = tmp_path / "failed"
+    assert main(["reconstruct", "--input", str(files / "nokspace.h5"), "--checkpoint", str(files / "models" / "mri"),
+                 "--device", "cpu", "--out", str(failed)]) == 2  # fmt: skip
+    assert "kspace" in _error(capsys) and not failed.exists()
 
 
 def test_a_shipped_model_plugs_in_at_one_place(files, tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from idm.cli.common import (
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
+    OutputFolder,
     seed_everything,
     task_name,
 )
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from operators import without_size_and_seed
 
     seed_everything(args.seed)
+    folder = OutputFolder(args.out, "benchmark.json", "idm benchmark")
+    folder.check()  # before any work
     device = resolve_device(args.device)
     resolve_precision_arg(args, device)
     task = tasks.get(task_name(args))
@@ -172,20 +174,23 @@ def run(args: argparse.Namespace) -> int:
     if dps is not None:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = run_benchmark(
-        images,
-        methods,
-        operator_for,
-        score_function(task),
-        display=lambda x: task.metric_image(x),
-        device=device,
-        out=None if args.no_images else out,
-        seed=args.seed,
-        pad_multiple=pad_multiple(task, first_op),
-        progress=not args.no_progress,
-    )
+    out = folder.create()
+    try:
+        rows = run_benchmark(
+            images,
+            methods,
+            operator_for,
+            score_function(task),
+            display=lambda x: task.metric_image(x),
+            device=device,
+            out=None if args.no_images else out,
+            seed=args.seed,
+            pad_multiple=pad_multiple(task, first_op),
+            progress=not args.no_progress,
+        )
+    except BaseException:
+        folder.discard_if_empty()
+        raise
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
     write_results_csv(rows, out / "results.csv", fields)
     command = command_line("benchmark")

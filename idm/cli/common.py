@@ -11,6 +11,7 @@ import argparse
 import random
 import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,3 +164,40 @@ def task_name(args: argparse.Namespace) -> str:
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
     return task
+
+
+class OutputFolder:
+    """``--out`` of a command that writes files named after its inputs (``idm reconstruct``, ``idm benchmark``).
+
+    :meth:`check` refuses a path that is a file, and a folder that already holds files but not ``record``
+    (the file every run of the command writes last): those files would be overwritten. An earlier run's
+    folder may be written again. :meth:`create` makes the folder; :meth:`discard_if_empty` removes it
+    again after a failure that wrote nothing into it.
+    """
+
+    def __init__(self, path: str, record: str, command: str):
+        self.path = Path(path)
+        self.record, self.command = record, command
+        self.created = False
+
+    def check(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} exists and is not a folder")
+        if self.path.is_dir() and not (self.path / self.record).exists():
+            held = sorted(p.name for p in self.path.iterdir())
+            if held:
+                raise ValueError(
+                    f"--out {self.path} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and "
+                    f"is not the folder of an earlier `{self.command}` (no {self.record}): they could be overwritten; "
+                    "give a new or an empty folder"
+                )
+
+    def create(self) -> Path:
+        self.check()
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def discard_if_empty(self) -> None:
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()

@@ -67,6 +67,7 @@ from idm.cli.common import (
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
+    OutputFolder,
     seed_everything,
     task_name,
 )
@@ -204,6 +205,7 @@ def reconstruct_items(
         if item.x_true is not None:
             row["psnr"], row["ssim"] = score(x_hat, torch.from_numpy(item.x_true)[None])
         rows.append(row)
+        write_metrics(rows, out)  # kept current: a run stopped part-way keeps the scores it has
     return rows
 
 
@@ -480,6 +482,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
                 row["psnr"] = psnr(est, ref, data_range=data_range)
                 row["ssim"] = ssim(est, ref, data_range=data_range)
             rows.append(row)
+            write_metrics(rows, out)
         if remaining is not None:
             remaining -= count
         attrs = {
@@ -526,12 +529,13 @@ def run(args: argparse.Namespace) -> int:
     resolve_precision_arg(args, device)
     if args.no_crop and kind != "h5":
         raise ValueError(f"--no-crop applies to fastMRI .h5 files (their centre crop); {source} is read as {kind}")
-    out = Path(args.out)
+    folder = OutputFolder(args.out, "reconstruct.json", "idm reconstruct")
+    out = folder.path
     input_folder = source if source.is_dir() else source.parent
     if out.resolve() == input_folder.resolve():  # its outputs are named as the inputs: they would replace them
         raise ValueError(f"--out {out} is the input's folder: its reconstructions would overwrite the input files; "
                          "write them to another folder")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    folder.create()
     handler: Callable = {"npz": _from_npz, "h5": _from_h5, "sinogram": _from_sinogram, "images": _from_images}[kind]
     record = {
         "command": command_line("reconstruct"),
@@ -547,6 +551,7 @@ def run(args: argparse.Namespace) -> int:
         rows, settings, what = handler(args, device, out)
     except (Exception, KeyboardInterrupt) as error:
         _record_interrupted(record, error, out, started)
+        folder.discard_if_empty()
         raise
     means = write_metrics(rows, out)
     save_json(

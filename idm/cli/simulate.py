@@ -197,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
     if sinogram and args.keep_truth:
         raise ValueError("--keep-truth stores the images in an .npz: use --out F.npz (a sinogram .npy holds measurements only)")
     source = Path(args.input)
+    inputs = [p.resolve() for p in source.iterdir()] if source.is_dir() else [source.resolve()]
+    if out.resolve() in inputs:
+        raise ValueError(f"--out {out} is one of the input files: the measurements would replace it; write them elsewhere")
     if source.suffix.lower() in MRI_FILE_SUFFIXES:
         raise ValueError(
             f"{source}: fastMRI .h5 files already hold measured k-space; reconstruct them directly with "
