@@ -159,9 +159,9 @@ class Component:
             else:
                 have = self.base.get(key, "<not set>")
                 ok = same_setting(have, want)
-                have = repr(have)
+                have = _shown(have)
             if not ok:
-                problems.append(f"operator {key}: trained with {have}, requested {want!r}")
+                problems.append(f"operator {key}: trained with {have}, requested {_shown(want)}")
         return problems
 
     def to_json(self) -> dict[str, Any]:
@@ -177,6 +177,14 @@ class Component:
             return cls(dict(data["base"]), vary, float(data.get("weight", 1.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # AttributeError: data not a mapping
             raise OperatorInputError(f"malformed operator family component {data!r:.200}: {err}") from None
+
+
+def _shown(value: Any) -> str:
+    """A setting as messages show it: a mask array (a file's, packed) by its size, other long values cut."""
+    if isinstance(value, Mapping) and "packbits" in value:
+        return f"a {'x'.join(map(str, value.get('shape') or []))} mask array (a mask file)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @register("family")

@@ -78,6 +78,26 @@ def test_mask_mixture_serves_random_masks_and_boxes():
     assert config_mismatches(recorded, {"name": "inpainting", "mask": "box", "ratio": 0.5}) == []  # ratio: not a box setting
     assert config_mismatches(recorded, {"name": "inpainting", "mask": "random", "ratio": 0.2}) == []
     assert config_mismatches(recorded, {"name": "inpainting", "mask": "random", "ratio": 0.8}) != []
+    file_mask = tasks.get("inpainting").make_operator(32, mask=torch.rand(32, 32) > 0.5).config()["mask"]  # packed bits
+    (problem,) = config_mismatches(recorded, {"name": "inpainting", "mask": file_mask})
+    assert problem.endswith("requested a 32x32 mask array (a mask file)") and len(problem) < 120
+
+
+def test_a_mask_mixture_model_refuses_a_random_mask_ratio_outside_its_range(tmp_path, capsys):
+    """A request that names only --ratio is for the model's default member (random masks): the box
+    component, which has no ratio, must not make any ratio look served."""
+    fam = tasks.get("inpainting").make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask="random,box")
+    folder = IDM(IDMConfig(unet="tiny", image_channels=3, steps=1)).save_pretrained(tmp_path / "mixture")
+    (folder / "run.json").write_text(json.dumps({"format": "idm-train-run", "identity": {"task": "inpainting", "operator": fam.config()}}))
+    defaults = tasks.get("inpainting").operator_kwargs()
+    with pytest.raises(CheckpointError, match=r"operator ratio: trained with 0.2..0.5, requested 0.9"):
+        load_trained(folder, expect_operator={"name": "inpainting", "ratio": 0.9}, operator_defaults=defaults)
+    for inside in ({"ratio": 0.3}, {"mask": "box"}, {"mask": "box", "ratio": 0.9}, {}):
+        load_trained(folder, expect_operator={"name": "inpainting", **inside}, operator_defaults=defaults)
+    images = write_images(tmp_path / "images", n=1, size=16)
+    argv = ["simulate", "--task", "inpainting", "--ratio", "0.9", "--input", str(images), "--checkpoint", str(folder),
+            "--device", "cpu", "--out", str(tmp_path / "m.npz")]  # fmt: skip
+    assert main(argv) == 2 and "trained with 0.2..0.5, requested 0.9" in capsys.readouterr().err
 
 
 def test_bad_families_are_clear_errors():

@@ -166,7 +166,9 @@ def load_trained(
             ``{"name": "cs", "ratio": 0.1, "mode": "permuted"}``; each key is
             compared with the recorded operator config (``img_size`` and
             ``seed`` are ignored: test images have their own size and draw).
-            A model trained on an operator family accepts every request inside it.
+            A model trained on an operator family accepts every request inside it;
+            settings the request leaves out are those of :attr:`TrainedModel.operator`
+            (the member callers run by default).
         operator_defaults: the task's operator defaults, for
             :attr:`TrainedModel.operator` of family-trained models.
 
@@ -189,8 +191,13 @@ def load_trained(
         if expect_task is not None and trained.task != expect_task:
             problems.append(f"task: trained for {trained.task!r}, requested {expect_task!r}")
         foreign = trained.foreign_operator
+        request = dict(expect_operator or {})
+        if trained.trained_on_family and request:
+            # the caller will run this model's default member with the requested settings on top: check that
+            # operator (a box-mask component, which has no ratio, must not serve a random mask's ratio)
+            request = {**(trained.operator or {}), **request}
         if foreign is None:
-            problems += config_mismatches(trained.recorded_operator or {"name": "<not set>"}, expect_operator or {})
+            problems += config_mismatches(trained.recorded_operator or {"name": "<not set>"}, request)
         elif expect_operator:
             problems.append(
                 f"operator: trained with a physics of class {foreign}, which is not a registered toolkit operator (only its "
