@@ -768,3 +768,26 @@ def test_attention_levers_restrict_attention_to_one_kernel(tmp_path):
     rows = {r["lever"]: r for r in csv.DictReader(open(out / "speed.csv"))}
     assert rows["sdpa-flash"]["status"] == "ok" and float(rows["sdpa-flash"]["ms_per_image"]) > 0
     assert rows["sdpa-cudnn"]["status"].startswith("RuntimeError")
+
+
+def test_dps_is_a_default_method_only_where_its_step_size_is_known():
+    """DPS stops a run where no step size is known (CS, MRI, CT without --dps-zeta), so the default methods
+    take it only for inpainting (its authors' value) or with --dps-zeta."""
+    from types import SimpleNamespace
+
+    import tasks
+    from benchmarks.dps import DPS
+    from idm.cli.benchmark import default_methods
+
+    for name in ("cs", "mri", "ct", "inpainting"):
+        task = tasks.get(name)
+        op = task.make_operator(32)
+        chosen = default_methods(task, None).split(",")
+        assert chosen[:4] == ["idm", "pinv", "tv", "ddnm"]
+        try:
+            DPS.step_size(SimpleNamespace(zeta=None), op)  # the lookup a DPS without --dps-zeta does
+            known = True
+        except ValueError:
+            known = False
+        assert ("dps" in chosen) == known, name
+        assert default_methods(task, "2.0").endswith(",dps")

@@ -31,7 +31,16 @@ from idm.cli.common import (
     task_name,
 )
 
-DEFAULT_METHODS = "idm,pinv,tv,ddnm,dps"
+#: Run when --methods is not given; DPS joins them where its step size is known (:func:`default_methods`).
+DEFAULT_METHODS = "idm,pinv,tv,ddnm"
+
+
+def default_methods(task: Any, dps_zeta: Any) -> str:
+    """:data:`DEFAULT_METHODS`, with ``dps`` where its authors give a step size for the task's operator
+    (inpainting) or ``--dps-zeta`` gives one: elsewhere DPS needs a tuned value and would stop the run."""
+    from benchmarks.dps import AUTHOR_STEP_SIZES
+
+    return DEFAULT_METHODS + (",dps" if dps_zeta is not None or task.operator in AUTHOR_STEP_SIZES else "")
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +53,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task)")
     parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    parser.add_argument("--methods", help=f"comma-separated (default: {DEFAULT_METHODS}, and dps for inpainting or "
+                        "with --dps-zeta)")
     parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name; its operator and prior are every method's, also when --methods leaves idm out (default: for idm, the shipped model serving the task and operator; without idm, none: the task's operator, and --prior for ddnm/dps)")
     parser.add_argument("--prior", help="diffusion prior for ddnm/dps: a folder or a shipped prior's name (default: the checkpoint's prior)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
@@ -114,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         task = task.with_color(args.color)
     overrides = operator_overrides(args)
     task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
+    if args.methods is None:
+        args.methods = default_methods(task, args.dps_zeta)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = ["idm", *available_methods()]
     unknown = [m for m in names if m not in known]
