@@ -55,7 +55,8 @@ def _unpack(packed: dict[str, Any]) -> np.ndarray:
         raise OperatorInputError(f"mask dict must have 'shape' and base64 'packbits' entries: {err}") from None
 
 
-def _read_mask_file(path: str | os.PathLike) -> np.ndarray:
+def read_mask_file(path: str | os.PathLike) -> np.ndarray:
+    """The kept pixels of a mask image file, ``(H, W)`` bool (non-zero = kept); a clear error if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -137,7 +138,7 @@ class Inpainting(Operator):
             keep = np.ones((h, w), dtype=bool)
             keep[top : top + bh, left : left + bw] = False
         elif isinstance(mask, (str, os.PathLike)):
-            keep = _read_mask_file(mask)
+            keep = read_mask_file(mask)
             self._check_user_mask(keep, f"mask file {os.fspath(mask)!r}")
         elif isinstance(mask, dict):
             keep = _unpack(mask)

@@ -15,6 +15,7 @@ A task is a :class:`Task` value in a module of this package named ``TASK``
 from __future__ import annotations
 
 import dataclasses
+import os
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -163,6 +164,21 @@ class Task:
         if "seed" in inspect.signature(cls.__init__).parameters:
             kwargs.setdefault("seed", seed)
         return operators.make(self.operator, img_size=tuple(img_size), channels=self.channels, **kwargs)
+
+    def check_operator_settings(self, **overrides: Any) -> None:
+        """Raise the operator's own error for settings it refuses (a ratio outside (0, 1], no views, an
+        unreadable mask file), by building it once at a small size it takes: twice a CS block, a mask
+        file's own size, else 64x64. Commands call it when no model serves a request, so that a bad flag
+        is named as such rather than as a model that does not exist."""
+        kwargs = self.operator_kwargs(**overrides)
+        mask = kwargs.get("mask")
+        if isinstance(mask, (str, os.PathLike)) and str(mask) not in ("random", "box"):
+            from operators.inpainting import read_mask_file
+
+            size = tuple(read_mask_file(mask).shape)
+        else:
+            size = 2 * int(kwargs.get("block", 32))
+        self.make_operator(size, **overrides)
 
     def make_training_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
         """The operator to train on: :meth:`make_operator`, or an :class:`~operators.family.OperatorFamily`.

@@ -285,11 +285,18 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
         (["simulate", "--input", str(files / "images"), "--checkpoint", str(bare), "--device", "cpu", "--out", str(tmp_path / "s.npz")],
          "is a bare model folder that records no task"),
         (rec + ["--checkpoint", str(models / "cs"), "--no-crop"], "--no-crop applies to fastMRI .h5 files (their centre crop)"),
+        # no model serves a bad flag: the flag is the error (not "no shipped model serves ...")
+        (["reconstruct", "--task", "cs", "--ratio", "1.5", "--input", str(files / "images"), "--device", "cpu",
+          "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 1.5"),
+        (["reconstruct", "--task", "ct", "--views", "0", "--input", str(files / "ct"), "--device", "cpu",
+          "--out", str(tmp_path / "o")], "views must be a positive integer, got 0"),
+        (["benchmark", "--task", "inpainting", "--mask", "nosuch.png", "--data", str(files / "images"), "--methods", "idm",
+          "--device", "cpu", "--out", str(tmp_path / "o")], "cannot read mask file 'nosuch.png'"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in _error(capsys), argv
-    assert not (tmp_path / "s.npz").exists()
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "o").exists()
 
 
 def test_the_task_defaults_to_the_checkpoints(files, tmp_path):

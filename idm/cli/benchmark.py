@@ -93,6 +93,7 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}
     checkpoint = args.checkpoint or default_checkpoint(task.name, request, task.channels)
     if checkpoint is None:
+        task.check_operator_settings(**overrides)  # a flag the operator refuses is the error, if there is one
         raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request, task.channels)}")
     return load_trained(
         checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()

@@ -348,8 +348,12 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
 def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, **fixed: Any):
     """``(operator flags, checked model)``: the checkpoint (or shipped model) for the task's operator with the
     user's flags (plus ``fixed`` settings read from the input) on top of the defaults."""
+    from idm.shipped import default_checkpoint
+
     overrides = operator_overrides(args)
     request = {"name": task.operator, **task.operator_kwargs(**{**overrides, **fixed})}
+    if args.checkpoint is None and default_checkpoint(task.name, request, task.channels) is None:
+        task.check_operator_settings(**overrides, **fixed)  # a flag the operator refuses is the error, if there is one
     trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device,
                          precision=args.precision)  # fmt: skip
     return overrides, trained
