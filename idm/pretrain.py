@@ -237,6 +237,14 @@ def prior_folder(path: str | Path) -> str:
             raise CheckpointError(f"{folder} is an `idm pretrain` run that has not exported its {PRIOR_DIR}/ yet "
                                   "(it does at its first checkpoint, and when resumed)")  # fmt: skip
         return str(folder / PRIOR_DIR)
+    from idm.training.trained import is_model_dir
+
+    if is_model_dir(folder) or (folder / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{folder} is an IDM model or an `idm train` run, not a diffusion prior: --prior takes a diffusers U-Net "
+            "folder, an `idm pretrain` run or a shipped prior's name; to start from a trained IDM, use --init-from "
+            "(idm train), or --checkpoint (idm benchmark, whose DDNM and DPS then use that model's prior)"
+        )
     return str(folder)
 
 

@@ -121,6 +121,20 @@ def test_cheap_methods_run_once_untimed_before_the_first_image():
     assert [(r["method"], r["image"]) for r in rows] == [("cheap", "a"), ("slow", "a"), ("cheap", "b"), ("slow", "b")]
 
 
+def test_a_checkpoint_whose_prior_moved_names_the_missing_folder(bench_files, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "idm"
+    shutil.copytree(bench_files / "idm", moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["idm"]["unet"] = str(tmp_path / "gone" / "prior")
+    (moved / "config.json").write_text(json.dumps(config))
+    argv = ["benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+            "--methods", "ddnm", "--checkpoint", str(moved), "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    assert f"the checkpoint's prior {str(tmp_path / 'gone' / 'prior')!r} is not there" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

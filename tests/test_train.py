@@ -284,6 +284,15 @@ def test_prior_that_is_not_a_diffusers_model(tmp_path, data, capsys):
     assert not out.exists()
 
 
+def test_a_train_run_or_idm_model_given_as_prior_points_to_init_from(base_run, tmp_path, data, capsys):
+    args = [a for a in BASE if a not in ("--unet", "tiny")]
+    for given in (base_run, base_run / "checkpoints" / "iter_0000002"):
+        out = tmp_path / "run"
+        _fails([*args, "--prior", str(given), "--data", str(data), "--iters", "2", "--out", str(out)], capsys,
+               "is an IDM model or an `idm train` run, not a diffusion prior")  # fmt: skip
+        assert not out.exists()
+
+
 def test_an_image_that_fails_in_a_worker_stops_the_run_with_its_error(tmp_path):
     """A file that passes the start-up check but fails to decode mid-run: a clear error and exit status 2,
     not the worker's traceback and a process waiting for workers that ignore SIGTERM."""

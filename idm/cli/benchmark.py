@@ -161,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
         if prior_path is None and trained is not None:
             prior_path = find_prior(trained.model.config.unet)
         if prior_path is None:
-            raise ValueError("ddnm and dps need a diffusion prior: pass --prior DIR (e.g. an idm pretrain output)")
+            recorded = None if trained is None else trained.model.config.unet
+            where = (f"the checkpoint's prior {recorded!r} is not there (moved or deleted?); "
+                     if recorded not in (None, "tiny", "sd15") else "")  # fmt: skip
+            raise ValueError(f"ddnm and dps need a diffusion prior: {where}pass --prior DIR (e.g. an idm pretrain output)")
         prior = load_prior(prior_path, device=device)
 
     options = {

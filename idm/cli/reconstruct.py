@@ -391,7 +391,11 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
                 f"{path}: {detectors} detector cells match no square image (a W x W image has ceil(sqrt(2) W) cells); "
                 "is this a sinogram of the ct operator, (detectors, views)?"
             )
-        _, trained = _model_for_flags(args, task, device, views=views)
+        try:
+            _, trained = _model_for_flags(args, task, device, views=views)
+        except ValueError as err:  # say how the file was read: a non-square CT slice looks like a sinogram
+            raise type(err)(f"{err}\n({path} was read as a sinogram of {detectors} detectors x {views} views, as a "
+                            ".npy without sidecar whose two axes differ; a CT slice must be square)") from None
         trained_views = (trained.operator or {}).get("views")
         if trained_views is not None and trained_views != views:
             raise ValueError(

@@ -28,7 +28,8 @@ from operators.family import config_mismatches, is_family_config, representative
 RUN_FORMAT = "idm-train-run"
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` is an IDM model folder (``config.json`` of the IDM model format + ``model.safetensors``)."""
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         return False
     try:
@@ -54,13 +55,13 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{str(path)!r} is a shipped diffusion prior, not an IDM model: "
                                   "pass it as --prior (idm train, idm benchmark)")  # fmt: skip
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist, nor is it the name of a shipped model (`idm info` lists them)")
-    if p.is_dir() and _is_model_dir(p):
+    if p.is_dir() and is_model_dir(p):
         return p
     if p.is_dir() and (p / "checkpoints").is_dir():
         latest = RunFolder(p, RUN_FORMAT).latest()
         if latest is None:
             raise CheckpointError(f"training folder {str(p)!r} has no checkpoint yet")
-        if not _is_model_dir(latest):
+        if not is_model_dir(latest):
             raise CheckpointError(f"the latest checkpoint {str(latest)!r} is not an IDM model folder (is this a pretrain run?)")
         return latest
     raise CheckpointError(
