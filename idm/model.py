@@ -91,8 +91,9 @@ def _refuse_operator_gradients(op: Any, y: Tensor) -> None:
         x = op.A_dagger(y.detach())
         dependent = [name for name, out in (("A_dagger", x), ("A", op.A(x.detach()))) if out.requires_grad]
     if dependent:
+        verb = "depends" if len(dependent) == 1 else "depend"
         raise ValueError(
-            f"the operator's {' and '.join(dependent)} {'depends' if len(dependent) == 1 else 'depend'} on tensors that require grad (e.g. a learned sampling "
+            f"the operator's {' and '.join(dependent)} {verb} on tensors that require grad (e.g. a learned sampling "
             "matrix); the memory-saving backward (recompute=True with invertible='steps' or 'both') differentiates the "
             "model's parameters and y only, and would leave those gradients wrong: build the model with "
             "recompute=False to learn the operator with plain autograd, or detach the operator's tensors"
