@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from idm.cli.common import (
+    OutputFolder,
     add_common_args,
     add_operator_args,
     add_precision_arg,
@@ -26,7 +27,6 @@ from idm.cli.common import (
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
-    OutputFolder,
     seed_everything,
     task_name,
 )

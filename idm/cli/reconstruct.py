@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from idm.cli.common import (
+    OutputFolder,
     add_common_args,
     add_operator_args,
     add_precision_arg,
@@ -67,7 +68,6 @@ from idm.cli.common import (
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
-    OutputFolder,
     seed_everything,
     task_name,
 )
