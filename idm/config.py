@@ -21,7 +21,7 @@ class IDMConfig:
     """Architecture of an :class:`idm.IDM`.
 
     Attributes:
-        unet: ``"tiny"`` (random ~0.35M-parameter ``UNet2DModel``, for tests),
+        unet: ``"tiny"`` (random ``UNet2DModel`` of 0.40M parameters, 0.35M once pruned, for tests),
             ``"sd15"`` (the Stable Diffusion v1.5 U-Net architecture, random
             init), or the path of a local diffusers U-Net folder
             (``UNet2DConditionModel`` such as SD v1.5's ``unet`` subfolder, or

@@ -28,6 +28,7 @@ with the same global batch computes.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +68,21 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+def _width_multipliers(levels: int) -> list[int]:
+    return ([1, 2, 4] + [4] * max(0, levels - 3))[:levels]
+
+
+def _injectable_width_step(levels: int) -> int:
+    """Widths are multiples of this: of 8, and such that each scale's channels (``width * multiplier`` at
+    ``1 / 2**level`` of the image size) are a multiple of ``4**level``, which IDM's injectors need to
+    pixel-shuffle the feature map to the image size."""
+    step = 8
+    for level, mult in enumerate(_width_multipliers(levels)):
+        factor = 4**level // math.gcd(mult, 4**level)
+        step = step * factor // math.gcd(step, factor)
+    return step
+
+
 @dataclass(frozen=True)
 class PriorArchitecture:
     """A ``UNet2DModel`` sized for short budgets.
@@ -94,6 +110,15 @@ class PriorArchitecture:
         need(self.width >= 8 and self.width % 8 == 0, f"width must be a multiple of 8, got {self.width}")
         need(1 <= self.levels <= 6, f"levels must be in 1..6, got {self.levels}")
         need(self.layers_per_block >= 1, f"layers_per_block must be >= 1, got {self.layers_per_block}")
+        step = _injectable_width_step(self.levels)
+        need(self.width % step == 0,
+             f"with {self.levels} levels the width must be a multiple of {step}, got {self.width}: IDM's measurement "
+             f"injectors pixel-shuffle the {self.block_channels()[-1]}-channel maps at 1/{self.downsampling} of the image "
+             f"size to it, which needs a multiple of {self.downsampling ** 2} channels")  # fmt: skip
+
+    def block_channels(self) -> list[int]:
+        """Channels of each scale, finest first: ``width * (1, 2, 4, 4, ...)``."""
+        return [self.width * m for m in _width_multipliers(self.levels)]
 
     @property
     def downsampling(self) -> int:
@@ -101,8 +126,7 @@ class PriorArchitecture:
         return 2 ** (self.levels - 1)
 
     def unet_config(self) -> dict[str, Any]:
-        mults = [1, 2, 4] + [4] * max(0, self.levels - 3)
-        channels = [self.width * m for m in mults[: self.levels]]
+        channels = self.block_channels()
         low = "AttnDownBlock2D" if self.attention else "DownBlock2D"
         up_low = "AttnUpBlock2D" if self.attention else "UpBlock2D"
         return {

@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import operators
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
 from idm.unets import UNetSourceError, tiny_unet_config
@@ -288,20 +289,44 @@ def test_loading_refuses_bad_folders(tmp_path):
         IDM.from_pretrained(tmp_path / "m")
 
 
-def _tiny_sd_like_unet() -> UNet2DConditionModel:
-    """SD v1.5's block layout at toy width: 4 scales, cross-attention, time embedding."""
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+def _tiny_sd_like_unet(**changes) -> UNet2DConditionModel:
+    """SD v1.5's block layout at toy width: 4 scales, cross-attention, time embedding (``changes`` on top)."""
+    return UNet2DConditionModel(**{
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (16, 32, 64, 64),
+        "layers_per_block": 1,
+        "cross_attention_dim": 16,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        **changes,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "config", "message"), [
+    ({"only_cross_attention": True}, {}, "only_cross_attention=True are not supported"),
+    ({"dual_cross_attention": True}, {}, "dual cross-attention"),
+    ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, {"keep_scales": 4, "keep_mid": True},
+     "mid block type UNetMidBlock2DSimpleCrossAttn is not supported"),
+    ({"num_class_embeds": 10}, {"keep_scales": 4, "time_input": True, "schedule": "ddpm"},
+     "class- or text-conditioned time embeddings"),
+])  # fmt: skip
+def test_conditioning_the_adapter_cannot_feed_is_refused_at_construction(changes, config, message):
+    """Built, these would fail deep inside diffusers at the first forward (or run the wrong weights)."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=message):
+        IDM(IDMConfig(**config), unet=_tiny_sd_like_unet(**changes))
+
+
+def test_gligen_grounding_layers_are_pruned_with_the_cross_attention():
+    torch.manual_seed(0)
+    gated = IDM(IDMConfig(steps=1), unet=_tiny_sd_like_unet(attention_type="gated"))
+    plain = IDM(IDMConfig(steps=1), unet=_tiny_sd_like_unet())
+    assert sum(p.numel() for p in gated.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert gated(torch.rand(1, 1, 16, 16), operators.make("inpainting", img_size=(16, 16))).shape == (1, 1, 16, 16)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3])
@@ -340,6 +365,13 @@ def test_unet_folder_errors(tmp_path):
     (tmp_path / "noweights" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UNetSourceError, match="cannot load the U-Net weights"):
         IDM(IDMConfig(unet=str(tmp_path / "noweights")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"format": "idm-pretrain-run"}))
+    with pytest.raises(UNetSourceError, match="is an `idm pretrain` run folder; its prior .* is .*run/prior"):
+        IDM(IDMConfig(unet=str(tmp_path / "run")))
+    IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "idm-model")
+    with pytest.raises(UNetSourceError, match="is an IDM model or training run, not a diffusion prior"):
+        IDM(IDMConfig(unet=str(tmp_path / "idm-model")))
     (tmp_path / "bad.json").mkdir()
     (tmp_path / "bad.json" / "config.json").write_bytes(b"\xff\xfe not text")
     with pytest.raises(UNetSourceError, match="cannot read .*bad.json/config.json"):
@@ -785,3 +817,15 @@ def test_bad_input_with_a_deepinv_physics_names_the_problem():
         model(y.numpy(), op)
     with pytest.raises(TypeError, match="op must be a linear operator"):
         model(y, None)
+
+
+def test_a_unet_folder_of_only_fp16_weights_loads_in_float32(tmp_path):
+    """Local Stable Diffusion copies often hold only diffusion_pytorch_model.fp16.safetensors."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_config(1)).half()
+    unet.save_pretrained(tmp_path / "unet", variant="fp16")
+    assert [p.name for p in (tmp_path / "unet").glob("diffusion_pytorch_model*")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    model = IDM(IDMConfig(unet=str(tmp_path / "unet"), steps=1))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    conv = model.eps_net.unet.down_blocks[0].resnets[0].conv1.weight
+    assert torch.equal(conv, unet.down_blocks[0].resnets[0].conv1.weight.float())

@@ -147,3 +147,27 @@ def test_ema_warm_up_and_architecture():
     assert cfg["block_out_channels"] == [64, 128, 256] and cfg["down_block_types"][-1] == "AttnDownBlock2D"
     with pytest.raises(ValueError, match="multiple of 8"):
         PriorArchitecture(width=12)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 4, 5, 6])
+def test_every_architecture_pretrain_accepts_carries_the_injectors(levels):
+    """A prior idm pretrain makes must take IDM's measurement injectors at every scale: the smallest width
+    it accepts builds an IDM, and the multiple of 8 below it (where there is one) is refused with the reason."""
+    from diffusers import UNet2DModel
+
+    width = next(w for w in range(8, 2049, 8) if _accepts(w, levels))
+    arch = PriorArchitecture(width=width, levels=levels, layers_per_block=1, attention=False)
+    with torch.device("meta"):
+        unet = UNet2DModel(**arch.unet_config())
+    IDM(IDMConfig(steps=1), unet=unet, init_weights=False)
+    if width > 8:
+        with pytest.raises(ValueError, match=f"with {levels} levels the width must be a multiple of {width}"):
+            PriorArchitecture(width=width - 8, levels=levels)
+
+
+def _accepts(width: int, levels: int) -> bool:
+    try:
+        PriorArchitecture(width=width, levels=levels)
+        return True
+    except ValueError:
+        return False

@@ -42,7 +42,7 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 
 
 def tiny_unet_config(image_channels: int) -> dict[str, Any]:
-    """A ``UNet2DModel`` of about 0.35M parameters with one attention scale, for tests."""
+    """A ``UNet2DModel`` of 0.40M parameters (0.35M once IDM prunes its time embedding) with one attention scale, for tests."""
     return {
         "sample_size": 32,
         "in_channels": image_channels,
@@ -102,6 +102,11 @@ def read_unet_class(folder: Path) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UNetSourceError(f"cannot read {folder / 'config.json'}: {err}") from None
     name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    kind = cfg.get("format") if isinstance(cfg, dict) else None  # the toolkit's own folders say what they are
+    if kind == "idm-pretrain-run":
+        raise UNetSourceError(f"{folder} is an `idm pretrain` run folder; its prior (the U-Net) is {folder / 'prior'}")
+    if kind in ("idm-model", "idm-train-run"):
+        raise UNetSourceError(f"{folder} is an IDM model or training run, not a diffusion prior U-Net")
     if name not in UNET_CLASSES:
         raise UNetSourceError(
             f"{folder / 'config.json'} describes {name!r}, not one of the supported U-Nets "
@@ -111,13 +116,20 @@ def read_unet_class(folder: Path) -> str:
 
 
 def load_unet_folder(path: str | Path) -> nn.Module:
-    """Load a diffusers U-Net with its weights from a local folder (offline)."""
+    """Load a diffusers U-Net with its weights from a local folder (offline).
+
+    A folder that holds only a half-precision variant (``diffusion_pytorch_model.fp16.safetensors``, as
+    local copies of Stable Diffusion often do) is loaded from it, in float32.
+    """
     folder = _unet_folder(Path(path))
     cls = UNET_CLASSES[read_unet_class(folder)]
+    weights = [p.name for p in folder.glob("diffusion_pytorch_model*")]
+    variant = "fp16" if weights and all(".fp16." in name for name in weights) else None
     try:
-        return cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        unet = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, variant=variant)
     except (OSError, ValueError, RuntimeError) as err:
         raise UNetSourceError(f"cannot load the U-Net weights in {folder}: {err}") from None
+    return unet.float()
 
 
 def unet_from_config(class_name: str, config: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:

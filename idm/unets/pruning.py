@@ -60,4 +60,10 @@ def prune_unet(
                 module.norm2 = None
     if hasattr(unet, "encoder_hid_proj"):
         unet.encoder_hid_proj = None
+    # GLIGEN grounding (attention_type="gated"): a conditioning input IDM never gives; its layers would be dead weights
+    if getattr(unet, "position_net", None) is not None:
+        unet.position_net = None
+    for module in unet.modules():
+        if getattr(module, "fuser", None) is not None:
+            module.fuser = None
     return unet

@@ -178,7 +178,23 @@ class WiredUNet(nn.Module):
                     "UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D",
                 }:  # fmt: skip
                     raise ValueError(f"U-Net block type {kind} is not supported by the IDM adapter")
+        mid = self.unet.mid_block
+        if mid is not None and type(mid).__name__ not in {"UNetMidBlock2D", "UNetMidBlock2DCrossAttn"}:
+            raise ValueError(f"mid block type {type(mid).__name__} is not supported by the IDM adapter "
+                             "(prune it: IDMConfig.keep_mid=False)")  # fmt: skip
+        for module in self.unet.modules():
+            if isinstance(module, Transformer2DModel):
+                continue
+            if type(module).__name__ == "DualTransformer2DModel":
+                raise ValueError("U-Nets with dual cross-attention (DualTransformer2DModel) are not supported by the IDM adapter")
+            if getattr(module, "only_cross_attention", False) is True:  # its self-attention reads the text states
+                raise ValueError("U-Nets with only_cross_attention=True are not supported by the IDM adapter: their "
+                                 "attention takes its keys and values from the text embedding, which IDM does not have")  # fmt: skip
         config = getattr(self.unet, "config", {})
+        if self.keep_time and (getattr(self.unet, "class_embedding", None) is not None
+                               or getattr(self.unet, "add_embedding", None) is not None):  # fmt: skip
+            raise ValueError("class- or text-conditioned time embeddings (class_embed_type, num_class_embeds, "
+                             "addition_embed_type) are not supported with the time input kept: IDM passes no labels")  # fmt: skip
         if config.get("center_input_sample", False):  # diffusers maps the sample to 2x - 1 first; this walk does not
             raise ValueError("U-Nets with center_input_sample=True are not supported by the IDM adapter")
         if self.keep_time and config.get("time_embedding_type", "positional") == "fourier":
