@@ -25,15 +25,17 @@ time and memory, NFEs, inference time per image).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.experiments import Variant, run_variant
 from benchmarks.harness import load_images
-from benchmarks.report import script_command, write_csv_and_markdown
-from idm.hardware import hardware_name
+from benchmarks.report import run_script, script_command, write_csv_and_markdown
 from idm import IDMConfig
+from idm.cli.common import positive_int, resolve_device, seed_value
+from idm.hardware import hardware_name
 from idm.train import TrainConfig
 
 VARIANTS = (
@@ -56,19 +58,19 @@ def add_experiment_args(parser: argparse.ArgumentParser, training_required: bool
     parser.add_argument("--prior", required=training_required, help="diffusion prior folder (idm pretrain output)")
     parser.add_argument("--train-data", nargs="+", required=training_required)
     parser.add_argument("--test-data", nargs="+", required=True)
-    parser.add_argument("--limit", type=int, help="test images used (default: all)")
-    parser.add_argument("--steps", type=int, default=2, help="T (the paper's ablation uses 2)")
-    parser.add_argument("--iters", type=int, default=2000, help="training iterations per variant")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--limit", type=positive_int, help="test images used (default: all)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="T (the paper's ablation uses 2)")
+    parser.add_argument("--iters", type=positive_int, default=2000, help="training iterations per variant")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--crop", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--scalar-lr-mult", type=float, default=1.0)
-    parser.add_argument("--ddnm-steps", type=int, default=100)
+    parser.add_argument("--ddnm-steps", type=positive_int, default=100)
     parser.add_argument("--ratio", type=float, help="operator flag (see idm train)")
-    parser.add_argument("--views", type=int, help="operator flag (ct)")
+    parser.add_argument("--views", type=positive_int, help="operator flag (ct)")
     parser.add_argument("--acceleration", type=float, help="operator flag (mri)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", required=True)
 
 
@@ -76,9 +78,19 @@ def experiment_setup(args: argparse.Namespace):
     """``(task, overrides, images, base model config, budget, device)`` from the shared options."""
     import tasks
 
+    from idm.pretrain import prior_folder
+
     task = tasks.get(args.task)
     overrides = {k: getattr(args, k) for k in ("ratio", "views", "acceleration") if getattr(args, k, None) is not None}
-    device = torch.device(args.device)
+    task.check_operator_settings(**overrides)  # a flag the task does not take, or a value its operator refuses
+    device = resolve_device(args.device)
+    for folder in args.train_data or []:
+        if not Path(folder).exists():
+            raise ValueError(f"--train-data {folder}: no such file or folder")
+    if args.prior is not None:
+        args.prior = prior_folder(args.prior)  # a pretrain run stands for its prior, a shipped prior's name for its folder
+        if not Path(args.prior).is_dir():
+            raise ValueError(f"--prior {args.prior}: no such folder, nor a shipped prior's name")
     images = load_images(task, args.test_data, args.limit, args.seed)
     base = IDMConfig(unet=args.prior, steps=args.steps, **task.model_defaults())  # as `idm train` builds it
     budget = TrainConfig(iters=args.iters, batch_size=args.batch_size, lr=args.lr, scalar_lr_mult=args.scalar_lr_mult,
@@ -128,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     command = script_command("benchmarks.ablation", argv)
     header = f"`{command}` on {hardware_name(device)}; T={args.steps}, {args.iters} iterations per variant, batch {args.batch_size}, crop {args.crop}."
     write_table(rows, FIELDS, out, "ablation", header)
+    return all_failed_status(rows)
+
+
+def all_failed_status(rows: list[dict]) -> int:
+    """The exit status of a run of rows: 1 when every row failed (their errors are in the table), else 0."""
+    if rows and all(r.get("status") != "ok" for r in rows):
+        print("every row failed (the errors are listed above and in the table)", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.ablation"))

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import run_script
+from idm.cli.common import non_negative_int, positive_int
+
 MODES = ("glibc", "kept")
 FIELDS = ["round", "malloc", "run", "ms", "page_faults", "system_s", "peak_rss_mb"]
 
@@ -74,22 +77,22 @@ def summary_markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="cs-10", help="a trained model folder or a shipped model's name")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--rounds", type=int, default=3, help="pairs of processes (glibc, kept)")
-    parser.add_argument("--runs", type=int, default=10, help="timed forwards per process")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="pairs of processes (glibc, kept)")
+    parser.add_argument("--runs", type=positive_int, default=10, help="timed forwards per process")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards first")
     parser.add_argument("--out", default="benchmarks/results/cpu/malloc")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one measuring process
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.checkpoint, args.child, args.size, args.precision, args.runs, args.warmup)))
         return 0
+    import torch
+
     from benchmarks.report import script_command, write_csv_and_markdown
     from idm.hardware import hardware_name
     from idm.training.trained import resolve_model_dir
-
-    import torch
 
     resolve_model_dir(args.checkpoint)  # a clear error before the first process
     command = [sys.executable, "-m", "benchmarks.cpu_malloc", "--checkpoint", args.checkpoint, "--size", str(args.size),
@@ -110,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.cpu_malloc"))

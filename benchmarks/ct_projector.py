@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from benchmarks.report import script_command
+from benchmarks.report import run_script, script_command
 from benchmarks.timing import add_timing_args, median_seconds, setup
+from idm.cli.common import positive_int
 
 
 def _deepinv_tomography(op, device: torch.device):
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from idm.hardware import hardware_name
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
-    parser.add_argument("--views", type=int, default=60, help="projection angles (default 60)")
-    parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    parser.add_argument("--size", type=positive_int, default=256, help="image side (default 256)")
+    parser.add_argument("--views", type=positive_int, default=60, help="projection angles (default 60)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="images per call (default 2)")
     add_timing_args(parser, "benchmarks/results/ct-projector")
     args = parser.parse_args(argv)
     device, out = setup(args)
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.ct_projector"))

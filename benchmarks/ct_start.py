@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import run_script
+from idm.cli.common import positive_int, seed_value
+
 
 def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / ((x_hat.clamp(0, 1) - x) ** 2).mean()))
@@ -49,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, nargs="+", help="CT slices (.npy in HU, .dcm, .tif)")
-    parser.add_argument("--limit", type=int, default=2, help="slices used (default 2)")
-    parser.add_argument("--size", type=int, default=256, help="resize the slices to SIZE x SIZE (default 256)")
-    parser.add_argument("--views", type=int, default=60)
+    parser.add_argument("--limit", type=positive_int, default=2, help="slices used (default 2)")
+    parser.add_argument("--size", type=positive_int, default=256, help="resize the slices to SIZE x SIZE (default 256)")
+    parser.add_argument("--views", type=positive_int, default=60)
     parser.add_argument("--prior", default="prior-natural-y", help="prior folder or shipped prior name")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", default="benchmarks/results/ct-start")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -101,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.ct_start"))

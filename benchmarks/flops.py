@@ -21,9 +21,10 @@ import torch
 from deepinv.physics import LinearPhysics
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from benchmarks.report import script_command, write_csv_and_markdown
+from benchmarks.report import run_script, script_command, write_csv_and_markdown
 from benchmarks.speed import flop_counter
 from idm import IDM, IDMConfig
+from idm.cli.common import positive_int
 from operators import unchecked_values
 
 FIELDS = ["unet", "size", "steps", "upsamplers", "gflop_per_image", "convolution", "attention", "linear", "other"]
@@ -77,8 +78,8 @@ def count(unet: str, size: int, steps: int, fold: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--out", default="benchmarks/results/flops")
     args = parser.parse_args(argv)
     rows = [count(args.unet, args.size, args.steps, fold) for fold in (False, True)]
@@ -93,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.flops"))

@@ -53,14 +53,19 @@ SIZE=${SIZE:-256}
 SD15=${SD15:-sd15}
 PRIOR=${PRIOR:-idm/weights/prior-natural-y}
 PEAK=790  # the bf16 dense TFLOP/s the speed issue takes for these GPUs
-STAGES=("$@")
+GRAPHS=$([ "${DEVICE%%:*}" = cuda ] && echo cudagraphs)  # the CUDA-graph levers, left out of a dry run elsewhere
+STAGES=()
+for stage in "$@"; do  # each stage once, in the order given
+    [[ " ${STAGES[*]} " == *" $stage "* ]] || STAGES+=("$stage")
+done
 KNOWN=" memory-b1 graphs-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
 [ ${#STAGES[@]} -eq 0 ] && { echo "name the stages to run (one or more of:$KNOWN)" >&2; exit 2; }
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
 done
+mkdir -p "$OUT" || { echo "cannot create OUT=$OUT" >&2; exit 2; }
 RESULTS=$(mktemp -d)
-mkdir -p "$OUT"
+trap 'rm -rf "$RESULTS"' EXIT
 
 FAILED=0
 run_stage() {  # name, seconds, command...
@@ -83,11 +88,11 @@ run_stage() {  # name, seconds, command...
                     -k "cuda or captured" ;;
             speed-small)
                 run_stage "$stage" 150 python3 -m benchmarks.speed --device "$DEVICE" --unet "$PRIOR" --size "$SIZE" --steps 3 \
-                    --batch 1 16 --precision fp32 bf16 --levers base cudagraphs --train-batch 16 --peak-tflops $PEAK \
+                    --batch 1 16 --precision fp32 bf16 --levers base $GRAPHS --train-batch 16 --peak-tflops $PEAK \
                     --iters 5 --warmup 2 --out "$RESULTS/$stage" ;;
             speed-sd15)
                 run_stage "$stage" 200 python3 -m benchmarks.speed --device "$DEVICE" --unet "$SD15" --size "$SIZE" --steps 3 \
-                    --batch 16 --precision bf16 --levers base cudagraphs --train-batch 8 --train-levers base cudagraphs \
+                    --batch 16 --precision bf16 --levers base $GRAPHS --train-batch 8 --train-levers base $GRAPHS \
                     --peak-tflops $PEAK --iters 3 --warmup 1 --out "$RESULTS/$stage" ;;
             graphs-b1)
                 run_stage "$stage" 200 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \

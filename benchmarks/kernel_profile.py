@@ -23,9 +23,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.memory import ABLATIONS
-from benchmarks.report import script_command
+from benchmarks.report import run_script, script_command
 from benchmarks.speed import build_model
 from benchmarks.timing import TrainingSetup, add_timing_args, seconds_of, setup, sync
+from idm.cli.common import positive_int
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS
 
@@ -94,19 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_timing_args(parser, "benchmarks/results/kernel-profile", iters=1, warmup=2)
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder (random weights)")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=16, help="inference batch")
+    parser.add_argument("--train-batch", type=positive_int, default=8)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--train-variants", nargs="+", choices=("none", "both", "both-attention-kept"), default=["both"],
                         help="training: plain autograd, the memory-saving backward, and/or the latter with the wired "
                              "blocks' attention kept (IDMConfig.keep_attention)")  # fmt: skip
     parser.add_argument("--mode", nargs="+", choices=("inference", "train"), default=["inference"])
-    parser.add_argument("--top", type=int, default=25, help="operators listed per profiled call")
+    parser.add_argument("--top", type=positive_int, default=25, help="operators listed per profiled call")
     args = parser.parse_args(argv)
-    if min(args.size, args.steps, args.batch, args.train_batch, args.iters, args.top) < 1 or args.warmup < 0:
-        parser.error("--size, --steps, --batch, --train-batch, --iters and --top must be positive, --warmup not negative")
     device, out = setup(args)
     calls = [("inference", "both")] if "inference" in args.mode else []
     calls += [("train", variant) for variant in args.train_variants] if "train" in args.mode else []
@@ -142,4 +141,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.kernel_profile"))

@@ -36,12 +36,24 @@ from typing import Callable
 
 import torch
 
-from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import TrainingSetup, add_timing_args, error_line, median_seconds, seconds_of, setup
-from idm.hardware import hardware_name
-
 import operators
+from benchmarks.report import (
+    run_script,
+    script_command,
+    write_csv,
+    write_csv_and_markdown,
+)
+from benchmarks.timing import (
+    TrainingSetup,
+    add_timing_args,
+    error_line,
+    median_seconds,
+    seconds_of,
+    setup,
+)
 from idm import IDM, IDMConfig
+from idm.cli.common import positive_int
+from idm.hardware import hardware_name
 
 VARIANTS = {
     "none": dict(invertible="none", recompute=False),
@@ -245,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_timing_args(parser, "benchmarks/results")
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 6, 12])
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 3, 6, 12])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ablations", nargs="+", default=[], choices=list(ABLATIONS),
                         help="also measure `both` with each of these settings of the memory-saving backward changed, "
@@ -289,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.memory"))

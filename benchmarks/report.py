@@ -8,7 +8,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -69,6 +69,20 @@ def script_command(module: str, argv: Sequence[str] | None) -> str:
     """``python -m MODULE ARGS``: how a benchmark script was run (``argv`` as given to its ``main``, else
     ``sys.argv[1:]``; shell-quoted, so the line can be pasted back)."""
     return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def run_script(main: Callable[[Sequence[str] | None], int], module: str, argv: Sequence[str] | None = None) -> int:
+    """``main(argv)`` of the script ``python -m MODULE`` with the toolkit's errors (``ValueError``, ``OSError``:
+    bad arguments, missing files, a device that is not there) printed as one line and exit status 2, and
+    Ctrl-C as 130, as ``idm``'s commands do; other errors keep their traceback."""
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        print(f"python -m {module}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def write_csv(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from benchmarks.memory import ABLATIONS, VARIANTS, training_setup
-from benchmarks.report import script_command, write_csv_and_markdown
+from benchmarks.report import run_script, script_command, write_csv_and_markdown
+from idm.cli.common import positive_int, seed_value
 from idm.hardware import hardware_name
 
 FIELDS = ["module", "mib", "percent"]
@@ -79,19 +80,17 @@ def summary_markdown(rows: list[dict], total_mib: float, top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", default="benchmarks/results/saved-tensors")
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=1)
     parser.add_argument("--variant", default="both", choices=list(VARIANTS))
     parser.add_argument("--ablation", choices=list(ABLATIONS), help="change this setting of `both` (benchmarks.memory's --ablations)")
-    parser.add_argument("--depth", type=int, default=6, help="module names at most this many dotted parts deep")
-    parser.add_argument("--top", type=int, default=25, help="modules listed in the markdown summary")
+    parser.add_argument("--depth", type=positive_int, default=6, help="module names at most this many dotted parts deep")
+    parser.add_argument("--top", type=positive_int, default=25, help="modules listed in the markdown summary")
     args = parser.parse_args(argv)
-    if min(args.size, args.batch, args.steps, args.depth, args.top) < 1:
-        parser.error("--size, --batch, --steps, --depth and --top must be positive")
     if args.ablation and args.variant != "both":
         parser.error("--ablation changes the `both` variant: use --variant both")
     device, out = torch.device(args.device), Path(args.out)
@@ -109,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.saved_tensors"))

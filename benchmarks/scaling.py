@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ablation import add_experiment_args, experiment_setup, write_table
-from benchmarks.report import script_command
+from benchmarks.ablation import add_experiment_args, all_failed_status, experiment_setup, write_table
 from benchmarks.experiments import Variant, run_variant
+from benchmarks.report import run_script, script_command
+from idm.cli.common import resolve_device
 from idm.hardware import hardware_name
 
 FIELDS = ["value", "psnr", "ssim", "train_seconds", "train_memory_mb", "iterations", "nfe", "inference_seconds",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     header = f"`{command}` on {hardware_name(device)}; {budget}."
     write_table(rows, FIELDS, out, f"scaling_{args.sweep}", header)
     plot(rows, args.sweep, out / f"scaling_{args.sweep}.png")
-    return 0
+    return all_failed_status(rows)
 
 
 def score_checkpoint(args: argparse.Namespace) -> list[dict]:
@@ -81,14 +82,14 @@ def score_checkpoint(args: argparse.Namespace) -> list[dict]:
     from operators.family import config_mismatches
 
     task = tasks.get(args.task)
-    device = torch.device(args.device)
-    images = load_images(task, args.test_data, args.limit, args.seed)
+    device = resolve_device(args.device)
     trained = load_trained(args.checkpoint, expect_task=task.name, device=device)
+    images = load_images(task, args.test_data, args.limit, args.seed)
     recorded = trained.recorded_operator  # None for a bare model folder: nothing to check against
     outside = {value: config_mismatches(recorded, {"ratio": value}) if recorded else [] for value in args.values}
     outside = {value: problems for value, problems in outside.items() if problems}
     if outside:
-        raise SystemExit(f"scaling: {args.checkpoint} was not trained for every ratio asked: "
+        raise ValueError(f"{args.checkpoint} was not trained for every ratio asked: "
                          + "; ".join(f"{value:g}: {', '.join(problems)}" for value, problems in outside.items()))  # fmt: skip
     method = IDMMethod(trained.model.to(device))
     rows = []
@@ -127,4 +128,4 @@ def train_per_value(args: argparse.Namespace, out: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.scaling"))

@@ -50,11 +50,25 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 import operators
+from benchmarks.report import (
+    run_script,
+    script_command,
+    write_csv,
+    write_csv_and_markdown,
+)
+from benchmarks.timing import (
+    TrainingSetup,
+    add_timing_args,
+    captured,
+    error_line,
+    median_seconds,
+    minor_page_faults,
+    require_cuda_for_graphs,
+    setup,
+)
 from idm import IDM, IDMConfig
-from benchmarks.report import script_command, write_csv, write_csv_and_markdown
-from benchmarks.timing import (TrainingSetup, add_timing_args, captured, error_line, median_seconds,
-                               minor_page_faults, require_cuda_for_graphs, setup)
 from idm.checkpoint import CheckpointError
+from idm.cli.common import non_negative_int, positive_int
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS
 from idm.training.trained import resolve_model_dir
@@ -289,15 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--unet", help="architecture with random weights: tiny, sd15 (default) or a diffusers U-Net folder")
     source.add_argument("--checkpoint", nargs="+",
                         help="trained IDMs: model/run folders or shipped models' names (inference only)")  # fmt: skip
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="inference batch sizes")
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16], help="inference batch sizes")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"])
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=["base"])
-    parser.add_argument("--train-batch", type=int, default=0, help="also time training at this batch (0: no)")
+    parser.add_argument("--train-batch", type=non_negative_int, default=0, help="also time training at this batch (0: no)")
     parser.add_argument("--train-levers", nargs="+", choices=TRAIN_LEVERS, default=["base"], help="levers of the training rows")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
     args = parser.parse_args(argv)
+    graphs = "cudagraphs" in args.levers or (args.train_batch and "cudagraphs" in args.train_levers)
+    if graphs and not str(args.device).startswith("cuda"):
+        parser.error("the cudagraphs lever needs a CUDA device (--device cuda)")
     for checkpoint in args.checkpoint or []:  # every name checked before the first timing
         try:
             resolve_model_dir(checkpoint)
@@ -323,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         for lever in args.train_levers if args.train_batch and args.checkpoint is None else []:
             for variant in ("none", "both"):
-                base = dict(mode="train", variant=variant, precision=precision, lever=lever, batch=args.train_batch, size=args.size)
+                base = dict(mode="train", model=args.unet or "sd15", variant=variant, precision=precision, lever=lever,
+                            batch=args.train_batch, size=args.size)  # fmt: skip
                 add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
                                                   args.train_batch, args.size, precision, lever, device, args.iters,
                                                   args.warmup, args.peak_tflops), base))  # fmt: skip
@@ -333,4 +351,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.speed"))

@@ -13,6 +13,7 @@ import torch
 
 import operators
 from idm import IDM
+from idm.cli.common import non_negative_int, positive_int, resolve_device, seed_value
 from idm.cpu_memory import keep_freed_memory
 from idm.precision import autocast_for
 from idm.training.optimizer import fused_by_default
@@ -21,10 +22,10 @@ from idm.training.optimizer import fused_by_default
 def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: int = 5, warmup: int = 2) -> None:
     """``--device --seed --out --iters --warmup --malloc``."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", default=default_out)
-    parser.add_argument("--iters", type=int, default=iters, help="timed iterations per configuration")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations first")
+    parser.add_argument("--iters", type=positive_int, default=iters, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=non_negative_int, default=warmup, help="untimed iterations first")
     parser.add_argument("--malloc", choices=("kept", "glibc"), default="kept",
                         help="on the CPU: keep freed memory for reuse, as idm's commands do (idm.cpu_memory; "
                              "default), or glibc's own behaviour, for comparison")  # fmt: skip
@@ -33,10 +34,12 @@ def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: in
 def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """Seed torch, set ``--malloc`` for a CPU run, return ``(device, out folder)`` (created)."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)  # a clear error for a device this machine does not have
     if device.type == "cpu" and args.malloc == "kept":
         keep_freed_memory()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     return device, out
 

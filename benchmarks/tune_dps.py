@@ -22,8 +22,10 @@ import time
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
 from benchmarks.prior import load_prior
+from benchmarks.report import run_script
 from benchmarks.tuning import tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import save_json
+from idm.cli.common import positive_int
 
 
 def step_size_from(text: str, task_name: str, operator: dict) -> float:
@@ -35,11 +37,9 @@ def step_size_from(text: str, task_name: str, operator: dict) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = tuning_parser(__doc__, crop=64, images=4)
     parser.add_argument("--prior", required=True, help="diffusers UNet2DModel folder (an idm pretrain prior)")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=positive_int, default=1000)
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_STEP_GRID))
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
     setup = tuning_setup(args, parser)
     try:
         prior = load_prior(args.prior, device=setup.device)
@@ -62,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.tune_dps"))

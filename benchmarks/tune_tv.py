@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 
 from benchmarks.classical import DEFAULT_LAM_GRID, tune_tv_weight
+from benchmarks.report import run_script
 from benchmarks.tuning import tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import save_json
+from idm.cli.common import positive_int
 
 
 def lam_from(text: str, task_name: str, operator: dict) -> float:
@@ -29,11 +31,9 @@ def lam_from(text: str, task_name: str, operator: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = tuning_parser(__doc__, crop=128, images=4)
-    parser.add_argument("--iters", type=int, default=400, help="TV iterations per candidate")
+    parser.add_argument("--iters", type=positive_int, default=400, help="TV iterations per candidate")
     parser.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_LAM_GRID))
     args = parser.parse_args(argv)
-    if args.iters < 1:
-        parser.error(f"--iters must be at least 1, got {args.iters}")
     setup = tuning_setup(args, parser)
     start = time.perf_counter()
     best, scores = tune_tv_weight(setup.op, setup.images, grid=args.grid, iters=args.iters, return_scores=True,
@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "benchmarks.tune_tv"))

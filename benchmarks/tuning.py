@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from benchmarks.protocol import score_function
-from operators import without_size_and_seed
 from benchmarks.report import script_command
 from idm.checkpoint import load_json
+from idm.cli.common import positive_int, seed_value
 from idm.hardware import hardware_name
+from operators import without_size_and_seed
 
 
 def tuning_parser(doc: str, crop: int, images: int) -> argparse.ArgumentParser:
@@ -33,10 +35,10 @@ def tuning_parser(doc: str, crop: int, images: int) -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True)
     parser.add_argument("--color", choices=("gray", "y", "rgb"))
     parser.add_argument("--data", nargs="+", required=True, help="TRAINING images (never the test set)")
-    parser.add_argument("--crop", type=int, default=crop, help="side of the random square crops")
-    parser.add_argument("--images", type=int, default=images, help="how many crops")
+    parser.add_argument("--crop", type=positive_int, default=crop, help="side of the random square crops")
+    parser.add_argument("--images", type=positive_int, default=images, help="how many crops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0, help="picks the crops, their positions and the operator draw")
+    parser.add_argument("--seed", type=seed_value, default=0, help="picks the crops, their positions and the operator draw")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_operator_args(parser)
@@ -79,11 +81,14 @@ def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> T
     import tasks
     from idm.cli.common import operator_overrides
 
+    out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder: give the JSON file to write")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        parser.error(f"--out {out}: a folder on its path is a file")
     bad = [v for v in args.grid if not (math.isfinite(v) and v >= 0)]
     if bad:
         parser.error(f"--grid values must be finite and >= 0, got {bad}")
-    if args.images < 1:
-        parser.error(f"--images must be at least 1, got {args.images}")
     try:
         task = tasks.get(args.task)
         if args.color:

@@ -282,8 +282,8 @@ def test_tv_weight_from_a_tuning_record_reaches_the_benchmark(bench_files, tmp_p
         (["--task", "nope"], "unknown task 'nope'"),
         (["--task", "cs", "--ratio", "7"], "ratio must be in (0, 1], got 7.0"),
         (["--task", "cs", "--grid", "0.01", "-1"], "--grid values must be finite and >= 0, got [-1.0]"),
-        (["--task", "cs", "--images", "0"], "--images must be at least 1, got 0"),
-        (["--task", "cs", "--iters", "0"], "--iters must be at least 1, got 0"),
+        (["--task", "cs", "--images", "0"], "argument --images: must be at least 1, got 0"),
+        (["--task", "cs", "--iters", "0"], "argument --iters: must be at least 1, got 0"),
     ],
 )
 def test_tune_tv_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, argv, message):
@@ -295,7 +295,18 @@ def test_tune_tv_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, a
     assert not (tmp_path / "lam.json").exists()
 
 
-@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps must be at least 1, got 0"),
+def test_tuning_refuses_an_out_it_could_not_write_before_it_tunes(bench_files, tmp_path, capsys):
+    """A tuning run takes minutes to hours: an --out it cannot write is refused before the first candidate."""
+    from benchmarks import tune_tv
+
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path, "is a folder: give the JSON file to write"), (tmp_path / "file" / "lam.json", "a folder on its path is a file")):
+        with pytest.raises(SystemExit) as stopped:
+            tune_tv.main(["--task", "cs", "--data", str(bench_files / "images"), "--crop", "16", "--out", str(out)])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "argument --steps: must be at least 1, got 0"),
                                            ([], "is not a diffusers U-Net folder")])  # fmt: skip
 def test_tune_dps_bad_arguments_are_usage_errors(bench_files, tmp_path, capsys, argv, message):
     from benchmarks import tune_dps
@@ -353,6 +364,14 @@ def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
     rows = _rows(tmp_path / "scaling" / "scaling_steps.csv")
     assert [(r["value"], r["nfe"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "2", "ok")]
     assert (tmp_path / "scaling" / "scaling_steps.png").is_file()
+    for bad, message in ((["--prior", str(tmp_path / "none")], "no such folder, nor a shipped prior's name"),
+                         (["--train-data", str(tmp_path / "none")], "no such file or folder"),
+                         (["--views", "60"], "task cs does not use --views"),
+                         (["--ratio", "2"], r"ratio must be in \(0, 1\], got 2")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):  # before any variant trains
+            ablation.main(common + bad + ["--out", str(tmp_path / "bad")])
+    assert ablation.all_failed_status([{"status": "error"}, {"status": "error"}]) == 1
+    assert ablation.all_failed_status([{"status": "error"}, {"status": "ok"}]) == 0
 
 
 def test_scaling_scores_one_trained_model_at_every_ratio(bench_files, tmp_path, capsys):
@@ -376,7 +395,7 @@ def test_scaling_scores_one_trained_model_at_every_ratio(bench_files, tmp_path, 
     assert main(["train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(bench_files / "prior"), "--steps", "1",
                  "--crop", "16", "--batch-size", "1", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress",
                  "--data", str(bench_files / "images"), "--out", str(fixed)]) == 0  # fmt: skip
-    with pytest.raises(SystemExit, match=r"not trained for every ratio asked: 0.5: .*ratio: trained with 0.25, requested 0.5"):
+    with pytest.raises(ValueError, match=r"not trained for every ratio asked: 0.5: .*ratio: trained with 0.25, requested 0.5"):
         scaling.main(["--sweep", "ratio", "--values", "0.25", "0.5", "--checkpoint", str(fixed),
                       "--test-data", str(bench_files / "images"), "--device", "cpu", "--out", str(tmp_path / "s")])  # fmt: skip
 
@@ -680,7 +699,7 @@ def test_saved_tensors_are_charged_to_the_modules_that_keep_them(tmp_path, capsy
     assert sum(both.values()) < 0.8 * sum(plain_unwired.values())
     assert any(".resnets." in module for module in both)  # the unwired resnets keep their convolutions' outputs
     assert "Kept for backward" in (tmp_path / "both" / "saved_tensors.md").read_text()
-    for bad, message in [(["--steps", "0"], "must be positive"), (["--variant", "none", "--ablation", "last-step-recomputed"], "use --variant both")]:
+    for bad, message in [(["--steps", "0"], "argument --steps: must be at least 1, got 0"), (["--variant", "none", "--ablation", "last-step-recomputed"], "use --variant both")]:
         with pytest.raises(SystemExit):
             saved_tensors.main([*bad, "--out", str(tmp_path)])
         assert message in capsys.readouterr().err
@@ -707,7 +726,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
 
     script = (Path(__file__).parent.parent / "benchmarks" / "gpu_checks.sh").read_text().replace("\\\n", " ")
     values = {"DEVICE": "cpu", "SIZE": "32", "SD15": "tiny", "PRIOR": "tiny", "PEAK": "790", "RESULTS": "/tmp/x",
-              "stage": "stage"}  # fmt: skip
+              "stage": "stage", "GRAPHS": "cudagraphs"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
     assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory", "benchmarks.kernel_profile"}
     assert len(commands) == 9
@@ -719,7 +738,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
         raise Parsed(args)
 
     for module, rest in commands:
-        device = "cuda" if "--cuda-graphs" in rest else "cpu"  # refused on the CPU before setup
+        device = "cuda" if "--cuda-graphs" in rest or "$GRAPHS" in rest else "cpu"  # refused on the CPU before setup
         argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: {**values, "DEVICE": device}[m.group(1)], rest))
         benchmark = importlib.import_module(module)
         monkeypatch.setattr(benchmark, "setup", stop)
@@ -759,7 +778,7 @@ def test_kernel_profile_sums_each_operator_once_by_kind(tmp_path, capsys):
     for bad in (["--iters", "0"], ["--train-batch", "0"], ["--warmup", "-1"]):
         with pytest.raises(SystemExit):
             kernel_profile.main([*bad, "--out", str(out)])
-        assert "must be positive" in capsys.readouterr().err
+        assert f"argument {bad[0]}: must be at least {0 if bad[0] == '--warmup' else 1}" in capsys.readouterr().err
 
 
 def test_compile_lever_lets_every_group_and_step_compile():

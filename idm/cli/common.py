@@ -44,6 +44,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def seed_value(text: str) -> int:
     """``--seed``: an integer in [0, 2**32), the range every random source here takes (NumPy's is the narrowest)."""
     seed = _integer(text)
