@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=3, help="pairs of processes (glibc, kept)")
     parser.add_argument("--runs", type=positive_int, default=10, help="timed forwards per process")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards first")
-    parser.add_argument("--out", default="benchmarks/results/cpu/malloc")
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # one measuring process
     args = parser.parse_args(argv)
     if args.child:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=positive_int, default=256, help="image side (default 256)")
     parser.add_argument("--views", type=positive_int, default=60, help="projection angles (default 60)")
     parser.add_argument("--batch", type=positive_int, default=2, help="images per call (default 2)")
-    add_timing_args(parser, "benchmarks/results/ct-projector")
+    add_timing_args(parser)
     args = parser.parse_args(argv)
     device, out = setup(args)
 

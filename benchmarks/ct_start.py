@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.report import run_script
 from idm.cli.common import positive_int, seed_value
+from idm.hardware import hardware_name
 
 
 def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -57,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=positive_int, default=60)
     parser.add_argument("--prior", default="prior-natural-y", help="prior folder or shipped prior name")
     parser.add_argument("--seed", type=seed_value, default=0)
-    parser.add_argument("--out", default="benchmarks/results/ct-start")
+    parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
     task = tasks.get("ct")
     images = load_images(task, args.data, args.limit, size=args.size)
     record: dict = {"command": script_command("benchmarks.ct_start", argv),
+                    "hardware": hardware_name(torch.device("cpu")),  # it runs on the CPU
                     "images": [im.name for im in images], "filters": {}, "pinv_mapping": {}, "alpha_init": {}}
     for kind in ("ramp", "hann"):
         op = operators.make("ct", img_size=(args.size, args.size), views=args.views, fbp_filter=kind)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     save_json(record, out / "ct_start.json")
     fmt = lambda values: " / ".join(f"{v:.2f}" for v in values)  # noqa: E731
     lines = [f"# CT start: {args.views} views, {args.size}x{args.size}, {', '.join(record['images'])}", "",
-             f"`{record['command']}`", "", "| measurement | value |", "|---|---|"]
+             f"`{record['command']}` on {record['hardware']}", "", "| measurement | value |", "|---|---|"]
     for kind, r in record["filters"].items():
         lines.append(f"| `||I - FBP A||`, {kind} filter | {r['norm_I_minus_FBP_A']:.3f} |")
         lines.append(f"| FBP PSNR (dB), {kind} filter | {fmt(r['fbp_psnr'])} |")

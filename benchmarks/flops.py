@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
     parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--steps", type=positive_int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/flops")
+    parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     rows = [count(args.unet, args.size, args.steps, fold) for fold in (False, True)]
     command = script_command("benchmarks.flops", argv)

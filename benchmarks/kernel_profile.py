@@ -93,7 +93,7 @@ def report(mode: str, wall: float, stalled: float, rows: list[tuple[str, float, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_timing_args(parser, "benchmarks/results/kernel-profile", iters=1, warmup=2)
+    add_timing_args(parser, iters=1, warmup=2)
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder (random weights)")
     parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--steps", type=positive_int, default=3)

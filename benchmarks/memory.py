@@ -255,7 +255,7 @@ def measure_or_oom(variant: str, ablation: str | None, steps: int, batch: int, a
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_timing_args(parser, "benchmarks/results")
+    add_timing_args(parser)
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
     parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=seed_value, default=0)
-    parser.add_argument("--out", default="benchmarks/results/saved-tensors")
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--unet", default="sd15", help="tiny, sd15 or a diffusers U-Net folder")
     parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--batch", type=positive_int, default=1)

@@ -298,7 +298,7 @@ def _guarded(make_row: Callable[[], dict], base: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_timing_args(parser, "benchmarks/results/speed")
+    add_timing_args(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--unet", help="architecture with random weights: tiny, sd15 (default) or a diffusers U-Net folder")
     source.add_argument("--checkpoint", nargs="+",

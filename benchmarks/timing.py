@@ -19,11 +19,12 @@ from idm.precision import autocast_for
 from idm.training.optimizer import fused_by_default
 
 
-def add_timing_args(parser: argparse.ArgumentParser, default_out: str, iters: int = 5, warmup: int = 2) -> None:
-    """``--device --seed --out --iters --warmup --malloc``."""
+def add_timing_args(parser: argparse.ArgumentParser, iters: int = 5, warmup: int = 2) -> None:
+    """``--device --seed --out --iters --warmup --malloc`` (``--out`` required: a default folder would be one
+    of the committed result folders, which a run would silently replace)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=seed_value, default=0)
-    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--iters", type=positive_int, default=iters, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=non_negative_int, default=warmup, help="untimed iterations first")
     parser.add_argument("--malloc", choices=("kept", "glibc"), default="kept",

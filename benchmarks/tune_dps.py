@@ -1,7 +1,7 @@
 """Tune DPS's step size ``zeta`` for a task once, on training crops, and record it.
 
     python -m benchmarks.tune_dps --task cs --ratio 0.1 --prior idm/weights/prior-natural-y \\
-        --data ../shared/data/natural/train/BSDS400 --crop 64 --images 4 --out benchmarks/results/dps-zeta-cs10.json
+        --data ../shared/data/natural/train/BSDS400 --crop 64 --images 4 --out benchmarks/results/cpu/dps-zeta-cs10.json
 
 The DPS authors give ``zeta`` for inpainting, super-resolution and deblurring
 only; for other tasks :func:`benchmarks.dps.tune_dps_step` tries a grid on a
@@ -28,10 +28,12 @@ from idm.checkpoint import save_json
 from idm.cli.common import positive_int
 
 
-def step_size_from(text: str, task_name: str, operator: dict) -> float:
+def step_size_from(text: str, task_name: str, operator: dict, steps: int | None = None) -> float:
     """``idm benchmark --dps-zeta``: a number, or the JSON record this script writes (its ``zeta``),
-    checked against the benchmark's task and operator (:func:`benchmarks.tuning.tuned_value`)."""
-    return tuned_value(text, task_name, operator, "zeta", "--dps-zeta", "benchmarks.tune_dps", "DPS step-size record")
+    checked against the benchmark's task and operator and, given, DPS's ``steps``
+    (:func:`benchmarks.tuning.tuned_value`)."""
+    run = None if steps is None else {"steps": steps}
+    return tuned_value(text, task_name, operator, "zeta", "--dps-zeta", "benchmarks.tune_dps", "DPS step-size record", run)
 
 
 def main(argv: list[str] | None = None) -> int:

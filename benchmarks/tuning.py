@@ -105,12 +105,14 @@ def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> T
     return TuningSetup(task, op, images, names, device, score_function(task))
 
 
-def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, script: str, what: str) -> float:
+def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, script: str, what: str,
+                run: dict | None = None) -> float:  # fmt: skip
     """A benchmark flag's value: a number, or the JSON record ``script`` wrote (its ``key``; ``what`` names it).
 
     A record is checked against the benchmark's task and operator settings
-    (those both name); a mismatch is a ``ValueError`` that says to pass the
-    number instead, to use that value anyway.
+    (those both name) and the method's settings in ``run`` that it records
+    (e.g. DPS's ``steps``); a mismatch is a ``ValueError`` that says to pass
+    the number instead, to use that value anyway.
     """
     try:
         return float(text)
@@ -121,9 +123,10 @@ def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, 
         raise ValueError(f"{flag} {text}: not a number, nor a record of {script} (no 'task' / '{key}')")
     if record["task"] != task_name:
         raise ValueError(f"{flag} {text}: tuned for task {record['task']!r}, this benchmark is {task_name!r}")
-    tuned = record.get("operator", {})
-    differ = sorted(k for k in set(tuned) & set(operator) if tuned[k] != operator[k])
+    tuned = {**record.get("operator", {}), **{k: record[k] for k in (run or {}) if k in record}}
+    here = {**operator, **(run or {})}
+    differ = sorted(k for k in set(tuned) & set(here) if tuned[k] != here[k])
     if differ:
-        settings = ", ".join(f"{k} {tuned[k]} (here {operator[k]})" for k in differ)
+        settings = ", ".join(f"{k} {tuned[k]} (here {here[k]})" for k in differ)
         raise ValueError(f"{flag} {text}: tuned with {settings}; pass {flag} {record[key]} to use it anyway")
     return float(record[key])

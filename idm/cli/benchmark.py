@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
     request = without_size_and_seed(first_op.config())  # tuning records are checked against what runs
-    dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request)
+    dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request, _or(args.dps_steps, 1000))
     tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)
     prior = None
     if any(needs_prior(m) for m in names if m != "idm"):
@@ -224,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
         "prior": None if prior is None else str(prior_path),
         "dps_zeta": None if dps is None else dps.step_size(first_op),
         "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
+        "methods": names,
+        "method_options": {name: options[name] for name in names if name in options},  # as run (None: the default)
         "images": [im.name for im in images],
+        "limit": args.limit,
         "resized_to": args.size,
     }
     save_json(settings, out / "benchmark.json")
