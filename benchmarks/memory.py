@@ -181,6 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
@@ -195,6 +196,8 @@ def plot(rows: list[dict], path: Path) -> None:
         kind = "peak allocated" if rows[0]["device"] == "cuda" else "peak tracked"
         axes[0][col].set(title=f"batch {batch}", ylabel=f"{kind} (MiB)", yscale="log")
         axes[1][col].set(xlabel="T (sampling steps)", ylabel="ms / training iteration")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # T is a count
         axes[0][col].legend()
     fig.suptitle(f"IDM training memory and time, {rows[0]['unet']} U-Net, {rows[0]['size']}px, {rows[0]['device']}")
     fig.tight_layout()

@@ -44,6 +44,10 @@ def plot(rows: list[dict], sweep: str, path: Path) -> None:
     ax.plot([r["value"] for r in ok], [r["psnr"] for r in ok], "o-")
     ax.set(xlabel="CS ratio" if sweep == "ratio" else "T (sampling steps)", ylabel="PSNR (dB)", title=f"IDM: PSNR vs {sweep}")
     ax.grid(alpha=0.3)
+    if sweep == "steps":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # T is a count
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -151,6 +151,7 @@ def test_a_checkpoint_whose_prior_moved_names_the_missing_folder(bench_files, tm
         (["--methods", "pinv,ddnm", "--dps-zeta", "1"], "--dps-zeta set the dps baseline, which --methods does not run"),
         (["--methods", "tv", "--tv-lam", "no-such.json"], "TV weight record file 'no-such.json' does not exist"),
         (["--methods", "tv", "--tv-iters", "0"], "--tv-iters must be >= 1, got 0"),
+        (["--methods", "dps", "--prior", "prior-natural-y", "--dps-zeta", "1", "--dps-steps", "-3"], "--dps-steps must be >= 1, got -3"),
     ],
 )
 def test_bad_arguments_are_clear_errors(bench_files, tmp_path, capsys, argv, message):

@@ -142,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
         given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) is not None]
         if method not in names and given:
             raise ValueError(f"{' and '.join(given)} set the {method} baseline, which --methods does not run")
-    if args.tv_iters is not None and args.tv_iters < 1:
-        raise ValueError(f"--tv-iters must be >= 1, got {args.tv_iters}")
+    for flag in ("tv_iters", "ddnm_steps", "dps_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
     # the checkpoint (for idm, or for the operator and prior of the baselines alone)
     trained = _load_checkpoint(args, task, overrides, device) if "idm" in names or args.checkpoint else None
