@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", nargs="+",
                         help="trained IDMs: model/run folders or shipped models' names (inference only)")  # fmt: skip
     parser.add_argument("--size", type=positive_int, default=256)
-    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, help="T of the --unet models (default 3; a --checkpoint has its own)")
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16], help="inference batch sizes")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"])
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=["base"])
@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-levers", nargs="+", choices=TRAIN_LEVERS, default=["base"], help="levers of the training rows")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
     args = parser.parse_args(argv)
+    if args.checkpoint and (args.steps is not None or args.train_batch):
+        parser.error("--steps and --train-batch are for --unet architectures; a --checkpoint is timed as trained, "
+                     "in inference only")  # fmt: skip
+    args.steps = 3 if args.steps is None else args.steps
     graphs = "cudagraphs" in args.levers or (args.train_batch and "cudagraphs" in args.train_levers)
     if graphs and not str(args.device).startswith("cuda"):
         parser.error("the cudagraphs lever needs a CUDA device (--device cuda)")

@@ -453,6 +453,9 @@ def test_speed_benchmark_times_a_checkpoint_on_its_own_operator(tmp_path, capsys
     with pytest.raises(SystemExit):  # a wrong name: a usage error before any timing, not a traceback
         speed.main(["--device", "cpu", "--checkpoint", str(folder), str(tmp_path / "nope"), "--out", str(out)])
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a checkpoint has its own T and is timed in inference only
+        speed.main(["--device", "cpu", "--checkpoint", str(folder), "--steps", "2", "--out", str(out)])
+    assert "--steps and --train-batch are for --unet architectures" in capsys.readouterr().err
 
 
 def test_flop_counter_counts_a_sparse_factor_by_its_nonzeros():
