@@ -1,8 +1,8 @@
 """Training memory and time of IDM's wiring variants as the number of steps T grows.
 
-    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 8 --steps 1 2 3 6 12
-    python -m benchmarks.memory --device cpu --unet tiny --size 32 --batch 2 --steps 1 2 4 8   # a CPU check
-    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 --variants none both --cuda-graphs
+    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 8 --steps 1 2 3 6 12 --out OUT
+    python -m benchmarks.memory --device cpu --unet tiny --size 32 --batch 2 --steps 1 2 4 8 --out OUT   # a CPU check
+    python -m benchmarks.memory --device cuda --unet sd15 --size 256 --batch 1 --variants none both --cuda-graphs --out OUT
 
 One training iteration = forward, L1 loss, backward, Adam step on block CS
 (10%, structurally random, 32x32 blocks) with bf16 autocast on CUDA. For each

@@ -1,6 +1,6 @@
 """What one IDM training forward keeps for its backward, module by module.
 
-    python -m benchmarks.saved_tensors --device cpu --unet sd15 --size 128 --batch 1 --steps 1 --variant both
+    python -m benchmarks.saved_tensors --device cpu --unet sd15 --size 128 --batch 1 --steps 1 --variant both --out OUT
 
 Runs the forward of one training iteration of ``benchmarks.memory`` (block CS
 at 10 %, same model, data and autocast) under

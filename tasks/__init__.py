@@ -41,7 +41,7 @@ def _task_modules() -> list[str]:
 
 def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
     """The ``idm.tasks`` entry points of installed packages, by name (the built-in tasks' names left out)."""
-    own = set(_task_modules())
+    own = {name for name in _task_modules() if _builtin(name) is not None}
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name not in own}
 
 

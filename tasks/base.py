@@ -165,20 +165,24 @@ class Task:
             kwargs.setdefault("seed", seed)
         return operators.make(self.operator, img_size=tuple(img_size), channels=self.channels, **kwargs)
 
-    def check_operator_settings(self, **overrides: Any) -> None:
+    def check_operator_settings(self, img_size: tuple[int, int] | None = None, **overrides: Any) -> None:
         """Raise the operator's own error for settings it refuses (a ratio outside (0, 1], no views, an
-        unreadable mask file), by building it once at a small size it takes: twice a CS block, a mask
-        file's own size, else 64x64. Commands call it when no model serves a request, so that a bad flag
-        is named as such rather than as a model that does not exist."""
+        unreadable mask file), by building it once as it would run: at ``img_size`` (the caller's first
+        image; rounded up to whole CS blocks), or a mask file's own size. Without either nothing is built
+        (a made-up size could blame valid settings on it). Commands call it when no model serves a
+        request, so that a bad flag is named as such rather than as a model that does not exist."""
         kwargs = self.operator_kwargs(**overrides)
         mask = kwargs.get("mask")
         if isinstance(mask, (str, os.PathLike)) and str(mask) not in ("random", "box"):
             from operators.inpainting import read_mask_file
 
-            size = tuple(read_mask_file(mask).shape)
-        else:
-            size = 2 * int(kwargs.get("block", 32))
-        self.make_operator(size, **overrides)
+            img_size = tuple(read_mask_file(mask).shape)
+        if img_size is None:
+            return
+        block = kwargs.get("block")
+        if isinstance(block, int) and block >= 1:  # images are zero-padded to whole blocks before measuring
+            img_size = tuple(-(-int(side) // block) * block for side in img_size)
+        self.make_operator(tuple(img_size), **overrides)
 
     def make_training_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
         """The operator to train on: :meth:`make_operator`, or an :class:`~operators.family.OperatorFamily`.

@@ -261,6 +261,8 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
     capsys.readouterr()
     rec = ["reconstruct", "--input", str(meas), "--device", "cpu", "--out", str(tmp_path / "out")]
     bare = IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "bare")  # no run.json: no task recorded
+    sinogram = tmp_path / "sino.npy"  # 46 detector cells: a 32x32 image; 45 views, which no model serves
+    np.save(sinogram, np.random.default_rng(0).random((46, 45)).astype(np.float32))
     cases = [
         (rec, "no shipped model serves task 'cs' (ratio=0.25, block=8, mode='permuted', phi_seed=0)"),
         (rec, "pass --checkpoint DIR"),
@@ -290,6 +292,8 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
           "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 1.5"),
         (["reconstruct", "--task", "ct", "--views", "0", "--input", str(files / "ct"), "--device", "cpu",
           "--out", str(tmp_path / "o")], "views must be a positive integer, got 0"),
+        (["reconstruct", "--task", "ct", "--views", "45", "--input", str(sinogram), "--device", "cpu",
+          "--out", str(tmp_path / "o")], "was read as a sinogram of 46 detectors x 45 views"),
         (["benchmark", "--task", "inpainting", "--mask", "nosuch.png", "--data", str(files / "images"), "--methods", "idm",
           "--device", "cpu", "--out", str(tmp_path / "o")], "cannot read mask file 'nosuch.png'"),
     ]  # fmt: skip
@@ -366,10 +370,19 @@ def test_outputs_never_replace_files_they_did_not_write(files, tmp_path, capsys)
     assert main([*bench, "--out", str(keep)]) == 2 and "is not the folder of an earlier `idm benchmark`" in _error(capsys)
     fresh = tmp_path / "fresh"
     assert main([*rec, "--out", str(fresh)]) == 0 and main([*rec, "--out", str(fresh)]) == 0  # its own folder again
-    failed = tmp_path / "failed"
+    failed = tmp_path / "new" / "parents" / "failed"
     assert main(["reconstruct", "--input", str(files / "nokspace.h5"), "--checkpoint", str(files / "models" / "mri"),
                  "--device", "cpu", "--out", str(failed)]) == 2  # fmt: skip
-    assert "kspace" in _error(capsys) and not failed.exists()
+    assert "kspace" in _error(capsys) and not (tmp_path / "new").exists()  # nor the parents it made
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")
+    assert main([*rec, "--out", str(hidden)]) == 0  # dotfiles are not files it could overwrite
+    interrupted = tmp_path / "interrupted"  # a benchmark stopped part-way: its start record and some pictures
+    (interrupted / "recon").mkdir(parents=True)
+    (interrupted / "benchmark.json").write_text(json.dumps({"command": "idm benchmark ...", "complete": False}))
+    assert main([*bench, "--out", str(interrupted)]) == 0
+    assert json.loads((interrupted / "benchmark.json").read_text())["complete"] is True
 
 
 def test_a_shipped_model_plugs_in_at_one_place(files, tmp_path, monkeypatch):

@@ -136,3 +136,14 @@ def test_a_new_task_is_one_value():
         Task(name="bad", operator="cs", color="rgb", channels=1)
     with pytest.raises(ValueError, match="metric"):
         Task(name="bad", operator="cs", metric="ssim")
+
+
+def test_operator_settings_are_checked_at_the_size_they_will_run():
+    """The probe builds the operator as it would run, so a setting valid there is not blamed on a made-up size."""
+    tasks.get("mri").check_operator_settings((320, 320), acceleration=16, center_fraction=0.055)  # fine at 320
+    with pytest.raises(ValueError, match="keeps 4 central columns of 64"):
+        tasks.get("mri").check_operator_settings((64, 64), acceleration=16, center_fraction=0.055)
+    tasks.get("cs").check_operator_settings((20, 30), block=8)  # padded to whole blocks first: 24 x 32
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\], got 1.5"):
+        tasks.get("cs").check_operator_settings((20, 30), ratio=1.5)
+    tasks.get("cs").check_operator_settings(None, ratio=1.5)  # no size: nothing is built, nothing claimed

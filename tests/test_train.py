@@ -679,6 +679,7 @@ class Decimate(operators.Operator):
 TASK = Task(name="decimate", operator="decimate_plugin", operator_defaults={"factor": 2}, channels=1, color="gray",
             crop=16, schedule=Schedule(iters=10, batch_size=2))
 WRONG_NAME = Task(name="other", operator="decimate_plugin", channels=1, color="gray")
+LIKE_A_MODULE = Task(name="measurements", operator="decimate_plugin", channels=1, color="gray")  # a module of tasks/, not a task
 '''
 
 
@@ -696,10 +697,12 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
     (meta / "entry_points.txt").write_text(
         "[idm.tasks]\ndecimate = idm_plugin_tasks_test:TASK\nmisnamed = idm_plugin_tasks_test:WRONG_NAME\n"
         "broken = idm_plugin_tasks_test_missing:TASK\ncs = idm_plugin_tasks_test:TASK\n"
+        "measurements = idm_plugin_tasks_test:LIKE_A_MODULE\n"
     )
     monkeypatch.syspath_prepend(str(site))
     assert {"decimate", "misnamed", "broken", "cs"} <= set(tasks.available())
     assert tasks.get("cs").operator == "cs"  # a plug-in cannot replace a built-in task
+    assert tasks.get("measurements").operator == "decimate_plugin"  # tasks/measurements.py is no task
     try:
         out = tmp_path / "run"
         args = ["train", "--task", "decimate", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2",

@@ -85,7 +85,8 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device):
+def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device,
+                     img_size: tuple[int, int]):  # fmt: skip
     from idm.shipped import default_checkpoint, missing_message
     from idm.train import load_trained
 
@@ -93,7 +94,7 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}
     checkpoint = args.checkpoint or default_checkpoint(task.name, request, task.channels)
     if checkpoint is None:
-        task.check_operator_settings(**overrides)  # a flag the operator refuses is the error, if there is one
+        task.check_operator_settings(img_size, **overrides)  # a flag the operator refuses is the error, if there is one
         raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request, task.channels)}")
     return load_trained(
         checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
@@ -147,11 +148,12 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
+    images = load_images(task, args.data, args.limit, args.seed, size=args.size)
     # the checkpoint (for idm, or for the operator and prior of the baselines alone)
-    trained = _load_checkpoint(args, task, overrides, device) if "idm" in names or args.checkpoint else None
+    first_size = tuple(images[0].x.shape[-2:])
+    trained = _load_checkpoint(args, task, overrides, device, first_size) if "idm" in names or args.checkpoint else None
     if trained is not None and args.final_projection is not None:
         trained.model.config = trained.model.config.replace(final_projection=args.final_projection)
-    images = load_images(task, args.data, args.limit, args.seed, size=args.size)
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
     request = without_size_and_seed(first_op.config())  # tuning records are checked against what runs
@@ -193,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
 
     out = folder.create()
+    started = {"command": command_line("benchmark"), "complete": False}  # the folder is this command's from now on
+    save_json(started, out / "benchmark.json")
     try:
         rows = run_benchmark(
             images,
@@ -207,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except BaseException:
+        if [p.name for p in out.iterdir()] == ["benchmark.json"]:  # nothing but the start record: leave no trace
+            (out / "benchmark.json").unlink()
         folder.discard_if_empty()
         raise
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
@@ -214,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     command = command_line("benchmark")
     settings = {
         "command": command,
+        "complete": True,
         "hardware": hardware_name(device),
         "task": task.describe(),
         "operator": without_size_and_seed(first_op.config()),

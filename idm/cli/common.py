@@ -186,13 +186,13 @@ class OutputFolder:
     def __init__(self, path: str, record: str, command: str):
         self.path = Path(path)
         self.record, self.command = record, command
-        self.created = False
+        self.created: list[Path] = []  # the folders create() made, deepest first
 
     def check(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {self.path} exists and is not a folder")
         if self.path.is_dir() and not (self.path / self.record).exists():
-            held = sorted(p.name for p in self.path.iterdir())
+            held = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))  # .gitkeep and the like
             if held:
                 raise ValueError(
                     f"--out {self.path} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and "
@@ -202,10 +202,13 @@ class OutputFolder:
 
     def create(self) -> Path:
         self.check()
-        self.created = not self.path.exists()
+        self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 
     def discard_if_empty(self) -> None:
-        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        """Remove the folders :meth:`create` made (``--out`` and new parents), deepest first, while empty."""
+        for folder in self.created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()

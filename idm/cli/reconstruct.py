@@ -324,9 +324,9 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
 
     task = get_task(task_name(args), args.color)
     check_limit(args.limit)
-    overrides, trained = _model_for_flags(args, task, device)
-    plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     names, dataset = load_images(task, args.input, args.limit)
+    overrides, trained = _model_for_flags(args, task, device, img_size=tuple(dataset[0].shape[-2:]))
+    plan = OperatorPlan(task, overrides, trained.operator, args.seed)
 
     def pairs():
         for i, name in enumerate(names):
@@ -345,15 +345,18 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
     return rows, settings, f"{len(names)} image(s) of {args.input}, simulated ({task.name}) and reconstructed"
 
 
-def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, **fixed: Any):
+def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, img_size: tuple[int, int] | None = None,
+                     **fixed: Any):  # fmt: skip
     """``(operator flags, checked model)``: the checkpoint (or shipped model) for the task's operator with the
-    user's flags (plus ``fixed`` settings read from the input) on top of the defaults."""
+    user's flags (plus ``fixed`` settings read from the input) on top of the defaults. ``img_size``: the first
+    input's, where the operator's own check of the flags can run when no model serves them."""
     from idm.shipped import default_checkpoint
 
     overrides = operator_overrides(args)
-    request = {"name": task.operator, **task.operator_kwargs(**{**overrides, **fixed})}
+    settings = {**overrides, **fixed}
+    request = {"name": task.operator, **task.operator_kwargs(**settings)}
     if args.checkpoint is None and default_checkpoint(task.name, request, task.channels) is None:
-        task.check_operator_settings(**overrides, **fixed)  # a flag the operator refuses is the error, if there is one
+        task.check_operator_settings(img_size, **settings)  # a flag the operator refuses is the error, if there is one
     trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device,
                          precision=args.precision)  # fmt: skip
     return overrides, trained
@@ -392,7 +395,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
                 "is this a sinogram of the ct operator, (detectors, views)?"
             )
         try:
-            _, trained = _model_for_flags(args, task, device, views=views)
+            _, trained = _model_for_flags(args, task, device, img_size=(width, width), views=views)
         except ValueError as err:  # say how the file was read: a non-square CT slice looks like a sinogram
             raise type(err)(f"{err}\n({path} was read as a sinogram of {detectors} detectors x {views} views, as a "
                             ".npy without sidecar whose two axes differ; a CT slice must be square)") from None

@@ -183,8 +183,8 @@ class WiredUNet(nn.Module):
             raise ValueError(f"mid block type {type(mid).__name__} is not supported by the IDM adapter "
                              "(prune it: IDMConfig.keep_mid=False)")  # fmt: skip
         for module in self.unet.modules():
-            if isinstance(module, Transformer2DModel):
-                continue
+            if module is self.unet or isinstance(module, Transformer2DModel):  # (the U-Net's own attribute of that
+                continue  # name is its config's, which diffusers warns about reading so; its blocks say it themselves)
             if type(module).__name__ == "DualTransformer2DModel":
                 raise ValueError("U-Nets with dual cross-attention (DualTransformer2DModel) are not supported by the IDM adapter")
             if getattr(module, "only_cross_attention", False) is True:  # its self-attention reads the text states
