@@ -15,8 +15,8 @@ A task is a :class:`Task` value in a module of this package named ``TASK``
 from __future__ import annotations
 
 import dataclasses
-import os
 import inspect
+import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
