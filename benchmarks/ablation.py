@@ -82,7 +82,8 @@ def experiment_setup(args: argparse.Namespace):
 
     task = tasks.get(args.task)
     overrides = {k: getattr(args, k) for k in ("ratio", "views", "acceleration") if getattr(args, k, None) is not None}
-    task.check_operator_settings(**overrides)  # a flag the task does not take, or a value its operator refuses
+    # a flag the task does not take, or a value its operator refuses at the training crop
+    task.check_operator_settings((args.crop, args.crop), **overrides)
     device = resolve_device(args.device)
     for folder in args.train_data or []:
         if not Path(folder).exists():
