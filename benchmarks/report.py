@@ -72,17 +72,11 @@ def script_command(module: str, argv: Sequence[str] | None) -> str:
 
 
 def run_script(main: Callable[[Sequence[str] | None], int], module: str, argv: Sequence[str] | None = None) -> int:
-    """``main(argv)`` of the script ``python -m MODULE`` with the toolkit's errors (``ValueError``, ``OSError``:
-    bad arguments, missing files, a device that is not there) printed as one line and exit status 2, and
-    Ctrl-C as 130, as ``idm``'s commands do; other errors keep their traceback."""
-    try:
-        return int(main(argv) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as err:
-        print(f"python -m {module}: error: {err}", file=sys.stderr)
-        return 2
+    """``main(argv)`` of the script ``python -m MODULE``, its errors reported as ``idm``'s commands report
+    theirs (:func:`idm.cli.common.run_guarded`)."""
+    from idm.cli.common import run_guarded
+
+    return run_guarded(lambda: main(argv), f"python -m {module}")
 
 
 def write_csv(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from typing import Sequence
 
 from idm import __version__
+from idm.cli.common import run_guarded
 from idm.cpu_memory import keep_freed_memory
 
 #: Command modules, relative to this package.
@@ -41,11 +41,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if str(getattr(args, "device", "")).startswith("cpu"):
         keep_freed_memory()  # ~100,000 fewer page faults per 256x256 forward (idm.cpu_memory)
-    try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as err:  # the toolkit's own errors are ValueError subclasses
-        print(f"idm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: args.run(args), f"idm {args.command}")

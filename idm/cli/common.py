@@ -12,6 +12,7 @@ import random
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -157,6 +158,20 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0")  # fmt: skip
     return device
+
+
+def run_guarded(call: Callable[[], int | None], name: str) -> int:
+    """``call()``'s exit status, with the toolkit's errors (``ValueError`` subclasses, ``OSError``: bad
+    arguments, missing files, a device that is not there) printed as ``NAME: error: ...`` and status 2,
+    Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so."""
+    try:
+        return int(call() or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def task_name(args: argparse.Namespace) -> str:

@@ -70,15 +70,25 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     )
 
 
-def recorded_task(path: str | os.PathLike) -> str | None:
-    """The task that the run of a checkpoint (see :func:`resolve_model_dir`) was trained for, read from its
-    ``run.json`` without loading the weights; ``None`` for a bare model folder."""
-    folder = resolve_model_dir(path)
+def read_run_record(folder: Path) -> dict[str, Any] | None:
+    """The ``run.json`` of a model folder (``None`` for a bare one without it), checked to be an ``idm train``
+    run config whose identity maps task and operator settings; a :class:`CheckpointError` otherwise."""
     if not (folder / RUN_NAME).is_file():
         return None
     run = load_json(folder / RUN_NAME, "run config")
-    identity = run.get("identity") if isinstance(run, dict) else None
-    task = identity.get("task") if isinstance(identity, dict) else None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{folder / RUN_NAME} is not an idm train run config")
+    identity = run.get("identity", {})
+    if not isinstance(identity, dict) or not isinstance(identity.get("operator", {}), dict):
+        raise CheckpointError(f"{folder / RUN_NAME} is damaged: its 'identity' must map task and operator settings")
+    return run
+
+
+def recorded_task(path: str | os.PathLike) -> str | None:
+    """The task that the run of a checkpoint (see :func:`resolve_model_dir`) was trained for, read from its
+    ``run.json`` without loading the weights; ``None`` for a bare model folder."""
+    run = read_run_record(resolve_model_dir(path))
+    task = None if run is None else run.get("identity", {}).get("task")
     return task if isinstance(task, str) and task else None
 
 
@@ -177,14 +187,7 @@ def load_trained(
     folder without ``run.json`` carries no task metadata and is not checked.
     """
     folder = resolve_model_dir(path)
-    run = None
-    if (folder / RUN_NAME).is_file():
-        run = load_json(folder / RUN_NAME, "run config")
-        if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
-            raise CheckpointError(f"{folder / RUN_NAME} is not an idm train run config")
-        identity = run.get("identity", {})
-        if not isinstance(identity, dict) or not isinstance(identity.get("operator", {}), dict):
-            raise CheckpointError(f"{folder / RUN_NAME} is damaged: its 'identity' must map task and operator settings")
+    run = read_run_record(folder)
     model = IDM.from_pretrained(folder, device=device)
     trained = TrainedModel(model, folder, run, operator_defaults)
     if run is not None:
