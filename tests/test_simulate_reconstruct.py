@@ -578,3 +578,22 @@ def test_python_m_idm_runs_the_commands(files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 measurement(s) of task inpainting" in proc.stdout and "no ground truth stored" in proc.stdout
     assert load_measurements(out).items[0].operator["mask"] == "random"
+
+
+def test_an_output_folder_a_failed_run_only_started_leaves_no_trace(tmp_path):
+    """A run that wrote its start record and nothing else is discarded whole, new parents too; one that wrote
+    an output keeps its folder, record included, so that the command may write it again."""
+    from idm.cli.common import OutputFolder
+
+    folder = OutputFolder(str(tmp_path / "new" / "out"), "benchmark.json", "idm benchmark")
+    folder.create()
+    folder.start({"complete": False})
+    folder.discard_if_empty()
+    assert not (tmp_path / "new").exists()
+    folder = OutputFolder(str(tmp_path / "kept"), "benchmark.json", "idm benchmark")
+    folder.create()
+    folder.start({"complete": False})
+    (tmp_path / "kept" / "results.csv").write_text("")
+    folder.discard_if_empty()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["benchmark.json", "results.csv"]
+    folder.check()  # an earlier run's folder: may be written again

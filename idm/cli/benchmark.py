@@ -195,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
         dps.step_size(first_op)  # a clear error now if no step size is known for this task
 
     out = folder.create()
-    started = {"command": command_line("benchmark"), "complete": False}  # the folder is this command's from now on
-    save_json(started, out / "benchmark.json")
+    command = command_line("benchmark")
+    folder.start({"command": command, "complete": False})  # the folder is this command's from now on
     try:
         rows = run_benchmark(
             images,
@@ -211,13 +211,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except BaseException:
-        if [p.name for p in out.iterdir()] == ["benchmark.json"]:  # nothing but the start record: leave no trace
-            (out / "benchmark.json").unlink()
         folder.discard_if_empty()
         raise
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
     write_results_csv(rows, out / "results.csv", fields)
-    command = command_line("benchmark")
     settings = {
         "command": command,
         "complete": True,

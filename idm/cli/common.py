@@ -193,15 +193,17 @@ class OutputFolder:
     """``--out`` of a command that writes files named after its inputs (``idm reconstruct``, ``idm benchmark``).
 
     :meth:`check` refuses a path that is a file, and a folder that already holds files but not ``record``
-    (the file every run of the command writes last): those files would be overwritten. An earlier run's
-    folder may be written again. :meth:`create` makes the folder; :meth:`discard_if_empty` removes it
-    again after a failure that wrote nothing into it.
+    (the file every run of the command writes): those files would be overwritten. An earlier run's
+    folder may be written again. :meth:`create` makes the folder; :meth:`start` writes a first ``record``
+    (so that a run stopped part-way leaves a folder the command may write again); :meth:`discard_if_empty`
+    removes the folder again after a failure that wrote nothing else into it.
     """
 
     def __init__(self, path: str, record: str, command: str):
         self.path = Path(path)
         self.record, self.command = record, command
         self.created: list[Path] = []  # the folders create() made, deepest first
+        self.started = False
 
     def check(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -221,8 +223,18 @@ class OutputFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 
+    def start(self, contents: dict) -> None:
+        """Write ``contents`` as the ``record`` (JSON), to be replaced by the complete one at the end."""
+        from idm.checkpoint import save_json
+
+        save_json(contents, self.path / self.record)
+        self.started = True
+
     def discard_if_empty(self) -> None:
-        """Remove the folders :meth:`create` made (``--out`` and new parents), deepest first, while empty."""
+        """Remove the folders :meth:`create` made (``--out`` and new parents), deepest first, while empty
+        (the record :meth:`start` wrote does not count)."""
+        if self.started and [p.name for p in self.path.iterdir()] == [self.record]:
+            (self.path / self.record).unlink()
         for folder in self.created:
             if not folder.is_dir() or any(folder.iterdir()):
                 break

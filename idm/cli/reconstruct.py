@@ -107,11 +107,14 @@ def add_parser(subparsers) -> None:
 
 # ---- checkpoint --------------------------------------------------------------------------------
 def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], request: dict[str, Any], device: torch.device,
-               context: str = "", precision: str = "fp32"):  # fmt: skip
+               context: str = "", precision: str = "fp32", flags: dict[str, Any] | None = None,
+               img_size: tuple[int, int] | None = None):  # fmt: skip
     """The trained IDM for ``task``: ``checkpoint``, else the shipped model for ``request``; refuses mismatches.
 
     ``expect``: the operator settings the checkpoint must have been trained with
     (``load_trained``'s ``expect_operator``); ``context`` is added to its error.
+    ``flags`` (the user's operator flags) and ``img_size`` (the first input's): when no shipped model
+    serves the request, the operator's own check of the flags runs first (a bad flag is then the error).
     The model is prepared for inference in ``precision`` (:mod:`idm.precision`).
     """
     from idm.checkpoint import CheckpointError
@@ -122,6 +125,8 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
     if path is None:
         path = default_checkpoint(task.name, request, task.channels)
         if path is None:
+            if flags is not None:
+                task.check_operator_settings(img_size, **flags)  # a flag the operator refuses is the error, if any
             raise ValueError(missing_message(task.name, request, task.channels))
     try:
         trained = load_trained(
@@ -350,15 +355,11 @@ def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, 
     """``(operator flags, checked model)``: the checkpoint (or shipped model) for the task's operator with the
     user's flags (plus ``fixed`` settings read from the input) on top of the defaults. ``img_size``: the first
     input's, where the operator's own check of the flags can run when no model serves them."""
-    from idm.shipped import default_checkpoint
-
     overrides = operator_overrides(args)
     settings = {**overrides, **fixed}
     request = {"name": task.operator, **task.operator_kwargs(**settings)}
-    if args.checkpoint is None and default_checkpoint(task.name, request, task.channels) is None:
-        task.check_operator_settings(img_size, **settings)  # a flag the operator refuses is the error, if there is one
     trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device,
-                         precision=args.precision)  # fmt: skip
+                         precision=args.precision, flags=settings, img_size=img_size)  # fmt: skip
     return overrides, trained
 
 
