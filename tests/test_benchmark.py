@@ -833,3 +833,64 @@ def test_dps_is_a_default_method_only_where_its_step_size_is_known():
             known = False
         assert ("dps" in chosen) == known, name
         assert default_methods(task, "2.0").endswith(",dps")
+
+
+def _results_csv(folder, rows):
+    """An ``idm benchmark`` results.csv of ``(method, image, psnr, ssim, status)`` rows in ``folder``."""
+    folder.mkdir(parents=True)
+    lines = ["method,image,psnr,ssim,seconds,nfe,status,error"]
+    lines += [f"{m},{i},{p},{s},0.1,3,{status}," for m, i, p, s, status in rows]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_compare_scores_runs_image_by_image(tmp_path, capsys):
+    """``benchmarks.compare``: means over the images both runs scored, differences OTHER - BASE, the worst image,
+    and what was left out (failed in one run, scored by one run only, an infinite PSNR)."""
+    from benchmarks import compare
+
+    base = _results_csv(tmp_path / "fp32", [("idm", "a", 30.0, 0.90, "ok"), ("idm", "b", 20.0, 0.60, "ok"),
+                                            ("idm", "c", 25.0, 0.70, "ok"), ("idm", "d", "inf", 1.0, "ok"),
+                                            ("pinv", "a", 10.0, 0.1, "ok")])  # fmt: skip
+    other = _results_csv(tmp_path / "bf16", [("idm", "a", 29.9, 0.89, "ok"), ("idm", "b", 20.3, 0.61, "ok"),
+                                             ("idm", "c", "", "", "failed"), ("idm", "d", 50.0, 1.0, "ok"),
+                                             ("idm", "e", 28.0, 0.8, "ok")])  # fmt: skip
+    out = tmp_path / "cmp"
+    assert compare.main([str(base), str(other), "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader(open(out / "comparison.csv")))  # pinv: scored by the base run only
+    assert row["method"] == "idm" and int(row["images"]) == 2 and int(row["left_out"]) == 3
+    assert float(row["base_psnr"]) == pytest.approx(25.0) and float(row["other_psnr"]) == pytest.approx(25.1)
+    assert float(row["mean_psnr_difference"]) == pytest.approx(0.1)
+    assert float(row["largest_psnr_difference"]) == pytest.approx(0.3) and row["largest_psnr_image"] == "b"
+    assert float(row["mean_ssim_difference"]) == pytest.approx(0.0) and float(row["largest_ssim_difference"]) == pytest.approx(0.01)
+    printed = capsys.readouterr().out
+    assert "+0.100 dB" in printed and "0.300 dB (b)" in printed and printed in (out / "comparison.md").read_text() + "\n"
+
+
+@pytest.mark.parametrize(
+    "make, argv, message",
+    [
+        (lambda t: None, ["missing", "b"], "missing is not a folder"),
+        (lambda t: (t / "empty").mkdir(), ["empty", "b"], "empty holds no results.csv"),
+        (lambda t: _results_csv(t / "a", []).joinpath("results.csv").write_text("method,image,psnr\n"), ["a", "b"], "lacks the column(s) ssim, status"),
+        (lambda t: _results_csv(t / "a", [("idm", "x", "high", 0.5, "ok")]), ["a", "b"], "line 2: PSNR 'high' / SSIM '0.5' are not numbers"),
+        (lambda t: None, ["b"], "give the folders in pairs"),
+        (lambda t: _results_csv(t / "a", [("pinv", "x", 20, 0.5, "ok")]), ["a", "b"], "have no method in common"),
+        (lambda t: _results_csv(t / "a", [("idm", "y", 20, 0.5, "ok")]), ["a", "b"], "scored no image in common with idm"),
+        (lambda t: _results_csv(t / "a", [("idm", "x", 20, 0.5, "ok")]), ["a", "b", "--methods", "tv"], "method(s) tv not scored in both"),
+    ],
+)
+def test_compare_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, make, argv, message):
+    from benchmarks import compare
+    from benchmarks.report import run_script
+
+    monkeypatch.chdir(tmp_path)
+    _results_csv(tmp_path / "b", [("idm", "x", 21, 0.6, "ok")])
+    make(tmp_path)
+    try:
+        code = run_script(compare.main, "benchmarks.compare", [*argv, "--out", "cmp"])
+    except SystemExit as stopped:  # argparse's usage errors
+        code = stopped.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

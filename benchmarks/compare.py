@@ -1,0 +1,140 @@
+"""Compare ``idm benchmark`` runs image by image: how far one run's scores are from another's.
+
+    python -m benchmarks.compare BASE OTHER [BASE OTHER ...] --out FOLDER
+
+Each pair is two ``idm benchmark --out`` folders (their ``results.csv``)
+that scored the same images, for example one model in float32 and in
+bfloat16, or two checkpoints. For every method that both runs scored (or
+``--methods``), over the images both scored (status ``ok``, finite PSNR),
+the table gives each run's mean PSNR and SSIM, the mean difference
+``OTHER - BASE`` and the largest absolute difference on one image (and
+which image). Images that only one run scored are counted in the last
+column, not compared. Writes ``FOLDER/comparison.csv`` and
+``FOLDER/comparison.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.report import run_script, script_command, write_csv_and_markdown
+
+#: The columns of ``comparison.csv``.
+FIELDS = (
+    "base", "other", "method", "images", "base_psnr", "other_psnr", "mean_psnr_difference", "largest_psnr_difference",
+    "largest_psnr_image", "base_ssim", "other_ssim", "mean_ssim_difference", "largest_ssim_difference", "left_out",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Score:
+    """One image's scores in one run: PSNR in dB, SSIM in [-1, 1]."""
+
+    psnr: float
+    ssim: float
+
+
+def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
+    """``{method: {image: Score}}`` of the images ``folder``'s ``results.csv`` scored (status ``ok``).
+
+    A ``ValueError`` naming the folder when it is not a benchmark folder or its CSV lacks a column or a number.
+    """
+    path = folder / "results.csv"
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: give the --out folder of an idm benchmark run")
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no results.csv: it is not the --out folder of an idm benchmark run")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"method", "image", "psnr", "ssim", "status"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: not an idm benchmark results.csv")
+        scores: dict[str, dict[str, Score]] = {}
+        for line, row in enumerate(reader, start=2):
+            if row["status"] != "ok":
+                continue
+            try:
+                score = Score(float(row["psnr"]), float(row["ssim"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {line}: PSNR {row['psnr']!r} / SSIM {row['ssim']!r} are not numbers") from None
+            scores.setdefault(row["method"], {})[row["image"]] = score
+    return scores
+
+
+def _comparable(scores: dict[str, Score]) -> dict[str, Score]:
+    return {image: s for image, s in scores.items() if math.isfinite(s.psnr) and math.isfinite(s.ssim)}
+
+
+def compare_runs(base: Path, other: Path, methods: Sequence[str] | None = None) -> list[dict]:
+    """One row (:data:`FIELDS`) per method of the pair ``base``, ``other``; a ``ValueError`` when nothing is comparable."""
+    first, second = read_scores(base), read_scores(other)
+    shared = [m for m in first if m in second] if methods is None else list(methods)
+    absent = [m for m in shared if m not in first or m not in second]
+    if absent:
+        raise ValueError(f"method(s) {', '.join(absent)} not scored in both {base} and {other} "
+                         f"(methods there: {', '.join(first) or 'none'}; {', '.join(second) or 'none'})")  # fmt: skip
+    if not shared:
+        raise ValueError(f"{base} and {other} have no method in common")
+    rows = []
+    for method in shared:
+        a, b = _comparable(first[method]), _comparable(second[method])
+        images = [image for image in a if image in b]
+        if not images:
+            raise ValueError(f"{base} and {other} scored no image in common with {method}")
+        psnr_diff = {image: b[image].psnr - a[image].psnr for image in images}
+        ssim_diff = [b[image].ssim - a[image].ssim for image in images]
+        worst = max(images, key=lambda image: abs(psnr_diff[image]))
+        rows.append({
+            "base": str(base), "other": str(other), "method": method, "images": len(images),
+            "base_psnr": statistics.fmean(a[i].psnr for i in images), "other_psnr": statistics.fmean(b[i].psnr for i in images),
+            "mean_psnr_difference": statistics.fmean(psnr_diff.values()), "largest_psnr_difference": abs(psnr_diff[worst]),
+            "largest_psnr_image": worst,
+            "base_ssim": statistics.fmean(a[i].ssim for i in images), "other_ssim": statistics.fmean(b[i].ssim for i in images),
+            "mean_ssim_difference": statistics.fmean(ssim_diff), "largest_ssim_difference": max(abs(d) for d in ssim_diff),
+            "left_out": len(set(first[method]) | set(second[method])) - len(images),
+        })  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a markdown table (PSNR in dB to 3 decimals, SSIM to 4)."""
+    header = ["base", "other", "method", "images", "base PSNR / SSIM", "other PSNR / SSIM", "mean difference",
+              "largest on one image", "largest SSIM difference", "left out"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            f"`{Path(r['base']).name}`", f"`{Path(r['other']).name}`", f"`{r['method']}`", str(r["images"]),
+            f"{r['base_psnr']:.3f} / {r['base_ssim']:.4f}", f"{r['other_psnr']:.3f} / {r['other_ssim']:.4f}",
+            f"{r['mean_psnr_difference']:+.3f} dB", f"{r['largest_psnr_difference']:.3f} dB ({r['largest_psnr_image']})",
+            f"{r['largest_ssim_difference']:.4f}", str(r["left_out"]),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", metavar="BASE OTHER", help="pairs of idm benchmark --out folders")
+    parser.add_argument("--methods", nargs="+", help="methods to compare (default: every method both runs scored)")
+    parser.add_argument("--out", required=True, help="folder for comparison.csv and comparison.md")
+    args = parser.parse_args(argv)
+    if len(args.folders) % 2:
+        parser.error(f"give the folders in pairs (BASE OTHER ...); got {len(args.folders)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a folder")
+    pairs = [(Path(args.folders[i]), Path(args.folders[i + 1])) for i in range(0, len(args.folders), 2)]
+    rows = [row for base, other in pairs for row in compare_runs(base, other, args.methods)]
+    markdown = f"`{script_command('benchmarks.compare', argv)}`\n\n{markdown_table(rows)}\n"
+    write_csv_and_markdown(out, "comparison", rows, FIELDS, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_script(main, "benchmarks.compare"))
