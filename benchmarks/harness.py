@@ -22,10 +22,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
+from idm.cli.common import check_size
+from tasks.data import resize_square
 
 #: Columns of ``results.csv`` (``peak_mem_mb``, on CUDA only: the method's peak above what was allocated before
 #: its call, i.e. without the loaded models' weights).
@@ -49,8 +50,7 @@ def load_images(
     values kept in [0, 1]); the images must then be square. ``None`` keeps
     them at their own size.
     """
-    if size is not None and size < 7:
-        raise ValueError(f"--size must be at least 7 (SSIM's 7x7 window), got {size}")
+    check_size(size)
     dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
@@ -61,20 +61,9 @@ def load_images(
     for i, name in enumerate(names):
         x = dataset[i]
         if size is not None:
-            x = _resize_square(x, size, name)
+            x = resize_square(x, size, name)
         images.append(BenchmarkImage(name, x))
     return images
-
-
-def _resize_square(x: Tensor, size: int, name: str) -> Tensor:
-    """``x`` ``(C, H, W)`` with ``H == W`` resized to ``(C, size, size)``, anti-aliased, in [0, 1]."""
-    height, width = x.shape[-2:]
-    if height != width:
-        raise ValueError(f"--size resizes square images only; {name} is {height}x{width}")
-    if height == size:
-        return x
-    resized = F.interpolate(x[None].double(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].clamp(0, 1).to(x.dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -530,6 +530,12 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
     data = _float_array(arr if arr.dtype.kind == "f" else arr.astype(np.float32), "the sinogram", path)
     if data.ndim == 2:
         data = data[None]
+    for index, sinogram in enumerate(data):  # line integrals of a non-negative image: some must be positive
+        if not (sinogram > 0).any():
+            which = f"sinogram {index} of {len(data)}" if len(data) > 1 else "the sinogram"
+            state = "all zeros" if not sinogram.any() else f"nowhere positive (largest value {sinogram.max():g}; negated?)"
+            raise MeasurementFileError(f"{path}: {which} is {state}: a CT sinogram holds line integrals of a "
+                                       "non-negative image")  # fmt: skip
     info = _read_sidecar(path)
     count = data.shape[0]
     names = [f"{path.stem}_s{i}" for i in range(count)] if count > 1 else [path.stem]

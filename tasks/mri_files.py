@@ -107,13 +107,8 @@ def reference_volume(volume: FastMRISlices, has_file_mask: bool, crop: Optional[
     (no ``mask``), the magnitude of its full k-space image (cropped like the
     output); else ``(None, "")``.
     """
-    if volume.reconstruction_esc is not None:
-        ref = volume.reconstruction_esc
-        if ref.shape[0] != volume.num_slices:
-            raise DataError(
-                f"{volume.path}: reconstruction_esc has {ref.shape[0]} slices, kspace {volume.num_slices}"
-            )
-        return ref.to(torch.float32), "reconstruction_esc"
+    if volume.reconstruction_esc is not None:  # one per slice, fitting the k-space image: load_fastmri_slices checks
+        return volume.reconstruction_esc.to(torch.float32), "reconstruction_esc"
     if not has_file_mask:
         return kspace_to_image(volume.kspace, crop=crop, magnitude=True).to(torch.float32), "fully sampled k-space"
     return None, ""

@@ -560,6 +560,19 @@ def test_gamma2_display_tiff_is_calibrated_to_hu(tmp_path):
         read_tiff_volume(tmp_path / "air.tif", units="display-gamma2")
 
 
+def test_ct_values_that_cannot_be_hounsfield_units_are_refused(tmp_path):
+    """A .npy slice in [0, 1] (an image, not HU) and a DICOM whose rescale cannot give HU are named, not read."""
+    np.save(tmp_path / "unit.npy", np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
+    with pytest.raises(DataError, match=r"unit.npy: values lie in \[0, 1\]: .* looks like an image scaled to \[0, 1\]"):
+        read_npy_hu(tmp_path / "unit.npy")
+    np.save(tmp_path / "water.npy", np.zeros((8, 8), np.int16))  # constant: nothing tells, read as it is
+    assert read_npy_hu(tmp_path / "water.npy").max() == 0
+    for slope in (0.0, -1.0):
+        _write_dicom(tmp_path / "s.dcm", np.full((8, 8), 1000, np.int16), slope=slope)
+        with pytest.raises(DataError, match=rf"s.dcm: RescaleSlope {slope:g} and RescaleIntercept -1024 cannot convert"):
+            read_dicom_hu(tmp_path / "s.dcm")
+
+
 def test_ct_slice_dataset(tmp_path):
     np.save(tmp_path / "a.npy", np.full((8, 8), 40, np.int16))
     np.save(tmp_path / "b.npy", np.full((2, 8, 8), -3024, np.int16))

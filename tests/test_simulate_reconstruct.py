@@ -269,6 +269,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
         (rec + ["--checkpoint", str(models / "inpainting")], "task: trained for 'inpainting', requested 'cs'"),
         (rec + ["--checkpoint", str(models / "cs-phi5")], "operator phi_seed: trained with 5, requested 0"),
         (rec + ["--checkpoint", str(models / "cs"), "--ratio", "0.5"], "was measured with ratio=0.25; --ratio 0.5 does not match"),
+        (rec + ["--checkpoint", str(models / "cs"), "--views", "60"], "the cs operator, which has no views setting: --views does not apply"),
         (rec + ["--checkpoint", str(models / "cs"), "--task", "inpainting"], "holds measurements of task 'cs', not 'inpainting'"),
         (["reconstruct", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images"), "--checkpoint",
           str(models / "cs"), "--device", "cpu", "--out", str(files / "images")], "would overwrite the input files"),
@@ -416,6 +417,7 @@ def test_fastmri_file_fully_sampled_is_undersampled_with_a_seeded_mask(files, tm
         recon, mask = f["reconstruction"][()], f["mask"][()]
         assert recon.shape == (2, 24, 24) and recon.dtype == np.float32  # fastMRI's crop: reconstruction_esc's size
         assert f.attrs["acquisition"] == "AXT2" and f.attrs["idm_scale"] > 0
+        assert "max" not in f.attrs  # the input's statistic of its reference images, not of the reconstruction
         assert json.loads(f.attrs["idm_operator"])["seed"] == 7
     expected = operators.make("mri", img_size=(32, 32), acceleration=4, center_fraction=0.08, seed=7).mask[0]
     np.testing.assert_array_equal(mask, expected.numpy() != 0)
@@ -493,7 +495,76 @@ def test_bad_fastmri_files_are_clear_errors(files, tmp_path, capsys):
     assert "use --task mri" in _error(capsys)
 
 
+def test_fastmri_files_are_checked_when_opened(files, tmp_path, capsys):
+    """What the file holds besides k-space is checked before any slice is reconstructed (no output is left)."""
+    with h5py.File(files / "mri" / "full.h5") as f:
+        kspace, esc = f["kspace"][()], f["reconstruction_esc"][()]
+    with h5py.File(tmp_path / "group.h5", "w") as f:
+        f.create_group("kspace")
+    _write_fastmri(tmp_path / "nanesc.h5", kspace, esc=np.where(esc > esc.mean(), np.nan, esc).astype(np.float32))
+    _write_fastmri(tmp_path / "bigesc.h5", kspace, esc=np.full((2, 40, 40), 1e-4, np.float32))
+    _write_fastmri(tmp_path / "slices.h5", kspace, esc=esc[:1])
+    _write_fastmri(tmp_path / "strmask.h5", kspace, mask=np.array([b"1"] * 32))
+    cases = [
+        ("group.h5", "'kspace' is an HDF5 group, not a dataset"),
+        ("nanesc.h5", "reconstruction_esc holds NaN or infinite values"),
+        ("bigesc.h5", "reconstruction_esc images are 40x40; they must fit in the 32x32 k-space image"),
+        ("slices.h5", "reconstruction_esc has 1 slices, kspace 2"),
+        ("strmask.h5", "'mask' must hold numbers (0/1 or booleans), got dtype |S1"),
+    ]
+    for name, message in cases:
+        out = tmp_path / f"out-{name}"
+        assert main(["reconstruct", "--input", str(tmp_path / name), "--checkpoint", str(files / "models" / "mri"),
+                     "--device", "cpu", "--out", str(out)]) == 2, name  # fmt: skip
+        assert f"{name}: {message}" in _error(capsys) and not out.exists(), name
+    # an impossible operator flag is named as such, also where no model serves it (the k-space gives the size)
+    assert main(["reconstruct", "--input", str(files / "mri" / "full.h5"), "--acceleration", "0.5", "--device", "cpu",
+                 "--out", str(tmp_path / "acc")]) == 2  # fmt: skip
+    assert "acceleration must be a finite number >= 1, got 0.5" in _error(capsys)
+    # idm benchmark scores image files: a k-space file gets a pointer to idm reconstruct
+    assert main(["benchmark", "--task", "mri", "--data", str(files / "mri" / "full.h5"), "--methods", "pinv",
+                 "--device", "cpu", "--out", str(tmp_path / "bm")]) == 2  # fmt: skip
+    assert "full.h5: not an image file" in (error := _error(capsys)) and "`idm reconstruct --input FILE.h5`" in error
+
+
 # ---- CT ------------------------------------------------------------------------------------
+def test_ct_inputs_resized_dicom_found_and_implausible_values_refused(files, tmp_path, capsys):
+    """--size resizes slices before they are measured (simulate and reconstruct; refused for measurements); DICOM
+    inputs need no --task; a .npy slice in [0, 1] instead of HU, and all-zero, negated or transposed sinograms, are named."""
+    models = files / "models"
+    sino = tmp_path / "s16.npy"
+    assert main(["simulate", "--input", str(files / "dicom" / "ct.dcm"), "--views", "20", "--size", "16",
+                 "--device", "cpu", "--out", str(sino)]) == 0  # fmt: skip  # no --task: a DICOM file is a CT slice
+    assert np.load(sino).shape == (23, 20)  # ceil(sqrt(2) * 16) detectors: measured at 16x16
+    assert json.loads(sidecar_path(sino).read_text())["resized_to"] == 16
+    out = tmp_path / "r16"
+    assert main(["reconstruct", "--input", str(files / "dicom"), "--views", "20", "--size", "16", "--checkpoint",
+                 str(models / "ct20"), "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out / "ct.npy").shape == (1, 16, 16)
+    assert json.loads((out / "reconstruct.json").read_text())["resized_to"] == 16
+    assert "was trained on 32x32 images, these are 16x16" in _error(capsys)
+    assert main(["reconstruct", "--input", str(sino), "--size", "16", "--checkpoint", str(models / "ct20"),
+                 "--device", "cpu", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "--size resizes images before they are measured" in _error(capsys)
+    assert main(["simulate", "--input", str(files / "mr.dcm"), "--device", "cpu", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "DICOM Modality is 'MR', not 'CT'" in _error(capsys)
+
+    unit = np.load(files / "ct" / "slice.npy").clip(-1024, 3071)
+    np.save(tmp_path / "unit.npy", ((unit + 1024) / 4095).astype(np.float32))
+    assert main(["simulate", "--task", "ct", "--input", str(tmp_path / "unit.npy"), "--device", "cpu",
+                 "--out", str(tmp_path / "u.npy")]) == 2  # fmt: skip
+    assert "looks like an image scaled to [0, 1]; convert it to HU first" in _error(capsys)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "zero.npy", np.zeros((46, 20), np.float32))
+    np.save(tmp_path / "negated.npy", -rng.random((46, 20)).astype(np.float32))
+    np.save(tmp_path / "transposed.npy", rng.random((20, 46)).astype(np.float32))  # (views, detectors)
+    for name, message in (("zero.npy", "the sinogram is all zeros"), ("negated.npy", "the sinogram is nowhere positive"),
+                          ("transposed.npy", "if it is stored as (views, detectors), transpose it")):  # fmt: skip
+        assert main(["reconstruct", "--task", "ct", "--input", str(tmp_path / name), "--checkpoint", str(models / "ct20"),
+                     "--device", "cpu", "--out", str(tmp_path / "x")]) == 2, name  # fmt: skip
+        assert message in _error(capsys), name
+
+
 def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     models = files / "models"
     sino = tmp_path / "sino.npy"
@@ -537,10 +608,10 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
                           ("named.npy", "item name '/tmp/elsewhere' is not a plain file name")):  # fmt: skip
         assert main(rec + ["--input", str(tmp_path / name), "--checkpoint", str(models / "ct20")]) == 2, name
         assert message in _error(capsys), name
-    np.save(tmp_path / "odd.npy", np.zeros((48, 20), np.float32))
+    np.save(tmp_path / "odd.npy", np.random.default_rng(0).random((48, 20)).astype(np.float32))
     assert main(rec + ["--input", str(tmp_path / "odd.npy"), "--checkpoint", str(models / "ct20")]) == 2
     assert "48 detector cells match no square image" in _error(capsys)
-    np.save(tmp_path / "w33.npy", np.zeros((47, 20), np.float32))  # 33x33 images: odd sizes are padded inside the U-Net
+    np.save(tmp_path / "w33.npy", np.random.default_rng(0).random((47, 20)).astype(np.float32))  # 33x33: padded in the U-Net
     assert main(rec + ["--input", str(tmp_path / "w33.npy"), "--checkpoint", str(models / "ct20"), "--out", str(tmp_path / "w33")]) == 0
     assert np.load(tmp_path / "w33" / "w33.npy").shape == (1, 33, 33)
     # a CT model is tied to its training size: other sizes are reconstructed, with a warning

@@ -23,6 +23,7 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_precision_arg,
+    add_size_arg,
     command_line,
     operator_overrides,
     resolve_device,
@@ -58,8 +59,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name; its operator and prior are every method's, also when --methods leaves idm out (default: for idm, the shipped model serving the task and operator; without idm, none: the task's operator, and --prior for ddnm/dps)")
     parser.add_argument("--prior", help="diffusion prior for ddnm/dps: a folder or a shipped prior's name (default: the checkpoint's prior)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
-    parser.add_argument("--size", type=int, help="resize every (square) test image to SIZE x SIZE, anti-aliased, "
-                        "e.g. 256 for CT slices of 512 with a model trained at 256 (default: their own size)")
+    add_size_arg(parser, "test image")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--ddnm-steps", type=int, help="DDNM sampling steps (default 100, as its authors)")
     parser.add_argument("--ddnm-eta", type=float, help="DDNM eta (default 0.85, as its authors)")

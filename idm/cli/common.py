@@ -71,6 +71,23 @@ def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") ->
                         f"CPUs with AVX512-BF16 or AMX), else fp32 (default: {default})")
 
 
+#: The smallest ``--size``: SSIM's 7x7 window must fit in the image.
+MIN_IMAGE_SIZE = 7
+
+
+def check_size(size: int | None) -> None:
+    """A ``ValueError`` unless ``size`` (``--size``) is ``None`` or at least :data:`MIN_IMAGE_SIZE`."""
+    if size is not None and size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--size must be at least {MIN_IMAGE_SIZE} (SSIM's 7x7 window), got {size}")
+
+
+def add_size_arg(parser: argparse.ArgumentParser, what: str = "image") -> None:
+    """``--size S``: resize every square input image to ``S x S`` before it is measured (``idm simulate``,
+    ``idm reconstruct``, ``idm benchmark``; :func:`tasks.data.resize_square`)."""
+    parser.add_argument("--size", type=positive_int, help=f"resize every (square) {what} to SIZE x SIZE, anti-aliased, "
+                        "e.g. 256 for CT slices of 512 with a model trained at 256 (default: their own size)")  # fmt: skip
+
+
 def resolve_precision_arg(args: argparse.Namespace, device: torch.device) -> str:
     """Replace ``args.precision`` ``"auto"`` by the precision it means on ``device``; return it (what is recorded)."""
     from idm.precision import resolve_precision
@@ -174,11 +191,14 @@ def run_guarded(call: Callable[[], int | None], name: str) -> int:
         return 2
 
 
-def task_name(args: argparse.Namespace) -> str:
-    """``--task``, else the task that ``--checkpoint``'s training run recorded; an error naming what is missing."""
+def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
+    """``--task``, else the task that ``--checkpoint``'s training run recorded, else ``"ct"`` when ``inputs`` (a file
+    or folder) holds DICOM files only (:func:`dicom_only`); an error naming what is missing."""
     if args.task:
         return args.task
     checkpoint = getattr(args, "checkpoint", None)
+    if not checkpoint and inputs is not None and dicom_only(inputs):
+        return "ct"  # the DICOM reader refuses any modality but CT
     if not checkpoint:
         raise ValueError("--task is needed (e.g. --task cs), or a --checkpoint whose training run recorded its task")
     from idm.training.trained import recorded_task
@@ -187,6 +207,16 @@ def task_name(args: argparse.Namespace) -> str:
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
     return task
+
+
+def dicom_only(path: Path) -> bool:
+    """Whether ``path`` is a ``.dcm`` file, or a folder whose visible files are all ``.dcm`` (at least one)."""
+    if path.is_file():
+        return path.suffix.lower() == ".dcm"
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() == ".dcm" for p in files)
 
 
 class OutputFolder:

@@ -64,6 +64,7 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_precision_arg,
+    add_size_arg,
     command_line,
     operator_overrides,
     resolve_device,
@@ -93,10 +94,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--input", required=True, help="measurement .npz, fastMRI .h5, CT sinogram .npy, or an image file / folder")
     parser.add_argument("--task", help="cs, inpainting, mri, ct (read from the file for .npz; mri for .h5; for images, "
-                        "the --checkpoint's task when not given)")
+                        "the --checkpoint's task when not given, else ct for DICOM files)")
     parser.add_argument("--checkpoint", help="IDM model folder, idm train --out folder or a shipped model's name (default: the shipped model serving the task and operator)")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="only the first N images / slices")
+    add_size_arg(parser, "input image (simulated inputs only)")
     parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_precision_arg(parser)
@@ -275,9 +277,12 @@ def _check_flags_against(overrides: dict[str, Any], config: dict[str, Any], wher
     from operators.family import same_setting
 
     for key, value in overrides.items():
-        have = config.get(key, "<not set>")
+        flag = "--" + key.replace("_", "-")
+        if key not in config:
+            raise ValueError(f"{where} was measured with the {config.get('name', 'recorded')} operator, which has no "
+                             f"{key} setting: {flag} does not apply to it")  # fmt: skip
+        have = config[key]
         if not same_setting(have, value):
-            flag = "--" + key.replace("_", "-")
             raise ValueError(
                 f"{where} was measured with {key}={have!r}; {flag} {value} does not match (the operator comes from the file)"
             )
@@ -327,9 +332,9 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
 def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
     from tasks.data import DEFAULT_HU_WINDOW
 
-    task = get_task(task_name(args), args.color)
+    task = get_task(task_name(args, Path(args.input)), args.color)
     check_limit(args.limit)
-    names, dataset = load_images(task, args.input, args.limit)
+    names, dataset = load_images(task, args.input, args.limit, args.size)
     overrides, trained = _model_for_flags(args, task, device, img_size=tuple(dataset[0].shape[-2:]))
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
 
@@ -346,8 +351,10 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
         "checkpoint": str(trained.path),
         "window": window,
         "padding": f"zero-padded to a multiple of {plan.block}" if plan.block else None,
+        "resized_to": args.size,
     }
-    return rows, settings, f"{len(names)} image(s) of {args.input}, simulated ({task.name}) and reconstructed"
+    resized = f", resized to {args.size}x{args.size}" if args.size else ""
+    return rows, settings, f"{len(names)} image(s) of {args.input}{resized}, simulated ({task.name}) and reconstructed"
 
 
 def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, img_size: tuple[int, int] | None = None,
@@ -390,20 +397,23 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
         window = tuple(sino.info.get("window") or DEFAULT_HU_WINDOW)
     else:
         width = ct_width_for_detectors(detectors)
+        # a (views, detectors) array: its views axis would match an image width
+        transposed = ct_width_for_detectors(views) is not None and views > detectors
+        swap = "; if it is stored as (views, detectors), transpose it (np.save(f, a.T))" if transposed else ""
         if width is None:
             raise ValueError(
                 f"{path}: {detectors} detector cells match no square image (a W x W image has ceil(sqrt(2) W) cells); "
-                "is this a sinogram of the ct operator, (detectors, views)?"
+                f"is this a sinogram of the ct operator, (detectors, views)?{swap}"
             )
         try:
             _, trained = _model_for_flags(args, task, device, img_size=(width, width), views=views)
         except ValueError as err:  # say how the file was read: a non-square CT slice looks like a sinogram
             raise type(err)(f"{err}\n({path} was read as a sinogram of {detectors} detectors x {views} views, as a "
-                            ".npy without sidecar whose two axes differ; a CT slice must be square)") from None
+                            f".npy without sidecar whose two axes differ; a CT slice must be square{swap})") from None
         trained_views = (trained.operator or {}).get("views")
         if trained_views is not None and trained_views != views:
             raise ValueError(
-                f"{path}: the sinogram has {views} views, but checkpoint {trained.path} was trained for {trained_views} views"
+                f"{path}: the sinogram has {views} views, but checkpoint {trained.path} was trained for {trained_views} views{swap}"
             )
         if trained.operator:
             config = {**trained.operator, **overrides, "img_size": [width, width]}
@@ -433,7 +443,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     from idm import __version__
     from idm.metrics import psnr, ssim
     from tasks import mri_files
-    from tasks.data import center_crop, load_fastmri_slices
+    from tasks.data import center_crop, kspace_image_size, load_fastmri_slices
     from tasks.measurements import Measurement
 
     task = get_task(args.task or "mri")
@@ -442,7 +452,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     source = Path(args.input)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in MRI_FILE_SUFFIXES)
     check_limit(args.limit)
-    overrides, trained = _model_for_flags(args, task, device)
+    overrides, trained = _model_for_flags(args, task, device, img_size=kspace_image_size(files[0]) if files else None)
     model = trained.model.to(device)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     trained_acc = (trained.operator or {}).get("acceleration")
@@ -498,7 +508,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         if remaining is not None:
             remaining -= count
         attrs = {
-            **{k: v for k, v in volume.attrs.items()},
+            # the input's attributes, less max and norm: fastMRI's statistics of its reference images, not of these
+            **{k: v for k, v in volume.attrs.items() if k not in ("max", "norm")},
             "idm_version": __version__,
             "idm_checkpoint": str(trained.path),
             "idm_operator": json.dumps(op.config()),
@@ -541,6 +552,9 @@ def run(args: argparse.Namespace) -> int:
     resolve_precision_arg(args, device)
     if args.no_crop and kind != "h5":
         raise ValueError(f"--no-crop applies to fastMRI .h5 files (their centre crop); {source} is read as {kind}")
+    if args.size is not None and kind != "images":
+        raise ValueError(f"--size resizes images before they are measured; {source} is read as {kind}, which holds "
+                         "measurements already")  # fmt: skip
     folder = OutputFolder(args.out, "reconstruct.json", "idm reconstruct")
     out = folder.path
     input_folder = source if source.is_dir() else source.parent

@@ -39,14 +39,17 @@ import torch
 from idm.cli.common import (
     add_common_args,
     add_operator_args,
+    add_size_arg,
+    check_size,
     command_line,
     operator_overrides,
     resolve_device,
     seed_everything,
     task_name,
 )
+from tasks.data.images import KSPACE_SUFFIXES
 
-MRI_FILE_SUFFIXES = (".h5", ".hdf5")
+MRI_FILE_SUFFIXES = KSPACE_SUFFIXES  # fastMRI k-space files
 
 
 def add_parser(subparsers) -> None:
@@ -57,12 +60,13 @@ def add_parser(subparsers) -> None:
         epilog="Image i is measured with operator seed --seed + i (modulo 2**32). With --checkpoint the operator is the one the "
         "checkpoint was trained with (the same CS Phi), else the task's defaults; operator flags go on top.",
     )
-    parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task)")
+    parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task, else ct for DICOM files)")
     parser.add_argument("--input", required=True, help="an image / CT slice file or a folder of them, in the task's format")
     parser.add_argument("--checkpoint", help="take the operator from this IDM checkpoint (model folder, idm train --out or a shipped model's name)")
     parser.add_argument("--keep-truth", action="store_true", help="also store the ground-truth images (x_true) in the .npz")
     parser.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (default: the task's)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
+    add_size_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_operator_args(parser)
     add_common_args(parser, out_help="measurement file: F.npz, or for --task ct also F.npy (sinogram + F.npy.json)")
@@ -121,14 +125,34 @@ class OperatorPlan:
         return self.cache.get(config)
 
 
-def load_images(task: Any, path: str | Path, limit: int | None = None) -> tuple[list[str], Any]:
-    """``(names, dataset)`` of the task's images under ``path`` (first ``limit``); names are made unique."""
+class InputImages:
+    """The first images of a task's dataset, each read when indexed: ``images[i]`` is ``(C, H, W)`` in [0, 1],
+    resized to ``size x size`` when ``size`` is given (:func:`tasks.data.resize_square`)."""
+
+    def __init__(self, dataset: Any, names: list[str], size: int | None = None):
+        self.dataset, self.names, self.size = dataset, names, size
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from tasks.data import resize_square
+
+        x = self.dataset[index]
+        return x if self.size is None else resize_square(x, self.size, self.names[index])
+
+
+def load_images(task: Any, path: str | Path, limit: int | None = None, size: int | None = None) -> tuple[list[str], InputImages]:
+    """``(names, images)`` of the task's images under ``path`` (first ``limit``, resized to ``size`` if given);
+    names are made unique."""
     from tasks.measurements import unique_names
 
+    check_size(size)
     dataset = task.dataset([str(path)], crop=None, augment=False, seed=0)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
-    return unique_names(name_of(i) for i in range(count)), dataset
+    names = unique_names(name_of(i) for i in range(count))
+    return names, InputImages(dataset, names, size)
 
 
 def measure_image(plan: OperatorPlan, index: int, name: str, x: torch.Tensor, device: torch.device, keep_truth: bool):
@@ -184,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data import DEFAULT_HU_WINDOW
     from tasks.measurements import describe_operator, save_measurements, save_sinogram
 
-    task = get_task(task_name(args), args.color)
+    task = get_task(task_name(args, Path(args.input)), args.color)
     overrides = operator_overrides(args)
     task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
     check_limit(args.limit)
@@ -210,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
     trained_operator = checkpoint_operator(args.checkpoint, task, overrides) if args.checkpoint else None
     plan = OperatorPlan(task, overrides, trained_operator, args.seed)
-    names, dataset = load_images(task, source, args.limit)
+    names, dataset = load_images(task, source, args.limit, args.size)
     items = []
     for i, name in enumerate(tqdm(names, desc="images", disable=args.no_progress or len(names) < 2)):
         item, _ = measure_image(plan, i, name, dataset[i], device, args.keep_truth)
@@ -220,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         "idm_version": __version__,
         "command": command_line("simulate"),
         "input": str(source),
+        "resized_to": args.size,
         "seed": args.seed,
         "operator_seeds": f"{args.seed} + image index (mod 2**32)" if items[0].seed is not None else None,
         "operator_source": f"checkpoint {args.checkpoint}" if trained_operator else "task defaults and flags",

@@ -151,8 +151,8 @@ class TrainedModel:
         return (
             f"warning: {self.path} was trained on {trained[0]}x{trained[1]} images, these are "
             f"{img_size[0]}x{img_size[1]}; its {self.task or 'task'} model is tied to its training size and may "
-            f"do worse than the pseudo-inverse here. Resize the images to {trained[0]}x{trained[1]} (in a benchmark: "
-            f"idm benchmark --size {trained[0]}) or train at this size."
+            f"do worse than the pseudo-inverse here. Resize the images to {trained[0]}x{trained[1]} (--size {trained[0]} "
+            f"in idm simulate, idm reconstruct and idm benchmark) or train at this size."
         )
 
     @property

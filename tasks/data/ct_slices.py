@@ -191,6 +191,10 @@ def _stored_to_hu(raw: np.ndarray, ds, p: Path) -> np.ndarray:
     if rescales is None:
         raise DataError(f"{p}: no RescaleSlope/RescaleIntercept (top level or Enhanced CT functional groups): "
                         "the stored values cannot be converted to HU")
+    for slope, intercept in rescales:
+        if not (np.isfinite(slope) and slope > 0 and np.isfinite(intercept)):
+            raise DataError(f"{p}: RescaleSlope {slope:g} and RescaleIntercept {intercept:g} cannot convert the stored "
+                            "values to HU (the slope must be positive, both finite)")  # fmt: skip
     slope = np.array([r[0] for r in rescales], dtype=np.float64).reshape((-1, 1, 1) if raw.ndim == 3 else ())
     intercept = np.array([r[1] for r in rescales], dtype=np.float64).reshape(slope.shape)
     return (raw.astype(np.float64) * slope + intercept).astype(np.float32)
@@ -263,7 +267,8 @@ def read_npy_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
     Returns float32 HU of the same shape; values below -1024 (out-of-field
     padding such as -2000 / -3024) are clipped to -1024 when ``clip_air``.
     Raises :class:`DataError` naming the file if unreadable, non-numeric,
-    of another dimensionality, or holding NaN.
+    of another dimensionality, holding NaN, or in [0, 1] rather than HU
+    (values that vary within [-1, 2]: an image, not a CT slice).
     """
     p = check_file(path)
     try:
@@ -271,6 +276,13 @@ def read_npy_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
     except Exception as exc:
         raise DataError(f"{p}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
     hu = _validate_hu(np.asarray(arr), p).astype(np.float32)
+    low, high = float(hu.min()), float(hu.max())
+    if low < high and -1 <= low and high <= 2:  # a real slice spans air (-1000 HU) to tissue; [0, 1] is an image
+        raise DataError(
+            f"{p}: values lie in [{low:.3g}, {high:.3g}]: a CT .npy slice is read in Hounsfield units (air -1000, "
+            "water 0, bone about +1000), and this looks like an image scaled to [0, 1]; convert it to HU first "
+            "(for an image windowed to [low, high] HU: hu = low + x * (high - low))"
+        )
     if clip_air:
         hu = np.maximum(hu, np.float32(HU_MIN))
     return hu

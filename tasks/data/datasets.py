@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, check_window, ct_num_slices, read_ct_slice
 from .errors import DataError
-from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, read_image
+from .images import COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, image_size, list_files, read_image
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
 
@@ -57,7 +57,9 @@ def _collect(paths: PathsArg, extensions: tuple[str, ...], recursive: bool, what
             files.extend(list_files(p, extensions, recursive=recursive, what=what))
         elif p.is_file():
             if not p.name.lower().endswith(extensions):
-                raise DataError(f"{p}: not a {what} file (expected {', '.join(extensions)})")
+                article = "an" if what[:1].lower() in "aeiou" else "a"
+                hint = KSPACE_HINT if p.suffix.lower() in KSPACE_SUFFIXES else ""
+                raise DataError(f"{p}: not {article} {what} file (expected {', '.join(extensions)}){hint}")
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")

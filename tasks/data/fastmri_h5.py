@@ -25,7 +25,7 @@ import torch
 
 from .errors import DataError, check_file
 
-__all__ = ["FastMRISlices", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
+__all__ = ["FastMRISlices", "kspace_image_size", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,6 +87,35 @@ def parse_ismrmrd_sizes(
     return size("encodedSpace"), size("reconSpace")
 
 
+def _reference_images(ds: h5py.Dataset, kspace_shape: tuple[int, ...], p: Path) -> torch.Tensor:
+    """``reconstruction_esc`` as float32 ``(slices, h, w)``, checked against the k-space ``(slices, H, W)``:
+    one image per slice, no larger than the k-space image (fastMRI crops it from there), finite numbers."""
+    if ds.dtype.kind not in "iuf" or ds.ndim != 3:
+        raise DataError(f"{p}: reconstruction_esc must be real images (slices, h, w), got dtype {ds.dtype} of shape {ds.shape}")
+    if ds.shape[0] != kspace_shape[0]:
+        raise DataError(f"{p}: reconstruction_esc has {ds.shape[0]} slices, kspace {kspace_shape[0]}")
+    if ds.shape[1] > kspace_shape[1] or ds.shape[2] > kspace_shape[2] or 0 in ds.shape:
+        raise DataError(f"{p}: reconstruction_esc images are {ds.shape[1]}x{ds.shape[2]}; they must fit in the "
+                        f"{kspace_shape[1]}x{kspace_shape[2]} k-space image, from which they are cropped")  # fmt: skip
+    images = np.ascontiguousarray(ds[()], dtype=np.float32)
+    if not np.isfinite(images).all():
+        raise DataError(f"{p}: reconstruction_esc holds NaN or infinite values")
+    return torch.from_numpy(images)
+
+
+def kspace_image_size(path: PathLike) -> Optional[tuple[int, int]]:
+    """``(H, W)`` of a single-coil file's ``kspace`` ``(slices, H, W)``, read from its header without loading it;
+    ``None`` where the file cannot tell (:func:`load_fastmri_slices` then says why)."""
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get("kspace")
+            if isinstance(ds, h5py.Dataset) and ds.ndim == 3:
+                return int(ds.shape[1]), int(ds.shape[2])
+    except Exception:  # noqa: BLE001 -- the loader that follows reports it
+        pass
+    return None
+
+
 def load_fastmri_slices(path: PathLike) -> FastMRISlices:
     """Load a fastMRI **single-coil** ``.h5`` file.
 
@@ -96,7 +125,9 @@ def load_fastmri_slices(path: PathLike) -> FastMRISlices:
 
     Raises :class:`DataError` naming the file when it is missing or not HDF5,
     has no ``kspace``, holds multi-coil data (kspace of 4 dims), or k-space is
-    not a complex array of shape (slices, H, W).
+    not a complex array of shape (slices, H, W); when ``reconstruction_esc``
+    is not one finite image per slice that fits in the k-space image, or
+    ``mask`` does not hold numbers.
     """
     p = check_file(path)
     try:
@@ -108,6 +139,9 @@ def load_fastmri_slices(path: PathLike) -> FastMRISlices:
             raise DataError(
                 f"{p}: no 'kspace' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})"
             )
+        for name in ("kspace", "reconstruction_esc", "mask"):
+            if name in f and not isinstance(f[name], h5py.Dataset):
+                raise DataError(f"{p}: '{name}' is an HDF5 {type(f[name]).__name__.lower()}, not a dataset")
         ds = f["kspace"]
         if ds.dtype.kind != "c":  # before the shape: (S, H, W, 2) real pairs are not multi-coil data
             raise DataError(f"{p}: kspace must be complex (fastMRI stores complex64), got dtype {ds.dtype} of shape {ds.shape}")
@@ -122,12 +156,13 @@ def load_fastmri_slices(path: PathLike) -> FastMRISlices:
             kspace = torch.from_numpy(np.ascontiguousarray(ds[()], dtype=np.complex64))
             recon = None
             if "reconstruction_esc" in f:
-                recon = torch.from_numpy(
-                    np.ascontiguousarray(f["reconstruction_esc"][()], dtype=np.float32)
-                )
+                recon = _reference_images(f["reconstruction_esc"], tuple(kspace.shape), p)
             mask = None
             if "mask" in f:
-                mask = torch.from_numpy(np.asarray(f["mask"][()]) != 0)
+                stored = np.asarray(f["mask"][()])
+                if stored.dtype.kind not in "biuf":
+                    raise DataError(f"{p}: 'mask' must hold numbers (0/1 or booleans), got dtype {stored.dtype}")
+                mask = torch.from_numpy(stored != 0)
             encoded, recon_size = (None, None)
             if "ismrmrd_header" in f:
                 encoded, recon_size = parse_ismrmrd_sizes(f["ismrmrd_header"][()])

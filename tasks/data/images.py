@@ -67,6 +67,12 @@ _LUMA = (0.299, 0.587, 0.114)
 _LUMA_FIXED = (4899, 9617, 1868)
 
 
+#: Suffixes of fastMRI k-space files, and what to tell a user who gives them where images are read.
+KSPACE_SUFFIXES = (".h5", ".hdf5")
+KSPACE_HINT = ("; fastMRI .h5 files hold measured k-space, not images: `idm reconstruct --input FILE.h5` "
+               "reconstructs them and scores them against their reconstruction_esc")
+
+
 def list_files(
     folder: PathLike,
     extensions: Iterable[str],
@@ -94,8 +100,9 @@ def list_files(
     )
     if not files:
         where = " (searched recursively)" if recursive else ""
+        kspace = any(p.suffix.lower() in KSPACE_SUFFIXES for p in (root.rglob("*") if recursive else root.iterdir()))
         raise DataError(
-            f"{root}: no {what} files{where} with extensions {', '.join(exts)}"
+            f"{root}: no {what} files{where} with extensions {', '.join(exts)}" + (KSPACE_HINT if kspace else "")
         )
     return files
 

@@ -96,6 +96,22 @@ def center_crop(x: torch.Tensor, size: Size) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
+def resize_square(x: torch.Tensor, size: int, name: str = "the image") -> torch.Tensor:
+    """``x`` ``(C, H, W)`` in [0, 1] with ``H == W`` resized to ``(C, size, size)`` (bilinear, anti-aliased, clamped to [0, 1]).
+
+    Returns ``x`` itself when it already has that size. Raises :class:`DataError` naming ``name`` for a non-square image.
+    """
+    _check_tensor(x)
+    height, width = x.shape[-2:]
+    if height != width:
+        raise DataError(f"--size resizes square images only; {name} is {height}x{width}")
+    if height == size:
+        return x
+    resized = torch.nn.functional.interpolate(x[None].double(), size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False)  # fmt: skip
+    return resized[0].clamp(0, 1).to(x.dtype)
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 7:
         raise ValueError(f"k must be an int in 0..7, got {k!r}")
