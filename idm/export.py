@@ -104,6 +104,44 @@ def _check_replaceable(out: Path, source: Path, kind: str) -> None:
                               "export to another folder")  # fmt: skip
 
 
+#: Keys of a diffusers config that say nothing of the architecture.
+_BOOKKEEPING_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
+
+
+def _architecture(prior: Path) -> dict[str, Any] | None:
+    try:
+        config = load_json(prior / CONFIG_NAME, "U-Net config")
+    except CheckpointError:
+        return None
+    return {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS} if isinstance(config, dict) else None
+
+
+def prior_name_warning(prior_name: str, checkpoint: str | os.PathLike, out: str | os.PathLike) -> str | None:
+    """Why ``prior_name``, recorded as the prior of the model exported from ``checkpoint`` to ``out``, may not
+    give the prior it was trained on (the path the checkpoint's config records), or ``None``.
+
+    The model loads without its prior (its config holds the U-Net's architecture), but ``idm benchmark``'s
+    DDNM and DPS baselines look the name up where :func:`idm.shipped.find_prior` does (``$IDM_MODELS_DIR``,
+    then the shipped priors): a name that finds nothing stops them, and one that finds a prior of another
+    architecture would silently run another prior than the model's.
+    """
+    from idm.shipped import MODELS_ENV, find_prior
+
+    trained_on = load_json(resolve_model_dir(checkpoint) / CONFIG_NAME, "IDM config")["idm"]["unet"]
+    found = find_prior(prior_name)
+    if found is None:
+        beside = Path(out).parent / prior_name
+        fix = (f"set {MODELS_ENV}={Path(out).parent}, which holds it" if (beside / CONFIG_NAME).is_file()
+               else f"export the prior as DIR/{prior_name} (idm export --checkpoint PRETRAIN_RUN) and set {MODELS_ENV}=DIR")  # fmt: skip
+        return f"no prior named {prior_name!r} is in ${MODELS_ENV} or shipped, so idm benchmark's ddnm/dps cannot find it: {fix}"
+    original = Path(trained_on)
+    if original.is_dir() and _architecture(original) is not None and _architecture(found) != _architecture(original):
+        return (f"the prior named {prior_name!r} is {found}, whose architecture differs from that of the prior this model "
+                f"was trained on ({original}): idm benchmark's ddnm/dps would run that other prior; export the model's "
+                "own prior under another name and give that name")  # fmt: skip
+    return None
+
+
 def export_model(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,

@@ -62,7 +62,13 @@ def _is_int(value: Any) -> bool:
 def same_setting(a: Any, b: Any) -> bool:
     """Equal operator settings. A float is compared with a relative tolerance of 1e-6, so that a value that
     went through float32 (0.3 -> 0.30000001192...) is still the same setting; integers (seeds, sizes) and
-    bools exactly."""
+    bools exactly; a recorded user mask equals a mask file (or array) that keeps the same pixels."""
+    from operators.inpainting import is_packed_mask, same_mask
+
+    if is_packed_mask(a) and not is_packed_mask(b):  # a recorded user mask, and the file (or array) it came from
+        return same_mask(a, b)
+    if is_packed_mask(b) and not is_packed_mask(a):
+        return same_mask(b, a)
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
         if isinstance(a, int) and isinstance(b, int):

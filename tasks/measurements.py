@@ -493,6 +493,32 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     return info
 
 
+def check_replaceable(path: PathLike) -> None:
+    """A :class:`MeasurementFileError` unless ``path`` (an ``F.npz`` or ``F.npy`` to write) may be written:
+    it does not exist, or it is a measurement file that ``idm simulate`` wrote (an ``.npz`` of format
+    :data:`FORMAT`; an ``.npy`` with an idm sinogram sidecar), which a new run replaces. Anything else
+    there is the user's, and is not overwritten."""
+    path = Path(path)
+    side = sidecar_path(path) if path.suffix.lower() == ".npy" else None
+    if not path.exists() and not (side is not None and side.exists()):
+        return
+    if path.is_dir():
+        raise MeasurementFileError(f"--out {path} is a folder: give the measurement file to write (F.npz or F.npy)")
+    ours = False
+    try:
+        if side is not None:
+            ours = _read_sidecar(path) is not None
+        else:
+            with np.load(path, allow_pickle=False) as stored:
+                ours = "meta" in stored.files and json.loads(str(stored["meta"])).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 -- unreadable or foreign: not ours
+        ours = False
+    if not ours:
+        taken = path if path.exists() else side
+        raise MeasurementFileError(f"--out {path}: {taken} exists and was not written by idm simulate; it would be "
+                                   "replaced: choose another name (nothing was overwritten)")  # fmt: skip
+
+
 def looks_like_sinogram(path: PathLike) -> bool:
     """Whether a ``.npy`` file is a sinogram rather than a CT slice in HU.
 

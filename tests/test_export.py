@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,32 @@ def test_half_precision_export_keeps_scalars_and_outputs(runs, tmp_path, capsys)
     assert main(["export", "--checkpoint", str(out), "--fp32", "--out", str(again)]) == 0
     assert {t.dtype for t in load_file(str(again / "model.safetensors")).values()} == {torch.float32}
     assert json.loads((again / "provenance.json").read_text())["weights_dtype"] == "float32"
+
+
+def test_a_prior_name_that_finds_no_prior_or_another_one_is_warned_about(runs, tmp_path, monkeypatch, capsys):
+    """--prior-name is what idm benchmark's ddnm/dps look up: a name that finds nothing, or a prior of another
+    architecture (a shipped one of that name), is said at export; the model's own prior exported beside it is fine."""
+    from idm import shipped
+
+    prior_run, idm_run = runs
+    monkeypatch.delenv(shipped.MODELS_ENV, raising=False)
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "my-prior", "--out", str(tmp_path / "m" / "cs")]) == 0
+    assert "no prior named 'my-prior' is in $IDM_MODELS_DIR or shipped" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(prior_run), "--out", str(tmp_path / "m" / "my-prior")]) == 0
+    other = tmp_path / "elsewhere" / "other-prior"  # the same prior, one block wider: another architecture
+    shutil.copytree(tmp_path / "m" / "my-prior", other)
+    config = json.loads((other / "config.json").read_text())
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
+    (other / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv(shipped.MODELS_ENV, str(other.parent))
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "other-prior", "--out", str(tmp_path / "m" / "cs")]) == 0
+    assert "whose architecture differs from that of the prior this model was trained on" in capsys.readouterr().err
+    monkeypatch.delenv(shipped.MODELS_ENV)
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "my-prior", "--out", str(tmp_path / "m" / "cs")]) == 0
+    assert "set IDM_MODELS_DIR=" in capsys.readouterr().err  # it lies beside the model: say where to point
+    monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "m"))
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "my-prior", "--out", str(tmp_path / "m" / "cs")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch, capsys):

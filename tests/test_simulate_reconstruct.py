@@ -495,6 +495,35 @@ def test_bad_fastmri_files_are_clear_errors(files, tmp_path, capsys):
     assert "use --task mri" in _error(capsys)
 
 
+def test_a_model_trained_with_a_mask_file_serves_that_file(files, tmp_path, capsys):
+    """The run records the mask's pixels; the same file (under any path) is that mask, another file is not."""
+    keep = np.random.default_rng(3).random((32, 32)) < 0.5
+    Image.fromarray((keep * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    Image.fromarray((~keep * 255).astype(np.uint8)).save(tmp_path / "other.png")
+    config = tasks.get("inpainting").make_operator((32, 32), mask=str(tmp_path / "mask.png")).config()
+    model = _model(tmp_path / "models", "inp-file", "inpainting", 3, config)
+    argv = ["reconstruct", "--task", "inpainting", "--input", str(files / "images" / "a.png"), "--checkpoint", str(model),
+            "--device", "cpu", "--mask"]  # fmt: skip
+    assert main([*argv, str(tmp_path / "mask.png"), "--out", str(tmp_path / "same")]) == 0
+    assert main([*argv, str(tmp_path / "other.png"), "--out", str(tmp_path / "other")]) == 2
+    assert "operator mask: trained with a 32x32 mask array" in _error(capsys)
+
+
+def test_simulate_replaces_only_its_own_measurement_files(files, tmp_path, capsys):
+    """--out may name an earlier idm simulate file (replaced), never a file of the user's (kept, one-line error)."""
+    argv = ["simulate", "--task", "ct", "--views", "20", "--input", str(files / "ct" / "slice.npy"), "--device", "cpu", "--out"]
+    np.savez(tmp_path / "mine.npz", a=np.arange(5))
+    np.save(tmp_path / "mine.npy", np.arange(5))
+    for name in ("mine.npz", "mine.npy"):
+        before = (tmp_path / name).read_bytes()
+        assert main([*argv, str(tmp_path / name)]) == 2
+        assert f"{name} exists and was not written by idm simulate" in _error(capsys)
+        assert (tmp_path / name).read_bytes() == before
+    for name in ("ours.npz", "ours.npy"):
+        assert main([*argv, str(tmp_path / name)]) == 0
+        assert main([*argv, str(tmp_path / name)]) == 0, name  # a rerun replaces its own file
+
+
 def test_fastmri_files_are_checked_when_opened(files, tmp_path, capsys):
     """What the file holds besides k-space is checked before any slice is reconstructed (no output is left)."""
     with h5py.File(files / "mri" / "full.h5") as f:

@@ -328,6 +328,24 @@ def test_existing_run_without_resume_is_refused(base_run, tmp_path, data, capsys
     assert snapshot(out) == before
 
 
+def test_a_folder_of_other_files_is_not_a_run_folder(tmp_path, data, capsys):
+    """--out holding files of its own (a log.csv of the user's, the training images) is refused: the run would
+    write its config.json, log.csv and checkpoints/ there. An empty folder, or one of dot-files, is fine."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.csv").write_text("my,important,log\n")
+    before = snapshot(mine)
+    _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(mine)], capsys,
+           "holds other files (log.csv) and is not a run folder (no config.json)")  # fmt: skip
+    assert snapshot(mine) == before
+    images = snapshot(data)
+    _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(data)], capsys, "and is not a run folder")
+    assert snapshot(data) == images
+    (tmp_path / "dots").mkdir()
+    (tmp_path / "dots" / ".gitkeep").write_text("")
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--checkpoint-every", "1", "--out", str(tmp_path / "dots")]) == 0
+
+
 def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys):
     out = copy_run(base_run, tmp_path)
     before = snapshot(out)
@@ -355,6 +373,18 @@ def test_a_run_recorded_before_the_ssim_weight_joined_its_identity_resumes(tmp_p
     without = [a for a in argv if a not in ("--ssim-weight", "0.5")]
     assert main([*without, "--iters", "3", "--resume"]) == 2
     assert "training.ssim_weight: 0.5 in the run, null now" in capsys.readouterr().err
+
+
+def test_a_damaged_latest_checkpoint_is_named_as_damaged_where_it_is_loaded(base_run, tmp_path):
+    """idm reconstruct / benchmark take a run folder's latest checkpoint: a broken one says what is wrong with it."""
+    out = copy_run(base_run, tmp_path)
+    latest = out / "checkpoints" / "iter_0000002"
+    (latest / "config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match=r"iter_0000002' is not an IDM model folder: .*is not valid JSON.*the checkpoint is damaged"):
+        resolve_model_dir(out)
+    (latest / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="it lacks config.json; the checkpoint is damaged"):
+        resolve_model_dir(out)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage_json", "no_optimizer", "moment_shape", "moment_missing", "rng_short"])

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from idm.cli.common import add_common_args, resolve_device
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idm.export import export_model, export_prior, weights_megabytes
+    from idm.export import export_model, export_prior, prior_name_warning, weights_megabytes
     from idm.pretrain import is_pretrain_run
 
     resolve_device(args.device)  # nothing runs on it, but a device this machine lacks is still refused
@@ -46,5 +47,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = export_model(source, args.out, half=not args.fp32, prior_name=args.prior_name, hardware=args.hardware,
                            final_projection=args.final_projection)
+        warning = prior_name_warning(args.prior_name, source, out) if args.prior_name is not None else None
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"idm export: {out} ({weights_megabytes(out):.1f} MiB of weights)")
     return 0

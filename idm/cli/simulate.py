@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
     from idm import __version__
     from tasks.data import DEFAULT_HU_WINDOW
-    from tasks.measurements import describe_operator, save_measurements, save_sinogram
+    from tasks.measurements import check_replaceable, describe_operator, save_measurements, save_sinogram
 
     task = get_task(task_name(args, Path(args.input)), args.color)
     overrides = operator_overrides(args)
@@ -224,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [p.resolve() for p in source.iterdir()] if source.is_dir() else [source.resolve()]
     if out.resolve() in inputs:
         raise ValueError(f"--out {out} is one of the input files: the measurements would replace it; write them elsewhere")
+    check_replaceable(out)
     if source.suffix.lower() in MRI_FILE_SUFFIXES:
         raise ValueError(
             f"{source}: fastMRI .h5 files already hold measured k-space; reconstruct them directly with "

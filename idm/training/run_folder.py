@@ -142,7 +142,8 @@ class RunFolder:
 
         Writes nothing. Raises :class:`CheckpointError` when ``out`` holds
         checkpoints and ``resume`` is false, when a resumed run's identity
-        differs from ``identity``, or when ``out`` is not a run folder of this kind.
+        differs from ``identity``, or when ``out`` is not a run folder of this
+        kind (another config, or other files and no config).
         ``hints`` maps a field name (last part of the dotted key) to advice
         added to the message when that field differs. ``recorded_identity``
         reads the identity out of a saved run config (default: its
@@ -152,6 +153,13 @@ class RunFolder:
             raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
         found = self.checkpoints()
         has_config = self.config_path.is_file()
+        if not has_config and self.out.is_dir():  # not a run folder: what it holds could be overwritten
+            others = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+            if others:
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise CheckpointError(f"--out {str(self.out)!r} holds other files ({shown}) and is not a run folder "
+                                      f"(no {CONFIG_NAME}); the run would write its own files there: choose a new or "
+                                      "empty folder (nothing was overwritten)")  # fmt: skip
         if has_config:
             try:
                 saved = self.read_config()

@@ -38,6 +38,19 @@ def is_model_dir(path: Path) -> bool:
         return False
 
 
+def _why_not_a_model(folder: Path) -> str:
+    """What keeps ``folder`` (a checkpoint of a training run) from being an IDM model folder, in words."""
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if missing:
+        return f"it lacks {' and '.join(missing)}; the checkpoint is damaged"
+    try:
+        config = load_json(folder / CONFIG_NAME)
+    except CheckpointError as err:
+        return f"{err}; the checkpoint is damaged"
+    kind = config.get("format") if isinstance(config, dict) else None
+    return f"its {CONFIG_NAME} is of format {kind!r}, not {MODEL_FORMAT!r} (is this a pretrain run?)"
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The IDM model folder meant by ``path``.
 
@@ -62,7 +75,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         if latest is None:
             raise CheckpointError(f"training folder {str(p)!r} has no checkpoint yet")
         if not is_model_dir(latest):
-            raise CheckpointError(f"the latest checkpoint {str(latest)!r} is not an IDM model folder (is this a pretrain run?)")
+            raise CheckpointError(f"the latest checkpoint {str(latest)!r} is not an IDM model folder: {_why_not_a_model(latest)}")
         return latest
     raise CheckpointError(
         f"{str(p)!r} is neither an IDM model folder (config.json + model.safetensors) "
