@@ -251,21 +251,23 @@ def _check_images(dataset: Dataset, operator: Any, channels: int, what: str) -> 
     return tuple(first.shape)
 
 
-def _center_crop(x: Tensor, hw: tuple[int, int]) -> Tensor:
-    h, w = hw
-    H, W = x.shape[-2:]
-    if H < h or W < w:
-        raise ValueError(f"validation image of size {H}x{W} is smaller than the training crop {h}x{w}")
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top : top + h, left : left + w]
-
-
 def _load_validation(val_dataset: Dataset, hw: tuple[int, int], limit: int) -> Tensor:
-    """Up to ``limit`` validation images, centre-cropped to ``hw``: ``(N, C, h, w)``."""
+    """Up to ``limit`` validation images, centre-cropped to ``hw``: ``(N, C, h, w)``; one smaller than ``hw`` is
+    an error naming it."""
+    from tasks.data import center_crop
+
     n = min(len(val_dataset), limit)
     if n == 0:
         raise ValueError("the validation dataset is empty")
-    return torch.stack([_center_crop(torch.as_tensor(val_dataset[i], dtype=torch.float32), hw) for i in range(n)])
+    name_of = getattr(val_dataset, "item_name", lambda i: f"number {i}")
+    images = []
+    for i in range(n):
+        x = torch.as_tensor(val_dataset[i], dtype=torch.float32)
+        if x.shape[-2] < hw[0] or x.shape[-1] < hw[1]:
+            raise ValueError(f"validation image {name_of(i)} is {x.shape[-2]}x{x.shape[-1]}, smaller than the training "
+                             f"crop {hw[0]}x{hw[1]}")  # fmt: skip
+        images.append(center_crop(x, hw))
+    return torch.stack(images)
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -240,6 +240,14 @@ def test_validation_cadence_without_validation_images(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_validation_image_smaller_than_the_crop_is_named(tmp_path, data, capsys):
+    small = write_images(tmp_path / "small", n=1, size=12)
+    out = tmp_path / "run"
+    err = _fails([*BASE, "--data", str(data), "--iters", "2", "--val-data", str(small), "--out", str(out)], capsys,
+                 "is 12x12, smaller than the training crop 16x16")  # fmt: skip
+    assert "validation image img00" in err and not out.exists()
+
+
 def test_unreadable_image(tmp_path, capsys):
     bad = write_images(tmp_path / "bad", n=2)
     (bad / "broken.png").write_bytes(b"\x89PNG not really")

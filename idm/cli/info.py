@@ -11,7 +11,12 @@ from idm.cli.common import add_common_args, resolve_device
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="show versions, devices and available operators")
+    parser = subparsers.add_parser(
+        "info",
+        help="show versions, devices and available operators",
+        description="Print the versions of idm and torch, the device and the precision --precision auto picks on it, "
+        "the registered operators, and the shipped (and $IDM_MODELS_DIR) models and priors.",
+    )
     add_common_args(parser, out_help="also write this information as JSON to this file", out_required=False)
     parser.set_defaults(run=run)
 

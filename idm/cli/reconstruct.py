@@ -135,6 +135,8 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
             path, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
         )
     except CheckpointError as err:
+        if flags and "operator" in str(err):  # a flag the operator refuses (--ratio 0) is the error, not the mismatch
+            task.check_operator_settings(img_size, **flags)
         if context and "does not match" in str(err):
             raise CheckpointError(f"{err}\n{context}") from None
         raise
