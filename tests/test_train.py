@@ -248,6 +248,16 @@ def test_a_validation_image_smaller_than_the_crop_is_named(tmp_path, data, capsy
     assert "validation image img00" in err and not out.exists()
 
 
+def test_the_toolkits_warnings_print_as_one_line(tmp_path, capsys):
+    """Images smaller than the crop are skipped with a warning: one line named after the command, no source line."""
+    images = write_images(tmp_path / "d", n=3)
+    (write_images(tmp_path / "s", n=1, size=12) / "img00.png").rename(images / "small.png")  # below the 16x16 crop
+    assert main([*BASE, "--data", str(images), "--iters", "1", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "idm train: warning: 1 of 4 images are smaller than the crop 16x16 and are skipped" in err, err
+    assert "UserWarning" not in err and "warnings.warn(" not in err
+
+
 def test_unreadable_image(tmp_path, capsys):
     bad = write_images(tmp_path / "bad", n=2)
     (bad / "broken.png").write_bytes(b"\x89PNG not really")

@@ -11,6 +11,7 @@ import argparse
 import random
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -180,9 +181,23 @@ def resolve_device(name: str) -> torch.device:
 def run_guarded(call: Callable[[], int | None], name: str) -> int:
     """``call()``'s exit status, with the toolkit's errors (``ValueError`` subclasses, ``OSError``: bad
     arguments, missing files, a device that is not there) printed as ``NAME: error: ...`` and status 2,
-    Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so."""
+    Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so.
+    The toolkit's own warnings (raised from this project's packages) print as one ``NAME: warning: ...`` line,
+    without Python's file and source line; other libraries' warnings print as Python prints them."""
+    root = Path(__file__).resolve().parents[2]  # where the idm, tasks, operators and benchmarks packages lie
+    ours = [root / package for package in ("idm", "tasks", "operators", "benchmarks")]
+    shown_by_python = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and any(Path(filename).resolve().is_relative_to(p) for p in ours):
+            print(f"{name}: warning: {message}", file=sys.stderr)
+        else:
+            shown_by_python(message, category, filename, lineno, file, line)
+
     try:
-        return int(call() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return int(call() or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
