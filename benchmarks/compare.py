@@ -9,14 +9,16 @@ bfloat16, or two checkpoints. For every method that both runs scored (or
 the table gives each run's mean PSNR and SSIM, the mean difference
 ``OTHER - BASE`` and the largest absolute difference on one image (and
 which image). Images that only one run scored are counted in the last
-column, not compared. Writes ``FOLDER/comparison.csv`` and
-``FOLDER/comparison.md`` and prints the table.
+column, not compared. Runs whose ``benchmark.json`` records another task,
+operator, protocol, image size or operator seeds are refused. Writes
+``FOLDER/comparison.csv`` and ``FOLDER/comparison.md`` and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -67,6 +69,25 @@ def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
     return scores
 
 
+#: What two runs must share, in their ``benchmark.json``, to be compared: the same problem, measured the same way.
+SAME_SETTINGS = ("task", "operator", "protocol", "resized_to", "operator_seeds")
+
+
+def check_same_problem(base: Path, other: Path) -> None:
+    """A ``ValueError`` naming the settings (:data:`SAME_SETTINGS`) in which the two runs' ``benchmark.json``
+    differ; runs without that record (older ones) are not checked."""
+    records = []
+    for folder in (base, other):
+        try:
+            records.append(json.loads((folder / "benchmark.json").read_text()))
+        except (OSError, ValueError):
+            return
+    differing = [key for key in SAME_SETTINGS if records[0].get(key) != records[1].get(key)]
+    if differing:
+        shown = "; ".join(f"{key}: {records[0].get(key)!r} against {records[1].get(key)!r}" for key in differing)
+        raise ValueError(f"{base} and {other} did not benchmark the same problem ({shown})")
+
+
 def _comparable(scores: dict[str, Score]) -> dict[str, Score]:
     return {image: s for image, s in scores.items() if math.isfinite(s.psnr) and math.isfinite(s.ssim)}
 
@@ -74,7 +95,8 @@ def _comparable(scores: dict[str, Score]) -> dict[str, Score]:
 def compare_runs(base: Path, other: Path, methods: Sequence[str] | None = None) -> list[dict]:
     """One row (:data:`FIELDS`) per method of the pair ``base``, ``other``; a ``ValueError`` when nothing is comparable."""
     first, second = read_scores(base), read_scores(other)
-    shared = [m for m in first if m in second] if methods is None else list(methods)
+    check_same_problem(base, other)
+    shared = [m for m in first if m in second] if methods is None else list(dict.fromkeys(methods))
     absent = [m for m in shared if m not in first or m not in second]
     if absent:
         raise ValueError(f"method(s) {', '.join(absent)} not scored in both {base} and {other} "
@@ -132,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [(Path(args.folders[i]), Path(args.folders[i + 1])) for i in range(0, len(args.folders), 2)]
     rows = [row for base, other in pairs for row in compare_runs(base, other, args.methods)]
     markdown = f"`{script_command('benchmarks.compare', argv)}`\n\n{markdown_table(rows)}\n"
-    write_csv_and_markdown(out, "comparison", rows, FIELDS, markdown)
+    rounded = [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+    write_csv_and_markdown(out, "comparison", rounded, FIELDS, markdown)
     return 0
 
 

@@ -25,8 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
-from idm.cli.common import check_size
-from tasks.data import resize_square
+from tasks.data import check_size, resize_square
 
 #: Columns of ``results.csv`` (``peak_mem_mb``, on CUDA only: the method's peak above what was allocated before
 #: its call, i.e. without the loaded models' weights).

@@ -122,18 +122,22 @@ def prior_name_warning(prior_name: str, checkpoint: str | os.PathLike, out: str 
 
     The model loads without its prior (its config holds the U-Net's architecture), but ``idm benchmark``'s
     DDNM and DPS baselines look the name up where :func:`idm.shipped.find_prior` does (``$IDM_MODELS_DIR``,
-    then the shipped priors): a name that finds nothing stops them, and one that finds a prior of another
-    architecture would silently run another prior than the model's.
+    then the shipped priors): a name that finds nothing stops them, one that finds another folder than the
+    prior exported beside the model (a shipped prior of that name) is not that prior, and one that finds a
+    prior of another architecture than the model's own is surely another prior. (A prior of the same
+    architecture with other weights cannot be told apart from the model's.)
     """
     from idm.shipped import MODELS_ENV, find_prior
 
     trained_on = load_json(resolve_model_dir(checkpoint) / CONFIG_NAME, "IDM config")["idm"]["unet"]
     found = find_prior(prior_name)
+    beside = Path(out).parent / prior_name
+    if (beside / CONFIG_NAME).is_file() and (found is None or found.resolve() != beside.resolve()):
+        now = f"finds {found}" if found is not None else "finds nothing"
+        return f"the name {prior_name!r} {now}, not the prior {beside} beside the model: set {MODELS_ENV}={Path(out).parent}"
     if found is None:
-        beside = Path(out).parent / prior_name
-        fix = (f"set {MODELS_ENV}={Path(out).parent}, which holds it" if (beside / CONFIG_NAME).is_file()
-               else f"export the prior as DIR/{prior_name} (idm export --checkpoint PRETRAIN_RUN) and set {MODELS_ENV}=DIR")  # fmt: skip
-        return f"no prior named {prior_name!r} is in ${MODELS_ENV} or shipped, so idm benchmark's ddnm/dps cannot find it: {fix}"
+        return (f"no prior named {prior_name!r} is in ${MODELS_ENV} or shipped, so idm benchmark's ddnm/dps cannot find "
+                f"it: export the prior as DIR/{prior_name} (idm export --checkpoint PRETRAIN_RUN) and set {MODELS_ENV}=DIR")  # fmt: skip
     original = Path(trained_on)
     if original.is_dir() and _architecture(original) is not None and _architecture(found) != _architecture(original):
         return (f"the prior named {prior_name!r} is {found}, whose architecture differs from that of the prior this model "

@@ -341,7 +341,7 @@ def pretrain(
         "training": config.identity(),
         "data": {"items": len(dataset), "shape": list(first.shape)},
     }
-    folder = RunFolder(out, RUN_FORMAT)
+    folder = RunFolder(out, RUN_FORMAT, outputs=(PRIOR_DIR,))
     ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS)
 
     device = distributed.setup(env, device)

@@ -63,7 +63,7 @@ __all__ = [
     "FORMAT", "SINOGRAM_FORMAT", "VERSION", "MeasurementFileError", "Measurement", "MeasurementSet",
     "OperatorCache", "save_measurements", "load_measurements", "Sinogram", "sidecar_path", "save_sinogram",
     "load_sinogram", "looks_like_sinogram", "ct_width_for_detectors", "atomic_write", "describe_operator", "unique_names",
-    "check_item_name",
+    "check_item_name", "check_replaceable",
 ]  # fmt: skip
 
 FORMAT = "idm-measurements"
@@ -504,6 +504,8 @@ def check_replaceable(path: PathLike) -> None:
         return
     if path.is_dir():
         raise MeasurementFileError(f"--out {path} is a folder: give the measurement file to write (F.npz or F.npy)")
+    if path.is_file() and path.stat().st_size == 0 and not (side is not None and side.exists()):
+        return  # an empty file (mktemp's): nothing to lose
     ours = False
     try:
         if side is not None:
@@ -556,12 +558,14 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
     data = _float_array(arr if arr.dtype.kind == "f" else arr.astype(np.float32), "the sinogram", path)
     if data.ndim == 2:
         data = data[None]
-    for index, sinogram in enumerate(data):  # line integrals of a non-negative image: some must be positive
-        if not (sinogram > 0).any():
+    # line integrals of a non-negative image: never all negative (a slice of air, in a volume, is all zeros)
+    if not data.any():
+        raise MeasurementFileError(f"{path}: the sinogram{'s are' if len(data) > 1 else ' is'} all zeros: nothing was measured")
+    for index, sinogram in enumerate(data):
+        if sinogram.any() and not (sinogram > 0).any():
             which = f"sinogram {index} of {len(data)}" if len(data) > 1 else "the sinogram"
-            state = "all zeros" if not sinogram.any() else f"nowhere positive (largest value {sinogram.max():g}; negated?)"
-            raise MeasurementFileError(f"{path}: {which} is {state}: a CT sinogram holds line integrals of a "
-                                       "non-negative image")  # fmt: skip
+            raise MeasurementFileError(f"{path}: {which} is nowhere positive (largest value {sinogram.max():g}; negated?): "
+                                       "a CT sinogram holds line integrals of a non-negative image")  # fmt: skip
     info = _read_sidecar(path)
     count = data.shape[0]
     names = [f"{path.stem}_s{i}" for i in range(count)] if count > 1 else [path.stem]

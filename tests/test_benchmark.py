@@ -878,6 +878,9 @@ def test_compare_scores_runs_image_by_image(tmp_path, capsys):
         (lambda t: _results_csv(t / "a", [("pinv", "x", 20, 0.5, "ok")]), ["a", "b"], "have no method in common"),
         (lambda t: _results_csv(t / "a", [("idm", "y", 20, 0.5, "ok")]), ["a", "b"], "scored no image in common with idm"),
         (lambda t: _results_csv(t / "a", [("idm", "x", 20, 0.5, "ok")]), ["a", "b", "--methods", "tv"], "method(s) tv not scored in both"),
+        (lambda t: [(_results_csv(t / "a", [("idm", "x", 20, 0.5, "ok")]) / "benchmark.json").write_text('{"task": {"name": "cs"}, "operator": {"ratio": 0.1}}'),
+                    (t / "b" / "benchmark.json").write_text('{"task": {"name": "cs"}, "operator": {"ratio": 0.3}}')],
+         ["a", "b"], "did not benchmark the same problem (operator: {'ratio': 0.1} against {'ratio': 0.3})"),
     ],
 )
 def test_compare_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, make, argv, message):

@@ -90,6 +90,14 @@ def test_a_prior_name_that_finds_no_prior_or_another_one_is_warned_about(runs, t
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_pretrain_run_given_as_an_idm_model_says_it_is_a_prior(runs):
+    from idm.train import resolve_model_dir
+
+    prior_run, _ = runs
+    with pytest.raises(CheckpointError, match="is an `idm pretrain` run, a diffusion prior, not an IDM model: pass it as --prior"):
+        resolve_model_dir(prior_run)
+
+
 def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkeypatch, capsys):
     from diffusers import UNet2DModel
 

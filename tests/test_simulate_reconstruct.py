@@ -269,7 +269,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
         (rec + ["--checkpoint", str(models / "inpainting")], "task: trained for 'inpainting', requested 'cs'"),
         (rec + ["--checkpoint", str(models / "cs-phi5")], "operator phi_seed: trained with 5, requested 0"),
         (rec + ["--checkpoint", str(models / "cs"), "--ratio", "0.5"], "was measured with ratio=0.25; --ratio 0.5 does not match"),
-        (rec + ["--checkpoint", str(models / "cs"), "--views", "60"], "the cs operator, which has no views setting: --views does not apply"),
+        (rec + ["--checkpoint", str(models / "cs"), "--views", "60"], "which records no views: --views does not apply to it"),
         (rec + ["--checkpoint", str(models / "cs"), "--task", "inpainting"], "holds measurements of task 'cs', not 'inpainting'"),
         (["reconstruct", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images"), "--checkpoint",
           str(models / "cs"), "--device", "cpu", "--out", str(files / "images")], "would overwrite the input files"),
@@ -506,7 +506,9 @@ def test_a_model_trained_with_a_mask_file_serves_that_file(files, tmp_path, caps
     model = _model(tmp_path / "models", "inp-file", "inpainting", 3, config)
     argv = ["reconstruct", "--task", "inpainting", "--input", str(files / "images" / "a.png"), "--checkpoint", str(model),
             "--device", "cpu", "--mask"]  # fmt: skip
-    assert main([*argv, str(tmp_path / "mask.png"), "--out", str(tmp_path / "same")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "mask.png", tmp_path / "elsewhere" / "copy.png")
+    assert main([*argv, str(tmp_path / "elsewhere" / "copy.png"), "--out", str(tmp_path / "same")]) == 0
     assert main([*argv, str(tmp_path / "other.png"), "--out", str(tmp_path / "other")]) == 2
     assert "operator mask: trained with a 32x32 mask array" in _error(capsys)
 
@@ -521,7 +523,8 @@ def test_simulate_replaces_only_its_own_measurement_files(files, tmp_path, capsy
         assert main([*argv, str(tmp_path / name)]) == 2
         assert f"{name} exists and was not written by idm simulate" in _error(capsys)
         assert (tmp_path / name).read_bytes() == before
-    for name in ("ours.npz", "ours.npy"):
+    (tmp_path / "empty.npz").write_bytes(b"")  # mktemp's: nothing to lose
+    for name in ("ours.npz", "ours.npy", "empty.npz"):
         assert main([*argv, str(tmp_path / name)]) == 0
         assert main([*argv, str(tmp_path / name)]) == 0, name  # a rerun replaces its own file
 
@@ -585,6 +588,14 @@ def test_ct_inputs_resized_dicom_found_and_implausible_values_refused(files, tmp
     assert main(["simulate", "--task", "ct", "--input", str(tmp_path / "unit.npy"), "--device", "cpu",
                  "--out", str(tmp_path / "u.npy")]) == 2  # fmt: skip
     assert "looks like an image scaled to [0, 1]; convert it to HU first" in _error(capsys)
+    # a volume whose last slice is all air: its sinogram is exactly zero, and the volume reconstructs
+    volume = np.stack([np.load(files / "ct" / "slice.npy"), np.full((32, 32), -1024, np.int16)])
+    np.save(tmp_path / "volume.npy", volume)
+    assert main(["simulate", "--task", "ct", "--views", "20", "--input", str(tmp_path / "volume.npy"), "--device", "cpu",
+                 "--out", str(tmp_path / "volume_sino.npy")]) == 0  # fmt: skip
+    assert not np.load(tmp_path / "volume_sino.npy")[1].any()
+    assert main(["reconstruct", "--input", str(tmp_path / "volume_sino.npy"), "--checkpoint", str(models / "ct20"),
+                 "--device", "cpu", "--out", str(tmp_path / "volume")]) == 0  # fmt: skip
     rng = np.random.default_rng(0)
     np.save(tmp_path / "zero.npy", np.zeros((46, 20), np.float32))
     np.save(tmp_path / "negated.npy", -rng.random((46, 20)).astype(np.float32))

@@ -346,22 +346,29 @@ def test_existing_run_without_resume_is_refused(base_run, tmp_path, data, capsys
     assert snapshot(out) == before
 
 
-def test_a_folder_of_other_files_is_not_a_run_folder(tmp_path, data, capsys):
-    """--out holding files of its own (a log.csv of the user's, the training images) is refused: the run would
-    write its config.json, log.csv and checkpoints/ there. An empty folder, or one of dot-files, is fine."""
+def test_an_out_folder_that_is_no_run_folder_keeps_its_files(base_run, tmp_path, data, capsys):
+    """--out may hold files of its own (a log of the job that runs idm train), never the names a run writes
+    (a log.csv of the user's) unless it is a run folder; it may not be the data folder. A run folder that lost
+    its config.json still resumes from its checkpoints."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "log.csv").write_text("my,important,log\n")
     before = snapshot(mine)
     _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(mine)], capsys,
-           "holds other files (log.csv) and is not a run folder (no config.json)")  # fmt: skip
+           "is not a run folder (no config.json, no checkpoint), but holds log.csv, which the run would overwrite")  # fmt: skip
     assert snapshot(mine) == before
     images = snapshot(data)
-    _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(data)], capsys, "and is not a run folder")
+    _fails([*BASE, "--data", str(data), "--iters", "2", "--out", str(data)], capsys, "is the data folder")
     assert snapshot(data) == images
-    (tmp_path / "dots").mkdir()
-    (tmp_path / "dots" / ".gitkeep").write_text("")
-    assert main([*BASE, "--data", str(data), "--iters", "1", "--checkpoint-every", "1", "--out", str(tmp_path / "dots")]) == 0
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "train.log").write_text("started\n")  # idm train ... 2> job/train.log
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--checkpoint-every", "1", "--out", str(job)]) == 0
+    assert (job / "train.log").read_text() == "started\n" and (job / "config.json").is_file()
+    lost = copy_run(base_run, tmp_path)
+    (lost / "config.json").unlink()
+    assert main([*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "1", "--out", str(lost), "--resume"]) == 0
+    assert (lost / "checkpoints" / "iter_0000003").is_dir()
 
 
 def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys):

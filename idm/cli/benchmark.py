@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
             warning = trained.size_warning(size)
             if warning:
-                print(warning, file=sys.stderr)
+                warnings.warn(warning, stacklevel=1)
     dps = next((m for m in methods if m.name == "dps"), None)
     tv = next((m for m in methods if m.name == "tv"), None)
     if dps is not None:

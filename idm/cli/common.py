@@ -72,16 +72,6 @@ def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") ->
                         f"CPUs with AVX512-BF16 or AMX), else fp32 (default: {default})")
 
 
-#: The smallest ``--size``: SSIM's 7x7 window must fit in the image.
-MIN_IMAGE_SIZE = 7
-
-
-def check_size(size: int | None) -> None:
-    """A ``ValueError`` unless ``size`` (``--size``) is ``None`` or at least :data:`MIN_IMAGE_SIZE`."""
-    if size is not None and size < MIN_IMAGE_SIZE:
-        raise ValueError(f"--size must be at least {MIN_IMAGE_SIZE} (SSIM's 7x7 window), got {size}")
-
-
 def add_size_arg(parser: argparse.ArgumentParser, what: str = "image") -> None:
     """``--size S``: resize every square input image to ``S x S`` before it is measured (``idm simulate``,
     ``idm reconstruct``, ``idm benchmark``; :func:`tasks.data.resize_square`)."""
@@ -222,6 +212,16 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
     return task
+
+
+def check_out_is_not_data(out: str, *data: str | None) -> None:
+    """A ``ValueError`` when a training ``--out`` is one of the data folders (``--data``, ``--val-data``): the run's
+    files would land among the images (and be read as data by the next run)."""
+    target = Path(out).resolve()
+    for folder in (d for d in data if d):
+        if Path(folder).resolve() == target:
+            raise ValueError(f"--out {out} is the data folder {folder}: the run's files would land among its images; "
+                             "choose another folder")  # fmt: skip
 
 
 def dicom_only(path: Path) -> bool:

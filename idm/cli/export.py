@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import warnings
 from pathlib import Path
 
 from idm.cli.common import add_common_args, resolve_device
@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
                            final_projection=args.final_projection)
         warning = prior_name_warning(args.prior_name, source, out) if args.prior_name is not None else None
         if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+            warnings.warn(warning, stacklevel=1)
     print(f"idm export: {out} ({weights_megabytes(out):.1f} MiB of weights)")
     return 0

@@ -10,7 +10,14 @@ import argparse
 import time
 
 from idm.hardware import hardware_name
-from idm.cli.common import add_common_args, add_run_control_args, command_line, resolve_device, seed_everything
+from idm.cli.common import (
+    add_common_args,
+    add_run_control_args,
+    check_out_is_not_data,
+    command_line,
+    resolve_device,
+    seed_everything,
+)
 
 DATA_KINDS = ("images", "mat", "ct")
 
@@ -80,6 +87,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--color {color} does not give {args.channels} channel(s)")
     if args.crop < 1:
         raise ValueError(f"--crop must be positive, got {args.crop}")
+    check_out_is_not_data(args.out, *args.data)
     arch = PriorArchitecture(
         channels=args.channels,
         width=args.width,

@@ -53,6 +53,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -116,7 +117,8 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
     ``expect``: the operator settings the checkpoint must have been trained with
     (``load_trained``'s ``expect_operator``); ``context`` is added to its error.
     ``flags`` (the user's operator flags) and ``img_size`` (the first input's): when no shipped model
-    serves the request, the operator's own check of the flags runs first (a bad flag is then the error).
+    serves the request, or the checkpoint's operator does not match it, the operator's own check of the
+    flags runs first (a bad flag, such as ``--ratio 0``, is then the error).
     The model is prepared for inference in ``precision`` (:mod:`idm.precision`).
     """
     from idm.checkpoint import CheckpointError
@@ -135,7 +137,7 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
             path, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
         )
     except CheckpointError as err:
-        if flags and "operator" in str(err):  # a flag the operator refuses (--ratio 0) is the error, not the mismatch
+        if flags and "operator" in str(err):  # an operator mismatch: a flag the operator refuses is the error
             task.check_operator_settings(img_size, **flags)
         if context and "does not match" in str(err):
             raise CheckpointError(f"{err}\n{context}") from None
@@ -201,7 +203,7 @@ def reconstruct_items(
         warning = trained.size_warning(tuple(item.image_size)) if task.size_bound else None
         if warning and tuple(item.image_size) not in warned:
             warned.add(tuple(item.image_size))
-            print(warning, file=sys.stderr)
+            warnings.warn(warning, stacklevel=1)
         x_hat, seconds = reconstruct_one(model, item, op, device, seed + i)
         save_image(_display(task, x_hat), out / f"{item.name}.png")
         np.save(out / f"{item.name}.npy", x_hat[0].numpy().astype(np.float32), allow_pickle=False)
@@ -281,8 +283,10 @@ def _check_flags_against(overrides: dict[str, Any], config: dict[str, Any], wher
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         if key not in config:
-            raise ValueError(f"{where} was measured with the {config.get('name', 'recorded')} operator, which has no "
-                             f"{key} setting: {flag} does not apply to it")  # fmt: skip
+            from tasks.measurements import describe_operator
+
+            raise ValueError(f"{where} was measured with the {describe_operator(config)}, which records no {key}: "
+                             f"{flag} does not apply to it (the operator comes from the file)")  # fmt: skip
         have = config[key]
         if not same_setting(have, value):
             raise ValueError(
@@ -415,7 +419,8 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
         trained_views = (trained.operator or {}).get("views")
         if trained_views is not None and trained_views != views:
             raise ValueError(
-                f"{path}: the sinogram has {views} views, but checkpoint {trained.path} was trained for {trained_views} views{swap}"
+                f"{path}: the sinogram has {views} views, but checkpoint {trained.path} was trained for {trained_views} views"
+                + (swap if trained_views == detectors else "")
             )
         if trained.operator:
             config = {**trained.operator, **overrides, "img_size": [width, width]}
@@ -476,11 +481,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
             if unused:
                 print(f"note: {path.name} has its own k-space mask, used as is; {' and '.join(unused)} do not apply to it", file=sys.stderr)
             if trained_acc is not None and abs(op.acceleration / float(trained_acc) - 1) > 0.25:
-                print(
-                    f"warning: {path.name}'s mask samples 1/{op.acceleration:.2f} of k-space; the checkpoint was trained "
-                    f"for acceleration {trained_acc}",
-                    file=sys.stderr,
-                )
+                warnings.warn(f"{path.name}'s mask samples 1/{op.acceleration:.2f} of k-space; the checkpoint was trained "
+                              f"for acceleration {trained_acc}", stacklevel=1)  # fmt: skip
         else:
             op = plan.operator(f_index, (height, width))
             columns = op.mask[0]

@@ -40,7 +40,6 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_size_arg,
-    check_size,
     command_line,
     operator_overrides,
     resolve_device,
@@ -145,6 +144,7 @@ class InputImages:
 def load_images(task: Any, path: str | Path, limit: int | None = None, size: int | None = None) -> tuple[list[str], InputImages]:
     """``(names, images)`` of the task's images under ``path`` (first ``limit``, resized to ``size`` if given);
     names are made unique."""
+    from tasks.data import check_size
     from tasks.measurements import unique_names
 
     check_size(size)

@@ -16,6 +16,7 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_run_control_args,
+    check_out_is_not_data,
     command_line,
     operator_overrides,
     positive_int,
@@ -190,6 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
     if block and crop < block:  # the operator would then measure a whole crop as one padded block
         raise ValueError(f"--crop {crop} is smaller than one {block}x{block} block of the cs operator: "
                          f"train on crops of at least {block}x{block} pixels")  # fmt: skip
+    check_out_is_not_data(args.out, *args.data, *(args.val_data or []))
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
     if not args.val_data and args.val_every:
         raise ValueError("--val-every sets how often to validate on --val-data, which is not given")

@@ -87,11 +87,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 class RunFolder:
-    """Files of one run in ``out`` (see the module docstring). ``kind`` names the trainer."""
+    """Files of one run in ``out`` (see the module docstring). ``kind`` names the trainer; ``outputs`` names what
+    else it writes into ``out`` (``idm pretrain``: its exported ``prior/``)."""
 
-    def __init__(self, out: str | os.PathLike, kind: str):
+    def __init__(self, out: str | os.PathLike, kind: str, outputs: tuple[str, ...] = ()):
         self.out = Path(out)
         self.kind = kind
+        self.outputs = tuple(outputs)
+
+    @property
+    def written_names(self) -> tuple[str, ...]:
+        """The names the run writes into ``out``: a folder that is no run folder must not hold them."""
+        return (CONFIG_NAME, LOG_NAME, CHECKPOINTS, *self.outputs)
 
     @property
     def config_path(self) -> Path:
@@ -143,7 +150,8 @@ class RunFolder:
         Writes nothing. Raises :class:`CheckpointError` when ``out`` holds
         checkpoints and ``resume`` is false, when a resumed run's identity
         differs from ``identity``, or when ``out`` is not a run folder of this
-        kind (another config, or other files and no config).
+        kind (another config, or no config and no checkpoint but files of
+        the names a run writes: :attr:`written_names`).
         ``hints`` maps a field name (last part of the dotted key) to advice
         added to the message when that field differs. ``recorded_identity``
         reads the identity out of a saved run config (default: its
@@ -153,13 +161,12 @@ class RunFolder:
             raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
         found = self.checkpoints()
         has_config = self.config_path.is_file()
-        if not has_config and self.out.is_dir():  # not a run folder: what it holds could be overwritten
-            others = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
-            if others:
-                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-                raise CheckpointError(f"--out {str(self.out)!r} holds other files ({shown}) and is not a run folder "
-                                      f"(no {CONFIG_NAME}); the run would write its own files there: choose a new or "
-                                      "empty folder (nothing was overwritten)")  # fmt: skip
+        if not has_config and not found:  # not a run folder: the names the run writes must be free
+            taken = sorted(name for name in self.written_names if (self.out / name).exists())
+            if taken:
+                raise CheckpointError(f"--out {str(self.out)!r} is not a run folder (no {CONFIG_NAME}, no checkpoint), "
+                                      f"but holds {', '.join(taken)}, which the run would overwrite: choose another "
+                                      "folder (nothing was overwritten)")  # fmt: skip
         if has_config:
             try:
                 saved = self.read_config()

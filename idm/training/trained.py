@@ -48,7 +48,7 @@ def _why_not_a_model(folder: Path) -> str:
     except CheckpointError as err:
         return f"{err}; the checkpoint is damaged"
     kind = config.get("format") if isinstance(config, dict) else None
-    return f"its {CONFIG_NAME} is of format {kind!r}, not {MODEL_FORMAT!r} (is this a pretrain run?)"
+    return f"its {CONFIG_NAME} is of format {kind!r}, not {MODEL_FORMAT!r}"
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -70,6 +70,11 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist, nor is it the name of a shipped model (`idm info` lists them)")
     if p.is_dir() and is_model_dir(p):
         return p
+    from idm.pretrain import is_pretrain_run
+
+    if p.is_dir() and is_pretrain_run(p):
+        raise CheckpointError(f"{str(p)!r} is an `idm pretrain` run, a diffusion prior, not an IDM model: pass it as "
+                              "--prior (idm train, idm benchmark)")  # fmt: skip
     if p.is_dir() and (p / "checkpoints").is_dir():
         latest = RunFolder(p, RUN_FORMAT).latest()
         if latest is None:
@@ -162,7 +167,7 @@ class TrainedModel:
         if trained is None or tuple(img_size) == trained:
             return None
         return (
-            f"warning: {self.path} was trained on {trained[0]}x{trained[1]} images, these are "
+            f"{self.path} was trained on {trained[0]}x{trained[1]} images, these are "
             f"{img_size[0]}x{img_size[1]}; its {self.task or 'task'} model is tied to its training size and may "
             f"do worse than the pseudo-inverse here. Resize the images to {trained[0]}x{trained[1]} (--size {trained[0]} "
             f"in idm simulate, idm reconstruct and idm benchmark) or train at this size."

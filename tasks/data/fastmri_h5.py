@@ -94,7 +94,9 @@ def _reference_images(ds: h5py.Dataset, kspace_shape: tuple[int, ...], p: Path) 
         raise DataError(f"{p}: reconstruction_esc must be real images (slices, h, w), got dtype {ds.dtype} of shape {ds.shape}")
     if ds.shape[0] != kspace_shape[0]:
         raise DataError(f"{p}: reconstruction_esc has {ds.shape[0]} slices, kspace {kspace_shape[0]}")
-    if ds.shape[1] > kspace_shape[1] or ds.shape[2] > kspace_shape[2] or 0 in ds.shape:
+    if 0 in ds.shape:
+        raise DataError(f"{p}: reconstruction_esc is empty (shape {ds.shape})")
+    if ds.shape[1] > kspace_shape[1] or ds.shape[2] > kspace_shape[2]:
         raise DataError(f"{p}: reconstruction_esc images are {ds.shape[1]}x{ds.shape[2]}; they must fit in the "
                         f"{kspace_shape[1]}x{kspace_shape[2]} k-space image, from which they are cropped")  # fmt: skip
     images = np.ascontiguousarray(ds[()], dtype=np.float32)

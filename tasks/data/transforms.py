@@ -96,6 +96,16 @@ def center_crop(x: torch.Tensor, size: Size) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
+#: The smallest ``--size`` of a resized image: SSIM's 7x7 window must fit in it.
+MIN_IMAGE_SIZE = 7
+
+
+def check_size(size: int | None) -> None:
+    """A :class:`DataError` unless ``size`` (``--size``) is ``None`` or at least :data:`MIN_IMAGE_SIZE`."""
+    if size is not None and size < MIN_IMAGE_SIZE:
+        raise DataError(f"--size must be at least {MIN_IMAGE_SIZE} (SSIM's 7x7 window), got {size}")
+
+
 def resize_square(x: torch.Tensor, size: int, name: str = "the image") -> torch.Tensor:
     """``x`` ``(C, H, W)`` in [0, 1] with ``H == W`` resized to ``(C, size, size)`` (bilinear, anti-aliased, clamped to [0, 1]).
 
