@@ -551,6 +551,13 @@ def test_fastmri_files_are_checked_when_opened(files, tmp_path, capsys):
         assert main(["reconstruct", "--input", str(tmp_path / name), "--checkpoint", str(files / "models" / "mri"),
                      "--device", "cpu", "--out", str(out)]) == 2, name  # fmt: skip
         assert f"{name}: {message}" in _error(capsys) and not out.exists(), name
+    # in a folder, every file is checked before the first is reconstructed
+    (tmp_path / "folder").mkdir()
+    shutil.copy(files / "mri" / "full.h5", tmp_path / "folder" / "a.h5")
+    shutil.copy(files / "multicoil.h5", tmp_path / "folder" / "z.h5")
+    assert main(["reconstruct", "--input", str(tmp_path / "folder"), "--checkpoint", str(files / "models" / "mri"),
+                 "--device", "cpu", "--out", str(tmp_path / "out-folder")]) == 2  # fmt: skip
+    assert "z.h5: kspace has shape" in _error(capsys) and not (tmp_path / "out-folder").exists()
     # an impossible operator flag is named as such, also where no model serves it (the k-space gives the size)
     assert main(["reconstruct", "--input", str(files / "mri" / "full.h5"), "--acceleration", "0.5", "--device", "cpu",
                  "--out", str(tmp_path / "acc")]) == 2  # fmt: skip

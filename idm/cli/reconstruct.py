@@ -450,7 +450,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     from idm import __version__
     from idm.metrics import psnr, ssim
     from tasks import mri_files
-    from tasks.data import center_crop, kspace_image_size, load_fastmri_slices
+    from tasks.data import center_crop, check_single_coil, load_fastmri_slices
     from tasks.measurements import Measurement
 
     task = get_task(args.task or "mri")
@@ -459,7 +459,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     source = Path(args.input)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in MRI_FILE_SUFFIXES)
     check_limit(args.limit)
-    overrides, trained = _model_for_flags(args, task, device, img_size=kspace_image_size(files[0]) if files else None)
+    shapes = [check_single_coil(path) for path in files]  # every file, before the first is reconstructed
+    overrides, trained = _model_for_flags(args, task, device, img_size=shapes[0][1:] if shapes else None)
     model = trained.model.to(device)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     trained_acc = (trained.operator or {}).get("acceleration")

@@ -20,7 +20,7 @@ from .ct_slices import (
 )
 from .datasets import ConcatSlices, CTSliceDataset, grayscale_dataset, ImageFolderDataset, MatFolderDataset, holds_mat_files
 from .errors import DataError
-from .fastmri_h5 import FastMRISlices, kspace_image_size, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes
+from .fastmri_h5 import FastMRISlices, check_single_coil, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes
 from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, list_images, read_image, rgb_to_y
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import (
@@ -45,7 +45,7 @@ __all__ = [
     # matlab
     "MAT_EXTENSIONS", "load_mat", "mat_array_shape",
     # fastMRI
-    "FastMRISlices", "kspace_image_size", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
+    "FastMRISlices", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
     # CT
     "HU_MIN", "DEFAULT_HU_WINDOW", "SOFT_TISSUE_WINDOW", "CT_EXTENSIONS", "hu_window", "inverse_hu_window",
     "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "tiff_units_of", "ct_num_slices", "read_ct_slice",

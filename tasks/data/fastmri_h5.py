@@ -25,7 +25,7 @@ import torch
 
 from .errors import DataError, check_file
 
-__all__ = ["FastMRISlices", "kspace_image_size", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
+__all__ = ["FastMRISlices", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -105,17 +105,40 @@ def _reference_images(ds: h5py.Dataset, kspace_shape: tuple[int, ...], p: Path) 
     return torch.from_numpy(images)
 
 
-def kspace_image_size(path: PathLike) -> Optional[tuple[int, int]]:
-    """``(H, W)`` of a single-coil file's ``kspace`` ``(slices, H, W)``, read from its header without loading it;
-    ``None`` where the file cannot tell (:func:`load_fastmri_slices` then says why)."""
+def _open_single_coil(p: Path) -> h5py.File:
+    """``p`` opened for reading, its ``kspace`` (and ``reconstruction_esc``, ``mask``, where present) checked to be
+    datasets and k-space to be single-coil complex ``(slices, H, W)``; a :class:`DataError` naming ``p`` otherwise.
+    The caller closes the file."""
     try:
-        with h5py.File(path, "r") as f:
-            ds = f.get("kspace")
-            if isinstance(ds, h5py.Dataset) and ds.ndim == 3:
-                return int(ds.shape[1]), int(ds.shape[2])
-    except Exception:  # noqa: BLE001 -- the loader that follows reports it
-        pass
-    return None
+        f = h5py.File(p, "r")
+    except Exception as exc:
+        raise DataError(f"{p}: not a readable HDF5 file ({exc})") from exc
+    try:
+        if "kspace" not in f:
+            raise DataError(f"{p}: no 'kspace' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})")
+        for name in ("kspace", "reconstruction_esc", "mask"):
+            if name in f and not isinstance(f[name], h5py.Dataset):
+                raise DataError(f"{p}: '{name}' is an HDF5 {type(f[name]).__name__.lower()}, not a dataset")
+        ds = f["kspace"]
+        if ds.dtype.kind != "c":  # before the shape: (S, H, W, 2) real pairs are not multi-coil data
+            raise DataError(f"{p}: kspace must be complex (fastMRI stores complex64), got dtype {ds.dtype} of shape {ds.shape}")
+        if ds.ndim == 4:
+            raise DataError(f"{p}: kspace has shape {ds.shape} (slices, coils, H, W): "
+                            "multi-coil data is not supported yet (single-coil only)")  # fmt: skip
+        if ds.ndim != 3 or 0 in ds.shape:
+            raise DataError(f"{p}: kspace must have shape (slices, H, W) with no empty axis, got {ds.shape}")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_single_coil(path: PathLike) -> tuple[int, int, int]:
+    """``(slices, H, W)`` of a fastMRI single-coil file's k-space, read from its header without loading it; the
+    :class:`DataError` of :func:`load_fastmri_slices` for a file it would refuse so (no k-space, multi-coil, ...).
+    For checking every file of a folder before the first is reconstructed."""
+    with _open_single_coil(check_file(path)) as f:
+        return tuple(int(n) for n in f["kspace"].shape)
 
 
 def load_fastmri_slices(path: PathLike) -> FastMRISlices:
@@ -132,28 +155,8 @@ def load_fastmri_slices(path: PathLike) -> FastMRISlices:
     ``mask`` does not hold numbers.
     """
     p = check_file(path)
-    try:
-        f = h5py.File(p, "r")
-    except Exception as exc:
-        raise DataError(f"{p}: not a readable HDF5 file ({exc})") from exc
-    with f:
-        if "kspace" not in f:
-            raise DataError(
-                f"{p}: no 'kspace' dataset (found: {', '.join(sorted(f.keys())) or 'nothing'})"
-            )
-        for name in ("kspace", "reconstruction_esc", "mask"):
-            if name in f and not isinstance(f[name], h5py.Dataset):
-                raise DataError(f"{p}: '{name}' is an HDF5 {type(f[name]).__name__.lower()}, not a dataset")
+    with _open_single_coil(p) as f:
         ds = f["kspace"]
-        if ds.dtype.kind != "c":  # before the shape: (S, H, W, 2) real pairs are not multi-coil data
-            raise DataError(f"{p}: kspace must be complex (fastMRI stores complex64), got dtype {ds.dtype} of shape {ds.shape}")
-        if ds.ndim == 4:
-            raise DataError(
-                f"{p}: kspace has shape {ds.shape} (slices, coils, H, W): "
-                "multi-coil data is not supported yet (single-coil only)"
-            )
-        if ds.ndim != 3 or 0 in ds.shape:
-            raise DataError(f"{p}: kspace must have shape (slices, H, W) with no empty axis, got {ds.shape}")
         try:
             kspace = torch.from_numpy(np.ascontiguousarray(ds[()], dtype=np.complex64))
             recon = None
