@@ -189,6 +189,11 @@ def run_demo(out: str | Path, device: torch.device, seed: int = 0, progress: boo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the demo writes a folder")
+    own = {case.label for case in DEMO_CASES} | {"demo.png", "demo.md"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith(".")) if out.is_dir() else []
+    if others:  # an earlier demo's folder (also one stopped part-way) is written again; a folder of your own is not
+        raise ValueError(f"--out {out} holds files the demo does not write ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}): give a new or empty folder, or an earlier demo's")  # fmt: skip
     rows: list[dict[str, Any]] = []
     grids: list[Path] = []
     skipped = []

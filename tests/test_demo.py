@@ -82,6 +82,18 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"idm demo: error: --out {tmp_path / 'afile'} is a file; the demo writes a folder"
 
 
+def test_demo_refuses_a_folder_of_other_files_and_takes_an_earlier_demos(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["demo", "--device", "cpu", "--out", str(mine), "--no-progress"]) == 2
+    assert "holds files the demo does not write (notes.txt)" in capsys.readouterr().err
+    earlier = tmp_path / "earlier"
+    (earlier / "cs-10").mkdir(parents=True)  # a demo stopped part-way: the folder check passes (no model is shipped here)
+    assert main(["demo", "--device", "cpu", "--out", str(earlier), "--no-progress"]) == 2
+    assert "no shipped model is installed" in capsys.readouterr().err
+
+
 @pytest.mark.shipped
 def test_the_shipped_models_load_and_serve_their_settings():
     from idm.shipped import find_shipped, shipped_models
