@@ -447,10 +447,16 @@ class IDM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "IDM":
-        """Load a model written by :meth:`save_pretrained`; clear errors for anything else."""
-        directory = Path(directory)
+        """Load a model written by :meth:`save_pretrained` (or a shipped model, by its name: ``"cs-10"``); clear
+        errors for anything else. The model comes in training mode, as built: :meth:`for_inference` prepares it
+        for reconstruction (eval mode, no gradients). :func:`idm.train.load_trained` also reads the task and
+        operator a training checkpoint recorded, and checks them."""
+        from idm.shipped import model_path
+
+        directory = Path(model_path(str(directory)))
         if not directory.is_dir():
-            raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist")
+            raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist, nor is it the name of a shipped "
+                                  "model (`idm info` lists them)")  # fmt: skip
         try:
             model = cls.from_config_dict(load_json(directory / CONFIG_NAME, "IDM config"), init_weights=False)
         except CheckpointError as err:

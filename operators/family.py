@@ -268,9 +268,31 @@ def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -
     equal) or a family config (some component must cover the request).
     ``img_size`` and ``seed`` are not compared. Returns ``[]`` when it can.
     """
-    if is_family_config(recorded):
-        return _closest_mismatches([Component.from_json(c) for c in recorded.get("components", [])], request)
-    return Component(dict(recorded)).mismatches(request)
+    components = [Component.from_json(c) for c in recorded.get("components", [])] if is_family_config(recorded) else [Component(dict(recorded))]
+    unknown = _unknown_settings({str(c.base.get("name")) for c in components}, request)
+    if unknown:
+        return unknown
+    return _closest_mismatches(components, request) if is_family_config(recorded) else components[0].mismatches(request)
+
+
+def _unknown_settings(names: set[str], request: Mapping[str, Any]) -> list[str]:
+    """A problem for each requested setting that no operator class of ``names`` takes (a misspelt key would
+    otherwise be skipped as a setting the recorded variant lacks, and every model would serve it). Operators
+    not registered here, or whose constructor takes ``**kwargs``, are not checked."""
+    import operators
+
+    known = {"name", *UNCOMPARED}
+    for name in names:
+        try:
+            parameters = inspect.signature(operators.REGISTRY.get(name).__init__).parameters
+        except (KeyError, ValueError, TypeError, OperatorInputError):
+            return []
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return []
+        known |= set(parameters) - {"self"}
+    settings = ", ".join(sorted(k for k in known - {"name", *UNCOMPARED} if not k.startswith("_")))
+    return [f"operator {key}: not a setting of the {' / '.join(sorted(names))} operator (its settings: {settings})"
+            for key in request if key not in known]
 
 
 def _closest_mismatches(components: Sequence[Component], request: Mapping[str, Any]) -> list[str]:

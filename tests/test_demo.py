@@ -172,3 +172,16 @@ def test_shipped_models_beat_the_pseudo_inverse(label):
         pytest.skip("no weights in idm/weights")
     idm_psnr, pinv_psnr = _shipped_psnr_gain(next(c for c in demo.DEMO_CASES if c.label == label))
     assert idm_psnr > pinv_psnr + SHIPPED_MIN_GAIN_DB[label], (idm_psnr, pinv_psnr)
+
+
+@pytest.mark.shipped
+def test_shipped_names_load_from_python_as_on_the_command_line():
+    """``IDM.from_pretrained("cs-10")`` and ``IDMConfig(unet="prior-natural-y")`` take the names the CLI takes."""
+    from idm.checkpoint import CheckpointError
+
+    model = IDM.from_pretrained("cs-10")
+    assert model.config.unet == "prior-natural-y" and model.config.steps == 3
+    fresh = IDM(IDMConfig(unet="prior-natural-y", image_channels=1, steps=1))
+    assert sum(p.numel() for p in fresh.parameters()) > 1e6
+    with pytest.raises(CheckpointError, match="nor is it the name of a shipped model"):
+        IDM.from_pretrained("cs-11")

@@ -177,3 +177,17 @@ def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monke
     assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.3, "block": 8}) == folder
     with pytest.raises(CheckpointError, match="nor is it the name of a shipped model"):
         load_trained("nowhere")
+
+
+def test_a_setting_no_operator_takes_is_a_mismatch_not_skipped():
+    """A misspelt key (``ratoi``) is no setting the recorded variant lacks (``ratio`` of a box mask): every model
+    would serve it, so it is named; the settings a variant lacks are still skipped."""
+    cs = operators.make("cs", img_size=(16, 16), ratio=0.1, block=8).config()
+    assert config_mismatches(cs, {"name": "cs", "ratoi": 0.3}) == [
+        "operator ratoi: not a setting of the cs operator (its settings: block, channels, mode, phi_seed, ratio)"
+    ]
+    assert config_mismatches(cs, {"name": "cs", "ratio": 0.1, "seed": 3}) == []
+    box = operators.make("inpainting", img_size=(16, 16), mask="box").config()
+    assert config_mismatches(box, {"name": "inpainting", "mask": "box", "ratio": 0.5}) == []
+    family = tasks.get("cs").make_training_operator((16, 16), ratio=(0.1, 0.5), block=8).config()
+    assert "not a setting of the cs operator" in config_mismatches(family, {"name": "cs", "view": 18})[0]

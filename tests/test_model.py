@@ -352,7 +352,7 @@ def test_a_local_diffusers_unet_folder_is_loaded_pruned_and_wired(tmp_path, orth
 
 
 def test_unet_folder_errors(tmp_path):
-    with pytest.raises(UNetSourceError, match="neither 'tiny', 'sd15' nor an existing folder"):
+    with pytest.raises(UNetSourceError, match="neither 'tiny', 'sd15', an existing folder nor the name of a shipped prior"):
         IDM(IDMConfig(unet=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UNetSourceError, match="not a diffusers U-Net folder"):

@@ -84,9 +84,16 @@ class UNetSourceError(ValueError):
 
 
 def _unet_folder(path: Path) -> Path:
-    """The folder holding the U-Net's ``config.json`` (``path`` or ``path/unet``)."""
+    """The folder holding the U-Net's ``config.json`` (``path`` or ``path/unet``); ``path`` may also name a
+    shipped prior (or one in ``$IDM_MODELS_DIR``), as shipped models record theirs."""
     if not path.is_dir():
-        raise UNetSourceError(f"U-Net source {str(path)!r} is neither 'tiny', 'sd15' nor an existing folder")
+        from idm.shipped import find_prior
+
+        found = find_prior(str(path))
+        if found is None:
+            raise UNetSourceError(f"U-Net source {str(path)!r} is neither 'tiny', 'sd15', an existing folder nor the name "
+                                  "of a shipped prior (`idm info` lists them)")  # fmt: skip
+        path = found
     for candidate in (path, path / "unet"):
         if (candidate / "config.json").is_file():
             return candidate
