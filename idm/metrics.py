@@ -54,6 +54,23 @@ def _pair(x: ImageLike, ref: ImageLike, x_name: str = "x") -> tuple[np.ndarray, 
     return a, b
 
 
+def _integer_range(x: ImageLike) -> float | None:
+    """The largest value of ``x``'s integer dtype (255 for uint8), ``None`` for floats and booleans."""
+    if isinstance(x, torch.Tensor):
+        return float(torch.iinfo(x.dtype).max) if not x.dtype.is_floating_point and not x.is_complex() and x.dtype != torch.bool else None
+    if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
+        return float(np.iinfo(x.dtype).max)
+    return None
+
+
+def _range_for(x: ImageLike, ref: ImageLike, data_range: float | None) -> float:
+    """``data_range`` checked; ``None``: 1 for float images, the integer dtype's largest value otherwise (as
+    scikit-image does: 255 for uint8)."""
+    if data_range is None:
+        data_range = max((r for r in (_integer_range(x), _integer_range(ref)) if r is not None), default=1.0)
+    return _check_range(data_range)
+
+
 def _check_range(data_range: float) -> float:
     dr = float(data_range)
     if not (dr > 0 and math.isfinite(dr)):
@@ -77,25 +94,26 @@ def _ssim(a: np.ndarray, b: np.ndarray, dr: float) -> float:
     return float(structural_similarity(a, b, data_range=dr))
 
 
-def psnr(x: ImageLike, ref: ImageLike, data_range: float = 1.0) -> float:
+def psnr(x: ImageLike, ref: ImageLike, data_range: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB: ``10 log10(data_range**2 / mean((x - ref)**2))``.
 
     ``x``, ``ref``: ``(H, W)`` or ``(C, H, W)`` of equal shape (mean over all
-    channels and pixels). Uses :func:`skimage.metrics.peak_signal_noise_ratio`.
-    Returns ``inf`` when ``x == ref``.
+    channels and pixels). ``data_range`` (default): 1 for float images, in
+    [0, 1]; the dtype's largest value for integer images (255 for uint8).
+    Uses :func:`skimage.metrics.peak_signal_noise_ratio`. Returns ``inf`` when ``x == ref``.
     """
     a, b = _pair(x, ref)
-    return _psnr(a, b, _check_range(data_range))
+    return _psnr(a, b, _range_for(x, ref, data_range))
 
 
-def ssim(x: ImageLike, ref: ImageLike, data_range: float = 1.0) -> float:
+def ssim(x: ImageLike, ref: ImageLike, data_range: float | None = None) -> float:
     """Structural similarity (scikit-image defaults; mean over channels for ``(C, H, W)``).
 
-    ``x``, ``ref``: ``(H, W)`` or ``(C, H, W)`` of equal shape, at least 7x7.
-    ``ssim(x, x) == 1``.
+    ``x``, ``ref``: ``(H, W)`` or ``(C, H, W)`` of equal shape, at least 7x7; ``data_range`` as for
+    :func:`psnr`. ``ssim(x, x) == 1``.
     """
     a, b = _pair(x, ref)
-    return _ssim(a, b, _check_range(data_range))
+    return _ssim(a, b, _range_for(x, ref, data_range))
 
 
 def cs_protocol_metrics(x_hat: ImageLike, ref: ImageLike) -> tuple[float, float]:

@@ -440,6 +440,11 @@ class IDM(nn.Module):
         and the training checkpoints do).
         """
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"cannot save the model into {str(directory)!r}: it is a file, not a folder")
+        blocking = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise CheckpointError(f"cannot save the model into {str(directory)!r}: {str(blocking)!r} on its path is a file")
         directory.mkdir(parents=True, exist_ok=True)
         save_tensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
         save_json(self.export_config(), directory / CONFIG_NAME)

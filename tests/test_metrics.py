@@ -109,3 +109,16 @@ def test_bad_inputs_name_the_argument():
         ssim(np.zeros((5, 5)), np.zeros((5, 5)))
     with pytest.raises(ValueError, match="ref must have values in"):
         cs_protocol_metrics(ref, ref * 2)
+
+
+def test_integer_images_default_to_their_dtype_range():
+    """uint8 images are scored with data_range 255 (as scikit-image), float images with 1: the same PSNR/SSIM."""
+    a, b = np.full((8, 8), 100, np.uint8), np.full((8, 8), 110, np.uint8)
+    expected = 20 * math.log10(255 / 10)
+    assert psnr(a, b) == pytest.approx(expected)
+    assert psnr(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected)
+    assert psnr(a / 255.0, b / 255.0) == pytest.approx(expected)
+    rng = np.random.default_rng(0)
+    x, y = (rng.random((16, 16)) * 255).astype(np.uint8), (rng.random((16, 16)) * 255).astype(np.uint8)
+    assert ssim(x, y) == pytest.approx(ssim(x / 255.0, y / 255.0), abs=1e-9)
+    assert psnr(a, b, data_range=1.0) == pytest.approx(20 * math.log10(1 / 10))  # an explicit range wins

@@ -270,6 +270,11 @@ def test_save_and_load_round_trip(tmp_path, ortho_op):
 
 def test_loading_refuses_bad_folders(tmp_path):
     model = IDM(IDMConfig(steps=2))
+    (tmp_path / "afile").write_text("mine")
+    for target, message in ((tmp_path / "afile", "it is a file, not a folder"), (tmp_path / "afile" / "m", "on its path is a file")):
+        with pytest.raises(CheckpointError, match=message):
+            model.save_pretrained(target)
+    assert (tmp_path / "afile").read_text() == "mine"
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match="does not exist"):
         IDM.from_pretrained(tmp_path / "nowhere")
