@@ -293,6 +293,8 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
           "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 1.5"),
         (["reconstruct", "--task", "cs", "--ratio", "0", "--block", "8", "--input", str(files / "images"), "--checkpoint",
           str(models / "cs"), "--device", "cpu", "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 0.0"),  # also with one
+        (["benchmark", "--task", "cs", "--ratio", "0", "--block", "8", "--data", str(files / "images"), "--methods", "idm",
+          "--checkpoint", str(models / "cs"), "--device", "cpu", "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 0.0"),
         (["reconstruct", "--task", "ct", "--views", "0", "--input", str(files / "ct"), "--device", "cpu",
           "--out", str(tmp_path / "o")], "views must be a positive integer, got 0"),
         (["reconstruct", "--task", "ct", "--views", "45", "--input", str(sinogram), "--device", "cpu",

@@ -26,6 +26,7 @@ from idm.cli.common import (
     add_precision_arg,
     add_size_arg,
     command_line,
+    load_for_request,
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
@@ -88,18 +89,10 @@ def add_parser(subparsers) -> None:
 
 def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, Any], device: torch.device,
                      img_size: tuple[int, int]):  # fmt: skip
-    from idm.shipped import default_checkpoint, missing_message
-    from idm.train import load_trained
-
     expect = {"name": task.operator, **overrides}
     request = {"name": task.operator, **task.operator_kwargs(**overrides)}
-    checkpoint = args.checkpoint or default_checkpoint(task.name, request, task.channels)
-    if checkpoint is None:
-        task.check_operator_settings(img_size, **overrides)  # a flag the operator refuses is the error, if there is one
-        raise ValueError(f"method 'idm' needs --checkpoint: {missing_message(task.name, request, task.channels)}")
-    return load_trained(
-        checkpoint, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
-    )
+    return load_for_request(task, args.checkpoint, expect, request, device, overrides, img_size,
+                            missing="method 'idm' needs --checkpoint: ")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -212,6 +212,35 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
     return task
+
+
+def load_for_request(task: Any, checkpoint: str | None, expect: dict[str, Any], request: dict[str, Any],
+                     device: torch.device, flags: dict[str, Any] | None = None, img_size: tuple[int, int] | None = None,
+                     missing: str = ""):  # fmt: skip
+    """``load_trained`` of ``checkpoint``, else of the shipped model serving ``request`` (``idm reconstruct``,
+    ``idm benchmark``), checked against ``task`` and ``expect`` (its ``expect_operator``).
+
+    ``flags`` (the user's operator flags) and ``img_size`` (the first input's): when no shipped model
+    serves the request, or the checkpoint's operator does not match it, the operator's own check of the
+    flags runs first, so a bad flag (``--ratio 0``) is the error rather than the model. ``missing`` begins
+    the error when no shipped model serves the request.
+    """
+    from idm.checkpoint import CheckpointError
+    from idm.shipped import default_checkpoint, missing_message
+    from idm.train import load_trained
+
+    path = checkpoint or default_checkpoint(task.name, request, task.channels)
+    if path is None:
+        if flags is not None:
+            task.check_operator_settings(img_size, **flags)
+        raise ValueError(missing + missing_message(task.name, request, task.channels))
+    try:
+        return load_trained(path, expect_task=task.name, expect_operator=expect, device=device,
+                            operator_defaults=task.operator_kwargs())  # fmt: skip
+    except CheckpointError as err:
+        if flags and "operator" in str(err):  # an operator mismatch: a flag the operator refuses is the error
+            task.check_operator_settings(img_size, **flags)
+        raise
 
 
 def check_out_is_not_data(out: str, *data: str | None) -> None:

@@ -67,6 +67,7 @@ from idm.cli.common import (
     add_precision_arg,
     add_size_arg,
     command_line,
+    load_for_request,
     operator_overrides,
     resolve_device,
     resolve_precision_arg,
@@ -115,30 +116,15 @@ def load_model(checkpoint: str | None, task: Any, expect: dict[str, Any], reques
     """The trained IDM for ``task``: ``checkpoint``, else the shipped model for ``request``; refuses mismatches.
 
     ``expect``: the operator settings the checkpoint must have been trained with
-    (``load_trained``'s ``expect_operator``); ``context`` is added to its error.
-    ``flags`` (the user's operator flags) and ``img_size`` (the first input's): when no shipped model
-    serves the request, or the checkpoint's operator does not match it, the operator's own check of the
-    flags runs first (a bad flag, such as ``--ratio 0``, is then the error).
+    (``load_trained``'s ``expect_operator``); ``context`` is added to its error. ``flags`` and
+    ``img_size``: see :func:`idm.cli.common.load_for_request`, which loads it.
     The model is prepared for inference in ``precision`` (:mod:`idm.precision`).
     """
     from idm.checkpoint import CheckpointError
-    from idm.shipped import default_checkpoint, missing_message
-    from idm.train import load_trained
 
-    path = checkpoint
-    if path is None:
-        path = default_checkpoint(task.name, request, task.channels)
-        if path is None:
-            if flags is not None:
-                task.check_operator_settings(img_size, **flags)  # a flag the operator refuses is the error, if any
-            raise ValueError(missing_message(task.name, request, task.channels))
     try:
-        trained = load_trained(
-            path, expect_task=task.name, expect_operator=expect, device=device, operator_defaults=task.operator_kwargs()
-        )
+        trained = load_for_request(task, checkpoint, expect, request, device, flags, img_size)
     except CheckpointError as err:
-        if flags and "operator" in str(err):  # an operator mismatch: a flag the operator refuses is the error
-            task.check_operator_settings(img_size, **flags)
         if context and "does not match" in str(err):
             raise CheckpointError(f"{err}\n{context}") from None
         raise
