@@ -269,10 +269,7 @@ def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -
     ``img_size`` and ``seed`` are not compared. Returns ``[]`` when it can.
     """
     components = [Component.from_json(c) for c in recorded.get("components", [])] if is_family_config(recorded) else [Component(dict(recorded))]
-    unknown = _unknown_settings({str(c.base.get("name")) for c in components}, request)
-    if unknown:
-        return unknown
-    return _closest_mismatches(components, request) if is_family_config(recorded) else components[0].mismatches(request)
+    return _unknown_settings({str(c.base.get("name")) for c in components}, request) or _closest_mismatches(components, request)
 
 
 def _unknown_settings(names: set[str], request: Mapping[str, Any]) -> list[str]:
@@ -281,6 +278,8 @@ def _unknown_settings(names: set[str], request: Mapping[str, Any]) -> list[str]:
     not registered here, or whose constructor takes ``**kwargs``, are not checked."""
     import operators
 
+    if not names:  # an empty family: _closest_mismatches says so
+        return []
     known = {"name", *UNCOMPARED}
     for name in names:
         try:

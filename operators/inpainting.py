@@ -75,15 +75,13 @@ def is_packed_mask(value: Any) -> bool:
 
 
 def same_mask(recorded: dict[str, Any], given: Any) -> bool:
-    """Whether the user mask ``given`` (a file path, an array or a packed dict) keeps the pixels of the recorded
-    packed mask ``recorded``: a model trained with ``--mask FILE`` serves that file's mask, wherever it lies."""
+    """Whether the user mask ``given`` (a file path or an array) keeps the pixels of the recorded packed mask
+    ``recorded``: a model trained with ``--mask FILE`` serves that file's mask, wherever it lies."""
     if isinstance(given, str) and given in ("random", "box"):
         return False
     try:
         if isinstance(given, (str, os.PathLike)):
             keep = read_mask_file(given)
-        elif is_packed_mask(given):
-            keep = _unpack(given)
         else:
             keep = np.asarray(given.detach().cpu() if torch.is_tensor(given) else given) != 0
         return bool(np.array_equal(_unpack(recorded), keep))

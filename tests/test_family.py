@@ -191,3 +191,6 @@ def test_a_setting_no_operator_takes_is_a_mismatch_not_skipped():
     assert config_mismatches(box, {"name": "inpainting", "mask": "box", "ratio": 0.5}) == []
     family = tasks.get("cs").make_training_operator((16, 16), ratio=(0.1, 0.5), block=8).config()
     assert "not a setting of the cs operator" in config_mismatches(family, {"name": "cs", "view": 18})[0]
+    assert config_mismatches({"name": "family", "components": []}, {"name": "cs", "ratio": 0.1}) == [
+        "operator: the recorded family is empty"
+    ]

@@ -75,13 +75,13 @@ from idm.cli.common import (
     task_name,
 )
 from idm.cli.simulate import (
-    MRI_FILE_SUFFIXES,
     OperatorPlan,
     check_limit,
     get_task,
     load_images,
     measure_image,
 )
+from tasks.data.images import KSPACE_SUFFIXES
 
 METRIC_FIELDS = ("name", "psnr", "ssim", "seconds")
 
@@ -252,12 +252,12 @@ def input_kind(path: Path, task_name: str | None) -> str:
     if path.is_file():
         if suffix == ".npz":
             return "npz"
-        if suffix in MRI_FILE_SUFFIXES:
+        if suffix in KSPACE_SUFFIXES:
             return "h5"
         if suffix == ".npy" and task_name in (None, "ct") and looks_like_sinogram(path):
             return "sinogram"
         return "images"
-    if task_name in (None, "mri") and any(p.suffix.lower() in MRI_FILE_SUFFIXES for p in path.iterdir() if p.is_file()):
+    if task_name in (None, "mri") and any(p.suffix.lower() in KSPACE_SUFFIXES for p in path.iterdir() if p.is_file()):
         return "h5"
     return "images"
 
@@ -443,7 +443,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     if task.operator != "mri":
         raise ValueError(f"fastMRI .h5 files hold MRI k-space; use --task mri (got --task {task.name})")
     source = Path(args.input)
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in MRI_FILE_SUFFIXES)
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in KSPACE_SUFFIXES)
     check_limit(args.limit)
     shapes = [check_single_coil(path) for path in files]  # every file, before the first is reconstructed
     overrides, trained = _model_for_flags(args, task, device, img_size=shapes[0][1:] if shapes else None)

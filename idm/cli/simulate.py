@@ -48,8 +48,6 @@ from idm.cli.common import (
 )
 from tasks.data.images import KSPACE_SUFFIXES
 
-MRI_FILE_SUFFIXES = KSPACE_SUFFIXES  # fastMRI k-space files
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -225,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() in inputs:
         raise ValueError(f"--out {out} is one of the input files: the measurements would replace it; write them elsewhere")
     check_replaceable(out)
-    if source.suffix.lower() in MRI_FILE_SUFFIXES:
+    if source.suffix.lower() in KSPACE_SUFFIXES:
         raise ValueError(
             f"{source}: fastMRI .h5 files already hold measured k-space; reconstruct them directly with "
             f"`idm reconstruct --task mri --input {source}` (simulate measures images)"
