@@ -88,7 +88,8 @@ from benchmarks.prior import DiffusionPrior, default_generator, image_shape, ran
 from benchmarks.protocol import mean_psnr
 from operators import check_measurements_for, unchecked_values
 
-#: The DPS authors' step sizes ``zeta`` by task; other tasks are tuned (:func:`tune_dps_step`).
+#: The DPS authors' step sizes ``zeta`` for their tasks, by the operator's registry name; other operators are
+#: tuned (:func:`tune_dps_step`).
 AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resolution": 0.3, "deblur": 0.3})
 
 #: Grid of :func:`tune_dps_step` (log-spaced around the authors' 0.3 / 0.5, at their image size).
@@ -185,8 +186,8 @@ class DPS:
     Args:
         prior: the diffusion prior.
         zeta: guidance step size at the authors' image size; ``None`` takes
-            the authors' value for the operator's task
-            (:data:`AUTHOR_STEP_SIZES`, inpainting 0.5) and raises for tasks
+            the authors' value for the operator
+            (:data:`AUTHOR_STEP_SIZES`, inpainting 0.5) and raises for operators
             without one (tune it with :func:`tune_dps_step`).
         scale_with_size: scale the step to the image size
             (:func:`size_scaled_step`); ``False`` uses ``zeta`` as the step on
@@ -233,11 +234,11 @@ class DPS:
         """``zeta`` for ``op`` at the authors' image size: the given one, else the authors' value for its task."""
         if self.zeta is not None:
             return self.zeta
-        task = getattr(op, "name", None)
-        if task in AUTHOR_STEP_SIZES:
-            return AUTHOR_STEP_SIZES[task]
+        operator = getattr(op, "name", None)
+        if operator in AUTHOR_STEP_SIZES:
+            return AUTHOR_STEP_SIZES[operator]
         raise ValueError(
-            f"DPS has no author step size for task {task!r}; tune one on training images with "
+            f"DPS has no author step size for the {operator or type(op).__name__!r} operator; tune one on training images with "
             "`python -m benchmarks.tune_dps` and pass it to idm benchmark's --dps-zeta (in Python: "
             "benchmarks.dps.tune_dps_step, then DPS(zeta=...))"
         )

@@ -50,8 +50,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """Write ``obj`` as indented JSON, atomically; a ``ValueError`` naming the file if ``obj`` is not JSON (e.g. a
+    NumPy number in an operator's config), with nothing written."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot write {str(path)!r}: its content is not JSON ({err})") from None
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

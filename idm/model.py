@@ -221,9 +221,13 @@ class IDM(nn.Module):
         return self.pseudo_inverse(self.to_prior_range(y, op), op)
 
     def pseudo_inverse(self, y: Tensor, op: Any) -> Tensor:
-        """``A^+ y`` ``(B, C, H, W)``, computed outside autocast, with the channel count checked."""
+        """``A^+ y`` ``(B, C, H, W)`` in ``y``'s dtype, computed outside autocast, with the channel count and
+        dtype checked."""
         with torch.autocast(y.device.type, enabled=False), _foreign_operator_errors(op, y):
             x_pinv = op.A_dagger(y)
+        if x_pinv.dtype != y.dtype:  # e.g. complex (an inverse FFT without .real), or computed in float64
+            raise ValueError(f"the operator's A_dagger returned {x_pinv.dtype} images from {y.dtype} measurements; "
+                             f"IDM needs real images in the measurements' dtype")  # fmt: skip
         if x_pinv.dim() != 4 or x_pinv.shape[1] != self.config.image_channels:
             raise ValueError(
                 f"the operator maps y to images of shape {tuple(x_pinv.shape)}, but this IDM reconstructs "

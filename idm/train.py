@@ -59,6 +59,7 @@ from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.wiring import WiredSequence
+from operators.conformance import check_plugin_operator
 
 __all__ = [
     "RUN_FORMAT", "TrainConfig", "TrainResult", "TrainedModel", "load_trained", "make_optimizer", "resolve_model_dir",
@@ -352,6 +353,7 @@ def train(
             f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
             f"{env.world_size} processes"
         )
+    check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
     channels = model_config.image_channels
     shape = _check_images(dataset, operator, channels, "training")
     op_config = operator.config() if callable(getattr(operator, "config", None)) else {"class": type(operator).__name__}

@@ -5,6 +5,7 @@
     y = op.A(x); op.A_adjoint(y); op.A_dagger(y)
     operators.available()                   # registered names
     op2 = operators.from_config(op.config())  # identical operator
+    operators.check_operator(op)            # adjoint, pseudo-inverse, shapes, config round trip
 
 Add a forward model by subclassing :class:`operators.Operator` and decorating
 it with ``@operators.register("name")`` (see README).
@@ -23,6 +24,7 @@ from_config = REGISTRY.from_config
 # The toolkit's own operators register themselves on import.
 from . import cs, inpainting, mri, ct, family  # noqa: E402,F401
 from .family import without_size_and_seed  # noqa: E402
+from .conformance import check_operator  # noqa: E402
 
 __all__ = [
     "Operator",
@@ -30,6 +32,7 @@ __all__ = [
     "OperatorRegistry",
     "available",
     "check_finite",
+    "check_operator",
     "check_img_size",
     "check_measurements_for",
     "check_ratio",

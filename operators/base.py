@@ -208,11 +208,20 @@ class Operator(LinearPhysics):
         """Rebuild the operator from :meth:`config` output (``"name"`` ignored); a setting the operator does
         not take, or a missing one, is an :class:`OperatorInputError` that names it."""
         kwargs = {k: v for k, v in config.items() if k != "name"}
-        try:
-            inspect.signature(cls).bind(**kwargs)
-        except TypeError as err:
-            raise OperatorInputError(f"the {cls.name!r} operator's config does not fit it: {err}") from None
+        cls.check_settings(kwargs, "this config")
         return cls(**kwargs)
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], what: str = "these keyword arguments") -> None:
+        """Raise :class:`OperatorInputError` for ``settings`` (constructor keyword arguments) that name one the
+        operator does not take or leave out a required one; the message lists the operator's settings."""
+        signature = inspect.signature(cls)
+        try:
+            signature.bind(**settings)
+        except TypeError as err:
+            takes = ", ".join(name for name in signature.parameters if not name.startswith("_"))
+            raise OperatorInputError(f"the {cls.name!r} operator cannot be built from {what}: {err} (its settings: "
+                                     f"{takes})") from None  # fmt: skip
 
     def variant(self, config: dict[str, Any]) -> "Operator":
         """The operator of ``config`` (same kind, other settings), reusing this one's precomputed parts where it can.

@@ -54,8 +54,11 @@ class OperatorRegistry:
             ) from None
 
     def make(self, name: str, **kwargs: Any) -> Operator:
-        """Build the operator registered as ``name`` with ``kwargs``."""
-        return self.get(name)(**kwargs)
+        """Build the operator registered as ``name`` with ``kwargs``; a setting it does not take (or a required
+        one missing) is an :class:`OperatorInputError` that names it."""
+        cls = self.get(name)
+        cls.check_settings(kwargs)
+        return cls(**kwargs)
 
     def from_config(self, config: dict[str, Any]) -> Operator:
         """Rebuild an operator from ``op.config()`` (a dict with key ``"name"``)."""

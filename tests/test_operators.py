@@ -613,7 +613,7 @@ def test_bad_config():
         operators.from_config({"img_size": [8, 8]})
     with pytest.raises(OperatorInputError, match="name"):
         operators.from_config({"name": ["cs"]})
-    with pytest.raises(OperatorInputError, match="the 'cs' operator's config does not fit it: missing a required argument: 'img_size'"):
+    with pytest.raises(OperatorInputError, match="the 'cs' operator cannot be built from this config: missing a required argument: 'img_size'"):
         operators.from_config({"name": "cs", "ratio": 0.1})
     with pytest.raises(OperatorInputError, match="unexpected keyword argument 'ratoi'"):
         operators.from_config({"name": "cs", "img_size": [8, 8], "ratoi": 0.1})

@@ -738,9 +738,10 @@ LIKE_A_MODULE = Task(name="measurements", operator="decimate_plugin", channels=1
 '''
 
 
-def test_a_task_from_another_installed_package_trains_through_its_entry_point(tmp_path, data, monkeypatch):
+def test_a_task_from_another_installed_package_trains_through_its_entry_point(tmp_path, data, monkeypatch, capsys):
     """An installed package names its task in the idm.tasks entry-point group; idm train finds it there (and
-    its module registers the task's operator). Broken or misnamed entry points are clear errors."""
+    its module registers the task's operator), idm info lists both. Broken or misnamed entry points are clear
+    errors."""
     import tasks
 
     site = tmp_path / "site"
@@ -773,6 +774,11 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
         sys.modules.pop("idm_plugin_tasks_test")  # whose module registers the operator when it is loaded
         args = ["reconstruct", "--input", str(measured), "--checkpoint", str(out), "--device", "cpu", "--no-progress"]
         assert main([*args, "--out", str(tmp_path / "rec")]) == 0 and "decimate_plugin" in operators.available()
+        capsys.readouterr()
+        assert main(["info", "--device", "cpu", "--out", str(tmp_path / "info.json")]) == 0
+        info = json.loads((tmp_path / "info.json").read_text())
+        assert "decimate" in info["tasks"] and "decimate_plugin" in info["operators"]
+        assert "idm info: warning: task 'broken'" in capsys.readouterr().err
         with pytest.raises(ValueError, match="must name a tasks.Task called 'misnamed'"):
             tasks.get("misnamed")
         with pytest.raises(ValueError, match="'broken' .*failed to load: No module named 'idm_plugin_tasks_test_missing'"):

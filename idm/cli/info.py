@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 
 import torch
 
@@ -13,9 +14,9 @@ from idm.cli.common import add_common_args, resolve_device
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="show versions, devices and available operators",
+        help="show versions, devices and available tasks and operators",
         description="Print the versions of idm and torch, the device and the precision --precision auto picks on it, "
-        "the registered operators, and the shipped (and $IDM_MODELS_DIR) models and priors.",
+        "the tasks (with those of installed plug-ins) and registered operators, and the shipped (and $IDM_MODELS_DIR) models and priors.",
     )
     add_common_args(parser, out_help="also write this information as JSON to this file", out_required=False)
     parser.set_defaults(run=run)
@@ -23,6 +24,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import operators
+    import tasks
     from idm import __version__
     from idm.checkpoint import save_json
     from idm.hardware import hardware_name
@@ -30,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from idm.shipped import PACKAGED_DIR, shipped_models, shipped_priors
 
     device = resolve_device(args.device)
+    task_names = tasks.available()
+    for name in task_names:  # a plug-in task's module registers its operator when it loads
+        try:
+            tasks.get(name)
+        except ValueError as err:
+            print(f"idm info: warning: {err}", file=sys.stderr)
     info = {
         "idm": __version__,
         "python": platform.python_version(),
@@ -38,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "cuda_device": torch.cuda.get_device_name(device if device.type == "cuda" else 0) if torch.cuda.is_available() else None,
         "hardware": hardware_name(device),
         "precision_auto": resolve_precision("auto", device),
+        "tasks": task_names,
         "operators": operators.available(),
         "shipped_models": [{"name": m.name, "task": m.task, "path": str(m.path)} for m in shipped_models()],
         "priors": [{"name": p.name, "path": str(p)} for p in shipped_priors()],
@@ -45,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"idm {info['idm']} | python {info['python']} | torch {info['torch']}")
     print(f"device: {device} (CUDA: {info['cuda_device'] or 'none'}): {info['hardware']}")
     print(f"--precision auto runs {info['precision_auto']} on {device}")
+    print(f"tasks: {', '.join(info['tasks'])}")
     print(f"operators: {', '.join(info['operators'])}")
     packaged = PACKAGED_DIR.resolve()
     for heading, entries in _by_folder(info["shipped_models"], packaged).items():

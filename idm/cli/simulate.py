@@ -110,9 +110,11 @@ class OperatorPlan:
 
     def operator(self, index: int, size: tuple[int, int]):
         from benchmarks.protocol import image_seed
+        from operators.conformance import check_plugin_operator
 
         if self._template is None:
             op = self._factory(index, tuple(size))
+            check_plugin_operator(op)  # a plug-in operator's slip named before its measurements are written
             self._template = op.config()
             self.cache.put(op, self._template)
             return op
