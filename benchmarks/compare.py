@@ -10,7 +10,9 @@ the table gives each run's mean PSNR and SSIM, the mean difference
 ``OTHER - BASE`` and the largest absolute difference on one image (and
 which image). Images that only one run scored are counted in the last
 column, not compared. Runs whose ``benchmark.json`` records another task,
-operator, protocol, image size or operator seeds are refused. Writes
+operator, protocol or operator seeds are refused, and so are runs in which an
+image of one name is another file's content (or slice), was scored at another
+size or measured by another operator draw (a folder's images in another order). Writes
 ``FOLDER/comparison.csv`` and ``FOLDER/comparison.md`` and prints the table.
 """
 
@@ -70,12 +72,18 @@ def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
 
 
 #: What two runs must share, in their ``benchmark.json``, to be compared: the same problem, measured the same way.
-SAME_SETTINGS = ("task", "operator", "protocol", "resized_to", "operator_seeds")
+SAME_SETTINGS = ("task", "operator", "protocol", "operator_seeds")
+
+#: What an image of one name must share in both runs (``benchmark.json``'s ``inputs``): the same file's content,
+#: slice, scored size and operator draw.
+SAME_INPUT = ("sha256", "slice", "size", "operator_seed")
 
 
 def check_same_problem(base: Path, other: Path) -> None:
     """A ``ValueError`` naming the settings (:data:`SAME_SETTINGS`) in which the two runs' ``benchmark.json``
-    differ; runs without that record (older ones) are not checked."""
+    differ, and the images of one name that are not the same image measured the same way (:data:`SAME_INPUT`).
+    Runs without that record are not checked; runs that do not record their inputs (older ones) must have
+    been resized alike (``resized_to``)."""
     records = []
     for folder in (base, other):
         try:
@@ -83,9 +91,25 @@ def check_same_problem(base: Path, other: Path) -> None:
         except (OSError, ValueError):
             return
     differing = [key for key in SAME_SETTINGS if records[0].get(key) != records[1].get(key)]
-    if differing:
-        shown = "; ".join(f"{key}: {records[0].get(key)!r} against {records[1].get(key)!r}" for key in differing)
-        raise ValueError(f"{base} and {other} did not benchmark the same problem ({shown})")
+    inputs = [{item.get("name"): item for item in record.get("inputs") or []} for record in records]
+    if not all(inputs) and records[0].get("resized_to") != records[1].get("resized_to"):
+        differing.append("resized_to")
+    shown = [f"{key}: {records[0].get(key)!r} against {records[1].get(key)!r}" for key in differing]
+    if all(inputs):
+        others = [name for name in inputs[0] if name in inputs[1]
+                  and any(inputs[0][name].get(key) != inputs[1][name].get(key) for key in SAME_INPUT)]  # fmt: skip
+        shown += [f"image {name!r}: {_describe_input(inputs[0][name])} against {_describe_input(inputs[1][name])}"
+                  for name in others[:3]] + ([f"and {len(others) - 3} more images"] if len(others) > 3 else [])  # fmt: skip
+    if shown:
+        raise ValueError(f"{base} and {other} did not benchmark the same problem ({'; '.join(shown)})")
+
+
+def _describe_input(item: dict) -> str:
+    """One image of a run's record, as a message shows it: file, slice, SHA-256 prefix, size, operator seed."""
+    digest = item.get("sha256")
+    return (f"{item.get('file')}" + (f" slice {item['slice']}" if item.get("slice") else "")
+            + (f" (sha256 {digest[:12]})" if digest else "") + f", {'x'.join(map(str, item.get('size') or []))}"
+            + f", operator seed {item.get('operator_seed')}")  # fmt: skip
 
 
 def _comparable(scores: dict[str, Score]) -> dict[str, Score]:

@@ -14,6 +14,7 @@ error and the run goes on.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
 from tasks.data import check_size, resize_square
+from tasks.measurements import unique_names
 
 #: Columns of ``results.csv`` (``peak_mem_mb``, on CUDA only: the method's peak above what was allocated before
 #: its call, i.e. without the loaded models' weights).
@@ -34,10 +36,20 @@ RESULT_FIELDS = ("method", "image", "psnr", "ssim", "seconds", "nfe", "peak_mem_
 
 @dataclass(frozen=True)
 class BenchmarkImage:
-    """A ground-truth image ``x`` ``(C, H, W)`` in [0, 1] and its name."""
+    """A ground-truth image ``x`` ``(C, H, W)`` in [0, 1], its name, and where it was read: ``file``, ``slice``
+    (its index in a volume, 0 for a single image) and ``sha256`` (of the file's bytes); ``None`` for a dataset
+    that does not say."""
 
     name: str
     x: Tensor
+    file: str | None = None
+    slice: int | None = None
+    sha256: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the image in a run's record: name, file, slice, SHA-256 and ``[H, W]`` as scored."""
+        return {"name": self.name, "file": self.file, "slice": self.slice, "sha256": self.sha256,
+                "size": list(self.x.shape[-2:])}  # fmt: skip
 
 
 def load_images(
@@ -53,15 +65,21 @@ def load_images(
     dataset = task.dataset(list(paths), crop=None, augment=False, seed=seed)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
-    names = [name_of(i) for i in range(count)]
-    repeated = {n for n in names if names.count(n) > 1}  # same file name in two folders: rows and PNGs apart
-    names = [f"{n}-{i:03d}" if n in repeated else n for i, n in enumerate(names)]
+    names = unique_names(name_of(i) for i in range(count))  # same file name in two folders: rows and PNGs apart
+    source_of = getattr(dataset, "item_source", None)
+    digests: dict[Path, str] = {}  # a volume's slices share their file
     images = []
     for i, name in enumerate(names):
         x = dataset[i]
         if size is not None:
             x = resize_square(x, size, name)
-        images.append(BenchmarkImage(name, x))
+        if source_of is None:
+            images.append(BenchmarkImage(name, x))
+            continue
+        path, index = source_of(i)
+        if path not in digests:
+            digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        images.append(BenchmarkImage(name, x, str(path), int(index), digests[path]))
     return images
 
 
@@ -88,6 +106,7 @@ def run_benchmark(
     seed: int = 0,
     pad_multiple: int | None = None,
     progress: bool = True,
+    after_image: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every image with every method; returns one row per (method, image).
 
@@ -103,6 +122,8 @@ def run_benchmark(
         seed: generators of image ``i`` are seeded ``seed + i``.
         pad_multiple: zero-pad images to this multiple before measuring (crop after).
         progress: a progress bar over images.
+        after_image: called with the rows so far after each image (e.g. to write them, so that a run stopped
+            part-way keeps its scores).
 
     Methods whose ``warm_up`` attribute is true (IDM and ``pinv``: milliseconds
     to seconds per image) first run once, untimed, on the first image, so
@@ -157,4 +178,6 @@ def run_benchmark(
             rows.append(row)
         if out is not None:
             save_grid(shown, out / "grids" / f"{image.name}.png", title=image.name)
+        if after_image is not None:
+            after_image(rows)
     return rows

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from idm.checkpoint import atomic_write
+
 
 def _to_uint8(image: Tensor) -> np.ndarray:
     """``(1, C, H, W)`` in [0, 1] -> ``(H, W)`` or ``(H, W, 3)`` uint8 (clamped)."""
@@ -56,13 +58,17 @@ def save_grid(images: Mapping[str, Tensor], path: Path, title: str = "") -> None
 
 
 def write_results_csv(rows: Iterable[Mapping[str, Any]], path: Path, fields: Sequence[str]) -> None:
-    """One row per (method, image); floats with 4 decimals (seconds with 4 significant digits)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if k == "seconds" else f"{v:.4f}") if isinstance(v, float) else v for k, v in row.items()})
+    """One row per (method, image); floats with 4 decimals (seconds with 4 significant digits). Written
+    atomically: a run stopped while it writes keeps the previous version."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if k == "seconds" else f"{v:.4f}") if isinstance(v, float) else v
+                                 for k, v in row.items()})  # fmt: skip
+
+    atomic_write(path, write)
 
 
 def script_command(module: str, argv: Sequence[str] | None) -> str:

@@ -19,13 +19,17 @@ authors' images), so the chosen value carries over to full-size images.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
 from benchmarks.prior import load_prior
 from benchmarks.report import run_script
-from benchmarks.tuning import tuned_value, tuning_parser, tuning_setup
-from idm.checkpoint import save_json
+from benchmarks.tuning import is_number, tuned_value, tuning_parser, tuning_setup
+from idm.checkpoint import load_json, save_json
 from idm.cli.common import positive_int
+
+#: What messages call the JSON record this script writes.
+RECORD = "DPS step-size record"
 
 
 def step_size_from(text: str, task_name: str, operator: dict, steps: int | None = None) -> float:
@@ -33,7 +37,20 @@ def step_size_from(text: str, task_name: str, operator: dict, steps: int | None 
     checked against the benchmark's task and operator and, given, DPS's ``steps``
     (:func:`benchmarks.tuning.tuned_value`)."""
     run = None if steps is None else {"steps": steps}
-    return tuned_value(text, task_name, operator, "zeta", "--dps-zeta", "benchmarks.tune_dps", "DPS step-size record", run)
+    return tuned_value(text, task_name, operator, "zeta", "--dps-zeta", "benchmarks.tune_dps", RECORD, run)
+
+
+def check_tuned_prior(text: str, prior: str | Path) -> None:
+    """A ``ValueError`` when ``--dps-zeta``'s record (``text``; a number passes) was tuned with another prior
+    than ``prior``, compared by folder name: the record keeps the path it was tuned with, which may be
+    another machine's."""
+    if is_number(text):
+        return
+    record = load_json(text, RECORD)  # step_size_from has checked that it is a record with a zeta
+    tuned_with = record.get("prior")
+    if tuned_with and Path(tuned_with).name != Path(prior).name:
+        raise ValueError(f"--dps-zeta {text}: tuned with the prior {tuned_with!r} (here {str(prior)!r}); pass "
+                         f"--dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,15 @@ def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> T
     return TuningSetup(task, op, images, names, device, score_function(task))
 
 
+def is_number(text: str) -> bool:
+    """Whether a tuned flag's text is a number (else it names the JSON record of a tuning script)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, script: str, what: str,
                 run: dict | None = None) -> float:  # fmt: skip
     """A benchmark flag's value: a number, or the JSON record ``script`` wrote (its ``key``; ``what`` names it).
@@ -114,10 +123,8 @@ def tuned_value(text: str, task_name: str, operator: dict, key: str, flag: str, 
     (e.g. DPS's ``steps``); a mismatch is a ``ValueError`` that says to pass
     the number instead, to use that value anyway.
     """
-    try:
+    if is_number(text):
         return float(text)
-    except ValueError:
-        pass
     record = load_json(text, what)
     if not isinstance(record, dict) or key not in record or "task" not in record:
         raise ValueError(f"{flag} {text}: not a number, nor a record of {script} (no 'task' / '{key}')")

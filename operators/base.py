@@ -212,6 +212,13 @@ class Operator(LinearPhysics):
         return cls(**kwargs)
 
     @classmethod
+    def ignored_settings(cls, settings: dict[str, Any]) -> dict[str, str]:
+        """The keyword arguments among ``settings`` that the operator they build would not use (one of its
+        variants ignores them), each with why; none by default. Commands refuse a flag named here, which
+        would otherwise change nothing, silently."""
+        return {}
+
+    @classmethod
     def check_settings(cls, settings: dict[str, Any], what: str = "these keyword arguments") -> None:
         """Raise :class:`OperatorInputError` for ``settings`` (constructor keyword arguments) that name one the
         operator does not take or leave out a required one; the message lists the operator's settings."""

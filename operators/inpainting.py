@@ -211,6 +211,18 @@ class Inpainting(Operator):
         """``mask * y``, the exact pseudo-inverse (``A`` is an orthogonal projection)."""
         return self.A_adjoint(y)
 
+    @classmethod
+    def ignored_settings(cls, settings: dict[str, Any]) -> dict[str, str]:
+        """``ratio`` beside a box or user mask, ``box_fraction`` / ``box_position`` beside a random or user mask."""
+        mask = settings.get("mask", "random")
+        kind = mask if isinstance(mask, str) and mask in ("random", "box") else "user"
+        uses = {"random": ("ratio",), "box": ("box_fraction", "box_position"), "user": ()}[kind]
+        purpose = {"ratio": "the kept fraction of random masks", "box_fraction": "the side of box masks",
+                   "box_position": "where box masks go"}  # fmt: skip
+        shown = f"mask={mask!r}" if kind != "user" else "a mask of given pixels"
+        return {key: f"{key} sets {why}; {shown} does not use it" for key, why in purpose.items()
+                if key in settings and key not in uses}  # fmt: skip
+
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"name": self.name, "img_size": list(self.img_hw), "channels": self.channels}
         if self.kind == "random":

@@ -149,6 +149,19 @@ class Task:
             raise ValueError(f"task {self.name} does not use {flags} (it takes {takes})")
         return {**self.operator_defaults, **overrides}
 
+    def check_flags(self, **overrides: Any) -> dict[str, Any]:
+        """:meth:`operator_kwargs` for the operator flags a user gave (``overrides``), also refusing a flag that
+        the operator they build would ignore (``--ratio`` with ``--mask box``), which would change nothing,
+        silently. Commands call it before any work."""
+        import operators
+
+        kwargs = self.operator_kwargs(**overrides)
+        ignored = operators.REGISTRY.get(self.operator).ignored_settings(kwargs)
+        given = [key for key in ignored if overrides.get(key) is not None]
+        if given:
+            raise ValueError("; ".join(f"--{key.replace('_', '-')} does not apply here: {ignored[key]}" for key in given))
+        return kwargs
+
     def make_operator(self, img_size: tuple[int, int] | int, seed: int = 0, **overrides: Any):
         """The task's operator for ``(H, W)`` images, with ``overrides`` of the defaults.
 
@@ -200,6 +213,7 @@ class Task:
         mask = overrides.get("mask")
         kinds = [m.strip() for m in mask.split(",")] if isinstance(mask, str) and "," in mask else None
         if not ranges and not kinds:
+            self.check_flags(**overrides)
             return self.make_operator(img_size, seed, **overrides)
         if kinds and "mask" not in self.options:
             raise ValueError(f"task {self.name} does not use --mask")
@@ -217,6 +231,12 @@ class Task:
                     self.make_operator(img_size, seed, **fixed, **{**middle, key: end}, **kind_setting)
             vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})
             components.append(Component(base, vary))
+        unused = [key for key in ranges if not any(key in c.vary for c in components)]
+        if unused:  # e.g. --ratio LOW:HIGH with --mask box: the range would change nothing
+            shown = ", ".join(f"--{key.replace('_', '-')} {lo}:{hi}" for key, (lo, hi) in ranges.items() if key in unused)
+            settings = {**fixed, **({"mask": ",".join(kinds)} if kinds else {})} or self.operator_defaults
+            raise ValueError(f"{shown} would change nothing: the {self.operator} operator does not use it with "
+                             + ", ".join(f"{k}={v!r}" for k, v in settings.items()))  # fmt: skip
         return OperatorFamily(components, seed=seed)
 
     # ---- data ------------------------------------------------------------------------

@@ -600,11 +600,19 @@ def check_item_name(name: str, path: PathLike) -> str:
 
 
 def unique_names(names: Iterable[str]) -> list[str]:
-    """``names`` with repeats made unique by a ``_2``, ``_3``... suffix."""
-    seen: dict[str, int] = {}
-    out = []
+    """``names`` with repeats made unique: the first keeps its name, the next get the first free ``_2``,
+    ``_3``... suffix, free meaning that no other name, given or made, is already that (``x, x_2, x`` gives
+    ``x, x_2, x_3``)."""
+    names = list(names)
+    taken, used = set(names), set()
+    out: list[str] = []
     for name in names:
-        n = seen.get(name, 0) + 1
-        seen[name] = n
-        out.append(name if n == 1 else f"{name}_{n}")
+        if name in used:
+            n = 2
+            while f"{name}_{n}" in taken:
+                n += 1
+            name = f"{name}_{n}"
+            taken.add(name)
+        used.add(name)
+        out.append(name)
     return out

@@ -28,6 +28,9 @@ class ComplexFromMagnitude(Dataset):
     def item_name(self, index: int) -> str:
         return self.magnitudes.item_name(index)
 
+    def item_source(self, index: int):
+        return self.magnitudes.item_source(index)
+
     def __getitem__(self, index: int) -> torch.Tensor:
         x = self.magnitudes[index]
         return torch.cat([x, torch.zeros_like(x)], dim=0)

@@ -174,6 +174,10 @@ def test_the_checkpoint_sets_the_operator_and_prior_of_baselines_and_tuning_reco
     record.write_text(json.dumps({"task": "cs", "operator": {"name": "cs", "ratio": 0.1}, "zeta": 2.0}))
     assert main([*argv, "--methods", "dps", "--checkpoint", "cs-30", "--dps-zeta", str(record), "--out", str(tmp_path / "z")]) == 2
     assert "tuned with ratio 0.1 (here 0.3)" in capsys.readouterr().err
+    record.write_text(json.dumps({"task": "cs", "operator": {"name": "cs", "ratio": 0.3}, "zeta": 2.0,
+                                  "prior": "elsewhere/prior-natural-mr"}))  # fmt: skip
+    assert main([*argv, "--methods", "dps", "--checkpoint", "cs-30", "--dps-zeta", str(record), "--out", str(tmp_path / "z")]) == 2
+    assert "tuned with the prior 'elsewhere/prior-natural-mr' (here " in capsys.readouterr().err
     assert main([*argv, "--methods", "pinv", "--checkpoint", "mri-4x", "--out", str(tmp_path / "m")]) == 2  # checked, not ignored
     assert "task" in capsys.readouterr().err
 
@@ -188,7 +192,64 @@ def test_images_of_one_name_in_two_folders_keep_apart(bench_files, tmp_path):
         (tmp_path / folder).mkdir()
         shutil.copy(bench_files / "images" / ("a.png" if folder == "one" else "b.png"), tmp_path / folder / "same.png")
     images = load_images(tasks.get("cs"), [str(tmp_path / "one"), str(tmp_path / "two"), str(bench_files / "images")])
-    assert [im.name for im in images] == ["same-000", "same-001", "a", "b"]
+    assert [im.name for im in images] == ["same", "same_2", "a", "b"]
+    assert images[0].file.endswith("one/same.png") and images[1].file.endswith("two/same.png")
+    assert images[0].sha256 != images[1].sha256 and images[1].sha256 == images[3].sha256  # two/same.png is b.png
+    (tmp_path / "three").mkdir()  # a real file named as a made-up name does not collide with it
+    shutil.copy(bench_files / "images" / "a.png", tmp_path / "three" / "same_2.png")
+    names = [im.name for im in load_images(tasks.get("cs"), [str(tmp_path / d) for d in ("one", "two", "three")])]
+    assert names == ["same", "same_3", "same_2"]
+
+
+PINV_RUN = ["benchmark", "--task", "cs", "--ratio", "0.5", "--block", "8", "--methods", "pinv", "--device", "cpu",
+            "--no-progress", "--no-images"]  # fmt: skip
+
+
+def test_compare_refuses_images_of_one_name_that_differ(bench_files, tmp_path):
+    """Runs on other files of the same names, or on one folder's images in another order (another operator draw
+    per image), are refused; a run resized to the images' own size is the same problem as one not resized."""
+    import shutil
+
+    from benchmarks import compare
+
+    for folder, files in (("x", ("a", "b")), ("y", ("b", "a"))):  # y/a.png holds b.png's pixels
+        (tmp_path / folder).mkdir()
+        for name, source in zip(("a", "b"), files):
+            shutil.copy(bench_files / "images" / f"{source}.png", tmp_path / folder / f"{name}.png")
+    for folder in ("x", "y"):
+        assert main([*PINV_RUN, "--data", str(tmp_path / folder), "--out", str(tmp_path / f"run-{folder}")]) == 0
+    assert main([*PINV_RUN, "--data", str(tmp_path / "x" / "b.png"), str(tmp_path / "x" / "a.png"),
+                 "--out", str(tmp_path / "run-swapped")]) == 0  # fmt: skip
+    assert main([*PINV_RUN, "--data", str(tmp_path / "x"), "--size", "32", "--out", str(tmp_path / "run-x32")]) == 0
+    record = json.loads((tmp_path / "run-x" / "benchmark.json").read_text())
+    assert [(i["name"], i["slice"], i["size"], i["operator_seed"]) for i in record["inputs"]] == [("a", 0, [32, 32], 0), ("b", 0, [32, 32], 1)]
+    with pytest.raises(ValueError, match=r"did not benchmark the same problem \(image 'a': .*x/a.png .*sha256 [0-9a-f]{12}.* against .*y/a.png"):
+        compare.compare_runs(tmp_path / "run-x", tmp_path / "run-y")
+    with pytest.raises(ValueError, match=r"image 'a': .*operator seed 0 against .*operator seed 1"):
+        compare.compare_runs(tmp_path / "run-x", tmp_path / "run-swapped")
+    (row,) = compare.compare_runs(tmp_path / "run-x", tmp_path / "run-x32")
+    assert row["images"] == 2 and row["largest_psnr_difference"] == 0.0
+
+
+def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first image: its row stays in results.csv, and benchmark.json says the run is incomplete,
+    why, and which images it finished (as idm reconstruct does)."""
+    import benchmarks.harness
+
+    calls = []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmarks.harness, "save_grid", stop_at_the_second)
+    out = tmp_path / "out"
+    assert main([*PINV_RUN[:-1], "--data", str(bench_files / "images"), "--out", str(out)]) == 130
+    assert [(r["method"], r["image"]) for r in _rows(out / "results.csv")] == [("pinv", "a")]
+    record = json.loads((out / "benchmark.json").read_text())
+    assert record["complete"] is False and record["stopped_by"] == "interrupted" and record["images_done"] == ["a"]
+    assert record["images"] == ["a", "b"] and record["method_options"] == {}
 
 
 def test_a_benchmark_where_nothing_could_be_scored_fails(tmp_path, capsys):

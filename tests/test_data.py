@@ -158,8 +158,14 @@ def test_list_images_sorted_recursive(tmp_path):
             (tmp_path / name).write_text("x")
         else:
             Image.fromarray(a).save(tmp_path / name, format="PNG" if "png" in name else None)
-    assert [p.name for p in list_images(tmp_path)] == ["a.TIF", "b.png"]
+    with pytest.warns(UserWarning, match=r"its sub-folder sub \(sub-folders are not searched: give them as paths too\) "
+                      "also hold image files, which are not used"):  # fmt: skip
+        assert [p.name for p in list_images(tmp_path)] == ["a.TIF", "b.png"]
     assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.TIF", "b.png", "c.jpg"]
+    (tmp_path / "only-sub" / "deeper").mkdir(parents=True)
+    Image.fromarray(a).save(tmp_path / "only-sub" / "deeper" / "d.png")
+    with pytest.raises(DataError, match=r"only-sub: no image files .*; they are in its sub-folder deeper \(sub-folders are not searched"):
+        list_images(tmp_path / "only-sub")
 
 
 def test_folder_errors_name_the_folder(tmp_path):
@@ -730,3 +736,26 @@ def test_grayscale_dataset_mixes_image_and_mat_folders(tmp_path):
     Image.fromarray((_rng(2).random((12, 12)) * 255).astype(np.uint8)).save(mats / "stray.png")  # would be skipped
     with pytest.raises(DataError, match=r"mats holds .mat files and image files \(stray.png, ...\)"):
         grayscale_dataset([images, mats])
+
+
+def test_a_16_bit_colour_image_is_read_at_8_bits_with_a_warning(tmp_path):
+    """Pillow drops the low byte of 16-bit RGB PNGs and TIFFs: said with a warning (once per run), not silently."""
+    import struct
+    import zlib
+
+    rgb16 = (np.random.default_rng(0).random((8, 8, 3)) * 65535).astype(np.uint16)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)  # filter type 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
+    (tmp_path / "c16.png").write_bytes(png)
+    with pytest.warns(UserWarning, match="16-bit colour images are read at 8 bits per channel"):
+        x = read_image(tmp_path / "c16.png", "rgb")
+    assert (x - torch.from_numpy(rgb16 / 65535.0).permute(2, 0, 1)).abs().max() <= 1 / 255
+    Image.fromarray((rgb16 >> 8).astype(np.uint8)).save(tmp_path / "c8.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(tmp_path / "c8.png", "rgb")  # 8-bit colour: nothing lost, nothing said

@@ -73,3 +73,8 @@ def test_device_flags_name_what_this_machine_lacks(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"--device cuda:5: this machine has 1 CUDA device\(s\), numbered from 0"):
         resolve_device("cuda:5")
+    with pytest.raises(ValueError, match="--device meta: meta tensors hold no values"):
+        resolve_device("meta")
+    if not torch.backends.mps.is_available():  # a backend torch knows but this build or machine lacks
+        with pytest.raises(ValueError, match="--device mps is not usable with this torch build: .*\\(use cpu or cuda\\)$"):
+            resolve_device("mps")

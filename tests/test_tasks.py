@@ -147,3 +147,29 @@ def test_operator_settings_are_checked_at_the_size_they_will_run():
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\], got 1.5"):
         tasks.get("cs").check_operator_settings((20, 30), ratio=1.5)
     tasks.get("cs").check_operator_settings(None, ratio=1.5)  # no size: nothing is built, nothing claimed
+
+
+def test_a_flag_the_operator_would_ignore_is_refused(tmp_path):
+    """--ratio beside --mask box (or a mask file) would change nothing: refused, by name, in every command and for
+    a training range; inside a mixture of mask kinds it applies to the random ones."""
+    from idm.cli import main
+
+    task = tasks.get("inpainting")
+    assert task.check_flags(ratio=0.3) == {"mask": "random", "ratio": 0.3}
+    assert task.check_flags(mask="box")["mask"] == "box"  # the task's default ratio is not the user's
+    with pytest.raises(ValueError, match="--ratio does not apply here: ratio sets the kept fraction of random masks; "
+                       "mask='box' does not use it"):  # fmt: skip
+        task.check_flags(mask="box", ratio=0.3)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(mask)
+    with pytest.raises(ValueError, match="a mask of given pixels does not use it"):
+        task.check_flags(mask=str(mask), ratio=0.3)
+    with pytest.raises(ValueError, match="--ratio 0.2:0.4 would change nothing: the inpainting operator does not use it with mask='box'"):
+        task.make_training_operator(16, mask="box", ratio=(0.2, 0.4))
+    family = task.make_training_operator(16, mask="random,box", ratio=(0.2, 0.4))
+    assert [sorted(c.vary) for c in family.components] == [["ratio"], ["box_position"]]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    argv = ["--task", "inpainting", "--mask", "box", "--ratio", "0.2", "--device", "cpu"]
+    assert main(["simulate", *argv, "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "s.npz")]) == 2
+    assert main(["benchmark", *argv, "--data", str(tmp_path / "a.png"), "--methods", "pinv", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "b").exists()

@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.idm_method import IDMMethod
     from benchmarks.methods import available_methods, make_method, needs_prior
     from benchmarks.prior import load_prior
-    from benchmarks.protocol import describe_protocol, operator_factory, pad_multiple, score_function
+    from benchmarks.protocol import describe_protocol, image_seed, operator_factory, pad_multiple, score_function
     from benchmarks.report import summary_table, write_results_csv
-    from benchmarks.tune_dps import step_size_from
+    from benchmarks.tune_dps import check_tuned_prior, step_size_from
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.color:
         task = task.with_color(args.color)
     overrides = operator_overrides(args)
-    task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
+    task.check_flags(**overrides)  # refuses flags the task does not take or would ignore, before any work
     if args.methods is None:
         args.methods = default_methods(task, args.dps_zeta)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                      if recorded not in (None, "tiny", "sd15") else "")  # fmt: skip
             raise ValueError(f"ddnm and dps need a diffusion prior: {where}pass --prior DIR (e.g. an idm pretrain output)")
         prior = load_prior(prior_path, device=device)
+    if args.dps_zeta is not None:
+        check_tuned_prior(args.dps_zeta, prior_path)
 
     options = {
         "ddnm": dict(steps=_or(args.ddnm_steps, 100), eta=_or(args.ddnm_eta, 0.85), pinv=_or(args.ddnm_pinv, "auto")),
@@ -178,19 +180,58 @@ def run(args: argparse.Namespace) -> int:
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
 
+    recorded_warnings = []
     if trained is not None and task.size_bound:
         for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
             warning = trained.size_warning(size)
             if warning:
                 warnings.warn(warning, stacklevel=1)
+                recorded_warnings.append(warning)
     dps = next((m for m in methods if m.name == "dps"), None)
     tv = next((m for m in methods if m.name == "tv"), None)
-    if dps is not None:
-        dps.step_size(first_op)  # a clear error now if no step size is known for this task
+    ddnm = next((m for m in methods if m.name == "ddnm"), None)
+    if dps is not None:  # a clear error now if no step size is known for this operator; as run
+        options["dps"]["zeta"] = dps.step_size(first_op)
+    if tv is not None:  # as run: the task's defaults where no flag gave them
+        options["tv"].update(zip(("lam", "iters"), tv.settings(first_op)))
+    if ddnm is not None:
+        options["ddnm"]["pinv"] = "operator" if ddnm.projection_operator(first_op) is first_op else "least-squares"
 
-    out = folder.create()
     command = command_line("benchmark")
+    operator_seeded = "seed" in first_op.config()
+    settings = {
+        "command": command,
+        "complete": True,
+        "hardware": hardware_name(device),
+        "task": task.describe(),
+        "operator": without_size_and_seed(first_op.config()),
+        "operator_seeds": f"{args.seed} + image index (mod 2**32)" if operator_seeded else None,
+        "generator_seeds": f"{args.seed} + image index",
+        "protocol": describe_protocol(task),
+        "checkpoint": None if trained is None else str(trained.path),
+        "idm_precision": args.precision,
+        "idm_final_projection": None if trained is None else trained.model.config.final_projection,
+        "prior": None if prior is None else str(prior_path),
+        "dps_zeta": None if dps is None else dps.step_size(first_op),
+        "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
+        "methods": names,
+        "method_options": {name: options[name] for name in names if name in options},  # as run
+        "images": [im.name for im in images],
+        "inputs": [{**im.record(), "operator_seed": image_seed(args.seed, i) if operator_seeded else None}
+                   for i, im in enumerate(images)],  # fmt: skip
+        "limit": args.limit,
+        "resized_to": args.size,
+        "warnings": recorded_warnings,
+    }
+    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
+    out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
+    scored: list[dict[str, Any]] = []
+
+    def keep(rows: list[dict[str, Any]]) -> None:  # after every image: a run stopped part-way keeps its scores
+        scored[:] = rows
+        write_results_csv(rows, out / "results.csv", fields)
+
     try:
         rows = run_benchmark(
             images,
@@ -203,33 +244,15 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             pad_multiple=pad_multiple(task, first_op),
             progress=not args.no_progress,
+            after_image=keep,
         )
-    except BaseException:
+    except (Exception, KeyboardInterrupt) as error:
+        if scored:
+            reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+            done = list(dict.fromkeys(row["image"] for row in scored))
+            save_json({**settings, "complete": False, "stopped_by": reason, "images_done": done}, out / "benchmark.json")
         folder.discard_if_empty()
         raise
-    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
-    write_results_csv(rows, out / "results.csv", fields)
-    settings = {
-        "command": command,
-        "complete": True,
-        "hardware": hardware_name(device),
-        "task": task.describe(),
-        "operator": without_size_and_seed(first_op.config()),
-        "operator_seeds": f"{args.seed} + image index (mod 2**32)" if "seed" in first_op.config() else None,
-        "generator_seeds": f"{args.seed} + image index",
-        "protocol": describe_protocol(task),
-        "checkpoint": None if trained is None else str(trained.path),
-        "idm_precision": args.precision,
-        "idm_final_projection": None if trained is None else trained.model.config.final_projection,
-        "prior": None if prior is None else str(prior_path),
-        "dps_zeta": None if dps is None else dps.step_size(first_op),
-        "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
-        "methods": names,
-        "method_options": {name: options[name] for name in names if name in options},  # as run (None: the default)
-        "images": [im.name for im in images],
-        "limit": args.limit,
-        "resized_to": args.size,
-    }
     save_json(settings, out / "benchmark.json")
     summary = (
         f"# Benchmark: {task.name}\n\n`{command}`\n\nHardware: {settings['hardware']}. "
@@ -244,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         + ".\n\n"
         + summary_table(rows, [m.name for m in methods])
         + "\n"
+        + "".join(f"\nWarning: {warning}\n" for warning in recorded_warnings)
     )
     (out / "summary.md").write_text(summary)
     print(summary)

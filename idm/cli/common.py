@@ -165,6 +165,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0")  # fmt: skip
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: meta tensors hold no values to reconstruct or train (use cpu or cuda)")
+    if device.type not in ("cpu", "cuda"):  # another backend (mps, xpu...): usable only where this torch has it
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as err:
+            reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--device {name} is not usable with this torch build: {reason} (use cpu or cuda)") from None
     return device
 
 

@@ -356,7 +356,7 @@ def _model_for_flags(args: argparse.Namespace, task: Any, device: torch.device, 
     input's, where the operator's own check of the flags can run when no model serves them."""
     overrides = operator_overrides(args)
     settings = {**overrides, **fixed}
-    request = {"name": task.operator, **task.operator_kwargs(**settings)}
+    request = {"name": task.operator, **task.check_flags(**settings)}  # also refuses a flag the operator would ignore
     trained = load_model(args.checkpoint, task, expect={"name": task.operator, **overrides}, request=request, device=device,
                          precision=args.precision, flags=settings, img_size=img_size)  # fmt: skip
     return overrides, trained

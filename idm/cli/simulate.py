@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     task = get_task(task_name(args, Path(args.input)), args.color)
     overrides = operator_overrides(args)
-    task.operator_kwargs(**overrides)  # refuses flags the task does not take, before any work
+    task.check_flags(**overrides)  # refuses flags the task does not take or would ignore, before any work
     check_limit(args.limit)
     out = Path(args.out)
     suffix = out.suffix.lower()

@@ -111,6 +111,10 @@ class _SliceDataset(Dataset):
         """Choose the epoch whose crops/augmentations ``__getitem__`` draws."""
         self.epoch = int(epoch)
 
+    def item_source(self, index: int) -> tuple[Path, int]:
+        """``(file, slice)`` item ``index`` is read from (slice 0 for a single image)."""
+        return self.items[index]
+
     def item_name(self, index: int) -> str:
         """A short name for item ``index``: the file stem, plus ``_sN`` for slice N of a volume."""
         path, sl = self.items[index]
@@ -316,6 +320,10 @@ class ConcatSlices(Dataset):
     def item_name(self, index: int) -> str:
         k, i = self._locate(index)
         return self.parts[k].item_name(i)
+
+    def item_source(self, index: int) -> tuple[Path, int]:
+        k, i = self._locate(index)
+        return self.parts[k].item_source(i)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         k, i = self._locate(index)

@@ -25,7 +25,8 @@ Palette ("P") images are expanded through their palette to RGB first (RGBA
 when they carry transparency; alpha channels are dropped, not composited), and
 only then converted to gray / Y. Multi-page TIFFs give their first page.
 8-bit data is divided by 255, 16-bit data by 65535. Pillow reduces 16-bit
-*RGB* files to 8 bits per channel (16-bit grayscale keeps full precision).
+*RGB* files to 8 bits per channel (16-bit grayscale keeps full precision);
+:func:`read_image` warns when it reads such a file.
 32-bit float ("F") TIFFs are accepted if their values lie in [0, 1].
 
 Truncated files raise :class:`DataError` because Pillow's ``load()`` does;
@@ -36,6 +37,7 @@ this detection is lost if some other code sets the global
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -98,12 +100,23 @@ def list_files(
         p for p in candidates
         if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
     )
+    # sub-folders that hold such files, which a folder's listing leaves out: said, not used silently
+    skipped = [] if recursive else sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+        and any(f.is_file() and f.name.lower().endswith(exts) for f in p.rglob("*"))
+    )  # fmt: skip
+    unsearched = (f"sub-folder{'s' if len(skipped) > 1 else ''} {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
+                  " (sub-folders are not searched: give them as paths too)")  # fmt: skip
     if not files:
         where = " (searched recursively)" if recursive else ""
         kspace = any(p.suffix.lower() in KSPACE_SUFFIXES for p in (root.rglob("*") if recursive else root.iterdir()))
         raise DataError(
             f"{root}: no {what} files{where} with extensions {', '.join(exts)}" + (KSPACE_HINT if kspace else "")
+            + (f"; they are in its {unsearched}" if skipped else "")
         )
+    if skipped:
+        warnings.warn(f"{root}: its {unsearched} also hold {what} files, which are not used", stacklevel=2)
     return files
 
 
@@ -184,6 +197,19 @@ def _to_array(im: Image.Image, path: Path) -> tuple[np.ndarray, int]:
     raise DataError(f"{path}: unsupported image mode {mode!r}")
 
 
+def _colour_depth_above_8_bits(im: Image.Image, path: Path) -> bool:
+    """Whether the file of the colour image ``im`` stores more than 8 bits per channel, which Pillow drops:
+    a PNG's header bit depth, a TIFF's ``BitsPerSample``."""
+    if im.format == "PNG":
+        with open(path, "rb") as handle:
+            header = handle.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
+        return len(header) == 26 and header[24] > 8
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258, ())  # BitsPerSample, one per channel
+        return any(b > 8 for b in (bits if isinstance(bits, tuple) else (bits,)))
+    return False
+
+
 def _y_fixed_point(rgb: np.ndarray) -> np.ndarray:
     """OpenCV's uint8 BT.601 Y: ``(4899 R + 9617 G + 1868 B + 8192) >> 14``."""
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
@@ -211,6 +237,9 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
             if _exif_orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
             arr, full_scale = _to_array(im, p)
+            if arr.ndim == 3 and _colour_depth_above_8_bits(im, p):
+                warnings.warn("16-bit colour images are read at 8 bits per channel (Pillow's limit; 16-bit grey "
+                              "images keep full precision)", stacklevel=2)  # fmt: skip
     except DataError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
