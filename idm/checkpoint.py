@@ -71,9 +71,17 @@ def load_json(path: str | Path, what: str = "config") -> Any:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a flat dict of tensors as safetensors, atomically (tensors are made contiguous CPU copies)."""
+    """Write a flat dict of tensors as safetensors, atomically (tensors are made contiguous CPU copies); a
+    failed write (a full disk) is an ``OSError`` naming the file, with nothing left of it."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # safetensors reports its I/O errors as its own type
+            raise OSError(f"cannot write {str(path)!r}: {err}") from None
+
+    return atomic_write(path, write)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

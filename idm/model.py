@@ -474,7 +474,8 @@ class IDM(nn.Module):
         return model.to(device)
 
     def load_weights(self, state: dict[str, Tensor], source: str | Path = "state dict") -> None:
-        """``load_state_dict`` with an error that says which keys or shapes do not match.
+        """``load_state_dict`` with an error that says which keys or shapes do not match, or which weights are
+        not finite (a damaged file: a model with NaN weights reconstructs nothing).
 
         The values are copied: into the existing tensors (keeping their device,
         dtype and memory format), or, for a model built without storage
@@ -493,6 +494,10 @@ class IDM(nn.Module):
                      f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
                      f"{len(wrong)} of another shape ({show(wrong)})" if wrong else ""]
             raise CheckpointError(f"weights in {source} do not fit this IDM: " + "; ".join(p for p in parts if p))
+        broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise CheckpointError(f"weights in {source} hold NaN or inf ({', '.join(broken[:3])}"
+                                  f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}): the file is damaged")  # fmt: skip
         if any(t.is_meta for t in own.values()):
             self.load_state_dict({k: v.to(own[k].dtype, copy=True) for k, v in state.items()}, assign=True)
         else:

@@ -438,8 +438,11 @@ def pretrain(
             desc="idm pretrain",
             amp=amp,  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
-    except BaseException:
+    except BaseException as err:
         distributed.teardown(env, clean=False)
+        named = distributed.named_peer_loss(err, env)
+        if named is not err:
+            raise named from err
         raise
     distributed.teardown(env)
     return result, folder.out / PRIOR_DIR

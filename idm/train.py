@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from idm.channel_layout import convert_channel_layout
+from idm.checkpoint import CheckpointError, load_json
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.step import LearnedSchedule
@@ -205,12 +206,18 @@ _FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_chan
 
 
 def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's identity; runs from before ``ssim_weight`` joined it recorded the weight in their settings."""
+    """A saved run's identity, as this version records it: runs from before ``ssim_weight`` joined it recorded
+    the weight in their settings, and runs from before a model field of :data:`_FIELDS_ADDED_LATER` existed
+    (or that left it out at its default) had that field's default."""
     identity = run.get("identity", {})
     training = identity.get("training") if isinstance(identity, dict) else None
     weight = run.get("settings", {}).get("ssim_weight") if isinstance(run.get("settings"), dict) else None
     if isinstance(training, dict) and "ssim_weight" not in training and weight:
         identity = {**identity, "training": {**training, "ssim_weight": weight}}
+    model = identity.get("model") if isinstance(identity, dict) else None
+    if isinstance(model, dict):
+        defaults = {name: getattr(IDMConfig, name) for name in _FIELDS_ADDED_LATER}
+        identity = {**identity, "model": {**defaults, **model}}
     return identity
 
 
@@ -218,11 +225,25 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
     d = config.to_dict()
     if d["unet"] not in ("tiny", "sd15"):
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
-    for name in _FIELDS_ADDED_LATER:
-        if d[name] == getattr(IDMConfig, name):
-            del d[name]  # runs recorded before the field existed had its default, and still resume
     del d["keep_attention"]  # how the backward runs, not what it computes: may change between chunks
     return d
+
+
+def _check_resumed_prior(unet: str, model: IDM, checkpoint: Path) -> None:
+    """A :class:`CheckpointError` when the prior folder given to a resumed run (``unet``; its weights are not
+    read again, so it may move between chunks) holds another U-Net architecture than the run's model: the
+    run's record would then name a prior it was not trained from."""
+    if unet in ("tiny", "sd15") or not (Path(unet) / "config.json").is_file():
+        return
+    given = load_json(Path(unet) / "config.json", "prior config")
+    recorded = model.export_config().get("unet_config", {})
+    if not isinstance(given, dict):
+        return  # not a diffusers folder: the prior check of a fresh run names that
+    differ = sorted(k for k in set(given) & set(recorded) if not k.startswith("_") and given[k] != recorded[k])
+    if differ:
+        shown = ", ".join(f"{k} {given[k]} (the run's: {recorded[k]})" for k in differ[:3])
+        raise CheckpointError(f"--resume: the prior {unet!r} is another U-Net than the one the run in {checkpoint.parent.parent} "
+                              f"was trained from ({shown}); pass the run's prior, or start a new run")  # fmt: skip
 
 
 def _fresh_model(model_config: IDMConfig, init_model: IDM | None) -> IDM:
@@ -379,6 +400,7 @@ def train(
         start, seconds_before = 0, 0.0
         if ckpt is not None:
             model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
+            _check_resumed_prior(model_config.unet, model, ckpt)
             model.config = model.config.replace(keep_attention=model_config.keep_attention)  # this chunk's choice
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         else:
@@ -478,8 +500,11 @@ def train(
             checkpoints=folder.checkpoints_dir,
             amp=config.amp and device.type == "cuda",
         )
-    except BaseException:
+    except BaseException as err:
         distributed.teardown(env, clean=False)
+        named = distributed.named_peer_loss(err, env)
+        if named is not err:
+            raise named from err
         raise
     distributed.teardown(env)
     return TrainResult(result, folder.out, folder.latest(), resumed_from=start)

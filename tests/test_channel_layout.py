@@ -116,7 +116,7 @@ def test_train_defaults_to_separate_channels_for_inpainting_and_converts_an_init
     assert main([*argv, "--steps", "1", "--prior", prior, "--no-separate-channels", "--out", str(tmp_path / "joint")]) == 0
     joint = load_trained(tmp_path / "joint").model
     assert joint.config.separate_channels is False
-    assert "separate_channels" not in json.loads((tmp_path / "joint" / "config.json").read_text())["identity"]["model"]
+    assert json.loads((tmp_path / "joint" / "config.json").read_text())["identity"]["model"]["separate_channels"] is False
     tiny_step = ["--lr", "1e-12"]  # Adam moves each weight by about 1e-12: the run keeps the converted weights
     assert main([*argv, *tiny_step, "--init-from", str(tmp_path / "joint"), "--separate-channels",
                  "--out", str(tmp_path / "converted")]) == 0  # fmt: skip

@@ -635,17 +635,19 @@ def test_final_projection_defaults_to_the_task_and_to_the_init_from_model(tmp_pa
 
 
 def test_runs_recorded_before_final_projection_existed_still_resume(tmp_path, capsys):
-    """A run folder whose recorded model identity has no final_projection field (it was off) resumes."""
+    """A run folder whose recorded model identity has no final_projection field (older runs, in which it was off,
+    and the runs that left it out at its default) resumes; a differing setting is named with both values."""
     data = write_images(tmp_path / "data")
     out = tmp_path / "run"
     argv = [*BASE, "--no-final-projection", "--lr-milestones", "5", "--data", str(data), "--checkpoint-every", "1", "--out", str(out)]
     assert main([*argv, "--iters", "1"]) == 0
     for record in (out / "config.json", *out.glob("checkpoints/*/run.json")):
         run = json.loads(record.read_text())
-        assert "final_projection" not in run["identity"]["model"]  # off reads as absent, as in older runs
+        assert run["identity"]["model"].pop("final_projection") is False  # recorded, and removed here: as an older run
+        record.write_text(json.dumps(run))
     assert main([*argv, "--iters", "2", "--resume"]) == 0
     assert main([*BASE, "--lr-milestones", "5", "--data", str(data), "--iters", "3", "--resume", "--out", str(out)]) == 2
-    assert "final_projection: null in the run, true now" in capsys.readouterr().err
+    assert "model.final_projection: false in the run, true now" in capsys.readouterr().err
 
 
 def test_log_rows_cut_short_by_a_crash_are_dropped_on_resume(tmp_path):

@@ -8,15 +8,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 
 def default_device() -> str:
@@ -147,6 +150,20 @@ def command_line(name: str) -> str:
     return "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else f"idm {name}"
 
 
+def process_started_at() -> float:
+    """When this process started, on the :func:`time.monotonic` clock: a time budget (``--max-minutes``) then
+    counts Python's start and the imports too, which take seconds. Read from ``/proc`` (Linux); elsewhere,
+    the time of the call."""
+    now = time.monotonic()
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (name)": field 3 on
+        started_ticks = float(fields[19])  # field 22: start time, in clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return now - max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return now
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -178,7 +195,8 @@ def resolve_device(name: str) -> torch.device:
 
 def run_guarded(call: Callable[[], int | None], name: str) -> int:
     """``call()``'s exit status, with the toolkit's errors (``ValueError`` subclasses, ``OSError``: bad
-    arguments, missing files, a device that is not there) printed as ``NAME: error: ...`` and status 2,
+    arguments, missing files, a device that is not there, a full disk; and safetensors' own write errors)
+    printed as ``NAME: error: ...`` and status 2,
     Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so.
     The toolkit's own warnings (raised from this project's packages) print as one ``NAME: warning: ...`` line,
     without Python's file and source line; other libraries' warnings print as Python prints them."""
@@ -199,7 +217,7 @@ def run_guarded(call: Callable[[], int | None], name: str) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, SafetensorError) as err:  # the last: a failed write of diffusers' save_pretrained
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 from idm.hardware import hardware_name
 from idm.cli.common import (
@@ -20,6 +19,7 @@ from idm.cli.common import (
     command_line,
     operator_overrides,
     positive_int,
+    process_started_at,
     resolve_device,
     seed_everything,
 )
@@ -106,7 +106,7 @@ def _starting_model(args: argparse.Namespace, task):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    started_at = time.monotonic()
+    started_at = process_started_at()  # the budget counts from the start of the command
     import tasks
     from idm.config import IDMConfig
     from idm.pretrain import prior_folder

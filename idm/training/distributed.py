@@ -86,6 +86,24 @@ def teardown(env: DistEnv, clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+class PeerLostError(ConnectionError):
+    """A collective operation failed because another process of the run has stopped (killed, out of memory)."""
+
+
+def named_peer_loss(err: BaseException, env: DistEnv) -> BaseException:
+    """``err``, or for a multi-process run whose collective failed because another process is gone (torch's
+    distributed errors; Gloo reports its broken connections as plain ``RuntimeError``) a
+    :class:`PeerLostError` that says so in one line, instead of a traceback through the backward pass."""
+    transport = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+    if not env.enabled or not isinstance(err, RuntimeError):
+        return err
+    if not isinstance(err, dist.DistError) and not any(marker in str(err) for marker in transport):
+        return err
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PeerLostError(f"process {env.rank} of {env.world_size}: another process of this run stopped, so this one "
+                         f"stops too ({first[:200]}); the last checkpoint is intact: rerun with --resume")  # fmt: skip
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from idm.checkpoint import CheckpointError, load_json, save_json
 from idm.training.csv_log import CsvLog
+from idm.training.state import resuming_from
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.csv"
@@ -147,7 +148,8 @@ class RunFolder:
     ) -> Path | None:
         """Check that the run may use ``out``; return the checkpoint to resume from (``None``: fresh start).
 
-        Writes nothing. Raises :class:`CheckpointError` when ``out`` holds
+        Writes nothing (it only probes that ``checkpoints/`` takes a new folder). Raises
+        :class:`CheckpointError` when ``checkpoints/`` is not a writable folder, when ``out`` holds
         checkpoints and ``resume`` is false, when a resumed run's identity
         differs from ``identity``, or when ``out`` is not a run folder of this
         kind (another config, or no config and no checkpoint but files of
@@ -159,6 +161,7 @@ class RunFolder:
         """
         if self.out.exists() and not self.out.is_dir():
             raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
+        self._check_checkpoints_writable()
         found = self.checkpoints()
         has_config = self.config_path.is_file()
         if not has_config and not found:  # not a run folder: the names the run writes must be free
@@ -185,9 +188,22 @@ class RunFolder:
                 self._check_identity(read(saved), identity, self.config_path, hints)
             return None
         latest = found[-1][1]
-        run = self.read_config(latest / RUN_NAME)
+        with resuming_from(latest):  # a checkpoint without its run.json is damaged: say how to fall back
+            run = self.read_config(latest / RUN_NAME)
         self._check_identity(read(run), identity, latest, hints)
         return latest
+
+    def _check_checkpoints_writable(self) -> None:
+        """A :class:`CheckpointError` now, not after a chunk of training, when ``checkpoints/`` is not a folder
+        or does not take a new one (probed with an empty hidden folder, removed at once)."""
+        ckdir = self.checkpoints_dir
+        if ckdir.exists() and not ckdir.is_dir():
+            raise CheckpointError(f"{str(ckdir)!r} is not a folder: the run writes its checkpoints there (nothing was overwritten)")
+        if ckdir.is_dir():
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=ckdir))
+            except OSError as err:
+                raise CheckpointError(f"cannot write checkpoints into {str(ckdir)!r}: {err.strerror or err}") from None
 
     def _check_identity(self, saved: dict[str, Any], current: dict[str, Any], where: Path, hints: dict[str, str] | None) -> None:
         diffs = config_differences(_normalise(saved), _normalise(current))
@@ -248,20 +264,37 @@ class RunFolder:
 
     def _prune(self, keep: int) -> None:
         for _, path in self.checkpoints()[: -max(1, keep)]:
-            shutil.rmtree(path, ignore_errors=True)
-        for p in self.checkpoints_dir.iterdir():  # leftovers of interrupted writes (only rank 0 writes here)
-            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+            _remove_folder(path)
+        _remove_leftovers(self.checkpoints_dir, "")  # of interrupted writes and prunes (only rank 0 writes here)
+
+
+def _remove_folder(path: Path) -> None:
+    """Delete the folder ``path`` as one step for its readers: it is renamed to a hidden ``.old-`` name first, so
+    that a process killed while deleting leaves no part of it under its own name (:func:`_remove_leftovers`
+    deletes the rest later)."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+    os.replace(path, hidden / path.name)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Delete the hidden ``.tmp-NAME*`` / ``.old-NAME*`` folders in ``parent`` that interrupted writes and
+    deletions of this module left behind (``name`` empty: all of them)."""
+    for p in parent.iterdir():
+        if p.name.startswith((f".tmp-{name}", f".old-{name}")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Write a folder atomically next to ``final`` with ``write(tmp)``, then swap it in.
 
     A crash leaves either the previous ``final`` or the new one in place (or,
-    between the two renames, the previous one under a hidden ``.old-`` name).
+    between the two renames, the previous one under a hidden ``.old-`` name,
+    which the next call removes with the other leftovers of interrupted calls).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent, f"{final.name}-")
     tmp = _make_temp_dir(final.parent, f".tmp-{final.name}-")
     try:
         write(tmp)

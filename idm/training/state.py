@@ -48,6 +48,9 @@ def read_checkpoint_files(
         rng_tensors = load_tensors(folder / "rng.safetensors")
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
             raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no iteration number")
+        broken = [k for k, v in opt_tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise CheckpointError(f"the optimizer state in {folder / 'optimizer.safetensors'} holds NaN or inf ({broken[0]})")
         optimizer = state.get("optimizer")
         if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]

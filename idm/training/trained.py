@@ -81,6 +81,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"training folder {str(p)!r} has no checkpoint yet")
         if not is_model_dir(latest):
             raise CheckpointError(f"the latest checkpoint {str(latest)!r} is not an IDM model folder: {_why_not_a_model(latest)}")
+        if not (latest / RUN_NAME).is_file():  # read as a bare model, it would serve any task and operator
+            raise CheckpointError(f"the latest checkpoint {str(latest)!r} lacks {RUN_NAME}, the record of its task and "
+                                  "operator: the checkpoint is damaged; delete that folder to use the previous one, if any")  # fmt: skip
         return latest
     raise CheckpointError(
         f"{str(p)!r} is neither an IDM model folder (config.json + model.safetensors) "

@@ -1,0 +1,159 @@
+"""A training run's folder keeps what was trained: checked before training, written and pruned so that a killed
+process leaves only complete checkpoints, damaged files named as such (from a user-journey review)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from idm.checkpoint import CheckpointError, save_tensors
+from idm.cli import main
+from idm.training.run_folder import RunFolder, replace_folder
+from idm.training.trained import resolve_model_dir
+from tests.test_train import BASE, write_images
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("data") / "train")
+
+
+def _run(tmp_path: Path, data: Path, iters: int = 2, *extra: str) -> list[str]:
+    argv = [*BASE, "--data", str(data), "--checkpoint-every", "1", "--lr-milestones", "5", "--out", str(tmp_path / "run"), *extra]
+    assert main([*argv, "--iters", str(iters)]) == 0
+    return argv
+
+
+def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, data, capsys, monkeypatch):
+    argv = _run(tmp_path, data)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints").write_text("a file where the run writes its checkpoints")
+    log = (tmp_path / "run" / "log.csv").read_text()
+    assert main([*argv, "--iters", "4", "--resume"]) == 2
+    assert "run/checkpoints' is not a folder: the run writes its checkpoints there" in capsys.readouterr().err
+    assert (tmp_path / "run" / "log.csv").read_text() == log  # nothing was started
+
+    (tmp_path / "run" / "checkpoints").unlink()
+    argv = _run(tmp_path / "second", data)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(prefix=None, dir=None, **kwargs):  # a folder that takes no new entry (as chmod a-w, also for root)
+        if str(prefix).startswith(".tmp-probe-"):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(prefix=prefix, dir=dir, **kwargs)
+
+    monkeypatch.setattr("idm.training.run_folder.tempfile.mkdtemp", read_only)
+    assert main([*argv, "--iters", "4", "--resume"]) == 2
+    assert "cannot write checkpoints into" in capsys.readouterr().err
+    assert sorted(p.name for p in RunFolder(tmp_path / "second" / "run", "idm-train").checkpoints_dir.iterdir()) == [
+        "iter_0000001", "iter_0000002"]  # no probe left behind
+
+
+def test_a_failed_safetensors_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("idm.checkpoint.save_file", full_disk)
+    with pytest.raises(OSError, match=r"cannot write '.*w.safetensors': .*No space left on device"):
+        save_tensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_its_run_record_is_damaged(tmp_path, data, capsys):
+    argv = _run(tmp_path, data)
+    (tmp_path / "run" / "checkpoints" / "iter_0000002" / "run.json").unlink()
+    with pytest.raises(CheckpointError, match="lacks run.json, the record of its task and operator: the checkpoint is damaged"):
+        resolve_model_dir(tmp_path / "run")  # read as a bare model folder, it would serve any operator
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "run.json' does not exist" in err and "the checkpoint is damaged; delete that folder to resume from the previous" in err
+
+
+def test_weights_that_are_not_finite_are_a_damaged_checkpoint(tmp_path, data, capsys):
+    argv = _run(tmp_path, data)
+    weights = tmp_path / "run" / "checkpoints" / "iter_0000002" / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights)
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"hold NaN or inf ({name}): the file is damaged" in err and "delete that folder to resume" in err
+    assert main(["reconstruct", "--input", str(data), "--checkpoint", str(tmp_path / "run"), "--device", "cpu",
+                 "--out", str(tmp_path / "rec")]) == 2  # fmt: skip
+    assert "hold NaN or inf" in capsys.readouterr().err
+
+
+def test_a_process_killed_while_pruning_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path / "run", "idm-train")
+
+    def write(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    for iteration in (1, 2):
+        folder.save_checkpoint(iteration, write, {}, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("idm.training.run_folder.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder.save_checkpoint(3, write, {}, keep=2)  # iteration 1 is pruned: killed while it is deleted
+    assert [i for i, _ in folder.checkpoints()] == [2, 3]  # no partial iter_0000001 under its own name
+    assert any(p.name.startswith(".old-iter_0000001-") for p in folder.checkpoints_dir.iterdir())
+    monkeypatch.setattr("idm.training.run_folder.shutil.rmtree", real_rmtree)
+    folder.save_checkpoint(4, write, {}, keep=2)
+    assert sorted(p.name for p in folder.checkpoints_dir.iterdir()) == ["iter_0000003", "iter_0000004"]
+
+
+def test_replace_folder_removes_what_interrupted_calls_left(tmp_path):
+    (tmp_path / ".tmp-prior-abc123").mkdir()  # a pretrain killed while exporting its prior
+    (tmp_path / ".old-prior-def456").mkdir()
+    (tmp_path / ".tmp-priors-other").mkdir()  # not this folder's
+    replace_folder(tmp_path / "prior", lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-priors-other", "prior"]
+
+
+def test_a_resumed_run_refuses_a_prior_of_another_architecture(tmp_path, data, capsys):
+    from diffusers import UNet2DModel
+
+    from idm.unets import tiny_unet_config
+
+    torch.manual_seed(0)
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "prior")
+    UNet2DModel(**{**tiny_unet_config(1), "block_out_channels": [16, 32]}).save_pretrained(tmp_path / "other")
+    args = [a for a in BASE if a not in ("--unet", "tiny")]
+    argv = [*args, "--data", str(data), "--lr-milestones", "5", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--prior", str(tmp_path / "prior"), "--iters", "1"]) == 0
+    shutil.move(tmp_path / "prior", tmp_path / "moved")  # a prior may move between chunks
+    assert main([*argv, "--prior", str(tmp_path / "moved"), "--iters", "2", "--resume"]) == 0
+    assert main([*argv, "--prior", str(tmp_path / "other"), "--iters", "3", "--resume"]) == 2
+    assert "is another U-Net than the one the run in" in capsys.readouterr().err
+
+
+def test_the_time_budget_counts_from_the_start_of_the_process():
+    from idm.cli.common import process_started_at
+
+    assert 0.5 < time.monotonic() - process_started_at() < time.monotonic()  # this process imported torch before
+
+
+def test_a_lost_process_of_a_torchrun_run_is_named_in_one_line():
+    from idm.training.distributed import DistEnv, PeerLostError, named_peer_loss
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:38305: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging")  # what rank 0 raised from backward()
+    named = named_peer_loss(gloo, DistEnv(rank=0, world_size=2))
+    assert isinstance(named, PeerLostError) and isinstance(named, OSError)  # idm train prints it as one line
+    assert str(named).startswith("process 0 of 2: another process of this run stopped, so this one stops too (")
+    assert "rerun with --resume" in str(named)
+    assert named_peer_loss(gloo, DistEnv()) is gloo  # one process: nothing to blame on another
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    assert named_peer_loss(other, DistEnv(rank=1, world_size=2)) is other
