@@ -78,9 +78,18 @@ def load_images(
             continue
         path, index = source_of(i)
         if path not in digests:
-            digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            digests[path] = _sha256(Path(path))
         images.append(BenchmarkImage(name, x, str(path), int(index), digests[path]))
     return images
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces (a CT volume may be hundreds of MiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(2**20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def _sync(device: torch.device) -> None:

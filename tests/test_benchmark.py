@@ -232,8 +232,8 @@ def test_compare_refuses_images_of_one_name_that_differ(bench_files, tmp_path):
 
 
 def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch, capsys):
-    """Ctrl-C after the first image: its row stays in results.csv, and benchmark.json says the run is incomplete,
-    why, and which images it finished (as idm reconstruct does)."""
+    """Ctrl-C after the first image: its row stays in results.csv (the earlier run's rows are gone), and
+    benchmark.json says the run is incomplete, why, and which images it finished (as idm reconstruct does)."""
     import benchmarks.harness
 
     calls = []
@@ -243,8 +243,10 @@ def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(benchmarks.harness, "save_grid", stop_at_the_second)
     out = tmp_path / "out"
+    assert main([*PINV_RUN[:-1], "--data", str(bench_files / "images"), "--out", str(out)]) == 0  # an earlier run
+    assert len(_rows(out / "results.csv")) == 2
+    monkeypatch.setattr(benchmarks.harness, "save_grid", stop_at_the_second)
     assert main([*PINV_RUN[:-1], "--data", str(bench_files / "images"), "--out", str(out)]) == 130
     assert [(r["method"], r["image"]) for r in _rows(out / "results.csv")] == [("pinv", "a")]
     record = json.loads((out / "benchmark.json").read_text())

@@ -226,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
+    for table in ("results.csv", "summary.md"):  # an earlier run's, which this run's record would seem to describe
+        (out / table).unlink(missing_ok=True)
     scored: list[dict[str, Any]] = []
 
     def keep(rows: list[dict[str, Any]]) -> None:  # after every image: a run stopped part-way keeps its scores
