@@ -249,6 +249,7 @@ def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch
     monkeypatch.setattr(benchmarks.harness, "save_grid", stop_at_the_second)
     assert main([*PINV_RUN[:-1], "--data", str(bench_files / "images"), "--out", str(out)]) == 130
     assert [(r["method"], r["image"]) for r in _rows(out / "results.csv")] == [("pinv", "a")]
+    assert not (out / "grids" / "b.png").exists()  # the earlier run's was removed, this run stopped before its own
     record = json.loads((out / "benchmark.json").read_text())
     assert record["complete"] is False and record["stopped_by"] == "interrupted" and record["images_done"] == ["a"]
     assert record["images"] == ["a", "b"] and record["method_options"] == {}

@@ -13,6 +13,7 @@ run's settings: seeds, operator, prior, checkpoint, DPS step size),
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from typing import Any
@@ -226,8 +227,10 @@ def run(args: argparse.Namespace) -> int:
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
-    for table in ("results.csv", "summary.md"):  # an earlier run's, which this run's record would seem to describe
-        (out / table).unlink(missing_ok=True)
+    for table in ("results.csv", "summary.md"):  # an earlier run's outputs, which this run's record would seem
+        (out / table).unlink(missing_ok=True)  # to describe: its tables, and its pictures of other images or methods
+    for pictures in ("grids", "recon"):
+        shutil.rmtree(out / pictures, ignore_errors=True)
     scored: list[dict[str, Any]] = []
 
     def keep(rows: list[dict[str, Any]]) -> None:  # after every image: a run stopped part-way keeps its scores
