@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -102,6 +103,10 @@ def check_same_problem(base: Path, other: Path) -> None:
                   for name in others[:3]] + ([f"and {len(others) - 3} more images"] if len(others) > 3 else [])  # fmt: skip
     if shown:
         raise ValueError(f"{base} and {other} did not benchmark the same problem ({'; '.join(shown)})")
+    for folder, record in zip((base, other), records):
+        if record.get("complete") is False:  # the images it did not finish are left out of the comparison
+            warnings.warn(f"{folder} is an incomplete run (stopped by {record.get('stopped_by', 'an error')}): "
+                          "only the images both runs scored are compared", stacklevel=2)  # fmt: skip
 
 
 def _describe_input(item: dict) -> str:

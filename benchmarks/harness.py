@@ -14,7 +14,6 @@ error and the run goes on.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from benchmarks.report import save_grid, save_image
+from idm.checkpoint import file_sha256
 from tasks.data import check_size, resize_square
 from tasks.measurements import unique_names
 
@@ -78,18 +78,9 @@ def load_images(
             continue
         path, index = source_of(i)
         if path not in digests:
-            digests[path] = _sha256(Path(path))
+            digests[path] = file_sha256(path)
         images.append(BenchmarkImage(name, x, str(path), int(index), digests[path]))
     return images
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB pieces (a CT volume may be hundreds of MiB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(2**20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def _sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
-from benchmarks.prior import load_prior
+from benchmarks.prior import load_prior, prior_fingerprint
 from benchmarks.report import run_script
 from benchmarks.tuning import is_number, tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import load_json, save_json
@@ -41,16 +41,21 @@ def step_size_from(text: str, task_name: str, operator: dict, steps: int | None 
 
 
 def check_tuned_prior(text: str, prior: str | Path) -> None:
-    """A ``ValueError`` when ``--dps-zeta``'s record (``text``; a number passes) was tuned with another prior
-    than ``prior``, compared by folder name: the record keeps the path it was tuned with, which may be
-    another machine's."""
+    """A ``ValueError`` when ``--dps-zeta``'s record (``text``; a number passes) was tuned with another prior than
+    ``prior``: another network by :func:`benchmarks.prior.prior_fingerprint` (recorded since it exists, else
+    computed from the recorded path where that exists here; a record whose prior is not here is not checked)."""
     if is_number(text):
         return
     record = load_json(text, RECORD)  # step_size_from has checked that it is a record with a zeta
-    tuned_with = record.get("prior")
-    if tuned_with and Path(tuned_with).name != Path(prior).name:
-        raise ValueError(f"--dps-zeta {text}: tuned with the prior {tuned_with!r} (here {str(prior)!r}); pass "
-                         f"--dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
+    tuned = record.get("prior_sha256")
+    if tuned is None and record.get("prior"):
+        try:
+            tuned = prior_fingerprint(record["prior"])
+        except (OSError, ValueError):  # tuned on another machine: nothing to compare with here
+            return
+    if tuned is not None and tuned != prior_fingerprint(prior):
+        raise ValueError(f"--dps-zeta {text}: tuned with the prior {record.get('prior')!r}, another network than "
+                         f"{str(prior)!r}; pass --dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     record = setup.record(
         "benchmarks.tune_dps", argv, time.perf_counter() - start,
         prior=args.prior,
+        prior_sha256=prior_fingerprint(args.prior),
         steps=args.steps,
         mean_psnr_by_zeta={str(z): round(s, 3) for z, s in scores.items()},
         zeta=best,

@@ -8,6 +8,7 @@ checkpoint and never destroys the previous one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -47,6 +48,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor has no NaN or inf, by one sum in float32 or wider (NaN and inf propagate through it;
+    weights and optimizer moments never sum past float32's 3e38): a pass over the values, without
+    ``isfinite``'s boolean copy of them."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB pieces (a CT volume may be hundreds of MiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(2**20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def save_json(obj: Any, path: str | Path) -> Path:

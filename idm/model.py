@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, all_finite, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
 from idm.precision import autocast_for, resolve_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
@@ -494,7 +494,7 @@ class IDM(nn.Module):
                      f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
                      f"{len(wrong)} of another shape ({show(wrong)})" if wrong else ""]
             raise CheckpointError(f"weights in {source} do not fit this IDM: " + "; ".join(p for p in parts if p))
-        broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        broken = sorted(k for k, v in state.items() if not all_finite(v))
         if broken:
             raise CheckpointError(f"weights in {source} hold NaN or inf ({', '.join(broken[:3])}"
                                   f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}): the file is damaged")  # fmt: skip

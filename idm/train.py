@@ -59,6 +59,7 @@ from idm.training.lr import milestones_from_fractions, set_learning_rate, step_l
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
+from idm.unets import unet_source_folder
 from idm.wiring import WiredSequence
 from operators.conformance import check_plugin_operator
 
@@ -200,8 +201,9 @@ def make_optimizer(model: nn.Module, lr: float, scalar_lr_mult: float, fused: bo
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
-#: IDMConfig fields newer than some recorded runs: left out of a run's identity while at their defaults
-#: (no final projection, DDNM's CG count, the U-Net tiled over the channels).
+#: IDMConfig fields newer than some recorded runs, which left them out (as runs of a later version did while they
+#: were at their defaults: no final projection, DDNM's CG count, the U-Net tiled over the channels); a recorded
+#: identity without one reads as its default (:func:`_recorded_identity`).
 _FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_channels")
 
 
@@ -233,12 +235,15 @@ def _check_resumed_prior(unet: str, model: IDM, checkpoint: Path) -> None:
     """A :class:`CheckpointError` when the prior folder given to a resumed run (``unet``; its weights are not
     read again, so it may move between chunks) holds another U-Net architecture than the run's model: the
     run's record would then name a prior it was not trained from."""
-    if unet in ("tiny", "sd15") or not (Path(unet) / "config.json").is_file():
+    if unet in ("tiny", "sd15"):
         return
-    given = load_json(Path(unet) / "config.json", "prior config")
+    try:
+        given = load_json(unet_source_folder(Path(unet)) / "config.json", "prior config")
+    except ValueError:  # no U-Net there (moved away): nothing to compare; its weights are not needed
+        return
     recorded = model.export_config().get("unet_config", {})
     if not isinstance(given, dict):
-        return  # not a diffusers folder: the prior check of a fresh run names that
+        return
     differ = sorted(k for k in set(given) & set(recorded) if not k.startswith("_") and given[k] != recorded[k])
     if differ:
         shown = ", ".join(f"{k} {given[k]} (the run's: {recorded[k]})" for k in differ[:3])

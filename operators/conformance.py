@@ -7,8 +7,8 @@ IDM, its training, measurement files and checkpoints assume of every
 * ``A_adjoint`` is the adjoint of ``A``: ``<A x, y> = <x, A^T y>``;
 * ``A_dagger`` maps measurements to real images of ``x``'s shape and dtype and,
   where :attr:`exact_pinv` is true, is a pseudo-inverse: ``A A^+ (A x) = A x``;
-* :meth:`config` is JSON and rebuilds the same operator (:func:`operators.from_config`),
-  which is how a measurement file or a checkpoint brings the operator back.
+* :meth:`config` is JSON and, for a registered operator, rebuilds the same operator
+  (:func:`operators.from_config`), which is how a measurement file or a checkpoint brings it back.
 
 The toolkit's own operators are tested for all of this; ``idm train``,
 :func:`idm.train.train` and ``idm simulate`` run the check on any other
@@ -61,7 +61,12 @@ def check_operator(op: Operator, dtype: torch.dtype = torch.float64, batch: int 
             return None
         return out
 
-    y = apply("A", op.A, x, (batch, *op.measurement_shape()))
+    try:
+        measured = (batch, *op.measurement_shape())
+    except Exception as err:  # any failure is the finding
+        problems.append(f"measurement_shape() failed: {type(err).__name__}: {err}")
+        measured = None
+    y = None if measured is None else apply("A", op.A, x, measured)
     if y is not None:
         probe = torch.rand(y.shape, generator=generator, dtype=dtype)
         adjoint = apply("A_adjoint", op.A_adjoint, probe, tuple(x.shape))
@@ -83,7 +88,7 @@ def check_operator(op: Operator, dtype: torch.dtype = torch.float64, batch: int 
 
 def _config_problems(op: Operator, x: torch.Tensor, y: torch.Tensor | None, tolerance: float) -> list[str]:
     """What is wrong with ``op.config()``: not a dict naming the operator, not JSON, or not rebuilding ``op``."""
-    from . import from_config
+    from . import REGISTRY, from_config
 
     try:
         config = op.config()
@@ -95,6 +100,8 @@ def _config_problems(op: Operator, x: torch.Tensor, y: torch.Tensor | None, tole
         text = json.dumps(config)
     except (TypeError, ValueError) as err:
         return [f"config() is not JSON (a measurement file or checkpoint could not record it): {err}"]
+    if op.name not in REGISTRY.available():  # used from Python only: no file or checkpoint can rebuild it anyway
+        return []
     try:
         rebuilt = from_config(json.loads(text))
     except Exception as err:
@@ -117,8 +124,9 @@ def _relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 def check_plugin_operator(op: Any) -> None:
     """:func:`check_operator` in float32 for an operator of a plug-in (not the toolkit's own, which its tests
-    cover), and for each base operator of an :class:`~operators.family.OperatorFamily`; anything else (a deepinv
-    physics) passes unchecked."""
+    cover), and for each base operator of an :class:`~operators.family.OperatorFamily` (rebuilt from configs:
+    a setting a plug-in's ``config()`` left out is lost by then, so :meth:`tasks.Task.make_training_operator`
+    checks each operator before its config stands for it); anything else (a deepinv physics) passes unchecked."""
     for each in getattr(op, "prototypes", None) or [op]:
         if isinstance(each, Operator) and type(each).__module__.partition(".")[0] != __package__:
             check_operator(each, dtype=torch.float32)  # what IDM runs in: an operator need not support float64

@@ -207,6 +207,7 @@ class Task:
         each range; :attr:`family_choices` are added to components that have
         those settings.
         """
+        from operators.conformance import check_plugin_operator
         from operators.family import Component, OperatorFamily
 
         ranges = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
@@ -224,7 +225,9 @@ class Task:
         components = []
         for kind in kinds or [None]:
             kind_setting = {"mask": kind} if kind else {}
-            base = self.make_operator(img_size, seed, **fixed, **middle, **kind_setting).config()
+            representative = self.make_operator(img_size, seed, **fixed, **middle, **kind_setting)
+            check_plugin_operator(representative)  # before its config() stands for it: a setting it leaves out is lost
+            base = representative.config()
             vary = {k: r for k, r in ranges.items() if k in base}
             for key, ends in vary.items():  # a range the operator refuses fails here, not at a draw mid-training
                 for end in ends:

@@ -175,9 +175,9 @@ def test_the_checkpoint_sets_the_operator_and_prior_of_baselines_and_tuning_reco
     assert main([*argv, "--methods", "dps", "--checkpoint", "cs-30", "--dps-zeta", str(record), "--out", str(tmp_path / "z")]) == 2
     assert "tuned with ratio 0.1 (here 0.3)" in capsys.readouterr().err
     record.write_text(json.dumps({"task": "cs", "operator": {"name": "cs", "ratio": 0.3}, "zeta": 2.0,
-                                  "prior": "elsewhere/prior-natural-mr"}))  # fmt: skip
+                                  "prior": "prior-natural-mr"}))  # cs-30's DPS runs prior-natural-y  # fmt: skip
     assert main([*argv, "--methods", "dps", "--checkpoint", "cs-30", "--dps-zeta", str(record), "--out", str(tmp_path / "z")]) == 2
-    assert "tuned with the prior 'elsewhere/prior-natural-mr' (here " in capsys.readouterr().err
+    assert "tuned with the prior 'prior-natural-mr', another network than " in capsys.readouterr().err
     assert main([*argv, "--methods", "pinv", "--checkpoint", "mri-4x", "--out", str(tmp_path / "m")]) == 2  # checked, not ignored
     assert "task" in capsys.readouterr().err
 
@@ -961,3 +961,31 @@ def test_compare_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_step_size_record_is_checked_against_the_network_of_its_prior(bench_files, tmp_path):
+    """The same prior in another folder passes; another network fails, by the recorded fingerprint or by the
+    recorded path where it exists here; a record whose prior is not here is not checked."""
+    import shutil
+
+    from benchmarks.prior import prior_fingerprint
+    from benchmarks.tune_dps import check_tuned_prior
+
+    shutil.copytree(bench_files / "prior", tmp_path / "moved")
+    record = tmp_path / "zeta.json"
+
+    def write(**fields):
+        record.write_text(json.dumps({"task": "cs", "operator": {"name": "cs"}, "zeta": 2.0, **fields}))
+
+    write(prior=str(bench_files / "prior"), prior_sha256=prior_fingerprint(bench_files / "prior"))
+    check_tuned_prior(str(record), tmp_path / "moved")
+    check_tuned_prior("2.0", tmp_path / "moved")  # a number is not a record
+    write(prior=str(bench_files / "prior"))  # older records: the fingerprint of the recorded path
+    check_tuned_prior(str(record), tmp_path / "moved")
+    write(prior="/another/machine/prior")
+    check_tuned_prior(str(record), tmp_path / "moved")
+    torch.manual_seed(1)
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "other")
+    write(prior=str(bench_files / "prior"))
+    with pytest.raises(ValueError, match="another network than .*other'; pass --dps-zeta 2.0 to use it anyway"):
+        check_tuned_prior(str(record), tmp_path / "other")

@@ -143,3 +143,32 @@ def test_save_json_names_a_value_that_is_not_json(tmp_path):
     with pytest.raises(ValueError, match="config.json.*not JSON .*int64"):
         save_json({"factor": np.int64(2)}, tmp_path / "config.json")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_training_family_of_a_plugin_operator_is_checked_before_its_config_stands_for_it():
+    """A family's base operators are rebuilt from configs, so a setting that config() leaves out would be lost
+    silently: make_training_operator checks the operator first."""
+    from tasks import Task
+
+    class ScaleWithGain(Scale):
+        def __init__(self, img_size, channels=1, factor=2.0, gain=1.0):
+            super().__init__(img_size, channels, factor)
+            self.gain = gain
+
+        def config(self):  # records the gain that the family varies, forgets the factor
+            return {"name": self.name, "img_size": list(self.img_hw), "channels": self.channels, "gain": self.gain}
+
+    operators.register("conformance-family-forgets")(ScaleWithGain)
+    task = Task(name="conformance-family", operator="conformance-family-forgets", options=("factor", "gain"))
+    with pytest.raises(OperatorInputError, match="leaves out a setting"):
+        task.make_training_operator(16, gain=(1.0, 3.0), factor=3.0)
+
+
+def test_an_unregistered_operator_is_checked_but_for_its_config_round_trip():
+    """An Operator subclass used from Python only (no @operators.register): no file or checkpoint can rebuild it,
+    so the round trip is not asked of it; a measurement_shape() that fails is named, not raised."""
+    loose = type("Loose", (Scale,), {"config": lambda self: {"name": self.name}})(img_size=(8, 8))
+    check_plugin_operator(loose)
+    shapeless = type("Shapeless", (Scale,), {"measurement_shape": operators.Operator.measurement_shape})(img_size=(8, 8))
+    with pytest.raises(OperatorInputError, match="measurement_shape\\(\\) failed: NotImplementedError"):
+        check_operator(shapeless)

@@ -52,8 +52,10 @@ def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, 
     monkeypatch.setattr("idm.training.run_folder.tempfile.mkdtemp", read_only)
     assert main([*argv, "--iters", "4", "--resume"]) == 2
     assert "cannot write checkpoints into" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main([*argv, "--iters", "3", "--resume"]) == 0  # the probe ran for real
     assert sorted(p.name for p in RunFolder(tmp_path / "second" / "run", "idm-train").checkpoints_dir.iterdir()) == [
-        "iter_0000001", "iter_0000002"]  # no probe left behind
+        "iter_0000002", "iter_0000003"]  # no probe left behind
 
 
 def test_a_failed_safetensors_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
@@ -91,6 +93,18 @@ def test_weights_that_are_not_finite_are_a_damaged_checkpoint(tmp_path, data, ca
     assert "hold NaN or inf" in capsys.readouterr().err
 
 
+def test_an_optimizer_state_that_is_not_finite_is_a_damaged_checkpoint(tmp_path, data, capsys):
+    argv = _run(tmp_path, data)
+    state = tmp_path / "run" / "checkpoints" / "iter_0000002" / "optimizer.safetensors"
+    tensors = load_file(state)
+    name = next(k for k, v in sorted(tensors.items()) if v.is_floating_point() and v.numel() > 1)
+    tensors[name][0] = float("inf")
+    save_file(tensors, state)
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"the optimizer state in {state} holds NaN or inf ({name})" in err and "delete that folder to resume" in err
+
+
 def test_a_process_killed_while_pruning_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
     folder = RunFolder(tmp_path / "run", "idm-train")
 
@@ -115,11 +129,12 @@ def test_a_process_killed_while_pruning_leaves_only_complete_checkpoints(tmp_pat
 
 
 def test_replace_folder_removes_what_interrupted_calls_left(tmp_path):
-    (tmp_path / ".tmp-prior-abc123").mkdir()  # a pretrain killed while exporting its prior
-    (tmp_path / ".old-prior-def456").mkdir()
-    (tmp_path / ".tmp-priors-other").mkdir()  # not this folder's
+    (tmp_path / ".tmp-prior-abc12_45").mkdir()  # a pretrain killed while exporting its prior
+    (tmp_path / ".old-prior-def45678").mkdir()
+    (tmp_path / ".tmp-prior-2-abcdefgh").mkdir()  # another export's, maybe in progress: not this folder's
+    (tmp_path / ".tmp-priors-abcdefgh").mkdir()
     replace_folder(tmp_path / "prior", lambda tmp: (tmp / "config.json").write_text("{}"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-priors-other", "prior"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-prior-2-abcdefgh", ".tmp-priors-abcdefgh", "prior"]
 
 
 def test_a_resumed_run_refuses_a_prior_of_another_architecture(tmp_path, data, capsys):
@@ -139,10 +154,15 @@ def test_a_resumed_run_refuses_a_prior_of_another_architecture(tmp_path, data, c
     assert "is another U-Net than the one the run in" in capsys.readouterr().err
 
 
-def test_the_time_budget_counts_from_the_start_of_the_process():
-    from idm.cli.common import process_started_at
+def test_the_time_budget_counts_from_the_start_of_the_command(monkeypatch):
+    """`idm train ...` counts its --max-minutes from the process's start (imports take seconds); main([...]) called
+    inside a running program counts from the call, so a notebook's earlier work does not use up its budget."""
+    from idm.cli.common import command_started_at
 
-    assert 0.5 < time.monotonic() - process_started_at() < time.monotonic()  # this process imported torch before
+    monkeypatch.setattr("sys.argv", ["idm", "train", "--task", "cs"])
+    assert 0.5 < time.monotonic() - command_started_at("train") < time.monotonic()  # this process imported torch
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    assert time.monotonic() - command_started_at("train") < 0.1
 
 
 def test_a_lost_process_of_a_torchrun_run_is_named_in_one_line():
@@ -155,5 +175,10 @@ def test_a_lost_process_of_a_torchrun_run_is_named_in_one_line():
     assert str(named).startswith("process 0 of 2: another process of this run stopped, so this one stops too (")
     assert "rerun with --resume" in str(named)
     assert named_peer_loss(gloo, DistEnv()) is gloo  # one process: nothing to blame on another
-    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-    assert named_peer_loss(other, DistEnv(rank=1, world_size=2)) is other
+    import torch.distributed as dist
+
+    for other in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), dist.DistBackendError("NCCL invalid usage"),
+                  dist.DistStoreError("rendezvous timed out"), RuntimeError("reading a file: Connection reset by peer")):
+        assert named_peer_loss(other, DistEnv(rank=1, world_size=2)) is other  # not a lost process: its own traceback
+    network = dist.DistNetworkError("Connection closed by peer")
+    assert isinstance(named_peer_loss(network, DistEnv(rank=1, world_size=2)), PeerLostError)

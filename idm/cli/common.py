@@ -150,11 +150,14 @@ def command_line(name: str) -> str:
     return "idm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == [name] else f"idm {name}"
 
 
-def process_started_at() -> float:
-    """When this process started, on the :func:`time.monotonic` clock: a time budget (``--max-minutes``) then
-    counts Python's start and the imports too, which take seconds. Read from ``/proc`` (Linux); elsewhere,
-    the time of the call."""
+def command_started_at(name: str) -> float:
+    """When the command ``idm NAME`` started, on the :func:`time.monotonic` clock, for its time budget
+    (``--max-minutes``): the start of the process, Python's start and imports included (seconds), when the
+    process runs that command (``idm NAME ...``, ``python -m idm NAME``, ``torchrun -m idm NAME``; read from
+    ``/proc`` on Linux), else the time of the call (``main([...])`` called from a running program, or no ``/proc``)."""
     now = time.monotonic()
+    if sys.argv[1:2] != [name]:
+        return now
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (name)": field 3 on
         started_ticks = float(fields[19])  # field 22: start time, in clock ticks after boot

@@ -14,7 +14,7 @@ from idm.cli.common import (
     add_run_control_args,
     check_out_is_not_data,
     command_line,
-    process_started_at,
+    command_started_at,
     resolve_device,
     seed_everything,
 )
@@ -76,7 +76,7 @@ def _dataset(args: argparse.Namespace, color: str):
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    started_at = process_started_at()  # the budget counts from the start of the command
+    started_at = command_started_at("pretrain")
     from idm.pretrain import PretrainConfig, PriorArchitecture, pretrain
     from idm.training.distributed import detect
 

@@ -17,9 +17,9 @@ from idm.cli.common import (
     add_run_control_args,
     check_out_is_not_data,
     command_line,
+    command_started_at,
     operator_overrides,
     positive_int,
-    process_started_at,
     resolve_device,
     seed_everything,
 )
@@ -106,7 +106,7 @@ def _starting_model(args: argparse.Namespace, task):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    started_at = process_started_at()  # the budget counts from the start of the command
+    started_at = command_started_at("train")
     import tasks
     from idm.config import IDMConfig
     from idm.pretrain import prior_folder

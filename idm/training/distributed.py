@@ -91,13 +91,13 @@ class PeerLostError(ConnectionError):
 
 
 def named_peer_loss(err: BaseException, env: DistEnv) -> BaseException:
-    """``err``, or for a multi-process run whose collective failed because another process is gone (torch's
-    distributed errors; Gloo reports its broken connections as plain ``RuntimeError``) a
-    :class:`PeerLostError` that says so in one line, instead of a traceback through the backward pass."""
-    transport = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+    """``err``, or for a multi-process run whose collective failed because another process is gone a
+    :class:`PeerLostError` that says so in one line, instead of a traceback through the backward pass. Only
+    broken connections count: torch's ``DistNetworkError``, and Gloo's transport errors, which it raises as
+    plain ``RuntimeError`` naming its ``gloo/transport`` source; any other error keeps its traceback."""
     if not env.enabled or not isinstance(err, RuntimeError):
         return err
-    if not isinstance(err, dist.DistError) and not any(marker in str(err) for marker in transport):
+    if not isinstance(err, dist.DistNetworkError) and "gloo/transport" not in str(err):
         return err
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PeerLostError(f"process {env.rank} of {env.world_size}: another process of this run stopped, so this one "

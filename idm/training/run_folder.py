@@ -265,7 +265,7 @@ class RunFolder:
     def _prune(self, keep: int) -> None:
         for _, path in self.checkpoints()[: -max(1, keep)]:
             _remove_folder(path)
-        _remove_leftovers(self.checkpoints_dir, "")  # of interrupted writes and prunes (only rank 0 writes here)
+        _remove_leftovers(self.checkpoints_dir)  # of interrupted writes and prunes (only rank 0 writes here)
 
 
 def _remove_folder(path: Path) -> None:
@@ -277,11 +277,14 @@ def _remove_folder(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _remove_leftovers(parent: Path, name: str) -> None:
-    """Delete the hidden ``.tmp-NAME*`` / ``.old-NAME*`` folders in ``parent`` that interrupted writes and
-    deletions of this module left behind (``name`` empty: all of them)."""
+def _remove_leftovers(parent: Path, name: str | None = None) -> None:
+    """Delete the hidden folders that interrupted writes and deletions of this module left in ``parent``:
+    ``.tmp-NAME-XXXXXXXX`` / ``.old-NAME-XXXXXXXX`` (``tempfile.mkdtemp``'s 8 random characters), exactly, so
+    that another folder's (``NAME-2``) are left alone; ``name=None``: every ``.tmp-`` / ``.old-`` folder (a
+    checkpoints folder, which only this run writes)."""
+    pattern = re.compile(r"\.(tmp|old)-" + (re.escape(name) + r"-[a-z0-9_]{8}$" if name is not None else ""))
     for p in parent.iterdir():
-        if p.name.startswith((f".tmp-{name}", f".old-{name}")) and p.is_dir():
+        if pattern.match(p.name) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -294,7 +297,7 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(final.parent, f"{final.name}-")
+    _remove_leftovers(final.parent, final.name)
     tmp = _make_temp_dir(final.parent, f".tmp-{final.name}-")
     try:
         write(tmp)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, all_finite, load_json, load_tensors, save_json, save_tensors
 from idm.training.optimizer import KERNEL_CHOICES
 
 Model = TypeVar("Model")
@@ -48,7 +48,7 @@ def read_checkpoint_files(
         rng_tensors = load_tensors(folder / "rng.safetensors")
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
             raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no iteration number")
-        broken = [k for k, v in opt_tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        broken = [k for k, v in opt_tensors.items() if not all_finite(v)]
         if broken:
             raise CheckpointError(f"the optimizer state in {folder / 'optimizer.safetensors'} holds NaN or inf ({broken[0]})")
         optimizer = state.get("optimizer")

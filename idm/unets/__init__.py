@@ -10,6 +10,7 @@ from .factory import (
     read_prior_range,
     tiny_unet_config,
     unet_from_config,
+    unet_source_folder,
 )
 from .pruning import prune_unet
 from .wired_unet import GroupPlan, WiredUNet
@@ -27,4 +28,5 @@ __all__ = [
     "read_prior_range",
     "tiny_unet_config",
     "unet_from_config",
+    "unet_source_folder",
 ]

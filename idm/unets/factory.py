@@ -83,7 +83,7 @@ class UNetSourceError(ValueError):
     """A U-Net folder or config cannot be used."""
 
 
-def _unet_folder(path: Path) -> Path:
+def unet_source_folder(path: Path) -> Path:
     """The folder holding the U-Net's ``config.json`` (``path`` or ``path/unet``); ``path`` may also name a
     shipped prior (or one in ``$IDM_MODELS_DIR``), as shipped models record theirs."""
     if not path.is_dir():
@@ -128,7 +128,7 @@ def load_unet_folder(path: str | Path) -> nn.Module:
     A folder that holds only a half-precision variant (``diffusion_pytorch_model.fp16.safetensors``, as
     local copies of Stable Diffusion often do) is loaded from it, in float32.
     """
-    folder = _unet_folder(Path(path))
+    folder = unet_source_folder(Path(path))
     cls = UNET_CLASSES[read_unet_class(folder)]
     weights = [p.name for p in folder.glob("diffusion_pytorch_model*")]
     variant = "fp16" if weights and all(".fp16." in name for name in weights) else None

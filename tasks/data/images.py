@@ -100,11 +100,12 @@ def list_files(
         p for p in candidates
         if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
     )
-    # sub-folders that hold such files, which a folder's listing leaves out: said, not used silently
+    # sub-folders that hold such files themselves, which a folder's listing leaves out: said, not used silently
+    # (one level down: a deeper tree is not walked at every call)
     skipped = [] if recursive else sorted(
         p.name for p in root.iterdir()
         if p.is_dir() and not p.name.startswith(".")
-        and any(f.is_file() and f.name.lower().endswith(exts) for f in p.rglob("*"))
+        and any(f.name.lower().endswith(exts) and f.is_file() for f in p.iterdir())
     )  # fmt: skip
     unsearched = (f"sub-folder{'s' if len(skipped) > 1 else ''} {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
                   " (sub-folders are not searched: give them as paths too)")  # fmt: skip
