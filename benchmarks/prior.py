@@ -233,21 +233,6 @@ def _check_scheduler(folder: Path) -> None:
             raise PriorError(f"{candidate} describes an unsupported schedule: {', '.join(wrong)}")
 
 
-def prior_fingerprint(path: str | Path) -> str:
-    """A SHA-256 over the U-Net files of the prior ``path`` names (as :func:`load_prior` resolves it: a folder, its
-    ``unet/``, an ``idm pretrain`` run's ``prior/``, a shipped prior's name): its ``config.json`` and weights.
-    Equal fingerprints are the same network, wherever its folder lies."""
-    import hashlib
-
-    from idm.checkpoint import file_sha256
-    from idm.pretrain import prior_folder
-    from idm.unets import unet_source_folder
-
-    folder = unet_source_folder(Path(prior_folder(path)))
-    files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-
-
 def load_prior(
     path: str | Path,
     device: str | torch.device = "cpu",

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
-from benchmarks.prior import load_prior, prior_fingerprint
+from benchmarks.prior import load_prior
 from benchmarks.report import run_script
 from benchmarks.tuning import is_number, tuned_value, tuning_parser, tuning_setup
 from idm.checkpoint import load_json, save_json
 from idm.cli.common import positive_int
+from idm.pretrain import prior_fingerprint
 
 #: What messages call the JSON record this script writes.
 RECORD = "DPS step-size record"
@@ -42,7 +43,7 @@ def step_size_from(text: str, task_name: str, operator: dict, steps: int | None 
 
 def check_tuned_prior(text: str, prior: str | Path) -> None:
     """A ``ValueError`` when ``--dps-zeta``'s record (``text``; a number passes) was tuned with another prior than
-    ``prior``: another network by :func:`benchmarks.prior.prior_fingerprint` (recorded since it exists, else
+    ``prior``: another network by :func:`idm.pretrain.prior_fingerprint` (recorded since it exists, else
     computed from the recorded path where that exists here; a record whose prior is not here is not checked)."""
     if is_number(text):
         return

@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
     """A checkpoint or config file is missing, unreadable, truncated or of another kind."""
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask (read by setting and restoring it)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -40,7 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp_path, 0o666 & ~process_umask())  # mkstemp makes 0600; give the file the usual permissions
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

@@ -32,7 +32,7 @@ from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
-from idm.unets.factory import is_prior_folder
+from idm.unets.factory import PRIOR_INFO_NAME, is_prior_folder
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
@@ -227,9 +227,13 @@ def export_prior(
         raise CheckpointError(f"{run_folder} is not an `idm pretrain` run folder with an exported {PRIOR_DIR}/ (a run "
                               f"that stopped before exporting one writes it when resumed: idm pretrain ... --resume)")  # fmt: skip
     _check_replaceable(Path(out), prior, "prior")
-    latest = RunFolder(run_folder, PRETRAIN_RUN_FORMAT).latest()
+    # the checkpoint the prior was exported at: a run killed between a checkpoint and its export has a newer one
+    exported = _exported_iteration(prior)
+    folder = RunFolder(run_folder, PRETRAIN_RUN_FORMAT)
+    latest = next((path for iteration, path in folder.checkpoints() if iteration == exported), None)
+    latest = latest if exported is not None else folder.latest()
     run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
-    state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {}
+    state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {"iteration": exported}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
     provenance = _provenance(latest or run_folder, run, state, {"weights_dtype": _dtype_note(half)})
@@ -245,6 +249,15 @@ def export_prior(
         save_json(provenance, tmp / PROVENANCE_NAME)
 
     return replace_folder(Path(out), write)
+
+
+def _exported_iteration(prior: Path) -> int | None:
+    """The training iteration an ``idm pretrain`` run exported ``prior`` at (its ``idm_prior.json``), if recorded."""
+    try:
+        iteration = load_json(prior / PRIOR_INFO_NAME, "prior record").get("iteration")
+    except (CheckpointError, AttributeError):
+        return None
+    return iteration if isinstance(iteration, int) else None
 
 
 def weights_megabytes(folder: str | os.PathLike) -> float:

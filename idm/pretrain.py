@@ -28,6 +28,7 @@ with the same global batch computes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.options import LoopOptions
@@ -50,7 +51,7 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
-from idm.unets.factory import PRIOR_INFO_NAME
+from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder
 
 RUN_FORMAT = "idm-pretrain-run"
 PRIOR_DIR = "prior"
@@ -233,6 +234,15 @@ def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info
         save_json({"format": "idm-prior", "data_range": [-1.0, 1.0], **info}, tmp / PRIOR_INFO)
 
     return replace_folder(folder, write)
+
+
+def prior_fingerprint(path: str | Path) -> str:
+    """A SHA-256 over the U-Net files of the prior ``path`` names (as :func:`prior_folder` resolves it: a folder,
+    its ``unet/``, an ``idm pretrain`` run's ``prior/``, a shipped prior's name): its ``config.json`` and weights.
+    Equal fingerprints are the same network, wherever its folder lies. ``ValueError`` when there is no prior."""
+    folder = unet_source_folder(Path(prior_folder(path)))
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def is_pretrain_run(folder: Path) -> bool:
@@ -440,9 +450,11 @@ def pretrain(
         )
     except BaseException as err:
         distributed.teardown(env, clean=False)
+        folder.unlock()
         named = distributed.named_peer_loss(err, env)
         if named is not err:
             raise named from err
         raise
     distributed.teardown(env)
+    folder.unlock()
     return result, folder.out / PRIOR_DIR

@@ -47,6 +47,7 @@ from idm.channel_layout import convert_channel_layout
 from idm.checkpoint import CheckpointError, load_json
 from idm.config import IDMConfig
 from idm.model import IDM
+from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
@@ -57,7 +58,7 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder
-from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, resolve_model_dir
+from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, read_run_record, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.unets import unet_source_folder
 from idm.wiring import WiredSequence
@@ -229,6 +230,19 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
     del d["keep_attention"]  # how the backward runs, not what it computes: may change between chunks
     return d
+
+
+def _prior_fingerprint(unet: str, resumed: Path | None) -> str | None:
+    """The :func:`idm.pretrain.prior_fingerprint` of the prior a run fine-tunes from, recorded with it so that
+    ``idm benchmark`` can tell whether DDNM and DPS run that same network: a resumed run's recorded one (the
+    prior folder given to a later chunk is not read), else the folder's (``None`` without one)."""
+    recorded = (read_run_record(resumed) or {}).get("settings", {}).get("prior_sha256") if resumed is not None else None
+    if recorded or unet in ("tiny", "sd15"):
+        return recorded
+    try:
+        return prior_fingerprint(unet)
+    except (OSError, ValueError):  # the recorded prior of a warm start that is not here
+        return None
 
 
 def _check_resumed_prior(unet: str, model: IDM, checkpoint: Path) -> None:
@@ -428,6 +442,7 @@ def train(
             },
             "model_config": model.export_config(),
         }
+        run_config["settings"]["prior_sha256"] = _prior_fingerprint(model_config.unet, ckpt)
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(model, env, device)
 
@@ -507,9 +522,11 @@ def train(
         )
     except BaseException as err:
         distributed.teardown(env, clean=False)
+        folder.unlock()
         named = distributed.named_peer_loss(err, env)
         if named is not err:
             raise named from err
         raise
     distributed.teardown(env)
+    folder.unlock()
     return TrainResult(result, folder.out, folder.latest(), resumed_from=start)

@@ -968,7 +968,7 @@ def test_a_step_size_record_is_checked_against_the_network_of_its_prior(bench_fi
     recorded path where it exists here; a record whose prior is not here is not checked."""
     import shutil
 
-    from benchmarks.prior import prior_fingerprint
+    from idm.pretrain import prior_fingerprint
     from benchmarks.tune_dps import check_tuned_prior
 
     shutil.copytree(bench_files / "prior", tmp_path / "moved")

@@ -171,3 +171,95 @@ def _accepts(width: int, levels: int) -> bool:
         return True
     except ValueError:
         return False
+
+
+def test_a_run_whose_checkpoints_were_deleted_keeps_its_prior(prior_run, data, tmp_path, capsys):
+    """Without checkpoints a rerun would start from iteration 0 and overwrite the exported prior: refused."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(prior_run, run)
+    shutil.rmtree(run / "checkpoints")
+    weights = (run / "prior" / "diffusion_pytorch_model.safetensors").read_bytes()
+    for resume in (["--resume"], []):
+        assert main([*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "2", "--out", str(run), *resume]) == 2
+        assert "holds prior from an earlier run, but no checkpoint to resume it from" in capsys.readouterr().err
+    assert (run / "prior" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+
+def test_the_exported_prior_is_readable_by_others_and_named_by_its_iteration(prior_run, tmp_path):
+    """safetensors (through diffusers) writes 0600 files: the export gives them the usual mode; and a run killed
+    between a checkpoint and its export still names the iteration its prior's weights are from."""
+    import json
+    import shutil
+
+    from idm.checkpoint import process_umask
+    from idm.export import export_prior
+    from idm.training.run_folder import checkpoint_name
+
+    mode = 0o666 & ~process_umask()
+    assert {oct(p.stat().st_mode & 0o777) for p in (prior_run / "prior").iterdir()} == {oct(mode)}
+    run = tmp_path / "run"
+    shutil.copytree(prior_run, run)
+    exported = json.loads((run / "prior" / "idm_prior.json").read_text())["iteration"]
+    newer = run / "checkpoints" / checkpoint_name(exported + 1)  # written, then killed before the export
+    shutil.copytree(run / "checkpoints" / checkpoint_name(exported), newer)
+    state = json.loads((newer / "trainer_state.json").read_text())
+    (newer / "trainer_state.json").write_text(json.dumps({**state, "iteration": exported + 1}))
+    out = export_prior(run, tmp_path / "exported")
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["iteration"] == exported and provenance["source"].endswith(checkpoint_name(exported))
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(mode)}
+
+
+def test_a_prior_given_as_a_model_is_named(prior_run, tmp_path):
+    from idm.checkpoint import CheckpointError
+    from idm.training.trained import resolve_model_dir
+
+    with pytest.raises(CheckpointError, match="is a diffusion prior, not an IDM model: pass it as --prior"):
+        resolve_model_dir(prior_run / "prior")
+    checkpoint = sorted((prior_run / "checkpoints").iterdir())[-1]
+    with pytest.raises(CheckpointError, match="is a checkpoint of an `idm pretrain` run, not an IDM model: pass the run"):
+        resolve_model_dir(checkpoint)
+
+
+def test_files_of_another_kind_in_an_image_folder_are_named(tmp_path):
+    """A CT folder read as images: its .npy slices are skipped and a multi-page TIFF gives its first page: said."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.data import ImageFolderDataset
+
+    np.save(tmp_path / "slice.npy", np.zeros((16, 16), np.float32))
+    pages = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (10, 20, 30)]
+    pages[0].save(tmp_path / "volume.tif", save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of another kind are not read as image files \(slice.npy\)"):
+        dataset = ImageFolderDataset(tmp_path, color="gray")
+    with pytest.warns(UserWarning, match="volume.tif: a file of 3 pages is read as one image, its first page"):
+        dataset[0]
+
+
+def test_the_baselines_say_when_their_prior_is_not_the_one_idm_was_fine_tuned_from(prior_run, data, tmp_path, capsys):
+    """A model records its prior's fingerprint; idm benchmark warns (and records) when DDNM and DPS would run
+    another network, e.g. after the pretrain run went on and exported a newer prior."""
+    import json
+    import shutil
+
+    from idm.pretrain import prior_fingerprint
+
+    run = tmp_path / "prior-run"
+    shutil.copytree(prior_run, run)
+    model = tmp_path / "idm"
+    args = [a if a != "." else str(data) for a in _train_args(run)]
+    assert main([*args, "--out", str(model)]) == 0
+    recorded = json.loads((model / "config.json").read_text())["settings"]["prior_sha256"]
+    assert recorded == prior_fingerprint(run)
+    bench = ["benchmark", "--checkpoint", str(model), "--data", str(data), "--methods", "ddnm", "--ddnm-steps", "2",
+             "--device", "cpu", "--no-progress", "--no-images"]  # fmt: skip
+    assert main([*bench, "--out", str(tmp_path / "same")]) == 0
+    assert json.loads((tmp_path / "same" / "benchmark.json").read_text())["warnings"] == []
+    assert main([*BASE, "--data", str(data), "--iters", "5", "--checkpoint-every", "2", "--out", str(run), "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*bench, "--out", str(tmp_path / "newer")]) == 0
+    assert "idm benchmark: warning: the prior" in capsys.readouterr().err
+    assert "DDNM and DPS run it" in json.loads((tmp_path / "newer" / "benchmark.json").read_text())["warnings"][0]

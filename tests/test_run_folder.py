@@ -182,3 +182,17 @@ def test_a_lost_process_of_a_torchrun_run_is_named_in_one_line():
         assert named_peer_loss(other, DistEnv(rank=1, world_size=2)) is other  # not a lost process: its own traceback
     network = dist.DistNetworkError("Connection closed by peer")
     assert isinstance(named_peer_loss(network, DistEnv(rank=1, world_size=2)), PeerLostError)
+
+
+def test_a_second_process_on_a_running_run_stops_before_writing(tmp_path, data, capsys):
+    """A requeued job overlapping the first on one --out: the second stops with a clear error, the first's files
+    untouched; once the first has stopped, the run resumes."""
+    argv = _run(tmp_path, data)
+    running = RunFolder(tmp_path / "run", "idm-train")
+    running._take_lock()  # what the first process's begin() holds while it trains
+    log = (tmp_path / "run" / "log.csv").read_text()
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    assert "another process is running the run in" in capsys.readouterr().err
+    assert (tmp_path / "run" / "log.csv").read_text() == log
+    running.unlock()
+    assert main([*argv, "--iters", "3", "--resume"]) == 0

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
+    from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
     from operators import without_size_and_seed
 
@@ -182,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
         methods.append(make_method(name, prior=prior, **extra))
 
     recorded_warnings = []
+    fine_tuned_from = ((trained.run or {}).get("settings") or {}).get("prior_sha256") if trained is not None else None
+    if prior is not None and fine_tuned_from and prior_fingerprint(prior_path) != fine_tuned_from:
+        recorded_warnings.append(f"the prior {str(prior_path)!r} is not the network {trained.path} was fine-tuned from "
+                                 "(its files changed since, or --prior names another): DDNM and DPS run it, IDM "
+                                 "its own")  # fmt: skip
+        warnings.warn(recorded_warnings[-1], stacklevel=1)
     if trained is not None and task.size_bound:
         for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
             warning = trained.size_warning(size)

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
         "operator record, and provenance.json (source, iterations, seconds, hardware, command). For an "
         "`idm pretrain` run folder, export its prior (a diffusers folder, float16 unless --fp32) instead.",
     )
-    parser.add_argument("--checkpoint", required=True, help="an `idm train` / `idm pretrain` --out folder, or a checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="an `idm train` --out folder or one of its checkpoints (a model), or an `idm pretrain` --out "
+                        "folder (its prior, as last exported)")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights")
     parser.add_argument("--prior-name", help="record this name as the model's prior instead of the local path")
     parser.add_argument("--hardware", help="what it was trained on, when the run does not record it")

@@ -36,7 +36,8 @@ class Cadence:
     """Every how many iterations to checkpoint, log and validate (``val_every=0``: never).
 
     A checkpoint, a log row and (with a validation set) a validation also
-    happen at the last iteration; a checkpoint and a log row when stopping early.
+    happen at the last iteration; a checkpoint and a log row when stopping early;
+    a log row at every checkpoint and validation.
     """
 
     checkpoint_every: int = 1000

@@ -31,7 +31,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from idm.checkpoint import CheckpointError, load_json, save_json
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+from idm.checkpoint import CheckpointError, load_json, process_umask, save_json
 from idm.training.csv_log import CsvLog
 from idm.training.state import resuming_from
 
@@ -39,6 +44,7 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "log.csv"
 CHECKPOINTS = "checkpoints"
 RUN_NAME = "run.json"  # inside every checkpoint: the run config it was written with
+LOCK_NAME = ".lock"  # held by the process that runs the run (RunFolder.begin)
 _CKPT_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -68,9 +74,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 def _make_temp_dir(parent: Path, prefix: str) -> Path:
     """A fresh hidden folder in ``parent`` with the usual permissions (``mkdtemp`` makes 0700)."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    os.chmod(tmp, 0o777 & ~process_umask())
     return tmp
 
 
@@ -95,6 +99,7 @@ class RunFolder:
         self.out = Path(out)
         self.kind = kind
         self.outputs = tuple(outputs)
+        self._lock: Any = None  # the open lock file while :meth:`begin`'s run holds the folder
 
     @property
     def written_names(self) -> tuple[str, ...]:
@@ -164,6 +169,11 @@ class RunFolder:
         self._check_checkpoints_writable()
         found = self.checkpoints()
         has_config = self.config_path.is_file()
+        left = [name for name in self.outputs if (self.out / name).exists()]
+        if left and not found:  # its checkpoints were deleted: a fresh start would overwrite what the run made
+            raise CheckpointError(f"--out {str(self.out)!r} holds {', '.join(left)} from an earlier run, but no checkpoint "
+                                  "to resume it from; a new run there would overwrite it: choose another folder, or "
+                                  "move it away first (nothing was overwritten)")  # fmt: skip
         if not has_config and not found:  # not a run folder: the names the run writes must be free
             taken = sorted(name for name in self.written_names if (self.out / name).exists())
             if taken:
@@ -226,15 +236,44 @@ class RunFolder:
     ) -> CsvLog:
         """Start (or continue, from checkpoint ``resumed`` at iteration ``start``) a run on rank 0.
 
-        Writes ``config.json``, opens ``log.csv`` (keeping the rows up to
-        ``start`` when resuming) and says where a resumed run continues.
+        Takes the folder's lock first (:meth:`unlock` gives it back; so does the
+        end of the process), so that a second process on the same run, such as
+        a requeued job that overlaps the first, stops with a clear error instead
+        of writing the same checkpoints and log rows; then writes ``config.json``,
+        opens ``log.csv`` (keeping the rows up to ``start`` when resuming) and
+        says where a resumed run continues.
         """
+        self._take_lock()
         self.write_config(config)
         log = CsvLog(self.log_path)
         log.start(start if resumed is not None else None)
         if resumed is not None:
             say(f"resuming {self.out} from {resumed.name} (iteration {start} of {iters})")
         return log
+
+    def _take_lock(self) -> None:
+        """An exclusive ``flock`` on ``out/.lock``, held while the file stays open (POSIX; where the file
+        system or platform has no locks, runs go unguarded)."""
+        if fcntl is None or self._lock is not None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / LOCK_NAME, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise CheckpointError(f"another process is running the run in {str(self.out)!r} (a job still running, or "
+                                  "started twice): wait for it to stop, or use another --out (nothing was written)") from None  # fmt: skip
+        except OSError:  # a file system without locks
+            handle.close()
+            return
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Give back the lock :meth:`begin` took (nothing when it holds none)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ---- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self, iteration: int, write: Callable[[Path], None], run_config: dict[str, Any], keep: int) -> Path:
@@ -301,8 +340,10 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     tmp = _make_temp_dir(final.parent, f".tmp-{final.name}-")
     try:
         write(tmp)
+        mode = 0o666 & ~process_umask()  # as any new file: some writers (safetensors through diffusers) make theirs 0600
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, mode)
                 with open(f, "rb+") as handle:
                     os.fsync(handle.fileno())
         old = None

@@ -236,7 +236,8 @@ class MatFolderDataset(_SliceDataset):
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
             raise DataError(
-                f"{path}: values in [{lo:g}, {hi:g}], expected [0, 1] (use normalize=True)"
+                f"{path}: values in [{lo:g}, {hi:g}], expected [0, 1]: scale the matrix to [0, 1] (e.g. divide by "
+                f"{'255' if hi <= 255 else 'its maximum'}), or in Python read it with MatFolderDataset(..., normalize=True)"
             )
         return torch.from_numpy(np.clip(arr, 0.0, 1.0))[None]
 

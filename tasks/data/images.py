@@ -71,6 +71,9 @@ _LUMA_FIXED = (4899, 9617, 1868)
 
 #: Suffixes of fastMRI k-space files, and what to tell a user who gives them where images are read.
 KSPACE_SUFFIXES = (".h5", ".hdf5")
+#: What the toolkit's readers of every kind take (images, CT slices, MATLAB files, k-space): a folder's files of
+#: these suffixes that a listing of another kind leaves out are named in a warning.
+DATA_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".npy", ".dcm", ".mat", *KSPACE_SUFFIXES)
 KSPACE_HINT = ("; fastMRI .h5 files hold measured k-space, not images: `idm reconstruct --input FILE.h5` "
                "reconstructs them and scores them against their reconstruction_esc")
 
@@ -118,6 +121,12 @@ def list_files(
         )
     if skipped:
         warnings.warn(f"{root}: its {unsearched} also hold {what} files, which are not used", stacklevel=2)
+    others = sorted(p.name for p in (root.rglob("*") if recursive else root.iterdir())
+                    if p.name.lower().endswith(DATA_SUFFIXES) and not p.name.lower().endswith(exts) and p.is_file())  # fmt: skip
+    if others:
+        warnings.warn(f"{root}: {len(others)} file(s) of another kind are not read as {what} files "
+                      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); another task or data kind "
+                      "reads them (CT slices: the ct task, `idm pretrain --data-kind ct`)", stacklevel=2)  # fmt: skip
     return files
 
 
@@ -235,6 +244,9 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
     try:
         with Image.open(p) as im:
             im.load()  # decodes now: raises for truncated / corrupt data
+            if getattr(im, "n_frames", 1) > 1:
+                warnings.warn(f"{p}: a file of {im.n_frames} pages is read as one image, its first page (a CT volume "
+                              "is read page by page by the ct task and `idm pretrain --data-kind ct`)", stacklevel=2)  # fmt: skip
             if _exif_orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
             arr, full_scale = _to_array(im, p)

@@ -70,7 +70,8 @@ def _pick(path: Path, shapes: dict[str, tuple[tuple[int, ...], bool]], key: Opti
     if len(matrices) != 1:
         what = "no" if not matrices else f"{len(matrices)} ({', '.join(sorted(matrices))})"
         raise DataError(
-            f"{path}: found {what} 2-D numeric matrices; pass key= to choose one "
+            f"{path}: found {what} 2-D numeric matrices, and the command line reads files of exactly one; save one "
+            f"image matrix per file, or choose one in Python with MatFolderDataset(..., key=NAME) "
             f"(variables: {', '.join(sorted(shapes)) or 'none'})"
         )
     return matrices[0]
