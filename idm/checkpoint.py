@@ -51,12 +51,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether a tensor has no NaN or inf, by one sum in float32 or wider (NaN and inf propagate through it;
-    weights and optimizer moments never sum past float32's 3e38): a pass over the values, without
-    ``isfinite``'s boolean copy of them."""
+    """Whether a tensor has no NaN or inf: one float64 sum (NaN and inf propagate through it; finite float32
+    values cannot sum past float64's 1.8e308), twice as fast as ``isfinite`` with its boolean copy; ``isfinite``
+    itself for tensors a float64 sum does not take (float8, devices without float64)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))))
+    try:
+        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    except (RuntimeError, TypeError):
+        return bool(torch.isfinite(t).all())
 
 
 def file_sha256(path: str | Path) -> str:

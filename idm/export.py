@@ -28,11 +28,11 @@ from typing import Any
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
-from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT
+from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, _exported_iteration
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
-from idm.unets.factory import PRIOR_INFO_NAME, is_prior_folder
+from idm.unets.factory import is_prior_folder
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
@@ -230,13 +230,16 @@ def export_prior(
     # the checkpoint the prior was exported at: a run killed between a checkpoint and its export has a newer one
     exported = _exported_iteration(prior)
     folder = RunFolder(run_folder, PRETRAIN_RUN_FORMAT)
-    latest = next((path for iteration, path in folder.checkpoints() if iteration == exported), None)
-    latest = latest if exported is not None else folder.latest()
-    run = load_json(latest / RUN_NAME, "run config") if latest is not None else {}
-    state = load_json(latest / STATE_NAME, "trainer state") if latest is not None else {"iteration": exported}
+    if exported is None:  # a prior folder that does not record its iteration: the run's latest checkpoint
+        source = folder.latest()
+    else:  # that checkpoint, if it was not pruned since
+        source = next((path for iteration, path in folder.checkpoints() if iteration == exported), None)
+    settings_from = source or folder.latest()  # a run's settings are the same in all its checkpoints
+    run = load_json(settings_from / RUN_NAME, "run config") if settings_from is not None else {}
+    state = load_json(source / STATE_NAME, "trainer state") if source is not None else {"iteration": exported}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    provenance = _provenance(latest or run_folder, run, state, {"weights_dtype": _dtype_note(half)})
+    provenance = _provenance(source or prior, run, state, {"weights_dtype": _dtype_note(half)})
 
     def write(tmp: Path) -> None:
         for item in prior.iterdir():
@@ -249,15 +252,6 @@ def export_prior(
         save_json(provenance, tmp / PROVENANCE_NAME)
 
     return replace_folder(Path(out), write)
-
-
-def _exported_iteration(prior: Path) -> int | None:
-    """The training iteration an ``idm pretrain`` run exported ``prior`` at (its ``idm_prior.json``), if recorded."""
-    try:
-        iteration = load_json(prior / PRIOR_INFO_NAME, "prior record").get("iteration")
-    except (CheckpointError, AttributeError):
-        return None
-    return iteration if isinstance(iteration, int) else None
 
 
 def weights_megabytes(folder: str | os.PathLike) -> float:

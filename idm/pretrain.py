@@ -51,7 +51,7 @@ from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_gue
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RunFolder, replace_folder
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
-from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder
+from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder, unet_weight_files
 
 RUN_FORMAT = "idm-pretrain-run"
 PRIOR_DIR = "prior"
@@ -238,10 +238,11 @@ def export_prior(unet: nn.Module, weights: dict[str, Tensor], folder: Path, info
 
 def prior_fingerprint(path: str | Path) -> str:
     """A SHA-256 over the U-Net files of the prior ``path`` names (as :func:`prior_folder` resolves it: a folder,
-    its ``unet/``, an ``idm pretrain`` run's ``prior/``, a shipped prior's name): its ``config.json`` and weights.
-    Equal fingerprints are the same network, wherever its folder lies. ``ValueError`` when there is no prior."""
+    its ``unet/``, an ``idm pretrain`` run's ``prior/``, a shipped prior's name): its ``config.json`` and the
+    weights that loading it reads (:func:`idm.unets.unet_weight_files`; not other copies beside them). Equal
+    fingerprints are the same network, wherever its folder lies. ``ValueError`` when there is no prior."""
     folder = unet_source_folder(Path(prior_folder(path)))
-    files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
+    files = [folder / "config.json", *unet_weight_files(folder)]
     return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
@@ -352,10 +353,10 @@ def pretrain(
         "data": {"items": len(dataset), "shape": list(first.shape)},
     }
     folder = RunFolder(out, RUN_FORMAT, outputs=(PRIOR_DIR,))
-    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, lock=env.is_main)
 
-    device = distributed.setup(env, device)
-    try:  # from here on, leave the process group whatever happens
+    try:  # from here on, leave the process group and give back the run folder's lock whatever happens
+        device = distributed.setup(env, device)
         torch.manual_seed(config.seed)
         unet = build_unet(unet_config)
         start, seconds_before = 0, 0.0

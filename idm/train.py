@@ -234,11 +234,13 @@ def _model_identity(config: IDMConfig) -> dict[str, Any]:
 
 def _prior_fingerprint(unet: str, resumed: Path | None) -> str | None:
     """The :func:`idm.pretrain.prior_fingerprint` of the prior a run fine-tunes from, recorded with it so that
-    ``idm benchmark`` can tell whether DDNM and DPS run that same network: a resumed run's recorded one (the
-    prior folder given to a later chunk is not read), else the folder's (``None`` without one)."""
-    recorded = (read_run_record(resumed) or {}).get("settings", {}).get("prior_sha256") if resumed is not None else None
-    if recorded or unet in ("tiny", "sd15"):
-        return recorded
+    ``idm benchmark`` can tell whether DDNM and DPS run that same network: a resumed run's recorded one
+    (``None`` for a run recorded before there was one: the prior folder given to a later chunk is not what it
+    was trained from, necessarily), else the folder's (``None`` without one)."""
+    if resumed is not None:
+        return (read_run_record(resumed) or {}).get("settings", {}).get("prior_sha256")
+    if unet in ("tiny", "sd15"):
+        return None
     try:
         return prior_fingerprint(unet)
     except (OSError, ValueError):  # the recorded prior of a warm start that is not here
@@ -406,15 +408,14 @@ def train(
         "data": {"items": len(dataset), "shape": list(shape)},
     }
     folder = RunFolder(out, RUN_FORMAT)
-    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=_recorded_identity)
-
     val_images = None
     if val_dataset is not None:
         _check_images(val_dataset, operator, channels, "validation")
         val_images = _load_validation(val_dataset, shape[-2:], val_limit)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=_recorded_identity, lock=env.is_main)
 
-    device = distributed.setup(env, device)
-    try:  # from here on, leave the process group whatever happens
+    try:  # from here on, leave the process group and give back the run folder's lock whatever happens
+        device = distributed.setup(env, device)
         torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
         start, seconds_before = 0, 0.0
         if ckpt is not None:
@@ -442,7 +443,8 @@ def train(
             },
             "model_config": model.export_config(),
         }
-        run_config["settings"]["prior_sha256"] = _prior_fingerprint(model_config.unet, ckpt)
+        if env.is_main:  # the one process that records the run
+            run_config["settings"]["prior_sha256"] = _prior_fingerprint(model_config.unet, ckpt)
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(model, env, device)
 

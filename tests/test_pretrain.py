@@ -187,20 +187,24 @@ def test_a_run_whose_checkpoints_were_deleted_keeps_its_prior(prior_run, data, t
     assert (run / "prior" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
-def test_the_exported_prior_is_readable_by_others_and_named_by_its_iteration(prior_run, tmp_path):
-    """safetensors (through diffusers) writes 0600 files: the export gives them the usual mode; and a run killed
-    between a checkpoint and its export still names the iteration its prior's weights are from."""
+def test_the_exported_prior_is_readable_by_others_and_named_by_its_iteration(data, tmp_path):
+    """safetensors (through diffusers) writes 0600 files: the export gives them the usual mode (0644 under the
+    usual umask 022); and a run killed between a checkpoint and its export still names the iteration its
+    prior's weights are from."""
     import json
-    import shutil
+    import os
 
-    from idm.checkpoint import process_umask
     from idm.export import export_prior
     from idm.training.run_folder import checkpoint_name
 
-    mode = 0o666 & ~process_umask()
-    assert {oct(p.stat().st_mode & 0o777) for p in (prior_run / "prior").iterdir()} == {oct(mode)}
     run = tmp_path / "run"
-    shutil.copytree(prior_run, run)
+    previous = os.umask(0o022)
+    try:
+        assert main([*BASE, "--data", str(data), "--iters", "3", "--checkpoint-every", "2", "--out", str(run)]) == 0
+        assert {oct(p.stat().st_mode & 0o777) for p in (run / "prior").iterdir()} == {"0o644"}
+    finally:
+        os.umask(previous)
+    mode = 0o666 & ~previous
     exported = json.loads((run / "prior" / "idm_prior.json").read_text())["iteration"]
     newer = run / "checkpoints" / checkpoint_name(exported + 1)  # written, then killed before the export
     shutil.copytree(run / "checkpoints" / checkpoint_name(exported), newer)
@@ -233,10 +237,12 @@ def test_files_of_another_kind_in_an_image_folder_are_named(tmp_path):
     np.save(tmp_path / "slice.npy", np.zeros((16, 16), np.float32))
     pages = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (10, 20, 30)]
     pages[0].save(tmp_path / "volume.tif", save_all=True, append_images=pages[1:])
-    with pytest.warns(UserWarning, match=r"1 file\(s\) of another kind are not read as image files \(slice.npy\)"):
-        dataset = ImageFolderDataset(tmp_path, color="gray")
-    with pytest.warns(UserWarning, match="volume.tif: a file of 3 pages is read as one image, its first page"):
-        dataset[0]
+    with pytest.warns(UserWarning) as said:
+        ImageFolderDataset(tmp_path, color="gray")
+    messages = [str(w.message) for w in said]
+    assert any("1 file(s) of another kind than image files are not read (slice.npy): CT slices (.npy)" in m for m in messages)
+    assert any("1 TIFF file(s) hold several pages, of which only the first is read as an image (volume.tif)" in m
+               for m in messages)  # fmt: skip
 
 
 def test_the_baselines_say_when_their_prior_is_not_the_one_idm_was_fine_tuned_from(prior_run, data, tmp_path, capsys):
@@ -263,3 +269,38 @@ def test_the_baselines_say_when_their_prior_is_not_the_one_idm_was_fine_tuned_fr
     assert main([*bench, "--out", str(tmp_path / "newer")]) == 0
     assert "idm benchmark: warning: the prior" in capsys.readouterr().err
     assert "DDNM and DPS run it" in json.loads((tmp_path / "newer" / "benchmark.json").read_text())["warnings"][0]
+
+
+def test_a_resumed_run_recorded_before_prior_fingerprints_records_none(prior_run, data, tmp_path):
+    """The prior folder given to a later chunk is not necessarily the network the run was trained from: an older
+    run's record stays without a fingerprint (idm benchmark then cannot tell, and says nothing)."""
+    import json
+    import shutil
+
+    run = tmp_path / "prior-run"
+    shutil.copytree(prior_run, run)
+    model = tmp_path / "idm"
+    args = [a if a != "." else str(data) for a in _train_args(run)] + ["--lr-milestones", "5"]
+    assert main([*args, "--checkpoint-every", "1", "--out", str(model)]) == 0
+    for record in (model / "config.json", *model.glob("checkpoints/*/run.json")):
+        written = json.loads(record.read_text())
+        del written["settings"]["prior_sha256"]  # as a run of an earlier version
+        record.write_text(json.dumps(written))
+    args[args.index("--iters") + 1] = "2"
+    assert main([*args, "--checkpoint-every", "1", "--out", str(model), "--resume"]) == 0
+    assert json.loads((model / "checkpoints" / "iter_0000002" / "run.json").read_text())["settings"]["prior_sha256"] is None
+
+
+def test_a_training_run_beside_a_prior_folder_is_a_model(prior_run, data, tmp_path, monkeypatch):
+    """Only a checkpoint inside a pretrain run's checkpoints/ is one: a training run two levels below a folder
+    holding prior/ (an exported prior in the working folder) is still a model."""
+    import shutil
+
+    from idm.training.trained import resolve_model_dir
+
+    shutil.copytree(prior_run / "prior", tmp_path / "prior")
+    model = tmp_path / "runs" / "cs10"
+    args = [a if a != "." else str(data) for a in _train_args(prior_run)]
+    assert main([*args, "--out", str(model)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("runs/cs10").name == "iter_0000001"

@@ -189,10 +189,22 @@ def test_a_second_process_on_a_running_run_stops_before_writing(tmp_path, data, 
     untouched; once the first has stopped, the run resumes."""
     argv = _run(tmp_path, data)
     running = RunFolder(tmp_path / "run", "idm-train")
-    running._take_lock()  # what the first process's begin() holds while it trains
+    running._take_lock()  # what the first process holds while it trains
+    (tmp_path / "run" / "checkpoints" / "iter_0000002" / "trainer_state.json").write_text("{")  # being written
     log = (tmp_path / "run" / "log.csv").read_text()
     assert main([*argv, "--iters", "3", "--resume"]) == 2
-    assert "another process is running the run in" in capsys.readouterr().err
+    assert "another process is running the run in" in capsys.readouterr().err  # before it read any checkpoint
     assert (tmp_path / "run" / "log.csv").read_text() == log
     running.unlock()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_0000002")
     assert main([*argv, "--iters", "3", "--resume"]) == 0
+
+
+def test_a_checkpoint_written_by_another_process_before_the_lock_stops_the_start(tmp_path):
+    """Two starts in a folder without a run: the second to take the lock finds the first's checkpoint."""
+    starting = RunFolder(tmp_path / "run", "idm-train")
+    assert starting.prepare({}, resume=True, lock=True) is None  # nothing to lock yet
+    RunFolder(tmp_path / "run", "idm-train").save_checkpoint(1, lambda tmp: None, {}, keep=2)  # the other process
+    with pytest.raises(CheckpointError, match="another process wrote .*iter_0000001 .*rerun with --resume"):
+        starting.begin({}, None, 0, 10, say=lambda _: None)
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -93,11 +93,13 @@ class PeerLostError(ConnectionError):
 def named_peer_loss(err: BaseException, env: DistEnv) -> BaseException:
     """``err``, or for a multi-process run whose collective failed because another process is gone a
     :class:`PeerLostError` that says so in one line, instead of a traceback through the backward pass. Only
-    broken connections count: torch's ``DistNetworkError``, and Gloo's transport errors, which it raises as
-    plain ``RuntimeError`` naming its ``gloo/transport`` source; any other error keeps its traceback."""
+    broken connections count: torch's ``DistNetworkError``, Gloo's transport errors, which it raises as plain
+    ``RuntimeError`` naming its ``gloo/transport`` source, and NCCL's ``ncclRemoteError`` (a remote process
+    exited); any other error keeps its traceback."""
     if not env.enabled or not isinstance(err, RuntimeError):
         return err
-    if not isinstance(err, dist.DistNetworkError) and "gloo/transport" not in str(err):
+    nccl_peer_gone = isinstance(err, dist.DistBackendError) and ("ncclRemoteError" in str(err) or "remote process" in str(err))
+    if not isinstance(err, dist.DistNetworkError) and "gloo/transport" not in str(err) and not nccl_peer_gone:
         return err
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PeerLostError(f"process {env.rank} of {env.world_size}: another process of this run stopped, so this one "

@@ -150,11 +150,18 @@ class RunFolder:
         resume: bool,
         hints: dict[str, str] | None = None,
         recorded_identity: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        lock: bool = False,
     ) -> Path | None:
         """Check that the run may use ``out``; return the checkpoint to resume from (``None``: fresh start).
 
+        With ``lock`` (the process that will write the run), an existing run's folder is locked before its
+        checkpoints are read (see :meth:`begin`; :meth:`unlock` gives it back), so that no other process writes
+        a newer checkpoint in between; a folder without a run yet is locked by :meth:`begin`.
+
         Writes nothing (it only probes that ``checkpoints/`` takes a new folder). Raises
-        :class:`CheckpointError` when ``checkpoints/`` is not a writable folder, when ``out`` holds
+        :class:`CheckpointError` when another process holds the run's lock, when ``checkpoints/`` is
+        not a writable folder, when ``out`` holds outputs of a run (:attr:`outputs`) but no checkpoint,
+        when ``out`` holds
         checkpoints and ``resume`` is false, when a resumed run's identity
         differs from ``identity``, or when ``out`` is not a run folder of this
         kind (another config, or no config and no checkpoint but files of
@@ -169,6 +176,24 @@ class RunFolder:
         self._check_checkpoints_writable()
         found = self.checkpoints()
         has_config = self.config_path.is_file()
+        if has_config:
+            try:
+                saved = self.read_config()
+            except CheckpointError as err:
+                raise CheckpointError(f"--out {str(self.out)!r} already holds another config.json ({err}); choose another --out") from None
+        if lock and (has_config or found):  # a run of this kind: no other process may write it from now on
+            self._take_lock()
+            found = self.checkpoints()  # as they are now that no other process writes them
+        try:
+            return self._choose(found, saved if has_config else None, identity, resume, hints, recorded_identity)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _choose(self, found: list[tuple[int, Path]], saved: dict[str, Any] | None, identity: dict[str, Any], resume: bool,
+                hints: dict[str, str] | None, recorded_identity: Callable[[dict[str, Any]], dict[str, Any]] | None) -> Path | None:  # fmt: skip
+        """:meth:`prepare`'s checks of the run in ``out`` (``found``: its checkpoints; ``saved``: its config)."""
+        has_config = saved is not None
         left = [name for name in self.outputs if (self.out / name).exists()]
         if left and not found:  # its checkpoints were deleted: a fresh start would overwrite what the run made
             raise CheckpointError(f"--out {str(self.out)!r} holds {', '.join(left)} from an earlier run, but no checkpoint "
@@ -180,11 +205,6 @@ class RunFolder:
                 raise CheckpointError(f"--out {str(self.out)!r} is not a run folder (no {CONFIG_NAME}, no checkpoint), "
                                       f"but holds {', '.join(taken)}, which the run would overwrite: choose another "
                                       "folder (nothing was overwritten)")  # fmt: skip
-        if has_config:
-            try:
-                saved = self.read_config()
-            except CheckpointError as err:
-                raise CheckpointError(f"--out {str(self.out)!r} already holds another config.json ({err}); choose another --out") from None
         if not resume:
             if found:
                 raise CheckpointError(
@@ -244,6 +264,10 @@ class RunFolder:
         says where a resumed run continues.
         """
         self._take_lock()
+        if self.latest() != resumed:  # written by another process before this one held the lock
+            self.unlock()
+            raise CheckpointError(f"another process wrote {self.latest()} in {str(self.out)!r} while this one started: "
+                                  "rerun with --resume to continue from it (nothing was written)")  # fmt: skip
         self.write_config(config)
         log = CsvLog(self.log_path)
         log.start(start if resumed is not None else None)

@@ -80,7 +80,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if p.is_dir() and is_prior_folder(p):
         raise CheckpointError(f"{str(p)!r} is a diffusion prior, not an IDM model: pass it as --prior (idm train, "
                               "idm benchmark)")  # fmt: skip
-    if p.is_dir() and is_pretrain_run(p.parent.parent):
+    if p.is_dir() and p.parent.name == "checkpoints" and is_pretrain_run(p.parent.parent):
         raise CheckpointError(f"{str(p)!r} is a checkpoint of an `idm pretrain` run, not an IDM model: pass the run as "
                               "--prior (idm train, idm benchmark), which stands for its prior/ as last exported")  # fmt: skip
     if p.is_dir() and (p / "checkpoints").is_dir():

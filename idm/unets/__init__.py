@@ -11,6 +11,7 @@ from .factory import (
     tiny_unet_config,
     unet_from_config,
     unet_source_folder,
+    unet_weight_files,
 )
 from .pruning import prune_unet
 from .wired_unet import GroupPlan, WiredUNet
@@ -29,4 +30,5 @@ __all__ = [
     "tiny_unet_config",
     "unet_from_config",
     "unet_source_folder",
+    "unet_weight_files",
 ]

@@ -122,6 +122,26 @@ def read_unet_class(folder: Path) -> str:
     return name
 
 
+def _weights_variant(folder: Path) -> str | None:
+    """``"fp16"`` for a folder whose only weights are the half-precision variant, else ``None``."""
+    weights = [p.name for p in folder.glob("diffusion_pytorch_model*")]
+    return "fp16" if weights and all(".fp16." in name for name in weights) else None
+
+
+def unet_weight_files(folder: Path) -> list[Path]:
+    """The weight files :func:`load_unet_folder` loads from the U-Net folder ``folder`` (diffusers' choice:
+    safetensors before ``.bin``, the fp16 variant only where it is the only one; a sharded checkpoint's index
+    and shards); other copies in the folder are not among them."""
+    stem = "diffusion_pytorch_model" + (".fp16" if _weights_variant(folder) else "")
+    for ext in (".safetensors", ".bin"):
+        if (folder / f"{stem}{ext}").is_file():
+            return [folder / f"{stem}{ext}"]
+        index = folder / f"{stem}{ext}.index.json"
+        if index.is_file():
+            return [index, *sorted(folder.glob(f"diffusion_pytorch_model*-of-*{ext}"))]
+    return []
+
+
 def load_unet_folder(path: str | Path) -> nn.Module:
     """Load a diffusers U-Net with its weights from a local folder (offline).
 
@@ -130,8 +150,7 @@ def load_unet_folder(path: str | Path) -> nn.Module:
     """
     folder = unet_source_folder(Path(path))
     cls = UNET_CLASSES[read_unet_class(folder)]
-    weights = [p.name for p in folder.glob("diffusion_pytorch_model*")]
-    variant = "fp16" if weights and all(".fp16." in name for name in weights) else None
+    variant = _weights_variant(folder)
     try:
         unet = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, variant=variant)
     except (OSError, ValueError, RuntimeError) as err:

@@ -31,7 +31,9 @@ from torch.utils.data import Dataset
 
 from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, check_window, ct_num_slices, read_ct_slice
 from .errors import DataError
-from .images import COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, image_size, list_files, read_image
+from .images import (
+    COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, image_size, list_files, read_image, warn_of_multipage_tiffs,
+)
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
 
@@ -175,6 +177,7 @@ class ImageFolderDataset(_SliceDataset):
             raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
         self.color = color
         files = _collect(paths, IMAGE_EXTENSIONS, recursive, "image")
+        warn_of_multipage_tiffs(files)
         sizes = [image_size(f) for f in files] if crop is not None else None
         super().__init__([(f, 0) for f in files], sizes, crop, augment, seed)
 

@@ -74,6 +74,9 @@ KSPACE_SUFFIXES = (".h5", ".hdf5")
 #: What the toolkit's readers of every kind take (images, CT slices, MATLAB files, k-space): a folder's files of
 #: these suffixes that a listing of another kind leaves out are named in a warning.
 DATA_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".npy", ".dcm", ".mat", *KSPACE_SUFFIXES)
+#: What the data files of :data:`DATA_SUFFIXES` other than images hold, for messages.
+OTHER_KINDS = {".npy": "CT slices (.npy)", ".dcm": "DICOM slices", ".mat": "MATLAB matrices", ".h5": "fastMRI k-space",
+               ".hdf5": "fastMRI k-space"}  # fmt: skip
 KSPACE_HINT = ("; fastMRI .h5 files hold measured k-space, not images: `idm reconstruct --input FILE.h5` "
                "reconstructs them and scores them against their reconstruction_esc")
 
@@ -98,7 +101,7 @@ def list_files(
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     exts = tuple(e.lower() for e in extensions)
-    candidates = root.rglob("*") if recursive else root.iterdir()
+    candidates = list(root.rglob("*") if recursive else root.iterdir())
     files = sorted(
         p for p in candidates
         if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
@@ -114,20 +117,40 @@ def list_files(
                   " (sub-folders are not searched: give them as paths too)")  # fmt: skip
     if not files:
         where = " (searched recursively)" if recursive else ""
-        kspace = any(p.suffix.lower() in KSPACE_SUFFIXES for p in (root.rglob("*") if recursive else root.iterdir()))
+        kspace = any(p.suffix.lower() in KSPACE_SUFFIXES for p in candidates)
         raise DataError(
             f"{root}: no {what} files{where} with extensions {', '.join(exts)}" + (KSPACE_HINT if kspace else "")
             + (f"; they are in its {unsearched}" if skipped else "")
         )
     if skipped:
         warnings.warn(f"{root}: its {unsearched} also hold {what} files, which are not used", stacklevel=2)
-    others = sorted(p.name for p in (root.rglob("*") if recursive else root.iterdir())
-                    if p.name.lower().endswith(DATA_SUFFIXES) and not p.name.lower().endswith(exts) and p.is_file())  # fmt: skip
+    others = sorted(p for p in candidates if p.name.lower().endswith(DATA_SUFFIXES)
+                    and not p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file())  # fmt: skip
     if others:
-        warnings.warn(f"{root}: {len(others)} file(s) of another kind are not read as {what} files "
-                      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); another task or data kind "
-                      "reads them (CT slices: the ct task, `idm pretrain --data-kind ct`)", stacklevel=2)  # fmt: skip
+        kinds = sorted({OTHER_KINDS.get(p.suffix.lower(), "images") for p in others})
+        hint = KSPACE_HINT if any(p.suffix.lower() in KSPACE_SUFFIXES for p in others) else ""
+        warnings.warn(f"{root}: {len(others)} file(s) of another kind than {what} files are not read "
+                      f"({', '.join(p.name for p in others[:3])}{', ...' if len(others) > 3 else ''}): "
+                      f"{' and '.join(kinds)}, which another task or data kind reads{hint}", stacklevel=2)  # fmt: skip
     return files
+
+
+def warn_of_multipage_tiffs(files: Iterable[Path]) -> None:
+    """One warning naming the TIFF files among ``files`` that hold several pages, of which an image reader takes
+    the first (a CT volume is read page by page by the ct task); only their headers are read."""
+    multipage = []
+    for path in files:
+        if Path(path).suffix.lower() in (".tif", ".tiff"):
+            try:
+                with Image.open(path) as im:
+                    if getattr(im, "n_frames", 1) > 1:
+                        multipage.append(Path(path).name)
+            except (OSError, ValueError):  # unreadable: reading it says so
+                continue
+    if multipage:
+        warnings.warn(f"{len(multipage)} TIFF file(s) hold several pages, of which only the first is read as an image "
+                      f"({', '.join(multipage[:3])}{', ...' if len(multipage) > 3 else ''}); the ct task and "
+                      "`idm pretrain --data-kind ct` read a CT volume page by page", stacklevel=3)  # fmt: skip
 
 
 def list_images(folder: PathLike, recursive: bool = False) -> list[Path]:
@@ -244,9 +267,6 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
     try:
         with Image.open(p) as im:
             im.load()  # decodes now: raises for truncated / corrupt data
-            if getattr(im, "n_frames", 1) > 1:
-                warnings.warn(f"{p}: a file of {im.n_frames} pages is read as one image, its first page (a CT volume "
-                              "is read page by page by the ct task and `idm pretrain --data-kind ct`)", stacklevel=2)  # fmt: skip
             if _exif_orientation(im) != 1:
                 im = ImageOps.exif_transpose(im)
             arr, full_scale = _to_array(im, p)
