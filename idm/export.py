@@ -28,7 +28,7 @@ from typing import Any
 
 from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
-from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, _exported_iteration
+from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
@@ -228,7 +228,7 @@ def export_prior(
                               f"that stopped before exporting one writes it when resumed: idm pretrain ... --resume)")  # fmt: skip
     _check_replaceable(Path(out), prior, "prior")
     # the checkpoint the prior was exported at: a run killed between a checkpoint and its export has a newer one
-    exported = _exported_iteration(prior)
+    exported = exported_iteration(prior)
     folder = RunFolder(run_folder, PRETRAIN_RUN_FORMAT)
     if exported is None:  # a prior folder that does not record its iteration: the run's latest checkpoint
         source = folder.latest()

@@ -283,7 +283,7 @@ def prior_folder(path: str | Path) -> str:
     return str(folder)
 
 
-def _exported_iteration(prior: Path) -> int | None:
+def exported_iteration(prior: Path) -> int | None:
     """The iteration of the prior exported in ``prior`` (its ``idm_prior.json``), ``None`` if none is readable."""
     try:
         return int(load_json(prior / PRIOR_INFO, "prior info").get("iteration"))
@@ -427,7 +427,7 @@ def pretrain(
             weights = ema.weights_for(unet) if ema is not None else unet.state_dict()
             export_prior(unet, weights, folder.out / PRIOR_DIR, {**prior_info, "iteration": iteration, "ema_decay": config.ema_decay})
 
-        if ckpt is not None and env.is_main and _exported_iteration(folder.out / PRIOR_DIR) != start:
+        if ckpt is not None and env.is_main and exported_iteration(folder.out / PRIOR_DIR) != start:
             export_current(start)  # a run stopped between its checkpoint and the prior's export: catch up
 
         deadline = None if config.max_minutes is None else started_at + 60.0 * config.max_minutes

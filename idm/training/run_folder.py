@@ -232,6 +232,8 @@ class RunFolder:
         if ckdir.is_dir():
             try:
                 os.rmdir(tempfile.mkdtemp(prefix=".tmp-probe-", dir=ckdir))
+            except FileNotFoundError:  # made, then cleaned up as a leftover by the process that runs the run
+                pass
             except OSError as err:
                 raise CheckpointError(f"cannot write checkpoints into {str(ckdir)!r}: {err.strerror or err}") from None
 
@@ -294,7 +296,7 @@ class RunFolder:
         self._lock = handle
 
     def unlock(self) -> None:
-        """Give back the lock :meth:`begin` took (nothing when it holds none)."""
+        """Give back the lock :meth:`prepare` or :meth:`begin` took (nothing when it holds none)."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
