@@ -243,6 +243,9 @@ def test_files_of_another_kind_in_an_image_folder_are_named(tmp_path):
     assert any("1 file(s) of another kind than image files are not read (slice.npy): CT slices (.npy)" in m for m in messages)
     assert any("1 TIFF file(s) hold several pages, of which only the first is read as an image (volume.tif)" in m
                for m in messages)  # fmt: skip
+    (tmp_path / "volume.tif").unlink()
+    with pytest.raises(ValueError, match="no image files .*; it holds CT slices \\(.npy\\), which another task or data kind reads"):
+        ImageFolderDataset(tmp_path, color="gray")
 
 
 def test_the_baselines_say_when_their_prior_is_not_the_one_idm_was_fine_tuned_from(prior_run, data, tmp_path, capsys):

@@ -115,23 +115,23 @@ def list_files(
     )  # fmt: skip
     unsearched = (f"sub-folder{'s' if len(skipped) > 1 else ''} {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
                   " (sub-folders are not searched: give them as paths too)")  # fmt: skip
+    others = sorted(p for p in candidates if p.name.lower().endswith(DATA_SUFFIXES)
+                    and not p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file())  # fmt: skip
+    kinds = " and ".join(sorted({OTHER_KINDS.get(p.suffix.lower(), "images") for p in others}))
+    hint = KSPACE_HINT if any(p.suffix.lower() in KSPACE_SUFFIXES for p in others) else ""
     if not files:
         where = " (searched recursively)" if recursive else ""
-        kspace = any(p.suffix.lower() in KSPACE_SUFFIXES for p in candidates)
         raise DataError(
-            f"{root}: no {what} files{where} with extensions {', '.join(exts)}" + (KSPACE_HINT if kspace else "")
+            f"{root}: no {what} files{where} with extensions {', '.join(exts)}"
+            + (f"; it holds {kinds}, which another task or data kind reads{hint}" if others else "")
             + (f"; they are in its {unsearched}" if skipped else "")
         )
     if skipped:
         warnings.warn(f"{root}: its {unsearched} also hold {what} files, which are not used", stacklevel=2)
-    others = sorted(p for p in candidates if p.name.lower().endswith(DATA_SUFFIXES)
-                    and not p.name.lower().endswith(exts) and not p.name.startswith(".") and p.is_file())  # fmt: skip
     if others:
-        kinds = sorted({OTHER_KINDS.get(p.suffix.lower(), "images") for p in others})
-        hint = KSPACE_HINT if any(p.suffix.lower() in KSPACE_SUFFIXES for p in others) else ""
         warnings.warn(f"{root}: {len(others)} file(s) of another kind than {what} files are not read "
                       f"({', '.join(p.name for p in others[:3])}{', ...' if len(others) > 3 else ''}): "
-                      f"{' and '.join(kinds)}, which another task or data kind reads{hint}", stacklevel=2)  # fmt: skip
+                      f"{kinds}, which another task or data kind reads{hint}", stacklevel=2)  # fmt: skip
     return files
 
 
