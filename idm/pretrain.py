@@ -450,12 +450,16 @@ def pretrain(
             amp=amp,  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
     except BaseException as err:
-        distributed.teardown(env, clean=False)
-        folder.unlock()
+        try:
+            distributed.teardown(env, clean=False)
+        finally:
+            folder.unlock()
         named = distributed.named_peer_loss(err, env)
         if named is not err:
             raise named from err
         raise
-    distributed.teardown(env)
-    folder.unlock()
+    try:
+        distributed.teardown(env)
+    finally:
+        folder.unlock()
     return result, folder.out / PRIOR_DIR

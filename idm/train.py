@@ -523,12 +523,16 @@ def train(
             amp=config.amp and device.type == "cuda",
         )
     except BaseException as err:
-        distributed.teardown(env, clean=False)
-        folder.unlock()
+        try:
+            distributed.teardown(env, clean=False)
+        finally:
+            folder.unlock()
         named = distributed.named_peer_loss(err, env)
         if named is not err:
             raise named from err
         raise
-    distributed.teardown(env)
-    folder.unlock()
+    try:
+        distributed.teardown(env)
+    finally:
+        folder.unlock()
     return TrainResult(result, folder.out, folder.latest(), resumed_from=start)

@@ -164,7 +164,7 @@ def test_list_images_sorted_recursive(tmp_path):
     assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.TIF", "b.png", "c.jpg"]
     (tmp_path / "only-sub" / "deeper").mkdir(parents=True)
     Image.fromarray(a).save(tmp_path / "only-sub" / "deeper" / "d.png")
-    with pytest.raises(DataError, match=r"only-sub: no image files .*; they are in its sub-folder deeper \(sub-folders are not searched"):
+    with pytest.raises(DataError, match=r"only-sub: no image files .*; the image files are in its sub-folder deeper \(sub-folders are not searched"):
         list_images(tmp_path / "only-sub")
 
 

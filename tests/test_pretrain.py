@@ -307,3 +307,27 @@ def test_a_training_run_beside_a_prior_folder_is_a_model(prior_run, data, tmp_pa
     assert main([*args, "--out", str(model)]) == 0
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir("runs/cs10").name == "iter_0000001"
+
+
+def test_a_folder_whose_images_are_in_a_sub_folder_says_so_beside_other_kinds(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from tasks.data import DataError, list_images
+
+    np.save(tmp_path / "a.npy", np.zeros((4, 4), np.float32))
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "sub" / "b.png")
+    with pytest.raises(DataError, match=r"; the image files are in its sub-folder sub \(.*\); it holds CT slices"):
+        list_images(tmp_path)
+    (tmp_path / "locked").mkdir()
+    real = Path.iterdir
+
+    def unreadable(self):  # as chmod 000 for a user other than root
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    with pytest.raises(DataError, match="the image files are in its sub-folder sub "):  # not a PermissionError
+        list_images(tmp_path)

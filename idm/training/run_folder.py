@@ -183,8 +183,8 @@ class RunFolder:
                 raise CheckpointError(f"--out {str(self.out)!r} already holds another config.json ({err}); choose another --out") from None
         if lock and (has_config or found):  # a run of this kind: no other process may write it from now on
             self._take_lock()
-            found = self.checkpoints()  # as they are now that no other process writes them
         try:
+            found = self.checkpoints() if self._lock is not None else found  # as they are, now none else writes them
             return self._choose(found, saved if has_config else None, identity, resume, hints, recorded_identity)
         except BaseException:
             self.unlock()

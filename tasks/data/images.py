@@ -109,9 +109,7 @@ def list_files(
     # sub-folders that hold such files themselves, which a folder's listing leaves out: said, not used silently
     # (one level down: a deeper tree is not walked at every call)
     skipped = [] if recursive else sorted(
-        p.name for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".")
-        and any(f.name.lower().endswith(exts) and f.is_file() for f in p.iterdir())
+        p.name for p in candidates if p.is_dir() and not p.name.startswith(".") and _holds_files(p, exts)
     )  # fmt: skip
     unsearched = (f"sub-folder{'s' if len(skipped) > 1 else ''} {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
                   " (sub-folders are not searched: give them as paths too)")  # fmt: skip
@@ -123,8 +121,8 @@ def list_files(
         where = " (searched recursively)" if recursive else ""
         raise DataError(
             f"{root}: no {what} files{where} with extensions {', '.join(exts)}"
+            + (f"; the {what} files are in its {unsearched}" if skipped else "")
             + (f"; it holds {kinds}, which another task or data kind reads{hint}" if others else "")
-            + (f"; they are in its {unsearched}" if skipped else "")
         )
     if skipped:
         warnings.warn(f"{root}: its {unsearched} also hold {what} files, which are not used", stacklevel=2)
@@ -133,6 +131,14 @@ def list_files(
                       f"({', '.join(p.name for p in others[:3])}{', ...' if len(others) > 3 else ''}): "
                       f"{kinds}, which another task or data kind reads{hint}", stacklevel=2)  # fmt: skip
     return files
+
+
+def _holds_files(folder: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether ``folder`` itself holds a file of ``extensions`` (an unreadable folder holds none we can use)."""
+    try:
+        return any(f.name.lower().endswith(extensions) and f.is_file() for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def warn_of_multipage_tiffs(files: Iterable[Path]) -> None:
