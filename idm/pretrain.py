@@ -450,16 +450,9 @@ def pretrain(
             amp=amp,  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
     except BaseException as err:
-        try:
-            distributed.teardown(env, clean=False)
-        finally:
-            folder.unlock()
-        named = distributed.named_peer_loss(err, env)
+        named = distributed.end(env, folder.unlock, err)
         if named is not err:
             raise named from err
         raise
-    try:
-        distributed.teardown(env)
-    finally:
-        folder.unlock()
+    distributed.end(env, folder.unlock)
     return result, folder.out / PRIOR_DIR

@@ -523,16 +523,9 @@ def train(
             amp=config.amp and device.type == "cuda",
         )
     except BaseException as err:
-        try:
-            distributed.teardown(env, clean=False)
-        finally:
-            folder.unlock()
-        named = distributed.named_peer_loss(err, env)
+        named = distributed.end(env, folder.unlock, err)
         if named is not err:
             raise named from err
         raise
-    try:
-        distributed.teardown(env)
-    finally:
-        folder.unlock()
+    distributed.end(env, folder.unlock)
     return TrainResult(result, folder.out, folder.latest(), resumed_from=start)

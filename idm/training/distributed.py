@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -104,6 +105,17 @@ def named_peer_loss(err: BaseException, env: DistEnv) -> BaseException:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PeerLostError(f"process {env.rank} of {env.world_size}: another process of this run stopped, so this one "
                          f"stops too ({first[:200]}); the last checkpoint is intact: rerun with --resume")  # fmt: skip
+
+
+def end(env: DistEnv, release: Callable[[], None], error: BaseException | None = None) -> BaseException | None:
+    """End a run's process: leave the process group (after ``error``, without the final barrier) and call
+    ``release`` (the run folder's lock) whatever fails; returns the error to raise, ``error`` or the
+    :class:`PeerLostError` that names it (:func:`named_peer_loss`)."""
+    try:
+        teardown(env, clean=error is None)
+    finally:
+        release()
+    return None if error is None else named_peer_loss(error, env)
 
 
 def barrier(env: DistEnv) -> None:
