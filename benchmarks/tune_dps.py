@@ -41,10 +41,11 @@ def step_size_from(text: str, task_name: str, operator: dict, steps: int | None 
     return tuned_value(text, task_name, operator, "zeta", "--dps-zeta", "benchmarks.tune_dps", RECORD, run)
 
 
-def check_tuned_prior(text: str, prior: str | Path) -> None:
+def check_tuned_prior(text: str, prior: str | Path, fingerprint: str | None = None) -> None:
     """A ``ValueError`` when ``--dps-zeta``'s record (``text``; a number passes) was tuned with another prior than
     ``prior``: another network by :func:`idm.pretrain.prior_fingerprint` (recorded since it exists, else
-    computed from the recorded path where that exists here; a record whose prior is not here is not checked)."""
+    computed from the recorded path where that exists here; a record whose prior is not here is not checked).
+    ``fingerprint``: ``prior``'s, when the caller has it already."""
     if is_number(text):
         return
     record = load_json(text, RECORD)  # step_size_from has checked that it is a record with a zeta
@@ -54,7 +55,7 @@ def check_tuned_prior(text: str, prior: str | Path) -> None:
             tuned = prior_fingerprint(record["prior"])
         except (OSError, ValueError):  # tuned on another machine: nothing to compare with here
             return
-    if tuned is not None and tuned != prior_fingerprint(prior):
+    if tuned is not None and tuned != (fingerprint or prior_fingerprint(prior)):
         raise ValueError(f"--dps-zeta {text}: tuned with the prior {record.get('prior')!r}, another network than "
                          f"{str(prior)!r}; pass --dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
 

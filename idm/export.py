@@ -32,7 +32,7 @@ from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
-from idm.unets.factory import is_prior_folder
+from idm.unets.factory import is_prior_folder, unet_architecture
 
 PROVENANCE_NAME = "provenance.json"
 #: Tensors with at most this many elements stay float32 in a half-precision export.
@@ -104,18 +104,6 @@ def _check_replaceable(out: Path, source: Path, kind: str) -> None:
                               "export to another folder")  # fmt: skip
 
 
-#: Keys of a diffusers config that say nothing of the architecture.
-_BOOKKEEPING_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
-
-
-def _architecture(prior: Path) -> dict[str, Any] | None:
-    try:
-        config = load_json(prior / CONFIG_NAME, "U-Net config")
-    except CheckpointError:
-        return None
-    return {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS} if isinstance(config, dict) else None
-
-
 def prior_name_warning(prior_name: str, checkpoint: str | os.PathLike, out: str | os.PathLike) -> str | None:
     """Why ``prior_name``, recorded as the prior of the model exported from ``checkpoint`` to ``out``, may not
     give the prior it was trained on (the path the checkpoint's config records), or ``None``.
@@ -139,7 +127,7 @@ def prior_name_warning(prior_name: str, checkpoint: str | os.PathLike, out: str 
         return (f"no prior named {prior_name!r} is in ${MODELS_ENV} or shipped, so idm benchmark's ddnm/dps cannot find "
                 f"it: export the prior as DIR/{prior_name} (idm export --checkpoint PRETRAIN_RUN) and set {MODELS_ENV}=DIR")  # fmt: skip
     original = Path(trained_on)
-    if original.is_dir() and _architecture(original) is not None and _architecture(found) != _architecture(original):
+    if original.is_dir() and unet_architecture(original) is not None and unet_architecture(found) != unet_architecture(original):
         return (f"the prior named {prior_name!r} is {found}, whose architecture differs from that of the prior this model "
                 f"was trained on ({original}): idm benchmark's ddnm/dps would run that other prior; export the model's "
                 "own prior under another name and give that name")  # fmt: skip

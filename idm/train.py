@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from idm.channel_layout import convert_channel_layout
-from idm.checkpoint import CheckpointError, load_json
+from idm.checkpoint import CheckpointError
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.pretrain import prior_fingerprint
@@ -60,7 +60,7 @@ from idm.training.lr import milestones_from_fractions, set_learning_rate, step_l
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, read_run_record, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
-from idm.unets import unet_source_folder
+from idm.unets import unet_architecture
 from idm.wiring import WiredSequence
 from operators.conformance import check_plugin_operator
 
@@ -251,16 +251,11 @@ def _check_resumed_prior(unet: str, model: IDM, checkpoint: Path) -> None:
     """A :class:`CheckpointError` when the prior folder given to a resumed run (``unet``; its weights are not
     read again, so it may move between chunks) holds another U-Net architecture than the run's model: the
     run's record would then name a prior it was not trained from."""
-    if unet in ("tiny", "sd15"):
-        return
-    try:
-        given = load_json(unet_source_folder(Path(unet)) / "config.json", "prior config")
-    except ValueError:  # no U-Net there (moved away): nothing to compare; its weights are not needed
+    given = None if unet in ("tiny", "sd15") else unet_architecture(unet)
+    if given is None:  # no U-Net there (moved away): nothing to compare; its weights are not needed
         return
     recorded = model.export_config().get("unet_config", {})
-    if not isinstance(given, dict):
-        return
-    differ = sorted(k for k in set(given) & set(recorded) if not k.startswith("_") and given[k] != recorded[k])
+    differ = sorted(k for k in set(given) & set(recorded) if given[k] != recorded[k])
     if differ:
         shown = ", ".join(f"{k} {given[k]} (the run's: {recorded[k]})" for k in differ[:3])
         raise CheckpointError(f"--resume: the prior {unet!r} is another U-Net than the one the run in {checkpoint.parent.parent} "

@@ -266,7 +266,8 @@ def test_the_baselines_say_when_their_prior_is_not_the_one_idm_was_fine_tuned_fr
     bench = ["benchmark", "--checkpoint", str(model), "--data", str(data), "--methods", "ddnm", "--ddnm-steps", "2",
              "--device", "cpu", "--no-progress", "--no-images"]  # fmt: skip
     assert main([*bench, "--out", str(tmp_path / "same")]) == 0
-    assert json.loads((tmp_path / "same" / "benchmark.json").read_text())["warnings"] == []
+    same = json.loads((tmp_path / "same" / "benchmark.json").read_text())
+    assert same["warnings"] == [] and same["prior_sha256"] == recorded
     assert main([*BASE, "--data", str(data), "--iters", "5", "--checkpoint-every", "2", "--out", str(run), "--resume"]) == 0
     capsys.readouterr()
     assert main([*bench, "--out", str(tmp_path / "newer")]) == 0

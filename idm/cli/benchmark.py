@@ -166,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
                      if recorded not in (None, "tiny", "sd15") else "")  # fmt: skip
             raise ValueError(f"ddnm and dps need a diffusion prior: {where}pass --prior DIR (e.g. an idm pretrain output)")
         prior = load_prior(prior_path, device=device)
+    prior_sha256 = None if prior is None else prior_fingerprint(prior_path)  # which network DDNM and DPS run
     if args.dps_zeta is not None:
-        check_tuned_prior(args.dps_zeta, prior_path)
+        check_tuned_prior(args.dps_zeta, prior_path, prior_sha256)
 
     options = {
         "ddnm": dict(steps=_or(args.ddnm_steps, 100), eta=_or(args.ddnm_eta, 0.85), pinv=_or(args.ddnm_pinv, "auto")),
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     recorded_warnings = []
     fine_tuned_from = ((trained.run or {}).get("settings") or {}).get("prior_sha256") if trained is not None else None
-    if prior is not None and fine_tuned_from and prior_fingerprint(prior_path) != fine_tuned_from:
+    if prior is not None and fine_tuned_from and prior_sha256 != fine_tuned_from:
         recorded_warnings.append(f"the prior {str(prior_path)!r} is not the network {trained.path} was fine-tuned from "
                                  "(its files changed since, or --prior names another): DDNM and DPS run it, IDM "
                                  "its own")  # fmt: skip
@@ -220,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         "idm_precision": args.precision,
         "idm_final_projection": None if trained is None else trained.model.config.final_projection,
         "prior": None if prior is None else str(prior_path),
+        "prior_sha256": prior_sha256,
         "dps_zeta": None if dps is None else dps.step_size(first_op),
         "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
         "methods": names,

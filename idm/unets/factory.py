@@ -102,6 +102,16 @@ def unet_source_folder(path: Path) -> Path:
     )
 
 
+def unet_architecture(path: str | Path) -> dict[str, Any] | None:
+    """The architecture a U-Net source records (its ``config.json`` without diffusers' ``_``-prefixed bookkeeping:
+    class name, version, origin), as :func:`unet_source_folder` finds it; ``None`` when there is none to read."""
+    try:
+        config = json.loads((unet_source_folder(Path(path)) / "config.json").read_text())
+    except (OSError, ValueError):  # no U-Net there, or not JSON
+        return None
+    return {k: v for k, v in config.items() if not k.startswith("_")} if isinstance(config, dict) else None
+
+
 def read_unet_class(folder: Path) -> str:
     """The diffusers class name recorded in ``folder/config.json``; clear errors otherwise."""
     try:
