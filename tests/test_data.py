@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tasks.data import (
     DEFAULT_HU_WINDOW,
@@ -738,24 +738,80 @@ def test_grayscale_dataset_mixes_image_and_mat_folders(tmp_path):
         grayscale_dataset([images, mats])
 
 
-def test_a_16_bit_colour_image_is_read_at_8_bits_with_a_warning(tmp_path):
-    """Pillow drops the low byte of 16-bit RGB PNGs and TIFFs: said with a warning (once per run), not silently."""
+def _png16(path, pixels: np.ndarray) -> None:
+    """Write ``pixels`` (H, W, C) uint16, C in 2 (grey + alpha), 3 or 4, as a 16-bit PNG (Pillow cannot)."""
     import struct
     import zlib
-
-    rgb16 = (np.random.default_rng(0).random((8, 8, 3)) * 65535).astype(np.uint16)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)  # filter type 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
-    (tmp_path / "c16.png").write_bytes(png)
-    with pytest.warns(UserWarning, match="16-bit colour images are read at 8 bits per channel"):
-        x = read_image(tmp_path / "c16.png", "rgb")
-    assert (x - torch.from_numpy(rgb16 / 65535.0).permute(2, 0, 1)).abs().max() <= 1 / 255
-    Image.fromarray((rgb16 >> 8).astype(np.uint8)).save(tmp_path / "c8.png")
+    height, width, channels = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter type 0 per row
+    colour_type = {2: 4, 3: 2, 4: 6}[channels]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_16_bit_colour_images_are_read_at_full_precision(tmp_path):
+    """Pillow reduces 16-bit RGB(A) and grey + alpha PNGs and TIFFs to 8 bits per channel: they are read at their
+    full 16 bits instead (PNG by torchvision, TIFF by tifffile, planar TIFFs too), alpha dropped; 8-bit files as
+    before, and without a warning."""
+    import tifffile
+
+    rgba16 = (np.random.default_rng(0).random((8, 6, 4)) * 65535).astype(np.uint16)
+    truth_rgb = torch.from_numpy(rgba16[..., :3] / 65535.0).permute(2, 0, 1).float()
+    _png16(tmp_path / "rgb.png", rgba16[..., :3])
+    _png16(tmp_path / "rgba.png", rgba16)
+    _png16(tmp_path / "grey-alpha.png", rgba16[..., :2])
+    tifffile.imwrite(tmp_path / "rgb.tif", rgba16[..., :3], photometric="rgb", compression="zlib")
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba16, photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgba16[..., :3], -1, 0).copy(), photometric="rgb",
+                     planarconfig="separate")  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        read_image(tmp_path / "c8.png", "rgb")  # 8-bit colour: nothing lost, nothing said
+        for name in ("rgb.png", "rgba.png", "rgb.tif", "rgba.tif", "planar.tif"):
+            x = read_image(tmp_path / name, "rgb")
+            assert x.shape == (3, 8, 6) and (x - truth_rgb).abs().max() < 1e-6, name  # 8 bits would be 1/255 off
+            gray = read_image(tmp_path / name, "gray")
+            assert (gray - rgb_to_y(truth_rgb)).abs().max() < 1e-6, name
+        grey_alpha = read_image(tmp_path / "grey-alpha.png", "gray")
+        assert (grey_alpha[0] - torch.from_numpy(rgba16[..., 0] / 65535.0).float()).abs().max() < 1e-6
+        Image.fromarray((rgba16[..., :3] >> 8).astype(np.uint8)).save(tmp_path / "c8.png")
+        x8 = read_image(tmp_path / "c8.png", "rgb")  # 8-bit colour: Pillow's path, as before
+        assert (x8 * 255 - torch.from_numpy((rgba16[..., :3] >> 8).astype(np.float32)).permute(2, 0, 1)).abs().max() < 1e-4
+
+
+def test_a_deep_colour_image_that_cannot_be_read_fully_is_named(tmp_path, monkeypatch):
+    """A truncated 16-bit colour PNG is a DataError naming the file; a 16-bit colour TIFF whose compression needs
+    the optional imagecodecs package falls back to Pillow's 8 bits with a warning that says how to read it fully;
+    EXIF orientation turns the array as Pillow turns an image, for every code."""
+    import tifffile
+
+    from tasks.data import deep_colour
+
+    rgb16 = (np.random.default_rng(1).random((8, 6, 3)) * 65535).astype(np.uint16)
+    _png16(tmp_path / "rgb.png", rgb16)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "rgb.png").read_bytes()[:-40])
+    with pytest.raises(DataError, match="cut.png: cannot read image"):
+        read_image(tmp_path / "cut.png", "rgb")
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb16, photometric="rgb")
+
+    def needs_codec(path):
+        raise deep_colour._CodecMissing("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(deep_colour, "_read_tiff_first_page", needs_codec)
+    with pytest.warns(UserWarning, match="rgb.tif: a 16-bit colour TIFF read at 8 bits .*pip install imagecodecs"):
+        x = read_image(tmp_path / "rgb.tif", "rgb")
+    assert (x - torch.from_numpy(rgb16 / 65535.0).permute(2, 0, 1)).abs().max() <= 1 / 255
+    monkeypatch.setattr(deep_colour, "_read_png16", needs_codec)  # a torchvision without its deprecated decoder
+    with pytest.warns(UserWarning, match="rgb.png: a 16-bit colour PNG read at 8 bits .*no PNG decoder"):
+        read_image(tmp_path / "rgb.png", "rgb")
+    pixels = (np.arange(4 * 7 * 3) % 251).astype(np.uint8).reshape(4, 7, 3)
+    for orientation in range(1, 9):
+        image = Image.fromarray(pixels)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+        upright = np.asarray(ImageOps.exif_transpose(image))
+        assert np.array_equal(deep_colour.apply_exif_orientation(pixels, orientation), upright), orientation

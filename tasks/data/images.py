@@ -24,9 +24,9 @@ Colour conventions (``color`` argument of :func:`read_image`):
 Palette ("P") images are expanded through their palette to RGB first (RGBA
 when they carry transparency; alpha channels are dropped, not composited), and
 only then converted to gray / Y. Multi-page TIFFs give their first page.
-8-bit data is divided by 255, 16-bit data by 65535. Pillow reduces 16-bit
-*RGB* files to 8 bits per channel (16-bit grayscale keeps full precision);
-:func:`read_image` warns when it reads such a file.
+8-bit data is divided by 255, 16-bit data by 65535. 16-bit colour (and grey +
+alpha) PNGs and TIFFs, which Pillow reduces to 8 bits per channel, are read at
+full precision by :mod:`tasks.data.deep_colour`.
 32-bit float ("F") TIFFs are accepted if their values lie in [0, 1].
 
 Truncated files raise :class:`DataError` because Pillow's ``load()`` does;
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .deep_colour import apply_exif_orientation, deep_colour_format, read_deep_colour
 from .errors import DataError, check_file
 
 __all__ = [
@@ -236,19 +237,6 @@ def _to_array(im: Image.Image, path: Path) -> tuple[np.ndarray, int]:
     raise DataError(f"{path}: unsupported image mode {mode!r}")
 
 
-def _colour_depth_above_8_bits(im: Image.Image, path: Path) -> bool:
-    """Whether the file of the colour image ``im`` stores more than 8 bits per channel, which Pillow drops:
-    a PNG's header bit depth, a TIFF's ``BitsPerSample``."""
-    if im.format == "PNG":
-        with open(path, "rb") as handle:
-            header = handle.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
-        return len(header) == 26 and header[24] > 8
-    if im.format == "TIFF":
-        bits = getattr(im, "tag_v2", {}).get(258, ())  # BitsPerSample, one per channel
-        return any(b > 8 for b in (bits if isinstance(bits, tuple) else (bits,)))
-    return False
-
-
 def _y_fixed_point(rgb: np.ndarray) -> np.ndarray:
     """OpenCV's uint8 BT.601 Y: ``(4899 R + 9617 G + 1868 B + 8192) >> 14``."""
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
@@ -272,13 +260,20 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
     p = check_file(path)
     try:
         with Image.open(p) as im:
-            im.load()  # decodes now: raises for truncated / corrupt data
-            if _exif_orientation(im) != 1:
-                im = ImageOps.exif_transpose(im)
-            arr, full_scale = _to_array(im, p)
-            if arr.ndim == 3 and _colour_depth_above_8_bits(im, p):
-                warnings.warn("16-bit colour images are read at 8 bits per channel (Pillow's limit; 16-bit grey "
-                              "images keep full precision)", stacklevel=2)  # fmt: skip
+            deep = deep_colour_format(im, p)  # several channels of 16 bits, which Pillow would reduce to 8
+            arr = read_deep_colour(p, deep) if deep else None
+            if arr is not None:
+                arr, full_scale = apply_exif_orientation(arr, _exif_orientation(im)), 65535
+            else:
+                im.load()  # decodes now: raises for truncated / corrupt data
+                if _exif_orientation(im) != 1:
+                    im = ImageOps.exif_transpose(im)
+                arr, full_scale = _to_array(im, p)
+            if deep and arr.dtype == np.uint8:
+                hint = ("its compression needs the imagecodecs package, which is not installed (pip install imagecodecs "
+                        "reads it at full precision)") if deep == "tiff" else "this torchvision has no PNG decoder"
+                warnings.warn(f"{p.name}: a 16-bit colour {deep.upper()} read at 8 bits per channel by Pillow: {hint}",
+                              stacklevel=2)  # fmt: skip
     except DataError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
