@@ -38,7 +38,8 @@ Choices, checked against the authors' code (wyhuai/DDNM):
   ``A^+``. CT's filtered back-projection is not one: at 18 views
   ``||I - FBP A||`` is about 5, every step amplifies part of the prior's
   error, and DDNM diverges (3.7 dB on the clinical slices). So with
-  ``pinv="auto"`` (default) an operator whose ``exact_pinv`` is false gets
+  ``pinv="auto"`` (default) an operator whose ``A_dagger`` is not exact
+  (:func:`operators.has_exact_pinv`) gets
   a least-squares ``A^+``: ``lsq_iters`` conjugate-gradient steps on the
   normal equations (:class:`operators.least_squares.LeastSquaresInverse`,
   the solver of CT's ``pinv="cg"``). ``pinv="operator"`` uses ``A_dagger`` as it is,
@@ -57,6 +58,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.prior import DiffusionPrior, default_generator, image_shape, randn
 from idm.step import ddnm_step, ddnm_timesteps
+from operators import has_exact_pinv
 from operators.least_squares import LeastSquaresInverse
 
 
@@ -119,7 +121,7 @@ class DDNM:
 
     def projection_operator(self, op: Any) -> Any:
         """``op``, or ``op`` with a least-squares ``A_dagger`` (see module docstring)."""
-        solve = self.pinv == "least-squares" or (self.pinv == "auto" and not getattr(op, "exact_pinv", True))
+        solve = self.pinv == "least-squares" or (self.pinv == "auto" and not has_exact_pinv(op))
         if not solve:
             return op
         return LeastSquaresInverse(op, max_iter=self.lsq_iters)

@@ -35,14 +35,22 @@ class IDMConfig:
             backward would rebuild it first). With ``invertible="none"`` it
             checkpoints each step but the last (``torch.utils.checkpoint``).
             Does not change the state dict.
-        injectors: measurement injectors after every wired U-Net module.
+        injectors: measurement injectors (paper Eqs. 6-7), separate weights per
+            step: one after each module of the U-Net's groups (equal-width
+            resnets and attention blocks) and one after each channel-changing
+            resnet before a group, with every ``invertible`` (wired or not;
+            ``model.eps_net.describe()`` lists them). An injector at a scale
+            ``r`` (image size / feature size) needs a feature width divisible
+            by ``r**2``.
         init: ``"pinv"`` (``x_T = sqrt(abar_T) A^+ y``) or ``"noise"``.
         schedule: ``"learned"`` (IDM: learnable ``abar``) or ``"ddpm"`` (fixed,
             DDNM's timesteps of the 1000-step linear schedule).
         time_input: keep the U-Net's time embedding and feed it the DDPM
             timestep (only with ``schedule="ddpm"``, to reproduce DDNM).
-        keep_scales: U-Net scales kept (``None``: 2 of SD's 4 for
-            ``UNet2DConditionModel``, all for ``UNet2DModel``).
+        keep_scales: U-Net scales kept (``None``: for a ``UNet2DConditionModel``
+            all but the two deepest, as the authors pruned SD v1.5 (2 of its
+            4), and at least 1, so a 3-scale one keeps 1; all for a
+            ``UNet2DModel``).
         keep_mid: keep the U-Net's mid block (``None``: only when no scale is pruned).
         pixel_unshuffle: ``s`` (``None``: 2 for ``UNet2DConditionModel``, 1 otherwise).
         injector_kernel: kernel size of the injectors' convolutions.

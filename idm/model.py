@@ -38,7 +38,7 @@ from idm.unets import (
     unet_from_config,
 )
 from idm.wiring import WiredSequence, coupling_forward
-from operators import check_measurements_for, unchecked_values
+from operators import check_measurements_for, has_exact_pinv, unchecked_values
 from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
@@ -165,6 +165,9 @@ class IDM(nn.Module):
         #: ``"fp32"`` or ``"bf16"`` (U-Net under bf16 autocast) in eval mode, set by :meth:`for_inference`;
         #: not saved. Training mode always runs as the caller's autocast says.
         self.inference_precision = "fp32"
+        # one mode for every part: a U-Net loaded by diffusers' from_pretrained comes in eval mode, which would
+        # switch its dropout off in training forwards until the first .train()
+        self.train()
 
     # ---- the network -------------------------------------------------------------
     def _step(self, t: int, x_t: Tensor, op: Any, x_pinv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,6 +231,9 @@ class IDM(nn.Module):
         if x_pinv.dtype != y.dtype:  # e.g. complex (an inverse FFT without .real), or computed in float64
             raise ValueError(f"the operator's A_dagger returned {x_pinv.dtype} images from {y.dtype} measurements; "
                              f"IDM needs real images in the measurements' dtype")  # fmt: skip
+        if x_pinv.dim() == 4 and x_pinv.shape[0] != y.shape[0]:  # e.g. a deepinv physics of 2 masks given 1 y
+            raise ValueError(f"the operator's A_dagger made {x_pinv.shape[0]} images of {y.shape[0]} measurement(s): "
+                             "its batch (of masks or kernels) does not match y's")  # fmt: skip
         if x_pinv.dim() != 4 or x_pinv.shape[1] != self.config.image_channels:
             raise ValueError(
                 f"the operator maps y to images of shape {tuple(x_pinv.shape)}, but this IDM reconstructs "
@@ -317,17 +323,19 @@ class IDM(nn.Module):
     def project_onto_measurements(self, x: Tensor, y: Tensor, op: Any) -> Tensor:
         """``x + A^+ (y - A x)`` for ``(B, C, H, W)`` images ``x`` in ``[0, 1]`` (``IDMConfig.final_projection``).
 
-        ``A^+`` is ``op.A_dagger`` when ``op.exact_pinv`` holds, else
-        ``IDMConfig.projection_cg_iters`` conjugate-gradient steps of least
-        squares (an approximate ``A_dagger`` such as CT's filtered
-        back-projection would not project). One ``A`` and one ``A^+`` of the
+        ``A^+`` is ``op.A_dagger`` when it is a pseudo-inverse
+        (``operators.has_exact_pinv``: the operator's ``exact_pinv``, true for a
+        deepinv physics, whose iterative ``A_dagger`` fits as tightly as its
+        ``tol`` says), else ``IDMConfig.projection_cg_iters`` conjugate-gradient
+        steps of least squares (an approximate ``A_dagger`` such as CT's
+        filtered back-projection would not project). One ``A`` and one ``A^+`` of the
         residual; runs outside autocast, in the real dtype of ``y``;
         differentiable either way.
         """
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(y.real.dtype)
             residual = y - op.A(x)
-            if getattr(op, "exact_pinv", True):
+            if has_exact_pinv(op):
                 return x + op.A_dagger(residual)
             return x + least_squares_solve(op, residual, max_iter=self.config.projection_cg_iters)
 

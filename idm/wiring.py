@@ -335,6 +335,9 @@ class WiredSequence(nn.Module):
     def num_layers(self) -> int:
         return self.v.shape[0]
 
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}" + (", keep_last_graph=True" if self.keep_last_graph else "")
+
     def forward(
         self,
         x: Tensor,

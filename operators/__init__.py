@@ -11,7 +11,8 @@ Add a forward model by subclassing :class:`operators.Operator` and decorating
 it with ``@operators.register("name")`` (see README).
 """
 
-from .base import Operator, OperatorInputError, check_finite, check_img_size, check_measurements_for, check_ratio
+from .base import (Operator, OperatorInputError, check_finite, check_img_size, check_measurements_for, check_ratio,
+                   has_exact_pinv)
 from .registry import OperatorRegistry
 from .value_checks import unchecked_values, values_checked
 
@@ -37,6 +38,7 @@ __all__ = [
     "check_measurements_for",
     "check_ratio",
     "from_config",
+    "has_exact_pinv",
     "make",
     "register",
     "unchecked_values",

@@ -121,6 +121,16 @@ def check_float32_or_64(t: torch.Tensor, operator_name: str, name: str) -> None:
         raise OperatorInputError(f"{operator_name} supports float32 and float64 tensors, got {name} of dtype {t.dtype}")
 
 
+def has_exact_pinv(op: Any) -> bool:
+    """Whether ``op.A_dagger`` is a pseudo-inverse, so that ``x + A^+ (y - A x)`` projects onto ``{x : A x = y}``:
+    ``op.exact_pinv`` where the operator says (the toolkit's operators do; CT's filtered back-projection is not
+    one), else true. deepinv's physics say nothing, and their ``A_dagger`` is a pseudo-inverse: closed-form for a
+    ``DecomposablePhysics`` (masks, MRI, FFT blur), otherwise a least-squares solve that is as exact as the
+    physics' own ``max_iter`` and ``tol`` make it. A plug-in whose ``A_dagger`` only approximates an inverse
+    declares ``exact_pinv = False``."""
+    return bool(getattr(op, "exact_pinv", True))
+
+
 class Operator(LinearPhysics):
     """Base class of the toolkit's forward models (see module docstring).
 

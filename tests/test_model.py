@@ -326,6 +326,23 @@ def test_conditioning_the_adapter_cannot_feed_is_refused_at_construction(changes
         IDM(IDMConfig(**config), unet=_tiny_sd_like_unet(**changes))
 
 
+def test_an_injector_width_that_does_not_fit_names_the_group_and_the_ways_out():
+    """A feature width not divisible by r^2 at scale r cannot be pixel-shuffled to the image's size: the error
+    names the U-Net group and what to change; describe() lists the groups, chains and injectors of a model."""
+    from diffusers import UNet2DModel
+
+    odd = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 24), layers_per_block=1,
+                      down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=8)  # fmt: skip
+    with pytest.raises(ValueError, match=r"U-Net group down_blocks_2_0: an injector at scale r=4 needs feature "
+                                         r"channels divisible by r\^2=16, got 24 .*IDMConfig.injectors=False"):  # fmt: skip
+        IDM(IDMConfig(steps=1), unet=odd)
+    table = IDM(IDMConfig(steps=2, injectors=False), unet=odd).eps_net.describe().splitlines()
+    assert table[0].split() == ["group", "modules", "channels", "scale", "chain", "injectors"]
+    assert table[3].split() == ["down_blocks_2_0", "(resnets[0])", "24", "4", "0", "0"]  # channel-changing: not wired
+    described = IDM(IDMConfig(unet="tiny", steps=2, invertible="steps")).eps_net.describe()
+    assert "mid_block_0_0    resnets[0] attentions[0] resnets[1]" in described and described.splitlines()[3].split()[-2:] == ["0", "3"]
+
+
 def test_gligen_grounding_layers_are_pruned_with_the_cross_attention():
     torch.manual_seed(0)
     gated = IDM(IDMConfig(steps=1), unet=_tiny_sd_like_unet(attention_type="gated"))
@@ -341,6 +358,7 @@ def test_a_local_diffusers_unet_folder_is_loaded_pruned_and_wired(tmp_path, orth
     unet.save_pretrained(tmp_path / "sd" / "unet")
     model = IDM(IDMConfig(unet=str(tmp_path / "sd"), image_channels=channels, steps=2))
     assert model.config.keep_scales == 2 and model.config.keep_mid is False and model.config.pixel_unshuffle == 2
+    assert all(m.training for m in model.modules())  # built in training mode, though diffusers loads in eval mode
     kept = model.eps_net.unet
     assert len(kept.down_blocks) == 2 and len(kept.up_blocks) == 2 and kept.mid_block is None
     assert kept.time_embedding is None and kept.down_blocks[1].downsamplers is None
@@ -822,6 +840,39 @@ def test_bad_input_with_a_deepinv_physics_names_the_problem():
         model(y.numpy(), op)
     with pytest.raises(TypeError, match="op must be a linear operator"):
         model(y, None)
+
+
+def test_a_physics_whose_batch_differs_from_y_is_refused():
+    """deepinv broadcasts a physics of 2 masks over 1 measurement: 2 images for 1 y would come back, silently."""
+    from deepinv.physics import Inpainting
+
+    model = IDM(IDMConfig(unet="tiny", steps=1)).eval()
+    two_masks = Inpainting(img_size=SHAPE, mask=(torch.rand(2, *SHAPE) > 0.5).float())
+    with pytest.raises(ValueError, match=r"A_dagger made 2 images of 1 measurement\(s\)"):
+        model(torch.rand(1, *SHAPE), two_masks)
+
+
+def test_the_final_projection_of_a_deepinv_physics_fits_as_tightly_as_its_pseudo_inverse():
+    """A deepinv Blur's A_dagger is an iterative least-squares solve: the final projection fits y as tightly as it
+    solves; a physics that declares exact_pinv False gets IDM's own solve (projection_cg_iters steps) instead."""
+    from deepinv.physics import Blur
+
+    torch.manual_seed(0)
+    blur = Blur(filter=torch.rand(1, 1, 3, 3, dtype=torch.float64) / 9 + 1 / 9, padding="circular")
+    x = torch.rand(1, *SHAPE, dtype=torch.float64)
+    model = perturbed_model(IDMConfig(unet="tiny", steps=1, final_projection=True, projection_cg_iters=200)).eval()
+
+    def misfit() -> float:
+        y = blur.A(x)
+        with torch.no_grad():
+            return float((blur.A(model(y, blur)) - y).norm() / y.norm())
+
+    assert operators.has_exact_pinv(blur) and not operators.has_exact_pinv(operators.make("ct", img_size=(16, 16), views=8))
+    its_own = misfit()
+    blur.exact_pinv = False
+    idms_solve = misfit()
+    model.config = model.config.replace(final_projection=False)
+    assert idms_solve < its_own / 10 and its_own < 1e-2 < misfit()
 
 
 def test_a_unet_folder_of_only_fp16_weights_loads_in_float32(tmp_path):

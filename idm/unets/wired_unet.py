@@ -142,9 +142,7 @@ class WiredUNet(nn.Module):
         if injectors:
             self.injectors = nn.ModuleList(
                 nn.ModuleList(
-                    Injector(p.channels, p.scale, self.item_channels, injector_kernel)
-                    for p in self.plans
-                    for _ in range(self._injector_count(p))
+                    self._injector(p, injector_kernel) for p in self.plans for _ in range(self._injector_count(p))
                 )
                 for _ in range(steps)
             )
@@ -254,6 +252,32 @@ class WiredUNet(nn.Module):
                 )
             )
         return plans
+
+    def _injector(self, plan: GroupPlan, kernel_size: int) -> Injector:
+        """An injector after a module of ``plan``'s group; a ``ValueError`` naming the group where its width does
+        not fit the injector's pixel shuffle."""
+        try:
+            return Injector(plan.channels, plan.scale, self.item_channels, kernel_size)
+        except ValueError as err:
+            raise ValueError(
+                f"U-Net group {plan.key}: {err} (the injector pixel-shuffles the features back to the image's size); "
+                f"give that scale a width divisible by {plan.scale**2}, keep fewer scales (IDMConfig.keep_scales), "
+                "or build without injectors (IDMConfig.injectors=False)"
+            ) from None
+
+    def describe(self) -> str:
+        """What was wired, one line per group of a U-Net block: where it is, its modules (a channel-changing
+        resnet run before the group first, in brackets), its width and scale (image size / feature size), how
+        many layers its wired chain links (``chain``: its modules and injectors; 0 where the blocks are not
+        wired, ``invertible`` other than ``"both"``) and how many injectors each step has there. For reading:
+        ``print(model.eps_net.describe())``."""
+        lines = [f"{'group':<16} {'modules':<44} {'channels':>8} {'scale':>5} {'chain':>5} {'injectors':>9}"]
+        for plan in self.plans:
+            modules = ([f"({plan.pre[0]}[{plan.pre[1]}])"] if plan.pre else []) + [f"{a}[{i}]" for a, i in plan.members]
+            wired = self._layer_count(plan) if getattr(self, "wirings", None) is not None and plan.key in self.wirings else 0
+            lines.append(f"{plan.key:<16} {' '.join(modules) or '-':<44} {plan.channels:>8} {plan.scale:>5} "
+                         f"{wired:>5} {self._injector_count(plan):>9}")  # fmt: skip
+        return "\n".join(lines)
 
     def _injector_count(self, plan: GroupPlan) -> int:
         """One injector after the channel-changing resnet (if any) and one after every member."""
