@@ -223,3 +223,27 @@ def test_idm_info_lists_models_and_priors_by_where_they_come_from(runs, tmp_path
     IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(user / "bare")  # a model folder without run.json: no prior
     with pytest.raises(CheckpointError, match="'bare' does not exist, nor is it the name of a shipped model"):
         load_trained("bare")
+
+
+def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
+    """`idm info --checkpoint` says what a model was trained for, how it is built and wired, and how it was
+    trained: from a run folder, from its export (provenance.json), and from a bare model folder (no record)."""
+    from idm import IDM, IDMConfig
+
+    _, idm_run = runs
+    exported = export_model(idm_run, tmp_path / "exported")
+    for source in (idm_run, exported):
+        assert main(["info", "--checkpoint", str(source), "--out", str(tmp_path / "info.json")]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1] == ("task: cs; operator: a family: cs operator (block=8, channels=1, img_size=16x16, mode=permuted, "
+                            "phi_seed=0, seed=0, ratio drawn from [0.1, 0.5])")  # fmt: skip
+        assert lines[2].startswith("network: T=") and lines[3].split()[:2] == ["group", "modules"]
+        assert any(line.startswith("trained: ") and " iterations" in line for line in lines)
+        info = json.loads((tmp_path / "info.json").read_text())
+        assert info["task"] == "cs" and info["parameters"] == sum(p.numel() for p in load_trained(source).model.parameters())
+        assert info["training"]["command"].startswith("idm train") and info["training"]["iteration"] >= 1
+    IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "bare")
+    assert main(["info", "--checkpoint", str(tmp_path / "bare")]) == 0
+    assert "task: not recorded (a bare model folder: no run.json)" in capsys.readouterr().out
+    assert main(["info", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

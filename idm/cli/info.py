@@ -16,9 +16,12 @@ def add_parser(subparsers) -> None:
         "info",
         help="show versions, devices and available tasks and operators",
         description="Print the versions of idm and torch, the device and the precision --precision auto picks on it, "
-        "the tasks (with those of installed plug-ins) and registered operators, and the shipped (and $IDM_MODELS_DIR) models and priors.",
+        "the tasks (with those of installed plug-ins) and registered operators, and the shipped (and $IDM_MODELS_DIR) models and priors. "
+        "With --checkpoint, describe that model instead: what it was trained for, its architecture and what was wired, "
+        "and how it was trained.",
     )
     add_common_args(parser, out_help="also write this information as JSON to this file", out_required=False)
+    parser.add_argument("--checkpoint", help="an IDM model folder, an `idm train` --out folder or a shipped model's name")
     parser.set_defaults(run=run)
 
 
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from idm.shipped import PACKAGED_DIR, shipped_models, shipped_priors
 
     device = resolve_device(args.device)
+    if args.checkpoint:
+        return describe_checkpoint(args.checkpoint, args.out)
     task_names = tasks.available()
     for name in task_names:  # a plug-in task's module registers its operator when it loads
         try:
@@ -82,3 +87,74 @@ def _by_folder(entries: list[dict], packaged, what: str = "models") -> dict[str,
     if shipped or what == "models":
         groups[f"shipped {what}"] = shipped
     return groups
+
+
+def describe_checkpoint(path: str, out: str | None = None) -> int:
+    """Print what the model at ``path`` is: its folder, task and operator (as its training recorded them), its
+    architecture (the :class:`idm.IDMConfig` fields, parameters, the U-Net's groups, chains and injectors) and
+    its training (iteration, seconds, hardware, command, from ``provenance.json`` of an export or the run
+    record); with ``out``, also as JSON."""
+    from idm.checkpoint import load_json, save_json
+    from idm.train import load_trained
+
+    trained = load_trained(path)
+    model = trained.model
+    run = trained.run or {}
+    settings = run.get("settings", {})
+    provenance_file = trained.path / "provenance.json"
+    provenance = load_json(provenance_file) if provenance_file.is_file() else {}
+    info = {
+        "path": str(trained.path),
+        "task": trained.task,
+        "operator": trained.recorded_operator,
+        "model": model.config.to_dict(),
+        "unet_class": model.unet_class,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": {
+            "iteration": provenance.get("iteration", run.get("iteration")),
+            "seconds": provenance.get("training_seconds"),
+            "hardware": provenance.get("hardware", settings.get("hardware")),
+            "command": provenance.get("command", settings.get("command")),
+            "prior": settings.get("prior"),
+            "recipe": run.get("identity", {}).get("training"),
+        },
+    }
+    print(f"model: {info['path']}")
+    if trained.run is None:
+        print("task: not recorded (a bare model folder: no run.json)")
+    else:
+        print(f"task: {info['task']}; operator: {_operator_words(info['operator'])}")
+    config = info["model"]
+    print(f"network: T={config['steps']}, invertible={config['invertible']!r}, injectors={config['injectors']}, "
+          f"init={config['init']!r}, final_projection={config['final_projection']}, {info['parameters'] / 1e6:.2f}M "
+          f"parameters, U-Net {info['unet_class']} from {config['unet']!r}")  # fmt: skip
+    print(model.eps_net.describe())
+    training = info["training"]
+    if training["iteration"] is not None:
+        seconds = f", {training['seconds']:.0f} s" if training["seconds"] is not None else ""
+        print(f"trained: {training['iteration']} iterations{seconds} on {training['hardware'] or 'unrecorded hardware'}"
+              + (f", prior {training['prior']}" if training["prior"] else ""))  # fmt: skip
+    if training["command"]:
+        print(f"command: {training['command']}")
+    if out:
+        save_json(info, out)
+    return 0
+
+
+def _operator_words(config) -> str:
+    """A recorded operator config in words: one operator's settings, or a family's varied ranges."""
+    from operators.family import is_family_config
+    from tasks.measurements import describe_operator
+
+    if not config:
+        return "not recorded"
+    if "name" not in config:
+        return f"{config.get('class', 'a plug-in physics')} (not one of the toolkit's operators)"
+    if not is_family_config(config):
+        return describe_operator(config)
+    parts = []
+    for component in config.get("components", []):
+        vary = component.get("vary", {})
+        fixed = describe_operator({k: v for k, v in component["base"].items() if k not in vary})
+        parts.append(fixed[:-1] + "".join(f", {k} drawn from {v}" for k, v in vary.items()) + ")")
+    return "a family: " + "; ".join(parts)
