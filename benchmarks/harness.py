@@ -7,7 +7,7 @@ block, as the IDM authors), draws the operator ``operator_for(i, (H, W))``
 (seeded per image, so a rerun is identical), measures ``y = A x`` once, and
 gives every method the same ``y`` and operator with a generator seeded
 ``seed + i``. Each method's wall time is synchronised on CUDA, its peak
-memory read on CUDA, its reconstruction cropped back and scored with
+memory read (allocated on CUDA, resident on a Linux CPU), its reconstruction cropped back and scored with
 ``score(x_hat, x)``. A method that fails on an image is recorded with its
 error and the run goes on.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,13 +25,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from benchmarks import resident_memory
 from benchmarks.report import save_grid, save_image
+from benchmarks.resident_memory import ResidentPeak
 from idm.checkpoint import file_sha256
 from tasks.data import check_size, resize_square
 from tasks.measurements import unique_names
 
-#: Columns of ``results.csv`` (``peak_mem_mb``, on CUDA only: the method's peak above what was allocated before
-#: its call, i.e. without the loaded models' weights).
+#: Columns of ``results.csv`` (``peak_mem_mb``: the method's own peak memory, see :func:`_timed_call`; on CUDA,
+#: and on a CPU where :func:`benchmarks.resident_memory.available`).
 RESULT_FIELDS = ("method", "image", "psnr", "ssim", "seconds", "nfe", "peak_mem_mb", "status", "error")
 
 
@@ -88,6 +91,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_call(method: Any, y: Tensor, op: Any, device: torch.device, seed: int,
+                cpu_memory: bool) -> tuple[Tensor, float, float | None]:  # fmt: skip
+    """``method(y, op)`` with a generator seeded ``seed``: ``(x_hat, seconds, peak MiB or None)``.
+
+    The peak is the method's own memory: on CUDA its peak allocation above what is allocated before the call
+    (the loaded models' weights left out); on the CPU with ``cpu_memory``, its peak resident memory above the
+    resident set before (:mod:`benchmarks.resident_memory`). A fast method (``warm_up``: IDM, ``pinv``) is
+    measured on the CPU by an untimed call of its own just before, so that its timed call runs on the heap it
+    has warmed, as in use; a slow one by its timed call.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    fast = getattr(method, "warm_up", False)
+    untimed = ResidentPeak() if cpu_memory and fast else None
+    if untimed is not None:
+        with untimed:
+            method(y, op, generator=torch.Generator(device).manual_seed(seed))
+    timed = ResidentPeak() if cpu_memory and not fast else None
+    _sync(device)
+    with timed if timed is not None else nullcontext():
+        start = time.perf_counter()
+        x_hat = method(y, op, generator=torch.Generator(device).manual_seed(seed))
+        _sync(device)
+        seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        return x_hat, seconds, (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
+    meter = untimed or timed
+    return x_hat, seconds, None if meter is None else meter.mib
+
+
 def _pad(x: Tensor, multiple: int | None) -> Tensor:
     if not multiple:
         return x
@@ -128,9 +162,13 @@ def run_benchmark(
     Methods whose ``warm_up`` attribute is true (IDM and ``pinv``: milliseconds
     to seconds per image) first run once, untimed, on the first image, so
     that one-off start-up costs (kernel selection, operator caches on the
-    device) are not charged to the first image's time.
+    device) are not charged to the first image's time; where the CPU's memory
+    is measured they run untimed before every image's timed call instead
+    (:func:`_timed_call`).
     """
-    warm = [m for m in methods if getattr(m, "warm_up", False)]
+    cpu_memory = device.type == "cpu" and resident_memory.available()
+    # with the CPU's memory measured, every image's untimed memory call warms the fast methods up instead
+    warm = [m for m in methods if getattr(m, "warm_up", False)] if not cpu_memory else []
     if warm and images:
         x = _pad(images[0].x[None].to(device), pad_multiple)
         op = operator_for(0, tuple(x.shape[-2:]))
@@ -151,18 +189,8 @@ def run_benchmark(
         shown = {"ground truth": display(x)}
         for method in methods:
             row = {"method": method.name, "image": image.name, "nfe": method.nfe}
-            generator = torch.Generator(device).manual_seed(seed + i)
             try:
-                if device.type == "cuda":  # the method's own memory: its peak above what is already allocated
-                    torch.cuda.reset_peak_memory_stats(device)
-                    allocated_before = torch.cuda.memory_allocated(device)
-                _sync(device)
-                start = time.perf_counter()
-                x_hat = method(y, op, generator=generator)
-                _sync(device)
-                row["seconds"] = time.perf_counter() - start
-                if device.type == "cuda":
-                    row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
+                x_hat, row["seconds"], row["peak_mem_mb"] = _timed_call(method, y, op, device, seed + i, cpu_memory)
                 x_hat = x_hat[..., :height, :width].detach()
                 if not torch.isfinite(x_hat).all():
                     raise FloatingPointError("the reconstruction contains NaN or inf")

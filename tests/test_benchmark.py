@@ -48,7 +48,10 @@ def test_every_method_runs_and_writes_the_files(bench_files, tmp_path):
     ])  # fmt: skip
     assert status == 0
     rows = _rows(out / "results.csv")
-    assert list(rows[0]) == ["method", "image", "psnr", "ssim", "seconds", "nfe", "status", "error"]
+    from benchmarks import resident_memory
+
+    memory = ["peak_mem_mb"] if resident_memory.available() else []  # the CPU's column where Linux can measure it
+    assert list(rows[0]) == ["method", "image", "psnr", "ssim", "seconds", "nfe", *memory, "status", "error"]
     assert [(r["method"], r["image"]) for r in rows] == [(m, i) for i in "ab" for m in ("idm", "pinv", "tv", "ddnm", "dps")]
     assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in rows)
     assert {r["method"]: int(r["nfe"]) for r in rows} == {"idm": 2, "pinv": 0, "tv": 0, "ddnm": 3, "dps": 3}
@@ -100,8 +103,17 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     assert (tmp_path / "grids" / "third.png").is_file()
 
 
-def test_cheap_methods_run_once_untimed_before_the_first_image():
+@pytest.mark.parametrize("cpu_memory", [False, True])
+def test_cheap_methods_run_once_untimed_before_the_first_image(cpu_memory, monkeypatch):
+    """Fast methods (warm_up) run once untimed on the first image; where the CPU's memory is measured, they run
+    untimed before every image's timed call instead (that call measures them), and slow methods are measured by
+    their timed call."""
     import operators
+    from benchmarks import resident_memory
+
+    if cpu_memory and not resident_memory.available():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    monkeypatch.setattr(resident_memory, "available", lambda: cpu_memory)
 
     class Counted:
         nfe = 0
@@ -117,8 +129,9 @@ def test_cheap_methods_run_once_untimed_before_the_first_image():
     cheap, slow = Counted("cheap", True), Counted("slow", False)
     rows = run_benchmark(images, [cheap, slow], lambda i, size: operators.make("inpainting", img_size=size, ratio=0.5, seed=i),
                          score=lambda x_hat, x: (0.0, 0.0), display=lambda x: x, device=torch.device("cpu"), progress=False)  # fmt: skip
-    assert cheap.seen == [0, 0, 1] and slow.seen == [0, 1]  # the warm-up on image 0's operator, then the timed calls
+    assert cheap.seen == ([0, 0, 1, 1] if cpu_memory else [0, 0, 1]) and slow.seen == [0, 1]
     assert [(r["method"], r["image"]) for r in rows] == [("cheap", "a"), ("slow", "a"), ("cheap", "b"), ("slow", "b")]
+    assert all((r["peak_mem_mb"] is not None) == cpu_memory for r in rows)
 
 
 def test_a_checkpoint_whose_prior_moved_names_the_missing_folder(bench_files, tmp_path, capsys):

@@ -4,7 +4,8 @@
                   [--checkpoint DIR] [--prior DIR] [--limit N] [--device cuda] --out DIR
 
 Writes ``OUT/results.csv`` (one row per method and image: method, image,
-psnr, ssim, seconds, nfe, peak_mem_mb on CUDA, status, error),
+psnr, ssim, seconds, nfe, peak_mem_mb, status, error; peak_mem_mb is the
+method's own peak memory: allocated on CUDA, resident on a Linux CPU),
 ``OUT/summary.md`` (mean ± std per method), ``OUT/benchmark.json`` (the
 run's settings: seeds, operator, prior, checkpoint, DPS step size),
 ``OUT/grids/<image>.png`` and ``OUT/recon/<method>/<image>.png``.
@@ -98,6 +99,7 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     import tasks
+    from benchmarks import resident_memory
     from benchmarks.harness import RESULT_FIELDS, load_images, run_benchmark
     from benchmarks.idm_method import IDMMethod
     from benchmarks.methods import available_methods, make_method, needs_prior
@@ -232,8 +234,12 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "resized_to": args.size,
         "warnings": recorded_warnings,
+        "peak_memory": ("peak_mem_mb: the method's peak CUDA allocation above what was allocated before its call"
+                        if device.type == "cuda" else "peak_mem_mb: the method's peak resident memory above the resident "
+                        "set before its call, freed heap handed back first (an untimed call of its own for idm and pinv)"
+                        if resident_memory.available() else None),  # fmt: skip
     }
-    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda"]
+    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or resident_memory.available()]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
     for table in ("results.csv", "summary.md"):  # an earlier run's outputs, which this run's record would seem
