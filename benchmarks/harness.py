@@ -96,19 +96,16 @@ def _timed_call(method: Any, y: Tensor, op: Any, device: torch.device, seed: int
     """``method(y, op)`` with a generator seeded ``seed``: ``(x_hat, seconds, peak MiB or None)``.
 
     The peak is the method's own memory: on CUDA its peak allocation above what is allocated before the call
-    (the loaded models' weights left out); on the CPU with ``cpu_memory``, its peak resident memory above the
-    resident set before (:mod:`benchmarks.resident_memory`). A fast method (``warm_up``: IDM, ``pinv``) is
-    measured on the CPU by an untimed call of its own just before, so that its timed call runs on the heap it
-    has warmed, as in use; a slow one by its timed call.
+    (the loaded models' weights left out); on the CPU with ``cpu_memory``, the pages it first touches
+    (:mod:`benchmarks.resident_memory`). A fast method (``warm_up``: IDM, ``pinv``) is measured on the CPU by
+    an untimed call of its own after the timed one, whose time then stays what it is without measuring (the
+    heap the measuring call gave back is refilled by it, for the next image's timed call); a slow one by its
+    timed call, which then pays for faulting its pages in (negligible beside its seconds).
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
     fast = getattr(method, "warm_up", False)
-    untimed = ResidentPeak() if cpu_memory and fast else None
-    if untimed is not None:
-        with untimed:
-            method(y, op, generator=torch.Generator(device).manual_seed(seed))
     timed = ResidentPeak() if cpu_memory and not fast else None
     _sync(device)
     with timed if timed is not None else nullcontext():
@@ -118,8 +115,13 @@ def _timed_call(method: Any, y: Tensor, op: Any, device: torch.device, seed: int
         seconds = time.perf_counter() - start
     if device.type == "cuda":
         return x_hat, seconds, (torch.cuda.max_memory_allocated(device) - allocated_before) / 2**20
-    meter = untimed or timed
-    return x_hat, seconds, None if meter is None else meter.mib
+    if not cpu_memory:
+        return x_hat, seconds, None
+    if timed is not None:
+        return x_hat, seconds, timed.mib
+    with ResidentPeak() as untimed:
+        method(y, op, generator=torch.Generator(device).manual_seed(seed))
+    return x_hat, seconds, untimed.mib
 
 
 def _pad(x: Tensor, multiple: int | None) -> Tensor:
@@ -163,12 +165,11 @@ def run_benchmark(
     to seconds per image) first run once, untimed, on the first image, so
     that one-off start-up costs (kernel selection, operator caches on the
     device) are not charged to the first image's time; where the CPU's memory
-    is measured they run untimed before every image's timed call instead
+    is measured they also run untimed after every image's timed call
     (:func:`_timed_call`).
     """
-    cpu_memory = device.type == "cpu" and resident_memory.available()
-    # with the CPU's memory measured, every image's untimed memory call warms the fast methods up instead
-    warm = [m for m in methods if getattr(m, "warm_up", False)] if not cpu_memory else []
+    cpu_memory = resident_memory.measured_on(device)
+    warm = [m for m in methods if getattr(m, "warm_up", False)]
     if warm and images:
         x = _pad(images[0].x[None].to(device), pad_multiple)
         op = operator_for(0, tuple(x.shape[-2:]))

@@ -10,18 +10,24 @@ keeps one per process instead: the high-water mark of the resident set (``VmHWM`
 which writing ``5`` to ``/proc/self/clear_refs`` resets to the current resident set (Linux 4.0 and later; see
 ``man 5 proc``). Before the block the heap's freed memory is handed back to the kernel (glibc's
 ``malloc_trim``): ``idm`` keeps freed memory in the heap (:mod:`idm.cpu_memory`), and a method that reused
-what an earlier one freed would otherwise seem to need nothing. What is measured is every page the block
-touches that was not resident before it: tensors, the operator's caches, the interpreter's objects; pages
-that other threads of the process touch meanwhile count too.
+what an earlier one freed would otherwise seem to need nothing.
+
+What is measured is the pages the block first touches, by any thread of the process: tensors, the operator's
+caches, the interpreter's objects, and whatever another thread allocates meanwhile. It is a guide to a
+method's working memory, not an exact count like CUDA's allocator statistics: where the allocator places
+blocks (the main heap or a thread's arena, which ``malloc_trim`` hands back only in part) moves it by tens
+of MiB between identical calls, and with the thread count.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 
-__all__ = ["ResidentPeak", "available"]
+import torch
+
+from idm.cpu_memory import glibc
+
+__all__ = ["ResidentPeak", "available", "measured_on"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -52,15 +58,17 @@ def available() -> bool:
     return _status_kib("VmHWM") is not None and _status_kib("VmRSS") is not None and _reset_peak()
 
 
+def measured_on(device: torch.device) -> bool:
+    """Whether ``idm benchmark`` measures resident memory for methods run on ``device``: the CPU, where
+    :func:`available`."""
+    return device.type == "cpu" and available()
+
+
 def _release_freed_heap() -> None:
     """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        return
-    if trim is not None:
-        trim(0)
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class ResidentPeak:

@@ -52,10 +52,17 @@ def keep_freed_memory(kept_bytes: int = DEFAULT_KEPT_BYTES) -> bool:
     """
     if kept_bytes <= 0 or kept_bytes >= 1 << 31:
         raise ValueError(f"kept_bytes must be in (0, 2 GiB) for mallopt's int argument, got {kept_bytes}")
-    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in GLIBC_MALLOC_VARIABLES):
+    if any(name in os.environ for name in GLIBC_MALLOC_VARIABLES):
         return False
-    libc_path = ctypes.util.find_library("c")
-    if libc_path is None:
+    libc = glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(libc_path)
     return libc.mallopt(M_MMAP_THRESHOLD, kept_bytes) == 1 and libc.mallopt(M_TRIM_THRESHOLD, kept_bytes) == 1
+
+
+def glibc() -> ctypes.CDLL | None:
+    """This process's glibc (for ``mallopt``, ``malloc_trim``), or ``None`` off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc_path = ctypes.util.find_library("c")
+    return None if libc_path is None else ctypes.CDLL(libc_path)

@@ -782,6 +782,24 @@ def test_16_bit_colour_images_are_read_at_full_precision(tmp_path):
         assert (x8 * 255 - torch.from_numpy((rgba16[..., :3] >> 8).astype(np.float32)).permute(2, 0, 1)).abs().max() < 1e-4
 
 
+def test_16_bit_tiffs_other_than_rgb_stay_pillows_and_orientation_is_applied(tmp_path):
+    """A 16-bit CMYK TIFF is Pillow's, which converts it to RGB (its first three channels are not R, G, B); a
+    16-bit RGB TIFF's Orientation tag turns it upright, as Pillow turns an 8-bit image."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    cmyk16 = (rng.random((6, 5, 4)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyk16, photometric="separated")
+    with Image.open(tmp_path / "cmyk.tif") as im:
+        pillows = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    assert torch.allclose(read_image(tmp_path / "cmyk.tif", "rgb"), torch.from_numpy(pillows).permute(2, 0, 1))
+    rgb16 = (rng.random((6, 5, 3)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "turned.tif", rgb16, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    upright = np.rot90(rgb16, -1)  # orientation 6: rotate 90 degrees clockwise to view
+    x = read_image(tmp_path / "turned.tif", "rgb")
+    assert x.shape == (3, 5, 6) and (x - torch.from_numpy(upright / 65535.0).permute(2, 0, 1)).abs().max() < 1e-6
+
+
 def test_a_deep_colour_image_that_cannot_be_read_fully_is_named(tmp_path, monkeypatch):
     """A truncated 16-bit colour PNG is a DataError naming the file; a 16-bit colour TIFF whose compression needs
     the optional imagecodecs package falls back to Pillow's 8 bits with a warning that says how to read it fully;

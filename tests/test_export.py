@@ -242,8 +242,12 @@ def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
         info = json.loads((tmp_path / "info.json").read_text())
         assert info["task"] == "cs" and info["parameters"] == sum(p.numel() for p in load_trained(source).model.parameters())
         assert info["training"]["command"].startswith("idm train") and info["training"]["iteration"] >= 1
+        assert info["training"]["seconds"] > 0  # the export's provenance, or the checkpoint's trainer state
     IDM(IDMConfig(unet="tiny", steps=1)).save_pretrained(tmp_path / "bare")
     assert main(["info", "--checkpoint", str(tmp_path / "bare")]) == 0
     assert "task: not recorded (a bare model folder: no run.json)" in capsys.readouterr().out
     assert main(["info", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (exported / "provenance.json").write_text("[1, 2]")
+    assert main(["info", "--checkpoint", str(exported)]) == 2
+    assert "the provenance record is not a JSON object" in capsys.readouterr().err

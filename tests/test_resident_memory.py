@@ -50,6 +50,7 @@ def test_the_benchmark_records_each_methods_peak_on_the_cpu(tmp_path):
                  "--checkpoint", str(tmp_path / "model"), "--methods", "idm,pinv,tv", "--tv-iters", "5", "--device", "cpu",
                  "--no-images", "--no-progress", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
-    assert len(rows) == 6 and all(float(row["peak_mem_mb"]) >= 0 for row in rows)
+    assert len(rows) == 6 and all(row["peak_mem_mb"] != "" for row in rows)
+    assert all(float(row["peak_mem_mb"]) > 1 for row in rows if row["method"] == "idm")  # its feature maps, at least
     assert "resident" in json.loads((tmp_path / "out" / "benchmark.json").read_text())["peak_memory"]
     assert "peak MiB" in (tmp_path / "out" / "summary.md").read_text()

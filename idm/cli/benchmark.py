@@ -235,11 +235,12 @@ def run(args: argparse.Namespace) -> int:
         "resized_to": args.size,
         "warnings": recorded_warnings,
         "peak_memory": ("peak_mem_mb: the method's peak CUDA allocation above what was allocated before its call"
-                        if device.type == "cuda" else "peak_mem_mb: the method's peak resident memory above the resident "
-                        "set before its call, freed heap handed back first (an untimed call of its own for idm and pinv)"
-                        if resident_memory.available() else None),  # fmt: skip
+                        if device.type == "cuda" else "peak_mem_mb: the pages the method's call first touched (its peak "
+                        f"resident memory above the resident set before, freed heap handed back first), {torch.get_num_threads()} "
+                        "thread(s); idm and pinv measured by an untimed call after the timed one"
+                        if resident_memory.measured_on(device) else None),  # fmt: skip
     }
-    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or resident_memory.available()]
+    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or resident_memory.measured_on(device)]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
     for table in ("results.csv", "summary.md"):  # an earlier run's outputs, which this run's record would seem

@@ -94,15 +94,17 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     architecture (the :class:`idm.IDMConfig` fields, parameters, the U-Net's groups, chains and injectors) and
     its training (iteration, seconds, hardware, command, from ``provenance.json`` of an export or the run
     record); with ``out``, also as JSON."""
-    from idm.checkpoint import load_json, save_json
+    from idm.checkpoint import save_json
+    from idm.export import PROVENANCE_NAME
     from idm.train import load_trained
+    from idm.training.state import TRAINER_STATE_NAME
 
     trained = load_trained(path)
     model = trained.model
     run = trained.run or {}
     settings = run.get("settings", {})
-    provenance_file = trained.path / "provenance.json"
-    provenance = load_json(provenance_file) if provenance_file.is_file() else {}
+    provenance = _record(trained.path / PROVENANCE_NAME, "provenance")  # an export's
+    state = _record(trained.path / TRAINER_STATE_NAME, "trainer state")  # a training checkpoint's
     info = {
         "path": str(trained.path),
         "task": trained.task,
@@ -112,7 +114,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
         "training": {
             "iteration": provenance.get("iteration", run.get("iteration")),
-            "seconds": provenance.get("training_seconds"),
+            "seconds": provenance.get("training_seconds", state.get("seconds")),
             "hardware": provenance.get("hardware", settings.get("hardware")),
             "command": provenance.get("command", settings.get("command")),
             "prior": settings.get("prior"),
@@ -123,7 +125,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     if trained.run is None:
         print("task: not recorded (a bare model folder: no run.json)")
     else:
-        print(f"task: {info['task']}; operator: {_operator_words(info['operator'])}")
+        print(f"task: {info['task'] or 'not recorded'}; operator: {_operator_words(info['operator'])}")
     config = info["model"]
     print(f"network: T={config['steps']}, invertible={config['invertible']!r}, injectors={config['injectors']}, "
           f"init={config['init']!r}, final_projection={config['final_projection']}, {info['parameters'] / 1e6:.2f}M "
@@ -141,6 +143,18 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     return 0
 
 
+def _record(file, what: str) -> dict:
+    """The JSON object in ``file`` (``{}`` when there is none); a :class:`CheckpointError` naming a damaged one."""
+    from idm.checkpoint import CheckpointError, load_json
+
+    if not file.is_file():
+        return {}
+    record = load_json(file, what)
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: the {what} record is not a JSON object; the folder is damaged")
+    return record
+
+
 def _operator_words(config) -> str:
     """A recorded operator config in words: one operator's settings, or a family's varied ranges."""
     from operators.family import is_family_config
@@ -156,5 +170,6 @@ def _operator_words(config) -> str:
     for component in config.get("components", []):
         vary = component.get("vary", {})
         fixed = describe_operator({k: v for k, v in component["base"].items() if k not in vary})
-        parts.append(fixed[:-1] + "".join(f", {k} drawn from {v}" for k, v in vary.items()) + ")")
+        varied = ", ".join(f"{k} drawn from {v}" for k, v in vary.items())
+        parts.append(fixed[:-1] + (", " if not fixed.endswith("()") else "") + varied + ")" if varied else fixed)
     return "a family: " + "; ".join(parts)

@@ -1,11 +1,12 @@
 """Colour images of more than 8 bits per channel, which Pillow reduces to 8.
 
 Pillow keeps 16-bit *grey* images at full precision (mode ``I;16``), but it decodes 16-bit RGB, RGBA and grey +
-alpha PNGs and TIFFs as 8-bit images. :func:`read_deep_colour` reads those files at their full depth instead:
-PNGs with torchvision's decoder (``torchvision.io.decode_png``, which returns ``uint16`` for 16-bit files), TIFFs
-with ``tifffile``. A TIFF compressed by a codec that ``tifffile`` cannot decode without the optional ``imagecodecs``
-package (LZW, PackBits, ...), or a PNG once torchvision no longer has its deprecated decoder, gives ``None``, and the
-caller falls back to Pillow's 8 bits, with a warning.
+alpha PNGs and 16-bit RGB(A) TIFFs as 8-bit images. :func:`read_deep_colour` reads those files at their full
+depth instead: PNGs with torchvision's decoder (``torchvision.io.decode_png``, which returns ``uint16`` for 16-bit
+files), TIFFs with ``tifffile``. A TIFF compressed by a codec that ``tifffile`` cannot decode without the optional
+``imagecodecs`` package (LZW, JPEG, ...), or a PNG once torchvision no longer has its deprecated decoder, gives
+``None``, and the caller falls back to Pillow's 8 bits, with a warning. Other TIFFs (CMYK, YCbCr, palette) stay
+Pillow's, which converts them to RGB; a 16-bit grey + alpha TIFF Pillow cannot open at all.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def deep_colour_format(im: Image.Image, path: Path) -> Optional[str]:
         tags = getattr(im, "tag_v2", {})
         bits = tags.get(258, ())  # BitsPerSample, one per channel
         bits = bits if isinstance(bits, tuple) else (bits,)
-        samples = int(tags.get(277, 1))  # SamplesPerPixel
-        return "tiff" if samples > 1 and any(b > 8 for b in bits) else None
+        rgb = tags.get(262) == 2  # PhotometricInterpretation RGB (CMYK, YCbCr: Pillow converts them)
+        return "tiff" if rgb and any(b > 8 for b in bits) else None
     return None
 
 
 def read_deep_colour(path: Path, kind: str) -> Optional[np.ndarray]:
-    """Pixels of a deep colour file (``kind`` from :func:`deep_colour_format`): ``(H, W, 3)`` for colour or
-    ``(H, W)`` for grey + alpha, ``uint16`` (full scale 65535), alpha dropped. ``None`` when no decoder here reads
+    """Pixels of a deep colour file (``kind`` from :func:`deep_colour_format`), upright by its EXIF orientation:
+    ``(H, W, 3)`` for colour or ``(H, W)`` for grey + alpha, ``uint16`` (full scale 65535), alpha dropped. ``None`` when no decoder here reads
     the file at full depth (a TIFF compression that needs ``imagecodecs``; a torchvision without ``decode_png``). Raises :class:`DataError` naming the file when it is truncated or corrupt."""
     try:
         channels_last = _read_png16(path) if kind == "png" else _read_tiff_first_page(path)
@@ -76,7 +77,7 @@ def _read_png16(path: Path) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                                 category=DeprecationWarning)  # fmt: skip
-        decoded = decode_png(data, mode=ImageReadMode.UNCHANGED)  # (C, H, W), torch.uint16 for 16-bit files
+        decoded = decode_png(data, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)  # (C, H, W), uint16
     return decoded.permute(1, 2, 0).numpy().astype(np.uint16)
 
 
@@ -92,9 +93,9 @@ def _read_tiff_first_page(path: Path) -> np.ndarray:
                 raise _CodecMissing(str(exc)) from exc
             raise
         axes = page.axes
-    if "S" not in axes:  # one sample per pixel after all
-        return pixels[..., None]
-    return np.moveaxis(pixels, axes.index("S"), -1)  # planar files store samples first
+        orientation = page.tags.valueof(274, 1)  # Orientation
+    pixels = pixels[..., None] if "S" not in axes else np.moveaxis(pixels, axes.index("S"), -1)  # planar: samples first
+    return apply_exif_orientation(pixels, int(orientation))
 
 
 def apply_exif_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:

@@ -25,8 +25,8 @@ Palette ("P") images are expanded through their palette to RGB first (RGBA
 when they carry transparency; alpha channels are dropped, not composited), and
 only then converted to gray / Y. Multi-page TIFFs give their first page.
 8-bit data is divided by 255, 16-bit data by 65535. 16-bit colour (and grey +
-alpha) PNGs and TIFFs, which Pillow reduces to 8 bits per channel, are read at
-full precision by :mod:`tasks.data.deep_colour`.
+alpha) PNGs and 16-bit RGB(A) TIFFs, which Pillow reduces to 8 bits per channel,
+are read at full precision by :mod:`tasks.data.deep_colour`.
 32-bit float ("F") TIFFs are accepted if their values lie in [0, 1].
 
 Truncated files raise :class:`DataError` because Pillow's ``load()`` does;
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .deep_colour import apply_exif_orientation, deep_colour_format, read_deep_colour
+from .deep_colour import deep_colour_format, read_deep_colour
 from .errors import DataError, check_file
 
 __all__ = [
@@ -261,9 +261,9 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
     try:
         with Image.open(p) as im:
             deep = deep_colour_format(im, p)  # several channels of 16 bits, which Pillow would reduce to 8
-            arr = read_deep_colour(p, deep) if deep else None
+            arr = read_deep_colour(p, deep) if deep else None  # upright by its EXIF orientation
             if arr is not None:
-                arr, full_scale = apply_exif_orientation(arr, _exif_orientation(im)), 65535
+                full_scale = 65535
             else:
                 im.load()  # decodes now: raises for truncated / corrupt data
                 if _exif_orientation(im) != 1:
