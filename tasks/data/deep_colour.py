@@ -45,8 +45,11 @@ def deep_colour_format(im: Image.Image, path: Path) -> Optional[str]:
 
 def read_deep_colour(path: Path, kind: str) -> Optional[np.ndarray]:
     """Pixels of a deep colour file (``kind`` from :func:`deep_colour_format`), upright by its EXIF orientation:
-    ``(H, W, 3)`` for colour or ``(H, W)`` for grey + alpha, ``uint16`` (full scale 65535), alpha dropped. ``None`` when no decoder here reads
-    the file at full depth (a TIFF compression that needs ``imagecodecs``; a torchvision without ``decode_png``). Raises :class:`DataError` naming the file when it is truncated or corrupt."""
+    ``(H, W, 3)`` for colour or ``(H, W)`` for grey + alpha, ``uint16`` (full scale 65535), alpha dropped.
+
+    ``None`` when no decoder here reads the file at full depth (a TIFF compression that needs ``imagecodecs``; a
+    torchvision without ``decode_png``). Raises :class:`DataError` naming the file when it is truncated or
+    corrupt."""
     try:
         channels_last = _read_png16(path) if kind == "png" else _read_tiff_first_page(path)
     except _CodecMissing:
