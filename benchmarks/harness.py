@@ -25,15 +25,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks import resident_memory
 from benchmarks.report import save_grid, save_image
-from benchmarks.resident_memory import ResidentPeak
+from benchmarks.resident_memory import ResidentPeak, measured_on
 from idm.checkpoint import file_sha256
 from tasks.data import check_size, resize_square
 from tasks.measurements import unique_names
 
 #: Columns of ``results.csv`` (``peak_mem_mb``: the method's own peak memory, see :func:`_timed_call`; on CUDA,
-#: and on a CPU where :func:`benchmarks.resident_memory.available`).
+#: and on a CPU where :func:`benchmarks.resident_memory.measured_on`).
 RESULT_FIELDS = ("method", "image", "psnr", "ssim", "seconds", "nfe", "peak_mem_mb", "status", "error")
 
 
@@ -168,7 +167,7 @@ def run_benchmark(
     is measured they also run untimed after every image's timed call
     (:func:`_timed_call`).
     """
-    cpu_memory = resident_memory.measured_on(device)
+    cpu_memory = measured_on(device)
     warm = [m for m in methods if getattr(m, "warm_up", False)]
     if warm and images:
         x = _pad(images[0].x[None].to(device), pad_multiple)

@@ -92,6 +92,17 @@ def load_json(path: str | Path, what: str = "config") -> Any:
         raise CheckpointError(f"{what} file {str(path)!r} is not valid JSON: {err}") from None
 
 
+def load_json_record(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object of an optional record file (a trainer state, a provenance): ``{}`` when the file does not
+    exist; a :class:`CheckpointError` naming the file when it is not valid JSON or not an object."""
+    if not Path(path).is_file():
+        return {}
+    record = load_json(path, what)
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{what} file {str(path)!r} is not a JSON object; the folder is damaged")
+    return record
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write a flat dict of tensors as safetensors, atomically (tensors are made contiguous CPU copies); a
     failed write (a full disk) is an ``OSError`` naming the file, with nothing left of it."""

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from idm.checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, load_json, load_json_record, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
 from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
@@ -164,7 +164,7 @@ def export_model(
     if not (folder / RUN_NAME).is_file():
         raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
     run = load_json(folder / RUN_NAME, "run config")
-    state = load_json(folder / STATE_NAME, "trainer state") if (folder / STATE_NAME).is_file() else {}
+    state = load_json_record(folder / STATE_NAME, "trainer state")
     config = load_json(folder / CONFIG_NAME, "IDM config")
     if config.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not an IDM model config")
@@ -182,7 +182,7 @@ def export_model(
         run = {**run, "model_config": {**recorded, "idm": {**recorded.get("idm", {}), **switch}}}
         extra.update(switch)
     if (folder / PROVENANCE_NAME).is_file():  # re-exporting a shipped model: its training record stays
-        earlier = load_json(folder / PROVENANCE_NAME, "provenance")
+        earlier = load_json_record(folder / PROVENANCE_NAME, "provenance")
         chain = earlier.get("exported_from") or []
         chain = [chain] if isinstance(chain, str) else list(chain)  # one folder in exports before the chain
         source = str(folder.resolve())

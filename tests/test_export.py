@@ -250,4 +250,9 @@ def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (exported / "provenance.json").write_text("[1, 2]")
     assert main(["info", "--checkpoint", str(exported)]) == 2
-    assert "the provenance record is not a JSON object" in capsys.readouterr().err
+    assert "is not a JSON object; the folder is damaged" in capsys.readouterr().err
+    damaged_run = shutil.copytree(idm_run, tmp_path / "damaged-run")
+    for state in damaged_run.glob("checkpoints/*/trainer_state.json"):
+        state.write_text('"not a state"')
+    assert main(["export", "--checkpoint", str(damaged_run), "--out", str(tmp_path / "from-damaged")]) == 2
+    assert "trainer state file" in capsys.readouterr().err and not (tmp_path / "from-damaged").exists()

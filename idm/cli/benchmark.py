@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     command = command_line("benchmark")
     operator_seeded = "seed" in first_op.config()
+    cpu_memory = resident_memory.measured_on(device)
     settings = {
         "command": command,
         "complete": True,
@@ -224,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
         "idm_final_projection": None if trained is None else trained.model.config.final_projection,
         "prior": None if prior is None else str(prior_path),
         "prior_sha256": prior_sha256,
-        "dps_zeta": None if dps is None else dps.step_size(first_op),
-        "tv_lam_iters": None if tv is None else list(tv.settings(first_op)),
+        "dps_zeta": None if dps is None else options["dps"]["zeta"],
+        "tv_lam_iters": None if tv is None else [options["tv"]["lam"], options["tv"]["iters"]],
         "methods": names,
         "method_options": {name: options[name] for name in names if name in options},  # as run
         "images": [im.name for im in images],
@@ -238,9 +239,9 @@ def run(args: argparse.Namespace) -> int:
                         if device.type == "cuda" else "peak_mem_mb: the pages the method's call first touched (its peak "
                         f"resident memory above the resident set before, freed heap handed back first), {torch.get_num_threads()} "
                         "thread(s); idm and pinv measured by an untimed call after the timed one"
-                        if resident_memory.measured_on(device) else None),  # fmt: skip
+                        if cpu_memory else None),  # fmt: skip
     }
-    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or resident_memory.measured_on(device)]
+    fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or cpu_memory]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
     for table in ("results.csv", "summary.md"):  # an earlier run's outputs, which this run's record would seem

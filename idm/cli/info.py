@@ -94,7 +94,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     architecture (the :class:`idm.IDMConfig` fields, parameters, the U-Net's groups, chains and injectors) and
     its training (iteration, seconds, hardware, command, from ``provenance.json`` of an export or the run
     record); with ``out``, also as JSON."""
-    from idm.checkpoint import save_json
+    from idm.checkpoint import load_json_record, save_json
     from idm.export import PROVENANCE_NAME
     from idm.train import load_trained
     from idm.training.state import TRAINER_STATE_NAME
@@ -103,8 +103,8 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     model = trained.model
     run = trained.run or {}
     settings = run.get("settings", {})
-    provenance = _record(trained.path / PROVENANCE_NAME, "provenance")  # an export's
-    state = _record(trained.path / TRAINER_STATE_NAME, "trainer state")  # a training checkpoint's
+    provenance = load_json_record(trained.path / PROVENANCE_NAME, "provenance")  # an export's
+    state = load_json_record(trained.path / TRAINER_STATE_NAME, "trainer state")  # a training checkpoint's
     info = {
         "path": str(trained.path),
         "task": trained.task,
@@ -141,18 +141,6 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     if out:
         save_json(info, out)
     return 0
-
-
-def _record(file, what: str) -> dict:
-    """The JSON object in ``file`` (``{}`` when there is none); a :class:`CheckpointError` naming a damaged one."""
-    from idm.checkpoint import CheckpointError, load_json
-
-    if not file.is_file():
-        return {}
-    record = load_json(file, what)
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{file}: the {what} record is not a JSON object; the folder is damaged")
-    return record
 
 
 def _operator_words(config) -> str:
