@@ -44,7 +44,8 @@ from torch.utils.data import Dataset
 from idm.checkpoint import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
-from idm.training.options import LoopOptions
+from idm.precision import autocast_for, training_precision
+from idm.training.options import LoopOptions, recorded_training_identity
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
@@ -176,7 +177,7 @@ class PretrainConfig(LoopOptions):
             "lr_gamma": self.lr_gamma,
             "ema_decay": self.ema_decay,
             "seed": self.seed,
-            "amp": self.amp,
+            "precision": self.precision,
             "augment": self.augment,
             "scheduler": SCHEDULER_CONFIG,
         }
@@ -291,6 +292,15 @@ def exported_iteration(prior: Path) -> int | None:
         return None
 
 
+def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's identity as this version records it (runs from before ``precision`` recorded ``amp``)."""
+    identity = run.get("identity", {})
+    training = identity.get("training") if isinstance(identity, dict) else None
+    if isinstance(training, dict):
+        identity = {**identity, "training": recorded_training_identity(training)}
+    return identity
+
+
 def _read_unet_files(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
     unet_config = load_json(folder / "unet_config.json", "U-Net config")
     weights = load_tensors(folder / "unet.safetensors")
@@ -353,10 +363,11 @@ def pretrain(
         "data": {"items": len(dataset), "shape": list(first.shape)},
     }
     folder = RunFolder(out, RUN_FORMAT, outputs=(PRIOR_DIR,))
-    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, lock=env.is_main)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=_recorded_identity, lock=env.is_main)
 
     try:  # from here on, leave the process group and give back the run folder's lock whatever happens
         device = distributed.setup(env, device)
+        precision = training_precision(config.precision, device)
         torch.manual_seed(config.seed)
         unet = build_unet(unet_config)
         start, seconds_before = 0, 0.0
@@ -382,14 +393,14 @@ def pretrain(
 
         run_config = {
             "identity": identity,
-            "settings": {**config.settings(), **(settings or {}), "world_size": env.world_size, "device": device.type},
+            "settings": {**config.settings(), **(settings or {}), "world_size": env.world_size, "device": device.type,
+                         "arithmetic": precision},
         }
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(unet, env, device)
         scheduler = make_scheduler()
         shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
         loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
-        amp = config.amp and device.type == "cuda"
         prior_info = {"channels": arch.channels, **(data_info or {})}
 
         def step(index: int, batch: Tensor) -> Tensor:
@@ -401,7 +412,7 @@ def pretrain(
             noise, t = (seeds.rows_of_rank(d, env.rank, env.world_size).to(device) for d in (noise, t))
             noisy = scheduler.add_noise(x, noise, t)
             set_learning_rate(optimizer, config.lr_at(index))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast_for(device.type, precision):
                 pred = net(noisy, t, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise)
             optimizer.zero_grad(set_to_none=True)
@@ -447,7 +458,7 @@ def pretrain(
             progress=config.progress,
             save_estimate=checkpoint_time_guess(unet),
             desc="idm pretrain",
-            amp=amp,  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
+            amp=precision == "bf16",  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
     except BaseException as err:
         named = distributed.end(env, folder.unlock, err)

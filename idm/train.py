@@ -10,7 +10,7 @@ batch, :mod:`idm.training.batches`), a fresh operator draw
 ``op.resample(seed(run seed, i))`` when the operator is random (permuted CS,
 inpainting masks, MRI masks; identical on every rank without
 communication), ``y = op.A(x)`` in float32, ``x_hat = model(y, op)`` under
-bf16 autocast on CUDA (float32 on the CPU), L1 loss ``mean|x_hat - x|``
+bf16 autocast on CUDA (float32 on the CPU unless ``precision="bf16"``), L1 loss ``mean|x_hat - x|``
 (plus ``ssim_weight * (1 - SSIM)`` when asked, :mod:`idm.training.losses`),
 Adam; the learning rate is ``lr * gamma ** (number of milestones <= i)``
 and the learnable scalars (``abar``'s ``alpha``, the wiring ``v`` and
@@ -47,11 +47,12 @@ from idm.channel_layout import convert_channel_layout
 from idm.checkpoint import CheckpointError
 from idm.config import IDMConfig
 from idm.model import IDM
+from idm.precision import autocast_for, training_precision
 from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
-from idm.training.options import LoopOptions
+from idm.training.options import LoopOptions, recorded_training_identity
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
@@ -84,7 +85,7 @@ class TrainConfig(LoopOptions):
 
     Identity (must match on ``--resume``): ``batch_size`` (global, over all
     processes), ``lr``, ``lr_milestones`` (resolved), ``lr_gamma``,
-    ``scalar_lr_mult``, ``seed``, ``amp``, ``augment``, ``randomize_operator``,
+    ``scalar_lr_mult``, ``seed``, ``precision``, ``augment``, ``randomize_operator``,
     ``ssim_weight`` (recorded only when non-zero, so that runs from before it
     joined the identity, which trained without the SSIM term or recorded its
     weight in their settings, still resume: :func:`_recorded_identity`).
@@ -141,7 +142,7 @@ class TrainConfig(LoopOptions):
             "lr_gamma": self.lr_gamma,
             "scalar_lr_mult": self.scalar_lr_mult,
             "seed": self.seed,
-            "amp": self.amp,
+            "precision": self.precision,
             "augment": self.augment,
             "randomize_operator": self.randomize_operator,
             **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
@@ -210,13 +211,17 @@ _FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_chan
 
 def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
     """A saved run's identity, as this version records it: runs from before ``ssim_weight`` joined it recorded
-    the weight in their settings, and runs from before a model field of :data:`_FIELDS_ADDED_LATER` existed
+    the weight in their settings, runs from before ``precision`` recorded ``amp``
+    (:func:`~idm.training.options.recorded_training_identity`), and runs from before a model field of :data:`_FIELDS_ADDED_LATER` existed
     (or that left it out at its default) had that field's default."""
     identity = run.get("identity", {})
     training = identity.get("training") if isinstance(identity, dict) else None
     weight = run.get("settings", {}).get("ssim_weight") if isinstance(run.get("settings"), dict) else None
-    if isinstance(training, dict) and "ssim_weight" not in training and weight:
-        identity = {**identity, "training": {**training, "ssim_weight": weight}}
+    if isinstance(training, dict):
+        training = recorded_training_identity(training)
+        if "ssim_weight" not in training and weight:
+            training = {**training, "ssim_weight": weight}
+        identity = {**identity, "training": training}
     model = identity.get("model") if isinstance(identity, dict) else None
     if isinstance(model, dict):
         defaults = {name: getattr(IDMConfig, name) for name in _FIELDS_ADDED_LATER}
@@ -308,8 +313,6 @@ def _load_validation(val_dataset: Dataset, hw: tuple[int, int], limit: int) -> T
     return torch.stack(images)
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, env: DistEnv) -> None:
@@ -411,6 +414,7 @@ def train(
 
     try:  # from here on, leave the process group and give back the run folder's lock whatever happens
         device = distributed.setup(env, device)
+        precision = training_precision(config.precision, device)
         torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
         start, seconds_before = 0, 0.0
         if ckpt is not None:
@@ -435,6 +439,7 @@ def train(
                 **(settings or {}),
                 "world_size": env.world_size,
                 "device": device.type,
+                "arithmetic": precision,  # what the precision ("auto": by device) meant for this chunk
             },
             "model_config": model.export_config(),
         }
@@ -461,7 +466,7 @@ def train(
                 shape = (x.shape[0] * env.world_size, *x.shape[1:])
                 drawn = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))
                 noise = seeds.rows_of_rank(drawn, env.rank, env.world_size).to(device)
-            with _autocast(device, config.amp):
+            with autocast_for(device.type, precision):
                 x_hat = net(y, op, noise=noise)
             loss = loss_fn(x_hat.float(), x)
             optimizer.zero_grad(set_to_none=True)
@@ -481,7 +486,7 @@ def train(
                 for chunk in torch.split(val_images, max(1, config.batch_size // env.world_size)):
                     x = chunk.to(device)
                     y = operator.A(x)  # float32, outside autocast (as in training)
-                    with _autocast(device, config.amp):
+                    with autocast_for(device.type, precision):
                         x_hat = model(y, operator, generator=gen).float()
                     a, b = transform(x_hat).clamp(0, 1), transform(x)
                     scores.extend(psnr(a[i], b[i]) for i in range(a.shape[0]))
@@ -515,7 +520,7 @@ def train(
             save_estimate=checkpoint_time_guess(model),
             desc=f"idm train {task}",
             checkpoints=folder.checkpoints_dir,
-            amp=config.amp and device.type == "cuda",
+            amp=precision == "bf16",
         )
     except BaseException as err:
         named = distributed.end(env, folder.unlock, err)

@@ -332,3 +332,27 @@ def test_a_folder_whose_images_are_in_a_sub_folder_says_so_beside_other_kinds(tm
     monkeypatch.setattr(Path, "iterdir", unreadable)
     with pytest.raises(DataError, match="the image files are in its sub-folder sub "):  # not a PermissionError
         list_images(tmp_path)
+
+
+def test_pretrain_runs_recorded_with_amp_resume_and_bf16_is_recorded(tmp_path, data, capsys, monkeypatch):
+    """Pretraining runs from before --precision recorded "amp": false (float32): they resume as --precision fp32;
+    --precision bf16 runs under bfloat16 autocast on the CPU and says so in the run's settings."""
+    from idm import hardware
+
+    out = tmp_path / "run"
+    common = [*BASE, "--data", str(data), "--out", str(out)]
+    assert main([*common, "--iters", "1", "--precision", "fp32"]) == 0
+    for record in (out / "config.json", *out.glob("checkpoints/*/run.json")):  # as the code before wrote them
+        run = json.loads(record.read_text())
+        assert run["identity"]["training"].pop("precision") == "fp32"
+        run["identity"]["training"]["amp"] = False
+        record.write_text(json.dumps(run))
+    assert main([*common, "--iters", "2", "--resume"]) == 2  # auto now: not what the run recorded
+    assert "training.precision: \"fp32\" in the run, \"auto\" now" in capsys.readouterr().err
+    assert main([*common, "--iters", "2", "--resume", "--precision", "fp32"]) == 0
+
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: True)  # no emulation warning on any CPU
+    bf16 = tmp_path / "bf16"
+    assert main([*BASE, "--data", str(data), "--iters", "1", "--precision", "bf16", "--out", str(bf16)]) == 0
+    run = json.loads((bf16 / "config.json").read_text())
+    assert run["identity"]["training"]["precision"] == "bf16" and run["settings"]["arithmetic"] == "bf16"

@@ -597,7 +597,7 @@ def test_a_diverged_loss_stops_the_run_before_it_is_checkpointed():
                  lr_at=lambda i: 1e-4, save=lambda it, sec: saved.append(it), cadence=Cadence(checkpoint_every=2, log_every=1),
                  env=distributed.detect(), device=torch.device("cpu"), progress=False, checkpoints=Path("runs/x/checkpoints"))  # fmt: skip
     assert saved == [2] and isinstance(caught.value, ValueError)  # iteration 4's checkpoint is never written
-    assert "--no-amp" not in str(caught.value)  # no autocast ran: nothing to switch off
+    assert "--precision" not in str(caught.value)  # no autocast ran: nothing to switch off
 
 
 def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
@@ -790,3 +790,55 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
 
         operators.REGISTRY._classes.pop("decimate_plugin", None)
         sys.modules.pop("idm_plugin_tasks_test", None)
+
+
+def test_bf16_training_on_the_cpu_is_asked_for_recorded_and_part_of_the_identity(tmp_path, data, capsys, monkeypatch):
+    """--precision bf16 trains under bfloat16 autocast on the CPU too (auto keeps float32 there); the run records
+    what it asked for (identity) and what that meant (settings), and a resume in other arithmetic is refused."""
+    from idm import hardware
+
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: True)  # no emulation warning on any CPU
+    out = tmp_path / "run"
+    argv = [*BASE, "--data", str(data), "--lr-milestones", "9", "--out", str(out)]
+    assert main([*argv, "--iters", "1", "--precision", "bf16"]) == 0
+    run = json.loads((out / "config.json").read_text())
+    assert run["identity"]["training"]["precision"] == "bf16" and run["settings"]["arithmetic"] == "bf16"
+    assert "amp" not in run["identity"]["training"]
+    assert main([*argv, "--iters", "2", "--resume"]) == 2  # auto, float32 on the CPU: another run
+    assert "training.precision: \"bf16\" in the run, \"auto\" now" in capsys.readouterr().err
+
+    fp32 = tmp_path / "fp32"
+    assert main([*BASE, "--data", str(data), "--lr-milestones", "9", "--iters", "1", "--out", str(fp32)]) == 0
+    assert json.loads((fp32 / "config.json").read_text())["settings"]["arithmetic"] == "fp32"
+    # the two runs computed in different arithmetic: the same seed, data and start, not the same weights
+    a, b = weights(out, 1), weights(fp32, 1)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_precision_auto_is_bf16_on_cuda_only_and_emulated_bf16_is_warned_about(monkeypatch):
+    from idm import hardware
+    from idm.precision import training_precision
+    from idm.training.options import LoopOptions
+
+    assert training_precision("auto", "cuda") == "bf16" and training_precision("auto", "cpu") == "fp32"
+    assert training_precision("fp32", "cuda") == "fp32"
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="emulates bfloat16.*--precision fp32"):
+        assert training_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        LoopOptions(precision="fp16")
+
+
+def test_runs_recorded_with_amp_resume_as_their_precision(tmp_path, data, capsys):
+    """Runs from before --precision recorded "amp": true (bf16 on CUDA, float32 on the CPU: auto) or false (fp32)."""
+    out = tmp_path / "run"
+    argv = [*BASE, "--data", str(data), "--lr-milestones", "9", "--out", str(out)]
+    assert main([*argv, "--iters", "1"]) == 0
+    for record in (out / "config.json", *out.glob("checkpoints/*/run.json")):  # as the code before wrote them
+        run = json.loads(record.read_text())
+        assert run["identity"]["training"].pop("precision") == "auto"
+        run["identity"]["training"]["amp"] = True
+        record.write_text(json.dumps(run))
+    assert main([*argv, "--iters", "2", "--resume"]) == 0
+    assert main([*argv, "--iters", "3", "--resume", "--precision", "fp32"]) == 2
+    assert "training.precision: \"auto\" in the run, \"fp32\" now" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from idm.hardware import hardware_name
 from idm.cli.common import (
     add_common_args,
     add_run_control_args,
+    add_training_precision_arg,
     check_out_is_not_data,
     command_line,
     command_started_at,
@@ -52,7 +53,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--lr-gamma", type=float, default=0.5, help="lr factor at each milestone (default 0.5)")
     opt.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights; 0 = no EMA (default 0.999)")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
-    opt.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    add_training_precision_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
     add_run_control_args(parser, log_every=50, checkpoint_what="checkpoints and prior exports")
@@ -106,7 +107,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         lr_gamma=args.lr_gamma,
         ema_decay=args.ema_decay,
         seed=args.seed,
-        amp=not args.no_amp,
+        precision=args.precision,
         augment=not args.no_augment,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,

@@ -15,6 +15,7 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_run_control_args,
+    add_training_precision_arg,
     check_out_is_not_data,
     command_line,
     command_started_at,
@@ -80,7 +81,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--ssim-weight", type=float, default=0.0, metavar="W", help="add W * (1 - SSIM) to the L1 loss, SSIM as the benchmarks measure it (on the MRI magnitude; default 0 = the paper's L1 alone)")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
-    opt.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    add_training_precision_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
     run = add_run_control_args(parser, log_every=10)
@@ -146,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
         scalar_lr_mult=args.scalar_lr_mult,
         ssim_weight=args.ssim_weight,
         seed=args.seed,
-        amp=not args.no_amp,
+        precision=args.precision,
         augment=not args.no_augment,
         randomize_operator=task.randomized and not args.fixed_operator,
         checkpoint_every=args.checkpoint_every,

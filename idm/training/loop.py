@@ -64,9 +64,9 @@ def _diverged_message(loss: float, first: int, last: int, last_saved: int, check
     """What to do after a loss of ``loss`` over iterations ``first..last``: ``--resume`` keeps the run's
     settings (its learning rate too), so a lower rate is a new run, which ``idm train`` can start from the
     last checkpoint (``--init-from``, in the folder ``checkpoints``; ``None``: a command without it).
-    ``amp``: whether bf16 autocast ran (advise ``--no-amp`` then)."""
+    ``amp``: whether bf16 autocast ran (advise ``--precision fp32`` then)."""
     message = f"the training loss is {loss} over iterations {first}..{last}: the run diverged. "
-    lower = "a lower --lr" + (" (or without AMP, --no-amp)" if amp else "")
+    lower = "a lower --lr" + (" (or in float32, --precision fp32)" if amp else "")
     if last_saved <= 0:
         return message + f"No checkpoint was written; start again with {lower}"
     start = "" if checkpoints is None else f" with --init-from {checkpoints / checkpoint_name(last_saved)}, or an earlier one,"
