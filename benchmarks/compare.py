@@ -45,8 +45,13 @@ class Score:
     ssim: float
 
 
-def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
-    """``{method: {image: Score}}`` of the images ``folder``'s ``results.csv`` scored (status ``ok``).
+#: The columns of a ``results.csv`` read as numbers (``peak_mem_mb`` only where the run measured memory).
+NUMBER_COLUMNS = ("psnr", "ssim", "seconds", "nfe", "peak_mem_mb")
+
+
+def read_results(folder: Path) -> list[dict]:
+    """The rows of ``folder``'s ``results.csv`` that scored an image (status ``ok``): ``method`` and ``image``
+    as text, :data:`NUMBER_COLUMNS` as floats (``None`` where a column is absent or empty).
 
     A ``ValueError`` naming the folder when it is not a benchmark folder or its CSV lacks a column or a number.
     """
@@ -60,15 +65,29 @@ def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
         missing = {"method", "image", "psnr", "ssim", "status"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: not an idm benchmark results.csv")
-        scores: dict[str, dict[str, Score]] = {}
+        rows = []
         for line, row in enumerate(reader, start=2):
             if row["status"] != "ok":
                 continue
             try:
-                score = Score(float(row["psnr"]), float(row["ssim"]))
+                numbers = {"psnr": float(row["psnr"]), "ssim": float(row["ssim"])}
             except (TypeError, ValueError):
                 raise ValueError(f"{path}, line {line}: PSNR {row['psnr']!r} / SSIM {row['ssim']!r} are not numbers") from None
-            scores.setdefault(row["method"], {})[row["image"]] = score
+            for key in NUMBER_COLUMNS[2:]:  # the optional ones
+                try:
+                    numbers[key] = float(row[key]) if row.get(key) not in (None, "") else None
+                except ValueError:
+                    raise ValueError(f"{path}, line {line}: {key} {row[key]!r} is not a number") from None
+            rows.append({"method": row["method"], "image": row["image"], **numbers})
+    return rows
+
+
+def read_scores(folder: Path) -> dict[str, dict[str, Score]]:
+    """``{method: {image: Score}}`` of the images ``folder``'s ``results.csv`` scored (status ``ok``);
+    the errors of :func:`read_results`."""
+    scores: dict[str, dict[str, Score]] = {}
+    for row in read_results(folder):
+        scores.setdefault(row["method"], {})[row["image"]] = Score(row["psnr"], row["ssim"])
     return scores
 
 

@@ -63,6 +63,7 @@ def test_every_method_runs_and_writes_the_files(bench_files, tmp_path):
     settings = json.loads((out / "benchmark.json").read_text())
     assert settings["prior"] == str(bench_files / "prior") and settings["images"] == ["a", "b"]
     assert (out / "grids" / "a.png").is_file() and (out / "recon" / "dps" / "b.png").is_file()
+    assert Image.open(out / "tradeoff.png").size[0] > 500  # quality against time, per method
     # a rerun with the same seed gives the same numbers
     assert main([
         "benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
@@ -305,6 +306,55 @@ def test_a_benchmark_where_nothing_could_be_scored_fails(tmp_path, capsys):
                  "--no-progress", "--out", str(tmp_path / "out")]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "1 reconstruction(s) failed" in err and "pinv failed on a: ValueError: ssim needs" in err and "Traceback" not in err
+    assert "tradeoff" not in err  # no method scored: nothing to plot, and nothing more to say
+    assert not (tmp_path / "out" / "tradeoff.png").exists()
+
+
+def test_tradeoff_points_average_every_method_over_the_images_all_of_them_scored():
+    from benchmarks.tradeoff import method_points
+
+    def row(method, image, psnr, seconds=1.0, status="ok", memory=None):
+        return dict(method=method, image=image, psnr=psnr, ssim=psnr / 100, seconds=seconds, nfe=3, peak_mem_mb=memory,
+                    status=status)  # fmt: skip
+
+    rows = [row("idm", "a", 30, memory=10), row("idm", "b", 32, memory=20), row("idm", "c", 40),
+            row("dps", "a", 28, seconds=100), row("dps", "b", 26, seconds=300), row("dps", "c", 0, status="error"),
+            row("idm", "a", 99)]  # fmt: skip  (c failed for dps: left out for both; a second idm row of a: ignored)
+    idm, dps = method_points(rows)
+    assert (idm.method, idm.images, idm.psnr, idm.seconds, idm.peak_mib) == ("idm", 2, 31.0, 1.0, 15.0)
+    assert (dps.psnr, dps.seconds, dps.peak_mib) == (27.0, 200.0, None) and dps.psnr_std == pytest.approx(2 ** 0.5)
+    assert idm.label() == "idm (3 NFE, 15 MiB)" and dps.label() == "dps (3 NFE)"
+    (only,) = method_points(rows, ["dps"])
+    assert only.images == 2
+    with pytest.raises(ValueError, match="no scored image for method\\(s\\) tv \\(scored: idm, dps\\)"):
+        method_points(rows, ["idm", "tv"])
+    with pytest.raises(ValueError, match="scored no image in common"):
+        method_points([row("idm", "a", 30), row("dps", "b", 28)])
+
+
+def test_tradeoff_plot_merges_runs_of_one_problem_and_refuses_others(bench_files, tmp_path, capsys):
+    from benchmarks import tradeoff
+
+    data = str(bench_files / "images")
+    assert main([*PINV_RUN, "--data", data, "--out", str(tmp_path / "pinv")]) == 0
+    tv_run = [*PINV_RUN, "--data", data, "--out", str(tmp_path / "tv")]
+    tv_run[tv_run.index("pinv")] = "tv"
+    assert main(tv_run) == 0
+    capsys.readouterr()
+    assert tradeoff.main([str(tmp_path / "pinv"), str(tmp_path / "tv"), "--out", str(tmp_path / "plot.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "pinv (0 NFE" in printed and "tv (0 NFE" in printed and "(2 images)" in printed
+    assert Image.open(tmp_path / "plot.png").size[0] > 500
+    other = [*PINV_RUN, "--data", data, "--out", str(tmp_path / "other")]
+    other[other.index("0.5")] = "0.25"
+    assert main(other) == 0
+    capsys.readouterr()
+    assert tradeoff.run_script(tradeoff.main, "benchmarks.tradeoff",
+                               [str(tmp_path / "pinv"), str(tmp_path / "other"), "--out", str(tmp_path / "x.png")]) == 2  # fmt: skip
+    assert "did not benchmark the same problem (operator:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tradeoff.main([str(tmp_path / "pinv"), "--out", str(tmp_path / "plot.pdf")])
+    assert "must name a .png file" in capsys.readouterr().err
 
 
 def test_final_projection_can_be_switched_for_the_benchmark(bench_files, tmp_path):

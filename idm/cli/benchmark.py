@@ -8,12 +8,14 @@ psnr, ssim, seconds, nfe, peak_mem_mb, status, error; peak_mem_mb is the
 method's own peak memory: allocated on CUDA, resident on a Linux CPU),
 ``OUT/summary.md`` (mean ± std per method), ``OUT/benchmark.json`` (the
 run's settings: seeds, operator, prior, checkpoint, DPS step size),
-``OUT/grids/<image>.png`` and ``OUT/recon/<method>/<image>.png``.
+``OUT/tradeoff.png`` (mean PSNR and SSIM against seconds per image, per method:
+:mod:`benchmarks.tradeoff`), ``OUT/grids/<image>.png`` and ``OUT/recon/<method>/<image>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import warnings
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     fields = [f for f in RESULT_FIELDS if f != "peak_mem_mb" or device.type == "cuda" or cpu_memory]
     out = folder.create()
     folder.start({"command": command, "complete": False})  # the folder is this command's from now on
-    for table in ("results.csv", "summary.md"):  # an earlier run's outputs, which this run's record would seem
+    for table in ("results.csv", "summary.md", "tradeoff.png"):  # an earlier run's outputs, which this run's record would seem
         (out / table).unlink(missing_ok=True)  # to describe: its tables, and its pictures of other images or methods
     for pictures in ("grids", "recon"):
         shutil.rmtree(out / pictures, ignore_errors=True)
@@ -293,10 +295,29 @@ def run(args: argparse.Namespace) -> int:
     )
     (out / "summary.md").write_text(summary)
     print(summary)
+    operator = settings["operator"]
+    operator = " ".join(f"{k}={v}" for k, v in operator.items()) if isinstance(operator, dict) else operator
+    _plot_tradeoff(rows, [m.name for m in methods], out / "tradeoff.png", f"idm benchmark --task {task.name}: {operator}")
     failures = sum(1 for r in rows if r["status"] != "ok")
     if failures:
         print(f"{failures} reconstruction(s) failed; see the error column of {out / 'results.csv'}", file=sys.stderr)
     return 1 if rows and failures == len(rows) else 0  # some results: 0; nothing scored: a failure
+
+
+def _plot_tradeoff(rows: list[dict[str, Any]], methods: list[str], path, title: str) -> None:
+    """``OUT/tradeoff.png`` (:mod:`benchmarks.tradeoff`) of the methods that scored an image, over the images
+    they all scored; none when no method scored one."""
+    from benchmarks.tradeoff import method_points, save_tradeoff_plot
+
+    scored = [m for m in methods if any(r["method"] == m and r["status"] == "ok" and math.isfinite(r["psnr"]) for r in rows)]
+    if not scored:  # the run's failure says why
+        return
+    try:
+        points = method_points(rows, scored)
+    except ValueError as error:  # no image that every method scored
+        print(f"no tradeoff.png: {error}", file=sys.stderr)
+        return
+    save_tradeoff_plot(points, path, title)
 
 
 def _or(value: Any, default: Any) -> Any:

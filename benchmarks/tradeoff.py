@@ -1,0 +1,142 @@
+"""Quality against time per method: one PNG from ``idm benchmark`` results.
+
+    python -m benchmarks.tradeoff RUN [RUN ...] --out FILE.png [--methods idm,ddnm,dps] [--title TEXT]
+
+``idm benchmark`` draws this plot of its own run (``OUT/tradeoff.png``); this
+command draws it from one or more of its ``--out`` folders (their
+``results.csv``), e.g. the baselines of one run beside DPS from runs on some
+of the same images. Left: mean PSNR, right: mean SSIM (error bars: one
+standard deviation over the images), both against the mean seconds per image
+on a log scale; each point is labelled with the method, its NFEs (network
+evaluations per image) and, where the run measured it, its peak memory.
+Every method is averaged over the same images: those that every plotted
+method scored (an image that two runs scored with one method counts once,
+from the first run given). Runs of another task, operator or protocol, or
+with another image under one name, are refused (``benchmarks.compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from benchmarks.compare import check_same_problem, read_results
+from benchmarks.report import run_script, script_command
+
+
+@dataclass(frozen=True)
+class MethodPoint:
+    """One method's means over ``images`` images: PSNR (dB) and SSIM with their standard deviations,
+    seconds per image, NFEs per image, peak memory in MiB (``None`` when not measured)."""
+
+    method: str
+    images: int
+    psnr: float
+    psnr_std: float
+    ssim: float
+    ssim_std: float
+    seconds: float
+    nfe: int
+    peak_mib: float | None
+
+    def label(self) -> str:
+        memory = "" if self.peak_mib is None else f", {self.peak_mib:.0f} MiB"
+        return f"{self.method} ({self.nfe} NFE{memory})"
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def method_points(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None) -> list[MethodPoint]:
+    """The points of ``methods`` (default: every method in ``rows``, in order of appearance), each averaged
+    over the images that all of them scored with a finite PSNR.
+
+    ``rows``: result rows (``method``, ``image``, ``psnr``, ``ssim``, ``seconds``, ``nfe``, optional
+    ``peak_mem_mb`` and ``status``), as ``idm benchmark`` makes them or :func:`read_results` reads them; a
+    row with a ``status`` other than ``ok`` is left out, and so is a second row of one method and image.
+    A ``ValueError`` when a method has no row or the methods have no image in common.
+    """
+    by_method: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("status", "ok") == "ok" and math.isfinite(row["psnr"]):
+            by_method.setdefault(row["method"], {}).setdefault(row["image"], row)
+    chosen = list(methods) if methods is not None else list(by_method)
+    absent = [m for m in chosen if m not in by_method]
+    if absent:
+        raise ValueError(f"no scored image for method(s) {', '.join(absent)} (scored: {', '.join(by_method) or 'none'})")
+    common = set.intersection(*(set(by_method[m]) for m in chosen)) if chosen else set()
+    if not common:
+        raise ValueError(f"the methods {', '.join(chosen)} scored no image in common")
+    points = []
+    for method in chosen:
+        picked = [by_method[method][image] for image in sorted(common)]
+        memory = [r["peak_mem_mb"] for r in picked if r.get("peak_mem_mb") is not None]
+        points.append(MethodPoint(
+            method=method, images=len(picked),
+            psnr=statistics.fmean(r["psnr"] for r in picked), psnr_std=_std([r["psnr"] for r in picked]),
+            ssim=statistics.fmean(r["ssim"] for r in picked), ssim_std=_std([r["ssim"] for r in picked]),
+            seconds=statistics.fmean(r["seconds"] for r in picked), nfe=int(picked[0]["nfe"]),
+            peak_mib=statistics.fmean(memory) if len(memory) == len(picked) else None,
+        ))  # fmt: skip
+    return points
+
+
+def save_tradeoff_plot(points: Sequence[MethodPoint], path: Path, title: str = "") -> None:
+    """Write the two panels (PSNR and SSIM against seconds per image, log scale) of ``points`` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = "osD^vP*Xh<>"
+    for ax, (key, name) in zip(axes, (("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+        for i, point in enumerate(points):
+            seconds = max(point.seconds, 1e-4)  # a log axis; pinv can take a few microseconds
+            ax.errorbar(seconds, getattr(point, key), yerr=getattr(point, f"{key}_std"), fmt=markers[i % len(markers)],
+                        capsize=3, markersize=7, label=point.label())  # fmt: skip
+            ax.annotate(point.method, (seconds, getattr(point, key)), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image (log scale)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    images = points[0].images if points else 0
+    fig.suptitle((title + "\n" if title else "") + f"mean over {images} image(s); bars: one standard deviation", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="idm benchmark --out folders")
+    parser.add_argument("--methods", help="comma-separated methods to plot, in this order (default: every method)")
+    parser.add_argument("--title", default="", help="a line above the plot (default: the command)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        parser.error(f"--out {out} must name a .png file")
+    runs = [Path(run) for run in args.runs]
+    rows = [row for run in runs for row in read_results(run)]
+    for other in runs[1:]:
+        check_same_problem(runs[0], other)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    points = method_points(rows, methods)
+    save_tradeoff_plot(points, out, args.title or script_command("benchmarks.tradeoff", argv))
+    for point in points:
+        print(f"{point.label()}: {point.psnr:.2f} dB, SSIM {point.ssim:.4f}, {point.seconds:.3g} s per image "
+              f"({point.images} images)")  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_script(main, "benchmarks.tradeoff"))
