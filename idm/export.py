@@ -46,6 +46,7 @@ def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra:
         "iteration": state.get("iteration"),
         "training_seconds": state.get("seconds"),
         "hardware": settings.get("hardware"),
+        "arithmetic": settings.get("arithmetic"),  # fp32 or bf16 (runs from before it was recorded: None)
         "command": settings.get("command"),
         "data": settings.get("data"),
         **extra,

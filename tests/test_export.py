@@ -238,8 +238,9 @@ def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
         assert lines[1] == ("task: cs; operator: a family: cs operator (block=8, channels=1, img_size=16x16, mode=permuted, "
                             "phi_seed=0, seed=0, ratio drawn from [0.1, 0.5])")  # fmt: skip
         assert lines[2].startswith("network: T=") and lines[3].split()[:2] == ["group", "modules"]
-        assert any(line.startswith("trained: ") and " iterations" in line for line in lines)
+        assert any(line.startswith("trained: ") and " iterations" in line and " in fp32" in line for line in lines)
         info = json.loads((tmp_path / "info.json").read_text())
+        assert info["training"]["arithmetic"] == "fp32"  # --precision auto on the CPU
         assert info["task"] == "cs" and info["parameters"] == sum(p.numel() for p in load_trained(source).model.parameters())
         assert info["training"]["command"].startswith("idm train") and info["training"]["iteration"] >= 1
         assert info["training"]["seconds"] > 0  # the export's provenance, or the checkpoint's trainer state

@@ -116,6 +116,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
             "iteration": provenance.get("iteration", run.get("iteration")),
             "seconds": provenance.get("training_seconds", state.get("seconds")),
             "hardware": provenance.get("hardware", settings.get("hardware")),
+            "arithmetic": provenance.get("arithmetic", settings.get("arithmetic")),
             "command": provenance.get("command", settings.get("command")),
             "prior": settings.get("prior"),
             "recipe": run.get("identity", {}).get("training"),
@@ -134,8 +135,9 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     training = info["training"]
     if training["iteration"] is not None:
         seconds = f", {training['seconds']:.0f} s" if training["seconds"] is not None else ""
+        arithmetic = f" in {training['arithmetic']}" if training["arithmetic"] else ""
         print(f"trained: {training['iteration']} iterations{seconds} on {training['hardware'] or 'unrecorded hardware'}"
-              + (f", prior {training['prior']}" if training["prior"] else ""))  # fmt: skip
+              + arithmetic + (f", prior {training['prior']}" if training["prior"] else ""))  # fmt: skip
     if training["command"]:
         print(f"command: {training['command']}")
     if out:
