@@ -55,6 +55,7 @@ from benchmarks.timing import (
 from idm import IDM, IDMConfig
 from idm.cli.common import positive_int
 from idm.hardware import hardware_name
+from idm.precision import training_precision
 
 VARIANTS = {
     "none": dict(invertible="none", recompute=False),
@@ -108,9 +109,8 @@ def training_setup(variant: str, steps: int, batch: int, size: int, unet: str, d
     if ablation is not None:
         ABLATIONS[ablation](model)
     op = operators.make("cs", img_size=(size, size), channels=1, ratio=0.1, mode="permuted")
-    # bf16 autocast on CUDA, fp32 on the CPU
-    return TrainingSetup.for_model(model, op, batch, size, "bf16" if device.type == "cuda" else "fp32", lr=1e-5,
-                                   capturable=capturable)  # fmt: skip
+    precision = training_precision("auto", device)  # as idm train's default: bf16 autocast on CUDA, fp32 on the CPU
+    return TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-5, capturable=capturable)
 
 
 def row_label(variant: str, ablation: str | None) -> str:

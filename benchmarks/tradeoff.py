@@ -10,16 +10,21 @@ standard deviation over the images), both against the mean seconds per image
 on a log scale; each point is labelled with the method, its NFEs (network
 evaluations per image) and, where the run measured it, its peak memory.
 Every method is averaged over the same images: those that every plotted
-method scored (an image that two runs scored with one method counts once,
-from the first run given). Runs of another task, operator or protocol, or
-with another image under one name, are refused (``benchmarks.compare``).
+method scored with a finite PSNR and SSIM (an image that two runs scored
+with one method counts once, from the first run given; a method scored in
+several runs, and runs timed on different hardware, are warned about). Runs
+of another task, operator or protocol, or with another image under one
+name, are refused (``benchmarks.compare``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,8 +35,8 @@ from benchmarks.report import run_script, script_command
 
 @dataclass(frozen=True)
 class MethodPoint:
-    """One method's means over ``images`` images: PSNR (dB) and SSIM with their standard deviations,
-    seconds per image, NFEs per image, peak memory in MiB (``None`` when not measured)."""
+    """One method's means over ``images`` images: PSNR (dB) and SSIM (at most 1) with their standard
+    deviations, seconds per image, NFEs per image, peak memory in MiB (``None`` when not measured)."""
 
     method: str
     images: int
@@ -58,14 +63,20 @@ def method_points(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | No
 
     ``rows``: result rows (``method``, ``image``, ``psnr``, ``ssim``, ``seconds``, ``nfe``, optional
     ``peak_mem_mb`` and ``status``), as ``idm benchmark`` makes them or :func:`read_results` reads them; a
-    row with a ``status`` other than ``ok`` is left out, and so is a second row of one method and image.
-    A ``ValueError`` when a method has no row or the methods have no image in common.
+    row with a ``status`` other than ``ok`` or a PSNR or SSIM that is not finite (an exact reconstruction's
+    infinite PSNR too) is left out, and so is a second row of one method and image.
+    A ``ValueError`` when a method has no row, a row lacks its seconds or NFEs, or the methods have no
+    image in common.
     """
     by_method: dict[str, dict[str, Mapping[str, Any]]] = {}
     for row in rows:
-        if row.get("status", "ok") == "ok" and math.isfinite(row["psnr"]):
+        if row.get("status", "ok") == "ok" and math.isfinite(row["psnr"]) and math.isfinite(row["ssim"]):
+            if row.get("seconds") is None or row.get("nfe") is None or not math.isfinite(row["nfe"]):
+                raise ValueError(f"{row['method']} on {row['image']}: no seconds or NFEs recorded")
             by_method.setdefault(row["method"], {}).setdefault(row["image"], row)
-    chosen = list(methods) if methods is not None else list(by_method)
+    chosen = list(dict.fromkeys(methods)) if methods is not None else list(by_method)
+    if not chosen:
+        raise ValueError("no method to plot")
     absent = [m for m in chosen if m not in by_method]
     if absent:
         raise ValueError(f"no scored image for method(s) {', '.join(absent)} (scored: {', '.join(by_method) or 'none'})")
@@ -108,10 +119,37 @@ def save_tradeoff_plot(points: Sequence[MethodPoint], path: Path, title: str = "
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8, loc="best")
     images = points[0].images if points else 0
-    fig.suptitle((title + "\n" if title else "") + f"mean over {images} image(s); bars: one standard deviation", fontsize=10)
+    heading = "".join(textwrap.fill(line, 130) + "\n" for line in title.splitlines())
+    fig.suptitle(heading + f"mean over {images} image(s); bars: one standard deviation", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _warn_about_mixed_runs(results: Sequence[tuple[Path, list[dict]]]) -> None:
+    """Warn where one plot mixes runs: a method whose images come from several of them (pooled; an image
+    that two runs scored keeps the first run's row, silently), or times from other hardware."""
+    for method in dict.fromkeys(row["method"] for _, rows in results for row in rows):
+        seen: set[str] = set()
+        adding = []  # the runs that add images of this method to those of the runs before them
+        for run, rows in results:
+            images = {row["image"] for row in rows if row["method"] == method}
+            if images - seen:
+                adding.append(str(run))
+            seen |= images
+        if len(adding) > 1:
+            warnings.warn(f"{method}'s images come from {len(adding)} runs ({', '.join(adding)}): its point pools "
+                          "them; check that they ran it with the same settings", stacklevel=2)  # fmt: skip
+    hardware = {}
+    for run, _ in results:
+        try:
+            hardware[run] = json.loads((run / "benchmark.json").read_text()).get("hardware")
+        except (OSError, ValueError, AttributeError):  # no record, or not a JSON object
+            hardware[run] = None
+    if len({h for h in hardware.values() if h}) > 1:
+        shown = "; ".join(f"{run}: {h}" for run, h in hardware.items() if h)
+        warnings.warn(f"the runs were timed on different hardware ({shown}): their seconds are not like for like",
+                      stacklevel=2)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,11 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.suffix.lower() != ".png":
         parser.error(f"--out {out} must name a .png file")
     runs = [Path(run) for run in args.runs]
-    rows = [row for run in runs for row in read_results(run)]
+    results = [(run, read_results(run)) for run in runs]
     for other in runs[1:]:
         check_same_problem(runs[0], other)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    points = method_points(rows, methods)
+    _warn_about_mixed_runs(results)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    points = method_points([row for _, rows in results for row in rows], methods)
     save_tradeoff_plot(points, out, args.title or script_command("benchmarks.tradeoff", argv))
     for point in points:
         print(f"{point.label()}: {point.psnr:.2f} dB, SSIM {point.ssim:.4f}, {point.seconds:.3g} s per image "

@@ -59,20 +59,21 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 def training_precision(precision: str, device: torch.device | str) -> str:
     """The arithmetic of a training run (``idm train``, ``idm pretrain``): ``"fp32"`` or ``"bf16"``.
 
-    ``"auto"`` -> ``"bf16"`` on CUDA, ``"fp32"`` on the CPU and other devices. Unlike inference's
-    ``"auto"`` (:func:`resolve_precision`), it keeps float32 on CPUs with native bfloat16: there bf16
-    trains 1.2-1.7x faster (AMX; README, *Fine-tuning IDM*) but rounds every step of a long run, so it is
-    asked for explicitly (``"bf16"``), and the CPU runs recorded in the README stay reproducible.
-    ``"bf16"`` on a device that emulates it is allowed, with a warning that it is slower than float32.
+    ``precision`` is one of :data:`PRECISION_CHOICES`. ``"auto"`` -> ``"bf16"`` on CUDA, ``"fp32"`` on
+    the CPU and other devices. Unlike inference's ``"auto"`` (:func:`resolve_precision`), it keeps
+    float32 on CPUs with native bfloat16: there bf16 trains 1.2-1.7x faster (AMX; README, *Fine-tuning
+    IDM*) but rounds every step of a long run, so it is asked for explicitly (``"bf16"``), and the CPU
+    runs recorded in the README stay reproducible. bf16 on a device without native bfloat16 (a GPU before
+    Ampere, a CPU without AVX512-BF16 or AMX) runs, with a warning that float32 may be faster there.
     """
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}; got {precision!r}")
     device = torch.device(device)
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    check_precision(precision)
-    if precision == "bf16" and not hardware.has_native_bf16(device):
-        warnings.warn(f"bf16 training on {hardware.hardware_name(device)}: this device emulates bfloat16, which is "
-                      "slower than float32 here (--precision fp32 trains faster)", stacklevel=2)  # fmt: skip
-    return precision
+    resolved = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    if resolved == "bf16" and not hardware.has_native_bf16(device):
+        warnings.warn(f"bf16 training on {hardware.hardware_name(device) if device.type in ('cpu', 'cuda') else device}, "
+                      "which has no native bfloat16: float32 (--precision fp32) may train faster here", stacklevel=2)  # fmt: skip
+    return resolved
 
 
 def autocast_for(device_type: str, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -45,12 +45,12 @@ from idm.checkpoint import CheckpointError, file_sha256, load_json, load_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.precision import autocast_for, training_precision
-from idm.training.options import LoopOptions, recorded_training_identity
+from idm.training.options import LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
-from idm.training.run_folder import RunFolder, replace_folder
+from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder, unet_weight_files
 
@@ -292,15 +292,6 @@ def exported_iteration(prior: Path) -> int | None:
         return None
 
 
-def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's identity as this version records it (runs from before ``precision`` recorded ``amp``)."""
-    identity = run.get("identity", {})
-    training = identity.get("training") if isinstance(identity, dict) else None
-    if isinstance(training, dict):
-        identity = {**identity, "training": recorded_training_identity(training)}
-    return identity
-
-
 def _read_unet_files(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor] | None]:
     unet_config = load_json(folder / "unet_config.json", "U-Net config")
     weights = load_tensors(folder / "unet.safetensors")
@@ -363,11 +354,13 @@ def pretrain(
         "data": {"items": len(dataset), "shape": list(first.shape)},
     }
     folder = RunFolder(out, RUN_FORMAT, outputs=(PRIOR_DIR,))
-    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=_recorded_identity, lock=env.is_main)
+    ckpt = folder.prepare(identity, resume, hints=RESUME_HINTS, recorded_identity=recorded_run_identity, lock=env.is_main)
 
     try:  # from here on, leave the process group and give back the run folder's lock whatever happens
         device = distributed.setup(env, device)
         precision = training_precision(config.precision, device)
+        if ckpt is not None and env.is_main:
+            warn_if_arithmetic_changed(folder.read_config(ckpt / RUN_NAME), precision)
         torch.manual_seed(config.seed)
         unet = build_unet(unet_config)
         start, seconds_before = 0, 0.0
@@ -458,7 +451,7 @@ def pretrain(
             progress=config.progress,
             save_estimate=checkpoint_time_guess(unet),
             desc="idm pretrain",
-            amp=precision == "bf16",  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
+            bf16=precision == "bf16",  # no checkpoints=: idm pretrain has no --init-from to start a new run from one
         )
     except BaseException as err:
         named = distributed.end(env, folder.unlock, err)

@@ -52,13 +52,13 @@ from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
-from idm.training.options import LoopOptions, recorded_training_identity
+from idm.training.options import LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
-from idm.training.run_folder import RunFolder
+from idm.training.run_folder import RUN_NAME, RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, read_run_record, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.unets import unet_architecture
@@ -212,16 +212,13 @@ _FIELDS_ADDED_LATER = ("final_projection", "projection_cg_iters", "separate_chan
 def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
     """A saved run's identity, as this version records it: runs from before ``ssim_weight`` joined it recorded
     the weight in their settings, runs from before ``precision`` recorded ``amp``
-    (:func:`~idm.training.options.recorded_training_identity`), and runs from before a model field of :data:`_FIELDS_ADDED_LATER` existed
+    (:func:`~idm.training.options.recorded_run_identity`), and runs from before a model field of :data:`_FIELDS_ADDED_LATER` existed
     (or that left it out at its default) had that field's default."""
-    identity = run.get("identity", {})
+    identity = recorded_run_identity(run)
     training = identity.get("training") if isinstance(identity, dict) else None
     weight = run.get("settings", {}).get("ssim_weight") if isinstance(run.get("settings"), dict) else None
-    if isinstance(training, dict):
-        training = recorded_training_identity(training)
-        if "ssim_weight" not in training and weight:
-            training = {**training, "ssim_weight": weight}
-        identity = {**identity, "training": training}
+    if isinstance(training, dict) and "ssim_weight" not in training and weight:
+        identity = {**identity, "training": {**training, "ssim_weight": weight}}
     model = identity.get("model") if isinstance(identity, dict) else None
     if isinstance(model, dict):
         defaults = {name: getattr(IDMConfig, name) for name in _FIELDS_ADDED_LATER}
@@ -415,6 +412,8 @@ def train(
     try:  # from here on, leave the process group and give back the run folder's lock whatever happens
         device = distributed.setup(env, device)
         precision = training_precision(config.precision, device)
+        if ckpt is not None and env.is_main:
+            warn_if_arithmetic_changed(folder.read_config(ckpt / RUN_NAME), precision)
         torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
         start, seconds_before = 0, 0.0
         if ckpt is not None:
@@ -520,7 +519,7 @@ def train(
             save_estimate=checkpoint_time_guess(model),
             desc=f"idm train {task}",
             checkpoints=folder.checkpoints_dir,
-            amp=precision == "bf16",
+            bf16=precision == "bf16",
         )
     except BaseException as err:
         named = distributed.end(env, folder.unlock, err)

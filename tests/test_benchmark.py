@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -324,8 +326,14 @@ def test_tradeoff_points_average_every_method_over_the_images_all_of_them_scored
     assert (idm.method, idm.images, idm.psnr, idm.seconds, idm.peak_mib) == ("idm", 2, 31.0, 1.0, 15.0)
     assert (dps.psnr, dps.seconds, dps.peak_mib) == (27.0, 200.0, None) and dps.psnr_std == pytest.approx(2 ** 0.5)
     assert idm.label() == "idm (3 NFE, 15 MiB)" and dps.label() == "dps (3 NFE)"
-    (only,) = method_points(rows, ["dps"])
+    (only,) = method_points(rows, ["dps", "dps"])  # a method named twice is plotted once
     assert only.images == 2
+    inexact = [row("idm", "a", math.inf), row("idm", "b", 30), row("dps", "a", 20), row("dps", "b", 22)]
+    assert [p.images for p in method_points(inexact)] == [1, 1]  # an exact reconstruction's inf PSNR: left out
+    with pytest.raises(ValueError, match="no method to plot"):
+        method_points(rows, [])
+    with pytest.raises(ValueError, match="idm on a: no seconds or NFEs recorded"):
+        method_points([{**row("idm", "a", 30), "seconds": None}])
     with pytest.raises(ValueError, match="no scored image for method\\(s\\) tv \\(scored: idm, dps\\)"):
         method_points(rows, ["idm", "tv"])
     with pytest.raises(ValueError, match="scored no image in common"):
@@ -343,6 +351,17 @@ def test_tradeoff_plot_merges_runs_of_one_problem_and_refuses_others(bench_files
     capsys.readouterr()
     assert tradeoff.main([str(tmp_path / "pinv"), str(tmp_path / "tv"), "--out", str(tmp_path / "plot.png")]) == 0
     printed = capsys.readouterr().out
+    first = [*PINV_RUN, "--data", str(bench_files / "images" / "a.png"), "--out", str(tmp_path / "pinv-a")]
+    assert main(first) == 0  # image a alone: its rows are the first run's, b comes from the second
+    with pytest.warns(UserWarning, match=r"pinv's images come from 2 runs .*same settings"):
+        tradeoff.main([str(tmp_path / "pinv-a"), str(tmp_path / "pinv"), "--out", str(tmp_path / "pooled.png")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same images twice: the first run's rows, nothing pooled, nothing said
+        tradeoff.main([str(tmp_path / "pinv"), str(tmp_path / "pinv"), "--out", str(tmp_path / "twice.png")])
+    record = json.loads((tmp_path / "tv" / "benchmark.json").read_text())
+    (tmp_path / "tv" / "benchmark.json").write_text(json.dumps({**record, "hardware": "another CPU"}))
+    with pytest.warns(UserWarning, match=r"timed on different hardware \(.*tv: another CPU\)"):
+        tradeoff.main([str(tmp_path / "pinv"), str(tmp_path / "tv"), "--out", str(tmp_path / "plot.png")])
     assert "pinv (0 NFE" in printed and "tv (0 NFE" in printed and "(2 images)" in printed
     assert Image.open(tmp_path / "plot.png").size[0] > 500
     other = [*PINV_RUN, "--data", data, "--out", str(tmp_path / "other")]

@@ -598,6 +598,10 @@ def test_a_diverged_loss_stops_the_run_before_it_is_checkpointed():
                  env=distributed.detect(), device=torch.device("cpu"), progress=False, checkpoints=Path("runs/x/checkpoints"))  # fmt: skip
     assert saved == [2] and isinstance(caught.value, ValueError)  # iteration 4's checkpoint is never written
     assert "--precision" not in str(caught.value)  # no autocast ran: nothing to switch off
+    with pytest.raises(TrainingDiverged, match=r"with a lower --lr \(or in float32, --precision fp32\)"):
+        run_loop(start=0, stop=2, batches=iter([torch.zeros(1)] * 2), step=lambda i, b: torch.tensor(float("inf")),
+                 lr_at=lambda i: 1e-4, save=lambda it, sec: None, cadence=Cadence(checkpoint_every=2, log_every=1),
+                 env=distributed.detect(), device=torch.device("cpu"), progress=False, bf16=True)  # fmt: skip
 
 
 def test_ct_runs_take_the_task_model_defaults_and_flags_override_them(tmp_path):
@@ -810,6 +814,15 @@ def test_bf16_training_on_the_cpu_is_asked_for_recorded_and_part_of_the_identity
     fp32 = tmp_path / "fp32"
     assert main([*BASE, "--data", str(data), "--lr-milestones", "9", "--iters", "1", "--out", str(fp32)]) == 0
     assert json.loads((fp32 / "config.json").read_text())["settings"]["arithmetic"] == "fp32"
+    copy = shutil.copytree(fp32, tmp_path / "moved")  # as if its first chunk had run on CUDA (auto: bf16)
+    for record in (copy / "config.json", *copy.glob("checkpoints/*/run.json")):
+        run = json.loads(record.read_text())
+        run["settings"]["arithmetic"] = "bf16"
+        record.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main([*BASE, "--data", str(data), "--lr-milestones", "9", "--iters", "2", "--resume", "--out", str(copy)]) == 0
+    assert ("idm train: warning: this chunk trains in fp32, the chunk before it in bf16 (--precision auto is bf16 on "
+            "CUDA, fp32 on the CPU): pass --precision bf16 to keep it") in capsys.readouterr().err  # fmt: skip
     # the two runs computed in different arithmetic: the same seed, data and start, not the same weights
     a, b = weights(out, 1), weights(fp32, 1)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -820,13 +833,19 @@ def test_training_precision_auto_is_bf16_on_cuda_only_and_emulated_bf16_is_warne
     from idm.precision import training_precision
     from idm.training.options import LoopOptions
 
+    monkeypatch.setattr(hardware, "hardware_name", lambda device: f"the {device.type} device")  # no GPU to name here
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda device: True)
     assert training_precision("auto", "cuda") == "bf16" and training_precision("auto", "cpu") == "fp32"
     assert training_precision("fp32", "cuda") == "fp32"
     monkeypatch.setattr(hardware, "has_native_bf16", lambda device: False)
-    with pytest.warns(UserWarning, match="emulates bfloat16.*--precision fp32"):
+    with pytest.warns(UserWarning, match="no native bfloat16: float32 \\(--precision fp32\\) may train faster"):
         assert training_precision("bf16", "cpu") == "bf16"
+    with pytest.warns(UserWarning, match="no native bfloat16"):  # auto on a GPU before Ampere: bf16, said
+        assert training_precision("auto", "cuda") == "bf16"
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         LoopOptions(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16; got 'fp16'"):
+        training_precision("fp16", "cpu")
 
 
 def test_runs_recorded_with_amp_resume_as_their_precision(tmp_path, data, capsys):

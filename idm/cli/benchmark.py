@@ -80,7 +80,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tv-lam", help="TV weight: a number, or the JSON record of benchmarks.tune_tv (checked "
                         "against the task and operator). Default: the task's (benchmarks.classical.TV_DEFAULTS)")
     parser.add_argument("--tv-iters", type=int, help="TV iterations (default: the task's, 800)")
-    parser.add_argument("--no-images", action="store_true", help="write only the tables, no PNGs")
+    parser.add_argument("--no-images", action="store_true", help="no reconstructions or grids: only the tables and "
+                        "tradeoff.png, which shows scores, not images")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
                         help="run IDM with (or without) its output projected onto the measurements, x + A^+(y - A x), "
@@ -295,9 +296,7 @@ def run(args: argparse.Namespace) -> int:
     )
     (out / "summary.md").write_text(summary)
     print(summary)
-    operator = settings["operator"]
-    operator = " ".join(f"{k}={v}" for k, v in operator.items()) if isinstance(operator, dict) else operator
-    _plot_tradeoff(rows, [m.name for m in methods], out / "tradeoff.png", f"idm benchmark --task {task.name}: {operator}")
+    _plot_tradeoff(rows, [m.name for m in methods], out / "tradeoff.png", f"{command}\non {settings['hardware']}")
     failures = sum(1 for r in rows if r["status"] != "ok")
     if failures:
         print(f"{failures} reconstruction(s) failed; see the error column of {out / 'results.csv'}", file=sys.stderr)

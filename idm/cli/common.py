@@ -77,9 +77,9 @@ def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") ->
 
 def add_training_precision_arg(group: argparse._ArgumentGroup) -> None:
     """``--precision auto|fp32|bf16`` of ``idm train`` and ``idm pretrain`` (:func:`idm.precision.training_precision`)."""
-    from idm.training.options import TRAINING_PRECISIONS
+    from idm.precision import PRECISION_CHOICES
 
-    group.add_argument("--precision", choices=TRAINING_PRECISIONS, default="auto",
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                        help="training arithmetic: fp32, bf16 (the network under bfloat16 autocast, loss and Adam in "
                        "float32), or auto: bf16 on CUDA, fp32 on the CPU (default: auto; unlike inference, a CPU with "
                        "AVX512-BF16 or AMX trains in bf16 only when asked: 1.2-1.7x faster there, README)")  # fmt: skip

@@ -97,6 +97,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     from idm.checkpoint import load_json_record, save_json
     from idm.export import PROVENANCE_NAME
     from idm.train import load_trained
+    from idm.training.options import recorded_run_identity
     from idm.training.state import TRAINER_STATE_NAME
 
     trained = load_trained(path)
@@ -119,7 +120,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
             "arithmetic": provenance.get("arithmetic", settings.get("arithmetic")),
             "command": provenance.get("command", settings.get("command")),
             "prior": settings.get("prior"),
-            "recipe": run.get("identity", {}).get("training"),
+            "recipe": recorded_run_identity(run).get("training"),  # runs that recorded "amp" say precision
         },
     }
     print(f"model: {info['path']}")

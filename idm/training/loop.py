@@ -60,13 +60,13 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite; no checkpoint is written from then on (the message says what to do)."""
 
 
-def _diverged_message(loss: float, first: int, last: int, last_saved: int, checkpoints: Path | None, amp: bool) -> str:
+def _diverged_message(loss: float, first: int, last: int, last_saved: int, checkpoints: Path | None, bf16: bool) -> str:
     """What to do after a loss of ``loss`` over iterations ``first..last``: ``--resume`` keeps the run's
     settings (its learning rate too), so a lower rate is a new run, which ``idm train`` can start from the
     last checkpoint (``--init-from``, in the folder ``checkpoints``; ``None``: a command without it).
-    ``amp``: whether bf16 autocast ran (advise ``--precision fp32`` then)."""
+    ``bf16``: whether bf16 autocast ran (advise ``--precision fp32`` then)."""
     message = f"the training loss is {loss} over iterations {first}..{last}: the run diverged. "
-    lower = "a lower --lr" + (" (or in float32, --precision fp32)" if amp else "")
+    lower = "a lower --lr" + (" (or in float32, --precision fp32)" if bf16 else "")
     if last_saved <= 0:
         return message + f"No checkpoint was written; start again with {lower}"
     start = "" if checkpoints is None else f" with --init-from {checkpoints / checkpoint_name(last_saved)}, or an earlier one,"
@@ -159,7 +159,7 @@ def run_loop(
     desc: str = "train",
     save_estimate: float = 0.0,
     checkpoints: Path | None = None,
-    amp: bool = False,
+    bf16: bool = False,
 ) -> LoopResult:
     """Run steps ``start .. stop - 1``; see the module docstring.
 
@@ -175,7 +175,7 @@ def run_loop(
         seconds_before: training seconds of earlier chunks (for the log).
         save_estimate: seconds a checkpoint is expected to take before one
             has been timed (kept in reserve before the deadline).
-        checkpoints, amp: where ``save`` writes, when a new run can start from there (``idm train
+        checkpoints, bf16: where ``save`` writes, when a new run can start from there (``idm train
             --init-from``), and whether the step runs under autocast: for the advice when the loss diverges.
     """
     from tqdm.auto import tqdm
@@ -229,7 +229,7 @@ def run_loop(
                     total, count = distributed.all_reduce_sum([float(window_sum), float(window_n)], env, device)
                     mean_loss = total / max(count, 1.0)
                     if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
-                        raise TrainingDiverged(_diverged_message(mean_loss, window_first, completed, last_saved, checkpoints, amp))
+                        raise TrainingDiverged(_diverged_message(mean_loss, window_first, completed, last_saved, checkpoints, bf16))
                     window_sum.zero_()
                     window_n = 0
                     window_first = completed + 1

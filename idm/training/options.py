@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-
-#: What ``LoopOptions.precision`` (``--precision`` of ``idm train`` and ``idm pretrain``) accepts.
-TRAINING_PRECISIONS = ("auto", "fp32", "bf16")
+from idm.precision import PRECISION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,8 @@ def check_loop_options(owner: str, options: Any) -> None:
     need(options.seed >= 0, f"seed must be >= 0, got {options.seed}")
     need(options.keep >= 1, f"keep must be >= 1, got {options.keep}")
     need(options.num_workers >= 0, f"num_workers must be >= 0, got {options.num_workers}")
-    need(options.precision in TRAINING_PRECISIONS,
-         f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {options.precision!r}")
+    need(options.precision in PRECISION_CHOICES,
+         f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {options.precision!r}")
     need(options.max_minutes is None or options.max_minutes > 0, f"max_minutes must be positive, got {options.max_minutes}")
 
 
@@ -85,3 +84,24 @@ def recorded_training_identity(training: dict[str, Any]) -> dict[str, Any]:
         return training
     rest = {k: v for k, v in training.items() if k != "amp"}
     return {**rest, "precision": "auto" if training["amp"] else "fp32"}
+
+
+def recorded_run_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config's ``identity``, its ``training`` part as this version records it
+    (:func:`recorded_training_identity`)."""
+    identity = run.get("identity", {})
+    training = identity.get("training") if isinstance(identity, dict) else None
+    if isinstance(training, dict):
+        identity = {**identity, "training": recorded_training_identity(training)}
+    return identity
+
+
+def warn_if_arithmetic_changed(resumed_run: dict[str, Any] | None, arithmetic: str) -> None:
+    """Warn when a resumed chunk trains in another arithmetic than the checkpoint's run recorded
+    (``settings.arithmetic``): ``--precision auto`` resolves by device, so a run moved between CUDA and the
+    CPU changes arithmetic with it."""
+    settings = (resumed_run or {}).get("settings")
+    recorded = settings.get("arithmetic") if isinstance(settings, dict) else None
+    if recorded and recorded != arithmetic:
+        warnings.warn(f"this chunk trains in {arithmetic}, the chunk before it in {recorded} (--precision auto is bf16 "
+                      f"on CUDA, fp32 on the CPU): pass --precision {recorded} to keep it", stacklevel=2)  # fmt: skip
