@@ -7,14 +7,16 @@ command draws it from one or more of its ``--out`` folders (their
 ``results.csv``), e.g. the baselines of one run beside DPS from runs on some
 of the same images. Left: mean PSNR, right: mean SSIM (error bars: one
 standard deviation over the images), both against the mean seconds per image
-on a log scale; each point is labelled with the method, its NFEs (network
-evaluations per image) and, where the run measured it, its peak memory.
+on a log scale; each point is labelled with its method, and the legend gives
+each method's NFEs (network evaluations per image) and, where the run
+measured it, its peak memory.
 Every method is averaged over the same images: those that every plotted
 method scored with a finite PSNR and SSIM (an image that two runs scored
-with one method counts once, from the first run given; a method scored in
-several runs, and runs timed on different hardware, are warned about). Runs
-of another task, operator or protocol, or with another image under one
-name, are refused (``benchmarks.compare``).
+with one method counts once, from the first run given). Runs of another
+task, operator or protocol, or with another image under one name, are
+refused (``benchmarks.compare``), and so are runs that add images of one
+method run with other settings (another checkpoint, precision, step size);
+runs timed on different hardware are warned about.
 """
 
 from __future__ import annotations
@@ -126,20 +128,48 @@ def save_tradeoff_plot(points: Sequence[MethodPoint], path: Path, title: str = "
     plt.close(fig)
 
 
-def _warn_about_mixed_runs(results: Sequence[tuple[Path, list[dict]]]) -> None:
-    """Warn where one plot mixes runs: a method whose images come from several of them (pooled; an image
-    that two runs scored keeps the first run's row, silently), or times from other hardware."""
+#: What a run's ``benchmark.json`` records of how it ran each method, beside the method's own options.
+METHOD_SETTINGS = {
+    "idm": ("checkpoint", "idm_precision", "idm_final_projection"),
+    "ddnm": ("prior_sha256",),
+    "dps": ("prior_sha256", "dps_zeta"),
+}
+
+
+def _method_settings(run: Path, method: str) -> dict[str, Any]:
+    """How ``run`` ran ``method``, from its ``benchmark.json`` (empty for a run without that record)."""
+    try:
+        record = json.loads((run / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    options = record.get("method_options")
+    return {**{key: record.get(key) for key in METHOD_SETTINGS.get(method, ())},
+            "options": options.get(method) if isinstance(options, dict) else None}  # fmt: skip
+
+
+def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
+    """A ``ValueError`` where a method's images come from several runs (an image that two runs scored keeps
+    the first run's row, so only runs that add images count) that ran it with other settings (another
+    checkpoint, precision, step size, ...: :data:`METHOD_SETTINGS` and the method's options): one point
+    would mix them. A warning where the runs were timed on different hardware."""
     for method in dict.fromkeys(row["method"] for _, rows in results for row in rows):
         seen: set[str] = set()
         adding = []  # the runs that add images of this method to those of the runs before them
         for run, rows in results:
             images = {row["image"] for row in rows if row["method"] == method}
             if images - seen:
-                adding.append(str(run))
+                adding.append(run)
             seen |= images
-        if len(adding) > 1:
-            warnings.warn(f"{method}'s images come from {len(adding)} runs ({', '.join(adding)}): its point pools "
-                          "them; check that they ran it with the same settings", stacklevel=2)  # fmt: skip
+        first = _method_settings(adding[0], method) if adding else {}
+        for other in adding[1:]:
+            settings = _method_settings(other, method)
+            differing = [f"{key}: {first.get(key)!r} against {settings.get(key)!r}"
+                         for key in dict.fromkeys([*first, *settings]) if first.get(key) != settings.get(key)]  # fmt: skip
+            if differing:
+                raise ValueError(f"{method} ran with other settings in {adding[0]} and {other} ({'; '.join(differing)}): "
+                                 "one point would mix them; plot those runs apart")  # fmt: skip
     hardware = {}
     for run, _ in results:
         try:
@@ -160,13 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
+    if out.suffix.lower() != ".png" or out.is_dir():
         parser.error(f"--out {out} must name a .png file")
     runs = [Path(run) for run in args.runs]
     results = [(run, read_results(run)) for run in runs]
     for other in runs[1:]:
         check_same_problem(runs[0], other)
-    _warn_about_mixed_runs(results)
+    check_pooled_methods(results)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
     points = method_points([row for _, rows in results for row in rows], methods)
     save_tradeoff_plot(points, out, args.title or script_command("benchmarks.tradeoff", argv))

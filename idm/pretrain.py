@@ -44,8 +44,9 @@ from torch.utils.data import Dataset
 from idm.checkpoint import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
+from idm.hardware import hardware_name
 from idm.precision import autocast_for, training_precision
-from idm.training.options import LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
+from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
@@ -57,7 +58,7 @@ from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder, unet_weight_f
 RUN_FORMAT = "idm-pretrain-run"
 PRIOR_DIR = "prior"
 PRIOR_INFO = PRIOR_INFO_NAME  # read back by IDM (idm.unets.factory.read_prior_range)
-RESUME_HINTS: dict[str, str] = {}
+RESUME_HINTS: dict[str, str] = {"precision": PRECISION_RESUME_HINT}
 #: The noise schedule every prior is trained with (DDPM's, as diffusers' ``DDPMScheduler``).
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -386,7 +387,8 @@ def pretrain(
 
         run_config = {
             "identity": identity,
-            "settings": {**config.settings(), **(settings or {}), "world_size": env.world_size, "device": device.type,
+            "settings": {**config.settings(), "hardware": hardware_name(device), **(settings or {}),
+                         "world_size": env.world_size, "device": device.type,
                          "arithmetic": precision},
         }
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None

@@ -47,12 +47,13 @@ from idm.channel_layout import convert_channel_layout
 from idm.checkpoint import CheckpointError
 from idm.config import IDMConfig
 from idm.model import IDM
+from idm.hardware import hardware_name
 from idm.precision import autocast_for, training_precision
 from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
-from idm.training.options import LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
+from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
@@ -76,6 +77,7 @@ RESUME_HINTS = {
     "lr_milestones": "(the default milestones follow --iters: to train longer, resume with the run's "
     "milestones given explicitly as --lr-milestones)",
     "ssim_weight": "(null: the L1 loss alone; to change the loss, start a new run from this one's checkpoint with --init-from)",
+    "precision": PRECISION_RESUME_HINT,
 }
 
 
@@ -284,7 +286,8 @@ def _check_images(dataset: Dataset, operator: Any, channels: int, what: str) -> 
     if first.dim() != 3:
         raise ValueError(f"{what} items must be (C, H, W) tensors, got shape {tuple(first.shape)}")
     if first.shape[0] != channels:
-        raise ValueError(f"{what} items have {first.shape[0]} channel(s) but the model reconstructs {channels}")
+        raise ValueError(f"{what} items have {first.shape[0]} channel(s) but the model reconstructs {channels} "
+                         "(IDMConfig.image_channels; tasks.get(NAME).model_defaults() gives a task's)")
     shape = getattr(operator, "image_shape", None)
     if shape is not None and what == "training" and tuple(first.shape) != tuple(shape):
         raise ValueError(f"training items have shape {tuple(first.shape)} but the operator acts on {tuple(shape)}")
@@ -435,6 +438,7 @@ def train(
             "identity": identity,
             "settings": {
                 **config.settings(),
+                "hardware": hardware_name(device),  # also for runs started from Python
                 **(settings or {}),
                 "world_size": env.world_size,
                 "device": device.type,

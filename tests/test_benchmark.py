@@ -353,11 +353,20 @@ def test_tradeoff_plot_merges_runs_of_one_problem_and_refuses_others(bench_files
     printed = capsys.readouterr().out
     first = [*PINV_RUN, "--data", str(bench_files / "images" / "a.png"), "--out", str(tmp_path / "pinv-a")]
     assert main(first) == 0  # image a alone: its rows are the first run's, b comes from the second
-    with pytest.warns(UserWarning, match=r"pinv's images come from 2 runs .*same settings"):
-        tradeoff.main([str(tmp_path / "pinv-a"), str(tmp_path / "pinv"), "--out", str(tmp_path / "pooled.png")])
+    capsys.readouterr()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same images twice: the first run's rows, nothing pooled, nothing said
+        warnings.simplefilter("error")  # one method run alike in both: its images pooled, nothing to say
+        assert tradeoff.main([str(tmp_path / "pinv-a"), str(tmp_path / "pinv"), "--out", str(tmp_path / "pooled.png")]) == 0
+        assert "(2 images)" in capsys.readouterr().out
         tradeoff.main([str(tmp_path / "pinv"), str(tmp_path / "pinv"), "--out", str(tmp_path / "twice.png")])
+    other_tv = [*tv_run[:-1], str(tmp_path / "tv-b"), "--tv-lam", "0.5"]
+    other_tv[other_tv.index("--data") + 1] = str(bench_files / "images" / "a.png")
+    assert main(other_tv) == 0  # tv on image a with another weight: pooled with the first tv run, it would mix them
+    capsys.readouterr()
+    assert tradeoff.run_script(tradeoff.main, "benchmarks.tradeoff",
+                               [str(tmp_path / "tv-b"), str(tmp_path / "tv"), "--out", str(tmp_path / "x.png")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "tv ran with other settings in" in err and "options: " in err and "plot those runs apart" in err
     record = json.loads((tmp_path / "tv" / "benchmark.json").read_text())
     (tmp_path / "tv" / "benchmark.json").write_text(json.dumps({**record, "hardware": "another CPU"}))
     with pytest.warns(UserWarning, match=r"timed on different hardware \(.*tv: another CPU\)"):

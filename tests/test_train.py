@@ -699,6 +699,7 @@ def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_chec
     train(IDMConfig(unet="tiny", steps=1), images, physics, tmp_path / "run", config, say=lambda _: None)
     trained = load_trained(tmp_path / "run")
     assert trained.foreign_operator == "Inpainting" and trained.operator is None and trained.image_size is None
+    assert trained.run["settings"]["hardware"].startswith("CPU, ")  # recorded without the command line too
     y = physics.A(images[0][None])
     assert trained.model(y, physics).shape == (1, 1, 16, 16)
     with pytest.raises(CheckpointError, match="trained with a physics of class Inpainting, which is not a registered toolkit operator"):
@@ -809,7 +810,8 @@ def test_bf16_training_on_the_cpu_is_asked_for_recorded_and_part_of_the_identity
     assert run["identity"]["training"]["precision"] == "bf16" and run["settings"]["arithmetic"] == "bf16"
     assert "amp" not in run["identity"]["training"]
     assert main([*argv, "--iters", "2", "--resume"]) == 2  # auto, float32 on the CPU: another run
-    assert "training.precision: \"bf16\" in the run, \"auto\" now" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training.precision: \"bf16\" in the run, \"auto\" now" in err and "resume with the run's --precision" in err
 
     fp32 = tmp_path / "fp32"
     assert main([*BASE, "--data", str(data), "--lr-milestones", "9", "--iters", "1", "--out", str(fp32)]) == 0
@@ -821,8 +823,12 @@ def test_bf16_training_on_the_cpu_is_asked_for_recorded_and_part_of_the_identity
         record.write_text(json.dumps(run))
     capsys.readouterr()
     assert main([*BASE, "--data", str(data), "--lr-milestones", "9", "--iters", "2", "--resume", "--out", str(copy)]) == 0
-    assert ("idm train: warning: this chunk trains in fp32, the chunk before it in bf16 (--precision auto is bf16 on "
-            "CUDA, fp32 on the CPU): pass --precision bf16 to keep it") in capsys.readouterr().err  # fmt: skip
+    assert ("idm train: warning: this chunk trains in fp32, the chunk before it in bf16: with --precision auto the "
+            "arithmetic follows the device (bf16 on CUDA, fp32 on the CPU); resume on the chunk before's device to keep "
+            "it") in capsys.readouterr().err  # fmt: skip
+    with pytest.raises(SystemExit):  # a usage error, as argparse's own
+        main([*BASE, "--data", str(data), "--iters", "1", "--no-amp", "--out", str(tmp_path / "x")])
+    assert "idm train: error: --no-amp was replaced by --precision fp32" in capsys.readouterr().err
     # the two runs computed in different arithmetic: the same seed, data and start, not the same weights
     a, b = weights(out, 1), weights(fp32, 1)
     assert any(not torch.equal(a[k], b[k]) for k in a)

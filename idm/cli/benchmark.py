@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         + f"; seeds: operators and generators {args.seed} + image index"
         + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
         + (f"; TV weight {settings['tv_lam_iters'][0]}, {settings['tv_lam_iters'][1]} iterations" if tv is not None else "")
-        + (f"; IDM in {args.precision}" if trained is not None and args.precision != "fp32" else "")
+        + (f"; IDM in {args.precision}" if trained is not None else "")
         + ("; IDM output projected onto the measurements" if settings["idm_final_projection"] else "")
         + ".\n\n"
         + summary_table(rows, [m.name for m in methods])

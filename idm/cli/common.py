@@ -83,6 +83,14 @@ def add_training_precision_arg(group: argparse._ArgumentGroup) -> None:
                        help="training arithmetic: fp32, bf16 (the network under bfloat16 autocast, loss and Adam in "
                        "float32), or auto: bf16 on CUDA, fp32 on the CPU (default: auto; unlike inference, a CPU with "
                        "AVX512-BF16 or AMX trains in bf16 only when asked: 1.2-1.7x faster there, README)")  # fmt: skip
+    group.add_argument("--no-amp", nargs=0, action=_Replaced, help=argparse.SUPPRESS)
+
+
+class _Replaced(argparse.Action):
+    """A flag that was replaced: a usage error that names its replacement (``--no-amp``: ``--precision fp32``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by --precision fp32 (and --precision auto|bf16)")
 
 
 def add_size_arg(parser: argparse.ArgumentParser, what: str = "image") -> None:

@@ -99,9 +99,14 @@ def recorded_run_identity(run: dict[str, Any]) -> dict[str, Any]:
 def warn_if_arithmetic_changed(resumed_run: dict[str, Any] | None, arithmetic: str) -> None:
     """Warn when a resumed chunk trains in another arithmetic than the checkpoint's run recorded
     (``settings.arithmetic``): ``--precision auto`` resolves by device, so a run moved between CUDA and the
-    CPU changes arithmetic with it."""
+    CPU changes arithmetic with it (an explicit precision is part of the run's identity and never changes)."""
     settings = (resumed_run or {}).get("settings")
     recorded = settings.get("arithmetic") if isinstance(settings, dict) else None
     if recorded and recorded != arithmetic:
-        warnings.warn(f"this chunk trains in {arithmetic}, the chunk before it in {recorded} (--precision auto is bf16 "
-                      f"on CUDA, fp32 on the CPU): pass --precision {recorded} to keep it", stacklevel=2)  # fmt: skip
+        warnings.warn(f"this chunk trains in {arithmetic}, the chunk before it in {recorded}: with --precision auto the "
+                      "arithmetic follows the device (bf16 on CUDA, fp32 on the CPU); resume on the chunk before's "
+                      "device to keep it", stacklevel=2)  # fmt: skip
+
+
+#: What ``--resume`` adds when a run's precision differs (``RESUME_HINTS`` of ``idm train`` and ``idm pretrain``).
+PRECISION_RESUME_HINT = "(resume with the run's --precision; another arithmetic is a new run: --init-from for idm train)"
