@@ -61,7 +61,7 @@ def _std(values: list[float]) -> float:
 
 def method_points(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None) -> list[MethodPoint]:
     """The points of ``methods`` (default: every method in ``rows``, in order of appearance), each averaged
-    over the images that all of them scored with a finite PSNR.
+    over the images that all of them scored with a finite PSNR and SSIM.
 
     ``rows``: result rows (``method``, ``image``, ``psnr``, ``ssim``, ``seconds``, ``nfe``, optional
     ``peak_mem_mb`` and ``status``), as ``idm benchmark`` makes them or :func:`read_results` reads them; a
@@ -82,7 +82,7 @@ def method_points(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | No
     absent = [m for m in chosen if m not in by_method]
     if absent:
         raise ValueError(f"no scored image for method(s) {', '.join(absent)} (scored: {', '.join(by_method) or 'none'})")
-    common = set.intersection(*(set(by_method[m]) for m in chosen)) if chosen else set()
+    common = set.intersection(*(set(by_method[m]) for m in chosen))
     if not common:
         raise ValueError(f"the methods {', '.join(chosen)} scored no image in common")
     points = []
@@ -136,14 +136,17 @@ METHOD_SETTINGS = {
 }
 
 
-def _method_settings(run: Path, method: str) -> dict[str, Any]:
-    """How ``run`` ran ``method``, from its ``benchmark.json`` (empty for a run without that record)."""
+def _read_record(run: Path) -> dict[str, Any]:
+    """``run``'s ``benchmark.json`` (empty for a run without that record, or one that is not a JSON object)."""
     try:
         record = json.loads((run / "benchmark.json").read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(record, dict):
-        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _method_settings(record: dict[str, Any], method: str) -> dict[str, Any]:
+    """How the run of ``record`` (its ``benchmark.json``) ran ``method``."""
     options = record.get("method_options")
     return {**{key: record.get(key) for key in METHOD_SETTINGS.get(method, ())},
             "options": options.get(method) if isinstance(options, dict) else None}  # fmt: skip
@@ -154,6 +157,7 @@ def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
     the first run's row, so only runs that add images count) that ran it with other settings (another
     checkpoint, precision, step size, ...: :data:`METHOD_SETTINGS` and the method's options): one point
     would mix them. A warning where the runs were timed on different hardware."""
+    records = {run: _read_record(run) for run, _ in results}
     for method in dict.fromkeys(row["method"] for _, rows in results for row in rows):
         seen: set[str] = set()
         adding = []  # the runs that add images of this method to those of the runs before them
@@ -162,22 +166,17 @@ def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
             if images - seen:
                 adding.append(run)
             seen |= images
-        first = _method_settings(adding[0], method) if adding else {}
+        first = _method_settings(records[adding[0]], method) if adding else {}
         for other in adding[1:]:
-            settings = _method_settings(other, method)
+            settings = _method_settings(records[other], method)
             differing = [f"{key}: {first.get(key)!r} against {settings.get(key)!r}"
                          for key in dict.fromkeys([*first, *settings]) if first.get(key) != settings.get(key)]  # fmt: skip
             if differing:
                 raise ValueError(f"{method} ran with other settings in {adding[0]} and {other} ({'; '.join(differing)}): "
                                  "one point would mix them; plot those runs apart")  # fmt: skip
-    hardware = {}
-    for run, _ in results:
-        try:
-            hardware[run] = json.loads((run / "benchmark.json").read_text()).get("hardware")
-        except (OSError, ValueError, AttributeError):  # no record, or not a JSON object
-            hardware[run] = None
-    if len({h for h in hardware.values() if h}) > 1:
-        shown = "; ".join(f"{run}: {h}" for run, h in hardware.items() if h)
+    hardware = {run: record.get("hardware") for run, record in records.items() if record.get("hardware")}
+    if len(set(hardware.values())) > 1:
+        shown = "; ".join(f"{run}: {h}" for run, h in hardware.items())
         warnings.warn(f"the runs were timed on different hardware ({shown}): their seconds are not like for like",
                       stacklevel=2)  # fmt: skip
 

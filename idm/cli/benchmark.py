@@ -15,7 +15,6 @@ run's settings: seeds, operator, prior, checkpoint, DPS step size),
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import warnings
@@ -304,19 +303,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot_tradeoff(rows: list[dict[str, Any]], methods: list[str], path, title: str) -> None:
-    """``OUT/tradeoff.png`` (:mod:`benchmarks.tradeoff`) of the methods that scored an image, over the images
-    they all scored; none when no method scored one."""
+    """``OUT/tradeoff.png`` (:mod:`benchmarks.tradeoff`) of the methods that scored an image, in ``methods``'
+    order, over the images they all scored; none when no method scored one."""
     from benchmarks.tradeoff import method_points, save_tradeoff_plot
 
-    scored = [m for m in methods if any(r["method"] == m and r["status"] == "ok" and math.isfinite(r["psnr"]) for r in rows)]
-    if not scored:  # the run's failure says why
-        return
     try:
-        points = method_points(rows, scored)
-    except ValueError as error:  # no image that every method scored
-        print(f"no tradeoff.png: {error}", file=sys.stderr)
+        points = method_points(rows)  # every method with a scored image
+    except ValueError as error:
+        if any(r["status"] == "ok" for r in rows):  # else nothing scored: the run's failure says why
+            print(f"no tradeoff.png: {error}", file=sys.stderr)
         return
-    save_tradeoff_plot(points, path, title)
+    save_tradeoff_plot(sorted(points, key=lambda point: methods.index(point.method)), path, title)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -162,5 +162,5 @@ def _operator_words(config) -> str:
         vary = component.get("vary", {})
         fixed = describe_operator({k: v for k, v in component["base"].items() if k not in vary})
         varied = ", ".join(f"{k} drawn from {v}" for k, v in vary.items())
-        parts.append(fixed[:-1] + (", " if not fixed.endswith("()") else "") + varied + ")" if varied else fixed)
+        parts.append((fixed[:-1] + (", " if not fixed.endswith("()") else "") + varied + ")") if varied else fixed)
     return "a family: " + "; ".join(parts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from idm.hardware import hardware_name
 from idm.cli.common import (
     add_common_args,
     add_run_control_args,
@@ -137,7 +136,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
             "data": [str(p) for p in args.data],
             "data_kind": args.data_kind,
             "command": command_line("pretrain"),
-            "hardware": hardware_name(device),
         },
         say=say,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from idm.hardware import hardware_name
 from idm.cli.common import (
     add_common_args,
     add_operator_args,
@@ -219,7 +218,6 @@ def run_train(args: argparse.Namespace) -> int:
             "prior": model_config.unet,
             "init_from": args.init_from,
             "command": command_line("train"),
-            "hardware": hardware_name(device),
         },
         say=say,
     )
