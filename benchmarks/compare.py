@@ -99,17 +99,24 @@ SAME_SETTINGS = ("task", "operator", "protocol", "operator_seeds")
 SAME_INPUT = ("sha256", "slice", "size", "operator_seed")
 
 
+def read_record(folder: Path) -> dict | None:
+    """``folder``'s ``benchmark.json`` (what ``idm benchmark`` records of the run); ``None`` when it is absent,
+    unreadable, or not a JSON object, as in runs without that record."""
+    try:
+        record = json.loads((folder / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def check_same_problem(base: Path, other: Path) -> None:
     """A ``ValueError`` naming the settings (:data:`SAME_SETTINGS`) in which the two runs' ``benchmark.json``
     differ, and the images of one name that are not the same image measured the same way (:data:`SAME_INPUT`).
     Runs without that record are not checked; runs that do not record their inputs (older ones) must have
     been resized alike (``resized_to``)."""
-    records = []
-    for folder in (base, other):
-        try:
-            records.append(json.loads((folder / "benchmark.json").read_text()))
-        except (OSError, ValueError):
-            return
+    records = [read_record(base), read_record(other)]
+    if None in records:
+        return
     differing = [key for key in SAME_SETTINGS if records[0].get(key) != records[1].get(key)]
     inputs = [{item.get("name"): item for item in record.get("inputs") or []} for record in records]
     if not all(inputs) and records[0].get("resized_to") != records[1].get("resized_to"):

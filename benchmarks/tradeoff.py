@@ -22,7 +22,6 @@ runs timed on different hardware are warned about.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import textwrap
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from benchmarks.compare import check_same_problem, read_results
+from benchmarks.compare import check_same_problem, read_record, read_results
 from benchmarks.report import run_script, script_command
 
 
@@ -136,15 +135,6 @@ METHOD_SETTINGS = {
 }
 
 
-def _read_record(run: Path) -> dict[str, Any]:
-    """``run``'s ``benchmark.json`` (empty for a run without that record, or one that is not a JSON object)."""
-    try:
-        record = json.loads((run / "benchmark.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _method_settings(record: dict[str, Any], method: str) -> dict[str, Any]:
     """How the run of ``record`` (its ``benchmark.json``) ran ``method``."""
     options = record.get("method_options")
@@ -157,7 +147,7 @@ def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
     the first run's row, so only runs that add images count) that ran it with other settings (another
     checkpoint, precision, step size, ...: :data:`METHOD_SETTINGS` and the method's options): one point
     would mix them. A warning where the runs were timed on different hardware."""
-    records = {run: _read_record(run) for run, _ in results}
+    records = {run: read_record(run) or {} for run, _ in results}  # {}: a run without that record
     for method in dict.fromkeys(row["method"] for _, rows in results for row in rows):
         seen: set[str] = set()
         adding = []  # the runs that add images of this method to those of the runs before them

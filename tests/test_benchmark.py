@@ -1084,6 +1084,26 @@ def test_compare_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.parametrize("damaged", ["[1, 2]", "not json", None])
+def test_a_benchmark_record_that_is_not_an_object_counts_as_absent(tmp_path, damaged):
+    """A ``benchmark.json`` that is missing, not JSON, or JSON but not an object is a run without that record,
+    for ``benchmarks.compare`` (its problem is not checked) and ``benchmarks.tradeoff`` (no settings to pool)
+    alike: one reader, no traceback; a good record beside it is still read."""
+    from benchmarks.compare import check_same_problem, read_record
+    from benchmarks.tradeoff import check_pooled_methods
+
+    base = _results_csv(tmp_path / "a", [("idm", "x", 20, 0.5, "ok")])
+    other = _results_csv(tmp_path / "b", [("idm", "y", 21, 0.6, "ok")])
+    if damaged is not None:
+        (base / "benchmark.json").write_text(damaged)
+    (other / "benchmark.json").write_text('{"task": {"name": "cs"}, "checkpoint": "cs-10"}')
+    assert read_record(base) is None
+    assert read_record(other) == {"task": {"name": "cs"}, "checkpoint": "cs-10"}
+    check_same_problem(base, other)  # not checked: nothing recorded on one side
+    with pytest.raises(ValueError, match="idm ran with other settings"):  # the good record is still read
+        check_pooled_methods([(base, [{"method": "idm", "image": "x"}]), (other, [{"method": "idm", "image": "y"}])])
+
+
 def test_a_step_size_record_is_checked_against_the_network_of_its_prior(bench_files, tmp_path):
     """The same prior in another folder passes; another network fails, by the recorded fingerprint or by the
     recorded path where it exists here; a record whose prior is not here is not checked."""
