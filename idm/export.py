@@ -53,6 +53,16 @@ def _provenance(source: Path, run: dict[str, Any], state: dict[str, Any], extra:
     }
 
 
+def _recorded_path(folder: Path) -> str:
+    """``folder`` as ``exported_from`` records it: relative to the working directory when it lies inside it (so a
+    shipped model re-exported in the repository names no machine's paths), else absolute."""
+    full = folder.resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
+
+
 #: Last key components of the learnable scalars (the schedule's ``alpha``, a wired chain's ``v`` and scales),
 #: kept float32 in a half-precision export whatever their length (T of them for T steps).
 SCALAR_KEYS = ("alpha", "v", "in_scale", "out_scale")
@@ -158,7 +168,8 @@ def export_model(
     ``checkpoint`` may also be an exported folder (a shipped model): its
     ``provenance.json`` is kept, and ``exported_from`` lists the exported
     folders it came through, oldest first, ending with that folder (each
-    once: re-exporting a folder in place does not list it again).
+    once: re-exporting a folder in place does not list it again; paths
+    relative to the working directory when inside it, else absolute).
     """
     folder = resolve_model_dir(checkpoint)
     _check_replaceable(Path(out), folder, "model")
@@ -186,9 +197,8 @@ def export_model(
         earlier = load_json_record(folder / PROVENANCE_NAME, "provenance")
         chain = earlier.get("exported_from") or []
         chain = [chain] if isinstance(chain, str) else list(chain)  # one folder in exports before the chain
-        source = str(folder.resolve())
-        if not chain or Path(chain[-1]).resolve() != Path(source):  # a folder re-exported in place is listed once
-            chain.append(source)
+        if not chain or Path(chain[-1]).resolve() != folder.resolve():  # a folder re-exported in place is listed once
+            chain.append(_recorded_path(folder))
         provenance = {**earlier, **extra, "exported_from": chain}
     else:
         provenance = _provenance(folder, run, state, extra)

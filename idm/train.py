@@ -11,7 +11,8 @@ batch, :mod:`idm.training.batches`), a fresh operator draw
 inpainting masks, MRI masks; identical on every rank without
 communication), ``y = op.A(x)`` in float32, ``x_hat = model(y, op)`` under
 bf16 autocast on CUDA (float32 on the CPU unless ``precision="bf16"``), L1 loss ``mean|x_hat - x|``
-(plus ``ssim_weight * (1 - SSIM)`` when asked, :mod:`idm.training.losses`),
+(plus ``ssim_weight * (1 - SSIM)`` when asked; with ``log_loss``, the mean
+over images of the log of each image's loss: :mod:`idm.training.losses`),
 Adam; the learning rate is ``lr * gamma ** (number of milestones <= i)``
 and the learnable scalars (``abar``'s ``alpha``, the wiring ``v`` and
 in/out scales) use ``lr * scalar_lr_mult``.
@@ -77,6 +78,7 @@ RESUME_HINTS = {
     "lr_milestones": "(the default milestones follow --iters: to train longer, resume with the run's "
     "milestones given explicitly as --lr-milestones)",
     "ssim_weight": "(null: the L1 loss alone; to change the loss, start a new run from this one's checkpoint with --init-from)",
+    "log_loss": "(null: the plain mean loss; to change the loss, start a new run from this one's checkpoint with --init-from)",
     "precision": PRECISION_RESUME_HINT,
 }
 
@@ -90,7 +92,8 @@ class TrainConfig(LoopOptions):
     ``scalar_lr_mult``, ``seed``, ``precision``, ``augment``, ``randomize_operator``,
     ``ssim_weight`` (recorded only when non-zero, so that runs from before it
     joined the identity, which trained without the SSIM term or recorded its
-    weight in their settings, still resume: :func:`_recorded_identity`).
+    weight in their settings, still resume: :func:`_recorded_identity`),
+    ``log_loss`` (recorded only when on, for the same reason).
     Settings (may change between chunks): the rest.
 
     Attributes:
@@ -106,6 +109,11 @@ class TrainConfig(LoopOptions):
         ssim_weight: weight of the ``1 - SSIM`` term added to the L1 loss
             (:class:`~idm.training.losses.ReconstructionLoss`; SSIM on the
             ``metric_transform`` images). ``0`` (default): the paper's L1 alone.
+        log_loss: minimise the mean over images of the log of each image's
+            loss instead of the plain mean (``log_form`` of
+            :class:`~idm.training.losses.ReconstructionLoss`): easy and hard
+            images (and operators, e.g. CS ratios) weigh alike, as in mean
+            PSNR. The logged loss is then that mean log (negative).
     """
 
     iters: int = 50_000
@@ -114,6 +122,7 @@ class TrainConfig(LoopOptions):
     randomize_operator: bool = True
     val_every: int = 0
     ssim_weight: float = 0.0
+    log_loss: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,10 +157,11 @@ class TrainConfig(LoopOptions):
             "augment": self.augment,
             "randomize_operator": self.randomize_operator,
             **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
+            **({"log_loss": True} if self.log_loss else {}),
         }
 
     def settings(self) -> dict[str, Any]:
-        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight"}  # the SSIM weight shows there even at 0
+        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss"}  # both show there when off too
         return {k: v for k, v in asdict(self).items() if k not in keys}
 
 
@@ -456,7 +466,7 @@ def train(
         resample = getattr(operator, "resample", None)
         randomize = config.randomize_operator and callable(resample)
         noise_init = model_config.init == "noise"
-        loss_fn = ReconstructionLoss(config.ssim_weight, metric_transform)
+        loss_fn = ReconstructionLoss(config.ssim_weight, metric_transform, log_form=config.log_loss)
 
         def step(index: int, batch: Tensor) -> Tensor:
             x = batch.to(device, non_blocking=True)

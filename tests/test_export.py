@@ -176,7 +176,7 @@ def test_export_never_replaces_a_run_or_another_folder(runs, tmp_path):
     assert sorted(p.name for p in exported_prior.iterdir()) == kept and (shipped / "run.json").is_file()
 
 
-def test_reexport_switches_the_final_projection_and_keeps_the_training_record(runs, tmp_path):
+def test_reexport_switches_the_final_projection_and_keeps_the_training_record(runs, tmp_path, monkeypatch):
     _, idm_run = runs
     shipped = export_model(idm_run, tmp_path / "shipped")
     assert load_trained(shipped).model.config.final_projection is True  # cs's task default
@@ -195,6 +195,11 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     for _ in range(2):  # re-exported in place twice: the folder is listed once
         in_place = json.loads((export_model(tmp_path / "again", tmp_path / "again") / "provenance.json").read_text())
     assert in_place["exported_from"] == [*again["exported_from"], str((tmp_path / "again").resolve())]
+    monkeypatch.chdir(tmp_path)  # a folder inside the working directory is recorded relative to it (shipped weights)
+    inside = json.loads((export_model("again", "again") / "provenance.json").read_text())
+    assert inside["exported_from"] == in_place["exported_from"]  # already listed: once
+    relative = json.loads((export_model("switched", "switched") / "provenance.json").read_text())
+    assert relative["exported_from"] == [str(shipped.resolve()), "switched"]
     op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
     y = op.A(torch.rand(2, 1, 16, 16))
     with torch.no_grad():

@@ -1,8 +1,9 @@
-"""Training losses: the differentiable SSIM equals the benchmarks' SSIM, and ``--ssim-weight`` reaches the loss."""
+"""Training losses: the differentiable SSIM equals the benchmarks' SSIM; ``--ssim-weight`` and ``--log-loss`` reach the loss."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from idm.cli import main
 from idm.metrics import ssim
 from idm.train import TrainConfig
-from idm.training.losses import ReconstructionLoss, differentiable_ssim
+from idm.training.losses import LOG_FLOOR, ReconstructionLoss, differentiable_ssim, per_image_ssim
 from tasks import get as get_task
 from tests.test_train import BASE, read_log, write_images
 
@@ -55,6 +56,31 @@ def test_reconstruction_loss_is_l1_plus_the_weighted_ssim_term():
             TrainConfig(ssim_weight=bad)
 
 
+def test_log_form_is_the_mean_log_of_each_images_loss():
+    x_hat, x = _pair((3, 2, 12, 12), seed=3)
+    x_hat = x + (x_hat - x) * torch.tensor([1.0, 4.0, 0.25], dtype=x.dtype).view(3, 1, 1, 1)  # three error sizes
+    each = (x_hat - x).abs().mean(dim=(1, 2, 3)) + 0.3 * (1 - per_image_ssim(x_hat, x))
+    assert torch.allclose(ReconstructionLoss(0.3).per_image(x_hat, x), each, rtol=0, atol=1e-14)
+    assert ReconstructionLoss(0.3)(x_hat, x).item() == pytest.approx(each.mean().item(), abs=1e-14)
+    logged = ReconstructionLoss(0.3, log_form=True)(x_hat, x).item()
+    assert logged == pytest.approx(torch.log(each + LOG_FLOOR).mean().item(), abs=1e-14)
+    assert logged < 0  # losses below 1: the logged value of a --log-loss run is negative
+    assert per_image_ssim(x_hat, x).mean().item() == pytest.approx(differentiable_ssim(x_hat, x).item(), abs=1e-15)
+
+
+@pytest.mark.parametrize("log_form", [False, True])
+def test_log_form_weighs_a_small_error_as_much_as_a_large_one(log_form):
+    """Shrinking one image's error by a given fraction lowers the log-form loss by the same amount whatever the
+    error's size; the plain mean rewards it in proportion to the size (here 10x more for the 10x larger error)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    error = torch.randn(1, 1, 8, 8, generator=gen, dtype=torch.float64) * torch.tensor([0.01, 0.1], dtype=torch.float64).view(2, 1, 1, 1)
+    x_hat = (x + error).requires_grad_(True)
+    ReconstructionLoss(log_form=log_form)(x_hat, x).backward()
+    gain = (x_hat.grad * error).sum(dim=(1, 2, 3))  # d loss / d(relative size of each image's error)
+    assert (gain[1] / gain[0]).item() == pytest.approx(1.0 if log_form else 10.0, rel=1e-3)  # 1e-3: LOG_FLOOR
+
+
 def test_ssim_on_the_mri_magnitude_has_a_finite_gradient_where_the_image_is_zero():
     magnitude = get_task("mri").metric_image
     x = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
@@ -72,6 +98,19 @@ def test_ssim_weight_flag_adds_the_term_to_the_logged_loss(tmp_path):
     l1, mixed = (float(read_log(tmp_path / name)[0]["loss"]) for name in ("l1", "ssim"))
     assert mixed > l1 + 1e-3  # the same first forward pass, plus 0.5 * (1 - SSIM) of an untrained network
     assert json.loads((tmp_path / "ssim" / "config.json").read_text())["settings"]["ssim_weight"] == 0.5
+
+
+def test_log_loss_flag_reaches_the_logged_loss_and_the_run_identity(tmp_path):
+    data = write_images(tmp_path / "data")
+    one = ["--data", str(data), "--iters", "1"]
+    assert main([*BASE, *one, "--out", str(tmp_path / "l1")]) == 0
+    assert main([*BASE, *one, "--log-loss", "--out", str(tmp_path / "log")]) == 0
+    l1, logged = (float(read_log(tmp_path / name)[0]["loss"]) for name in ("l1", "log"))
+    assert l1 > 0 and logged == pytest.approx(math.log(l1), abs=0.5)  # the same first forward pass: the log of ~ its loss
+    config = json.loads((tmp_path / "log" / "config.json").read_text())
+    assert config["identity"]["training"]["log_loss"] is True and config["settings"]["log_loss"] is True
+    plain = json.loads((tmp_path / "l1" / "config.json").read_text())
+    assert "log_loss" not in plain["identity"]["training"]  # off: runs from before the flag keep their identity
 
 
 def test_negative_ssim_weight_is_a_clear_cli_error(tmp_path, capsys):

@@ -377,9 +377,10 @@ def test_resume_with_another_config_is_refused(base_run, tmp_path, data, capsys)
     args = [*BASE, "--data", str(data), "--iters", "4", "--out", str(out), "--resume"]  # 4: other default milestones
     args[args.index("--ratio") + 1] = "0.5"
     args[args.index("--batch-size") + 1] = "4"
-    err = _fails([*args, "--ssim-weight", "0.5"], capsys, "different configuration")
+    err = _fails([*args, "--ssim-weight", "0.5", "--log-loss"], capsys, "different configuration")
     assert "operator.ratio: 0.25 in the run, 0.5 now" in err and "training.batch_size: 2 in the run, 4 now" in err
     assert "training.ssim_weight: null in the run, 0.5 now" in err and "--init-from" in err  # another loss, another run
+    assert "training.log_loss: null in the run, true now" in err
     assert "training.lr_milestones: [1, 2] in the run, [1, 2, 3] now" in err and "--lr-milestones" in err
     assert snapshot(out) == before
 

@@ -78,6 +78,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--lr-gamma", type=float, default=0.5, help="lr factor at each milestone (default 0.5)")
     opt.add_argument("--scalar-lr-mult", type=float, default=1.0, help="lr factor for the learnable scalars: abar's alpha, wiring v, in/out scales (default 1 = the paper)")
     opt.add_argument("--ssim-weight", type=float, default=0.0, metavar="W", help="add W * (1 - SSIM) to the L1 loss, SSIM as the benchmarks measure it (on the MRI magnitude; default 0 = the paper's L1 alone)")
+    opt.add_argument("--log-loss", action="store_true", help="minimise the mean over images of the log of each image's loss (as mean PSNR weighs them): "
+                     "easy images and operators (a CS model's high ratios) count as much as hard ones; the logged loss is then negative")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
     add_training_precision_arg(opt)
@@ -145,6 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr_gamma=args.lr_gamma,
         scalar_lr_mult=args.scalar_lr_mult,
         ssim_weight=args.ssim_weight,
+        log_loss=args.log_loss,
         seed=args.seed,
         precision=args.precision,
         augment=not args.no_augment,
