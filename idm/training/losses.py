@@ -6,7 +6,7 @@ CT the L1-trained models trail some baselines in SSIM while leading them in
 PSNR. :class:`ReconstructionLoss` adds ``ssim_weight * (1 - SSIM)``, the mix
 of "Loss Functions for Image Restoration with Neural Networks" (Zhao et al.,
 2017), with an SSIM that equals the one the benchmarks report
-(:func:`differentiable_ssim`, scikit-image's defaults) so the two measure
+(:func:`per_image_ssim`, scikit-image's defaults; :func:`differentiable_ssim` is its batch mean) so the two measure
 the same thing.
 
 With ``log_form=True`` the loss is the mean over images of
