@@ -49,6 +49,7 @@ from idm.precision import autocast_for, training_precision
 from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
+from idm.training.ema import EMA
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
@@ -186,31 +187,6 @@ class PretrainConfig(LoopOptions):
     def settings(self) -> dict[str, Any]:
         keys = set(self.identity())
         return {k: v for k, v in asdict(self).items() if k not in keys}
-
-
-class EMA:
-    """Exponential moving average of a module's floating-point state (float32 copies).
-
-    ``update`` after every optimizer step; decay ``min(decay, (1 + n) / (10 + n))``
-    with ``n`` the number of earlier updates (a deterministic warm-up).
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in module.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-        self.updates += 1
-
-    def weights_for(self, module: nn.Module) -> dict[str, Tensor]:
-        """``module``'s state dict with the averaged values in place of the floating-point ones."""
-        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in module.state_dict().items()}
 
 
 def build_unet(config: dict[str, Any]) -> nn.Module:

@@ -26,13 +26,19 @@ Checkpoint folder (``OUT/checkpoints/iter_NNNNNNN/``): ``config.json`` +
 ``model.safetensors`` (exactly :meth:`IDM.save_pretrained`, so the folder is
 an IDM model folder), ``optimizer.safetensors``, ``rng.safetensors``,
 ``trainer_state.json`` and ``run.json`` (task, operator config, model
-config, training identity). :func:`resolve_model_dir` and
+config, training identity). With ``ema_decay`` (an exponential moving
+average of the weights, :class:`~idm.training.ema.EMA`), ``model.safetensors``
+holds the averaged weights, which every reader of the folder uses
+(``idm reconstruct``, ``idm benchmark``, ``idm export``, validation), and
+``training_weights.safetensors`` the weights the optimizer moves, from
+which ``--resume`` continues. :func:`resolve_model_dir` and
 :func:`load_trained` turn a training ``--out`` folder into a model for
 ``idm reconstruct`` / ``idm benchmark`` and refuse mismatched tasks/operators.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -45,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from idm.channel_layout import convert_channel_layout
-from idm.checkpoint import CheckpointError
+from idm.checkpoint import CheckpointError, load_tensors, save_tensors
 from idm.config import IDMConfig
 from idm.model import IDM
 from idm.hardware import hardware_name
@@ -57,6 +63,7 @@ from idm.training.optimizer import fused_by_default
 from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
+from idm.training.ema import EMA
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
@@ -79,6 +86,7 @@ RESUME_HINTS = {
     "milestones given explicitly as --lr-milestones)",
     "ssim_weight": "(null: the L1 loss alone; to change the loss, start a new run from this one's checkpoint with --init-from)",
     "log_loss": "(null: the plain mean loss; to change the loss, start a new run from this one's checkpoint with --init-from)",
+    "ema_decay": "(null: no average of the weights; to change it, start a new run from this one's checkpoint with --init-from)",
     "precision": PRECISION_RESUME_HINT,
 }
 
@@ -93,7 +101,7 @@ class TrainConfig(LoopOptions):
     ``ssim_weight`` (recorded only when non-zero, so that runs from before it
     joined the identity, which trained without the SSIM term or recorded its
     weight in their settings, still resume: :func:`_recorded_identity`),
-    ``log_loss`` (recorded only when on, for the same reason).
+    ``log_loss`` and ``ema_decay`` (recorded only when on, for the same reason).
     Settings (may change between chunks): the rest.
 
     Attributes:
@@ -114,6 +122,9 @@ class TrainConfig(LoopOptions):
             :class:`~idm.training.losses.ReconstructionLoss`): easy and hard
             images (and operators, e.g. CS ratios) weigh alike, as in mean
             PSNR. The logged loss is then that mean log (negative).
+        ema_decay: keep an exponential moving average of the weights
+            (:class:`~idm.training.ema.EMA`, e.g. 0.99 or 0.999) and checkpoint
+            it as the model; ``0`` (default): the last weights, as the paper.
     """
 
     iters: int = 50_000
@@ -123,9 +134,11 @@ class TrainConfig(LoopOptions):
     val_every: int = 0
     ssim_weight: float = 0.0
     log_loss: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         try:
             check_ssim_weight(self.ssim_weight)
         except ValueError as error:
@@ -158,10 +171,11 @@ class TrainConfig(LoopOptions):
             "randomize_operator": self.randomize_operator,
             **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
             **({"log_loss": True} if self.log_loss else {}),
+            **({"ema_decay": self.ema_decay} if self.ema_decay else {}),
         }
 
     def settings(self) -> dict[str, Any]:
-        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss"}  # both show there when off too
+        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss", "ema_decay"}  # these show there when off too
         return {k: v for k, v in asdict(self).items() if k not in keys}
 
 
@@ -325,9 +339,36 @@ def _load_validation(val_dataset: Dataset, hw: tuple[int, int], limit: int) -> T
 
 
 
-def _write_checkpoint(folder: Path, model: IDM, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, env: DistEnv) -> None:
-    model.save_pretrained(folder)
-    write_trainer_state(folder, optimizer, iteration, seconds, env.world_size)
+#: The weights the optimizer moves, in the checkpoints of a run with an EMA (whose ``model.safetensors`` is the average).
+TRAINING_WEIGHTS_NAME = "training_weights.safetensors"
+
+
+def _write_checkpoint(
+    folder: Path, model: IDM, optimizer: torch.optim.Optimizer, iteration: int, seconds: float, env: DistEnv, ema: EMA | None
+) -> None:
+    if ema is None:
+        model.save_pretrained(folder)
+        write_trainer_state(folder, optimizer, iteration, seconds, env.world_size)
+        return
+    save_tensors(model.state_dict(), folder / TRAINING_WEIGHTS_NAME)
+    with ema.swapped_into(model):
+        model.save_pretrained(folder)
+    write_trainer_state(folder, optimizer, iteration, seconds, env.world_size, ema_updates=ema.updates)
+
+
+def _read_training_weights(folder: Path, model: IDM, state: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
+    """For a checkpoint of a run with an EMA, whose ``model`` was read with the averaged weights: put the weights
+    the optimizer moves into ``model`` and return ``(the averages, the number of EMA updates)``."""
+    with resuming_from(folder):
+        if not (folder / TRAINING_WEIGHTS_NAME).is_file() or not isinstance(state.get("ema_updates"), int):
+            raise CheckpointError(f"{folder} has no {TRAINING_WEIGHTS_NAME} or no EMA update count, but the run keeps an EMA")
+        own = load_tensors(folder / TRAINING_WEIGHTS_NAME)
+        averages = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        try:
+            model.load_state_dict(own)
+        except RuntimeError as err:
+            raise CheckpointError(f"{folder / TRAINING_WEIGHTS_NAME} does not fit the model: {str(err).splitlines()[0]}") from None
+    return averages, state["ema_updates"]
 
 
 def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
@@ -429,8 +470,11 @@ def train(
             warn_if_arithmetic_changed(folder.read_config(ckpt / RUN_NAME), precision)
         torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
         start, seconds_before = 0, 0.0
+        averages, ema_updates = None, 0
         if ckpt is not None:
             model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
+            if config.ema_decay:
+                averages, ema_updates = _read_training_weights(ckpt, model, state)
             _check_resumed_prior(model_config.unet, model, ckpt)
             model.config = model.config.replace(keep_attention=model_config.keep_attention)  # this chunk's choice
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
@@ -438,6 +482,10 @@ def train(
             model = _fresh_model(model_config, init_model)
         model.to(device).train()
         model.check_deterministic()  # before the run folder is written
+        ema = EMA(model, config.ema_decay) if config.ema_decay else None
+        if ema is not None and averages is not None:
+            ema.shadow = {k: v.to(device) for k, v in averages.items()}
+            ema.updates = ema_updates
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:
             with resuming_from(ckpt):
@@ -485,6 +533,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             return loss.detach()
 
         transform = metric_transform or (lambda t: t)
@@ -495,7 +545,7 @@ def train(
             scores = []
             # the same start noise at every validation (init="noise"): scores comparable across iterations and resumes
             gen = seeds.generator(config.seed, seeds.VALIDATION, device=device) if noise_init else None
-            with torch.no_grad():
+            with torch.no_grad(), (ema.swapped_into(model) if ema is not None else contextlib.nullcontext()):
                 for chunk in torch.split(val_images, max(1, config.batch_size // env.world_size)):
                     x = chunk.to(device)
                     y = operator.A(x)  # float32, outside autocast (as in training)
@@ -509,7 +559,7 @@ def train(
         def save(iteration: int, seconds: float) -> None:
             folder.save_checkpoint(
                 iteration,
-                lambda tmp: _write_checkpoint(tmp, model, optimizer, iteration, seconds, env),
+                lambda tmp: _write_checkpoint(tmp, model, optimizer, iteration, seconds, env, ema),
                 {**run_config, "iteration": iteration},
                 config.keep,
             )

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import operators
 from idm import IDM, IDMConfig
 from idm.cli import main
-from idm.pretrain import EMA, PriorArchitecture
+from idm.pretrain import PriorArchitecture
+from idm.training.ema import EMA
 from tests.test_train import read_log, snapshot, write_images
 
 BASE = [

@@ -868,3 +868,68 @@ def test_runs_recorded_with_amp_resume_as_their_precision(tmp_path, data, capsys
     assert main([*argv, "--iters", "2", "--resume"]) == 0
     assert main([*argv, "--iters", "3", "--resume", "--precision", "fp32"]) == 2
     assert "training.precision: \"auto\" in the run, \"fp32\" now" in capsys.readouterr().err
+
+
+# ---- --ema-decay -------------------------------------------------------------------------------
+def _ema_run_args(base_run: Path, data: Path, iters: int) -> list[str]:
+    """A short run from ``base_run``'s last checkpoint (known starting weights), a checkpoint every iteration."""
+    start = base_run / "checkpoints" / "iter_0000002"
+    return [*INIT_FROM_BASE, "--data", str(data), "--init-from", str(start), "--iters", str(iters),
+            "--checkpoint-every", "1", "--keep", "10", "--lr-milestones", "100"]  # fmt: skip
+
+
+def test_an_ema_run_trains_the_same_weights_and_checkpoints_their_average(base_run, tmp_path, data, capsys):
+    """--ema-decay changes what a checkpoint offers as the model, not the training: its training weights equal
+    those of the same run without it, bit for bit, and its model is their warm-up average (float64 reference)."""
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    assert main([*_ema_run_args(base_run, data, 3), "--out", str(plain)]) == 0
+    assert main([*_ema_run_args(base_run, data, 3), "--ema-decay", "0.5", "--out", str(averaged)]) == 0
+    start = load_file(str(base_run / "checkpoints" / "iter_0000002" / "model.safetensors"))
+    reference = {k: v.double() for k, v in start.items() if v.is_floating_point()}
+    for n in range(3):
+        own = weights(averaged, n + 1, "training_weights.safetensors")
+        assert own.keys() == start.keys() and all(torch.equal(own[k], v) for k, v in weights(plain, n + 1).items())
+        d = min(0.5, (1 + n) / (10 + n))  # the warm-up: 0.1, 2/11, 0.25
+        reference = {k: d * v + (1 - d) * own[k].double() for k, v in reference.items()}
+        model = weights(averaged, n + 1)
+        assert max(relative_error(model[k].double(), reference[k], floor=1e-6) for k in reference) < 1e-6
+    assert max(relative_error(model[k].double(), own[k].double(), floor=1e-6) for k in reference) > 1e-4  # not the last weights
+    loaded = load_trained(averaged).model.state_dict()  # what idm reconstruct / benchmark / export read
+    assert all(torch.equal(loaded[k], model[k]) for k in model)
+    state = json.loads((averaged / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
+    assert state["ema_updates"] == 3
+    assert json.loads((averaged / "config.json").read_text())["identity"]["training"]["ema_decay"] == 0.5
+    assert "ema_decay" not in json.loads((plain / "config.json").read_text())["identity"]["training"]
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(averaged)]) == 0 and main(["info", "--checkpoint", str(plain)]) == 0
+    described = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trained: ")]
+    assert described[0].endswith("their moving average (EMA decay 0.5)") and "average" not in described[1]
+
+
+def test_an_ema_run_resumes_exactly_and_its_setting_cannot_change(base_run, tmp_path, data, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*_ema_run_args(base_run, data, 4), "--ema-decay", "0.9", "--out", str(straight)]) == 0
+    assert main([*_ema_run_args(base_run, data, 2), "--ema-decay", "0.9", "--out", str(split)]) == 0
+    assert main([*_ema_run_args(base_run, data, 4), "--ema-decay", "0.9", "--out", str(split), "--resume"]) == 0
+    for name in ("model.safetensors", "training_weights.safetensors", "optimizer.safetensors"):
+        a, b = weights(straight, 4, name), weights(split, 4, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    before = snapshot(split)
+    err = _fails([*_ema_run_args(base_run, data, 6), "--ema-decay", "0.99", "--out", str(split), "--resume"], capsys,
+                 "different configuration")  # fmt: skip
+    assert "training.ema_decay: 0.9 in the run, 0.99 now" in err and "--init-from" in err
+    err = _fails([*_ema_run_args(base_run, data, 6), "--out", str(split), "--resume"], capsys, "different configuration")
+    assert "training.ema_decay: 0.9 in the run, null now" in err
+    (split / "checkpoints" / "iter_0000004" / "training_weights.safetensors").unlink()
+    err = _fails([*_ema_run_args(base_run, data, 6), "--ema-decay", "0.9", "--out", str(split), "--resume"], capsys,
+                 "cannot resume from")  # fmt: skip
+    assert "iter_0000004" in err and "training_weights.safetensors" in err and "damaged" in err
+    del before["checkpoints/iter_0000004/training_weights.safetensors"]
+    assert snapshot(split) == before  # nothing written by the refused runs
+
+
+def test_ema_decay_out_of_range_is_a_usage_error(tmp_path, data, capsys):
+    _fails([*BASE, "--data", str(data), "--iters", "1", "--ema-decay", "1", "--out", str(tmp_path / "run")], capsys,
+           "ema_decay must be in")  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -137,8 +137,10 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
     if training["iteration"] is not None:
         seconds = f", {training['seconds']:.0f} s" if training["seconds"] is not None else ""
         arithmetic = f" in {training['arithmetic']}" if training["arithmetic"] else ""
+        ema_decay = (training["recipe"] or {}).get("ema_decay")
+        averaged = f"; the weights are their moving average (EMA decay {ema_decay})" if ema_decay else ""
         print(f"trained: {training['iteration']} iterations{seconds} on {training['hardware'] or 'unrecorded hardware'}"
-              + arithmetic + (f", prior {training['prior']}" if training["prior"] else ""))  # fmt: skip
+              + arithmetic + (f", prior {training['prior']}" if training["prior"] else "") + averaged)  # fmt: skip
     if training["command"]:
         print(f"command: {training['command']}")
     if out:

@@ -80,6 +80,10 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--ssim-weight", type=float, default=0.0, metavar="W", help="add W * (1 - SSIM) to the L1 loss, SSIM as the benchmarks measure it (on the MRI magnitude; default 0 = the paper's L1 alone)")
     opt.add_argument("--log-loss", action="store_true", help="minimise the mean over images of the log of each image's loss (as mean PSNR weighs them): "
                      "easy images and operators (a CS model's high ratios) count as much as hard ones; the logged loss is then negative")
+    opt.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                     help="keep an exponential moving average of the weights (e.g. 0.99) and checkpoint it as the model "
+                     "(reconstruct, benchmark, export and validation use it; --resume continues the raw weights); "
+                     "default 0 = the last weights, as the paper")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
     add_training_precision_arg(opt)
@@ -148,6 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
         scalar_lr_mult=args.scalar_lr_mult,
         ssim_weight=args.ssim_weight,
         log_loss=args.log_loss,
+        ema_decay=args.ema_decay,
         seed=args.seed,
         precision=args.precision,
         augment=not args.no_augment,
