@@ -4,9 +4,10 @@ A short run at a constant learning rate leaves its weights wherever the
 last few batches pushed them: the checkpoints of one CPU run of
 ``cs-ratio-1-50`` (batch 4, lr 2e-5) scored between 22.7 and 24.0 dB at
 10 % on the same ten images (``idm/weights/README.md``). An average of the
-recent weights does not depend on the last few batches alone (whether it
-scores higher there is yet to be measured); it costs one float32 copy of
-the weights and one multiply-add per weight per step.
+recent weights does not depend on the last few batches alone; it costs
+one float32 copy of the weights and one multiply-add per weight per step.
+Measured once on such a run (183 iterations, decay 0.98), the average
+trailed the last weights by 0.22 dB: a run still climbing outruns it.
 """
 
 from __future__ import annotations
