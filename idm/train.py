@@ -356,19 +356,18 @@ def _write_checkpoint(
     write_trainer_state(folder, optimizer, iteration, seconds, env.world_size, ema_updates=ema.updates)
 
 
-def _read_training_weights(folder: Path, model: IDM, state: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
-    """For a checkpoint of a run with an EMA, whose ``model`` was read with the averaged weights: put the weights
-    the optimizer moves into ``model`` and return ``(the averages, the number of EMA updates)``."""
+def _resume_ema(folder: Path, model: IDM, state: dict[str, Any], ema: EMA) -> None:
+    """For a checkpoint of a run with an EMA: ``ema`` was built from ``model`` while it held the checkpoint's
+    averaged weights; put the weights the optimizer moves into ``model`` and the update count into ``ema``."""
     with resuming_from(folder):
         if not (folder / TRAINING_WEIGHTS_NAME).is_file() or not isinstance(state.get("ema_updates"), int):
             raise CheckpointError(f"{folder} has no {TRAINING_WEIGHTS_NAME} or no EMA update count, but the run keeps an EMA")
         own = load_tensors(folder / TRAINING_WEIGHTS_NAME)
-        averages = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         try:
             model.load_state_dict(own)
         except RuntimeError as err:
             raise CheckpointError(f"{folder / TRAINING_WEIGHTS_NAME} does not fit the model: {str(err).splitlines()[0]}") from None
-    return averages, state["ema_updates"]
+    ema.updates = state["ema_updates"]
 
 
 def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
@@ -470,11 +469,8 @@ def train(
             warn_if_arithmetic_changed(folder.read_config(ckpt / RUN_NAME), precision)
         torch.manual_seed(config.seed)  # the initialisation of fresh weights (tiny / sd15 / injectors)
         start, seconds_before = 0, 0.0
-        averages, ema_updates = None, 0
         if ckpt is not None:
             model, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
-            if config.ema_decay:
-                averages, ema_updates = _read_training_weights(ckpt, model, state)
             _check_resumed_prior(model_config.unet, model, ckpt)
             model.config = model.config.replace(keep_attention=model_config.keep_attention)  # this chunk's choice
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
@@ -482,10 +478,9 @@ def train(
             model = _fresh_model(model_config, init_model)
         model.to(device).train()
         model.check_deterministic()  # before the run folder is written
-        ema = EMA(model, config.ema_decay) if config.ema_decay else None
-        if ema is not None and averages is not None:
-            ema.shadow = {k: v.to(device) for k, v in averages.items()}
-            ema.updates = ema_updates
+        ema = EMA(model, config.ema_decay) if config.ema_decay else None  # resumed: from the checkpoint's averages
+        if ema is not None and ckpt is not None:
+            _resume_ema(ckpt, model, state, ema)
         optimizer = make_optimizer(model, config.lr, config.scalar_lr_mult)
         if ckpt is not None:
             with resuming_from(ckpt):
