@@ -109,6 +109,16 @@ def read_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def recorded_setting(record: dict, key: str):
+    """``record[key]`` as :func:`check_same_problem` compares it: runs recorded before the wrap-around of
+    per-image operator seeds was written out say ``"S + image index"`` for what newer runs record as
+    ``"S + image index (mod 2**32)"``, the same seeds."""
+    value = record.get(key)
+    if key == "operator_seeds" and isinstance(value, str):
+        return value.removesuffix(" (mod 2**32)")
+    return value
+
+
 def check_same_problem(base: Path, other: Path) -> None:
     """A ``ValueError`` naming the settings (:data:`SAME_SETTINGS`) in which the two runs' ``benchmark.json``
     differ, and the images of one name that are not the same image measured the same way (:data:`SAME_INPUT`).
@@ -117,7 +127,7 @@ def check_same_problem(base: Path, other: Path) -> None:
     records = [read_record(base), read_record(other)]
     if None in records:
         return
-    differing = [key for key in SAME_SETTINGS if records[0].get(key) != records[1].get(key)]
+    differing = [key for key in SAME_SETTINGS if recorded_setting(records[0], key) != recorded_setting(records[1], key)]
     inputs = [{item.get("name"): item for item in record.get("inputs") or []} for record in records]
     if not all(inputs) and records[0].get("resized_to") != records[1].get("resized_to"):
         differing.append("resized_to")

@@ -275,6 +275,15 @@ def test_compare_refuses_images_of_one_name_that_differ(bench_files, tmp_path):
         compare.compare_runs(tmp_path / "run-x", tmp_path / "run-swapped")
     (row,) = compare.compare_runs(tmp_path / "run-x", tmp_path / "run-x32")
     assert row["images"] == 2 and row["largest_psnr_difference"] == 0.0
+    legacy = tmp_path / "run-x-legacy"  # recorded before "(mod 2**32)" was written out: the same seeds
+    shutil.copytree(tmp_path / "run-x", legacy)
+    assert record["operator_seeds"] == "0 + image index (mod 2**32)"
+    (legacy / "benchmark.json").write_text(json.dumps({**record, "operator_seeds": "0 + image index"}))
+    (row,) = compare.compare_runs(tmp_path / "run-x", legacy)
+    assert row["images"] == 2 and row["largest_psnr_difference"] == 0.0
+    (legacy / "benchmark.json").write_text(json.dumps({**record, "operator_seeds": "1 + image index"}))
+    with pytest.raises(ValueError, match=r"operator_seeds: '0 \+ image index \(mod 2\*\*32\)' against '1 \+ image index'"):
+        compare.compare_runs(tmp_path / "run-x", legacy)
 
 
 def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch, capsys):
