@@ -14,7 +14,8 @@ the foreground the rest. For every method and image it gives the SSIM over
 the whole image and the mean of the map over each region, and the mean
 absolute error in each region. The reconstructions are read from 8-bit
 PNGs, so the whole-image SSIM can differ from ``results.csv`` in the third
-decimal. Writes ``FOLDER/ssim_regions.csv`` and ``.md`` (default: ``RUN``)
+decimal; colour images are compared as the mean of their channels (grey),
+so theirs is not the benchmark's per-channel SSIM. Writes ``FOLDER/ssim_regions.csv`` and ``.md`` (default: ``RUN``)
 and prints the table of means over the images.
 
 Typical use: a method ahead in PSNR but behind in SSIM on MR images, whose
