@@ -38,7 +38,6 @@ import tasks
 from benchmarks.compare import read_record
 from benchmarks.harness import load_images
 from benchmarks.report import run_script, script_command, write_csv_and_markdown
-from idm.checkpoint import file_sha256
 
 #: The columns of ``ssim_regions.csv``; SSIM values in [-1, 1], errors in [0, 1], fractions in [0, 1].
 FIELDS = ("method", "image", "ssim", "background_ssim", "foreground_ssim", "background_fraction",
@@ -56,19 +55,21 @@ def ground_truths(run: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if record is None or not isinstance(record.get("task"), dict) or not record.get("inputs"):
         raise ValueError(f"{run} has no benchmark.json naming its task and images: give an idm benchmark --out folder")
     task = tasks.get(record["task"]["name"])
+    read: dict[str, list] = {}  # each file once: a volume's slices share it
     truths = {}
     for entry in record["inputs"]:
         source = entry.get("file")
         if source is None:
             raise ValueError(f"{run}: image {entry.get('name')!r} was not read from a file; its ground truth cannot be read again")
-        if not Path(source).is_file():
-            raise ValueError(f"{run}: image {entry['name']!r} came from {source}, which is not there (run from the folder the benchmark ran in)")
-        if entry.get("sha256") and file_sha256(Path(source)) != entry["sha256"]:
-            raise ValueError(f"{run}: {source} changed since the benchmark read it (SHA-256 differs)")
-        slices = load_images(task, [source], size=record.get("resized_to"))
-        image = next((s for s in slices if s.slice == entry.get("slice", 0)), None)
+        if source not in read:
+            if not Path(source).is_file():
+                raise ValueError(f"{run}: image {entry['name']!r} came from {source}, which is not there (run from the folder the benchmark ran in)")
+            read[source] = load_images(task, [source], size=record.get("resized_to"))  # hashes the file too
+        image = next((s for s in read[source] if s.slice == entry.get("slice", 0)), None)
         if image is None:
             raise ValueError(f"{run}: {source} has no slice {entry.get('slice')}")
+        if entry.get("sha256") and image.sha256 != entry["sha256"]:
+            raise ValueError(f"{run}: {source} changed since the benchmark read it (SHA-256 differs)")
         scored = task.metric_image(image.x[None])[0].double().clamp(0, 1)
         truths[entry["name"]] = scored.mean(dim=0).numpy()
     return record, truths
