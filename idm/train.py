@@ -87,6 +87,7 @@ RESUME_HINTS = {
     "ssim_weight": "(null: the L1 loss alone; to change the loss, start a new run from this one's checkpoint with --init-from)",
     "log_loss": "(null: the plain mean loss; to change the loss, start a new run from this one's checkpoint with --init-from)",
     "ema_decay": "(null: no average of the weights; to change it, start a new run from this one's checkpoint with --init-from)",
+    "random_phase": "(null: images as read; to change it, start a new run from this one's checkpoint with --init-from)",
     "precision": PRECISION_RESUME_HINT,
 }
 
@@ -101,7 +102,7 @@ class TrainConfig(LoopOptions):
     ``ssim_weight`` (recorded only when non-zero, so that runs from before it
     joined the identity, which trained without the SSIM term or recorded its
     weight in their settings, still resume: :func:`_recorded_identity`),
-    ``log_loss`` and ``ema_decay`` (recorded only when on, for the same reason).
+    ``log_loss``, ``ema_decay`` and ``random_phase`` (recorded only when on, for the same reason).
     Settings (may change between chunks): the rest.
 
     Attributes:
@@ -125,6 +126,10 @@ class TrainConfig(LoopOptions):
         ema_decay: keep an exponential moving average of the weights
             (:class:`~idm.training.ema.EMA`, e.g. 0.99 or 0.999) and checkpoint
             it as the model; ``0`` (default): the last weights, as the paper.
+        random_phase: multiply every complex (2-channel) training image by a
+            random smooth phase (:mod:`idm.training.phase`), so that a model
+            trained on magnitude images also serves real k-space, whose images
+            have phase.
     """
 
     iters: int = 50_000
@@ -135,6 +140,7 @@ class TrainConfig(LoopOptions):
     ssim_weight: float = 0.0
     log_loss: bool = False
     ema_decay: float = 0.0
+    random_phase: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,10 +178,11 @@ class TrainConfig(LoopOptions):
             **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
             **({"log_loss": True} if self.log_loss else {}),
             **({"ema_decay": self.ema_decay} if self.ema_decay else {}),
+            **({"random_phase": True} if self.random_phase else {}),
         }
 
     def settings(self) -> dict[str, Any]:
-        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss", "ema_decay"}  # these show there when off too
+        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss", "ema_decay", "random_phase"}  # shown when off too
         return {k: v for k, v in asdict(self).items() if k not in keys}
 
 
@@ -445,6 +452,9 @@ def train(
         )
     check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
     channels = model_config.image_channels
+    if config.random_phase and channels != 2:
+        raise ValueError(f"random_phase needs complex images (2 channels: real, imaginary), as the mri task's; "
+                         f"this model reconstructs {channels}-channel images")  # fmt: skip
     shape = _check_images(dataset, operator, channels, "training")
     op_config = operator.config() if callable(getattr(operator, "config", None)) else {"class": type(operator).__name__}
     identity = {
@@ -504,7 +514,8 @@ def train(
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(model, env, device)
 
-        shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment)
+        shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment,
+                                random_phase=config.random_phase)
         loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
         resample = getattr(operator, "resample", None)
         randomize = config.randomize_operator and callable(resample)

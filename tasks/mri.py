@@ -3,9 +3,13 @@
 Data: magnitude images (PNG/TIFF folders, or MATLAB ``.mat`` files holding one
 2-D matrix in [0, 1]) become complex images with a zero imaginary part,
 stored as 2 channels (real, imaginary) -- the usual simulated-k-space
-protocol. A fresh random column mask is drawn every training iteration.
-PSNR is measured on the magnitude image.
+protocol. Fully sampled fastMRI single-coil ``.h5`` files give the complex
+images of their real k-space instead (:class:`tasks.data.FastMRIImageDataset`).
+A fresh random column mask is drawn every training iteration. PSNR is
+measured on the magnitude image.
 """
+
+import os
 
 import torch
 from torch.utils.data import Dataset
@@ -37,10 +41,19 @@ class ComplexFromMagnitude(Dataset):
 
 
 def mri_loader(task, paths, crop, augment, seed):
-    """Magnitude images from image folders and/or ``.mat`` folders -> complex 2-channel items."""
-    from tasks.data import grayscale_dataset
+    """Complex 2-channel items ``(2, H, W)``: magnitude images from image and/or ``.mat`` folders with a zero
+    imaginary part, then the images of fully sampled fastMRI ``.h5`` files (files or folders of them)."""
+    from tasks.data import ConcatSlices, FastMRIImageDataset, grayscale_dataset, holds_kspace_files
 
-    return ComplexFromMagnitude(grayscale_dataset(paths, color="gray", crop=crop, augment=augment, seed=seed))
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    kspace = [p for p in paths if holds_kspace_files(p)]
+    magnitudes = [p for p in paths if p not in kspace]
+    parts = []
+    if magnitudes or not kspace:  # no paths at all: grayscale_dataset's error
+        parts.append(ComplexFromMagnitude(grayscale_dataset(magnitudes, color="gray", crop=crop, augment=augment, seed=seed)))
+    if kspace:
+        parts.append(FastMRIImageDataset(kspace, crop=crop, augment=augment, seed=seed))
+    return parts[0] if len(parts) == 1 else ConcatSlices(parts)
 
 
 TASK = Task(

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from idm.training import seeds
+from idm.training.phase import random_phase_maps, with_phase
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,6 +72,8 @@ class ShardedBatches(Dataset):
         seed: run seed.
         rank, world_size: this process's slice (``B % world_size == 0``).
         augment: apply one random flip/rotation per global batch.
+        random_phase: multiply each complex image ``(2, H, W)`` by a random smooth phase
+            (:mod:`idm.training.phase`), drawn per iteration for the whole global batch.
 
     Items: float32 ``(B / world_size, C, H, W)``.
     """
@@ -83,6 +86,7 @@ class ShardedBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         augment: bool = True,
+        random_phase: bool = False,
     ):
         n = len(dataset)
         if n == 0:
@@ -100,7 +104,9 @@ class ShardedBatches(Dataset):
         self.local_batch = global_batch // world_size
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self.augment = augment
+        self.random_phase = random_phase
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:  # iterations are unbounded; the sampler chooses them
@@ -138,6 +144,10 @@ class ShardedBatches(Dataset):
             raise ValueError(f"training items differ in shape {shapes}; use a crop size: {err}") from None
         if self.augment:
             batch = dihedral(batch, flip_rotation(self.seed, int(iteration), batch.shape[-1] == batch.shape[-2]))
+        if self.random_phase:
+            g = seeds.generator(self.seed, seeds.PHASE, int(iteration))
+            maps = random_phase_maps(self.global_batch, batch.shape[-2], batch.shape[-1], g)
+            batch = with_phase(batch, seeds.rows_of_rank(maps, self.rank, self.world_size))
         return batch.contiguous()
 
 

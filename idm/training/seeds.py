@@ -21,6 +21,7 @@ OPERATOR = 3
 NOISE = 4
 TIMESTEPS = 5
 VALIDATION = 6
+PHASE = 7
 
 
 def derive_seed(*keys: int, bits: int = 63) -> int:

@@ -18,9 +18,15 @@ from .ct_slices import (
     read_tiff_volume,
     tiff_units_of,
 )
-from .datasets import ConcatSlices, CTSliceDataset, grayscale_dataset, ImageFolderDataset, MatFolderDataset, holds_mat_files
+from .datasets import (
+    ConcatSlices, CTSliceDataset, FastMRIImageDataset, grayscale_dataset, holds_kspace_files, holds_mat_files, ImageFolderDataset,
+    MatFolderDataset,
+)
 from .errors import DataError
-from .fastmri_h5 import FastMRISlices, check_single_coil, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes
+from .fastmri_h5 import (
+    FastMRISlices, check_fully_sampled, check_single_coil, kspace_to_image, load_fastmri_slices, parse_ismrmrd_sizes,
+    read_kspace_slice,
+)
 from .images import COLOR_MODES, IMAGE_EXTENSIONS, image_size, list_files, list_images, read_image, rgb_to_y
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import (
@@ -45,7 +51,8 @@ __all__ = [
     # matlab
     "MAT_EXTENSIONS", "load_mat", "mat_array_shape",
     # fastMRI
-    "FastMRISlices", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
+    "FastMRISlices", "check_fully_sampled", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
+    "read_kspace_slice",
     # CT
     "HU_MIN", "DEFAULT_HU_WINDOW", "SOFT_TISSUE_WINDOW", "CT_EXTENSIONS", "hu_window", "inverse_hu_window",
     "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "tiff_units_of", "ct_num_slices", "read_ct_slice",
@@ -53,5 +60,6 @@ __all__ = [
     "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop", "check_size", "resize_square",
     "dihedral", "dihedral_inverse", "random_dihedral", "pad_to_multiple", "unpad",
     # datasets
-    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset", "holds_mat_files",
+    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "FastMRIImageDataset", "ConcatSlices", "grayscale_dataset",
+    "holds_mat_files", "holds_kspace_files",
 ]

@@ -1,7 +1,9 @@
-"""``torch.utils.data.Dataset`` classes for image, MATLAB and CT training data.
+"""``torch.utils.data.Dataset`` classes for image, MATLAB, fastMRI k-space and CT data.
 
-Every dataset returns one float32 tensor ``(C, H, W)`` with values in [0, 1]
-per item (``(C, crop_h, crop_w)`` when ``crop`` is set).
+Every dataset returns one float32 tensor ``(C, H, W)`` per item
+(``(C, crop_h, crop_w)`` when ``crop`` is set), with values in [0, 1] but for
+:class:`FastMRIImageDataset`'s complex images (real and imaginary parts in
+[-1, 1], magnitude in [0, 1]).
 
 Determinism: random crops and dihedral augmentations of item ``i`` are drawn
 from a fresh :class:`torch.Generator` seeded from ``(seed, epoch, i)``, so an
@@ -31,6 +33,7 @@ from torch.utils.data import Dataset
 
 from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, check_window, ct_num_slices, read_ct_slice
 from .errors import DataError
+from .fastmri_h5 import check_fully_sampled, kspace_to_image, read_kspace_slice
 from .images import (
     COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, image_size, list_files, read_image, warn_of_multipage_tiffs,
 )
@@ -38,7 +41,8 @@ from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
 
 __all__ = [
-    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "ConcatSlices", "grayscale_dataset", "holds_mat_files",
+    "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "FastMRIImageDataset", "ConcatSlices", "grayscale_dataset",
+    "holds_mat_files", "holds_kspace_files",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -293,6 +297,58 @@ class CTSliceDataset(_SliceDataset):
         return read_ct_slice(path, slice_index, window=self.window, tiff_units=self.tiff_units)
 
 
+class FastMRIImageDataset(_SliceDataset):
+    """Fully sampled fastMRI single-coil k-space as complex images: MRI ground truths from real k-space.
+
+    Each slice's image is fastMRI's (:func:`tasks.data.kspace_to_image`: the
+    centred orthonormal inverse FFT, at the full k-space size, not cropped),
+    divided by the largest magnitude in its volume, so that the volume's
+    brightest pixel has magnitude 1 and slices keep their relative
+    intensities. Measuring such an image with the ``mri`` operator gives the
+    file's k-space at the sampled columns, divided by that same number.
+
+    Args:
+        paths: a fastMRI ``.h5`` file or a folder of them, or a list of them.
+        crop, augment, seed, recursive: as in :class:`ImageFolderDataset`.
+
+    Items: float32 ``(2, H, W)``, the real and imaginary parts (each in
+    [-1, 1], the magnitude in [0, 1]). Raises :class:`DataError` naming the
+    file for files :func:`tasks.data.load_fastmri_slices` refuses (no
+    ``kspace``, multi-coil, not HDF5, ...), for undersampled files (those
+    that store a ``mask``), and for k-space that holds NaN/inf or only
+    zeros. Every slice is read once at construction (for its volume's
+    largest magnitude), and again when it is loaded.
+    """
+
+    def __init__(
+        self,
+        paths: PathsArg,
+        crop: Optional[Union[int, tuple[int, int]]] = None,
+        augment: bool = False,
+        seed: int = 0,
+        recursive: bool = False,
+    ) -> None:
+        files = _collect(paths, KSPACE_SUFFIXES, recursive, "fastMRI .h5")
+        items: list[tuple[Path, int]] = []
+        sizes: list[tuple[int, int]] = []
+        self.scales: dict[Path, float] = {}  # each volume's largest image magnitude
+        for f in files:
+            slices, h, w = check_fully_sampled(f)
+            scale = max(float(kspace_to_image(read_kspace_slice(f, s), crop=None).max()) for s in range(slices))
+            if not np.isfinite(scale):
+                raise DataError(f"{f}: k-space contains NaN or inf")
+            if scale <= 0:
+                raise DataError(f"{f}: the k-space is all zeros")
+            self.scales[f] = scale
+            items.extend((f, s) for s in range(slices))
+            sizes.extend([(h, w)] * slices)
+        super().__init__(items, sizes, crop, augment, seed)
+
+    def _load(self, path: Path, slice_index: int) -> torch.Tensor:
+        image = kspace_to_image(read_kspace_slice(path, slice_index), crop=None, magnitude=False) / self.scales[path]
+        return torch.stack((image.real, image.imag)).to(torch.float32)
+
+
 class ConcatSlices(Dataset):
     """Several slice datasets as one: items of ``parts[0]``, then ``parts[1]``, ...
 
@@ -334,12 +390,22 @@ class ConcatSlices(Dataset):
         return self.parts[k][i]
 
 
-def holds_mat_files(path: PathLike) -> bool:
-    """True for a ``.mat`` file or a folder with at least one ``.mat`` file in it."""
+def _holds(path: PathLike, suffixes: tuple[str, ...]) -> bool:
+    """True for a file named with one of ``suffixes``, or a folder with at least one such file in it."""
     path = Path(path)
     if path.is_file():
-        return path.name.lower().endswith(MAT_EXTENSIONS)
-    return path.is_dir() and any(p.name.lower().endswith(MAT_EXTENSIONS) for p in path.iterdir() if p.is_file())
+        return path.name.lower().endswith(suffixes)
+    return path.is_dir() and any(p.name.lower().endswith(suffixes) for p in path.iterdir() if p.is_file())
+
+
+def holds_mat_files(path: PathLike) -> bool:
+    """True for a ``.mat`` file or a folder with at least one ``.mat`` file in it."""
+    return _holds(path, MAT_EXTENSIONS)
+
+
+def holds_kspace_files(path: PathLike) -> bool:
+    """True for a fastMRI ``.h5`` / ``.hdf5`` file or a folder with at least one such file in it."""
+    return _holds(path, KSPACE_SUFFIXES)
 
 
 def grayscale_dataset(

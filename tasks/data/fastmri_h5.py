@@ -25,7 +25,10 @@ import torch
 
 from .errors import DataError, check_file
 
-__all__ = ["FastMRISlices", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes"]
+__all__ = [
+    "FastMRISlices", "check_fully_sampled", "check_single_coil", "load_fastmri_slices", "kspace_to_image", "parse_ismrmrd_sizes",
+    "read_kspace_slice",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -139,6 +142,38 @@ def check_single_coil(path: PathLike) -> tuple[int, int, int]:
     For checking every file of a folder before the first is reconstructed."""
     with _open_single_coil(check_file(path)) as f:
         return tuple(int(n) for n in f["kspace"].shape)
+
+
+def check_fully_sampled(path: PathLike) -> tuple[int, int, int]:
+    """``(slices, H, W)`` of a fastMRI single-coil file whose k-space is fully sampled, read from its header.
+
+    Besides the refusals of :func:`check_single_coil`, a :class:`DataError` naming the file when it stores a
+    ``mask`` (fastMRI's test and challenge files): their k-space is undersampled, so they hold no fully
+    sampled image to serve as a ground truth (``idm reconstruct`` reconstructs them).
+    """
+    p = check_file(path)
+    with _open_single_coil(p) as f:
+        if "mask" in f:
+            raise DataError(f"{p}: holds a 'mask', so its k-space is undersampled and has no fully sampled image to "
+                            f"score or train against; reconstruct it with `idm reconstruct --task mri --input {p}`")  # fmt: skip
+        return tuple(int(n) for n in f["kspace"].shape)
+
+
+def read_kspace_slice(path: PathLike, index: int) -> torch.Tensor:
+    """Slice ``index`` of a single-coil file's k-space, complex64 ``(H, W)``, read alone (not the whole volume).
+
+    The :class:`DataError` of :func:`check_single_coil` for a file it refuses; one naming the file for a slice
+    that is not there or cannot be read.
+    """
+    p = check_file(path)
+    with _open_single_coil(p) as f:
+        ds = f["kspace"]
+        if not 0 <= index < ds.shape[0]:
+            raise DataError(f"{p}: no k-space slice {index} (the file has {ds.shape[0]})")
+        try:
+            return torch.from_numpy(np.ascontiguousarray(ds[index], dtype=np.complex64))
+        except Exception as exc:
+            raise DataError(f"{p}: cannot read k-space slice {index} ({type(exc).__name__}: {exc})") from exc
 
 
 def load_fastmri_slices(path: PathLike) -> FastMRISlices:

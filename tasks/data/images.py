@@ -79,7 +79,8 @@ DATA_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpe
 OTHER_KINDS = {".npy": "CT slices (.npy)", ".dcm": "DICOM slices", ".mat": "MATLAB matrices", ".h5": "fastMRI k-space",
                ".hdf5": "fastMRI k-space"}  # fmt: skip
 KSPACE_HINT = ("; fastMRI .h5 files hold measured k-space, not images: `idm reconstruct --input FILE.h5` "
-               "reconstructs them and scores them against their reconstruction_esc")
+               "reconstructs them and scores them against their reconstruction_esc, and the mri task's "
+               "`idm benchmark` and `idm train` read fully sampled ones as complex images")
 
 
 def list_files(

@@ -1,0 +1,181 @@
+"""Fully sampled fastMRI k-space as MRI ground truths (``FastMRIImageDataset``, the mri task's loader,
+``idm benchmark`` on ``.h5`` files) and the random phase of ``idm train --random-phase``."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tasks
+from idm.cli import main
+from idm.metrics import psnr
+from idm.training import seeds
+from idm.training.batches import ShardedBatches
+from idm.training.phase import random_phase_maps, with_phase
+from tasks.data import ConcatSlices, DataError, FastMRIImageDataset, kspace_to_image
+
+_AXES = (-2, -1)
+
+
+def _centred_fft(images: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=_AXES), norm="ortho"), axes=_AXES)
+
+
+def _volume(slices: int = 2, size: int = 32) -> np.ndarray:
+    """``(slices, size, size)`` complex images in scanner units (~1e-4), with a smooth phase."""
+    yy, xx = np.mgrid[:size, :size]
+    mag = 0.2 + 0.8 * np.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size * 2.0))
+    return np.stack([(0.5 + 0.5 * s) * mag * np.exp(1j * (0.4 * xx / size + s)) for s in range(slices)]) * 1e-4
+
+
+def _write(path, images, mask=None):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=_centred_fft(images).astype(np.complex64))
+        if mask is not None:
+            f.create_dataset("mask", data=mask)
+    return path
+
+
+@pytest.fixture()
+def volume_file(tmp_path):
+    images = _volume()
+    return _write(tmp_path / "vol.h5", images), images
+
+
+def test_items_are_the_complex_images_scaled_by_the_volumes_largest_magnitude(volume_file):
+    path, images = volume_file
+    ds = FastMRIImageDataset(path)
+    assert len(ds) == 2 and [ds.item_name(i) for i in range(2)] == ["vol_s0", "vol_s1"]
+    assert ds.item_source(1) == (path, 1)
+    expected = images / np.abs(images).max()  # one number for the whole volume: the slices keep their ratio
+    for s in range(2):
+        item = ds[s]
+        assert item.shape == (2, 32, 32) and item.dtype == torch.float32
+        np.testing.assert_allclose(item[0].numpy() + 1j * item[1].numpy(), expected[s], atol=1e-5)
+    assert float(ds[1].norm(dim=0).max()) == pytest.approx(1.0, abs=1e-5)
+    assert float(ds[0].norm(dim=0).max()) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_measuring_an_item_gives_the_files_kspace_at_the_sampled_columns(volume_file):
+    path, _ = volume_file
+    ds = FastMRIImageDataset(path)
+    op = tasks.get("mri").make_operator((32, 32), seed=1)
+    y = op.A(ds[0][None])[0]
+    with h5py.File(path) as f:
+        kspace = torch.from_numpy(f["kspace"][0]) / ds.scales[path]
+    sampled = op.mask.expand(32, 32).bool() if op.mask.dim() == 1 else op.mask.reshape(32, 32).bool()
+    torch.testing.assert_close(torch.complex(y[0], y[1])[sampled], kspace[sampled], atol=1e-6, rtol=1e-5)
+    assert float(torch.complex(y[0], y[1])[~sampled].abs().max()) == 0
+
+
+def test_crops_and_flips_keep_the_complex_pairs(volume_file):
+    path, _ = volume_file
+    ds = FastMRIImageDataset(path, crop=16, augment=True, seed=3)
+    item = ds[0]
+    assert item.shape == (2, 16, 16)
+    assert float(item.norm(dim=0).max()) <= 1.0 + 1e-6
+    assert torch.equal(item, ds[0])  # seeded by (seed, epoch, index)
+
+
+def test_undersampled_and_bad_files_are_refused_by_name(tmp_path):
+    images = _volume(1)
+    masked = _write(tmp_path / "masked.h5", images, mask=np.arange(32) % 2 == 0)
+    with pytest.raises(DataError, match=r"masked.h5: holds a 'mask'.*undersampled.*idm reconstruct"):
+        FastMRIImageDataset(masked)
+    zeros = _write(tmp_path / "zeros.h5", np.zeros_like(images))
+    with pytest.raises(DataError, match="zeros.h5: the k-space is all zeros"):
+        FastMRIImageDataset(zeros)
+    bad = images.copy()
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(DataError, match="nan.h5: k-space contains NaN"):
+        FastMRIImageDataset(_write(tmp_path / "nan.h5", bad))
+    with h5py.File(tmp_path / "multicoil.h5", "w") as f:
+        f.create_dataset("kspace", data=np.zeros((1, 2, 8, 8), np.complex64))
+    with pytest.raises(DataError, match=r"multicoil.h5.*multi-coil data is not supported yet"):
+        FastMRIImageDataset(tmp_path / "multicoil.h5")
+    with pytest.raises(DataError, match=r"small.png: not a fastMRI .h5 file"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small.png")
+        FastMRIImageDataset(tmp_path / "small.png")
+
+
+def test_the_mri_task_reads_kspace_files_beside_magnitude_images(tmp_path, volume_file):
+    path, _ = volume_file
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    task = tasks.get("mri")
+    only_kspace = task.dataset([path])
+    assert isinstance(only_kspace, FastMRIImageDataset)
+    both = task.dataset([str(pictures), str(tmp_path)])  # a folder of .h5 files counts as k-space
+    assert isinstance(both, ConcatSlices) and len(both) == 3
+    assert float(both[0][1].abs().max()) == 0  # the magnitude image: zero imaginary part
+    assert float(both[1][1].abs().max()) > 0.1  # the k-space image: its phase
+    with pytest.raises(DataError, match="vol.h5: not an image file.*the mri task's `idm benchmark` and `idm train` read"):
+        tasks.get("cs").dataset([path])
+
+
+def test_benchmark_scores_methods_against_the_fully_sampled_image(tmp_path, volume_file):
+    path, images = volume_file
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--task", "mri", "--data", str(path), "--methods", "pinv", "--device", "cpu",
+                 "--no-progress", "--no-images", "--out", str(out)]) == 0  # fmt: skip
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["image"]) for r in rows] == [("pinv", "vol_s0"), ("pinv", "vol_s1")]
+    truth = torch.from_numpy(np.abs(images) / np.abs(images).max())
+    for s, row in enumerate(rows):  # zero-filled with the mask of seed s (the run's seed plus the image index)
+        op = tasks.get("mri").make_operator((32, 32), seed=s)
+        gt = torch.from_numpy(images[s] / np.abs(images).max()).to(torch.complex64)
+        x = torch.stack((gt.real, gt.imag))[None]
+        zero_filled = op.A_dagger(op.A(x))[0].norm(dim=0).clamp(0, 1)
+        assert float(row["psnr"]) == pytest.approx(psnr(zero_filled.numpy(), truth[s].numpy(), 1.0), abs=1e-3)
+
+
+# ---- random phase ---------------------------------------------------------------------------
+def test_random_phase_keeps_magnitudes_and_is_smooth_and_seeded():
+    maps = random_phase_maps(3, 32, 40, torch.Generator().manual_seed(0))
+    assert maps.shape == (3, 32, 40)
+    assert torch.equal(maps, random_phase_maps(3, 32, 40, torch.Generator().manual_seed(0)))
+    assert not torch.equal(maps, random_phase_maps(3, 32, 40, torch.Generator().manual_seed(1)))
+    assert float(maps.diff(dim=-1).abs().max()) < 0.5 and float(maps.diff(dim=-2).abs().max()) < 0.5  # no jumps
+    images = torch.rand(3, 2, 32, 40, dtype=torch.float64)
+    rotated = with_phase(images, maps)
+    torch.testing.assert_close(rotated.norm(dim=1), images.norm(dim=1), atol=1e-12, rtol=0)
+    z = torch.complex(images[:, 0], images[:, 1]) * torch.polar(torch.ones_like(maps, dtype=torch.float64), maps.double())
+    torch.testing.assert_close(rotated, torch.stack((z.real, z.imag), dim=1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"complex images \(B, 2, H, W\)"):
+        with_phase(torch.rand(3, 1, 32, 40), maps)
+
+
+def test_random_phase_batches_are_the_same_for_every_rank_split():
+    items = [torch.stack((torch.full((8, 8), float(i + 1)), torch.zeros(8, 8))) for i in range(4)]
+    whole = ShardedBatches(items, 4, seed=2, augment=False, random_phase=True)
+    halves = [ShardedBatches(items, 4, seed=2, rank=r, world_size=2, augment=False, random_phase=True) for r in (0, 1)]
+    plain = ShardedBatches(items, 4, seed=2, augment=False)
+    for it in range(3):
+        batch = whole[it]
+        torch.testing.assert_close(torch.cat([h[it] for h in halves]), batch)
+        torch.testing.assert_close(batch.norm(dim=1), plain[it].norm(dim=1))
+        assert float(batch[:, 1].abs().max()) > 0.1  # the imaginary parts are no longer zero
+    expected = random_phase_maps(4, 8, 8, seeds.generator(2, seeds.PHASE, 1))
+    torch.testing.assert_close(whole[1], with_phase(plain[1], expected))
+
+
+def test_train_with_random_phase_records_it_and_refuses_real_images(tmp_path, volume_file, capsys):
+    path, _ = volume_file
+    base = ["train", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2", "--device", "cpu",
+            "--num-workers", "0", "--no-progress", "--iters", "1"]  # fmt: skip
+    assert main([*base, "--task", "mri", "--data", str(path), "--random-phase", "--out", str(tmp_path / "run")]) == 0
+    assert '"random_phase": true' in (tmp_path / "run" / "checkpoints" / "iter_0000001" / "run.json").read_text()
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    assert main([*base, "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(pictures), "--random-phase",
+                 "--out", str(tmp_path / "cs")]) == 2  # fmt: skip
+    assert "random_phase needs complex images (2 channels" in capsys.readouterr().err
+    assert not (tmp_path / "cs").exists()
