@@ -564,10 +564,15 @@ def test_fastmri_files_are_checked_when_opened(files, tmp_path, capsys):
     assert main(["reconstruct", "--input", str(files / "mri" / "full.h5"), "--acceleration", "0.5", "--device", "cpu",
                  "--out", str(tmp_path / "acc")]) == 2  # fmt: skip
     assert "acceleration must be a finite number >= 1, got 0.5" in _error(capsys)
-    # idm benchmark scores image files: a k-space file gets a pointer to idm reconstruct
-    assert main(["benchmark", "--task", "mri", "--data", str(files / "mri" / "full.h5"), "--methods", "pinv",
+    # idm benchmark scores against the fully sampled image: an undersampled file gets a pointer to idm reconstruct,
+    # a k-space file given to another task the same
+    assert main(["benchmark", "--task", "mri", "--data", str(files / "masked.h5"), "--methods", "pinv",
+                 "--device", "cpu", "--out", str(tmp_path / "bm")]) == 2  # fmt: skip
+    assert "masked.h5: holds a 'mask'" in (error := _error(capsys)) and "`idm reconstruct --task mri --input" in error
+    assert main(["benchmark", "--task", "cs", "--data", str(files / "mri" / "full.h5"), "--methods", "pinv",
                  "--device", "cpu", "--out", str(tmp_path / "bm")]) == 2  # fmt: skip
     assert "full.h5: not an image file" in (error := _error(capsys)) and "`idm reconstruct --input FILE.h5`" in error
+    assert not (tmp_path / "bm").exists()
 
 
 # ---- CT ------------------------------------------------------------------------------------

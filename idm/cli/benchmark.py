@@ -58,7 +58,7 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--task", help="cs, inpainting, mri, ct, or a task of your own (default: the --checkpoint's task)")
-    parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format")
+    parser.add_argument("--data", required=True, nargs="+", help="test images (folders or files) in the task's format (mri: also fully sampled fastMRI .h5 files)")
     parser.add_argument("--methods", help=f"comma-separated (default: {DEFAULT_METHODS}, and dps for inpainting or "
                         "with --dps-zeta)")
     parser.add_argument("--checkpoint", help="IDM model folder, training --out folder (its latest checkpoint) or a shipped model's name; its operator and prior are every method's, also when --methods leaves idm out (default: for idm, the shipped model serving the task and operator; without idm, none: the task's operator, and --prior for ddnm/dps)")

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     import tasks
 
     parser.add_argument("--task", required=True, help=f"task: {', '.join(tasks.available())} (tasks/<name>.py, or an idm.tasks entry point)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files")
+    parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="training data folders/files (mri: also fully sampled fastMRI .h5 files)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prior", metavar="DIR", help="diffusers U-Net folder: an `idm pretrain` output, SD v1.5 (its folder or its unet/), or a shipped prior's name")
     source.add_argument("--unet", choices=("tiny", "sd15"), help="random-initialised built-in architecture instead of a prior (tiny: tests)")
