@@ -244,7 +244,8 @@ class Task:
 
     # ---- data ------------------------------------------------------------------------
     def dataset(self, paths: PathsArg, crop: Optional[int] = None, augment: bool = False, seed: int = 0) -> Dataset:
-        """The task's images under ``paths``: items float32 ``(channels, H, W)`` in [0, 1].
+        """The task's images under ``paths``: items float32 ``(channels, H, W)`` in [0, 1] (the mri task's
+        complex images from fastMRI k-space: real and imaginary parts in [-1, 1], magnitude in [0, 1]).
 
         ``crop``: random square crops of that size (images smaller are
         skipped; none large enough raises ``tasks.data.DataError``).

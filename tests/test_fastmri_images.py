@@ -90,8 +90,8 @@ def test_undersampled_and_bad_files_are_refused_by_name(tmp_path):
     zeros = _write(tmp_path / "zeros.h5", np.zeros_like(images))
     with pytest.raises(DataError, match="zeros.h5: the k-space is all zeros"):
         FastMRIImageDataset(zeros)
-    bad = images.copy()
-    bad[0, 3, 3] = np.nan
+    bad = _volume(2)
+    bad[1, 3, 3] = np.nan  # in the second slice: the first one's peak is finite
     with pytest.raises(DataError, match="nan.h5: k-space contains NaN"):
         FastMRIImageDataset(_write(tmp_path / "nan.h5", bad))
     with h5py.File(tmp_path / "multicoil.h5", "w") as f:

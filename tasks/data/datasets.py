@@ -334,9 +334,10 @@ class FastMRIImageDataset(_SliceDataset):
         self.scales: dict[Path, float] = {}  # each volume's largest image magnitude
         for f in files:
             slices, h, w = check_fully_sampled(f)
-            scale = max(float(kspace_to_image(read_kspace_slice(f, s), crop=None).max()) for s in range(slices))
-            if not np.isfinite(scale):
+            peaks = [float(kspace_to_image(read_kspace_slice(f, s), crop=None).max()) for s in range(slices)]
+            if not all(np.isfinite(peaks)):  # torch's max propagates NaN, Python's max of the slices would not
                 raise DataError(f"{f}: k-space contains NaN or inf")
+            scale = max(peaks)
             if scale <= 0:
                 raise DataError(f"{f}: the k-space is all zeros")
             self.scales[f] = scale
