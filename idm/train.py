@@ -60,6 +60,7 @@ from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
+from idm.training.phase import check_phase_fraction
 from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
@@ -126,10 +127,11 @@ class TrainConfig(LoopOptions):
         ema_decay: keep an exponential moving average of the weights
             (:class:`~idm.training.ema.EMA`, e.g. 0.99 or 0.999) and checkpoint
             it as the model; ``0`` (default): the last weights, as the paper.
-        random_phase: multiply every complex (2-channel) training image by a
-            random smooth phase (:mod:`idm.training.phase`), so that a model
-            trained on magnitude images also serves real k-space, whose images
-            have phase.
+        random_phase: the fraction of complex (2-channel) training images, in
+            ``[0, 1]``, multiplied by a random smooth phase
+            (:mod:`idm.training.phase`), so that a model trained on magnitude
+            images also serves real k-space, whose images have phase; ``0``
+            (default): none.
     """
 
     iters: int = 50_000
@@ -140,13 +142,17 @@ class TrainConfig(LoopOptions):
     ssim_weight: float = 0.0
     log_loss: bool = False
     ema_decay: float = 0.0
-    random_phase: bool = False
+    random_phase: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         try:
             check_ssim_weight(self.ssim_weight)
+        except ValueError as error:
+            self.need(False, str(error))
+        try:
+            object.__setattr__(self, "random_phase", check_phase_fraction(self.random_phase))
         except ValueError as error:
             self.need(False, str(error))
         self.need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
@@ -178,7 +184,7 @@ class TrainConfig(LoopOptions):
             **({"ssim_weight": self.ssim_weight} if self.ssim_weight else {}),
             **({"log_loss": True} if self.log_loss else {}),
             **({"ema_decay": self.ema_decay} if self.ema_decay else {}),
-            **({"random_phase": True} if self.random_phase else {}),
+            **({"random_phase": self.random_phase} if self.random_phase else {}),
         }
 
     def settings(self) -> dict[str, Any]:

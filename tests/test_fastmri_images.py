@@ -166,12 +166,39 @@ def test_random_phase_batches_are_the_same_for_every_rank_split():
     torch.testing.assert_close(whole[1], with_phase(plain[1], expected))
 
 
+def test_random_phase_fraction_phases_that_share_of_the_images_and_keeps_the_maps_of_fraction_one():
+    items = [torch.stack((torch.full((8, 8), float(i + 1)), torch.zeros(8, 8))) for i in range(4)]
+    every = ShardedBatches(items, 4, seed=2, augment=False, random_phase=1.0)
+    legacy = ShardedBatches(items, 4, seed=2, augment=False, random_phase=True)  # how runs before the fraction said it
+    half = ShardedBatches(items, 4, seed=2, augment=False, random_phase=0.5)
+    none = ShardedBatches(items, 4, seed=2, augment=False, random_phase=0.0)
+    phased = []
+    for it in range(40):
+        torch.testing.assert_close(every[it], legacy[it])
+        torch.testing.assert_close(none[it][:, 1], torch.zeros(4, 8, 8))
+        batch = half[it]
+        has_phase = batch[:, 1].abs().amax(dim=(-2, -1)) > 0
+        phased.append(has_phase)
+        torch.testing.assert_close(batch[has_phase], every[it][has_phase])  # the same maps where a phase is applied
+        torch.testing.assert_close(batch[~has_phase], none[it][~has_phase])
+    share = float(torch.stack(phased).float().mean())
+    assert 0.35 < share < 0.65, share  # 160 draws of probability 0.5
+    for bad in (-0.1, 1.5, float("nan"), "half"):
+        with pytest.raises(ValueError, match="random_phase must be a fraction of the images in"):
+            ShardedBatches(items, 4, seed=2, random_phase=bad)
+
+
 def test_train_with_random_phase_records_it_and_refuses_real_images(tmp_path, volume_file, capsys):
     path, _ = volume_file
     base = ["train", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2", "--device", "cpu",
             "--num-workers", "0", "--no-progress", "--iters", "1"]  # fmt: skip
     assert main([*base, "--task", "mri", "--data", str(path), "--random-phase", "--out", str(tmp_path / "run")]) == 0
-    assert '"random_phase": true' in (tmp_path / "run" / "checkpoints" / "iter_0000001" / "run.json").read_text()
+    assert '"random_phase": 1.0' in (tmp_path / "run" / "checkpoints" / "iter_0000001" / "run.json").read_text()
+    assert main([*base, "--task", "mri", "--data", str(path), "--random-phase", "0.5", "--out", str(tmp_path / "half")]) == 0
+    assert '"random_phase": 0.5' in (tmp_path / "half" / "checkpoints" / "iter_0000001" / "run.json").read_text()
+    assert main([*base, "--task", "mri", "--data", str(path), "--random-phase", "1.5", "--out", str(tmp_path / "over")]) == 2
+    assert "random_phase must be a fraction of the images in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "over").exists()
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     Image.fromarray((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8)).save(pictures / "a.png")

@@ -85,9 +85,10 @@ def add_parser(subparsers) -> None:
                      "(reconstruct, benchmark, export and validation use it; --resume continues the raw weights); "
                      "default 0 = the last weights, as the paper")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
-    opt.add_argument("--random-phase", action="store_true",
-                     help="mri: multiply each training image by a random smooth phase, so that a model trained on "
-                     "magnitude images also reconstructs real k-space (whose images have phase)")
+    opt.add_argument("--random-phase", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                     help="mri: multiply each training image (or, with FRACTION, that share of them, drawn per image) "
+                     "by a random smooth phase, so that a model trained on magnitude images also reconstructs real "
+                     "k-space (whose images have phase); default off, the flag alone: every image")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
     add_training_precision_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")

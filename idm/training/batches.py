@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from idm.training import seeds
-from idm.training.phase import random_phase_maps, with_phase
+from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,8 +72,9 @@ class ShardedBatches(Dataset):
         seed: run seed.
         rank, world_size: this process's slice (``B % world_size == 0``).
         augment: apply one random flip/rotation per global batch.
-        random_phase: multiply each complex image ``(2, H, W)`` by a random smooth phase
-            (:mod:`idm.training.phase`), drawn per iteration for the whole global batch.
+        random_phase: the fraction of images, in ``[0, 1]``, whose complex ``(2, H, W)`` values are
+            multiplied by a random smooth phase (:mod:`idm.training.phase`), drawn per iteration for the
+            whole global batch (each image is chosen with this probability; ``0``: none, ``1``: all).
 
     Items: float32 ``(B / world_size, C, H, W)``.
     """
@@ -86,7 +87,7 @@ class ShardedBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         augment: bool = True,
-        random_phase: bool = False,
+        random_phase: float = 0.0,
     ):
         n = len(dataset)
         if n == 0:
@@ -106,7 +107,7 @@ class ShardedBatches(Dataset):
         self.rank = rank
         self.world_size = world_size
         self.augment = augment
-        self.random_phase = random_phase
+        self.random_phase = check_phase_fraction(random_phase)
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:  # iterations are unbounded; the sampler chooses them
@@ -147,6 +148,8 @@ class ShardedBatches(Dataset):
         if self.random_phase:
             g = seeds.generator(self.seed, seeds.PHASE, int(iteration))
             maps = random_phase_maps(self.global_batch, batch.shape[-2], batch.shape[-1], g)
+            if self.random_phase < 1:  # the maps are drawn first, so a fraction of 1 keeps the maps of runs before it
+                maps = maps * (torch.rand(self.global_batch, 1, 1, generator=g) < self.random_phase)
             batch = with_phase(batch, seeds.rows_of_rank(maps, self.rank, self.world_size))
         return batch.contiguous()
 

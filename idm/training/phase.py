@@ -12,6 +12,10 @@ shows the network images with phase (``idm train --random-phase``).
 and ``field`` a :data:`GRID` x :data:`GRID` grid of normal draws with
 standard deviation :data:`FIELD_STD` radians, bicubically interpolated to the
 image size (a few slow undulations across the field of view).
+
+Training may phase only a fraction of the images (``idm train --random-phase
+0.5``), the others kept as they are read, so that one model serves both
+magnitude images and real k-space.
 """
 
 from __future__ import annotations
@@ -21,12 +25,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FIELD_STD", "GRID", "random_phase_maps", "with_phase"]
+__all__ = ["FIELD_STD", "GRID", "check_phase_fraction", "random_phase_maps", "with_phase"]
 
 #: Control points per side of the smooth part of the phase.
 GRID = 4
 #: Standard deviation (radians) of the smooth part at the control points.
 FIELD_STD = math.pi / 4
+
+
+def check_phase_fraction(fraction: float) -> float:
+    """``fraction`` (the share of training images given a phase) as a float in ``[0, 1]``, or a ``ValueError``
+    naming it. ``True`` / ``False`` (how runs before the fraction recorded it) read as 1 / 0."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"random_phase must be a fraction of the images in [0, 1], got {fraction!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"random_phase must be a fraction of the images in [0, 1], got {fraction!r}")
+    return value
 
 
 def random_phase_maps(batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
