@@ -206,3 +206,26 @@ def test_train_with_random_phase_records_it_and_refuses_real_images(tmp_path, vo
                  "--out", str(tmp_path / "cs")]) == 2  # fmt: skip
     assert "random_phase needs complex images (2 channels" in capsys.readouterr().err
     assert not (tmp_path / "cs").exists()
+
+
+def test_real_kspace_warns_for_a_model_trained_without_phase(tmp_path, volume_file, capsys):
+    path, _ = volume_file
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    base = ["train", "--task", "mri", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2",
+            "--device", "cpu", "--num-workers", "0", "--no-progress", "--iters", "1"]  # fmt: skip
+    assert main([*base, "--data", str(pictures), "--out", str(tmp_path / "magnitude")]) == 0
+    assert main([*base, "--data", str(pictures), "--random-phase", "0.5", "--out", str(tmp_path / "phase")]) == 0
+    assert main([*base, "--data", str(path), "--out", str(tmp_path / "kspace")]) == 0  # .h5 images have their phase
+    capsys.readouterr()
+    for name in ("magnitude", "phase", "kspace"):
+        assert main(["reconstruct", "--task", "mri", "--input", str(path), "--checkpoint", str(tmp_path / name),
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / f"recon-{name}")]) == 0  # fmt: skip
+        warned = "trained on magnitude images only" in capsys.readouterr().err
+        assert warned == (name == "magnitude"), name
+    assert main(["benchmark", "--task", "mri", "--data", str(path), "--methods", "idm", "--checkpoint",
+                 str(tmp_path / "magnitude"), "--device", "cpu", "--no-progress", "--no-images",
+                 "--out", str(tmp_path / "bench")]) == 0  # fmt: skip
+    assert "trained on magnitude images only" in capsys.readouterr().err
+    assert "trained on magnitude images only" in (tmp_path / "bench" / "benchmark.json").read_text()

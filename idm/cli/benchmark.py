@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
     from operators import without_size_and_seed
+    from tasks.data import holds_kspace_files
 
     seed_everything(args.seed)
     folder = OutputFolder(args.out, "benchmark.json", "idm benchmark")
@@ -200,6 +201,11 @@ def run(args: argparse.Namespace) -> int:
             if warning:
                 warnings.warn(warning, stacklevel=1)
                 recorded_warnings.append(warning)
+    if trained is not None and any(holds_kspace_files(path) for path in args.data):
+        warning = trained.phase_warning()
+        if warning:
+            warnings.warn(warning, stacklevel=1)
+            recorded_warnings.append(warning)
     dps = next((m for m in methods if m.name == "dps"), None)
     tv = next((m for m in methods if m.name == "tv"), None)
     ddnm = next((m for m in methods if m.name == "ddnm"), None)

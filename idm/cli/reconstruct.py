@@ -448,6 +448,9 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     shapes = [check_single_coil(path) for path in files]  # every file, before the first is reconstructed
     overrides, trained = _model_for_flags(args, task, device, img_size=shapes[0][1:] if shapes else None)
     model = trained.model.to(device)
+    warning = trained.phase_warning()
+    if warning:
+        warnings.warn(warning, stacklevel=1)
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     trained_acc = (trained.operator or {}).get("acceleration")
     rows: list[dict[str, Any]] = []

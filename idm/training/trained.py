@@ -184,6 +184,25 @@ class TrainedModel:
             f"in idm simulate, idm reconstruct and idm benchmark) or train at this size."
         )
 
+    def phase_warning(self) -> str | None:
+        """A warning for reconstructing real k-space (complex images with a phase) with a model whose last
+        training stage saw no phase: neither ``--random-phase`` nor fastMRI ``.h5`` data (by their names) in
+        its run record. ``None`` otherwise, and for bare model folders and models of images that are not
+        complex (not 2 channels)."""
+        from tasks.data.images import KSPACE_SUFFIXES
+
+        if self.run is None or self.model.config.image_channels != 2:
+            return None
+        phased = self.run.get("identity", {}).get("training", {}).get("random_phase")
+        data = (self.run.get("settings") or {}).get("data") or []
+        if phased or any(str(path).lower().endswith(KSPACE_SUFFIXES) for path in data):
+            return None
+        return (
+            f"{self.path} was trained on magnitude images only (its last training stage had no --random-phase "
+            "and no .h5 data); on real k-space, whose images have a phase, it may do no better than the "
+            "zero-filled image (README, *Phase for MRI*)"
+        )
+
     @property
     def trained_on_family(self) -> bool:
         """Whether one model was trained for a family of operators (e.g. a range of ratios)."""
