@@ -188,24 +188,19 @@ def run(args: argparse.Namespace) -> int:
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
 
-    recorded_warnings = []
+    recorded_warnings = []  # shown now and kept in benchmark.json
     fine_tuned_from = ((trained.run or {}).get("settings") or {}).get("prior_sha256") if trained is not None else None
     if prior is not None and fine_tuned_from and prior_sha256 != fine_tuned_from:
         recorded_warnings.append(f"the prior {str(prior_path)!r} is not the network {trained.path} was fine-tuned from "
                                  "(its files changed since, or --prior names another): DDNM and DPS run it, IDM "
                                  "its own")  # fmt: skip
-        warnings.warn(recorded_warnings[-1], stacklevel=1)
     if trained is not None and task.size_bound:
-        for size in dict.fromkeys(tuple(im.x.shape[-2:]) for im in images):
-            warning = trained.size_warning(size)
-            if warning:
-                warnings.warn(warning, stacklevel=1)
-                recorded_warnings.append(warning)
-    if trained is not None and any(holds_kspace_files(path) for path in args.data):
-        warning = trained.phase_warning()
-        if warning:
-            warnings.warn(warning, stacklevel=1)
-            recorded_warnings.append(warning)
+        sizes = dict.fromkeys(tuple(im.x.shape[-2:]) for im in images)
+        recorded_warnings += [warning for size in sizes if (warning := trained.size_warning(size))]
+    if trained is not None and any(holds_kspace_files(path) for path in args.data) and (warning := trained.phase_warning()):
+        recorded_warnings.append(warning)
+    for warning in recorded_warnings:
+        warnings.warn(warning, stacklevel=1)
     dps = next((m for m in methods if m.name == "dps"), None)
     tv = next((m for m in methods if m.name == "tv"), None)
     ddnm = next((m for m in methods if m.name == "ddnm"), None)
