@@ -61,6 +61,7 @@ from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.training.phase import check_phase_fraction
+from idm.training.image_noise import check_noise_level
 from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
@@ -89,6 +90,7 @@ RESUME_HINTS = {
     "log_loss": "(null: the plain mean loss; to change the loss, start a new run from this one's checkpoint with --init-from)",
     "ema_decay": "(null: no average of the weights; to change it, start a new run from this one's checkpoint with --init-from)",
     "random_phase": "(null: images as read; to change it, start a new run from this one's checkpoint with --init-from)",
+    "image_noise": "(null: images as read; to change it, start a new run from this one's checkpoint with --init-from)",
     "precision": PRECISION_RESUME_HINT,
 }
 
@@ -103,7 +105,7 @@ class TrainConfig(LoopOptions):
     ``ssim_weight`` (recorded only when non-zero, so that runs from before it
     joined the identity, which trained without the SSIM term or recorded its
     weight in their settings, still resume: :func:`_recorded_identity`),
-    ``log_loss``, ``ema_decay`` and ``random_phase`` (recorded only when on, for the same reason).
+    ``log_loss``, ``ema_decay``, ``random_phase`` and ``image_noise`` (recorded only when on, for the same reason).
     Settings (may change between chunks): the rest.
 
     Attributes:
@@ -132,6 +134,11 @@ class TrainConfig(LoopOptions):
             (:mod:`idm.training.phase`), so that a model trained on magnitude
             images also serves real k-space, whose images have phase; ``0``
             (default): none.
+        image_noise: the largest standard deviation of the Gaussian noise
+            added to each training image, target included (its own, uniform
+            in ``[0, image_noise]``; :mod:`idm.training.image_noise`), so that
+            a model trained on clean images also serves noisy scanner data;
+            ``0`` (default): none.
     """
 
     iters: int = 50_000
@@ -143,6 +150,7 @@ class TrainConfig(LoopOptions):
     log_loss: bool = False
     ema_decay: float = 0.0
     random_phase: float = 0.0
+    image_noise: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,6 +161,7 @@ class TrainConfig(LoopOptions):
             self.need(False, str(error))
         try:
             object.__setattr__(self, "random_phase", check_phase_fraction(self.random_phase))
+            object.__setattr__(self, "image_noise", check_noise_level(self.image_noise))
         except ValueError as error:
             self.need(False, str(error))
         self.need(self.scalar_lr_mult > 0, f"scalar_lr_mult must be positive, got {self.scalar_lr_mult}")
@@ -185,10 +194,11 @@ class TrainConfig(LoopOptions):
             **({"log_loss": True} if self.log_loss else {}),
             **({"ema_decay": self.ema_decay} if self.ema_decay else {}),
             **({"random_phase": self.random_phase} if self.random_phase else {}),
+            **({"image_noise": self.image_noise} if self.image_noise else {}),
         }
 
     def settings(self) -> dict[str, Any]:
-        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss", "ema_decay", "random_phase"}  # shown when off too
+        keys = (set(self.identity()) | {"lr_milestones"}) - {"ssim_weight", "log_loss", "ema_decay", "random_phase", "image_noise"}  # shown when off too
         return {k: v for k, v in asdict(self).items() if k not in keys}
 
 
@@ -521,7 +531,7 @@ def train(
         net = distributed.wrap_ddp(model, env, device)
 
         shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment,
-                                random_phase=config.random_phase)
+                                random_phase=config.random_phase, image_noise=config.image_noise)
         loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
         resample = getattr(operator, "resample", None)
         randomize = config.randomize_operator and callable(resample)

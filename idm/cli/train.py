@@ -89,6 +89,10 @@ def add_parser(subparsers) -> None:
                      help="mri: multiply each training image (or, with FRACTION, that share of them, drawn per image) "
                      "by a random smooth phase, so that a model trained on magnitude images also reconstructs real "
                      "k-space (whose images have phase); default off, the flag alone: every image")
+    opt.add_argument("--image-noise", type=float, default=0.0, metavar="SIGMA",
+                     help="add Gaussian noise to each training image before its measurements are simulated (the "
+                     "target too), its standard deviation drawn per image in [0, SIGMA] (image units: 0.02 is 2 %% "
+                     "of full scale), so that a model trained on clean images also serves noisy scanner data; default 0")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
     add_training_precision_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
@@ -158,6 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
         log_loss=args.log_loss,
         ema_decay=args.ema_decay,
         random_phase=args.random_phase,
+        image_noise=args.image_noise,
         seed=args.seed,
         precision=args.precision,
         augment=not args.no_augment,

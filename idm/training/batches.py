@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from idm.training import seeds
+from idm.training.image_noise import check_noise_level, with_image_noise
 from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
 
 
@@ -75,6 +76,8 @@ class ShardedBatches(Dataset):
         random_phase: the fraction of images, in ``[0, 1]``, whose complex ``(2, H, W)`` values are
             multiplied by a random smooth phase (:mod:`idm.training.phase`), drawn per iteration for the
             whole global batch (each image is chosen with this probability; ``0``: none, ``1``: all).
+        image_noise: the largest standard deviation of the Gaussian noise added to each image (its own,
+            uniform in ``[0, image_noise]``; :mod:`idm.training.image_noise`), after the phase; ``0``: none.
 
     Items: float32 ``(B / world_size, C, H, W)``.
     """
@@ -88,6 +91,7 @@ class ShardedBatches(Dataset):
         world_size: int = 1,
         augment: bool = True,
         random_phase: float = 0.0,
+        image_noise: float = 0.0,
     ):
         n = len(dataset)
         if n == 0:
@@ -108,6 +112,7 @@ class ShardedBatches(Dataset):
         self.world_size = world_size
         self.augment = augment
         self.random_phase = check_phase_fraction(random_phase)
+        self.image_noise = check_noise_level(image_noise)
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:  # iterations are unbounded; the sampler chooses them
@@ -151,6 +156,10 @@ class ShardedBatches(Dataset):
             if self.random_phase < 1:  # the maps are drawn first, so a fraction of 1 keeps the maps of runs before it
                 maps = maps * (torch.rand(self.global_batch, 1, 1, generator=g) < self.random_phase)
             batch = with_phase(batch, seeds.rows_of_rank(maps, self.rank, self.world_size))
+        if self.image_noise:  # drawn for the global batch, so every rank's share is the same as in one process
+            g = seeds.generator(self.seed, seeds.IMAGE_NOISE, int(iteration))
+            zeros = torch.zeros((self.global_batch, *batch.shape[1:]), dtype=batch.dtype)
+            batch = batch + seeds.rows_of_rank(with_image_noise(zeros, self.image_noise, g), self.rank, self.world_size)
         return batch.contiguous()
 
 

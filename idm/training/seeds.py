@@ -22,6 +22,7 @@ NOISE = 4
 TIMESTEPS = 5
 VALIDATION = 6
 PHASE = 7
+IMAGE_NOISE = 8
 
 
 def derive_seed(*keys: int, bits: int = 63) -> int:
