@@ -60,8 +60,8 @@ from idm.pretrain import prior_fingerprint
 from idm.step import LearnedSchedule
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
-from idm.training.phase import check_phase_fraction
 from idm.training.image_noise import check_noise_level
+from idm.training.phase import check_phase_fraction
 from idm.training.options import PRECISION_RESUME_HINT, LoopOptions, recorded_run_identity, warn_if_arithmetic_changed
 from idm.training.batches import ShardedBatches, iteration_loader
 from idm.training.distributed import DistEnv
