@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny exact-pseudo-inverse operator and float64 helpers."""
+"""Shared fixtures: a tiny exact-pseudo-inverse operator, float64 helpers and a folder of one picture."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from deepinv.physics import LinearPhysics
+from PIL import Image
 
 
 class OrthoRowsOperator(LinearPhysics):
@@ -117,3 +119,11 @@ def host_reads(run) -> int:
     with Count():
         run()
     return Count.calls
+
+
+def picture_folder(tmp_path, size: int):
+    """``tmp_path / "pictures"`` holding one random grey ``size`` x ``size`` PNG (a magnitude image)."""
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    return pictures

@@ -18,6 +18,7 @@ from idm.training import seeds
 from idm.training.batches import ShardedBatches
 from idm.training.phase import random_phase_maps, with_phase
 from tasks.data import ConcatSlices, DataError, FastMRIImageDataset, kspace_to_image
+from tests.conftest import picture_folder
 
 _AXES = (-2, -1)
 
@@ -39,14 +40,6 @@ def _write(path, images, mask=None):
         if mask is not None:
             f.create_dataset("mask", data=mask)
     return path
-
-
-def _picture_folder(tmp_path, size: int):
-    """``tmp_path / "pictures"`` holding one random grey ``size`` x ``size`` PNG (a magnitude image)."""
-    pictures = tmp_path / "pictures"
-    pictures.mkdir()
-    Image.fromarray((np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8)).save(pictures / "a.png")
-    return pictures
 
 
 @pytest.fixture()
@@ -113,7 +106,7 @@ def test_undersampled_and_bad_files_are_refused_by_name(tmp_path):
 
 def test_the_mri_task_reads_kspace_files_beside_magnitude_images(tmp_path, volume_file):
     path, _ = volume_file
-    pictures = _picture_folder(tmp_path, 32)
+    pictures = picture_folder(tmp_path, 32)
     task = tasks.get("mri")
     only_kspace = task.dataset([path])
     assert isinstance(only_kspace, FastMRIImageDataset)
@@ -205,7 +198,7 @@ def test_train_with_random_phase_records_it_and_refuses_real_images(tmp_path, vo
     assert main([*base, "--task", "mri", "--data", str(path), "--random-phase", "1.5", "--out", str(tmp_path / "over")]) == 2
     assert "random_phase must be a fraction of the images in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "over").exists()
-    pictures = _picture_folder(tmp_path, 24)
+    pictures = picture_folder(tmp_path, 24)
     assert main([*base, "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(pictures), "--random-phase",
                  "--out", str(tmp_path / "cs")]) == 2  # fmt: skip
     assert "random_phase needs complex images (2 channels" in capsys.readouterr().err
@@ -214,7 +207,7 @@ def test_train_with_random_phase_records_it_and_refuses_real_images(tmp_path, vo
 
 def test_real_kspace_warns_for_a_model_trained_without_phase(tmp_path, volume_file, capsys):
     path, _ = volume_file
-    pictures = _picture_folder(tmp_path, 24)
+    pictures = picture_folder(tmp_path, 24)
     base = ["train", "--task", "mri", "--unet", "tiny", "--steps", "1", "--crop", "16", "--batch-size", "2",
             "--device", "cpu", "--num-workers", "0", "--no-progress", "--iters", "1"]  # fmt: skip
     assert main([*base, "--data", str(pictures), "--out", str(tmp_path / "magnitude")]) == 0

@@ -2,15 +2,14 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from idm.cli import main
 from idm.training import seeds
 from idm.training.batches import ShardedBatches
 from idm.training.image_noise import check_noise_level, with_image_noise
+from tests.conftest import picture_folder
 
 
 def test_each_image_gets_its_own_deviation_within_the_level_and_the_draw_is_seeded():
@@ -51,9 +50,7 @@ def test_noisy_batches_are_the_same_for_every_rank_split_and_add_the_seeded_draw
 
 
 def test_train_records_the_noise_level_and_refuses_an_impossible_one(tmp_path, capsys):
-    pictures = tmp_path / "pictures"
-    pictures.mkdir()
-    Image.fromarray((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    pictures = picture_folder(tmp_path, 24)
     base = ["train", "--task", "mri", "--data", str(pictures), "--unet", "tiny", "--steps", "1", "--crop", "16",
             "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--no-progress", "--iters", "1"]  # fmt: skip
     assert main([*base, "--image-noise", "0.02", "--out", str(tmp_path / "run")]) == 0
