@@ -8,23 +8,23 @@ import torch
 from idm.cli import main
 from idm.training import seeds
 from idm.training.batches import ShardedBatches
-from idm.training.image_noise import check_noise_level, with_image_noise
+from idm.training.image_noise import check_noise_level, draw_image_noise
 from tests.conftest import picture_folder
 
 
 def test_each_image_gets_its_own_deviation_within_the_level_and_the_draw_is_seeded():
-    images = torch.rand(64, 2, 32, 32)
-    noisy = with_image_noise(images, 0.05, torch.Generator().manual_seed(0))
-    assert torch.equal(noisy, with_image_noise(images, 0.05, torch.Generator().manual_seed(0)))
-    assert not torch.equal(noisy, with_image_noise(images, 0.05, torch.Generator().manual_seed(1)))
-    stds = (noisy - images).std(dim=(1, 2, 3))
+    noise = draw_image_noise((64, 2, 32, 32), 0.05, torch.Generator().manual_seed(0))
+    assert noise.shape == (64, 2, 32, 32) and noise.dtype == torch.float32
+    assert torch.equal(noise, draw_image_noise((64, 2, 32, 32), 0.05, torch.Generator().manual_seed(0)))
+    assert not torch.equal(noise, draw_image_noise((64, 2, 32, 32), 0.05, torch.Generator().manual_seed(1)))
+    stds = noise.std(dim=(1, 2, 3))
     assert float(stds.max()) < 0.05 * 1.1  # 2048 samples per image: the estimate is within a few %
     assert float(stds.min()) < 0.01 and float(stds.max()) > 0.04  # uniform in [0, 0.05]: clean and noisy images
-    means = (noisy - images).mean(dim=(1, 2, 3))
+    means = noise.mean(dim=(1, 2, 3))
     assert float(means.abs().max()) < 0.01  # zero-mean noise
-    assert torch.equal(with_image_noise(images, 0.0, torch.Generator().manual_seed(0)), images)
+    assert torch.equal(draw_image_noise((64, 2, 32, 32), 0.0, torch.Generator().manual_seed(0)), torch.zeros(64, 2, 32, 32))
     with pytest.raises(ValueError, match=r"a batch of images \(B, C, H, W\)"):
-        with_image_noise(torch.rand(2, 32, 32), 0.05, torch.Generator())
+        draw_image_noise((2, 32, 32), 0.05, torch.Generator())
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.0, float("nan"), float("inf"), "loud"])
@@ -42,7 +42,7 @@ def test_noisy_batches_are_the_same_for_every_rank_split_and_add_the_seeded_draw
     for it in range(3):
         batch = whole[it]
         torch.testing.assert_close(torch.cat([h[it] for h in halves]), batch)
-        expected = with_image_noise(torch.zeros(4, 2, 8, 8), 0.1, seeds.generator(2, seeds.IMAGE_NOISE, it))
+        expected = draw_image_noise((4, 2, 8, 8), 0.1, seeds.generator(2, seeds.IMAGE_NOISE, it))
         torch.testing.assert_close(batch - phased[it], expected)
         assert float((batch - phased[it]).abs().max()) > 0
     torch.testing.assert_close(ShardedBatches(items, 4, seed=2, augment=False, image_noise=0.0)[1],

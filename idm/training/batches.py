@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from idm.training import seeds
-from idm.training.image_noise import check_noise_level, with_image_noise
+from idm.training.image_noise import check_noise_level, draw_image_noise
 from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
 
 
@@ -158,8 +158,8 @@ class ShardedBatches(Dataset):
             batch = with_phase(batch, seeds.rows_of_rank(maps, self.rank, self.world_size))
         if self.image_noise:  # drawn for the global batch, so every rank's share is the same as in one process
             g = seeds.generator(self.seed, seeds.IMAGE_NOISE, int(iteration))
-            zeros = torch.zeros((self.global_batch, *batch.shape[1:]), dtype=batch.dtype)
-            batch = batch + seeds.rows_of_rank(with_image_noise(zeros, self.image_noise, g), self.rank, self.world_size)
+            noise = draw_image_noise((self.global_batch, *batch.shape[1:]), self.image_noise, g)
+            batch = batch + seeds.rows_of_rank(noise, self.rank, self.world_size)
         return batch.contiguous()
 
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["check_noise_level", "with_image_noise"]
+__all__ = ["check_noise_level", "draw_image_noise"]
 
 
 def check_noise_level(level: float) -> float:
@@ -38,13 +38,13 @@ def check_noise_level(level: float) -> float:
     return value
 
 
-def with_image_noise(images: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
-    """``images`` ``(B, C, H, W)`` plus Gaussian noise, each image's standard deviation uniform in ``[0, level]``.
+def draw_image_noise(shape: tuple[int, ...], level: float, generator: torch.Generator) -> torch.Tensor:
+    """Float32 Gaussian noise of ``shape`` ``(B, C, H, W)``, each image's standard deviation uniform in ``[0, level]``
+    (add it to the images).
 
     The per-image deviations are drawn first, then the noise, both from ``generator``.
     """
-    if images.dim() != 4:
-        raise ValueError(f"image noise needs a batch of images (B, C, H, W), got {tuple(images.shape)}")
-    stds = torch.rand(images.shape[0], 1, 1, 1, generator=generator) * check_noise_level(level)
-    noise = torch.randn(images.shape, generator=generator)
-    return images + (stds * noise).to(images.dtype)
+    if len(shape) != 4:
+        raise ValueError(f"image noise needs a batch of images (B, C, H, W), got {tuple(shape)}")
+    stds = torch.rand(shape[0], 1, 1, 1, generator=generator) * check_noise_level(level)
+    return stds * torch.randn(shape, generator=generator)
