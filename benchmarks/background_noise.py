@@ -32,7 +32,7 @@ import torch
 
 import tasks
 from benchmarks.harness import load_images
-from benchmarks.report import run_script, script_command, write_csv_and_markdown
+from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
 
 #: The columns of ``background_noise.csv``: ``std`` and ``max_abs`` in the image's units, ``zero_fraction`` in [0, 1].
 FIELDS = ("image", "corner", "channel", "std", "max_abs", "zero_fraction")
@@ -105,8 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for image in load_images(task, args.paths, limit=args.limit):
         rows.extend(corner_rows(image.name, image.x, args.corner, channel_names(task, image.x.shape[0])))
     markdown = f"`{script_command('benchmarks.background_noise', argv)}`\n\n{markdown_table(rows, args.corner)}"
-    rounded = [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    write_csv_and_markdown(args.out, "background_noise", rounded, FIELDS, markdown)
+    write_csv_and_markdown(args.out, "background_noise", rounded(rows), FIELDS, markdown)
     return 0
 
 

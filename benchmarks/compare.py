@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.report import run_script, script_command, write_csv_and_markdown
+from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
 
 #: The columns of ``comparison.csv``.
 FIELDS = (
@@ -219,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [(Path(args.folders[i]), Path(args.folders[i + 1])) for i in range(0, len(args.folders), 2)]
     rows = [row for base, other in pairs for row in compare_runs(base, other, args.methods)]
     markdown = f"`{script_command('benchmarks.compare', argv)}`\n\n{markdown_table(rows)}\n"
-    rounded = [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    write_csv_and_markdown(out, "comparison", rounded, FIELDS, markdown)
+    write_csv_and_markdown(out, "comparison", rounded(rows), FIELDS, markdown)
     return 0
 
 

@@ -85,6 +85,11 @@ def run_script(main: Callable[[Sequence[str] | None], int], module: str, argv: S
     return run_guarded(lambda: main(argv), f"python -m {module}")
 
 
+def rounded(rows: Iterable[Mapping[str, Any]], digits: int = 6) -> list[dict[str, Any]]:
+    """``rows`` with every float value rounded to ``digits`` decimals (what the scripts' CSV files hold)."""
+    return [{k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+
+
 def write_csv(out: Path, stem: str, rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> None:
     """``OUT/STEM.csv``: ``rows`` as they are, in the columns ``fields`` (rewritten whole: also for the rows so far)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from skimage.metrics import structural_similarity
 import tasks
 from benchmarks.compare import read_record
 from benchmarks.harness import load_images
-from benchmarks.report import run_script, script_command, write_csv_and_markdown
+from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
 
 #: The columns of ``ssim_regions.csv``; SSIM values in [-1, 1], errors in [0, 1], fractions in [0, 1].
 FIELDS = ("method", "image", "ssim", "background_ssim", "foreground_ssim", "background_fraction",
@@ -141,8 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             estimate = read_reconstruction(args.run / "recon" / method / f"{name}.png", truth.shape)
             rows.append({"method": method, "image": name, **region_scores(estimate, truth, args.threshold)})
     markdown = f"`{script_command('benchmarks.ssim_regions', argv)}`\n\n{markdown_table(rows, args.threshold)}"
-    rounded = [{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    write_csv_and_markdown(args.out or args.run, "ssim_regions", rounded, FIELDS, markdown)
+    write_csv_and_markdown(args.out or args.run, "ssim_regions", rounded(rows), FIELDS, markdown)
     return 0
 
 
