@@ -38,8 +38,13 @@ wall time of a step, which the harness's timings show).
 
 Details matched to the authors' code: ``clip_denoised=True`` (``x0_hat``
 clamped to [-1, 1], the gradient flows through the clamp, and the clamped
-``x0_hat`` feeds the posterior mean); no noise on the last step; the gradient
-is taken w.r.t. ``x_t`` and subtracted from ``x_prev``. Differences: the
+``x0_hat`` feeds the posterior mean: their images' range, [0, 1], in the
+prior's space); no noise on the last step; the gradient is taken w.r.t.
+``x_t`` and subtracted from ``x_prev``. The real and imaginary parts of
+complex images with a phase (MRI from real k-space) range over [-1, 1]
+instead: there the clamp is to that range (``clip_range=SIGNED_RANGE``,
+[-3, 1] in the prior's space), which ``idm benchmark`` chooses for k-space
+files, since [0, 1] would cut away their negative halves. Differences: the
 authors' U-Nets learn their variance (``learned_range``); ours is
 epsilon-only, so the variance is DDPM's fixed posterior variance
 ``beta_tilde_t`` (``variance="small"``, diffusers' default; ``"large"`` uses
@@ -95,6 +100,11 @@ AUTHOR_STEP_SIZES = MappingProxyType({"inpainting": 0.5, "sr": 0.3, "super_resol
 #: Grid of :func:`tune_dps_step` (log-spaced around the authors' 0.3 / 0.5, at their image size).
 DEFAULT_STEP_GRID = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
 
+#: The image range DPS clamps ``x0_hat`` to by default: intensities in [0, 1] ([-1, 1] in the prior's space).
+IMAGE_RANGE = (0.0, 1.0)
+#: The range of the real and imaginary parts of complex images of magnitude at most 1 (MRI with a phase).
+SIGNED_RANGE = (-1.0, 1.0)
+
 #: Values per image at which the authors' step sizes hold: their 3 x 256 x 256 images.
 AUTHOR_IMAGE_NUMEL = 3 * 256 * 256
 
@@ -126,20 +136,28 @@ def dps_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 
 
 def dps_guidance(
-    x_t: Tensor, t: int, eps_fn: EpsFn, abar_t: Tensor, y: Tensor, op: Any, clip_x0: bool = True
+    x_t: Tensor,
+    t: int,
+    eps_fn: EpsFn,
+    abar_t: Tensor,
+    y: Tensor,
+    op: Any,
+    clip_x0: bool = True,
+    clip_bounds: tuple[float, float] = (-1.0, 1.0),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_{x_t} sum_b ||y_b - A x0_hat(x_t)_b||_2, x0_hat, per-image norms)``.
 
     One evaluation of ``eps_fn`` with back-propagation to ``x_t``; ``x0_hat``
-    (detached) is clamped to [-1, 1] when ``clip_x0``. The residual norm is
-    per image (not squared), so each image's gradient is its own.
+    (detached) is clamped to ``clip_bounds`` (prior space; [-1, 1], the
+    authors') when ``clip_x0``. The residual norm is per image (not squared),
+    so each image's gradient is its own.
     """
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
         eps = eps_fn(x, t)
         x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
         if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+            x0 = x0.clamp(*clip_bounds)
         residual = op.A(x0) - y
         norms = torch.linalg.vector_norm(residual.reshape(residual.shape[0], -1), dim=1)
         (grad,) = torch.autograd.grad(norms.sum(), x)
@@ -158,6 +176,7 @@ def dps_step(
     noise: Tensor | None = None,
     clip_x0: bool = True,
     variance: str = "small",
+    clip_bounds: tuple[float, float] = (-1.0, 1.0),
 ) -> tuple[Tensor, Tensor]:
     """One DPS step ``x_t -> x_prev`` (see module docstring); returns ``(x_prev, x0_hat)``.
 
@@ -166,9 +185,9 @@ def dps_step(
     (Deciding by ``noise`` rather than by the value of ``abar_prev`` keeps the
     step free of reads from the device.) ``alpha_t = abar_t / abar_prev`` (so
     respaced schedules work); ``variance`` ``"small"`` = ``beta_tilde_t``,
-    ``"large"`` = ``beta_t``.
+    ``"large"`` = ``beta_t``. ``clip_bounds``: as in :func:`dps_guidance`.
     """
-    grad, x0, _ = dps_guidance(x_t, t, eps_fn, abar_t, y, op, clip_x0)
+    grad, x0, _ = dps_guidance(x_t, t, eps_fn, abar_t, y, op, clip_x0, clip_bounds)
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
     c1 = beta_t * abar_prev.sqrt() / (1 - abar_t)
@@ -193,7 +212,11 @@ class DPS:
             (:func:`size_scaled_step`); ``False`` uses ``zeta`` as the step on
             any image.
         steps: DDPM steps (1000 as the authors; NFE per image).
-        clip_x0: clamp ``x0_hat`` to [-1, 1] (the authors' ``clip_denoised=True``).
+        clip_x0: clamp ``x0_hat`` to the images' range (the authors' ``clip_denoised=True``, [-1, 1] in
+            the prior's space).
+        clip_range: that range in the image space: ``(0, 1)`` for intensities (the authors'); ``(-1, 1)``
+            for the real and imaginary parts of complex images with a phase (MRI from real k-space),
+            which ``(0, 1)`` would cut to their positive halves (:data:`SIGNED_RANGE`).
         variance: ``"small"`` (``beta_tilde``) or ``"large"`` (``beta``).
         progress: show a tqdm bar over the steps (``leave=False``).
     """
@@ -209,6 +232,7 @@ class DPS:
         variance: str = "small",
         progress: bool = True,
         scale_with_size: bool = True,
+        clip_range: tuple[float, float] = IMAGE_RANGE,
     ):
         if prior is None:
             raise ValueError("dps needs a diffusion prior (benchmarks.prior.load_prior)")
@@ -221,6 +245,10 @@ class DPS:
         self.steps = int(steps)
         self.timesteps = dps_timesteps(self.steps, prior.num_train_timesteps)
         self.clip_x0 = bool(clip_x0)
+        low, high = (float(v) for v in clip_range)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"clip_range must be two finite numbers (low, high) with low < high, got {clip_range!r}")
+        self.clip_range = (low, high)
         self.variance = variance
         self.progress = bool(progress)
         self.scale_with_size = bool(scale_with_size)
@@ -257,6 +285,7 @@ class DPS:
         prior.check_images(shape)
         check_measurements_for(op, y)  # once: the steps' operator calls then skip their NaN read-back
         generator = default_generator(generator, y)
+        clip_bounds = (space.to_model(self.clip_range[0]), space.to_model(self.clip_range[1]))
         with torch.no_grad():
             y_model = space.measurement_to_model(y, op)
         x = randn(shape, generator, y_model)
@@ -269,15 +298,15 @@ class DPS:
                 noise = randn(shape, generator, x) if t_prev >= 0 else None
                 x, _ = dps_step(
                     x, t, prior.eps, abar_t, abar_prev, y_model, op, zeta,
-                    noise=noise, clip_x0=self.clip_x0, variance=self.variance,
+                    noise=noise, clip_x0=self.clip_x0, variance=self.variance, clip_bounds=clip_bounds,
                 )
                 x = x.detach()
         return space.to_image(x)
 
     def __repr__(self) -> str:
         return (
-            f"DPS(zeta={self.zeta}, steps={self.steps}, clip_x0={self.clip_x0}, variance={self.variance!r}, "
-            f"scale_with_size={self.scale_with_size})"
+            f"DPS(zeta={self.zeta}, steps={self.steps}, clip_x0={self.clip_x0}, clip_range={self.clip_range}, "
+            f"variance={self.variance!r}, scale_with_size={self.scale_with_size})"
         )
 
 
@@ -308,7 +337,7 @@ def tune_dps_step(
         score: how PSNR is measured (:func:`benchmarks.protocol.mean_psnr`): the
             task's :func:`~benchmarks.protocol.score_function`, as the benchmark
             scores; ``None``: the raw values, unclamped.
-        dps_options: passed to :class:`DPS` (``clip_x0``, ``variance``, ``scale_with_size``).
+        dps_options: passed to :class:`DPS` (``clip_x0``, ``clip_range``, ``variance``, ``scale_with_size``).
 
     Returns:
         the chosen ``zeta`` (a member of ``grid``), or ``(zeta, scores)``.

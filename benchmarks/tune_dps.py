@@ -14,6 +14,11 @@ Small crops keep the search affordable on a CPU. ``zeta`` is read at the
 DPS authors' image size (3 x 256 x 256) and scaled to the crops
 (:func:`benchmarks.dps.size_scaled_step`: each pixel moves as far as on the
 authors' images), so the chosen value carries over to full-size images.
+
+For real MRI k-space, tune on crops given a random phase (``--random-phase``,
+as ``idm train`` gives them): DPS then clamps its ``x0`` estimates to the
+signed range of their real and imaginary parts, as ``idm benchmark`` does
+on k-space files (:data:`benchmarks.dps.SIGNED_RANGE`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.dps import DEFAULT_STEP_GRID, tune_dps_step
+from benchmarks.dps import DEFAULT_STEP_GRID, IMAGE_RANGE, SIGNED_RANGE, tune_dps_step
 from benchmarks.prior import load_prior
 from benchmarks.report import run_script
 from benchmarks.tuning import is_number, tuned_value, tuning_parser, tuning_setup
@@ -60,6 +65,23 @@ def check_tuned_prior(text: str, prior: str | Path, fingerprint: str | None = No
                          f"{str(prior)!r}; pass --dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
 
 
+def phase_warning(text: str, clip_range: tuple[float, float]) -> str | None:
+    """A warning when ``--dps-zeta``'s record (``text``; a number passes) was tuned on crops of the other kind
+    than the benchmark's images: without a phase for k-space files (DPS clamping to the signed ``clip_range``)
+    or with one for magnitude images."""
+    if is_number(text):
+        return None
+    record = load_json(text, RECORD)
+    tuned_signed = bool(record.get("random_phase"))  # records before --random-phase tuned without one
+    signed = tuple(clip_range) == SIGNED_RANGE
+    if tuned_signed == signed:
+        return None
+    if signed:
+        return (f"--dps-zeta {text} was tuned on crops without a phase, these are k-space files whose images have one: "
+                "tune DPS's step for them with python -m benchmarks.tune_dps --random-phase")  # fmt: skip
+    return f"--dps-zeta {text} was tuned on crops with a random phase, these are magnitude images without one"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = tuning_parser(__doc__, crop=64, images=4)
     parser.add_argument("--prior", required=True, help="diffusers UNet2DModel folder (an idm pretrain prior)")
@@ -72,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # PriorError: not a prior folder
         parser.error(str(err))
     start = time.perf_counter()
+    clip_range = SIGNED_RANGE if setup.signed else IMAGE_RANGE
     best, scores = tune_dps_step(prior, setup.op, setup.images, grid=args.grid, steps=args.steps, seed=args.seed,
-                                 return_scores=True, score=setup.score, progress=not args.no_progress)  # fmt: skip
+                                 return_scores=True, score=setup.score, progress=not args.no_progress,
+                                 clip_range=clip_range)  # fmt: skip
     record = setup.record(
         "benchmarks.tune_dps", argv, time.perf_counter() - start,
         prior=args.prior,
         prior_sha256=prior_fingerprint(args.prior),
         steps=args.steps,
+        clip_range=list(clip_range),
         mean_psnr_by_zeta={str(z): round(s, 3) for z, s in scores.items()},
         zeta=best,
         zeta_units="step size at the DPS authors' 3x256x256 image size; DPS scales it by sqrt(values per image / 196608)",

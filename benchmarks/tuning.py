@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from benchmarks.protocol import score_function
+from benchmarks.protocol import mean_psnr, score_function
 from benchmarks.report import script_command
 from idm.checkpoint import load_json
 from idm.cli.common import positive_int, seed_value
@@ -41,13 +41,17 @@ def tuning_parser(doc: str, crop: int, images: int) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_value, default=0, help="picks the crops, their positions and the operator draw")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--random-phase", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                        help="mri: give this share of the crops (all without a value) a random smooth phase, as "
+                        "idm train --random-phase does, to tune for real k-space, whose images have one")  # fmt: skip
     add_operator_args(parser)
     return parser
 
 
 @dataclass
 class TuningSetup:
-    """``images`` ``(N, C, crop, crop)`` on ``device``, the ``op`` that measures them, and how to score."""
+    """``images`` ``(N, C, crop, crop)`` on ``device``, the ``op`` that measures them, and how to score.
+    ``phased``: which crops were given a random phase (``--random-phase``)."""
 
     task: Any
     op: Any
@@ -55,9 +59,21 @@ class TuningSetup:
     names: list[str]
     device: torch.device
     score: Callable[[Tensor, Tensor], tuple[float, float]]
+    phased: list[bool]
+
+    @property
+    def signed(self) -> bool:
+        """Whether some crops have a phase: their real and imaginary parts then take either sign."""
+        return any(self.phased)
+
+    def pinv_psnr(self) -> float:
+        """Mean PSNR (dB) of ``A^+ y`` on the crops, scored as the candidates: the level a tuned method must beat."""
+        with torch.no_grad():
+            return mean_psnr(self.op.A_dagger(self.op.A(self.images)), self.images, self.score)
 
     def record(self, script: str, argv: list[str] | None, seconds: float, **fields: Any) -> dict[str, Any]:
-        """The JSON record: command, hardware, task, operator (sizes and seeds left out), crops, then ``fields``."""
+        """The JSON record: command, hardware, task, operator (sizes and seeds left out), crops, ``A^+ y``'s
+        mean PSNR on them, then ``fields``."""
         return {
             "command": script_command(script, argv),
             "hardware": hardware_name(self.device),
@@ -66,7 +82,9 @@ class TuningSetup:
             "operator": without_size_and_seed(self.op.config()),
             "images": self.names,
             "crop": int(self.images.shape[-1]),
+            "random_phase": [name for name, phased in zip(self.names, self.phased) if phased],
             "scored_as": "idm benchmark scores the task (benchmarks.protocol.score_function)",
+            "pinv_mean_psnr": round(self.pinv_psnr(), 3),
             **fields,
         }
 
@@ -74,10 +92,14 @@ class TuningSetup:
 def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TuningSetup:
     """``--images`` random crops (seeded) of the task's ``--data`` and the task's operator at the crop size.
 
+    With ``--random-phase FRACTION`` each crop is given a random smooth phase
+    (:mod:`idm.training.phase`) with that probability, drawn from ``--seed``.
     Anything wrong with the arguments (a grid value below 0, an unknown task,
-    unreadable data, an impossible operator setting) ends in ``parser.error``
-    with the message that names it, before any candidate runs.
+    unreadable data, an impossible operator setting, a phase for images that
+    are not complex) ends in ``parser.error`` with the message that names it,
+    before any candidate runs.
     """
+    from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
     import tasks
     from idm.cli.common import operator_overrides
 
@@ -97,12 +119,20 @@ def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> T
         torch.manual_seed(args.seed)
         picks = torch.randperm(len(dataset))[: args.images].tolist()
         device = torch.device(args.device)
-        images = torch.stack([dataset[i] for i in picks]).to(device)
+        images = torch.stack([dataset[i] for i in picks])
+        fraction = check_phase_fraction(args.random_phase)
+        generator = torch.Generator().manual_seed(args.seed)
+        phased = (torch.rand(len(picks), generator=generator) < fraction).tolist()
+        if any(phased):
+            maps = random_phase_maps(len(picks), *images.shape[-2:], generator)
+            rotated = with_phase(images, maps)  # a ValueError for images that are not complex (B, 2, H, W)
+            images = torch.where(torch.tensor(phased).view(-1, 1, 1, 1), rotated, images)
+        images = images.to(device)
         op = task.make_operator(args.crop, seed=args.seed, **operator_overrides(args))
     except (ValueError, RuntimeError) as err:  # tasks' DataError and operators' errors are ValueErrors
         parser.error(str(err))
     names = [getattr(dataset, "item_name", str)(i) for i in picks]
-    return TuningSetup(task, op, images, names, device, score_function(task))
+    return TuningSetup(task, op, images, names, device, score_function(task), phased)
 
 
 def is_number(text: str) -> bool:

@@ -320,6 +320,35 @@ def test_dps_applies_the_size_scaled_step(ops, priors, monkeypatch):
     assert seen[:2] == [size_scaled_step(0.5, (1, *SIZE))] * 2 and seen[2:] == [0.5, 0.5]
 
 
+def test_dps_clamps_x0_to_the_images_range_mapped_to_the_prior_space(ops, priors, monkeypatch):
+    """(0, 1) images clamp x0_hat to [-1, 1] in the prior's space (the authors'); the signed (-1, 1) range of MRI's
+    real and imaginary parts with a phase to [-3, 1], so their negative halves are not cut away."""
+    import benchmarks.dps as dps_module
+
+    op = ops["mri"]
+    g = gen(5)
+    x_t = 3 * torch.randn(1, *op.image_shape, generator=g, dtype=F64)
+    y = op.A(torch.rand(1, *op.image_shape, generator=g, dtype=F64))
+    abar = torch.tensor(0.6, dtype=F64)
+    eps_fn = lambda x, _t: 0.1 * x
+    _, x0_image, _ = dps_guidance(x_t, 0, eps_fn, abar, y, op, clip_x0=True)
+    _, x0_signed, _ = dps_guidance(x_t, 0, eps_fn, abar, y, op, clip_x0=True, clip_bounds=(-3.0, 1.0))
+    _, x0_free, _ = dps_guidance(x_t, 0, eps_fn, abar, y, op, clip_x0=False)
+    assert x0_free.min() < -3 and x0_free.max() > 1  # the draw reaches past both bounds
+    assert torch.equal(x0_image, x0_free.clamp(-1, 1)) and torch.equal(x0_signed, x0_free.clamp(-3, 1))
+
+    seen = []
+    real_step = dps_module.dps_step
+    monkeypatch.setattr(dps_module, "dps_step", lambda *a, **k: seen.append(k["clip_bounds"]) or real_step(*a, **k))
+    y = op.A(images(op, batch=1))
+    DPS(priors[2], zeta=0.5, steps=1, progress=False)(y, op, generator=gen(0))
+    DPS(priors[2], zeta=0.5, steps=1, progress=False, clip_range=dps_module.SIGNED_RANGE)(y, op, generator=gen(0))
+    assert seen == [(-1.0, 1.0), (-3.0, 1.0)]
+    for bad in ((1.0, 0.0), (0.0, float("nan"))):
+        with pytest.raises(ValueError, match="clip_range must be two finite numbers"):
+            DPS(priors[1], zeta=0.5, clip_range=bad)
+
+
 def test_dps_step_size_and_schedule(ops, priors):
     assert dps_timesteps(1000) == list(range(999, -1, -1))
     assert dps_timesteps(4) == [999, 666, 333, 0]

@@ -463,6 +463,7 @@ def test_tv_weight_from_a_tuning_record_reaches_the_benchmark(bench_files, tmp_p
     tuned = json.loads(record.read_text())
     assert tuned["lam"] in (0.001, 0.05) and set(tuned["mean_psnr_by_lam"]) == {"0.001", "0.05"}
     assert tuned["task"] == "cs" and tuned["operator"]["ratio"] == 0.25 and tuned["iters"] == 5 and len(tuned["images"]) == 2
+    assert 0 < tuned["pinv_mean_psnr"] < max(tuned["mean_psnr_by_lam"].values())  # A^+ y, the level to beat
     argv = ["benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
             "--methods", "tv", "--tv-iters", "3", "--device", "cpu", "--no-progress", "--no-images"]  # fmt: skip
     for lam in (str(record), "0.3"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import h5py
 import numpy as np
@@ -224,3 +225,74 @@ def test_real_kspace_warns_for_a_model_trained_without_phase(tmp_path, volume_fi
                  "--out", str(tmp_path / "bench")]) == 0  # fmt: skip
     assert "trained on magnitude images only" in capsys.readouterr().err
     assert "trained on magnitude images only" in (tmp_path / "bench" / "benchmark.json").read_text()
+
+
+# ---- DPS on images with a phase -------------------------------------------------------------
+@pytest.fixture()
+def grey_prior(tmp_path):
+    from diffusers import UNet2DModel
+
+    from idm.unets import PRIOR_INFO_NAME, tiny_unet_config
+
+    torch.manual_seed(0)
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "prior")
+    (tmp_path / "prior" / PRIOR_INFO_NAME).write_text('{"format": "idm-prior", "data_range": [-1, 1]}')
+    return tmp_path / "prior"
+
+
+def test_benchmark_clamps_dps_to_the_signed_range_on_kspace_files(tmp_path, volume_file, grey_prior, capsys):
+    """On k-space files DPS clamps x0 to [-1, 1] (the phase makes the real and imaginary parts signed), on
+    magnitude images to [0, 1]; a run mixing both is refused, and a step tuned without a phase is flagged."""
+    import json
+
+    path, _ = volume_file
+    pictures = picture_folder(tmp_path, 32)
+    record = tmp_path / "zeta.json"
+    record.write_text(json.dumps({"task": "mri", "zeta": 1.0, "operator": {"name": "mri"}}))  # tuned without a phase
+    base = ["benchmark", "--task", "mri", "--methods", "dps", "--dps-steps", "2", "--prior", str(grey_prior),
+            "--device", "cpu", "--no-progress", "--no-images", "--limit", "1"]  # fmt: skip
+    for data, clip in ((path, [-1.0, 1.0]), (pictures, [0.0, 1.0])):
+        out = tmp_path / f"bench-{clip[0]}"
+        assert main([*base, "--data", str(data), "--dps-zeta", str(record), "--out", str(out)]) == 0
+        settings = json.loads((out / "benchmark.json").read_text())
+        assert settings["method_options"]["dps"]["clip_range"] == clip
+        assert f"x0 clamped to {clip}" in (out / "summary.md").read_text()
+        flagged = any("tuned on crops without a phase" in w for w in settings["warnings"])
+        assert flagged == (clip[0] < 0)
+    capsys.readouterr()
+    assert main([*base, "--data", str(path), str(pictures), "--dps-zeta", "1.0", "--out", str(tmp_path / "mixed")]) == 2
+    assert "mixes k-space files" in capsys.readouterr().err and not (tmp_path / "mixed").exists()
+
+
+def test_tune_dps_with_random_phase_tunes_on_phased_crops_with_the_signed_range(tmp_path, grey_prior, capsys):
+    import json
+
+    from benchmarks import tune_dps
+
+    pictures = picture_folder(tmp_path, 32)
+    base = ["--prior", str(grey_prior), "--data", str(pictures), "--crop", "16", "--images", "1", "--steps", "2",
+            "--grid", "0.5", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert tune_dps.main(["--task", "mri", *base, "--random-phase", "--out", str(tmp_path / "phase.json")]) == 0
+    assert tune_dps.main(["--task", "mri", *base, "--out", str(tmp_path / "plain.json")]) == 0
+    phase, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("phase", "plain"))
+    assert phase["random_phase"] == phase["images"] == ["a"] and phase["clip_range"] == [-1.0, 1.0]
+    assert plain["random_phase"] == [] and plain["clip_range"] == [0.0, 1.0]
+    assert all(math.isfinite(r["pinv_mean_psnr"]) for r in (phase, plain))  # the zero-filled crops, for reference
+    assert phase["pinv_mean_psnr"] != plain["pinv_mean_psnr"]  # the same magnitudes, aliased otherwise with a phase
+    from benchmarks.tuning import tuning_parser, tuning_setup
+
+    parser = tuning_parser("tuning", crop=16, images=1)
+    parser.add_argument("--grid", type=float, nargs="+", default=[1.0])  # as every tuning script has
+    given = ["--task", "mri", "--data", str(pictures), "--crop", "16", "--out", "x.json"]
+    crops = [tuning_setup(parser.parse_args([*given, *flag]), parser).images for flag in ([], ["--random-phase"])]
+    assert float(crops[0][:, 1].abs().max()) == 0 and float(crops[1][:, 1].abs().max()) > 0.05  # a phase: imaginary parts
+    assert torch.allclose(crops[0].norm(dim=1), crops[1].norm(dim=1), atol=1e-6)  # the same magnitudes
+    assert tune_dps.phase_warning(str(tmp_path / "phase.json"), (-1.0, 1.0)) is None
+    assert "magnitude images without one" in tune_dps.phase_warning(str(tmp_path / "phase.json"), (0.0, 1.0))
+    capsys.readouterr()
+    for argv, message in ((["--task", "cs", "--random-phase"], "random phase needs complex images"),
+                          (["--task", "mri", "--random-phase", "2"], "random_phase must be a fraction")):  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            tune_dps.main([*argv, *base, "--out", str(tmp_path / "bad.json")])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()

@@ -74,7 +74,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dps-steps", type=int, help="DPS steps (default 1000, as its authors)")
     parser.add_argument("--dps-zeta", help="DPS step size at the DPS authors' 3x256x256 image size, scaled to the "
                         "images' size: a number, or the JSON record of benchmarks.tune_dps (e.g. "
-                        "benchmarks/results/cpu/dps-zeta-mri4x.json; checked against the task and operator). "
+                        "benchmarks/results/cpu/dps-zeta-mri4x.json; checked against the task and operator; for "
+                        "fastMRI .h5 files, tune with benchmarks.tune_dps --random-phase). "
                         "Default: the authors' value where they give one (inpainting)")
     parser.add_argument("--tv-lam", help="TV weight: a number, or the JSON record of benchmarks.tune_tv (checked "
                         "against the task and operator). Default: the task's (benchmarks.classical.TV_DEFAULTS)")
@@ -99,6 +100,22 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
                             missing="method 'idm' needs --checkpoint: ")  # fmt: skip
 
 
+def dps_clip_range(data: list[str]) -> tuple[float, float]:
+    """The range DPS clamps its ``x0`` estimates to, in the image space: the signed range of the real and imaginary
+    parts of complex images with a phase when ``data`` is fastMRI k-space (:data:`benchmarks.dps.SIGNED_RANGE`),
+    else the authors' [0, 1]. A ``ValueError`` when ``data`` mixes the two, which would need both."""
+    from benchmarks.dps import IMAGE_RANGE, SIGNED_RANGE
+    from tasks.data import holds_kspace_files
+
+    kspace = [path for path in data if holds_kspace_files(path)]
+    if kspace and len(kspace) < len(data):
+        others = [path for path in data if path not in kspace]
+        raise ValueError(f"dps: --data mixes k-space files ({kspace[0]}) with magnitude images ({others[0]}); DPS clamps "
+                         "its estimates to [-1, 1] for the first (their phase makes the real and imaginary parts signed) "
+                         "and to [0, 1] for the second: benchmark them in separate runs")  # fmt: skip
+    return SIGNED_RANGE if kspace else IMAGE_RANGE
+
+
 def run(args: argparse.Namespace) -> int:
     import tasks
     from benchmarks import resident_memory
@@ -108,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.prior import load_prior
     from benchmarks.protocol import describe_protocol, image_seed, operator_factory, pad_multiple, score_function
     from benchmarks.report import summary_table, write_results_csv
-    from benchmarks.tune_dps import check_tuned_prior, step_size_from
+    from benchmarks.tune_dps import check_tuned_prior, phase_warning, step_size_from
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
@@ -180,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         "dps": dict(steps=_or(args.dps_steps, 1000), zeta=dps_zeta),
         "tv": dict(lam=tv_lam, iters=args.tv_iters),
     }
+    if "dps" in names:
+        options["dps"]["clip_range"] = dps_clip_range(args.data)
     methods = []
     for name in names:
         if name == "idm":
@@ -198,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         sizes = dict.fromkeys(tuple(im.x.shape[-2:]) for im in images)
         recorded_warnings += [warning for size in sizes if (warning := trained.size_warning(size))]
     if trained is not None and any(holds_kspace_files(path) for path in args.data) and (warning := trained.phase_warning()):
+        recorded_warnings.append(warning)
+    if "dps" in names and args.dps_zeta is not None and (warning := phase_warning(args.dps_zeta, options["dps"]["clip_range"])):
         recorded_warnings.append(warning)
     for warning in recorded_warnings:
         warnings.warn(warning, stacklevel=1)
@@ -285,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
         f"{len(images)} image(s)"
         + (f", resized to {args.size}x{args.size}" if args.size else "")
         + f"; seeds: operators and generators {args.seed} + image index"
-        + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size)" if dps is not None else "")
+        + (f"; DPS step size {settings['dps_zeta']} (at 3x256x256, scaled to the image size), x0 clamped to "
+           f"{list(options['dps']['clip_range'])}" if dps is not None else "")
         + (f"; TV weight {settings['tv_lam_iters'][0]}, {settings['tv_lam_iters'][1]} iterations" if tv is not None else "")
         + (f"; IDM in {args.precision}" if trained is not None else "")
         + ("; IDM output projected onto the measurements" if settings["idm_final_projection"] else "")
