@@ -218,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
         recorded_warnings += [warning for size in sizes if (warning := trained.size_warning(size))]
     if trained is not None and any(holds_kspace_files(path) for path in args.data) and (warning := trained.phase_warning()):
         recorded_warnings.append(warning)
-    if "dps" in names and args.dps_zeta is not None and (warning := phase_warning(args.dps_zeta, options["dps"]["clip_range"])):
-        recorded_warnings.append(warning)
+    if "dps" in names and args.dps_zeta is not None:  # a step tuned on crops of the other kind (with or without phase)
+        if warning := phase_warning(args.dps_zeta, options["dps"]["clip_range"]):
+            recorded_warnings.append(warning)
     for warning in recorded_warnings:
         warnings.warn(warning, stacklevel=1)
     dps = next((m for m in methods if m.name == "dps"), None)
