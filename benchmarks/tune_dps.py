@@ -65,18 +65,17 @@ def check_tuned_prior(text: str, prior: str | Path, fingerprint: str | None = No
                          f"{str(prior)!r}; pass --dps-zeta {record['zeta']} to use it anyway")  # fmt: skip
 
 
-def phase_warning(text: str, clip_range: tuple[float, float]) -> str | None:
+def phase_warning(text: str, with_phase: bool) -> str | None:
     """A warning when ``--dps-zeta``'s record (``text``; a number passes) was tuned on crops of the other kind
-    than the benchmark's images: without a phase for k-space files (DPS clamping to the signed ``clip_range``)
-    or with one for magnitude images."""
+    than the benchmark's images (``with_phase``: k-space files, whose images have a phase; else magnitude
+    images): without a phase for the first, or with one for the second."""
     if is_number(text):
         return None
     record = load_json(text, RECORD)
-    tuned_signed = bool(record.get("random_phase"))  # records before --random-phase tuned without one
-    signed = tuple(clip_range) == SIGNED_RANGE
-    if tuned_signed == signed:
+    tuned_with_phase = bool(record.get("random_phase"))  # records before --random-phase tuned without one
+    if tuned_with_phase == with_phase:
         return None
-    if signed:
+    if with_phase:
         return (f"--dps-zeta {text} was tuned on crops without a phase, these are k-space files whose images have one: "
                 "tune DPS's step for them with python -m benchmarks.tune_dps --random-phase")  # fmt: skip
     return f"--dps-zeta {text} was tuned on crops with a random phase, these are magnitude images without one"

@@ -99,9 +99,9 @@ def tuning_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> T
     are not complex) ends in ``parser.error`` with the message that names it,
     before any candidate runs.
     """
-    from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
     import tasks
     from idm.cli.common import operator_overrides
+    from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
 
     out = Path(args.out)
     if out.is_dir():

@@ -287,8 +287,8 @@ def test_tune_dps_with_random_phase_tunes_on_phased_crops_with_the_signed_range(
     crops = [tuning_setup(parser.parse_args([*given, *flag]), parser).images for flag in ([], ["--random-phase"])]
     assert float(crops[0][:, 1].abs().max()) == 0 and float(crops[1][:, 1].abs().max()) > 0.05  # a phase: imaginary parts
     assert torch.allclose(crops[0].norm(dim=1), crops[1].norm(dim=1), atol=1e-6)  # the same magnitudes
-    assert tune_dps.phase_warning(str(tmp_path / "phase.json"), (-1.0, 1.0)) is None
-    assert "magnitude images without one" in tune_dps.phase_warning(str(tmp_path / "phase.json"), (0.0, 1.0))
+    assert tune_dps.phase_warning(str(tmp_path / "phase.json"), True) is None
+    assert "magnitude images without one" in tune_dps.phase_warning(str(tmp_path / "phase.json"), False)
     capsys.readouterr()
     for argv, message in ((["--task", "cs", "--random-phase"], "random phase needs complex images"),
                           (["--task", "mri", "--random-phase", "2"], "random_phase must be a fraction")):  # fmt: skip

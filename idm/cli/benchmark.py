@@ -100,14 +100,13 @@ def _load_checkpoint(args: argparse.Namespace, task: Any, overrides: dict[str, A
                             missing="method 'idm' needs --checkpoint: ")  # fmt: skip
 
 
-def dps_clip_range(data: list[str]) -> tuple[float, float]:
+def dps_clip_range(data: list[str], kspace: list[str]) -> tuple[float, float]:
     """The range DPS clamps its ``x0`` estimates to, in the image space: the signed range of the real and imaginary
-    parts of complex images with a phase when ``data`` is fastMRI k-space (:data:`benchmarks.dps.SIGNED_RANGE`),
-    else the authors' [0, 1]. A ``ValueError`` when ``data`` mixes the two, which would need both."""
+    parts of complex images with a phase when ``data`` is fastMRI k-space (``kspace``: those of its paths that hold
+    k-space files; :data:`benchmarks.dps.SIGNED_RANGE`), else the authors' [0, 1]. A ``ValueError`` when ``data``
+    mixes the two, which would need both."""
     from benchmarks.dps import IMAGE_RANGE, SIGNED_RANGE
-    from tasks.data import holds_kspace_files
 
-    kspace = [path for path in data if holds_kspace_files(path)]
     if kspace and len(kspace) < len(data):
         others = [path for path in data if path not in kspace]
         raise ValueError(f"dps: --data mixes k-space files ({kspace[0]}) with magnitude images ({others[0]}); DPS clamps "
@@ -197,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
         "dps": dict(steps=_or(args.dps_steps, 1000), zeta=dps_zeta),
         "tv": dict(lam=tv_lam, iters=args.tv_iters),
     }
+    kspace = [path for path in args.data if holds_kspace_files(path)]  # real k-space: images with a phase
     if "dps" in names:
-        options["dps"]["clip_range"] = dps_clip_range(args.data)
+        options["dps"]["clip_range"] = dps_clip_range(args.data, kspace)
     methods = []
     for name in names:
         if name == "idm":
@@ -216,11 +216,10 @@ def run(args: argparse.Namespace) -> int:
     if trained is not None and task.size_bound:
         sizes = dict.fromkeys(tuple(im.x.shape[-2:]) for im in images)
         recorded_warnings += [warning for size in sizes if (warning := trained.size_warning(size))]
-    if trained is not None and any(holds_kspace_files(path) for path in args.data) and (warning := trained.phase_warning()):
+    if trained is not None and kspace and (warning := trained.phase_warning()):
         recorded_warnings.append(warning)
-    if "dps" in names and args.dps_zeta is not None:  # a step tuned on crops of the other kind (with or without phase)
-        if warning := phase_warning(args.dps_zeta, options["dps"]["clip_range"]):
-            recorded_warnings.append(warning)
+    if "dps" in names and args.dps_zeta is not None and (warning := phase_warning(args.dps_zeta, bool(kspace))):
+        recorded_warnings.append(warning)  # a step tuned on crops of the other kind (with or without a phase)
     for warning in recorded_warnings:
         warnings.warn(warning, stacklevel=1)
     dps = next((m for m in methods if m.name == "dps"), None)
