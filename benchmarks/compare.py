@@ -123,12 +123,17 @@ def check_same_problem(base: Path, other: Path) -> None:
     """A ``ValueError`` naming the settings (:data:`SAME_SETTINGS`) in which the two runs' ``benchmark.json``
     differ, and the images of one name that are not the same image measured the same way (:data:`SAME_INPUT`).
     Runs without that record are not checked; runs that do not record their inputs (older ones) must have
-    been resized alike (``resized_to``)."""
+    been resized alike (``resized_to``). Where both record each image's operator seed, those seeds are
+    compared instead of the runs' base seeds: a run of one image given the seed of its index in a larger run
+    (``--seed``) measured it as that run did, and pools with it."""
     records = [read_record(base), read_record(other)]
     if None in records:
         return
-    differing = [key for key in SAME_SETTINGS if recorded_setting(records[0], key) != recorded_setting(records[1], key)]
     inputs = [{item.get("name"): item for item in record.get("inputs") or []} for record in records]
+    settings = SAME_SETTINGS
+    if all(inputs) and all("operator_seed" in item for named in inputs for item in named.values()):
+        settings = tuple(key for key in SAME_SETTINGS if key != "operator_seeds")  # compared image by image below
+    differing = [key for key in settings if recorded_setting(records[0], key) != recorded_setting(records[1], key)]
     if not all(inputs) and records[0].get("resized_to") != records[1].get("resized_to"):
         differing.append("resized_to")
     shown = [f"{key}: {records[0].get(key)!r} against {records[1].get(key)!r}" for key in differing]

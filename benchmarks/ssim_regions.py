@@ -1,6 +1,6 @@
 """Where SSIM is won or lost: each method's SSIM map split into the ground truth's background and foreground.
 
-    python -m benchmarks.ssim_regions RUN [--threshold 0.05] [--out FOLDER]
+    python -m benchmarks.ssim_regions RUN [RUN ...] [--threshold 0.05] [--out FOLDER]
 
 ``RUN`` is the ``--out`` folder of an ``idm benchmark`` run made with its
 images (without ``--no-images``): its reconstructions
@@ -17,6 +17,12 @@ PNGs, so the whole-image SSIM can differ from ``results.csv`` in the third
 decimal; colour images are compared as the mean of their channels (grey),
 so theirs is not the benchmark's per-channel SSIM. Writes ``FOLDER/ssim_regions.csv`` and ``.md`` (default: ``RUN``)
 and prints the table of means over the images.
+
+Several runs of one problem (e.g. a method run image by image, each with the
+seed of its index in a larger run) are pooled as ``benchmarks.tradeoff``
+pools them: runs of another problem, or that add images of one method run
+with other settings, are refused, an image that two runs scored with one
+method keeps the first run's, and ``--out`` is then required.
 
 Typical use: a method ahead in PSNR but behind in SSIM on MR images, whose
 background is half the picture and where SSIM's small-signal windows punish
@@ -35,9 +41,10 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 import tasks
-from benchmarks.compare import read_record
+from benchmarks.compare import check_same_problem, read_record, read_results
 from benchmarks.harness import load_images
 from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
+from benchmarks.tradeoff import check_pooled_methods
 
 #: The columns of ``ssim_regions.csv``; SSIM values in [-1, 1], errors in [0, 1], fractions in [0, 1].
 FIELDS = ("method", "image", "ssim", "background_ssim", "foreground_ssim", "background_fraction",
@@ -123,25 +130,43 @@ def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ssim_regions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="an idm benchmark --out folder, run with its images")
-    parser.add_argument("--threshold", type=float, default=0.05, help="background: ground truth below this (default 0.05)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write ssim_regions.csv/.md (default: RUN)")
-    args = parser.parse_args(argv)
-    if not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must lie in (0, 1), got {args.threshold}")
-    record, truths = ground_truths(args.run)
-    methods = [m for m in record.get("methods", []) if (args.run / "recon" / m).is_dir()]
+def region_rows(run: Path, threshold: float) -> list[dict[str, Any]]:
+    """One row of :data:`FIELDS` per method and image of ``run``'s reconstructions (:func:`region_scores`);
+    a ``ValueError`` when it kept none."""
+    record, truths = ground_truths(run)
+    methods = [m for m in record.get("methods", []) if (run / "recon" / m).is_dir()]
     if not methods:
-        raise ValueError(f"{args.run} holds no reconstructions (recon/<method>/): rerun the benchmark without --no-images")
+        raise ValueError(f"{run} holds no reconstructions (recon/<method>/): rerun the benchmark without --no-images")
     rows = []
     for method in methods:
         for name, truth in truths.items():
-            estimate = read_reconstruction(args.run / "recon" / method / f"{name}.png", truth.shape)
-            rows.append({"method": method, "image": name, **region_scores(estimate, truth, args.threshold)})
+            estimate = read_reconstruction(run / "recon" / method / f"{name}.png", truth.shape)
+            rows.append({"method": method, "image": name, **region_scores(estimate, truth, threshold)})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ssim_regions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="idm benchmark --out folders, run with their images")
+    parser.add_argument("--threshold", type=float, default=0.05, help="background: ground truth below this (default 0.05)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write ssim_regions.csv/.md (default: RUN, when one)")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must lie in (0, 1), got {args.threshold}")
+    if len(args.runs) > 1 and args.out is None:
+        parser.error("--out is required with several runs (their pooled table belongs to none of them)")
+    if len(args.runs) > 1:
+        for other in args.runs[1:]:
+            check_same_problem(args.runs[0], other)
+        check_pooled_methods([(run, read_results(run)) for run in args.runs])
+    rows, seen = [], set()
+    for run in args.runs:
+        for row in region_rows(run, args.threshold):
+            if (row["method"], row["image"]) not in seen:  # an image two runs scored with one method: the first's
+                seen.add((row["method"], row["image"]))
+                rows.append(row)
     markdown = f"`{script_command('benchmarks.ssim_regions', argv)}`\n\n{markdown_table(rows, args.threshold)}"
-    write_csv_and_markdown(args.out or args.run, "ssim_regions", rounded(rows), FIELDS, markdown)
+    write_csv_and_markdown(args.out or args.runs[0], "ssim_regions", rounded(rows), FIELDS, markdown)
     return 0
 
 

@@ -9,7 +9,8 @@ of the same images. Left: mean PSNR, right: mean SSIM (error bars: one
 standard deviation over the images), both against the mean seconds per image
 on a log scale; each point is labelled with its method, and the legend gives
 each method's NFEs (network evaluations per image) and, where the run
-measured it, its peak memory.
+measured it, its peak memory. The same means go to a markdown table beside
+the PNG (``FILE.md``), under the command that made it.
 Every method is averaged over the same images: those that every plotted
 method scored with a finite PSNR and SSIM (an image that two runs scored
 with one method counts once, from the first run given). Runs of another
@@ -98,6 +99,17 @@ def method_points(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | No
     return points
 
 
+def points_table(points: Sequence[MethodPoint]) -> str:
+    """Markdown: each point's mean ± standard deviation of PSNR and SSIM over its images, its seconds per
+    image, NFEs, peak MiB (``-`` where not measured) and image count, one row per method."""
+    lines = ["| method | PSNR (dB) | SSIM | seconds / image | NFEs | peak MiB | images |", "|" + "---|" * 7]
+    for p in points:
+        memory = "-" if p.peak_mib is None else f"{p.peak_mib:.0f}"
+        lines.append(f"| `{p.method}` | {p.psnr:.2f} ± {p.psnr_std:.2f} | {p.ssim:.4f} ± {p.ssim_std:.4f} | "
+                     f"{p.seconds:.3g} | {p.nfe} | {memory} | {p.images} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def save_tradeoff_plot(points: Sequence[MethodPoint], path: Path, title: str = "") -> None:
     """Write the two panels (PSNR and SSIM against seconds per image, log scale) of ``points`` as a PNG."""
     import matplotlib
@@ -135,11 +147,23 @@ METHOD_SETTINGS = {
 }
 
 
+def options_before_recorded() -> dict[str, dict[str, Any]]:
+    """The options that ``idm benchmark`` records of a method since it has them, as the runs before ran
+    them: DPS clamped its estimates to :data:`benchmarks.dps.IMAGE_RANGE` before its ``clip_range`` was
+    an option (as JSON writes it, a list)."""
+    from benchmarks.dps import IMAGE_RANGE
+
+    return {"dps": {"clip_range": list(IMAGE_RANGE)}}
+
+
 def _method_settings(record: dict[str, Any], method: str) -> dict[str, Any]:
-    """How the run of ``record`` (its ``benchmark.json``) ran ``method``."""
+    """How the run of ``record`` (its ``benchmark.json``) ran ``method``; an option that the run predates
+    (:func:`options_before_recorded`) as it ran then."""
     options = record.get("method_options")
-    return {**{key: record.get(key) for key in METHOD_SETTINGS.get(method, ())},
-            "options": options.get(method) if isinstance(options, dict) else None}  # fmt: skip
+    options = options.get(method) if isinstance(options, dict) else None
+    if isinstance(options, dict):
+        options = {**options_before_recorded().get(method, {}), **options}
+    return {**{key: record.get(key) for key in METHOD_SETTINGS.get(method, ())}, "options": options}
 
 
 def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
@@ -188,11 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_pooled_methods(results)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
     points = method_points([row for _, rows in results for row in rows], methods)
-    save_tradeoff_plot(points, out, args.title or script_command("benchmarks.tradeoff", argv))
+    command = script_command("benchmarks.tradeoff", argv)
+    save_tradeoff_plot(points, out, args.title or command)
+    table = out.with_suffix(".md")
+    table.write_text(f"`{command}`\n\n{points_table(points)}")
     for point in points:
         print(f"{point.label()}: {point.psnr:.2f} dB, SSIM {point.ssim:.4f}, {point.seconds:.3g} s per image "
               f"({point.images} images)")  # fmt: skip
-    print(f"wrote {out}")
+    print(f"wrote {out} and {table}")
     return 0
 
 

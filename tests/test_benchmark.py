@@ -275,15 +275,42 @@ def test_compare_refuses_images_of_one_name_that_differ(bench_files, tmp_path):
         compare.compare_runs(tmp_path / "run-x", tmp_path / "run-swapped")
     (row,) = compare.compare_runs(tmp_path / "run-x", tmp_path / "run-x32")
     assert row["images"] == 2 and row["largest_psnr_difference"] == 0.0
-    legacy = tmp_path / "run-x-legacy"  # recorded before "(mod 2**32)" was written out: the same seeds
+    legacy = tmp_path / "run-x-legacy"  # recorded before "(mod 2**32)" and the per-image inputs were written out
     shutil.copytree(tmp_path / "run-x", legacy)
     assert record["operator_seeds"] == "0 + image index (mod 2**32)"
-    (legacy / "benchmark.json").write_text(json.dumps({**record, "operator_seeds": "0 + image index"}))
+    legacy_record = {key: value for key, value in record.items() if key != "inputs"}
+    (legacy / "benchmark.json").write_text(json.dumps({**legacy_record, "operator_seeds": "0 + image index"}))
     (row,) = compare.compare_runs(tmp_path / "run-x", legacy)
     assert row["images"] == 2 and row["largest_psnr_difference"] == 0.0
-    (legacy / "benchmark.json").write_text(json.dumps({**record, "operator_seeds": "1 + image index"}))
+    (legacy / "benchmark.json").write_text(json.dumps({**legacy_record, "operator_seeds": "1 + image index"}))
     with pytest.raises(ValueError, match=r"operator_seeds: '0 \+ image index \(mod 2\*\*32\)' against '1 \+ image index'"):
         compare.compare_runs(tmp_path / "run-x", legacy)
+
+
+def test_runs_of_single_images_pool_by_their_images_operator_seeds(bench_files, tmp_path, capsys):
+    """A run of one image given the seed of its index in a larger run (--seed) measured it as that run did:
+    compared and pooled with it although the runs' base seeds differ; given another seed, it is refused."""
+    from benchmarks import compare, tradeoff
+
+    images = bench_files / "images"
+    assert main([*PINV_RUN, "--data", str(images), "--out", str(tmp_path / "both")]) == 0  # a: seed 0, b: seed 1
+    assert main([*PINV_RUN, "--data", str(images / "a.png"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*PINV_RUN, "--data", str(images / "b.png"), "--seed", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main([*PINV_RUN, "--data", str(images / "b.png"), "--out", str(tmp_path / "b-seed0")]) == 0
+    (row,) = compare.compare_runs(tmp_path / "both", tmp_path / "b")
+    assert row["images"] == 1 and row["largest_psnr_difference"] == 0.0 and row["left_out"] == 1
+    with pytest.raises(ValueError, match=r"image 'b': .*operator seed 1 against .*operator seed 0"):
+        compare.compare_runs(tmp_path / "both", tmp_path / "b-seed0")
+    capsys.readouterr()
+    assert tradeoff.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "pooled.png")]) == 0
+    assert tradeoff.main([str(tmp_path / "both"), "--out", str(tmp_path / "whole.png")]) == 0
+    printed = capsys.readouterr().out
+    pooled, whole = ((tmp_path / f"{name}.md").read_text().splitlines() for name in ("pooled", "whole"))
+    assert pooled[0] == f"`python -m benchmarks.tradeoff {tmp_path / 'a'} {tmp_path / 'b'} --out {tmp_path / 'pooled.png'}`"
+    cells = [[cell.strip() for cell in table[-1].split("|")[1:-1]] for table in (pooled, whole)]
+    assert cells[0][:3] == cells[1][:3] and cells[0][0] == "`pinv`"  # method, PSNR and SSIM: the same images
+    assert cells[0][4] == "0" and cells[0][6] == "2"  # NFEs, images
+    assert f"wrote {tmp_path / 'pooled.png'} and {tmp_path / 'pooled.md'}" in printed
 
 
 def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch, capsys):
@@ -1112,6 +1139,23 @@ def test_a_benchmark_record_that_is_not_an_object_counts_as_absent(tmp_path, dam
     check_same_problem(base, other)  # not checked: nothing recorded on one side
     with pytest.raises(ValueError, match="idm ran with other settings"):  # the good record is still read
         check_pooled_methods([(base, [{"method": "idm", "image": "x"}]), (other, [{"method": "idm", "image": "y"}])])
+
+
+def test_dps_runs_from_before_its_clamp_was_recorded_pool_with_runs_that_clamp_to_the_same_range(tmp_path):
+    """A DPS run recorded before ``clip_range`` was one of its options clamped to [0, 1]: it pools with a
+    later run that records [0, 1], not with one that records [-1, 1]."""
+    from benchmarks.tradeoff import check_pooled_methods
+
+    def run(name, image, options):
+        folder = _results_csv(tmp_path / name, [("dps", image, 20, 0.5, "ok")])
+        record = {"prior_sha256": "p", "dps_zeta": 2.0, "method_options": {"dps": {"steps": 1000, "zeta": 2.0, **options}}}
+        (folder / "benchmark.json").write_text(json.dumps(record))
+        return folder, [{"method": "dps", "image": image}]
+
+    before = run("before", "x", {})
+    check_pooled_methods([before, run("image-range", "y", {"clip_range": [0.0, 1.0]})])
+    with pytest.raises(ValueError, match=r"dps ran with other settings .*'clip_range': \[0\.0, 1\.0\].* against .*'clip_range': \[-1\.0, 1\.0\]"):
+        check_pooled_methods([before, run("signed-range", "z", {"clip_range": [-1.0, 1.0]})])
 
 
 def test_a_step_size_record_is_checked_against_the_network_of_its_prior(bench_files, tmp_path):

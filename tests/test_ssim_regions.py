@@ -87,3 +87,30 @@ def test_a_run_it_cannot_read_is_a_clear_error(mri_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ssim_regions.main([str(mri_run), "--threshold", "1.5"])
     assert "--threshold must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_runs_of_single_images_pool_into_one_table(mri_run, tmp_path, capsys):
+    """Each image run alone with the seed of its index in the two-image run (--seed 2, then 3) pools into the
+    rows of that run; a run of another problem is refused, and so is pooling without --out."""
+    for name, seed in (("a", "2"), ("b", "3")):
+        assert idm_main(["benchmark", "--task", "mri", "--data", f"images/{name}.png", "--methods", "pinv",
+                         "--device", "cpu", "--seed", seed, "--no-progress", "--out", f"run-{name}"]) == 0  # fmt: skip
+    argv = [str(tmp_path / "run-a"), str(tmp_path / "run-b"), "--out", str(tmp_path / "pooled")]
+    assert run_script(ssim_regions.main, "benchmarks.ssim_regions", argv) == 0
+    assert run_script(ssim_regions.main, "benchmarks.ssim_regions", [str(mri_run)]) == 0
+    tables = []
+    for folder in (tmp_path / "pooled", mri_run):
+        with open(folder / "ssim_regions.csv") as handle:
+            tables.append(list(csv.DictReader(handle)))
+    assert tables[0] == tables[1]  # the same images, measured alike, scored alike
+    assert idm_main(["benchmark", "--task", "mri", "--acceleration", "8", "--center-fraction", "0.04", "--data",
+                     "images/b.png", "--methods", "pinv", "--device", "cpu", "--seed", "3", "--no-progress",
+                     "--out", "run-8x"]) == 0  # fmt: skip
+    capsys.readouterr()
+    argv = [str(tmp_path / "run-a"), str(tmp_path / "run-8x"), "--out", str(tmp_path / "mixed")]
+    assert run_script(ssim_regions.main, "benchmarks.ssim_regions", argv) == 2
+    assert "did not benchmark the same problem (operator:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ssim_regions.main([str(tmp_path / "run-a"), str(tmp_path / "run-b")])
+    assert "--out is required with several runs" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
