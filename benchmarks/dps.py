@@ -105,6 +105,12 @@ IMAGE_RANGE = (0.0, 1.0)
 #: The range of the real and imaginary parts of complex images of magnitude at most 1 (MRI with a phase).
 SIGNED_RANGE = (-1.0, 1.0)
 
+def clip_range_for(with_phase: bool) -> tuple[float, float]:
+    """The range DPS clamps its ``x0`` estimates to, in the image space: :data:`SIGNED_RANGE` for complex
+    images with a phase (their real and imaginary parts take either sign), else :data:`IMAGE_RANGE`."""
+    return SIGNED_RANGE if with_phase else IMAGE_RANGE
+
+
 #: Values per image at which the authors' step sizes hold: their 3 x 256 x 256 images.
 AUTHOR_IMAGE_NUMEL = 3 * 256 * 256
 

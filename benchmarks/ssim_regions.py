@@ -130,9 +130,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def region_rows(run: Path, threshold: float) -> list[dict[str, Any]]:
-    """One row of :data:`FIELDS` per method and image of ``run``'s reconstructions (:func:`region_scores`);
-    a ``ValueError`` when it kept none."""
+def region_rows(run: Path, threshold: float, skip: set[tuple[str, str]] = frozenset()) -> list[dict[str, Any]]:
+    """One row of :data:`FIELDS` per method and image of ``run``'s reconstructions (:func:`region_scores`),
+    but for the ``(method, image)`` pairs in ``skip`` (scored from an earlier run); a ``ValueError`` when
+    it kept none."""
     record, truths = ground_truths(run)
     methods = [m for m in record.get("methods", []) if (run / "recon" / m).is_dir()]
     if not methods:
@@ -140,6 +141,8 @@ def region_rows(run: Path, threshold: float) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
         for name, truth in truths.items():
+            if (method, name) in skip:
+                continue
             estimate = read_reconstruction(run / "recon" / method / f"{name}.png", truth.shape)
             rows.append({"method": method, "image": name, **region_scores(estimate, truth, threshold)})
     return rows
@@ -159,12 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for other in args.runs[1:]:
             check_same_problem(args.runs[0], other)
         check_pooled_methods([(run, read_results(run)) for run in args.runs])
-    rows, seen = [], set()
-    for run in args.runs:
-        for row in region_rows(run, args.threshold):
-            if (row["method"], row["image"]) not in seen:  # an image two runs scored with one method: the first's
-                seen.add((row["method"], row["image"]))
-                rows.append(row)
+    rows = []
+    for run in args.runs:  # an image that two runs scored with one method: the first's
+        rows += region_rows(run, args.threshold, skip={(row["method"], row["image"]) for row in rows})
     markdown = f"`{script_command('benchmarks.ssim_regions', argv)}`\n\n{markdown_table(rows, args.threshold)}"
     write_csv_and_markdown(args.out or args.runs[0], "ssim_regions", rounded(rows), FIELDS, markdown)
     return 0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.dps import DEFAULT_STEP_GRID, IMAGE_RANGE, SIGNED_RANGE, tune_dps_step
+from benchmarks.dps import DEFAULT_STEP_GRID, clip_range_for, tune_dps_step
 from benchmarks.prior import load_prior
 from benchmarks.report import run_script
 from benchmarks.tuning import is_number, tuned_value, tuning_parser, tuning_setup
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # PriorError: not a prior folder
         parser.error(str(err))
     start = time.perf_counter()
-    clip_range = SIGNED_RANGE if setup.signed else IMAGE_RANGE
+    clip_range = clip_range_for(setup.signed)
     best, scores = tune_dps_step(prior, setup.op, setup.images, grid=args.grid, steps=args.steps, seed=args.seed,
                                  return_scores=True, score=setup.score, progress=not args.no_progress,
                                  clip_range=clip_range)  # fmt: skip

@@ -105,14 +105,14 @@ def dps_clip_range(data: list[str], kspace: list[str]) -> tuple[float, float]:
     parts of complex images with a phase when ``data`` is fastMRI k-space (``kspace``: those of its paths that hold
     k-space files; :data:`benchmarks.dps.SIGNED_RANGE`), else the authors' [0, 1]. A ``ValueError`` when ``data``
     mixes the two, which would need both."""
-    from benchmarks.dps import IMAGE_RANGE, SIGNED_RANGE
+    from benchmarks.dps import clip_range_for
 
     if kspace and len(kspace) < len(data):
         others = [path for path in data if path not in kspace]
         raise ValueError(f"dps: --data mixes k-space files ({kspace[0]}) with magnitude images ({others[0]}); DPS clamps "
                          "its estimates to [-1, 1] for the first (their phase makes the real and imaginary parts signed) "
                          "and to [0, 1] for the second: benchmark them in separate runs")  # fmt: skip
-    return SIGNED_RANGE if kspace else IMAGE_RANGE
+    return clip_range_for(bool(kspace))
 
 
 def run(args: argparse.Namespace) -> int:
