@@ -30,7 +30,7 @@ TASK = Task(
     loader=ct_loader,
     size_bound=True,
     pinv_mapping="images",  # FBP of the constant image's sinogram is streaks: map A^+ y, not y
-    final_projection=True,  # least-squares fit to y after the last step: +0.9 dB / +0.036 SSIM for ct-18 (README)
+    final_projection=True,  # least-squares fit to y after the last step: +0.9 dB / +0.036 SSIM for ct-18 (benchmarks/RESULTS.md, CT)
     alpha_init=0.99,  # start at about the FBP: untrained, 35.6 dB on a clinical slice, 14.1 with 0.5 (benchmarks.ct_start)
     description="sparse-view parallel-beam CT, 60 views, windowed slices (.npy / .dcm / .tif)",
 )

@@ -67,6 +67,6 @@ TASK = Task(
     schedule=Schedule(iters=20_000, lr=1e-4, milestones=(0.2, 0.4, 0.6, 0.8), batch_size=8),
     loader=mri_loader,
     metric="magnitude",
-    alpha_init=0.99,  # start at about the zero-filled image, not 7-9 dB below it (README: MRI results)
+    alpha_init=0.99,  # start at about the zero-filled image, not 7-9 dB below it (benchmarks/RESULTS.md, MRI)
     description="single-coil Cartesian MRI, 4x random column masks, magnitude images as complex (real, 0)",
 )
