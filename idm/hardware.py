@@ -54,7 +54,7 @@ def has_native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo")
 
     CUDA: compute capability 8.0 or newer (``torch.cuda.is_bf16_supported`` without emulation).
     CPU: AVX512-BF16 or AMX-BF16 in ``cpuinfo``; oneDNN emulates bfloat16 elsewhere, slower than
-    float32 (`benchmarks/SPEED.md`, *On this CPU*). Other devices: ``False``.
+    float32 (``benchmarks/SPEED.md``, *On this CPU*). Other devices: ``False``.
     """
     if device.type == "cuda":  # compute capability 8.0+: what is_bf16_supported checks, here for this device
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8

@@ -9,7 +9,7 @@ first and last layers stay float32 too (:func:`full_precision`): its input
 state is not rounded to bfloat16, nor its noise estimate, which the DDNM step
 divides by ``sqrt(abar_t)``. On Set11 that cuts the bf16 path's mean PSNR
 loss with the shipped ``cs-10`` and ``cs-30`` to about a third, within
-0.05 dB of float32 (`benchmarks/SPEED.md`, *On this CPU*), at the cost of two thin
+0.05 dB of float32 (``benchmarks/SPEED.md``, *On this CPU*), at the cost of two thin
 convolutions (the image side of the U-Net) in float32. The same holds under
 the bf16 autocast of training on CUDA. It pays on
 GPUs and on CPUs with native bfloat16 (AVX512-BF16, AMX); elsewhere oneDNN
@@ -47,7 +47,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
     A precision of :data:`PRECISIONS` is returned as it is; anything else is a ``ValueError``.
     On the shipped models bf16 stays within 0.03 dB of fp32 in mean PSNR on every
-    benchmark that was run in both (`benchmarks/SPEED.md`, *On this CPU*).
+    benchmark that was run in both (``benchmarks/SPEED.md``, *On this CPU*).
     """
     if precision == "auto":
         return "bf16" if hardware.has_native_bf16(torch.device(device)) else "fp32"
