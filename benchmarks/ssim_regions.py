@@ -41,10 +41,10 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 import tasks
-from benchmarks.compare import check_same_problem, read_record, read_results
+from benchmarks.compare import read_record, read_results
 from benchmarks.harness import load_images
 from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
-from benchmarks.tradeoff import check_pooled_methods
+from benchmarks.tradeoff import check_poolable
 
 #: The columns of ``ssim_regions.csv``; SSIM values in [-1, 1], errors in [0, 1], fractions in [0, 1].
 FIELDS = ("method", "image", "ssim", "background_ssim", "foreground_ssim", "background_fraction",
@@ -156,12 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must lie in (0, 1), got {args.threshold}")
-    if len(args.runs) > 1 and args.out is None:
-        parser.error("--out is required with several runs (their pooled table belongs to none of them)")
     if len(args.runs) > 1:
-        for other in args.runs[1:]:
-            check_same_problem(args.runs[0], other)
-        check_pooled_methods([(run, read_results(run)) for run in args.runs])
+        if args.out is None:
+            parser.error("--out is required with several runs (their pooled table belongs to none of them)")
+        check_poolable([(run, read_results(run)) for run in args.runs])
     rows = []
     for run in args.runs:  # an image that two runs scored with one method: the first's
         rows += region_rows(run, args.threshold, skip={(row["method"], row["image"]) for row in rows})

@@ -195,6 +195,15 @@ def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:
                       stacklevel=2)  # fmt: skip
 
 
+def check_poolable(results: Sequence[tuple[Path, list[dict]]]) -> None:
+    """A ``ValueError`` unless the runs (each ``(folder, its results.csv rows)``) can be pooled into one table:
+    every run measured the first one's problem (:func:`benchmarks.compare.check_same_problem`) and each method
+    ran alike in the runs that add its images (:func:`check_pooled_methods`, which also warns about hardware)."""
+    for other, _ in results[1:]:
+        check_same_problem(results[0][0], other)
+    check_pooled_methods(results)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="idm benchmark --out folders")
@@ -207,9 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out {out} must name a .png file")
     runs = [Path(run) for run in args.runs]
     results = [(run, read_results(run)) for run in runs]
-    for other in runs[1:]:
-        check_same_problem(runs[0], other)
-    check_pooled_methods(results)
+    check_poolable(results)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
     points = method_points([row for _, rows in results for row in rows], methods)
     command = script_command("benchmarks.tradeoff", argv)
