@@ -49,6 +49,34 @@ class Schedule:
         return tuple(sorted({max(1, round(f * n)) for f in self.milestones}))
 
 
+def mask_mixture(mask: Any) -> Optional[list[tuple[str, float]]]:
+    """The ``(kind, weight)`` pairs of a mask mixture such as ``"random,box"`` (equal weights) or
+    ``"random:1,box:2"`` (a box in two draws of three); ``None`` when ``mask`` is not a comma-separated
+    list (one kind, a mask file or an array).
+
+    Raises:
+        ValueError: a kind named twice, an empty item, or a weight that is not a positive finite number.
+    """
+    if not (isinstance(mask, str) and "," in mask):
+        return None
+    pairs: list[tuple[str, float]] = []
+    for item in (part.strip() for part in mask.split(",")):
+        kind, sep, weight_text = item.partition(":")
+        kind = kind.strip()
+        if not kind:
+            raise ValueError(f"--mask {mask!r}: an empty item; a mixture is KIND[:WEIGHT],KIND[:WEIGHT],...")
+        try:
+            weight = float(weight_text) if sep else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not (weight > 0 and weight != float("inf")):  # NaN fails the first test
+            raise ValueError(f"--mask {mask!r}: the weight of {kind!r} must be a positive number, got {weight_text!r}")
+        if any(kind == seen for seen, _ in pairs):
+            raise ValueError(f"--mask {mask!r}: {kind!r} is named twice; give it a weight instead ({kind}:2)")
+        pairs.append((kind, weight))
+    return pairs
+
+
 def image_folder_loader(task: "Task", paths: PathsArg, crop: Optional[int], augment: bool, seed: int) -> Dataset:
     """Images of any format ``tasks.data`` reads, in the task's colour mode."""
     from tasks.data import ImageFolderDataset
@@ -202,7 +230,8 @@ class Task:
 
         A family is built when an override is a ``(low, high)`` range (e.g.
         ``ratio=(0.01, 0.5)``: one model for every ratio in it) or ``mask`` is a
-        comma-separated list (``"random,box"``: a mixture, equal weights). The
+        comma-separated list (``"random,box"``: a mixture, equal weights;
+        ``"random:1,box:2"``: weighted, see :func:`mask_mixture`). The
         family's representative (validation, shape checks) uses the middle of
         each range; :attr:`family_choices` are added to components that have
         those settings.
@@ -212,7 +241,9 @@ class Task:
 
         ranges = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
         mask = overrides.get("mask")
-        kinds = [m.strip() for m in mask.split(",")] if isinstance(mask, str) and "," in mask else None
+        mixture = mask_mixture(mask)
+        kinds = [kind for kind, _ in mixture] if mixture else None
+        weights = [weight for _, weight in mixture] if mixture else [1.0]
         if not ranges and not kinds:
             self.check_flags(**overrides)
             return self.make_operator(img_size, seed, **overrides)
@@ -223,7 +254,7 @@ class Task:
         middle = {k: (lo + hi) // 2 if isinstance(lo, int) and isinstance(hi, int) else (lo + hi) / 2
                   for k, (lo, hi) in ranges.items()}  # fmt: skip
         components = []
-        for kind in kinds or [None]:
+        for kind, weight in zip(kinds or [None], weights):
             kind_setting = {"mask": kind} if kind else {}
             representative = self.make_operator(img_size, seed, **fixed, **middle, **kind_setting)
             check_plugin_operator(representative)  # before its config() stands for it: a setting it leaves out is lost
@@ -233,7 +264,7 @@ class Task:
                 for end in ends:
                     self.make_operator(img_size, seed, **fixed, **{**middle, key: end}, **kind_setting)
             vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})
-            components.append(Component(base, vary))
+            components.append(Component(base, vary, weight))
         unused = [key for key in ranges if not any(key in c.vary for c in components)]
         if unused:  # e.g. --ratio LOW:HIGH with --mask box: the range would change nothing
             shown = ", ".join(f"--{key.replace('_', '-')} {lo}:{hi}" for key, (lo, hi) in ranges.items() if key in unused)

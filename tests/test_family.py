@@ -83,6 +83,31 @@ def test_mask_mixture_serves_random_masks_and_boxes():
     assert problem.endswith("requested a 32x32 mask array (a mask file)") and len(problem) < 120
 
 
+def test_weighted_mask_mixture_draws_the_kinds_in_proportion_and_records_the_weights():
+    fam = tasks.get("inpainting").make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask="random:1,box:3")
+    assert [c.weight for c in fam.components] == [1.0, 3.0]
+    boxes = sum(fam.resample(s).kind == "box" for s in range(400))
+    assert 270 < boxes < 330  # 3/4 of 400 = 300; equal weights would give about 200
+    assert [c.weight for c in operators.from_config(json.loads(json.dumps(fam.config()))).components] == [1.0, 3.0]
+    unweighted = tasks.get("inpainting").make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask="random, box:1")
+    assert [c.weight for c in unweighted.components] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "mask, problem",
+    [("random:0,box", r"weight of 'random' must be a positive number, got '0'"),
+     ("random,box:-1", r"weight of 'box' must be a positive number, got '-1'"),
+     ("random:nan,box", r"weight of 'random' must be a positive number, got 'nan'"),
+     ("random:inf,box", r"weight of 'random' must be a positive number, got 'inf'"),
+     ("random:x,box", r"weight of 'random' must be a positive number, got 'x'"),
+     ("random,,box", r"an empty item"),
+     ("box,random,box:2", r"'box' is named twice; give it a weight instead \(box:2\)")],
+)  # fmt: skip
+def test_bad_mask_mixtures_are_named(mask, problem):
+    with pytest.raises(ValueError, match=problem):
+        tasks.get("inpainting").make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask=mask)
+
+
 def test_a_mask_mixture_model_refuses_a_random_mask_ratio_outside_its_range(tmp_path, capsys):
     """A request that names only --ratio is for the model's default member (random masks): the box
     component, which has no ratio, must not make any ratio look served."""

@@ -138,7 +138,7 @@ def add_operator_args(parser: argparse.ArgumentParser, training: bool = False) -
     group.add_argument("--mode", choices=("spatial", "permuted"), help="cs: spatial blocks or structurally random")
     group.add_argument("--block", type=int, help="cs: block size (default 32)")
     mask_help = "inpainting: 'random', 'box' or an image file of the kept pixels"
-    group.add_argument("--mask", help=mask_help + (" (or a list 'random,box': a mixture)" if training else ""))
+    group.add_argument("--mask", help=mask_help + (" (or a mixture: 'random,box', equal shares, or weighted 'random:1,box:2')" if training else ""))
     group.add_argument("--acceleration", type=float, help="mri: undersampling factor (default 4)")
     group.add_argument("--center-fraction", type=float,
                        help="mri: fully sampled low-frequency fraction (default 0.08; fastMRI pairs 0.04 with 8x)")
