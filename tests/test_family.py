@@ -108,6 +108,16 @@ def test_bad_mask_mixtures_are_named(mask, problem):
         tasks.get("inpainting").make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask=mask)
 
 
+def test_idm_train_names_a_bad_mask_weight_and_writes_nothing(tmp_path, capsys):
+    data = write_images(tmp_path / "train", n=2)
+    argv = ["train", "--task", "inpainting", "--ratio", "0.2:0.5", "--mask", "random:1,box:-2", "--unet", "tiny",
+            "--steps", "1", "--crop", "16", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress",
+            "--data", str(data), "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    assert "the weight of 'box' must be a positive number, got '-2'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_mask_mixture_model_refuses_a_random_mask_ratio_outside_its_range(tmp_path, capsys):
     """A request that names only --ratio is for the model's default member (random masks): the box
     component, which has no ratio, must not make any ratio look served."""
