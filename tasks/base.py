@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -69,7 +70,7 @@ def mask_mixture(mask: Any) -> Optional[list[tuple[str, float]]]:
             weight = float(weight_text) if sep else 1.0
         except ValueError:
             weight = float("nan")
-        if not (weight > 0 and weight != float("inf")):  # NaN fails the first test
+        if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"--mask {mask!r}: the weight of {kind!r} must be a positive number, got {weight_text!r}")
         if any(kind == seen for seen, _ in pairs):
             raise ValueError(f"--mask {mask!r}: {kind!r} is named twice; give it a weight instead ({kind}:2)")
