@@ -241,10 +241,8 @@ class Task:
         from operators.family import Component, OperatorFamily
 
         ranges = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
-        mask = overrides.get("mask")
-        mixture = mask_mixture(mask)
+        mixture = mask_mixture(overrides.get("mask"))
         kinds = [kind for kind, _ in mixture] if mixture else None
-        weights = [weight for _, weight in mixture] if mixture else [1.0]
         if not ranges and not kinds:
             self.check_flags(**overrides)
             return self.make_operator(img_size, seed, **overrides)
@@ -255,7 +253,7 @@ class Task:
         middle = {k: (lo + hi) // 2 if isinstance(lo, int) and isinstance(hi, int) else (lo + hi) / 2
                   for k, (lo, hi) in ranges.items()}  # fmt: skip
         components = []
-        for kind, weight in zip(kinds or [None], weights):
+        for kind, weight in mixture or [(None, 1.0)]:
             kind_setting = {"mask": kind} if kind else {}
             representative = self.make_operator(img_size, seed, **fixed, **middle, **kind_setting)
             check_plugin_operator(representative)  # before its config() stands for it: a setting it leaves out is lost
