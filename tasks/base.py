@@ -242,13 +242,12 @@ class Task:
 
         ranges = {k: v for k, v in overrides.items() if isinstance(v, tuple)}
         mixture = mask_mixture(overrides.get("mask"))
-        kinds = [kind for kind, _ in mixture] if mixture else None
-        if not ranges and not kinds:
+        if not ranges and not mixture:
             self.check_flags(**overrides)
             return self.make_operator(img_size, seed, **overrides)
-        if kinds and "mask" not in self.options:
+        if mixture and "mask" not in self.options:
             raise ValueError(f"task {self.name} does not use --mask")
-        fixed = {k: v for k, v in overrides.items() if k not in ranges and not (kinds and k == "mask")}
+        fixed = {k: v for k, v in overrides.items() if k not in ranges and not (mixture and k == "mask")}
         # the middle of each range; an integer setting (ranges given as ints: views, acceleration) stays an integer
         middle = {k: (lo + hi) // 2 if isinstance(lo, int) and isinstance(hi, int) else (lo + hi) / 2
                   for k, (lo, hi) in ranges.items()}  # fmt: skip
@@ -267,7 +266,7 @@ class Task:
         unused = [key for key in ranges if not any(key in c.vary for c in components)]
         if unused:  # e.g. --ratio LOW:HIGH with --mask box: the range would change nothing
             shown = ", ".join(f"--{key.replace('_', '-')} {lo}:{hi}" for key, (lo, hi) in ranges.items() if key in unused)
-            settings = {**fixed, **({"mask": ",".join(kinds)} if kinds else {})} or self.operator_defaults
+            settings = {**fixed, **({"mask": ",".join(kind for kind, _ in mixture)} if mixture else {})} or self.operator_defaults
             raise ValueError(f"{shown} would change nothing: the {self.operator} operator does not use it with "
                              + ", ".join(f"{k}={v!r}" for k, v in settings.items()))  # fmt: skip
         return OperatorFamily(components, seed=seed)
