@@ -57,6 +57,19 @@ def test_members_are_exact_operators_and_the_family_acts_as_its_representative()
     assert torch.equal(member.A(x), rebuilt.A(x)) and torch.equal(member.A_dagger(y), rebuilt.A_dagger(y))
 
 
+def test_a_ct_family_says_its_fbp_is_no_pseudo_inverse_so_the_final_projection_solves_least_squares():
+    fam = tasks.get("ct").make_training_operator(16, views=(6, 10))
+    assert isinstance(fam, OperatorFamily) and not fam.exact_pinv and not operators.has_exact_pinv(fam)
+    assert operators.has_exact_pinv(cs_family())
+    operators.check_operator(fam)  # the contract asks A A^+ A = A only of an exact pinv
+    model = IDM(IDMConfig(steps=1, final_projection=True)).double().eval()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = fam.A(x)
+    residuals = [float((op.A(model.project_onto_measurements(torch.zeros_like(x), y, op)) - y).norm() / y.norm())
+                 for op in (fam, fam.representative)]
+    assert residuals[0] == pytest.approx(residuals[1], rel=1e-9) and residuals[0] < 0.01  # FBP alone leaves ~0.1
+
+
 def test_requests_inside_the_family_are_accepted_and_others_named():
     recorded = cs_family().config()
     assert config_mismatches(recorded, {"name": "cs", "ratio": 0.1, "mode": "permuted", "block": 8, "seed": 9}) == []
