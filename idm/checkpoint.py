@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -60,6 +60,35 @@ def all_finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t.sum(dtype=torch.float64)))
     except (RuntimeError, TypeError):
         return bool(torch.isfinite(t).all())
+
+
+def check_weights_fit(
+    expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], source: str | Path, what: str
+) -> None:
+    """Raise :class:`CheckpointError` unless ``weights`` has exactly ``expected``'s keys, each of its shape,
+    and no NaN or inf (a damaged file: a model with NaN weights reconstructs nothing).
+
+    Args:
+        expected: the receiving module's state dict (or the part of it the file holds).
+        weights: what was read from ``source``.
+        source: the file, for the message.
+        what: the receiver, for the message (``"this IDM"``, ``"the U-Net"``).
+    """
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing ({_first_keys(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({_first_keys(unexpected)})" if unexpected else "",
+                 f"{len(wrong)} of another shape ({_first_keys(wrong)})" if wrong else ""]  # fmt: skip
+        raise CheckpointError(f"weights in {source} do not fit {what}: " + "; ".join(p for p in parts if p))
+    broken = sorted(k for k, v in weights.items() if not all_finite(v))
+    if broken:
+        raise CheckpointError(f"weights in {source} hold NaN or inf ({_first_keys(broken, 3)}): the file is damaged")
+
+
+def _first_keys(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from idm.checkpoint import CheckpointError, all_finite, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, check_weights_fit, load_json, load_tensors, save_json, save_tensors
 from idm.config import IDMConfig
 from idm.precision import autocast_for, resolve_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
@@ -491,21 +491,7 @@ class IDM(nn.Module):
         model's dtypes. Either way ``state`` and this model share no storage.
         """
         own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            def show(keys: list[str]) -> str:
-                return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-            parts = [f"{len(missing)} missing ({show(missing)})" if missing else "",
-                     f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
-                     f"{len(wrong)} of another shape ({show(wrong)})" if wrong else ""]
-            raise CheckpointError(f"weights in {source} do not fit this IDM: " + "; ".join(p for p in parts if p))
-        broken = sorted(k for k, v in state.items() if not all_finite(v))
-        if broken:
-            raise CheckpointError(f"weights in {source} hold NaN or inf ({', '.join(broken[:3])}"
-                                  f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}): the file is damaged")  # fmt: skip
+        check_weights_fit(own, state, source, "this IDM")
         if any(t.is_meta for t in own.values()):
             self.load_state_dict({k: v.to(own[k].dtype, copy=True) for k, v in state.items()}, assign=True)
         else:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from idm.checkpoint import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import CheckpointError, check_weights_fit, file_sha256, load_json, load_tensors, save_json, save_tensors
 from idm.training import distributed, seeds
 from idm.training.optimizer import fused_by_default
 from idm.hardware import hardware_name
@@ -343,10 +343,12 @@ def pretrain(
         start, seconds_before = 0, 0.0
         if ckpt is not None:
             saved_config, weights, ema_weights, state, opt_tensors, rng_tensors = _read_checkpoint(ckpt)
-            try:
-                unet.load_state_dict(weights)
-            except RuntimeError as err:
-                raise CheckpointError(f"weights in {ckpt} do not fit the U-Net: {err}") from None
+            with resuming_from(ckpt):
+                check_weights_fit(unet.state_dict(), weights, ckpt / "unet.safetensors", "the U-Net")
+                if ema_weights is not None:
+                    averaged = {k: v for k, v in unet.state_dict().items() if v.is_floating_point()}  # what EMA keeps
+                    check_weights_fit(averaged, ema_weights, ckpt / "ema.safetensors", "the U-Net's EMA")
+            unet.load_state_dict(weights)
             start, seconds_before = state["iteration"], float(state.get("seconds", 0.0))
         unet.to(device).train()
         optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr, fused=fused_by_default(unet.parameters()))

@@ -385,11 +385,7 @@ def _resume_ema(folder: Path, model: IDM, state: dict[str, Any], ema: EMA) -> No
     with resuming_from(folder):
         if not (folder / TRAINING_WEIGHTS_NAME).is_file() or not isinstance(state.get("ema_updates"), int):
             raise CheckpointError(f"{folder} has no {TRAINING_WEIGHTS_NAME} or no EMA update count, but the run keeps an EMA")
-        own = load_tensors(folder / TRAINING_WEIGHTS_NAME)
-        try:
-            model.load_state_dict(own)
-        except RuntimeError as err:
-            raise CheckpointError(f"{folder / TRAINING_WEIGHTS_NAME} does not fit the model: {str(err).splitlines()[0]}") from None
+        model.load_weights(load_tensors(folder / TRAINING_WEIGHTS_NAME), source=folder / TRAINING_WEIGHTS_NAME)
     ema.updates = state["ema_updates"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import operators
 from idm import IDM, IDMConfig
@@ -112,6 +112,29 @@ def test_pretrain_resume_is_exact(tmp_path, data, capsys):
     assert "writes it when resumed" in capsys.readouterr().err
     assert main([*common, "--iters", "4", "--out", str(split), "--resume"]) == 0  # nothing to train: it catches up
     assert snapshot(straight / "prior") == snapshot(split / "prior")
+
+
+@pytest.mark.parametrize("damage", ["nan-weights", "nan-ema", "ema-key-missing", "ema-of-another-shape"])
+def test_a_damaged_pretrain_checkpoint_is_refused_before_training(tmp_path, data, capsys, damage):
+    argv = [*BASE, "--data", str(data), "--checkpoint-every", "2", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--iters", "2"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000002"
+    path = ckpt / ("unet.safetensors" if damage == "nan-weights" else "ema.safetensors")
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    if damage == "ema-key-missing":
+        del tensors[name]
+    elif damage == "ema-of-another-shape":
+        tensors[name] = tensors[name].flatten()[:1]
+    else:
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path))
+    before = snapshot(tmp_path / "run" / "prior")
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    problem = {"ema-key-missing": "1 missing", "ema-of-another-shape": "1 of another shape"}.get(damage, "hold NaN or inf")
+    assert f"{path.name}" in err and problem in err and name in err and "the checkpoint is damaged" in err
+    assert snapshot(tmp_path / "run" / "prior") == before  # no prior exported from damaged weights
 
 
 def test_max_minutes_and_bad_input(tmp_path, data, capsys):

@@ -3,6 +3,7 @@ process leaves only complete checkpoints, damaged files named as such (from a us
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -17,7 +18,7 @@ from idm.checkpoint import CheckpointError, save_tensors
 from idm.cli import main
 from idm.training.run_folder import RunFolder, replace_folder
 from idm.training.trained import resolve_model_dir
-from tests.test_train import BASE, write_images
+from tests.test_train import BASE, snapshot, write_images
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,89 @@ def test_weights_that_are_not_finite_are_a_damaged_checkpoint(tmp_path, data, ca
     assert main(["reconstruct", "--input", str(data), "--checkpoint", str(tmp_path / "run"), "--device", "cpu",
                  "--out", str(tmp_path / "rec")]) == 2  # fmt: skip
     assert "hold NaN or inf" in capsys.readouterr().err
+
+
+def _nan_in_first_tensor(path: Path) -> str:
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path)
+    return name
+
+
+def test_the_weights_the_optimizer_moves_are_checked_like_the_averaged_ones(tmp_path, data, capsys):
+    argv = _run(tmp_path, data, 2, "--ema-decay", "0.9")
+    name = _nan_in_first_tensor(tmp_path / "run" / "checkpoints" / "iter_0000002" / "training_weights.safetensors")
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"training_weights.safetensors hold NaN or inf ({name}): the file is damaged" in err
+    assert "delete that folder to resume" in err and "diverged" not in err
+
+
+def test_a_run_of_the_other_trainer_is_named_as_such_not_as_damage(tmp_path, data, capsys):
+    from tests.test_pretrain import BASE as PRETRAIN
+
+    prior_run = tmp_path / "prior-run"
+    assert main([*PRETRAIN, "--data", str(data), "--iters", "1", "--checkpoint-every", "1", "--out", str(prior_run)]) == 0
+    (prior_run / "config.json").unlink()  # only its checkpoints say what kind of run it is
+    before = snapshot(prior_run)
+    for resume in ([], ["--resume"]):
+        assert main([*BASE, "--data", str(data), "--iters", "2", "--out", str(prior_run), *resume]) == 2
+        err = capsys.readouterr().err
+        assert "holds checkpoints of another kind of run" in err and "'idm-pretrain-run'" in err
+        assert "delete" not in err and "pass --resume" not in err
+    assert snapshot(prior_run) == before
+
+
+def test_a_damaged_config_json_beside_intact_checkpoints_is_named_as_safe_to_delete(tmp_path, data, capsys):
+    argv = _run(tmp_path, data)
+    config = tmp_path / "run" / "config.json"
+    config.write_text(config.read_text()[:100])  # truncated
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json' is damaged" in err and "deleting that file loses nothing" in err
+    config.unlink()
+    assert main([*argv, "--iters", "3", "--resume"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000003").is_dir() and config.is_file()
+
+
+def test_a_log_that_is_not_text_is_named_and_the_run_resumes_once_it_is_moved(tmp_path, data, capsys):
+    argv = _run(tmp_path, data)
+    log = tmp_path / "run" / "log.csv"
+    log.write_bytes(bytes(range(256)) * 4)
+    before = snapshot(tmp_path / "run")
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "log.csv' is not a readable CSV file" in err and "move it away" in err
+    assert snapshot(tmp_path / "run") == before  # config.json untouched too
+    log.rename(tmp_path / "old-log.csv")
+    assert main([*argv, "--iters", "3", "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    "file, key, value, problem",
+    [
+        ("trainer_state.json", "seconds", None, "no valid training time"),
+        ("trainer_state.json", "iteration", 10, "says iteration 10, its folder iter_0000002"),
+        ("trainer_state.json", "iteration", -5, "has no iteration number"),
+        ("trainer_state.json", "optimizer.scalars", [], "optimizer record in the checkpoint is malformed"),
+        ("run.json", "identity", [1], "its identity is not a JSON object"),
+        ("run.json", "settings", [1], "its settings is not a JSON object"),
+    ],
+)  # fmt: skip
+def test_hand_edited_records_of_the_wrong_type_are_named(tmp_path, data, capsys, file, key, value, problem):
+    argv = _run(tmp_path, data)
+    path = tmp_path / "run" / "checkpoints" / "iter_0000002" / file
+    record = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    inner = record
+    for part in parents:
+        inner = inner[part]
+    inner[last] = value
+    path.write_text(json.dumps(record))
+    assert main([*argv, "--iters", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "the checkpoint is damaged" in err and "Traceback" not in err
 
 
 def test_an_optimizer_state_that_is_not_finite_is_a_damaged_checkpoint(tmp_path, data, capsys):

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from idm.checkpoint import atomic_write
+from idm.checkpoint import CheckpointError, atomic_write
 
 COLUMNS: tuple[str, ...] = ("iteration", "loss", "lr", "val_psnr", "seconds")
 
@@ -37,24 +37,36 @@ class CsvLog:
 
     def start(self, resume_iteration: int | None) -> None:
         """New log (``None``), or keep the rows up to ``resume_iteration`` of an existing one."""
-        rows: list[list[str]] = []
-        if resume_iteration is not None and self.path.is_file():
-            with open(self.path, newline="") as handle:
-                reader = csv.reader(handle)
-                header = next(reader, None)
-                if header == list(self.columns):
-                    for row in reader:  # a row cut short by a crash mid-write is dropped
-                        try:
-                            if len(row) == len(self.columns) and int(row[0]) <= resume_iteration:
-                                rows.append(row)
-                        except ValueError:
-                            continue
+        rows = self._rows_up_to(resume_iteration) if resume_iteration is not None and self.path.is_file() else []
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.columns)
         writer.writerows(rows)
         text = buffer.getvalue()
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
+
+    def _rows_up_to(self, iteration: int) -> list[list[str]]:
+        """The existing log's rows up to ``iteration`` (none if its header is another); a
+        :class:`CheckpointError` naming the file when it is not text CSV (the log of a resumed run is kept, so
+        it is not silently dropped)."""
+        rows: list[list[str]] = []
+        try:
+            with open(self.path, newline="") as handle:
+                reader = csv.reader(handle)
+                if next(reader, None) != list(self.columns):
+                    return rows
+                for row in reader:  # a row cut short by a crash mid-write is dropped
+                    try:
+                        if len(row) == len(self.columns) and int(row[0]) <= iteration:
+                            rows.append(row)
+                    except ValueError:
+                        continue
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise CheckpointError(
+                f"the run's log {str(self.path)!r} is not a readable CSV file ({err}); move it away to resume with "
+                "a new log (the checkpoints are intact)"
+            ) from None
+        return rows
 
     def append(self, **values: Any) -> None:
         unknown = set(values) - set(self.columns)

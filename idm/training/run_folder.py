@@ -141,6 +141,9 @@ class RunFolder:
             raise CheckpointError(
                 f"{path} is not the config of an '{self.kind}' run (format {cfg.get('format') if isinstance(cfg, dict) else None!r})"
             )
+        wrong = [part for part in ("identity", "settings") if not isinstance(cfg.get(part, {}), dict)]
+        if wrong:
+            raise CheckpointError(f"{path}: its {' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not a JSON object")
         return cfg
 
     # ---- starting / resuming -------------------------------------------------------
@@ -175,11 +178,18 @@ class RunFolder:
             raise CheckpointError(f"--out {str(self.out)!r} exists and is not a folder")
         self._check_checkpoints_writable()
         found = self.checkpoints()
+        if found:
+            self._check_kind_of_checkpoints(found[-1][1] / RUN_NAME)
         has_config = self.config_path.is_file()
         if has_config:
             try:
                 saved = self.read_config()
             except CheckpointError as err:
+                if found and _json_object(self.config_path) is None:  # damaged, not another run's: the checkpoints hold it
+                    raise CheckpointError(
+                        f"{str(self.config_path)!r} is damaged ({err}); the run's checkpoints keep its config "
+                        f"({found[-1][1].name}/{RUN_NAME}), so deleting that file loses nothing and lets --resume go on"
+                    ) from None
                 raise CheckpointError(f"--out {str(self.out)!r} already holds another config.json ({err}); choose another --out") from None
         if lock and (has_config or found):  # a run of this kind: no other process may write it from now on
             self._take_lock()
@@ -223,6 +233,16 @@ class RunFolder:
         self._check_identity(read(run), identity, latest, hints)
         return latest
 
+    def _check_kind_of_checkpoints(self, record: Path) -> None:
+        """A :class:`CheckpointError` when the latest checkpoint's readable ``run.json`` is of another kind of run
+        (an ``idm pretrain`` folder given to ``idm train``): not damage, so the message must not say to delete it."""
+        recorded = (_json_object(record) or {}).get("format")
+        if isinstance(recorded, str) and recorded != self.kind:
+            raise CheckpointError(
+                f"--out {str(self.out)!r} holds checkpoints of another kind of run ({record.parent.name}/{RUN_NAME}: "
+                f"format {recorded!r}, not {self.kind!r}): choose another --out (nothing was overwritten)"
+            )
+
     def _check_checkpoints_writable(self) -> None:
         """A :class:`CheckpointError` now, not after a chunk of training, when ``checkpoints/`` is not a folder
         or does not take a new one (probed with an empty hidden folder, removed at once)."""
@@ -261,8 +281,8 @@ class RunFolder:
         Takes the folder's lock first (:meth:`unlock` gives it back; so does the
         end of the process), so that a second process on the same run, such as
         a requeued job that overlaps the first, stops with a clear error instead
-        of writing the same checkpoints and log rows; then writes ``config.json``,
-        opens ``log.csv`` (keeping the rows up to ``start`` when resuming) and
+        of writing the same checkpoints and log rows; then opens ``log.csv``
+        (keeping the rows up to ``start`` when resuming), writes ``config.json`` and
         says where a resumed run continues.
         """
         self._take_lock()
@@ -270,9 +290,9 @@ class RunFolder:
             self.unlock()
             raise CheckpointError(f"another process wrote {self.latest()} in {str(self.out)!r} while this one started: "
                                   "rerun with --resume to continue from it (nothing was written)")  # fmt: skip
-        self.write_config(config)
         log = CsvLog(self.log_path)
-        log.start(start if resumed is not None else None)
+        log.start(start if resumed is not None else None)  # first: a log it cannot read stops the start unchanged
+        self.write_config(config)
         if resumed is not None:
             say(f"resuming {self.out} from {resumed.name} (iteration {start} of {iters})")
         return log
@@ -351,6 +371,15 @@ def _remove_leftovers(parent: Path, name: str | None = None) -> None:
     for p in parent.iterdir():
         if pattern.match(p.name) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` when it is missing, unreadable, not JSON or not an object."""
+    try:
+        recorded = load_json(path, "run config")
+    except CheckpointError:
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:

@@ -17,7 +17,9 @@ also takes a seed from torch's global generator.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -46,8 +48,15 @@ def read_checkpoint_files(
         state = load_json(folder / TRAINER_STATE_NAME, "trainer state")
         opt_tensors = load_tensors(folder / "optimizer.safetensors")
         rng_tensors = load_tensors(folder / "rng.safetensors")
-        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        iteration = state.get("iteration") if isinstance(state, dict) else None
+        if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
             raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no iteration number")
+        named = re.fullmatch(r"iter_(\d+)", folder.name)
+        if named and int(named.group(1)) != iteration:
+            raise CheckpointError(f"{folder / TRAINER_STATE_NAME} says iteration {iteration}, its folder {folder.name}")
+        seconds = state.get("seconds", 0.0)
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+            raise CheckpointError(f"{folder / TRAINER_STATE_NAME} has no valid training time (seconds: {seconds!r:.40})")
         broken = [k for k, v in opt_tensors.items() if not all_finite(v)]
         if broken:
             raise CheckpointError(f"the optimizer state in {folder / 'optimizer.safetensors'} holds NaN or inf ({broken[0]})")
@@ -114,7 +123,17 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Load what :func:`flatten_optimizer` produced into ``optimizer`` (same parameter layout)."""
+    """Load what :func:`flatten_optimizer` produced into ``optimizer`` (same parameter layout); a record that
+    is not of that form (a hand-edited ``trainer_state.json``) is a :class:`CheckpointError`."""
+    try:
+        _restore_optimizer(optimizer, tensors, meta)
+    except CheckpointError:
+        raise
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError) as err:
+        raise CheckpointError(f"the optimizer record in the checkpoint is malformed: {type(err).__name__}: {err}") from None
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     if meta.get("type") != type(optimizer).__name__:
         raise CheckpointError(f"the checkpoint holds a {meta.get('type')} state, not {type(optimizer).__name__}")
     current = optimizer.param_groups
