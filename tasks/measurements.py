@@ -391,6 +391,8 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
                 want = (op.channels, *image_size)
                 if tuple(x.shape) != want:
                     raise MeasurementFileError(f"{where}: x_true has shape {tuple(x.shape)}, expected {want}")
+                if x.size and (x.min() < 0 or x.max() > 1):  # the ground truth is scored as an image in [0, 1]
+                    raise MeasurementFileError(f"{where}: x_true has values in [{x.min():g}, {x.max():g}], not in [0, 1]")
             seed = entry.get("seed")
             items.append(Measurement(name, y, dict(config), image_size, seed if isinstance(seed, int) else None, x))
     return MeasurementSet(task, items, meta, path, cache)

@@ -337,15 +337,30 @@ def test_a_stopped_benchmark_keeps_its_scores(bench_files, tmp_path, monkeypatch
     assert record["images"] == ["a", "b"] and record["method_options"] == {}
 
 
-def test_a_benchmark_where_nothing_could_be_scored_fails(tmp_path, capsys):
-    (tmp_path / "tiny").mkdir()
-    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "tiny" / "a.png")  # below SSIM's 7x7 window
-    assert main(["benchmark", "--task", "cs", "--data", str(tmp_path / "tiny"), "--methods", "pinv", "--device", "cpu",
+def test_a_benchmark_where_nothing_could_be_scored_fails(tmp_path, capsys, monkeypatch):
+    from benchmarks.pinv import PseudoInverse
+
+    def fails(self, y, op, generator=None):
+        raise FloatingPointError("the solver diverged")
+
+    monkeypatch.setattr(PseudoInverse, "__call__", fails)
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "data" / "a.png")
+    assert main(["benchmark", "--task", "cs", "--data", str(tmp_path / "data"), "--methods", "pinv", "--device", "cpu",
                  "--no-progress", "--out", str(tmp_path / "out")]) == 1  # fmt: skip
     err = capsys.readouterr().err
-    assert "1 reconstruction(s) failed" in err and "pinv failed on a: ValueError: ssim needs" in err and "Traceback" not in err
-    assert "tradeoff" not in err  # no method scored: nothing to plot, and nothing more to say
+    assert "1 reconstruction(s) failed" in err and "pinv failed on a: FloatingPointError: the solver diverged" in err
+    assert "Traceback" not in err and "tradeoff" not in err  # no method scored: nothing to plot, and nothing more to say
     assert not (tmp_path / "out" / "tradeoff.png").exists()
+
+
+def test_an_image_too_small_to_score_is_refused_before_any_method_runs(tmp_path, capsys):
+    (tmp_path / "tiny").mkdir()
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "tiny" / "a.png")  # below SSIM's 7x7 window
+    assert main(["benchmark", "--task", "inpainting", "--data", str(tmp_path / "tiny"), "--methods", "pinv",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "a: the image is 6x6 pixels, too small to score (SSIM's 7x7 window)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_tradeoff_points_average_every_method_over_the_images_all_of_them_scored():

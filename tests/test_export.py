@@ -254,6 +254,10 @@ def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
     assert "task: not recorded (a bare model folder: no run.json)" in capsys.readouterr().out
     assert main(["info", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for checkpoint in ([], ["--checkpoint", str(exported)]):  # a folder as --out: named before anything is printed
+        assert main(["info", "--device", "cpu", *checkpoint, "--out", str(tmp_path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "is a folder; idm info --out takes the name of a JSON file" in captured.err
     (exported / "provenance.json").write_text("[1, 2]")
     assert main(["info", "--checkpoint", str(exported)]) == 2
     assert "is not a JSON object; the folder is damaged" in capsys.readouterr().err

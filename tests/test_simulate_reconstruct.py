@@ -23,6 +23,7 @@ import tasks
 from idm import IDM, IDMConfig
 from idm.cli import main
 from operators import OperatorInputError
+from tasks.data import inverse_hu_window
 from tasks.measurements import (
     Measurement,
     MeasurementFileError,
@@ -180,7 +181,11 @@ def test_measurement_file_round_trip_and_clear_errors(tmp_path):
     meta["items"][0]["name"] = "../escaped"  # would write NAME.png outside the output folder
     np.savez(tmp_path / "escape.npz", meta=np.array(json.dumps(meta)), names=np.array(["../escaped", "q"]), y_0=items[0].y,
              y_1=items[1].y, x_true_0=items[0].x_true, x_true_1=items[1].x_true)  # fmt: skip
+    meta["items"][0]["name"] = "p"
+    np.savez(tmp_path / "range.npz", meta=np.array(json.dumps(meta)), names=np.array(["p", "q"]), y_0=items[0].y,
+             y_1=items[1].y, x_true_0=items[0].x_true, x_true_1=items[1].x_true * 255)  # fmt: skip  # 8-bit values
     cases = [
+        ("range.npz", MeasurementFileError, r"range.npz: item 1 \(q\): x_true has values in \[.*\], not in \[0, 1\]"),
         ("escape.npz", MeasurementFileError, r"escape.npz: item name '\.\./escaped' is not a plain file name"),
         ("junk.npz", MeasurementFileError, r"junk.npz: not an .npz measurement file"),
         ("single.npy", MeasurementFileError, r"single.npy: holds a single array"),
@@ -279,6 +284,10 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
          "tiny: the image is 6x20 pixels, smaller than one 8x8 block of the cs operator"),
         (["reconstruct", "--task", "cs", "--input", str(files / "small"), "--checkpoint", str(models / "cs"), "--device", "cpu",
           "--out", str(tmp_path / "o")], "smaller than one 8x8 block"),
+        (["benchmark", "--task", "cs", "--block", "8", "--data", str(files / "small"), "--methods", "pinv", "--device", "cpu",
+          "--out", str(tmp_path / "o")], "tiny: the image is 6x20 pixels, smaller than one 8x8 block"),  # not scored padded
+        (["reconstruct", "--task", "inpainting", "--input", str(files / "small"), "--checkpoint", str(models / "inpainting"),
+          "--device", "cpu", "--out", str(tmp_path / "o")], "tiny: the image is 6x20 pixels, too small to score (SSIM's 7x7"),
         (["simulate", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "mri"), "--device", "cpu",
           "--out", str(tmp_path / "s.npz")], "task: trained for 'mri', requested 'cs'"),
         (["simulate", "--task", "cs", "--input", str(files / "images"), "--device", "cpu", "--out", str(tmp_path / "s.npy")],
@@ -288,6 +297,7 @@ def test_bad_cs_inputs_are_clear_errors(files, tmp_path, capsys):
         (["simulate", "--input", str(files / "images"), "--checkpoint", str(bare), "--device", "cpu", "--out", str(tmp_path / "s.npz")],
          "is a bare model folder that records no task"),
         (rec + ["--checkpoint", str(models / "cs"), "--no-crop"], "--no-crop applies to fastMRI .h5 files (their centre crop)"),
+        (rec + ["--checkpoint", str(models / "cs"), "--color", "rgb"], "meas.npz was measured from 'y' images; --color rgb does not match"),
         # no model serves a bad flag: the flag is the error (not "no shipped model serves ...")
         (["reconstruct", "--task", "cs", "--ratio", "1.5", "--input", str(files / "images"), "--device", "cpu",
           "--out", str(tmp_path / "o")], "ratio must be in (0, 1], got 1.5"),
@@ -621,6 +631,24 @@ def test_ct_inputs_resized_dicom_found_and_implausible_values_refused(files, tmp
         assert message in _error(capsys), name
 
 
+def test_ct_images_in_hounsfield_units_have_a_folder_of_their_own(files, tmp_path):
+    """Slices ``a`` and ``a_hu``: each keeps its [0, 1] reconstruction and its image in HU (``a_hu.npy`` beside
+    ``a.npy`` would have been overwritten by the second slice's reconstruction)."""
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    hu = np.load(files / "ct" / "slice.npy")
+    np.save(slices / "a.npy", hu)
+    np.save(slices / "a_hu.npy", np.flip(hu, axis=1).copy())
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--task", "ct", "--views", "20", "--input", str(slices), "--checkpoint",
+                 str(files / "models" / "ct20"), "--device", "cpu", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in (out / "hu").iterdir()) == ["a.npy", "a_hu.npy"]
+    for name in ("a", "a_hu"):
+        unit, in_hu = np.load(out / f"{name}.npy"), np.load(out / "hu" / f"{name}.npy")
+        assert unit.shape == (1, 32, 32) and in_hu.shape == (32, 32)
+        assert np.allclose(in_hu, inverse_hu_window(unit[0], -1024.0, 3071.0), atol=1e-3)
+
+
 def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     models = files / "models"
     sino = tmp_path / "sino.npy"
@@ -632,7 +660,7 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["reconstruct", "--task", "ct", "--input", str(sino), "--checkpoint", str(models / "ct20"),
                  "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
-    assert np.load(out / "slice.npy").shape == (1, 32, 32) and np.load(out / "slice_hu.npy").shape == (32, 32)
+    assert np.load(out / "slice.npy").shape == (1, 32, 32) and np.load(out / "hu" / "slice.npy").shape == (32, 32)
     assert "was trained on" not in capsys.readouterr().err
 
     # without the sidecar: the image size comes from the detector count, the views from the last axis

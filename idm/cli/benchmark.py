@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
     from operators import without_size_and_seed
-    from tasks.data import holds_kspace_files
+    from tasks.data import check_image_measurable, holds_kspace_files
 
     seed_everything(args.seed)
     folder = OutputFolder(args.out, "benchmark.json", "idm benchmark")
@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         trained.model.config = trained.model.config.replace(final_projection=args.final_projection)
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
+    for image in images:  # as idm simulate and idm reconstruct: before any method runs
+        check_image_measurable(image.name, *image.x.shape[-2:], block=pad_multiple(task, first_op))
     request = without_size_and_seed(first_op.config())  # tuning records are checked against what runs
     dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request, _or(args.dps_steps, 1000))
     tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from idm.shipped import PACKAGED_DIR, shipped_models, shipped_priors
 
     device = resolve_device(args.device)
+    if args.out and Path(args.out).is_dir():  # checked before anything is printed
+        raise ValueError(f"--out {args.out!r} is a folder; idm info --out takes the name of a JSON file (e.g. --out info.json)")
     if args.checkpoint:
         return describe_checkpoint(args.checkpoint, args.out)
     task_names = tasks.available()

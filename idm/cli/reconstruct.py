@@ -31,7 +31,7 @@ serves is refused with the list of shipped models.
 
 Outputs in ``--out``: ``<name>.png`` (the task's display image: MRI
 magnitude, clamped to [0, 1]), ``<name>.npy`` (float32 ``(C, H, W)``
-reconstruction in [0, 1] units; CT also ``<name>_hu.npy`` in Hounsfield
+reconstruction in [0, 1] units; CT also ``hu/<name>.npy`` in Hounsfield
 units), for ``.h5`` inputs ``<stem>.h5`` and ``<stem>_s<k>.png``;
 ``metrics.csv`` (name, psnr, ssim, seconds) when the ground truth is known
 (image input, ``x_true`` in the ``.npz``, ``reconstruction_esc`` or fully
@@ -84,6 +84,8 @@ from idm.cli.simulate import (
 from tasks.data.images import KSPACE_SUFFIXES
 
 METRIC_FIELDS = ("name", "psnr", "ssim", "seconds")
+#: The subfolder of CT's Hounsfield-unit images, one `<name>.npy` each beside the `<name>.npy` in [0, 1] units.
+HU_FOLDER = "hu"
 
 
 def add_parser(subparsers) -> None:
@@ -196,7 +198,8 @@ def reconstruct_items(
         if hu_window is not None:
             from tasks.data import inverse_hu_window
 
-            np.save(out / f"{item.name}_hu.npy", inverse_hu_window(x_hat[0, 0].numpy(), *hu_window), allow_pickle=False)
+            (out / HU_FOLDER).mkdir(exist_ok=True)  # a folder of its own: no name of an item's files can be that of another's
+            np.save(out / HU_FOLDER / f"{item.name}.npy", inverse_hu_window(x_hat[0, 0].numpy(), *hu_window), allow_pickle=False)
         row: dict[str, Any] = {"name": item.name, "seconds": seconds, "size": list(item.image_size),
                                "operator_size": op.config().get("img_size")}  # fmt: skip
         if item.x_true is not None:
@@ -288,7 +291,11 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
     mset = load_measurements(path)
     if args.task and args.task != mset.task:
         raise ValueError(f"{path} holds measurements of task {mset.task!r}, not {args.task!r} (--task)")
-    color = args.color or mset.meta.get("color")
+    recorded_color = mset.meta.get("color")
+    if args.color and recorded_color and args.color != recorded_color:
+        raise ValueError(f"{path} was measured from {recorded_color!r} images; --color {args.color} does not match "
+                         "(the colour mode comes from the file)")  # fmt: skip
+    color = args.color or recorded_color
     task = get_task(mset.task)
     if color and color != task.color:
         task = get_task(mset.task, color)
@@ -529,7 +536,8 @@ def _record_interrupted(record: dict[str, Any], error: BaseException, out: Path,
     stopped (nothing is written when it wrote no output, so an earlier run's record stays)."""
     from idm.checkpoint import save_json
 
-    written = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "reconstruct.json" and p.stat().st_mtime >= started)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.name != "reconstruct.json" and p.stat().st_mtime >= started)  # fmt: skip
     if written:
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         save_json({**record, "complete": False, "stopped_by": reason, "written": written}, out / "reconstruct.json")

@@ -158,18 +158,16 @@ def load_images(task: Any, path: str | Path, limit: int | None = None, size: int
 def measure_image(plan: OperatorPlan, index: int, name: str, x: torch.Tensor, device: torch.device, keep_truth: bool):
     """Measure image ``index`` (``(C, H, W)`` in [0, 1]): ``(Measurement, operator)``.
 
-    Pads to the CS block (the protocol); refuses an image smaller than a block.
+    Pads to the CS block (the protocol); refuses an image smaller than a block, or, when its truth is kept
+    (to be scored), smaller than SSIM's 7x7 window.
     """
     from operators import OperatorInputError
+    from tasks.data import check_image_measurable
     from tasks.measurements import Measurement
 
     height, width = (int(s) for s in x.shape[-2:])
     block = plan.block
-    if block and (height < block or width < block):
-        raise OperatorInputError(
-            f"{name}: the image is {height}x{width} pixels, smaller than one {block}x{block} block of the cs "
-            f"operator; use images of at least {block}x{block} pixels"
-        )
+    check_image_measurable(name, height, width, block, scored=keep_truth)
     padded = x
     if block:
         padded = torch.nn.functional.pad(x, (0, (-width) % block, 0, (-height) % block))

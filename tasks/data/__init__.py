@@ -33,6 +33,7 @@ from .transforms import (
     DIHEDRAL_INVERSE,
     SHAPE_PRESERVING_DIHEDRAL,
     center_crop,
+    check_image_measurable,
     check_size,
     dihedral,
     dihedral_inverse,
@@ -57,7 +58,7 @@ __all__ = [
     "HU_MIN", "DEFAULT_HU_WINDOW", "SOFT_TISSUE_WINDOW", "CT_EXTENSIONS", "hu_window", "inverse_hu_window",
     "read_dicom_hu", "read_npy_hu", "read_tiff_volume", "tiff_units_of", "ct_num_slices", "read_ct_slice",
     # transforms
-    "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop", "check_size", "resize_square",
+    "DIHEDRAL_INVERSE", "SHAPE_PRESERVING_DIHEDRAL", "random_crop_params", "random_crop", "center_crop", "check_image_measurable", "check_size", "resize_square",
     "dihedral", "dihedral_inverse", "random_dihedral", "pad_to_multiple", "unpad",
     # datasets
     "ImageFolderDataset", "MatFolderDataset", "CTSliceDataset", "FastMRIImageDataset", "ConcatSlices", "grayscale_dataset",

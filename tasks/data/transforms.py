@@ -106,6 +106,22 @@ def check_size(size: int | None) -> None:
         raise DataError(f"--size must be at least {MIN_IMAGE_SIZE} (SSIM's 7x7 window), got {size}")
 
 
+def check_image_measurable(name: str, height: int, width: int, block: int | None = None, scored: bool = True) -> None:
+    """A :class:`DataError` naming image ``name`` (``height`` x ``width`` pixels) when the benchmark protocol
+    cannot measure it (smaller than one ``block`` x ``block`` CS block: the zero padding would be most of
+    what is measured) or, when it is to be ``scored``, cannot score it (smaller than SSIM's 7x7 window)."""
+    if block and (height < block or width < block):
+        raise DataError(
+            f"{name}: the image is {height}x{width} pixels, smaller than one {block}x{block} block of the cs "
+            f"operator; use images of at least {block}x{block} pixels"
+        )
+    if scored and min(height, width) < MIN_IMAGE_SIZE:
+        raise DataError(
+            f"{name}: the image is {height}x{width} pixels, too small to score (SSIM's 7x7 window); use images of "
+            f"at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels"
+        )
+
+
 def resize_square(x: torch.Tensor, size: int, name: str = "the image") -> torch.Tensor:
     """``x`` ``(C, H, W)`` in [0, 1] with ``H == W`` resized to ``(C, size, size)`` (bilinear, anti-aliased, clamped to [0, 1]).
 
