@@ -78,14 +78,17 @@ def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-
 
 
 def ddnm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """DDNM's skip-type "uniform" timesteps, first sampled first: e.g. T=3 -> [666, 333, 0].
+    """DDNM's skip-type "uniform" timesteps, first sampled first: e.g. T=3 -> [666, 333, 0], 100 -> [990, ..., 0].
 
+    ``floor(i * num_train_timesteps / steps)`` for ``i = steps - 1, ..., 0``: where ``steps`` divides
+    ``num_train_timesteps`` these are the authors' ``range(0, num_train_timesteps, skip)``; otherwise
+    still exactly ``steps`` of them, the first within one stride of the last timestep, whose pure noise
+    the sampling starts from (the authors' loop runs more steps than asked there, e.g. 334 for 300).
     ``steps`` must lie in ``1 .. num_train_timesteps`` (a ``ValueError`` otherwise).
     """
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"a DDPM schedule of {num_train_timesteps} timesteps takes 1 to {num_train_timesteps} steps, got {steps}")
-    skip = num_train_timesteps // steps
-    return list(range(0, num_train_timesteps, skip))[:steps][::-1]
+    return [i * num_train_timesteps // steps for i in range(steps)][::-1]
 
 
 class LearnedSchedule(nn.Module):

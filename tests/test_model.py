@@ -749,6 +749,11 @@ def test_ddnm_timesteps_are_uniform_and_bounded():
     from idm.step import ddnm_timesteps
 
     assert ddnm_timesteps(3) == [666, 333, 0] and ddnm_timesteps(1000) == list(range(999, -1, -1))
+    for steps in (1, 10, 100, 250, 500):  # a divisor of 1000: the authors' range(0, 1000, 1000 // steps)
+        assert ddnm_timesteps(steps) == list(range(0, 1000, 1000 // steps))[::-1]
+    for steps in (7, 300, 501, 999):  # otherwise: as many, evenly spread, and starting where the noise is pure
+        t = ddnm_timesteps(steps)
+        assert len(t) == steps and t[-1] == 0 and 999 - t[0] <= 1000 / steps and all(a > b for a, b in zip(t, t[1:]))
     for steps in (0, 1001):
         with pytest.raises(ValueError, match=f"takes 1 to 1000 steps, got {steps}"):
             ddnm_timesteps(steps)
