@@ -128,7 +128,8 @@ class IDM(nn.Module):
         unet: an unpruned diffusers U-Net to use instead of ``config.unet``
             (used by :meth:`from_pretrained`; may live on the meta device). It
             is pruned and wired in place and becomes this model's: pass a
-            ``copy.deepcopy`` to build a second model from the same U-Net.
+            ``copy.deepcopy`` to build a second model from the same U-Net. A
+            float16 or bfloat16 U-Net is cast to float32, as a folder is loaded.
         init_weights: give a meta-device U-Net (``sd15``, :meth:`from_pretrained`)
             a fresh random initialisation. ``False`` leaves it on the meta
             device, without storage: :meth:`load_weights` assigns real tensors
@@ -139,6 +140,8 @@ class IDM(nn.Module):
         super().__init__()
         if unet is None:
             unet = _source_unet(config)
+        elif any(p.dtype in (torch.float16, torch.bfloat16) for p in unet.parameters()):
+            unet = unet.float()  # as a folder is loaded (a diffusers torch_dtype=float16 one): the wiring runs in float32
         self.unet_class, self.unet_config = describe_unet(unet)
         config = _resolve_auto(config, unet)
         self.config = config
@@ -273,8 +276,11 @@ class IDM(nn.Module):
         if y.is_complex():  # the toolkit's operators take complex data as real channels (MRI: 2 channels)
             raise ValueError(f"y is {y.dtype}: IDM takes real measurements, with a complex value as two real channels")
         check_measurements_for(op, y)
-        dtype = next(self.parameters()).dtype
-        return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
+        first = next(self.parameters())
+        if first.is_meta:
+            raise RuntimeError("this IDM was built with init_weights=False and has no weights yet (its parameters are on "
+                               "the meta device): load them with load_weights, or build it with init_weights=True")  # fmt: skip
+        return y.to(first.dtype) if y.is_floating_point() and y.dtype != first.dtype else y
 
     def _forward(self, y: Tensor, op: Any, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
         x_pinv = self.prior_range_pinv(y, op)

@@ -6,7 +6,7 @@ IDM, its training, measurement files and checkpoints assume of every
 * ``A(x)`` has the shape :meth:`measurement_shape` announces and ``x``'s real dtype;
 * ``A_adjoint`` is the adjoint of ``A``: ``<A x, y> = <x, A^T y>``;
 * ``A_dagger`` maps measurements to real images of ``x``'s shape and dtype and,
-  where :attr:`exact_pinv` is true, is a pseudo-inverse: ``A A^+ (A x) = A x``;
+  where :attr:`exact_pinv` is true, is a pseudo-inverse: ``A A^+ (A x) = A x`` and ``A^+ A`` symmetric;
 * :meth:`config` is JSON and, for a registered operator, rebuilds the same operator
   (:func:`operators.from_config`), which is how a measurement file or a checkpoint brings it back.
 
@@ -81,9 +81,26 @@ def check_operator(op: Operator, dtype: torch.dtype = torch.float64, batch: int 
             if residual > tolerance:
                 problems.append(f"A_dagger is not a pseudo-inverse: ||A A_dagger (A x) - A x|| / ||A x|| = {residual:.3g} "
                                 "(declare exact_pinv False for an approximate inverse)")  # fmt: skip
+            else:
+                problems += _projector_problems(op, x, inverse, generator, tolerance)
     problems += _config_problems(op, x, y, tolerance)
     if problems:
         raise OperatorInputError(f"{label} breaks the operator contract:\n  - " + "\n  - ".join(problems))
+
+
+def _projector_problems(op: Operator, x: torch.Tensor, projected: torch.Tensor, generator: torch.Generator,
+                        tolerance: float) -> list[str]:  # fmt: skip
+    """``A_dagger A`` must be symmetric, ``<P x, z> = <x, P z>``: with ``A A_dagger A = A`` that makes it the
+    orthogonal projection onto the row space, so that ``x + A_dagger (y - A x)`` is the nearest point with
+    ``A x = y`` (what IDM's steps and final projection assume). A right inverse such as nearest-neighbour
+    upsampling for a decimation passes ``A A_dagger A = A`` but not this. ``projected`` is ``P x``."""
+    z = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+    left, right = float((projected * z).sum()), float((x * op.A_dagger(op.A(z))).sum())
+    if abs(left - right) <= tolerance * float(x.norm() * z.norm()):
+        return []
+    return [f"A_dagger A is not symmetric: <A_dagger A x, z> = {left:.10g} but <x, A_dagger A z> = {right:.10g}, so "
+            "A_dagger is not the pseudo-inverse and x + A_dagger (y - A x) is not the nearest image with A x = y "
+            "(use A^T (A A^T)^-1, or declare exact_pinv False)"]  # fmt: skip
 
 
 def _config_problems(op: Operator, x: torch.Tensor, y: torch.Tensor | None, tolerance: float) -> list[str]:

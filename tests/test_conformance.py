@@ -109,6 +109,43 @@ def test_an_approximate_inverse_declared_as_such_passes():
     check_operator(operators.make("conformance-approximate", img_size=(8, 8), factor=3.0))
 
 
+class EvenRows(operators.Operator):
+    """``y = x[..., ::2, :]``: its pseudo-inverse puts the rows back with zeros between (``A^T``, as ``A A^T = I``)."""
+
+    name = "conformance-even-rows"
+
+    def measurement_shape(self):
+        return (self.channels, (self.img_hw[0] + 1) // 2, self.img_hw[1])
+
+    def A(self, x, **kwargs):
+        return x[..., ::2, :]
+
+    def A_adjoint(self, y, **kwargs):
+        x = y.new_zeros(*y.shape[:-2], self.img_hw[0], self.img_hw[1])
+        x[..., ::2, :] = y
+        return x
+
+    def A_dagger(self, y, **kwargs):
+        return self.A_adjoint(y)
+
+    def config(self):
+        return {"name": self.name, "img_size": list(self.img_hw), "channels": self.channels}
+
+
+class EvenRowsRepeated(EvenRows):
+    """A right inverse that is not the pseudo-inverse: each row repeated (nearest neighbour); ``A A_dagger = I``."""
+
+    def A_dagger(self, y, **kwargs):
+        return y.repeat_interleave(2, dim=-2)[..., : self.img_hw[0], :]
+
+
+def test_a_right_inverse_that_is_not_the_pseudo_inverse_is_named():
+    check_operator(EvenRows((8, 8), 1))
+    with pytest.raises(OperatorInputError, match="A_dagger A is not symmetric: .* so A_dagger is not the pseudo-inverse"):
+        check_operator(EvenRowsRepeated((8, 8), 1))
+    check_operator(type("Declared", (EvenRowsRepeated,), {"exact_pinv": property(lambda self: False)})((8, 8), 1))
+
+
 def test_make_names_a_setting_the_operator_does_not_take():
     with pytest.raises(OperatorInputError, match=r"the 'cs' operator cannot be built from these keyword arguments: .*'ratoi' "
                        r"\(its settings: img_size, channels, ratio, block, mode, seed, phi_seed\)"):  # fmt: skip

@@ -441,6 +441,17 @@ def test_sd15_architecture_has_the_authors_parameter_count():
     assert sum(len(step) for step in model.eps_net.injectors) == 3 * 20
 
 
+def test_a_model_without_weights_or_with_a_half_precision_unet_is_named_or_cast(ortho_op):
+    op = ortho_op(SHAPE, 40)
+    y = op.A(torch.rand(1, *SHAPE))
+    meta = IDM(IDMConfig(unet="tiny", steps=1), unet=UNet2DModel(**tiny_unet_config(1)).to("meta"), init_weights=False)
+    with pytest.raises(RuntimeError, match="built with init_weights=False and has no weights yet"):
+        meta(y, op)
+    half = IDM(IDMConfig(unet="tiny", steps=1), unet=UNet2DModel(**tiny_unet_config(1)).half())
+    assert {p.dtype for p in half.parameters()} == {torch.float32}
+    assert half(y, op).dtype == torch.float32
+
+
 def test_model_is_reentrant_across_threads(ortho_op):
     torch.manual_seed(0)
     model = IDM(IDMConfig(steps=2)).eval()

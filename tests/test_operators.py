@@ -298,6 +298,22 @@ def test_least_squares_inverse_is_the_pseudo_inverse():
         LeastSquaresInverse(op, max_iter=0)
 
 
+def test_least_squares_solves_each_item_as_if_it_were_alone():
+    """Each item stops once it has converged: a flat image (few iterations) beside a random one (many)
+    is solved as alone, to the bit, and a measurement of zeros gives zeros."""
+    from operators.least_squares import least_squares_solve
+
+    op = operators.make("ct", img_size=(17, 17), views=8)
+    x = torch.rand(3, 1, 17, 17, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[0], x[2] = 0.5, 0.0
+    y = op.A(x)
+    together = least_squares_solve(op, y, max_iter=500, tol=1e-4)
+    for i in range(3):
+        assert torch.equal(together[i : i + 1], least_squares_solve(op, y[i : i + 1], max_iter=500, tol=1e-4))
+    assert not together[2].any()
+    assert rel(op.A_adjoint(op.A(together)), op.A_adjoint(y)) < 1e-3
+
+
 @pytest.mark.parametrize("size, views", [(32, 20), (33, 7), (20, 12)])
 def test_ct_matrix_is_deepinv_tomography(size, views):
     """The sparse Radon projector is deepinv's grid_sample Radon transform, its autograd adjoint and its FBP.

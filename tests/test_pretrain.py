@@ -95,6 +95,15 @@ def _train_args(prior: Path) -> list[str]:
             "--batch-size", "2", "--iters", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--data", "."]  # fmt: skip
 
 
+def test_a_prior_named_like_a_shipped_one_keeps_its_recorded_range(prior_run, tmp_path, monkeypatch):
+    from idm.shipped import MODELS_ENV
+
+    shutil.copytree(prior_run / "prior", tmp_path / "models" / "my-prior")
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    by_name = IDM(IDMConfig(unet="my-prior", steps=1))  # as from Python, without the CLI's --prior resolution
+    assert by_name.config.prior_range == "symmetric" == IDM(IDMConfig(unet=str(tmp_path / "models" / "my-prior"), steps=1)).config.prior_range
+
+
 def test_pretrain_resume_is_exact(tmp_path, data, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*BASE, "--data", str(data), "--checkpoint-every", "2"]

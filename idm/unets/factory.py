@@ -61,8 +61,12 @@ PRIOR_INFO_NAME = "idm_prior.json"
 
 
 def read_prior_range(path: str | Path) -> tuple[float, float] | None:
-    """The data range recorded in a U-Net folder's ``idm_prior.json``, or ``None`` if there is none."""
-    for folder in (Path(path), Path(path) / "unet"):
+    """The data range recorded in a U-Net folder's ``idm_prior.json``, or ``None`` if there is none; ``path``
+    may also name a shipped prior, as for :func:`unet_source_folder`."""
+    from idm.shipped import find_prior
+
+    path = find_prior(str(path)) or Path(path)
+    for folder in (path, path / "unet"):
         info_file = folder / PRIOR_INFO_NAME
         if info_file.is_file():
             try:
