@@ -439,6 +439,18 @@ def test_fastmri_file_fully_sampled_is_undersampled_with_a_seeded_mask(files, tm
     rows = _rows(out / "metrics.csv")
     assert [r["name"] for r in rows] == ["full_s0", "full_s1"] and all(np.isfinite(float(r["psnr"])) for r in rows)
     assert Image.open(out / "full_s1.png").size == (24, 24)
+    # the figures are fastMRI evaluate.py's: one PSNR over the volume, data range its maximum, SSIM its slices' mean
+    from skimage.metrics import peak_signal_noise_ratio
+
+    with h5py.File(files / "mri" / "full.h5") as f, h5py.File(out / "full.h5") as g:
+        esc, recon = f["reconstruction_esc"][()], g["reconstruction"][()]
+    record = json.loads((out / "reconstruct.json").read_text())
+    assert record["mean"]["of"] == "volumes" and record["mean"]["count"] == 1
+    assert record["mean"]["psnr"] == pytest.approx(peak_signal_noise_ratio(esc, recon, data_range=esc.max()), abs=1e-3)
+    assert record["mean"]["ssim"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows]), abs=1e-4)
+    # --limit scores its slices against the whole volume's data range: slice 0 scores as in the full run
+    assert main(argv + ["--limit", "1", "--out", str(tmp_path / "o1")]) == 0
+    assert _rows(tmp_path / "o1" / "metrics.csv")[0]["psnr"] == rows[0]["psnr"]
     # a folder of .h5 files, first slice only, full size
     assert main(["reconstruct", "--input", str(files / "mri"), "--limit", "1", "--no-crop", "--checkpoint",
                  str(files / "models" / "mri"), "--seed", "7", "--device", "cpu", "--out", str(tmp_path / "o2")]) == 0  # fmt: skip

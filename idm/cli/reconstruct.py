@@ -41,7 +41,9 @@ files written and the error when a run stopped part-way).
 PSNR/SSIM follow ``benchmarks.protocol.score_function`` (CS: the IDM
 authors' protocol; others: [0, 1] images, data_range 1); for ``.h5`` files
 they compare the magnitude (in the file's units, centre-cropped) with the
-reference, data_range = the reference volume's maximum, as fastMRI does.
+reference, data_range = the reference volume's maximum, and the means are
+those of the volumes, each scored as fastMRI's ``evaluate.py`` does (PSNR
+over all its voxels, SSIM the mean of its slices').
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ def _summary(rows: list[dict[str, Any]], means: dict[str, float] | None, out: Pa
         score = f"{r['psnr']:.2f} dB / SSIM {r['ssim']:.4f}" if "psnr" in r else "no ground truth"
         lines.append(f"  {r['name']}: {score} ({r['seconds']:.2f} s)")
     if means is not None:
-        lines.append(
-            f"  mean over {means['count']}: PSNR {means['psnr']:.2f} dB, SSIM {means['ssim']:.4f} (per image: {out / 'metrics.csv'})"
-        )
+        unit = means.get("of", "images")
+        lines.append(f"  mean over {means['count']} {unit}: PSNR {means['psnr']:.2f} dB, SSIM {means['ssim']:.4f} "
+                     f"(per {'slice' if unit == 'volumes' else 'image'}: {out / 'metrics.csv'})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -461,6 +463,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     plan = OperatorPlan(task, overrides, trained.operator, args.seed)
     trained_acc = (trained.operator or {}).get("acceleration")
     rows: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
     masks = []
     remaining = args.limit
     for f_index, path in enumerate(files):
@@ -489,7 +492,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         crop = None if args.no_crop else mri_files.output_crop(volume)
         reference, ref_kind = mri_files.reference_volume(volume, volume.mask is not None, crop)
         count = slices if remaining is None else min(slices, remaining)
-        recon = []
+        data_range = None if reference is None else float(reference.max())  # the whole volume's, whatever --limit
+        recon, estimates = [], []
         for s in tqdm(range(count), desc=f"{path.name} slices", disable=args.no_progress or count < 2):
             item = Measurement(f"{path.stem}_s{s}", ys[s].numpy(), op.config(), (height, width))
             x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s)
@@ -501,11 +505,15 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
             if reference is not None:
                 ref = reference[s]
                 est = center_crop(magnitude * scale, tuple(ref.shape[-2:]))
-                data_range = float(reference[:count].max())
+                estimates.append(est)
                 row["psnr"] = psnr(est, ref, data_range=data_range)
                 row["ssim"] = ssim(est, ref, data_range=data_range)
             rows.append(row)
             write_metrics(rows, out)
+        if reference is not None:  # fastMRI's evaluate.py: one PSNR over the volume's voxels, SSIM its slices' mean
+            volumes.append({"name": path.stem, "slices": count,
+                            "psnr": psnr(torch.stack(estimates), reference[:count], data_range=data_range),
+                            "ssim": statistics.fmean(r["ssim"] for r in rows[-count:])})  # fmt: skip
         if remaining is not None:
             remaining -= count
         attrs = {
@@ -525,7 +533,10 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         "masks": masks,
         "checkpoint": str(trained.path),
         "normalisation": "k-space / max |zero-filled image| of the volume; undone in reconstruction",
-        "metrics": "magnitude vs the reference (reconstruction_esc, else fully sampled), centre-cropped, data_range = reference volume max",
+        "metrics": "magnitude vs the reference (reconstruction_esc, else fully sampled), centre-cropped, data_range = "
+                   "reference volume max; per volume as fastMRI's evaluate.py (PSNR over its voxels, SSIM its slices' "
+                   "mean), the mean over volumes",
+        "volumes": volumes or None,
     }
     return rows, settings, f"{len(rows)} slice(s) of {len(files)} fastMRI file(s) in {source}"
 
@@ -582,6 +593,10 @@ def run(args: argparse.Namespace) -> int:
         folder.discard_if_empty()
         raise
     means = write_metrics(rows, out)
+    if settings.get("volumes"):  # fastMRI files: the figures are the volumes', as evaluate.py gives them
+        means = {"psnr": statistics.fmean(v["psnr"] for v in settings["volumes"]),
+                 "ssim": statistics.fmean(v["ssim"] for v in settings["volumes"]), "count": len(settings["volumes"]),
+                 "of": "volumes"}  # fmt: skip
     save_json(
         {
             **record,
