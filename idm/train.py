@@ -44,7 +44,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -389,6 +389,18 @@ def _resume_ema(folder: Path, model: IDM, state: dict[str, Any], ema: EMA) -> No
     ema.updates = state["ema_updates"]
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode within the block (validation: a prior's dropout off, so that the score is of the
+    weights alone and draws nothing from the random generators that training goes on with), its mode put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
     """Model, trainer state, optimizer tensors and RNG tensors of a checkpoint, with a clear error if any is broken."""
     return read_checkpoint_files(folder, IDM.from_pretrained)
@@ -563,7 +575,7 @@ def train(
             scores = []
             # the same start noise at every validation (init="noise"): scores comparable across iterations and resumes
             gen = seeds.generator(config.seed, seeds.VALIDATION, device=device) if noise_init else None
-            with torch.no_grad(), (ema.swapped_into(model) if ema is not None else contextlib.nullcontext()):
+            with torch.no_grad(), _evaluating(model), (ema.swapped_into(model) if ema is not None else contextlib.nullcontext()):
                 for chunk in torch.split(val_images, max(1, config.batch_size // env.world_size)):
                     x = chunk.to(device)
                     y = operator.A(x)  # float32, outside autocast (as in training)

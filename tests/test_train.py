@@ -339,6 +339,28 @@ def test_prior_with_dropout_is_refused_before_anything_is_written(tmp_path, data
     assert not out.exists()
 
 
+def test_validation_of_a_prior_with_dropout_scores_the_weights_and_leaves_training_alone(tmp_path, data):
+    """With --no-recompute a dropout prior trains; validation runs it in eval mode: the training is the same
+    with or without --val-data, and the model is back in training mode after."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from idm.unets import tiny_unet_config
+
+    prior = tmp_path / "prior"
+    UNet2DModel(**{**tiny_unet_config(1), "dropout": 0.3}).save_pretrained(prior)
+    args = [*(a for a in BASE if a not in ("--unet", "tiny")), "--prior", str(prior), "--no-recompute", "--data", str(data),
+            "--iters", "3", "--checkpoint-every", "3"]  # fmt: skip
+    logs = {}
+    for name, extra in (("plain", []), ("validated", ["--val-data", str(data), "--val-every", "1"])):
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        logs[name] = read_log(tmp_path / name)
+    weights = [load_file(tmp_path / name / "checkpoints" / "iter_0000003" / "model.safetensors") for name in logs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["loss"] for r in logs["plain"]] == [r["loss"] for r in logs["validated"]]
+    assert len({r["val_psnr"] for r in logs["validated"]}) == 3  # scored at each iteration, of the weights alone
+
+
 def test_existing_run_without_resume_is_refused(base_run, tmp_path, data, capsys):
     out = copy_run(base_run, tmp_path)
     before = snapshot(out)
