@@ -29,6 +29,9 @@ class ComplexFromMagnitude(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.magnitudes.set_epoch(epoch)
 
+    def number_streams(self, first: int) -> int:
+        return self.magnitudes.number_streams(first)
+
     def item_name(self, index: int) -> str:
         return self.magnitudes.item_name(index)
 

@@ -653,6 +653,29 @@ def _image_folder(tmp_path, sizes=((20, 24), (16, 16), (8, 10))):
     return d
 
 
+def test_joined_datasets_draw_their_own_crops_and_flips(tmp_path):
+    """One seed for every part, but item i of one part and item i of another draw independent crops and
+    flips; the first part draws as it would on its own, and parts nested one level down are numbered too."""
+    from tasks.mri import ComplexFromMagnitude
+
+    d = _image_folder(tmp_path)
+
+    def part() -> ImageFolderDataset:
+        return ImageFolderDataset(d / "im0.png", color="y", crop=8, augment=True, seed=5)
+
+    def state(dataset: ImageFolderDataset) -> torch.Tensor:
+        return dataset.generator(0).get_state()
+
+    alone = part()
+    joined = ConcatSlices([part(), part(), part()])
+    assert torch.equal(state(joined.parts[0]), state(alone)) and torch.equal(joined[0], alone[0])
+    states = [state(p) for p in joined.parts]
+    assert not any(torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1 :])
+    nested = ConcatSlices([ComplexFromMagnitude(ConcatSlices([part(), part()])), part()])
+    leaves = [*nested.parts[0].magnitudes.parts, nested.parts[1]]
+    assert [leaf.stream for leaf in leaves] == [0, 1, 2]
+
+
 def test_image_folder_dataset_crop_and_determinism(tmp_path):
     d = _image_folder(tmp_path)
     rng_state = torch.get_rng_state()
@@ -798,6 +821,19 @@ def test_16_bit_tiffs_other_than_rgb_stay_pillows_and_orientation_is_applied(tmp
     upright = np.rot90(rgb16, -1)  # orientation 6: rotate 90 degrees clockwise to view
     x = read_image(tmp_path / "turned.tif", "rgb")
     assert x.shape == (3, 5, 6) and (x - torch.from_numpy(upright / 65535.0).permute(2, 0, 1)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_the_header_size_of_a_turned_image_is_the_size_it_is_read_at(tmp_path, suffix):
+    """Orientation 6 (a quarter turn): a 20x30 picture is read as 30x20, and its header says so (Pillow reports
+    a TIFF's size turned already, a PNG's or JPEG's not: turned once either way)."""
+    from tasks.data import image_size
+
+    image = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / f"turned{suffix}", exif=exif)
+    assert image_size(tmp_path / f"turned{suffix}") == tuple(read_image(tmp_path / f"turned{suffix}", "rgb").shape[-2:]) == (30, 20)
 
 
 def test_a_deep_colour_image_that_cannot_be_read_fully_is_named(tmp_path, monkeypatch):

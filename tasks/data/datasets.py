@@ -89,6 +89,7 @@ class _SliceDataset(Dataset):
         self.augment = bool(augment)
         self.seed = seed
         self.epoch = 0
+        self.stream = 0  # set by ConcatSlices: each joined dataset draws its own crops and flips
         if self.crop is not None:
             assert sizes is not None
             ch, cw = self.crop
@@ -128,9 +129,15 @@ class _SliceDataset(Dataset):
         return f"{path.stem}_s{sl}" if multi else path.stem
 
     def generator(self, index: int) -> torch.Generator:
-        """The generator used for item ``index`` in the current epoch."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        """The generator used for item ``index`` in the current epoch (and :attr:`stream`)."""
+        entropy = [self.seed, self.epoch, index] + ([self.stream] if self.stream else [])
+        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def number_streams(self, first: int) -> int:
+        """Draw from random stream ``first`` (0: the stream of a dataset on its own); the next free one."""
+        self.stream = int(first)
+        return self.stream + 1
 
     def _load(self, path: Path, slice_index: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -364,6 +371,16 @@ class ConcatSlices(Dataset):
             raise DataError("no datasets to join")
         self.offsets = [int(n) for n in np.cumsum([0] + [len(part) for part in self.parts[:-1]])]
         self.total = self.offsets[-1] + len(self.parts[-1])
+        self.number_streams(0)
+
+    def number_streams(self, first: int) -> int:
+        """Give each joined dataset its own random stream, from ``first`` on (the first part keeps that of a
+        dataset on its own): item ``i`` of one part and item ``i`` of another draw independent crops and
+        flips, as they would not with one seed and the same local index. Returns the next free stream."""
+        for part in self.parts:
+            number = getattr(part, "number_streams", None)
+            first = number(first) if callable(number) else first
+        return first
 
     def __len__(self) -> int:
         return self.total

@@ -178,8 +178,8 @@ def image_size(path: PathLike) -> tuple[int, int]:
     try:
         with Image.open(p) as im:
             w, h = im.size
-            if _exif_orientation(im) in (5, 6, 7, 8):  # 90-degree EXIF rotations
-                w, h = h, w
+            if _exif_orientation(im) in (5, 6, 7, 8):  # 90-degree EXIF rotations: the size read_image gives,
+                w, h = ImageOps.exif_transpose(im).size  # which Pillow reports rotated already for some formats (TIFF)
     except Exception as exc:  # Pillow raises many exception types
         raise DataError(f"{p}: cannot read image header ({exc})") from exc
     return h, w
