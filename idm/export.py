@@ -28,7 +28,7 @@ from typing import Any
 
 from idm.checkpoint import CheckpointError, load_json, load_json_record, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
-from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration
+from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration, prior_fingerprint, prior_folder
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import resolve_model_dir
@@ -238,7 +238,10 @@ def export_prior(
     state = load_json(source / STATE_NAME, "trainer state") if source is not None else {"iteration": exported}
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
-    provenance = _provenance(source or prior, run, state, {"weights_dtype": _dtype_note(half)})
+    # the run's prior, which the models fine-tuned from it record (idm train's prior_sha256): this export is that
+    # network, in half precision (prior_fingerprints)
+    extra = {"weights_dtype": _dtype_note(half), "exported_prior_sha256": prior_fingerprint(prior)}
+    provenance = _provenance(source or prior, run, state, extra)
 
     def write(tmp: Path) -> None:
         for item in prior.iterdir():
@@ -251,6 +254,19 @@ def export_prior(
         save_json(provenance, tmp / PROVENANCE_NAME)
 
     return replace_folder(Path(out), write)
+
+
+def prior_fingerprints(path: str | os.PathLike) -> set[str]:
+    """The :func:`idm.pretrain.prior_fingerprint` of the prior ``path`` names and, for an export of an ``idm
+    pretrain`` run's prior, that of the prior it was exported from: the same network, which models fine-tuned
+    from the run record (``idm benchmark`` compares them with what DDNM and DPS run)."""
+    fingerprints = {prior_fingerprint(path)}
+    provenance = Path(prior_folder(path)) / PROVENANCE_NAME
+    if provenance.is_file():
+        recorded = load_json(provenance, "export provenance")
+        if isinstance(recorded, dict) and isinstance(recorded.get("exported_prior_sha256"), str):
+            fingerprints.add(recorded["exported_prior_sha256"])
+    return fingerprints
 
 
 def weights_megabytes(folder: str | os.PathLike) -> float:

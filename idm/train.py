@@ -406,6 +406,10 @@ def _read_checkpoint(folder: Path) -> tuple[IDM, dict[str, Any], dict[str, Tenso
     return read_checkpoint_files(folder, IDM.from_pretrained)
 
 
+#: The task a run started from Python records unless given one (:func:`train`'s ``task``).
+PYTHON_TASK = "custom"
+
+
 def train(
     model_config: IDMConfig,
     dataset: Dataset,
@@ -413,7 +417,7 @@ def train(
     out: str | os.PathLike,
     config: TrainConfig,
     *,
-    task: str = "custom",
+    task: str = PYTHON_TASK,
     task_info: dict[str, Any] | None = None,
     val_dataset: Dataset | None = None,
     val_limit: int = 16,

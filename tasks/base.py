@@ -31,6 +31,9 @@ Loader = Callable[["Task", PathsArg, Optional[int], bool, int], Dataset]
 
 #: Colour modes of image files and their channel counts.
 IMAGE_COLORS: Mapping[str, int] = MappingProxyType({"gray": 1, "y": 1, "rgb": 3})
+#: The operator settings that command-line flags set (``--ratio``, ..., ``--center-fraction``, ``--views``),
+#: the same in every command; a task's ``options`` are among them.
+OPERATOR_FLAGS: tuple[str, ...] = ("ratio", "mode", "block", "mask", "acceleration", "center_fraction", "views")
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,9 @@ class Task:
         operator: name in the ``operators`` registry.
         operator_defaults: keyword arguments of the operator (besides
             ``img_size``, ``channels``, ``seed``).
-        options: operator arguments the command-line flags may override
-            (``ratio``, ``mode``, ``block``, ``mask``, ``acceleration``,
-            ``center_fraction``, ``views``).
+        options: operator arguments that may be overridden: by the command
+            line's flags for those among :data:`OPERATOR_FLAGS`, by Python
+            callers (:meth:`operator_kwargs`) for any.
         channels: image channels the network reconstructs.
         color: colour mode of image files (``"gray"``, ``"y"``, ``"rgb"``) or
             a loader-specific word (``"magnitude"``, ``"hu"``).
@@ -174,7 +177,7 @@ class Task:
         unknown = sorted(set(overrides) - set(self.options))
         if unknown:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-            takes = ", ".join("--" + k.replace("_", "-") for k in self.options) or "no operator flags"
+            takes = ", ".join("--" + k.replace("_", "-") for k in self.options if k in OPERATOR_FLAGS) or "no operator flags"
             raise ValueError(f"task {self.name} does not use {flags} (it takes {takes})")
         return {**self.operator_defaults, **overrides}
 

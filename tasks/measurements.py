@@ -127,7 +127,8 @@ def describe_operator(config: dict[str, Any]) -> str:
             parts.append("img_size=" + "x".join(str(v) for v in value))
         elif key != "name" and (isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 40)):
             parts.append(f"{key}={value}")
-    return f"{config.get('name', '?')} operator ({', '.join(parts)})"
+    name = config.get("name") or config.get("class") or "an unregistered"  # a plug-in Operator without @register: ""
+    return f"{name} operator ({', '.join(parts)})"
 
 
 # ---- .npz -----------------------------------------------------------------------------------

@@ -131,6 +131,27 @@ def test_prior_export_is_a_diffusers_folder_found_by_name(runs, tmp_path, monkey
     assert shipped.shipped_models() == []  # a prior is not an IDM model
 
 
+def test_a_model_and_the_half_precision_export_of_its_prior_are_known_to_belong_together(runs, tmp_path, monkeypatch):
+    """The model records the fingerprint of the run's float32 prior; the float16 export of that prior records it
+    too, so idm benchmark's DDNM runs it without a warning that it is another network."""
+    from idm import shipped
+    from idm.export import prior_fingerprints
+    from idm.pretrain import prior_fingerprint
+
+    prior_run, idm_run = runs
+    models = tmp_path / "models"
+    assert main(["export", "--checkpoint", str(prior_run), "--out", str(models / "my-prior")]) == 0
+    assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "my-prior", "--out", str(models / "my-cs")]) == 0
+    recorded = load_trained(idm_run).run["settings"]["prior_sha256"]
+    assert recorded != prior_fingerprint(models / "my-prior") and recorded in prior_fingerprints(models / "my-prior")
+    monkeypatch.setenv(shipped.MODELS_ENV, str(models))
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--task", "cs", "--ratio", "0.2", "--block", "8", "--data", str(prior_run.parent / "data"),
+                 "--limit", "1", "--methods", "pinv,ddnm", "--ddnm-steps", "2", "--checkpoint", "my-cs", "--device", "cpu",
+                 "--no-progress", "--no-images", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "benchmark.json").read_text())["warnings"] == []
+
+
 def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
     from idm import IDM, IDMConfig
 

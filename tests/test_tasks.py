@@ -136,6 +136,9 @@ def test_a_new_task_is_one_value():
         Task(name="bad", operator="cs", color="rgb", channels=1)
     with pytest.raises(ValueError, match="metric"):
         Task(name="bad", operator="cs", metric="ssim")
+    flagless = Task(name="flagless", operator="cs", options=("ratio", "factor"))  # factor: from Python only
+    with pytest.raises(ValueError, match=r"task flagless does not use --block \(it takes --ratio\)$"):
+        flagless.operator_kwargs(block=8)  # not "--ratio, --factor": no such flag
 
 
 def test_operator_settings_are_checked_at_the_size_they_will_run():

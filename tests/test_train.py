@@ -708,7 +708,23 @@ def test_kept_attention_trains_the_same_weights_and_may_change_on_resume(base_ru
     assert not (tmp_path / "refused").exists()
 
 
-def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_check(tmp_path):
+def test_a_model_trained_on_rgb_images_reads_rgb_images_without_the_flag_again(tmp_path):
+    data = tmp_path / "rgb"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(data / f"c{i}.png")
+    run = tmp_path / "run"
+    assert main([*BASE, "--color", "rgb", "--data", str(data), "--iters", "1", "--out", str(run)]) == 0
+    for command in (["reconstruct", "--input"], ["benchmark", "--methods", "idm", "--data"]):
+        out = tmp_path / command[0]
+        assert main([*command, str(data), "--checkpoint", str(run), "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    assert np.load(tmp_path / "reconstruct" / "c0.npy").shape == (3, 24, 24)
+    assert main(["simulate", "--input", str(data), "--checkpoint", str(run), "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "m.npz")]) == 0  # fmt: skip
+
+
+def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_check(tmp_path, capsys):
     """train() takes any deepinv physics; only its class is recorded, so load_trained serves it to Python
     callers and refuses, by name, a request it cannot check (the command line's operator settings)."""
     from deepinv.physics import Inpainting
@@ -727,6 +743,17 @@ def test_a_model_trained_on_a_deepinv_physics_loads_and_says_what_it_cannot_chec
     assert trained.model(y, physics).shape == (1, 1, 16, 16)
     with pytest.raises(CheckpointError, match="trained with a physics of class Inpainting, which is not a registered toolkit operator"):
         load_trained(tmp_path / "run", expect_operator={"name": "inpainting", "ratio": 0.5})
+    write_images(tmp_path / "images", n=1, size=16)
+    for command in (["reconstruct", "--input", str(tmp_path / "images")], ["benchmark", "--data", str(tmp_path / "images")]):
+        assert main([*command, "--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert "was trained from Python (idm.train.train, task 'custom')" in capsys.readouterr().err
+    record = next((tmp_path / "run" / "checkpoints").iterdir()) / "run.json"
+    run = json.loads(record.read_text())
+    run["identity"]["task"] = "gone"  # a plug-in task whose package is not installed here
+    record.write_text(json.dumps(run))
+    assert main(["reconstruct", "--input", str(tmp_path / "images"), "--checkpoint", str(tmp_path / "run"), "--device",
+                 "cpu", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "trained for task 'gone', which this installation does not have" in capsys.readouterr().err
 
 
 PLUGIN_MODULE = '''

@@ -34,6 +34,7 @@ from idm.cli.common import (
     resolve_device,
     resolve_precision_arg,
     seed_everything,
+    task_color,
     task_name,
 )
 
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
+    from idm.export import prior_fingerprints
     from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
     from operators import without_size_and_seed
@@ -139,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     resolve_precision_arg(args, device)
     task = tasks.get(task_name(args))
-    if args.color:
-        task = task.with_color(args.color)
+    color = task_color(args)
+    if color and color != task.color:
+        task = task.with_color(color)
     overrides = operator_overrides(args)
     task.check_flags(**overrides)  # refuses flags the task does not take or would ignore, before any work
     if args.methods is None:
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     recorded_warnings = []  # shown now and kept in benchmark.json
     fine_tuned_from = ((trained.run or {}).get("settings") or {}).get("prior_sha256") if trained is not None else None
-    if prior is not None and fine_tuned_from and prior_sha256 != fine_tuned_from:
+    if prior is not None and fine_tuned_from and fine_tuned_from not in prior_fingerprints(prior_path):
         recorded_warnings.append(f"the prior {str(prior_path)!r} is not the network {trained.path} was fine-tuned from "
                                  "(its files changed since, or --prior names another): DDNM and DPS run it, IDM "
                                  "its own")  # fmt: skip

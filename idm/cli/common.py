@@ -159,8 +159,9 @@ def add_run_control_args(parser: argparse.ArgumentParser, log_every: int, checkp
 
 def operator_overrides(args: argparse.Namespace) -> dict:
     """The operator flags the user set, as keyword arguments (unset flags omitted)."""
-    names = ("ratio", "mode", "block", "mask", "acceleration", "center_fraction", "views")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    from tasks.base import OPERATOR_FLAGS
+
+    return {n: getattr(args, n) for n in OPERATOR_FLAGS if getattr(args, n, None) is not None}
 
 
 def command_line(name: str) -> str:
@@ -258,7 +259,29 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     task = recorded_task(checkpoint)
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
+    import tasks
+    from idm.train import PYTHON_TASK
+
+    if task == PYTHON_TASK and task not in tasks.available():
+        raise ValueError(f"checkpoint {checkpoint!r} was trained from Python (idm.train.train, task {task!r}) with an "
+                         "operator the command line cannot rebuild: load it with idm.train.load_trained and call "
+                         "model(y, op) with that operator")  # fmt: skip
+    if task not in tasks.available():
+        raise ValueError(f"checkpoint {checkpoint!r} was trained for task {task!r}, which this installation does not have "
+                         f"(available: {', '.join(tasks.available())}); a plug-in task needs the package that provides it")  # fmt: skip
     return task
+
+
+def task_color(args: argparse.Namespace) -> str | None:
+    """``--color``, else the colour mode that ``--checkpoint``'s training run read its images in (a model trained
+    with ``--color rgb`` reconstructs RGB images without the flag again), else ``None`` (the task's own)."""
+    if args.color or not getattr(args, "checkpoint", None):
+        return args.color
+    from idm.training.trained import recorded_color, recorded_task
+
+    if args.task and args.task != recorded_task(args.checkpoint):
+        return None  # a checkpoint of another task: loading it names that mismatch
+    return recorded_color(args.checkpoint)
 
 
 def load_for_request(task: Any, checkpoint: str | None, expect: dict[str, Any], request: dict[str, Any],

@@ -74,6 +74,7 @@ from idm.cli.common import (
     resolve_device,
     resolve_precision_arg,
     seed_everything,
+    task_color,
     task_name,
 )
 from idm.cli.simulate import (
@@ -333,7 +334,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
 def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[list[dict], dict[str, Any], str]:
     from tasks.data import DEFAULT_HU_WINDOW
 
-    task = get_task(task_name(args, Path(args.input)), args.color)
+    task = get_task(task_name(args, Path(args.input)), task_color(args))
     check_limit(args.limit)
     names, dataset = load_images(task, args.input, args.limit, args.size)
     overrides, trained = _model_for_flags(args, task, device, img_size=tuple(dataset[0].shape[-2:]))

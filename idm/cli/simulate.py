@@ -44,6 +44,7 @@ from idm.cli.common import (
     operator_overrides,
     resolve_device,
     seed_everything,
+    task_color,
     task_name,
 )
 from tasks.data.images import KSPACE_SUFFIXES
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data import DEFAULT_HU_WINDOW
     from tasks.measurements import check_replaceable, describe_operator, save_measurements, save_sinogram
 
-    task = get_task(task_name(args, Path(args.input)), args.color)
+    task = get_task(task_name(args, Path(args.input)), task_color(args))
     overrides = operator_overrides(args)
     task.check_flags(**overrides)  # refuses flags the task does not take or would ignore, before any work
     check_limit(args.limit)

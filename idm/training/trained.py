@@ -121,6 +121,15 @@ def recorded_task(path: str | os.PathLike) -> str | None:
     return task if isinstance(task, str) and task else None
 
 
+def recorded_color(path: str | os.PathLike) -> str | None:
+    """The colour mode (``--color``) that the run of a checkpoint read its images in, as :func:`recorded_task`;
+    ``None`` when it records none (a bare model folder, a run started from Python without one)."""
+    run = read_run_record(resolve_model_dir(path))
+    info = None if run is None else run.get("identity", {}).get("task_info")
+    color = info.get("color") if isinstance(info, dict) else None
+    return color if isinstance(color, str) and color else None
+
+
 @dataclass
 class TrainedModel:
     """A loaded model with the metadata of the run that trained it (``run`` is ``None`` for bare model folders)."""
