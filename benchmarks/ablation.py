@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,6 +51,15 @@ VARIANTS = (
 )
 FIELDS = ["variant", "description", "psnr", "ssim", "train_seconds", "train_memory_mb", "iterations", "nfe",
           "inference_seconds", "test_images", "status", "error"]
+
+
+def refuse_earlier_runs(parser: argparse.ArgumentParser, out: Path, names: Iterable[str]) -> None:
+    """Exit with status 2 (``parser.error``), before any work, when ``out`` holds the training run of one of the
+    variants ``names`` (``OUT/NAME/run``): that variant would fail, and the table be rewritten without its scores."""
+    taken = [name for name in names if (out / name / "run").exists()]
+    if taken:
+        parser.error(f"--out {str(out)!r} holds the training runs of {', '.join(taken)} from an earlier run: choose "
+                     "another --out, or move them away (nothing was overwritten)")
 
 
 def add_experiment_args(parser: argparse.ArgumentParser, training_required: bool = True) -> None:
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     add_experiment_args(parser)
     parser.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=[v.name for v in VARIANTS])
     args = parser.parse_args(argv)
+    refuse_earlier_runs(parser, Path(args.out), args.variants)
     task, overrides, images, base, budget, device = experiment_setup(args)
     out = Path(args.out)
     rows = []

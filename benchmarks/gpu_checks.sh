@@ -34,6 +34,13 @@
 #   profile      sd15 kernel time by kind (attention, convolution, ...): inference batch 16,
 #                training batch 8 plain and memory-saving, bf16                          [150]
 #
+# What travels to the device machine is at most 64 MiB a call: the tracked tree is about 59 MiB
+# (idm/weights about 50 of it) and the wheels about 10 MiB. These stages read no shipped weights but
+# idm/weights/prior-natural-y (PRIOR), so move the other shipped folders out of the checkout for the
+# call, and back after it (`git status --short idm/weights` then lists nothing):
+#   mkdir -p /tmp/weights-aside && for d in idm/weights/*/; do
+#     [ "$d" = idm/weights/prior-natural-y/ ] || mv "$d" /tmp/weights-aside/; done
+#   mv /tmp/weights-aside/* idm/weights/                                            # after the call
 # On the device machine, with the wheels carried (`carry: [".whl"]`), run from the repository root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash benchmarks/gpu_checks.sh cuda-tests graphs-b1 levers-b8

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ablation import add_experiment_args, all_failed_status, experiment_setup, write_table
+from benchmarks.ablation import add_experiment_args, all_failed_status, experiment_setup, refuse_earlier_runs, write_table
 from benchmarks.experiments import Variant, run_variant
 from benchmarks.report import run_script, script_command
 from idm.cli.common import resolve_device
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is None and not (args.prior and args.train_data):
         parser.error("--prior and --train-data are needed to train one model per value (or give --checkpoint)")
     out = Path(args.out)
+    if args.checkpoint is None:
+        refuse_earlier_runs(parser, out, [f"{args.sweep}_{value:g}" for value in args.values])
     rows = score_checkpoint(args) if args.checkpoint is not None else train_per_value(args, out)
     command = script_command("benchmarks.scaling", argv)
     device = torch.device(args.device)

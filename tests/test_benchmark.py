@@ -590,7 +590,7 @@ def test_a_checkpoint_of_another_task_is_refused(bench_files, tmp_path, capsys):
     assert "trained for 'cs', requested 'inpainting'" in capsys.readouterr().err
 
 
-def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
+def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path, capsys):
     from benchmarks import ablation, scaling
 
     common = ["--task", "cs", "--ratio", "0.25", "--prior", str(bench_files / "prior"),
@@ -606,6 +606,15 @@ def test_ablation_and_scaling_scripts_run_end_to_end(bench_files, tmp_path):
     rows = _rows(tmp_path / "scaling" / "scaling_steps.csv")
     assert [(r["value"], r["nfe"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "2", "ok")]
     assert (tmp_path / "scaling" / "scaling_steps.png").is_file()
+    tables = {name: (tmp_path / name / f"{name}{suffix}.csv").read_text()
+              for name, suffix in (("ablation", ""), ("scaling", "_steps"))}  # fmt: skip
+    for script, argv, name in ((ablation, ["--steps", "1"], "ablation"), (scaling, ["--sweep", "steps", "--values", "2"], "scaling")):
+        with pytest.raises(SystemExit) as stopped:  # the earlier runs are there: refused before any work
+            script.main(common + argv + ["--out", str(tmp_path / name)])
+        assert stopped.value.code == 2
+    assert "holds the training runs of steps_2 from an earlier run" in capsys.readouterr().err
+    assert tables == {name: (tmp_path / name / f"{name}{suffix}.csv").read_text()
+                      for name, suffix in (("ablation", ""), ("scaling", "_steps"))}  # fmt: skip
     for bad, message in ((["--prior", str(tmp_path / "none")], "no such folder, nor a shipped prior's name"),
                          (["--train-data", str(tmp_path / "none")], "no such file or folder"),
                          (["--views", "60"], "task cs does not use --views"),
