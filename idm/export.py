@@ -63,6 +63,15 @@ def _recorded_path(folder: Path) -> str:
         return str(full)
 
 
+def _names_folder(recorded: str, folder: Path) -> bool:
+    """Whether an ``exported_from`` entry names ``folder``: an absolute path that resolves to it, or a relative one
+    (recorded from the working directory of that export, which may not be this one) that its path ends with."""
+    path, full = Path(recorded), folder.resolve()
+    if path.is_absolute():
+        return path.resolve() == full
+    return (Path.cwd() / path).resolve() == full or full.parts[-len(path.parts):] == path.parts
+
+
 #: Last key components of the learnable scalars (the schedule's ``alpha``, a wired chain's ``v`` and scales),
 #: kept float32 in a half-precision export whatever their length (T of them for T steps).
 SCALAR_KEYS = ("alpha", "v", "in_scale", "out_scale")
@@ -161,7 +170,8 @@ def export_model(
         half: float16 weights (see the module docstring).
         prior_name: recorded as the model's ``unet`` instead of the local prior
             path (e.g. the name of a prior shipped beside it).
-        hardware: what it was trained on, when ``run.json`` does not say.
+        hardware: what it was trained on, recorded in ``run.json`` and ``provenance.json`` (for runs
+            that do not record it; it replaces what they record).
         final_projection: set ``IDMConfig.final_projection`` (it has no
             parameters: a deployment choice); ``None`` keeps the trained setting.
 
@@ -187,6 +197,8 @@ def export_model(
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
     extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
+    if hardware is not None:  # in both records: a re-export keeps its earlier provenance but for what changed
+        extra["hardware"] = hardware
     if final_projection is not None:
         switch = {"final_projection": bool(final_projection)}
         config = {**config, "idm": {**config["idm"], **switch}}
@@ -197,7 +209,7 @@ def export_model(
         earlier = load_json_record(folder / PROVENANCE_NAME, "provenance")
         chain = earlier.get("exported_from") or []
         chain = [chain] if isinstance(chain, str) else list(chain)  # one folder in exports before the chain
-        if not chain or Path(chain[-1]).resolve() != folder.resolve():  # a folder re-exported in place is listed once
+        if not chain or not _names_folder(chain[-1], folder):  # a folder re-exported in place is listed once
             chain.append(_recorded_path(folder))
         provenance = {**earlier, **extra, "exported_from": chain}
     else:

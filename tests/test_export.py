@@ -221,6 +221,12 @@ def test_reexport_switches_the_final_projection_and_keeps_the_training_record(ru
     assert inside["exported_from"] == in_place["exported_from"]  # already listed: once
     relative = json.loads((export_model("switched", "switched") / "provenance.json").read_text())
     assert relative["exported_from"] == [str(shipped.resolve()), "switched"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the relative record still names that folder: listed once
+    moved = export_model(tmp_path / "switched", tmp_path / "switched", hardware="the test's CPU")
+    provenance = json.loads((moved / "provenance.json").read_text())
+    assert provenance["exported_from"] == relative["exported_from"] and provenance["hardware"] == "the test's CPU"
+    assert json.loads((moved / "run.json").read_text())["settings"]["hardware"] == "the test's CPU"
     op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.2, block=8)
     y = op.A(torch.rand(2, 1, 16, 16))
     with torch.no_grad():

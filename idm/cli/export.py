@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
                         "folder (its prior, as last exported)")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights")
     parser.add_argument("--prior-name", help="record this name as the model's prior instead of the local path")
-    parser.add_argument("--hardware", help="what it was trained on, when the run does not record it")
+    parser.add_argument("--hardware", help="what it was trained on, for a run that does not record it (it replaces what a run records)")
     parser.add_argument("--final-projection", action=argparse.BooleanOptionalAction, default=None,
                         help="switch the parameter-free projection of the output onto the measurements on or off "
                         "(IDMConfig.final_projection; default: as trained)")

@@ -110,8 +110,9 @@ class LoopResult:
 class GracefulStop:
     """Context manager: SIGTERM / first Ctrl-C set :attr:`requested` instead of killing the process.
 
-    A second Ctrl-C raises ``KeyboardInterrupt`` as usual. Handlers are only
-    installed from the main thread and are restored on exit.
+    A second Ctrl-C raises ``KeyboardInterrupt`` as usual. (Python runs a handler between two operations, and
+    signals that arrive during one long torch call are taken once: a second Ctrl-C counts only after the
+    first was handled.) Handlers are only installed from the main thread and are restored on exit.
     """
 
     def __init__(self) -> None:
