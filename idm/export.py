@@ -194,10 +194,9 @@ def export_model(
     tensors = _half(tensors) if half else _full(tensors)  # what provenance.json's weights_dtype says
     if prior_name is not None:
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
-    if hardware is not None:
-        run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
     extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
     if hardware is not None:  # in both records: a re-export keeps its earlier provenance but for what changed
+        run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
         extra["hardware"] = hardware
     if final_projection is not None:
         switch = {"final_projection": bool(final_projection)}
