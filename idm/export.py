@@ -250,7 +250,7 @@ def export_prior(
     if hardware is not None:
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
     # the run's prior, which the models fine-tuned from it record (idm train's prior_sha256): this export is that
-    # network, in half precision (prior_fingerprints)
+    # network, in half precision (exported_prior_fingerprint)
     extra = {"weights_dtype": _dtype_note(half), "exported_prior_sha256": prior_fingerprint(prior)}
     provenance = _provenance(source or prior, run, state, extra)
 
@@ -267,17 +267,17 @@ def export_prior(
     return replace_folder(Path(out), write)
 
 
-def prior_fingerprints(path: str | os.PathLike) -> set[str]:
-    """The :func:`idm.pretrain.prior_fingerprint` of the prior ``path`` names and, for an export of an ``idm
-    pretrain`` run's prior, that of the prior it was exported from: the same network, which models fine-tuned
-    from the run record (``idm benchmark`` compares them with what DDNM and DPS run)."""
-    fingerprints = {prior_fingerprint(path)}
+def exported_prior_fingerprint(path: str | os.PathLike) -> str | None:
+    """For an export of an ``idm pretrain`` run's prior (``path`` as ``--prior`` names it), the
+    :func:`idm.pretrain.prior_fingerprint` of the prior it was exported from, which the models fine-tuned from
+    that run record: the same network, in half precision here (``idm benchmark`` compares the record with
+    what DDNM and DPS run). ``None`` for any other prior."""
     provenance = Path(prior_folder(path)) / PROVENANCE_NAME
-    if provenance.is_file():
-        recorded = load_json(provenance, "export provenance")
-        if isinstance(recorded, dict) and isinstance(recorded.get("exported_prior_sha256"), str):
-            fingerprints.add(recorded["exported_prior_sha256"])
-    return fingerprints
+    if not provenance.is_file():
+        return None
+    recorded = load_json(provenance, "export provenance")
+    source = recorded.get("exported_prior_sha256") if isinstance(recorded, dict) else None
+    return source if isinstance(source, str) else None
 
 
 def weights_megabytes(folder: str | os.PathLike) -> float:

@@ -135,7 +135,7 @@ def test_a_model_and_the_half_precision_export_of_its_prior_are_known_to_belong_
     """The model records the fingerprint of the run's float32 prior; the float16 export of that prior records it
     too, so idm benchmark's DDNM runs it without a warning that it is another network."""
     from idm import shipped
-    from idm.export import prior_fingerprints
+    from idm.export import exported_prior_fingerprint
     from idm.pretrain import prior_fingerprint
 
     prior_run, idm_run = runs
@@ -143,7 +143,8 @@ def test_a_model_and_the_half_precision_export_of_its_prior_are_known_to_belong_
     assert main(["export", "--checkpoint", str(prior_run), "--out", str(models / "my-prior")]) == 0
     assert main(["export", "--checkpoint", str(idm_run), "--prior-name", "my-prior", "--out", str(models / "my-cs")]) == 0
     recorded = load_trained(idm_run).run["settings"]["prior_sha256"]
-    assert recorded != prior_fingerprint(models / "my-prior") and recorded in prior_fingerprints(models / "my-prior")
+    assert recorded != prior_fingerprint(models / "my-prior") and recorded == exported_prior_fingerprint(models / "my-prior")
+    assert exported_prior_fingerprint(prior_run) is None  # the run's own prior is no export
     monkeypatch.setenv(shipped.MODELS_ENV, str(models))
     out = tmp_path / "bench"
     assert main(["benchmark", "--task", "cs", "--ratio", "0.2", "--block", "8", "--data", str(prior_run.parent / "data"),

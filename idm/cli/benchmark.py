@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
-    from idm.export import prior_fingerprints
+    from idm.export import exported_prior_fingerprint
     from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
     from operators import without_size_and_seed
@@ -176,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
         trained.model.config = trained.model.config.replace(final_projection=args.final_projection)
     operator_for = operator_factory(task, overrides, None if trained is None else trained.operator, args.seed)
     first_op = operator_for(0, tuple(images[0].x.shape[-2:]))
+    block = pad_multiple(task, first_op)  # the CS block the protocol pads to, else None
     for image in images:  # as idm simulate and idm reconstruct: before any method runs
-        check_image_measurable(image.name, *image.x.shape[-2:], block=pad_multiple(task, first_op))
+        check_image_measurable(image.name, *image.x.shape[-2:], block=block)
     request = without_size_and_seed(first_op.config())  # tuning records are checked against what runs
     dps_zeta = None if args.dps_zeta is None else step_size_from(args.dps_zeta, task.name, request, _or(args.dps_steps, 1000))
     tv_lam = None if args.tv_lam is None else lam_from(args.tv_lam, task.name, request)
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
     recorded_warnings = []  # shown now and kept in benchmark.json
     fine_tuned_from = ((trained.run or {}).get("settings") or {}).get("prior_sha256") if trained is not None else None
-    if prior is not None and fine_tuned_from and fine_tuned_from not in prior_fingerprints(prior_path):
+    if prior is not None and fine_tuned_from and fine_tuned_from not in (prior_sha256, exported_prior_fingerprint(prior_path)):
         recorded_warnings.append(f"the prior {str(prior_path)!r} is not the network {trained.path} was fine-tuned from "
                                  "(its files changed since, or --prior names another): DDNM and DPS run it, IDM "
                                  "its own")  # fmt: skip
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             out=None if args.no_images else out,
             seed=args.seed,
-            pad_multiple=pad_multiple(task, first_op),
+            pad_multiple=block,
             progress=not args.no_progress,
             after_image=keep,
         )

@@ -262,14 +262,15 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     import tasks
     from idm.train import PYTHON_TASK
 
-    if task == PYTHON_TASK and task not in tasks.available():
+    available = tasks.available()
+    if task in available:
+        return task
+    if task == PYTHON_TASK:
         raise ValueError(f"checkpoint {checkpoint!r} was trained from Python (idm.train.train, task {task!r}) with an "
                          "operator the command line cannot rebuild: load it with idm.train.load_trained and call "
                          "model(y, op) with that operator")  # fmt: skip
-    if task not in tasks.available():
-        raise ValueError(f"checkpoint {checkpoint!r} was trained for task {task!r}, which this installation does not have "
-                         f"(available: {', '.join(tasks.available())}); a plug-in task needs the package that provides it")  # fmt: skip
-    return task
+    raise ValueError(f"checkpoint {checkpoint!r} was trained for task {task!r}, which this installation does not have "
+                     f"(available: {', '.join(available)}); a plug-in task needs the package that provides it")  # fmt: skip
 
 
 def task_color(args: argparse.Namespace) -> str | None:
