@@ -32,6 +32,7 @@ from benchmarks.memory import ABLATIONS, VARIANTS, training_setup
 from benchmarks.report import run_script, script_command, write_csv_and_markdown
 from idm.cli.common import positive_int, seed_value
 from idm.hardware import hardware_name
+from idm.unets import check_unet_source
 
 FIELDS = ["module", "mib", "percent"]
 OUTSIDE = "(outside the modules)"
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ablation and args.variant != "both":
         parser.error("--ablation changes the `both` variant: use --variant both")
+    check_unet_source(args.unet)  # before --out is created
     device, out = torch.device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     training = training_setup(args.variant, args.steps, args.batch, args.size, args.unet, device, args.seed, args.ablation)

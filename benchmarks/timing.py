@@ -17,6 +17,7 @@ from idm.cli.common import non_negative_int, positive_int, resolve_device, seed_
 from idm.cpu_memory import keep_freed_memory
 from idm.precision import autocast_for
 from idm.training.optimizer import fused_by_default
+from idm.unets import check_unet_source
 
 
 def add_timing_args(parser: argparse.ArgumentParser, iters: int = 5, warmup: int = 2) -> None:
@@ -33,9 +34,12 @@ def add_timing_args(parser: argparse.ArgumentParser, iters: int = 5, warmup: int
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, Path]:
-    """Seed torch, set ``--malloc`` for a CPU run, return ``(device, out folder)`` (created)."""
+    """Seed torch, set ``--malloc`` for a CPU run, return ``(device, out folder)`` (created, once ``--device``
+    and any ``--unet`` are known to be usable: a refused run leaves no empty folder)."""
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)  # a clear error for a device this machine does not have
+    if getattr(args, "unet", None):
+        check_unet_source(args.unet)
     if device.type == "cpu" and args.malloc == "kept":
         keep_freed_memory()
     out = Path(args.out)

@@ -5,8 +5,12 @@
     x_hat = model(y, op)          # op: any deepinv LinearPhysics
 """
 
-from idm.config import IDMConfig
-from idm.model import IDM, StepTrace
+from idm.sibling_packages import check_sibling_packages
+
+check_sibling_packages()  # before any module of idm imports operators or tasks: a shadowing file named
+
+from idm.config import IDMConfig  # noqa: E402
+from idm.model import IDM, StepTrace  # noqa: E402
 
 __all__ = ["IDM", "IDMConfig", "StepTrace"]
 __version__ = "0.1.0"

@@ -40,13 +40,21 @@ def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
 
 
 def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """``["AMD EPYC", "AVX512-BF16"]``: the CPU's model name and its bfloat16 units, from ``cpuinfo``.
+    """``["AMD EPYC 9554", "AVX512-BF16"]``: the CPU's model name and its bfloat16 units, from ``cpuinfo``.
 
+    A model name without a number (virtual machines often show ``"AMD EPYC"``
+    for every generation) is followed by the processor's family and model
+    numbers (``"family 26 model 2"``), which tell the generations apart: two
+    such machines ran the same model 2.7x apart (``benchmarks/SPEED.md``).
     Empty where the file is missing or unreadable (not Linux).
     """
-    fields = _cpuinfo_fields(cpuinfo)  # read once for both
+    fields = _cpuinfo_fields(cpuinfo)  # read once for all
     model = fields.get("model name")
-    return ([model] if model else []) + _bf16_units(fields)[:1]
+    details = [model] if model else []
+    family, number = fields.get("cpu family"), fields.get("model")
+    if model and not any(char.isdigit() for char in model) and family and number:
+        details.append(f"family {family} model {number}")
+    return details + _bf16_units(fields)[:1]
 
 
 def has_native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

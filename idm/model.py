@@ -27,6 +27,7 @@ from idm.config import IDMConfig
 from idm.precision import autocast_for, resolve_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
 from idm.unets import (
+    BUILT_IN_UNETS,
     SD15_UNET_CONFIG,
     WiredUNet,
     describe_unet,
@@ -77,7 +78,7 @@ def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
     unshuffle = config.pixel_unshuffle if config.pixel_unshuffle is not None else (2 if latent_net else 1)
     prior_range = config.prior_range
     if prior_range is None:
-        recorded = read_prior_range(config.unet) if config.unet not in ("tiny", "sd15") else None
+        recorded = read_prior_range(config.unet) if config.unet not in BUILT_IN_UNETS else None
         prior_range = "symmetric" if recorded == (-1.0, 1.0) else "unit"
     return config.replace(keep_scales=keep_scales, keep_mid=keep_mid, pixel_unshuffle=unshuffle, prior_range=prior_range)
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 from idm.checkpoint import CheckpointError, load_json
 from idm.training.run_folder import RUN_NAME
+from idm.unets import BUILT_IN_UNETS
 from operators.family import config_mismatches, is_family_config
 
 #: Environment variable naming a folder of extra model folders, searched before the shipped ones.
@@ -154,7 +155,7 @@ def model_path(name_or_path: str) -> str | Path:
 def find_prior(name: str) -> Path | None:
     """The diffusion prior a model records as its ``unet``: that folder when it exists, else a folder of
     that name under :func:`search_dirs` (shipped models record the name of the prior shipped beside them)."""
-    if name in ("tiny", "sd15"):
+    if name in BUILT_IN_UNETS:
         return None
     if Path(name).is_dir():
         return Path(name)

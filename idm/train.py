@@ -72,7 +72,7 @@ from idm.training.lr import milestones_from_fractions, set_learning_rate, step_l
 from idm.training.run_folder import RUN_NAME, RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, read_run_record, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
-from idm.unets import unet_architecture
+from idm.unets import BUILT_IN_UNETS, unet_architecture
 from idm.wiring import WiredSequence
 from operators.conformance import check_plugin_operator
 
@@ -277,7 +277,7 @@ def _recorded_identity(run: dict[str, Any]) -> dict[str, Any]:
 
 def _model_identity(config: IDMConfig) -> dict[str, Any]:
     d = config.to_dict()
-    if d["unet"] not in ("tiny", "sd15"):
+    if d["unet"] not in BUILT_IN_UNETS:
         d["unet"] = "<folder>"  # the folder's weights are only read at the start; it may move between chunks
     del d["keep_attention"]  # how the backward runs, not what it computes: may change between chunks
     return d
@@ -290,7 +290,7 @@ def _prior_fingerprint(unet: str, resumed: Path | None) -> str | None:
     was trained from, necessarily), else the folder's (``None`` without one)."""
     if resumed is not None:
         return (read_run_record(resumed) or {}).get("settings", {}).get("prior_sha256")
-    if unet in ("tiny", "sd15"):
+    if unet in BUILT_IN_UNETS:
         return None
     try:
         return prior_fingerprint(unet)
@@ -302,7 +302,7 @@ def _check_resumed_prior(unet: str, model: IDM, checkpoint: Path) -> None:
     """A :class:`CheckpointError` when the prior folder given to a resumed run (``unet``; its weights are not
     read again, so it may move between chunks) holds another U-Net architecture than the run's model: the
     run's record would then name a prior it was not trained from."""
-    given = None if unet in ("tiny", "sd15") else unet_architecture(unet)
+    given = None if unet in BUILT_IN_UNETS else unet_architecture(unet)
     if given is None:  # no U-Net there (moved away): nothing to compare; its weights are not needed
         return
     recorded = model.export_config().get("unet_config", {})

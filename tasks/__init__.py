@@ -27,7 +27,7 @@ import pkgutil
 
 from tasks.base import Schedule, Task
 
-__all__ = ["ENTRY_POINT_GROUP", "Schedule", "Task", "available", "get"]
+__all__ = ["ENTRY_POINT_GROUP", "Schedule", "Task", "available", "get", "provider"]
 
 #: The entry-point group of tasks from other installed packages.
 ENTRY_POINT_GROUP = "idm.tasks"
@@ -53,6 +53,17 @@ def _builtin(name: str) -> Task | None:
 def available() -> list[str]:
     """Names of the tasks: this package's modules with a ``TASK``, and the ``idm.tasks`` plug-ins; sorted."""
     return sorted([name for name in _task_modules() if _builtin(name) is not None] + list(_plugins()))
+
+
+def provider(name: str) -> str | None:
+    """The installed package that provides plug-in task ``name``, as ``"<distribution> <version>"``
+    (recorded by ``idm train``, so that a checkpoint of a plug-in task can say what to install); ``None`` for a
+    task of this folder, an unknown name, or an entry point whose distribution is not known."""
+    if name in _task_modules() and _builtin(name) is not None:
+        return None
+    plugin = _plugins().get(name)
+    dist = getattr(plugin, "dist", None)
+    return None if dist is None else f"{dist.name} {dist.version}"
 
 
 def get(name: str) -> Task:

@@ -771,6 +771,23 @@ def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path, capsys):
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
+def test_the_timing_scripts_refuse_an_unusable_unet_before_creating_out(tmp_path, capsys):
+    """A --unet that is no U-Net (a missing folder, a config of another class) is named, and --out not created."""
+    from benchmarks import kernel_profile, memory, saved_tensors, speed
+    from benchmarks.report import run_script
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    for script in (memory, saved_tensors, kernel_profile, speed):
+        for unet, message in ((tmp_path / "missing", "is neither 'tiny', 'sd15', an existing folder nor the name of a "
+                               "shipped prior"), (other, "describes 'AutoencoderKL', not one of the supported U-Nets")):  # fmt: skip
+            out = tmp_path / "out"
+            name = script.__name__
+            assert run_script(script.main, name, ["--device", "cpu", "--unet", str(unet), "--out", str(out)]) == 2
+            assert message in capsys.readouterr().err and not out.exists(), name
+
+
 def test_a_failed_capture_is_a_row_and_the_run_goes_on(monkeypatch, capsys):
     """On the GPU a capture that fails (an operation CUDA graphs do not allow) is recorded with its first line
     and its traceback goes to the log; without --cuda-graphs such an error is not hidden."""

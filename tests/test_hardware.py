@@ -20,6 +20,8 @@ def test_cpu_details_name_the_model_and_its_bf16_units(tmp_path):
     assert cpu_details(cpuinfo) == ["AMD EPYC 9554", "AVX512-BF16"]
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2\n")
     assert cpu_details(cpuinfo) == ["Some CPU"]
+    cpuinfo.write_text("cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx512_bf16\n")
+    assert cpu_details(cpuinfo) == ["AMD EPYC", "family 26 model 2", "AVX512-BF16"]  # a generic name: which generation
     assert cpu_details(tmp_path / "missing") == []
 
 

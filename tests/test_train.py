@@ -98,6 +98,23 @@ def test_help_works_as_python_module():
         assert flag in proc.stdout
 
 
+def test_python_m_idm_names_a_file_of_the_current_folder_that_hides_a_toolkit_package(tmp_path):
+    """python -m idm puts the current folder first on sys.path, where a user's operators.py or tasks/ would be
+    imported in place of the toolkit's packages: one line names it (python -P -m idm leaves the folder out)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "operators.py").write_text("raise SystemExit('the shadowing module ran')\n")
+    proc = subprocess.run([sys.executable, "-m", "idm", "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"idm needs its own 'operators' package ({REPO / 'operators' / '__init__.py'}), but 'operators' resolves to "
+            f"{tmp_path / 'operators.py'}") in proc.stderr  # found, not run
+    (tmp_path / "operators.py").unlink()
+    (tmp_path / "tasks").mkdir()  # a plain folder (a namespace package) hides it as well
+    proc = subprocess.run([sys.executable, "-m", "idm", "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and f"'tasks' resolves to {tmp_path / 'tasks'}:" in proc.stderr
+    proc = subprocess.run([sys.executable, "-P", "-m", "idm", "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("idm "), proc.stderr
+
+
 def test_resume_is_exact(tmp_path, data):
     common = [*BASE, "--data", str(data), "--checkpoint-every", "4", "--lr-milestones", "5", "15"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -840,6 +857,18 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
             tasks.get("misnamed")
         with pytest.raises(ValueError, match="'broken' .*failed to load: No module named 'idm_plugin_tasks_test_missing'"):
             tasks.get("broken")
+        assert json.loads((out / "config.json").read_text())["settings"]["task_package"] == "idm-plugin-tasks-test 0.1"
+        assert tasks.provider("decimate") == "idm-plugin-tasks-test 0.1" and tasks.provider("cs") is None
+        sys.path.remove(str(site))  # the plug-in uninstalled: its checkpoint names the package to install
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / "rec2")]) == 2
+        assert (f"{measured} holds measurements of task 'decimate', which this installation does not have (available: "
+                "cs, ct, inpainting, mri); install idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
+        assert main(["info", "--checkpoint", str(out), "--device", "cpu"]) == 0  # info reads the record without the task
+        assert main(["benchmark", "--checkpoint", str(out), "--data", str(data), "--methods", "idm", "--device", "cpu",
+                     "--out", str(tmp_path / "bench")]) == 2
+        assert ("was trained for task 'decimate', which this installation does not have (available: cs, ct, inpainting, "
+                "mri); install idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
     finally:
         import operators
 

@@ -259,18 +259,29 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     task = recorded_task(checkpoint)
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
-    import tasks
     from idm.train import PYTHON_TASK
 
-    available = tasks.available()
-    if task in available:
-        return task
     if task == PYTHON_TASK:
         raise ValueError(f"checkpoint {checkpoint!r} was trained from Python (idm.train.train, task {task!r}) with an "
                          "operator the command line cannot rebuild: load it with idm.train.load_trained and call "
                          "model(y, op) with that operator")  # fmt: skip
-    raise ValueError(f"checkpoint {checkpoint!r} was trained for task {task!r}, which this installation does not have "
-                     f"(available: {', '.join(available)}); a plug-in task needs the package that provides it")  # fmt: skip
+    require_installed_task(task, f"checkpoint {checkpoint!r} was trained for", checkpoint)
+    return task
+
+
+def require_installed_task(task: str, what: str, checkpoint: str | None) -> None:
+    """A ``ValueError`` ``"<what> task 'x', which this installation does not have (...)"`` when no task of that
+    name is installed, naming the package to install where ``checkpoint``'s run recorded the plug-in's."""
+    import tasks
+    from idm.training.trained import recorded_task_package
+
+    available = tasks.available()
+    if task in available:
+        return
+    package = recorded_task_package(checkpoint) if checkpoint else None
+    needs = f"install {package}, which provided it" if package else "a plug-in task needs the package that provides it"
+    raise ValueError(f"{what} task {task!r}, which this installation does not have (available: "
+                     f"{', '.join(available)}); {needs}")  # fmt: skip
 
 
 def task_color(args: argparse.Namespace) -> str | None:

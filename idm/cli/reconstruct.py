@@ -71,6 +71,7 @@ from idm.cli.common import (
     command_line,
     load_for_request,
     operator_overrides,
+    require_installed_task,
     resolve_device,
     resolve_precision_arg,
     seed_everything,
@@ -299,6 +300,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
         raise ValueError(f"{path} was measured from {recorded_color!r} images; --color {args.color} does not match "
                          "(the colour mode comes from the file)")  # fmt: skip
     color = args.color or recorded_color
+    require_installed_task(mset.task, f"{path} holds measurements of", args.checkpoint)
     task = get_task(mset.task)
     if color and color != task.color:
         task = get_task(mset.task, color)

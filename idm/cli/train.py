@@ -236,6 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
             "prior": model_config.unet,
             "init_from": args.init_from,
             "command": command_line("train"),
+            **({"task_package": package} if (package := tasks.provider(task.name)) else {}),  # what a plug-in needs
         },
         say=say,
     )

@@ -130,6 +130,15 @@ def recorded_color(path: str | os.PathLike) -> str | None:
     return color if isinstance(color, str) and color else None
 
 
+def recorded_task_package(path: str | os.PathLike) -> str | None:
+    """The installed package (``"<distribution> <version>"``) that provided the plug-in task of a checkpoint's run,
+    as :func:`recorded_task`; ``None`` for the toolkit's own tasks and for runs that record none."""
+    run = read_run_record(resolve_model_dir(path))
+    settings = None if run is None else run.get("settings")
+    package = settings.get("task_package") if isinstance(settings, dict) else None
+    return package if isinstance(package, str) and package else None
+
+
 @dataclass
 class TrainedModel:
     """A loaded model with the metadata of the run that trained it (``run`` is ``None`` for bare model folders)."""

@@ -1,9 +1,11 @@
 """Noise-estimator U-Nets for IDM: sources (tiny, SD v1.5, folders), pruning, the wired adapter."""
 
 from .factory import (
+    BUILT_IN_UNETS,
     PRIOR_INFO_NAME,
     SD15_UNET_CONFIG,
     UNetSourceError,
+    check_unet_source,
     describe_unet,
     load_unet_folder,
     materialize,
@@ -18,11 +20,13 @@ from .pruning import prune_unet
 from .wired_unet import GroupPlan, WiredUNet
 
 __all__ = [
+    "BUILT_IN_UNETS",
     "GroupPlan",
     "PRIOR_INFO_NAME",
     "SD15_UNET_CONFIG",
     "UNetSourceError",
     "WiredUNet",
+    "check_unet_source",
     "describe_unet",
     "load_unet_folder",
     "materialize",

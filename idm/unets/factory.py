@@ -15,6 +15,9 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+#: The U-Net sources that are architectures built here, not folders: the test net and SD v1.5's (random weights).
+BUILT_IN_UNETS = ("tiny", "sd15")
+
 UNET_CLASSES: dict[str, type[nn.Module]] = {
     "UNet2DModel": UNet2DModel,
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -104,6 +107,14 @@ def unet_source_folder(path: Path) -> Path:
     raise UNetSourceError(
         f"{str(path)!r} is not a diffusers U-Net folder: no config.json in it or in its 'unet' subfolder"
     )
+
+
+def check_unet_source(unet: str) -> None:
+    """A :class:`UNetSourceError` unless ``unet`` is ``"tiny"``, ``"sd15"``, or names a folder whose
+    ``config.json`` describes a supported diffusers U-Net (:func:`unet_source_folder`): the cheap check, before
+    any output is written, of what building the model would refuse later (no weights are read)."""
+    if unet not in BUILT_IN_UNETS:
+        read_unet_class(unet_source_folder(Path(unet)))
 
 
 def unet_architecture(path: str | Path) -> dict[str, Any] | None:
