@@ -38,9 +38,9 @@ RESULT_FIELDS = ("method", "image", "psnr", "ssim", "seconds", "nfe", "peak_mem_
 
 @dataclass(frozen=True)
 class BenchmarkImage:
-    """A ground-truth image ``x`` ``(C, H, W)`` in [0, 1], its name, and where it was read: ``file``, ``slice``
-    (its index in a volume, 0 for a single image) and ``sha256`` (of the file's bytes); ``None`` for a dataset
-    that does not say."""
+    """A ground-truth image ``x`` ``(C, H, W)`` in the task's range ([0, 1]; complex MRI images: [-1, 1]), its
+    name, and where it was read: ``file``, ``slice`` (its index in a volume, 0 for a single image) and ``sha256``
+    (of the file's bytes); ``None`` for a dataset that does not say."""
 
     name: str
     x: Tensor
@@ -60,7 +60,7 @@ def load_images(
     """The first ``limit`` (default: all) images of ``paths`` in the task's format.
 
     ``size``: resize every image to ``size x size`` (anti-aliased bilinear,
-    values kept in [0, 1]); the images must then be square. ``None`` keeps
+    values kept in the task's range: :func:`tasks.data.resize_square`); the images must then be square. ``None`` keeps
     them at their own size.
     """
     check_size(size)
@@ -74,7 +74,7 @@ def load_images(
     for i, name in enumerate(names):
         x = dataset[i]
         if size is not None:
-            x = resize_square(x, size, name)
+            x = resize_square(x, size, name, complex_pairs=task.complex_images)
         if source_of is None:
             images.append(BenchmarkImage(name, x))
             continue

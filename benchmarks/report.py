@@ -113,25 +113,41 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def _scored(row: Mapping[str, Any]) -> bool:
+    """A row that counts in the means: reconstructed, with a finite PSNR and SSIM (an exact reconstruction's
+    infinite PSNR has no mean)."""
+    return row.get("status", "ok") == "ok" and math.isfinite(row["psnr"]) and math.isfinite(row["ssim"])
+
+
 def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
-    """Markdown: mean ± std over images of PSNR, SSIM and seconds, NFEs (and peak memory), per method."""
+    """Markdown: mean ± std of PSNR, SSIM and seconds, NFEs (and peak memory), per method, over the images that
+    every method scored (:func:`_scored`), as the trade-off plot (:func:`benchmarks.tradeoff.method_points`)
+    averages them: a method that fails on the hard images is not averaged over the easy ones only. A note
+    under the table says when an image was left out."""
     with_memory = any(r.get("peak_mem_mb") is not None for r in rows)
     header = ["method", "PSNR (dB)", "SSIM", "seconds / image", "NFEs"] + (["peak MiB"] if with_memory else []) + ["images"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    scored = {name: {r["image"]: r for r in rows if r["method"] == name and _scored(r)} for name in methods}
+    common = sorted(set.intersection(*(set(images) for images in scored.values()))) if methods else []
     for name in methods:
-        ok = [r for r in rows if r["method"] == name and r.get("status") == "ok"]
-        failed = sum(1 for r in rows if r["method"] == name and r.get("status") != "ok")
-        finite = [r["psnr"] for r in ok if math.isfinite(r["psnr"])]
+        picked = [scored[name][image] for image in common]
+        failed = sum(1 for r in rows if r["method"] == name and r.get("status", "ok") != "ok")
+        unscored = sum(1 for r in rows if r["method"] == name and r.get("status", "ok") == "ok" and not _scored(r))
         nfe = next((r["nfe"] for r in rows if r["method"] == name), "-")
         cells = [
             f"`{name}`",
-            _mean_std(finite, 2),
-            _mean_std([r["ssim"] for r in ok], 4),
-            _mean_std([r["seconds"] for r in ok], 3),
+            _mean_std([r["psnr"] for r in picked], 2),
+            _mean_std([r["ssim"] for r in picked], 4),
+            _mean_std([r["seconds"] for r in picked], 3),
             str(nfe),
         ]
         if with_memory:
-            cells.append(_mean_std([r["peak_mem_mb"] for r in ok], 0))
-        cells.append(f"{len(ok)}" + (f" ({failed} failed)" if failed else ""))
+            cells.append(_mean_std([r["peak_mem_mb"] for r in picked if r.get("peak_mem_mb") is not None], 0))
+        notes = [f"{failed} failed"] * bool(failed) + [f"{unscored} with an infinite PSNR"] * bool(unscored)
+        cells.append(f"{len(picked)}" + (f" ({', '.join(notes)})" if notes else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    every = {r["image"] for r in rows if r["method"] in methods}
+    if len(common) < len(every):
+        lines.append(f"\nMeans over the {len(common)} of {len(every)} images that every method scored: an image "
+                     "that a method failed on, or reconstructed exactly (an infinite PSNR), is left out for all.")  # fmt: skip
     return "\n".join(lines)

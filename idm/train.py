@@ -479,6 +479,8 @@ def train(
             f"{env.world_size} processes"
         )
     check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
+    if callable(getattr(operator, "check_draws", None)):
+        operator.check_draws()  # an operator family's range that its operator refuses, named before anything runs
     channels = model_config.image_channels
     if config.random_phase and channels != 2:
         raise ValueError(f"random_phase needs complex images (2 channels: real, imaginary), as the mri task's; "

@@ -131,6 +131,14 @@ def has_exact_pinv(op: Any) -> bool:
     return bool(getattr(op, "exact_pinv", True))
 
 
+def kept_between_calls() -> torch.inference_mode:
+    """The context in which an operator makes the tensors it keeps between calls (a buffer converted to a device
+    and dtype, a projector, a filter): outside inference mode, even when the first call runs inside it. Inference
+    tensors kept there would make every later call with autograd fail ("Inference tensors cannot be saved for
+    backward"), e.g. training after a validation pass under ``torch.inference_mode()``."""
+    return torch.inference_mode(False)
+
+
 class Operator(LinearPhysics):
     """Base class of the toolkit's forward models (see module docstring).
 
@@ -162,14 +170,16 @@ class Operator(LinearPhysics):
 
         Converted on first use per device and dtype and kept: a copy to the GPU
         on every call would wait for the GPU each time (and could not be
-        captured in a CUDA graph). ``buffer`` must not change in place.
+        captured in a CUDA graph). ``buffer`` must not change in place. The
+        copy is made outside inference mode (:func:`kept_between_calls`).
         """
         dtype = like.real.dtype if like.is_complex() else like.dtype
         dtype = dtype if buffer.is_floating_point() else buffer.dtype
         key = (id(buffer), like.device, dtype)
         cached = self._casts.get(key)
         if cached is None or cached[0] is not buffer:
-            cached = self._casts[key] = (buffer, buffer.to(device=like.device, dtype=dtype))
+            with kept_between_calls():
+                cached = self._casts[key] = (buffer, buffer.to(device=like.device, dtype=dtype))
         return cached[1]
 
     @property
@@ -243,11 +253,25 @@ class Operator(LinearPhysics):
     def variant(self, config: dict[str, Any]) -> "Operator":
         """The operator of ``config`` (same kind, other settings), reusing this one's precomputed parts where it can.
 
-        The default rebuilds it from scratch; operators with costly set-up
-        (e.g. the orthogonal bases of CS) override it. Operator families call
-        it for every training draw.
+        The default returns this operator itself when ``config`` is its own
+        (operators do not change after construction), else rebuilds it from
+        scratch; operators with costly set-up (e.g. the orthogonal bases of
+        CS) override it. Operator families call it for every training draw.
         """
+        if self._settings(config) == self._settings(self.config()):
+            return self
         return type(self).from_config(config)
+
+    @classmethod
+    def _settings(cls, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Every constructor setting that ``config`` makes (defaults filled in), to compare two configs;
+        ``None`` when it does not fit the constructor (building it then names the problem)."""
+        try:
+            bound = inspect.signature(cls).bind(**{k: v for k, v in config.items() if k != "name"})
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     def resample(self, seed: int) -> "Operator":
         """A new operator of the same kind with its random parts redrawn from ``seed``.

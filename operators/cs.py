@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import Operator, OperatorInputError, check_positive_int, check_ratio, check_seed
+from .base import Operator, OperatorInputError, check_positive_int, check_ratio, check_seed, kept_between_calls
 
 _MODES = ("spatial", "permuted")
 
@@ -176,20 +176,22 @@ class CompressedSensing(Operator):
         return out
 
     def _cast(self, like: torch.Tensor) -> dict[str, Any]:
-        """The matrices / permutation on ``like``'s device and dtype (cached per device, dtype)."""
+        """The matrices / permutation on ``like``'s device and dtype (cached for the latest device and dtype;
+        made outside inference mode, :func:`~operators.base.kept_between_calls`)."""
         key = (like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
             dt = dict(device=like.device, dtype=like.dtype)
-            if self.mode == "spatial":
-                cached = {"parts": [(rs, cs, m.to(**dt)) for rs, cs, m in self._parts]}
-            else:
-                cached = {
-                    "phi": None if self._phi is None else self._phi.to(**dt),
-                    "last": None if self._last is None else self._last.to(**dt),
-                    "perm": self._perm.to(like.device),
-                    "inv_perm": self._inv_perm.to(like.device),
-                }
+            with kept_between_calls():
+                if self.mode == "spatial":
+                    cached = {"parts": [(rs, cs, m.to(**dt)) for rs, cs, m in self._parts]}
+                else:
+                    cached = {
+                        "phi": None if self._phi is None else self._phi.to(**dt),
+                        "last": None if self._last is None else self._last.to(**dt),
+                        "perm": self._perm.to(like.device),
+                        "inv_perm": self._inv_perm.to(like.device),
+                    }
             self._cast_cache = {key: cached}  # keep only the latest (device, dtype)
         return cached
 

@@ -61,7 +61,7 @@ import torch
 from deepinv.physics.functional.radon import RampFilter
 
 from . import register
-from .base import Operator, OperatorInputError, check_float32_or_64, check_positive_int
+from .base import Operator, OperatorInputError, check_float32_or_64, check_positive_int, kept_between_calls
 from .least_squares import least_squares_solve
 from .sampling_matrix import bilinear_weights, sparse_from_triplets
 from .symmetric_projector import SymmetricProjector
@@ -145,7 +145,8 @@ class CT(Operator):
         key = (like.device, like.dtype)
         projector = self._projectors.get(key)
         if projector is None:
-            projector = self._projectors[key] = self._projectors[(torch.device("cpu"), torch.float64)].to(*key)
+            with kept_between_calls():
+                projector = self._projectors[key] = self._projectors[(torch.device("cpu"), torch.float64)].to(*key)
         return projector
 
     def _build_projector(self) -> SymmetricProjector:
@@ -202,7 +203,8 @@ class CT(Operator):
         if cached is None:
             filt = (HannFilter if self.fbp_filter == "hann" else RampFilter)(dtype=y.dtype)
             padded = max(64, 2 ** math.ceil(math.log2(2 * self.detectors)))  # deepinv's zero-padded FFT length
-            response = filt.create_filter(filt._get_fourier_filter(padded, device=y.device)).unsqueeze(-1)
+            with kept_between_calls():
+                response = filt.create_filter(filt._get_fourier_filter(padded, device=y.device)).unsqueeze(-1)
             cached = self._filters[key] = (filt, response, padded - self.detectors)
         filt, response, pad_width = cached
         return filt.filter(y, response, pad_width, dim=-2)

@@ -213,6 +213,9 @@ class OperatorFamily(Operator):
         from . import from_config
 
         prototypes = [from_config(comp.base) for comp in comps]
+        for prototype, comp in zip(prototypes, comps):  # a misspelt setting named now, not at the first draw
+            settings = {k: v for k, v in {**comp.base, **comp.vary}.items() if k != "name"}
+            type(prototype).check_settings(settings, f"family component {comp.base['name']!r}'s settings")
         representative = prototypes[0]
         shape = representative.image_shape
         for other in prototypes[1:]:
@@ -243,6 +246,22 @@ class OperatorFamily(Operator):
 
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.representative.A_dagger(y)
+
+    def check_draws(self) -> None:
+        """Build each component at both ends of each range it varies (the integers nearest inside, for an integer
+        setting) and at each listed value: an :class:`OperatorInputError` for a value its operator refuses
+        (``ratio`` above 1, ``views`` of 0), now rather than at a draw mid-training. Costs one construction
+        per value checked (seconds each for CT projectors at 256x256), so training calls it once, at the start."""
+        for prototype, comp in zip(self.prototypes, self.components):
+            for key, spec in comp.vary.items():
+                if isinstance(spec, list):
+                    values = spec
+                elif _is_int(comp.base.get(key)):
+                    values = [math.ceil(spec[0]), math.floor(spec[1])]
+                else:
+                    values = list(spec)
+                for value in values:
+                    prototype.variant({**comp.base, key: value})
 
     def resample(self, seed: int) -> Operator:
         """A member drawn from ``seed``: component, varied settings and the operator's own random parts."""

@@ -190,8 +190,8 @@ class Inpainting(Operator):
 
     @property
     def mask(self) -> torch.Tensor:
-        """The ``(H, W)`` float64 CPU 0/1 mask of kept pixels."""
-        return self._mask
+        """The ``(H, W)`` float64 CPU 0/1 mask of kept pixels (a copy: the operator's own does not change)."""
+        return self._mask.clone()
 
     def measurement_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""

@@ -99,6 +99,11 @@ class SparseMatrix:
     def nnz(self) -> int:
         return int(self._forward._nnz())
 
+    def __deepcopy__(self, memo: dict) -> "SparseMatrix":
+        """Itself: the matrix never changes, and torch cannot deep-copy sparse CSR tensors (deepinv's
+        ``physics.clone()`` deep-copies the operator)."""
+        return self
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "SparseMatrix":
         """The same matrix on ``device`` in ``dtype`` (both CSR tensors converted; no new sort)."""
         return SparseMatrix(self._forward.to(device=device, dtype=dtype), self._transpose.to(device=device, dtype=dtype))

@@ -261,9 +261,6 @@ class Task:
             check_plugin_operator(representative)  # before its config() stands for it: a setting it leaves out is lost
             base = representative.config()
             vary = {k: r for k, r in ranges.items() if k in base}
-            for key, ends in vary.items():  # a range the operator refuses fails here, not at a draw mid-training
-                for end in ends:
-                    self.make_operator(img_size, seed, **fixed, **{**middle, key: end}, **kind_setting)
             vary.update({k: list(v) for k, v in self.family_choices.items() if k in base})
             components.append(Component(base, vary, weight))
         unused = [key for key in ranges if not any(key in c.vary for c in components)]
@@ -272,7 +269,9 @@ class Task:
             settings = {**fixed, **({"mask": ",".join(kind for kind, _ in mixture)} if mixture else {})} or self.operator_defaults
             raise ValueError(f"{shown} would change nothing: the {self.operator} operator does not use it with "
                              + ", ".join(f"{k}={v!r}" for k, v in settings.items()))  # fmt: skip
-        return OperatorFamily(components, seed=seed)
+        family = OperatorFamily(components, seed=seed)
+        family.check_draws()  # a range the operator refuses fails here, not at a draw mid-training
+        return family
 
     # ---- data ------------------------------------------------------------------------
     def dataset(self, paths: PathsArg, crop: Optional[int] = None, augment: bool = False, seed: int = 0) -> Dataset:
@@ -283,6 +282,12 @@ class Task:
         skipped; none large enough raises ``tasks.data.DataError``).
         """
         return self.loader(self, paths, crop, augment, seed)
+
+    @property
+    def complex_images(self) -> bool:
+        """Whether the task's images are complex, as (real, imaginary) channels in [-1, 1] (the mri task's,
+        scored on their magnitude), rather than intensities in [0, 1]."""
+        return self.metric == "magnitude"
 
     def metric_image(self, x: torch.Tensor) -> torch.Tensor:
         """The image PSNR/SSIM are measured on, ``(B, C', H, W)``: the images themselves, or the

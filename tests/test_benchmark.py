@@ -771,6 +771,26 @@ def test_cuda_graph_lever_says_it_needs_cuda_on_the_cpu(tmp_path, capsys):
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
 
 
+def test_summary_means_are_over_the_images_every_method_scored():
+    """A method that fails on the hard image is not averaged over the easy one only (it would look better than
+    the method that reconstructed both); an exact reconstruction's infinite PSNR leaves its image out too."""
+    from benchmarks.report import summary_table
+
+    def row(method, image, psnr, ssim=0.9, status="ok"):
+        return dict(method=method, image=image, psnr=psnr, ssim=ssim, seconds=1.0, nfe=3, status=status)
+
+    rows = [row("idm", "easy", 30.0), row("idm", "hard", 20.0), row("ddnm", "easy", 31.0),
+            row("ddnm", "hard", math.nan, math.nan, status="error: diverged")]  # fmt: skip
+    table = summary_table(rows, ["idm", "ddnm"])
+    assert "| `idm` | 30.00 ± 0.00 |" in table and "| `ddnm` | 31.00 ± 0.00 |" in table
+    assert "| 1 (1 failed) |" in table and "Means over the 1 of 2 images that every method scored" in table
+    rows = [row("pinv", "a", math.inf, 1.0), row("pinv", "b", 40.0), row("idm", "a", 50.0), row("idm", "b", 42.0)]
+    table = summary_table(rows, ["pinv", "idm"])
+    assert "| `pinv` | 40.00 ± 0.00 | 0.9000 ± 0.0000 |" in table and "| 1 (1 with an infinite PSNR) |" in table
+    full = summary_table(rows[1:2] + rows[3:], ["pinv", "idm"])  # every image scored by all: no note
+    assert "Means over" not in full and "| `idm` | 42.00 ± 0.00 |" in full
+
+
 def test_the_timing_scripts_refuse_an_unusable_unet_before_creating_out(tmp_path, capsys):
     """A --unet that is no U-Net (a missing folder, a config of another class) is named, and --out not created."""
     from benchmarks import kernel_profile, memory, saved_tensors, speed

@@ -160,6 +160,22 @@ def test_bad_families_are_clear_errors():
         tasks.get("cs").make_training_operator(32, mask="random,box")
     with pytest.raises(OperatorInputError, match=r"ratio must be in \(0, 1\], got 1.5"):  # at once, not at a later draw
         tasks.get("cs").make_training_operator(32, ratio=(0.5, 1.5))
+    with pytest.raises(OperatorInputError, match=r"family component 'cs'.s settings: got an unexpected keyword "
+                                                 r"argument 'ratoi' \(its settings: img_size, channels, ratio"):
+        OperatorFamily([Component(base, {"ratoi": [0.1, 0.2]})])  # misspelt: named when the family is built
+    family = OperatorFamily([Component(base, {"ratio": (0.05, 1.5)})])  # from Python: a range the operator refuses
+    with pytest.raises(OperatorInputError, match=r"ratio must be in \(0, 1\], got 1.5"):
+        family.check_draws()  # which idm.train.train calls before anything runs
+    with pytest.raises(OperatorInputError, match=r"views must be a positive integer, got 0"):
+        OperatorFamily([Component({"name": "ct", "img_size": [8, 8], "views": 4}, {"views": (0.0, 5.0)})]).check_draws()
+
+
+def test_a_draw_of_the_prototypes_own_settings_is_the_prototype():
+    """An operator without random parts is not rebuilt for a draw that changes none of its settings (a CT
+    projector takes seconds to build at 256x256)."""
+    family = OperatorFamily([Component({"name": "ct", "img_size": [16, 16], "views": 6}, {"views": [6]})])
+    assert family.resample(0) is family.prototypes[0] and family.resample(1) is family.prototypes[0]
+    assert family.prototypes[0].variant({**family.components[0].base, "views": 7}).views == 7
 
 
 def test_train_on_a_ratio_range_then_reconstruct_any_ratio_inside(tmp_path, capsys):

@@ -136,6 +136,33 @@ def test_benchmark_scores_methods_against_the_fully_sampled_image(tmp_path, volu
         assert float(row["psnr"]) == pytest.approx(psnr(zero_filled.numpy(), truth[s].numpy(), 1.0), abs=1e-3)
 
 
+def test_size_resizes_complex_images_keeping_their_signs(tmp_path):
+    """--size on k-space files (idm benchmark, idm simulate): the real and imaginary parts keep their signs (they
+    were clamped to [0, 1], which left an almost black ground truth), only a magnitude above 1 is scaled back."""
+    from benchmarks.harness import load_images as benchmark_images
+    from idm.cli.simulate import load_images as simulate_images
+    from tasks.data import resize_square
+
+    images = _volume(1) * np.exp(1j * np.pi * np.mgrid[:32, :32][1] / 8)  # phase wraps twice: negative parts
+    path = _write(tmp_path / "phase.h5", images)
+    task = tasks.get("mri")
+    full = task.dataset([path])[0]
+    expected = torch.nn.functional.interpolate(full[None].double(), size=(16, 16), mode="bilinear", antialias=True)[0]
+    assert float(expected.min()) < -0.3  # what the test is about
+    [scored] = benchmark_images(task, [str(path)], size=16)
+    _, measured = simulate_images(task, path, size=16)
+    for x in (scored.x, measured[0]):
+        magnitude = x.norm(dim=0)
+        assert float(magnitude.max()) <= 1 + 1e-6
+        torch.testing.assert_close(x.double(), expected / expected.norm(dim=0).clamp_min(1), atol=1e-6, rtol=0)
+    square = torch.tensor([[[1.0, -1.0], [0.5, 0.0]], [[1.0, 0.0], [-0.5, 0.2]]])  # a corner of magnitude sqrt(2)
+    same = resize_square(square, 2, complex_pairs=True)
+    assert same is square  # the size it has: untouched
+    grown = resize_square(square, 4, complex_pairs=True)
+    assert float(grown.norm(dim=0).max()) <= 1 + 1e-6 and float(grown.min()) < 0
+    assert float(resize_square(square, 4).min()) == 0  # intensities: clamped to [0, 1]
+
+
 # ---- random phase ---------------------------------------------------------------------------
 def test_random_phase_keeps_magnitudes_and_is_smooth_and_seeded():
     maps = random_phase_maps(3, 32, 40, torch.Generator().manual_seed(0))

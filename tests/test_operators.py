@@ -543,6 +543,40 @@ def test_buffers_are_converted_once_per_dtype(ops, case):
     assert op.cast_like(buffer.clone(), x32) is not first  # another tensor, another copy
 
 
+@pytest.mark.parametrize("case", ["cs-permuted", "cs-spatial-rgb", "inpainting-random", "mri-random", "ct"])
+def test_a_first_call_in_inference_mode_leaves_the_operator_usable_with_autograd(case):
+    """The copies an operator keeps per dtype (matrices, masks, projector, FBP filter) are made outside inference
+    mode, so a validation pass under torch.inference_mode() does not break the training that follows."""
+    op = make(case)  # fresh: nothing converted to float32 yet
+    x = rand_x(op).float()
+    with torch.inference_mode():
+        expected = op.A_dagger(op.A(x))
+    x.requires_grad_(True)
+    out = op.A_dagger(op.A(x))
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("case", ["cs-permuted", "inpainting-random", "mri-random", "ct"])
+def test_deepinv_clone_copies_every_operator(ops, case):
+    """deepinv's physics.clone() (which generate_dataset calls) deep-copies the operator; CT's sparse CSR
+    projector, which torch cannot deep-copy, is shared (it never changes)."""
+    op = ops[case]
+    op.A(rand_x(op).float())  # a float32 copy kept, too
+    copy = op.clone()
+    x, y = rand_x(op), rand_y(op)
+    assert copy is not op and torch.equal(copy.A(x), op.A(x)) and torch.equal(copy.A_dagger(y), op.A_dagger(y))
+
+
+def test_inpainting_mask_is_a_copy(ops):
+    op = ops["inpainting-random"]
+    x = torch.ones(1, *op.image_shape, dtype=F64)
+    before = op.A(x)
+    op.mask[:] = 1  # edits a copy: the operator, its float32 copy and its config stay as they were
+    assert torch.equal(op.A(x), before) and torch.equal(op.A(x.float()), before.float())
+    assert torch.equal(operators.from_config(op.config()).A(x), before)
+
+
 @pytest.mark.parametrize("fbp_filter", ["hann", "ramp"])
 def test_ct_filter_is_deepinvs_filter_module(fbp_filter):
     """The cached frequency response filters as deepinv's module (which rebuilds it every call) does."""

@@ -126,11 +126,11 @@ class OperatorPlan:
 
 
 class InputImages:
-    """The first images of a task's dataset, each read when indexed: ``images[i]`` is ``(C, H, W)`` in [0, 1],
+    """The first images of a task's dataset, each read when indexed: ``images[i]`` is ``(C, H, W)`` in the task's range,
     resized to ``size x size`` when ``size`` is given (:func:`tasks.data.resize_square`)."""
 
-    def __init__(self, dataset: Any, names: list[str], size: int | None = None):
-        self.dataset, self.names, self.size = dataset, names, size
+    def __init__(self, dataset: Any, names: list[str], size: int | None = None, complex_pairs: bool = False):
+        self.dataset, self.names, self.size, self.complex_pairs = dataset, names, size, complex_pairs
 
     def __len__(self) -> int:
         return len(self.names)
@@ -139,7 +139,7 @@ class InputImages:
         from tasks.data import resize_square
 
         x = self.dataset[index]
-        return x if self.size is None else resize_square(x, self.size, self.names[index])
+        return x if self.size is None else resize_square(x, self.size, self.names[index], self.complex_pairs)
 
 
 def load_images(task: Any, path: str | Path, limit: int | None = None, size: int | None = None) -> tuple[list[str], InputImages]:
@@ -153,7 +153,7 @@ def load_images(task: Any, path: str | Path, limit: int | None = None, size: int
     count = len(dataset) if limit is None else min(limit, len(dataset))
     name_of = getattr(dataset, "item_name", lambda i: f"image_{i:03d}")
     names = unique_names(name_of(i) for i in range(count))
-    return names, InputImages(dataset, names, size)
+    return names, InputImages(dataset, names, size, task.complex_images)
 
 
 def measure_image(plan: OperatorPlan, index: int, name: str, x: torch.Tensor, device: torch.device, keep_truth: bool):

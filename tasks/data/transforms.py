@@ -122,9 +122,12 @@ def check_image_measurable(name: str, height: int, width: int, block: int | None
         )
 
 
-def resize_square(x: torch.Tensor, size: int, name: str = "the image") -> torch.Tensor:
-    """``x`` ``(C, H, W)`` in [0, 1] with ``H == W`` resized to ``(C, size, size)`` (bilinear, anti-aliased, clamped to [0, 1]).
+def resize_square(x: torch.Tensor, size: int, name: str = "the image", complex_pairs: bool = False) -> torch.Tensor:
+    """``x`` ``(C, H, W)`` with ``H == W`` resized to ``(C, size, size)`` (bilinear, anti-aliased).
 
+    An image in [0, 1] is clamped to [0, 1] after the interpolation (which can overshoot at edges). With
+    ``complex_pairs`` (the mri task's complex images: channels 0 and 1 are the real and imaginary parts, in
+    [-1, 1], magnitude at most 1), the signs are kept and only a magnitude above 1 is scaled back to 1.
     Returns ``x`` itself when it already has that size. Raises :class:`DataError` naming ``name`` for a non-square image.
     """
     _check_tensor(x)
@@ -135,7 +138,12 @@ def resize_square(x: torch.Tensor, size: int, name: str = "the image") -> torch.
         return x
     resized = torch.nn.functional.interpolate(x[None].double(), size=(size, size), mode="bilinear", antialias=True,
                                               align_corners=False)  # fmt: skip
-    return resized[0].clamp(0, 1).to(x.dtype)
+    if not complex_pairs:
+        return resized[0].clamp(0, 1).to(x.dtype)
+    out = resized[0]
+    magnitude = torch.linalg.vector_norm(out[:2], dim=0)
+    out[:2] = out[:2] / magnitude.clamp_min(1.0)
+    return out.to(x.dtype)
 
 
 def _check_k(k: int) -> int:
