@@ -243,7 +243,10 @@ def prior_folder(path: str | Path) -> str:
 
     folder = Path(path)
     if not folder.exists():
-        return str(find_prior(str(path)) or folder)
+        found = find_prior(str(path))  # a name: a shipped model's is checked below as a folder given by path is
+        if found is None:
+            return str(folder)
+        folder = found
     folder = Path(os.path.abspath(folder))  # recorded with the models trained on it: valid from any working folder
     if is_pretrain_run(folder):
         if not (folder / PRIOR_DIR / "config.json").is_file():

@@ -319,12 +319,16 @@ def test_prior_that_is_not_a_diffusers_model(tmp_path, data, capsys):
     assert not out.exists()
 
 
-def test_a_train_run_or_idm_model_given_as_prior_points_to_init_from(base_run, tmp_path, data, capsys):
+def test_a_train_run_or_idm_model_given_as_prior_points_to_init_from(base_run, tmp_path, data, capsys, monkeypatch):
     args = [a for a in BASE if a not in ("--unet", "tiny")]
-    for given in (base_run, base_run / "checkpoints" / "iter_0000002"):
+    models = tmp_path / "models"
+    shutil.copytree(base_run / "checkpoints" / "iter_0000002", models / "mine")
+    monkeypatch.setenv("IDM_MODELS_DIR", str(models))
+    for given in (base_run, base_run / "checkpoints" / "iter_0000002", "mine"):  # "mine": a model's name, not a path
         out = tmp_path / "run"
         _fails([*args, "--prior", str(given), "--data", str(data), "--iters", "2", "--out", str(out)], capsys,
-               "is an IDM model or an `idm train` run, not a diffusion prior")  # fmt: skip
+               "is an IDM model or an `idm train` run, not a diffusion prior: --prior takes a diffusers U-Net folder, "
+               "an `idm pretrain` run or a shipped prior's name; to start from a trained IDM, use --init-from")  # fmt: skip
         assert not out.exists()
 
 
