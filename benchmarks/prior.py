@@ -21,7 +21,6 @@ Conventions (see ``benchmarks/methods.py``):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idm.step import ddpm_alphas_cumprod
+from idm.step import DDPM_SCHEDULE, ddpm_alphas_cumprod
 
 #: The only noise schedule the baselines support (that of the toolkit's priors).
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
 class PriorError(ValueError):
@@ -152,7 +150,7 @@ class DiffusionPrior(nn.Module):
         self.space = space if space is not None else PriorSpace()
         # A plain float64 CPU tensor, not a buffer: ``prior.float()`` must not round the schedule.
         self.alphas_cumprod = ddpm_alphas_cumprod(
-            SCHEDULE["num_train_timesteps"], SCHEDULE["beta_start"], SCHEDULE["beta_end"]
+            DDPM_SCHEDULE["num_train_timesteps"], DDPM_SCHEDULE["beta_start"], DDPM_SCHEDULE["beta_end"]
         )
         # ``alphas_cumprod`` then 1 (for ``t = -1``) on each (device, dtype) used: one copy, not one per step.
         self._abar_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -212,27 +210,6 @@ class DiffusionPrior(nn.Module):
         return out.reshape(batch, channels, height, width).to(x_t.dtype)
 
 
-def _check_scheduler(folder: Path) -> None:
-    """If the folder carries a diffusers scheduler config, it must be the supported schedule."""
-    for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
-        if not candidate.is_file():
-            continue
-        try:
-            cfg = json.loads(candidate.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise PriorError(f"cannot read {candidate}: {err}") from None
-        wrong = []
-        for key, want in SCHEDULE.items():
-            have = cfg.get(key, want)
-            ok = abs(float(have) - want) <= 1e-12 if isinstance(want, float) else have == want
-            if not ok:
-                wrong.append(f"{key}={have!r} (need {want!r})")
-        if cfg.get("prediction_type", "epsilon") != "epsilon":
-            wrong.append(f"prediction_type={cfg['prediction_type']!r} (need 'epsilon')")
-        if wrong:
-            raise PriorError(f"{candidate} describes an unsupported schedule: {', '.join(wrong)}")
-
-
 def load_prior(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -250,7 +227,7 @@ def load_prior(
     """
     from idm.checkpoint import CheckpointError
     from idm.pretrain import prior_folder
-    from idm.unets.factory import UNetSourceError, load_unet_folder, read_prior_range
+    from idm.unets.factory import UNetSourceError, check_prior_schedule, load_unet_folder, read_prior_range
 
     try:
         folder = Path(prior_folder(path))  # a pretrain run stands for its prior, a shipped prior's name for its folder
@@ -263,11 +240,14 @@ def load_prior(
         recorded = read_prior_range(folder)
     except UNetSourceError as err:
         raise PriorError(f"cannot load the diffusion prior in {str(folder)!r}: {err}") from None
+    try:
+        check_prior_schedule(folder)
+    except UNetSourceError as err:
+        raise PriorError(str(err)) from None
     if space is None and recorded is not None:  # images in [0, 1] -> the recorded [low, high]
         if not recorded[0] < recorded[1]:
             raise PriorError(f"the prior in {str(folder)!r} records an empty data_range {list(recorded)}")
         space = PriorSpace(scale=recorded[1] - recorded[0], offset=recorded[0])
-    _check_scheduler(folder)
     prior = DiffusionPrior(unet, space=space)
     prior.to(device=device, dtype=dtype) if dtype is not None else prior.to(device=device)
     return prior.eval().requires_grad_(False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -146,6 +147,8 @@ class IDMConfig:
         if isinstance(self.alpha_init, numbers.Real) and not isinstance(self.alpha_init, (bool, np.bool_)):
             object.__setattr__(self, "alpha_init", float(self.alpha_init))
 
+        if isinstance(self.unet, os.PathLike):  # a pathlib.Path to a folder: recorded as its string (JSON)
+            object.__setattr__(self, "unet", os.fspath(self.unet))
         for name in ("recompute", "injectors", "time_input", "final_projection", "separate_channels", "keep_attention"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         need(self.keep_mid is None or isinstance(self.keep_mid, bool), f"keep_mid must be None, True or False, got {self.keep_mid!r}")

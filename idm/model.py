@@ -30,6 +30,7 @@ from idm.unets import (
     BUILT_IN_UNETS,
     SD15_UNET_CONFIG,
     WiredUNet,
+    check_prior_schedule,
     describe_unet,
     load_unet_folder,
     materialize,
@@ -37,9 +38,10 @@ from idm.unets import (
     read_prior_range,
     tiny_unet_config,
     unet_from_config,
+    unet_source_folder,
 )
 from idm.wiring import WiredSequence, coupling_forward
-from operators import check_measurements_for, has_exact_pinv, unchecked_values
+from operators import check_measurements_for, has_exact_pinv, has_linear_pinv, unchecked_values
 from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
@@ -59,12 +61,17 @@ class StepTrace:
 
 
 def _source_unet(config: IDMConfig) -> nn.Module:
-    """The unpruned diffusers U-Net named by ``config.unet`` (meta device for ``sd15``)."""
+    """The unpruned diffusers U-Net named by ``config.unet`` (meta device for ``sd15``). With the fixed DDPM
+    schedule (``schedule="ddpm"``), a folder whose scheduler config describes another schedule is refused: its
+    U-Net was trained for other noise levels (the learned schedule starts from its own values)."""
     if config.unet == "tiny":
         return unet_from_config("UNet2DModel", tiny_unet_config(1 if config.separate_channels else config.image_channels))
     if config.unet == "sd15":
         return unet_from_config("UNet2DConditionModel", SD15_UNET_CONFIG, device="meta")
-    return load_unet_folder(config.unet)
+    folder = unet_source_folder(Path(config.unet))
+    if config.schedule == "ddpm":
+        check_prior_schedule(folder)
+    return load_unet_folder(folder)
 
 
 def _resolve_auto(config: IDMConfig, unet: nn.Module) -> IDMConfig:
@@ -98,6 +105,19 @@ def _refuse_operator_gradients(op: Any, y: Tensor) -> None:
             "matrix); the memory-saving backward (recompute=True with invertible='steps' or 'both') differentiates the "
             "model's parameters and y only, and would leave those gradients wrong: build the model with "
             "recompute=False to learn the operator with plain autograd, or detach the operator's tensors"
+        )
+
+
+def _refuse_nonlinear_pinv(op: Any) -> None:
+    """A ``ValueError`` if ``op.A_dagger`` is not a fixed linear map (:func:`operators.has_linear_pinv`): the
+    memory-saving backward recomputes every injector's and step's ``A_dagger`` on inputs rebuilt by inverting
+    the wiring, equal to the forward's up to rounding, and an iterative solve stopped at a tolerance (CT with
+    ``pinv="cg"``) turns that rounding into gradients that are wrong by percents, silently."""
+    if not has_linear_pinv(op):
+        raise ValueError(
+            "the operator's A_dagger is an iterative solve (e.g. ct with pinv='cg'), which the memory-saving backward "
+            "(recompute=True with invertible='steps' or 'both') cannot recompute to rounding: its gradients would be "
+            "wrong; use a fixed linear A_dagger (ct: pinv='fbp', the default), or build the model with recompute=False"
         )
 
 
@@ -211,7 +231,12 @@ class IDM(nn.Module):
                 raise ValueError(f"noise is the start of init='noise' models; this one starts from {self.config.init!r}")
             return self.schedule.abar()[-1].to(x_pinv.dtype).sqrt() * x_pinv
         if noise is None:
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+                                 f"got {type(generator).__name__}")  # fmt: skip
             return torch.randn(x_pinv.shape, generator=generator, device=x_pinv.device, dtype=x_pinv.dtype)
+        if not isinstance(noise, Tensor):
+            raise ValueError(f"noise must be a tensor of the shape of A^+ y, {tuple(x_pinv.shape)}; got {type(noise).__name__}")
         if noise.shape != x_pinv.shape:
             raise ValueError(f"noise must have the shape of A^+ y, {tuple(x_pinv.shape)}; got {tuple(noise.shape)}")
         if not noise.is_floating_point() or not bool(torch.isfinite(noise).all()):
@@ -302,6 +327,7 @@ class IDM(nn.Module):
                     if self.training:
                         self.check_deterministic()
                     _refuse_operator_gradients(op, y)
+                    _refuse_nonlinear_pinv(op)
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
@@ -464,8 +490,12 @@ class IDM(nn.Module):
         blocking = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise CheckpointError(f"cannot save the model into {str(directory)!r}: {str(blocking)!r} on its path is a file")
+        state = self.state_dict()
+        if any(t.is_meta for t in state.values()):  # built with init_weights=False and never given its weights
+            raise CheckpointError("cannot save a model without weights (built with init_weights=False; "
+                                  "load_weights gives it its weights)")  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+        save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
         save_json(self.export_config(), directory / CONFIG_NAME)
         return directory
 
@@ -473,11 +503,16 @@ class IDM(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "IDM":
         """Load a model written by :meth:`save_pretrained` (or a shipped model, by its name: ``"cs-10"``); clear
         errors for anything else. The model comes in training mode, as built: :meth:`for_inference` prepares it
-        for reconstruction (eval mode, no gradients). :func:`idm.train.load_trained` also reads the task and
+        for reconstruction (eval mode, no gradients). Its weights are float32 whatever the file holds (a float16
+        export is widened; float64 weights, from a ``.double()`` model, are rounded: convert the loaded model
+        back with ``.double()`` where that matters). :func:`idm.train.load_trained` also reads the task and
         operator a training checkpoint recorded, and checks them."""
         from idm.shipped import model_path
 
         directory = Path(model_path(str(directory)))
+        if directory.is_file():
+            raise CheckpointError(f"{str(directory)!r} is a file; give the IDM model folder that holds it "
+                                  f"({CONFIG_NAME} and {WEIGHTS_NAME})")  # fmt: skip
         if not directory.is_dir():
             raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist, nor is it the name of a shipped "
                                   "model (`idm info` lists them)")  # fmt: skip

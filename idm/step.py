@@ -71,6 +71,12 @@ def ddnm_step(
     return x_prev, x0
 
 
+#: The diffusion schedule of every prior the toolkit samples with (DDNM, DPS, ``schedule="ddpm"``): diffusers'
+#: ``DDPMScheduler`` settings of the 1000-step linear DDPM, predicting the noise.
+DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                 "prediction_type": "epsilon"}  # fmt: skip
+
+
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """``abar`` of the standard linear DDPM schedule, float64 ``(num_train_timesteps,)``."""
     betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)

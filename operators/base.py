@@ -131,6 +131,15 @@ def has_exact_pinv(op: Any) -> bool:
     return bool(getattr(op, "exact_pinv", True))
 
 
+def has_linear_pinv(op: Any) -> bool:
+    """Whether ``op.A_dagger`` is a fixed linear map of ``y`` (a pseudo-inverse in closed form, FBP), so that
+    inputs equal up to rounding give outputs equal up to rounding: what the memory-saving backward needs, as it
+    recomputes ``A_dagger`` on inputs rebuilt by inverting the wiring. ``op.linear_pinv`` where the operator
+    says (CT with ``pinv="cg"`` says no: conjugate gradients stopped at a tolerance amplify rounding many
+    orders of magnitude on an ill-posed problem), else true."""
+    return bool(getattr(op, "linear_pinv", True))
+
+
 def kept_between_calls() -> torch.inference_mode:
     """The context in which an operator makes the tensors it keeps between calls (a buffer converted to a device
     and dtype, a projector, a filter): outside inference mode, even when the first call runs inside it. Inference
@@ -156,6 +165,12 @@ class Operator(LinearPhysics):
     @property
     def exact_pinv(self) -> bool:
         """Whether :meth:`A_dagger` is the exact pseudo-inverse (``A A^+ A = A``); CT's FBP is not."""
+        return True
+
+    @property
+    def linear_pinv(self) -> bool:
+        """Whether :meth:`A_dagger` is a fixed linear map of ``y`` (see :func:`has_linear_pinv`); an iterative
+        solve that stops at a tolerance is not."""
         return True
 
     def __init__(self, img_size: tuple[int, int], channels: int, **kwargs):

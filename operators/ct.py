@@ -246,6 +246,12 @@ class CT(Operator):
         """False: FBP and a finite number of CG steps are approximate pseudo-inverses."""
         return False
 
+    @property
+    def linear_pinv(self) -> bool:
+        """True for FBP; False for ``pinv="cg"``, whose solve stopped at a tolerance moves by 1e-3 for a change
+        of ``y`` by rounding (so the memory-saving backward refuses it: :func:`operators.has_linear_pinv`)."""
+        return self.pinv != "cg"
+
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Approximate inverse: FBP (``pinv="fbp"``) or CG least squares (``pinv="cg"``)."""
         if self.pinv == "fbp":

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import register
-from .base import Operator, OperatorInputError, has_exact_pinv
+from .base import Operator, OperatorInputError, has_exact_pinv, has_linear_pinv
 
 #: Settings never compared between a recorded operator and a request (each image has its own).
 UNCOMPARED = ("img_size", "seed")
@@ -234,6 +234,11 @@ class OperatorFamily(Operator):
         """The representative's: :meth:`A_dagger` is its ``A_dagger`` (a family of CT operators has FBP, not a
         pseudo-inverse, so the final projection solves least squares for it as for a single CT operator)."""
         return has_exact_pinv(self.representative)
+
+    @property
+    def linear_pinv(self) -> bool:
+        """The representative's (:func:`operators.has_linear_pinv`): :meth:`A_dagger` is its ``A_dagger``."""
+        return has_linear_pinv(self.representative)
 
     def measurement_shape(self) -> tuple[int, ...]:
         return self.representative.measurement_shape()

@@ -399,6 +399,65 @@ def test_unet_folder_errors(tmp_path):
     (tmp_path / "bad.json" / "config.json").write_bytes(b"\xff\xfe not text")
     with pytest.raises(UNetSourceError, match="cannot read .*bad.json/config.json"):
         IDM(IDMConfig(unet=str(tmp_path / "bad.json")))
+    from safetensors.torch import load_file, save_file
+
+    for damage, message in (("missing", r"lack 1 of the tensors its config.json describes \(first: conv_in.weight\)"),
+                            ("nan", r"hold NaN or infinite values \(conv_in.weight\)")):  # fmt: skip
+        folder = tmp_path / damage
+        UNet2DModel(**tiny_unet_config(1)).save_pretrained(folder)
+        weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+        if damage == "missing":
+            del weights["conv_in.weight"]  # diffusers would leave it uninitialised memory, with a log line
+        else:
+            weights["conv_in.weight"][0, 0, 0, 0] = float("nan")
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+        with pytest.raises(UNetSourceError, match=message):
+            IDM(IDMConfig(unet=str(folder)))
+    config = json.loads((tmp_path / "nan" / "config.json").read_text())
+    (tmp_path / "nan" / "config.json").write_text(json.dumps({**config, "layers_per_block": "two"}))
+    with pytest.raises(UNetSourceError, match="cannot load the U-Net weights in"):
+        IDM(IDMConfig(unet=str(tmp_path / "nan")))
+
+
+def test_the_ddpm_schedule_refuses_a_folder_whose_scheduler_is_another(tmp_path):
+    """schedule="ddpm" samples at the 1000-step linear DDPM's noise levels: a pipeline folder whose scheduler
+    config says otherwise (Stable Diffusion's scaled-linear, v-prediction) is refused, as DDNM and DPS refuse it;
+    the learned schedule (IDM's default) starts from its own values and takes it."""
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    sd = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "prediction_type": "v_prediction"}  # fmt: skip
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd))
+    for given in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):
+        with pytest.raises(UNetSourceError, match=r"scheduler_config.json describes an unsupported schedule: beta_start="
+                                                  r"0.00085 \(need 0.0001\).*prediction_type='v_prediction'"):  # fmt: skip
+            IDM(IDMConfig(unet=str(given), steps=1, schedule="ddpm", time_input=True))
+        IDM(IDMConfig(unet=str(given), steps=1))
+    ddpm = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddpm))
+    IDM(IDMConfig(unet=str(tmp_path / "pipe"), steps=1, schedule="ddpm", time_input=True))
+
+
+def test_the_kept_time_input_is_diffusers_own_time_embedding_with_its_activation():
+    """time_input=True feeds the U-Net diffusers' time embedding, including UNet2DConditionModel's
+    time_embedding_act_fn (it was skipped): the adapter then computes diffusers' own forward."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, time_embedding_act_fn="silu").double().eval()  # fmt: skip
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "attn2.to_out" in name:
+                p.zero_()  # the cross-attention adds nothing, as once pruned
+    reference = copy.deepcopy(unet)
+    model = IDM(IDMConfig(image_channels=4, pixel_unshuffle=1, keep_scales=2, keep_mid=True, steps=1, invertible="none",
+                          injectors=False, schedule="ddpm", time_input=True), unet=unet).double().eval()  # fmt: skip
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = reference(x, 500, encoder_hidden_states=torch.randn(2, 3, 16, dtype=torch.float64)).sample
+        got = model.eps_net(x, step=0, op=None, x_pinv=x, recompute=False, timestep=500)
+    assert relative_error(got, want) < 1e-12
 
 
 @pytest.mark.parametrize(("setting", "config", "message"), [
@@ -450,6 +509,28 @@ def test_a_model_without_weights_or_with_a_half_precision_unet_is_named_or_cast(
     half = IDM(IDMConfig(unet="tiny", steps=1), unet=UNet2DModel(**tiny_unet_config(1)).half())
     assert {p.dtype for p in half.parameters()} == {torch.float32}
     assert half(y, op).dtype == torch.float32
+
+
+def test_python_api_slips_are_named(ortho_op, tmp_path):
+    """What a Python user gets wrong is named, not a traceback from inside torch or diffusers."""
+    import pathlib
+
+    op = ortho_op(SHAPE, 40)
+    y = op.A(torch.rand(1, *SHAPE))
+    meta = IDM(IDMConfig(unet="tiny", steps=1), unet=UNet2DModel(**tiny_unet_config(1)).to("meta"), init_weights=False)
+    with pytest.raises(CheckpointError, match="cannot save a model without weights"):
+        meta.save_pretrained(tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
+    noisy = IDM(IDMConfig(unet="tiny", steps=1, init="noise"))
+    with pytest.raises(ValueError, match="noise must be a tensor of the shape of A.+ y, \\(1, 1, 16, 16\\); got list"):
+        noisy(y, op, noise=[[0.0]])
+    with pytest.raises(ValueError, match="generator must be a torch.Generator .*got int"):
+        noisy(y, op, generator=0)
+    saved = noisy.save_pretrained(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="model.safetensors' is a file; give the IDM model folder"):
+        IDM.from_pretrained(saved / "model.safetensors")
+    UNet2DModel(**tiny_unet_config(1)).save_pretrained(tmp_path / "unet")
+    assert IDMConfig(unet=pathlib.Path(tmp_path / "unet")).unet == str(tmp_path / "unet")  # a Path, as a string
 
 
 def test_model_is_reentrant_across_threads(ortho_op):
@@ -819,6 +900,25 @@ def test_memory_saving_backward_refuses_an_operator_that_requires_grad(invertibl
         assert torch.equal(model(y, op), plain(y, op))
     phi.requires_grad_(False)  # a fixed operator: allowed, and the same function
     assert torch.equal(model(y, op), plain(y, op).detach())
+
+
+def test_memory_saving_backward_refuses_an_iterative_pinv():
+    """CT's conjugate-gradient A_dagger (pinv="cg") moves by 1e-4 for a change of y by rounding, so the
+    backward's recomputation on inputs rebuilt by inversion cannot reproduce the forward: refused when
+    training with it, allowed with plain autograd and in inference; FBP (a fixed linear map) trains."""
+    cg = operators.make("ct", img_size=SHAPE[1:], views=8, pinv="cg")
+    z = torch.randn(2, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = cg.A(z)
+    drift = (cg.A_dagger(y * (1 + 1e-15)) - cg.A_dagger(y)).norm() / cg.A_dagger(y).norm()
+    assert drift > 1e-8  # what is refused: a rounding of y moves the solve far beyond rounding
+    assert not operators.has_linear_pinv(cg) and operators.has_linear_pinv(operators.make("ct", img_size=SHAPE[1:], views=8))
+    model = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible="steps", recompute=True))
+    with pytest.raises(ValueError, match=r"A_dagger is an iterative solve .*pinv='fbp'.*recompute=False"):
+        model(y, cg)
+    with torch.no_grad():
+        model(y, cg)  # inference recomputes nothing
+    plain = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible="steps", recompute=False))
+    plain(y, cg).sum().backward()
 
 
 def test_physics_with_one_kernel_per_image_in_the_symmetric_range():

@@ -109,6 +109,33 @@ def unet_source_folder(path: Path) -> Path:
     )
 
 
+def check_prior_schedule(folder: Path) -> None:
+    """A :class:`UNetSourceError` when the diffusers scheduler config beside a U-Net folder (``scheduler/`` of a
+    pipeline folder, whose U-Net is ``folder`` or ``folder/unet``, or ``scheduler_config.json`` in ``folder``)
+    describes another schedule than :data:`idm.step.DDPM_SCHEDULE`, which is what DDNM, DPS and IDM's
+    ``schedule="ddpm"`` sample with; an unreadable one too. A folder without one is taken to be of that schedule."""
+    from idm.step import DDPM_SCHEDULE
+
+    pipeline = folder.parent if folder.name == "unet" else folder
+    for candidate in (folder / "scheduler_config.json", pipeline / "scheduler" / "scheduler_config.json"):
+        if not candidate.is_file():
+            continue
+        try:
+            config = json.loads(candidate.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UNetSourceError(f"cannot read {candidate}: {err}") from None
+        if not isinstance(config, dict):
+            raise UNetSourceError(f"{candidate} is not a scheduler config (a JSON object)")
+        wrong = []
+        for key, want in DDPM_SCHEDULE.items():
+            have = config.get(key, want)
+            same = isinstance(have, (int, float)) and abs(float(have) - want) <= 1e-12 if isinstance(want, float) else have == want
+            if not same:
+                wrong.append(f"{key}={have!r} (need {want!r})")
+        if wrong:
+            raise UNetSourceError(f"{candidate} describes an unsupported schedule: {', '.join(wrong)}")
+
+
 def check_unet_source(unet: str) -> None:
     """A :class:`UNetSourceError` unless ``unet`` is ``"tiny"``, ``"sd15"``, or names a folder whose
     ``config.json`` describes a supported diffusers U-Net (:func:`unet_source_folder`): the cheap check, before
@@ -171,15 +198,25 @@ def load_unet_folder(path: str | Path) -> nn.Module:
     """Load a diffusers U-Net with its weights from a local folder (offline).
 
     A folder that holds only a half-precision variant (``diffusion_pytorch_model.fp16.safetensors``, as
-    local copies of Stable Diffusion often do) is loaded from it, in float32.
+    local copies of Stable Diffusion often do) is loaded from it, in float32. A weights file that lacks
+    some of the U-Net's tensors (diffusers would only log that it initialised them, here from uninitialised
+    memory) or holds a NaN or infinite value is refused as damaged, naming the first such tensor.
     """
     folder = unet_source_folder(Path(path))
     cls = UNET_CLASSES[read_unet_class(folder)]
     variant = _weights_variant(folder)
     try:
-        unet = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, variant=variant)
-    except (OSError, ValueError, RuntimeError) as err:
+        unet, info = cls.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False, variant=variant,
+                                         output_loading_info=True)  # fmt: skip
+    except (OSError, ValueError, RuntimeError, TypeError) as err:  # TypeError: a config.json value of a wrong type
         raise UNetSourceError(f"cannot load the U-Net weights in {folder}: {err}") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:
+        raise UNetSourceError(f"the U-Net weights in {folder} lack {len(missing)} of the tensors its config.json "
+                              f"describes (first: {missing[0]}): the weights file is damaged or of another U-Net")  # fmt: skip
+    bad = next((name for name, t in unet.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UNetSourceError(f"the U-Net weights in {folder} hold NaN or infinite values ({bad}): the weights file is damaged")
     return unet.float()
 
 

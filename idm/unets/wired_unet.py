@@ -359,8 +359,9 @@ class WiredUNet(nn.Module):
         if not self.keep_time:
             return None
         t = torch.as_tensor(timestep, device=like.device).reshape(-1).expand(batch)
-        emb = self.unet.time_proj(t).to(like.dtype)
-        return self.unet.time_embedding(emb)
+        emb = self.unet.time_embedding(self.unet.time_proj(t).to(like.dtype))
+        activation = getattr(self.unet, "time_embed_act", None)  # UNet2DConditionModel's time_embedding_act_fn
+        return emb if activation is None else activation(emb)
 
     def forward(
         self,
