@@ -56,17 +56,26 @@ def _unpack(packed: dict[str, Any]) -> np.ndarray:
 
 
 def read_mask_file(path: str | os.PathLike) -> np.ndarray:
-    """The kept pixels of a mask image file, ``(H, W)`` bool (non-zero = kept); a clear error if unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    """The kept pixels of a mask image file, ``(H, W)`` bool (non-zero = kept), upright by its EXIF orientation
+    as images are read; a clear error if unreadable, or if it holds more than two grey levels (a lossy JPEG's
+    ringing would count pixels of a hole as kept, and give the truth away)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L")) != 0
+            levels = np.asarray(ImageOps.exif_transpose(img).convert("L"))
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise OperatorInputError(
             f"cannot read mask file {os.fspath(path)!r} ({err}); mask must be 'random', 'box', "
             "a 2-D array/tensor or a readable image file"
         ) from None
+    count = len(np.unique(levels))
+    if count > 2:
+        raise OperatorInputError(
+            f"mask file {os.fspath(path)!r} holds {count} grey levels; a mask holds two, 0 for the missing pixels and "
+            "one other for the kept ones (save it losslessly, e.g. as PNG: JPEG compression adds levels)"
+        )
+    return levels != 0
 
 
 def is_packed_mask(value: Any) -> bool:

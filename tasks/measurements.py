@@ -342,6 +342,7 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
             raise MeasurementFileError(f"{path}: 'meta' must be a JSON object, got {type(meta).__name__}")
         if meta.get("format") != FORMAT:
             raise MeasurementFileError(f"{path}: meta format is {meta.get('format')!r}, expected {FORMAT!r}")
+        check_recorded_window(meta, path)
         version = meta.get("version")
         if not isinstance(version, int) or version > VERSION:
             raise MeasurementFileError(f"{path}: measurement file version {version!r} is not supported (this idm reads up to {VERSION})")
@@ -541,6 +542,23 @@ def looks_like_sinogram(path: PathLike) -> bool:
     return arr.ndim in (2, 3) and arr.shape[-1] != arr.shape[-2]
 
 
+def check_recorded_window(record: dict[str, Any], path: PathLike) -> None:
+    """A :class:`MeasurementFileError` naming ``path`` unless ``record``'s ``"window"`` (the HU window CT images
+    were measured in, which ``idm reconstruct`` maps its outputs back to HU with) is absent or two numbers
+    ``[low, high]`` with ``low < high``."""
+    window = record.get("window")
+    if window is None:
+        return
+    from tasks.data.ct_slices import check_window
+
+    try:
+        if not isinstance(window, list) or len(window) != 2 or any(isinstance(v, bool) for v in window):
+            raise ValueError(f"got {window!r}")
+        check_window(*window)
+    except ValueError as err:
+        raise MeasurementFileError(f"{path}: 'window' must be two numbers [low, high] (HU, low < high): {err}") from None
+
+
 def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogram:
     """Read a sinogram ``.npy`` and its sidecar (if any), checked against each other.
 
@@ -570,6 +588,8 @@ def load_sinogram(path: PathLike, cache: OperatorCache | None = None) -> Sinogra
             raise MeasurementFileError(f"{path}: {which} is nowhere positive (largest value {sinogram.max():g}; negated?): "
                                        "a CT sinogram holds line integrals of a non-negative image")  # fmt: skip
     info = _read_sidecar(path)
+    if info is not None:
+        check_recorded_window(info, sidecar_path(path))
     count = data.shape[0]
     names = [f"{path.stem}_s{i}" for i in range(count)] if count > 1 else [path.stem]
     if info is not None:

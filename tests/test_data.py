@@ -278,6 +278,69 @@ def test_mat_v73_transposes_back(tmp_path):
         load_mat(tmp_path / "two.mat", key="nope")
 
 
+def test_mat_v73_char_arrays_are_not_images(tmp_path):
+    """v7.3 stores a char array as uint16 codes: it is text, as v5's reader says, not a second image."""
+    a = _rng().random((6, 4))
+    _write_v73(tmp_path / "labelled.mat", {"im": a, "label": np.array([[104, 105], [106, 107]], np.uint16)})
+    with h5py.File(tmp_path / "labelled.mat", "r+") as f:
+        f["label"].attrs["MATLAB_class"] = np.bytes_("char")
+    np.testing.assert_array_equal(load_mat(tmp_path / "labelled.mat"), a)
+
+
+# --------------------------------------------------------------------------- real-world file variants
+def test_a_ct_tiff_in_hounsfield_units_is_windowed_as_hu(tmp_path):
+    """A signed or float TIFF holding HU as they are (air -1000) is read as HU (auto: a negative value); it was
+    divided by its maximum and clipped, which set everything at or below 0 HU to 0."""
+    import tifffile
+
+    hu = np.resize(np.array([-1000, -100, 0, 40, 1000, 2000], np.int16), (8, 8))
+    for name, data in (("int16.tif", hu), ("float.tif", hu.astype(np.float32))):
+        tifffile.imwrite(tmp_path / name, np.stack([data, data]))
+        x = read_ct_slice(tmp_path / name)[0].numpy()
+        np.testing.assert_allclose(x, hu_window(hu.astype(np.float32)), atol=1e-6)
+    assert read_tiff_volume(tmp_path / "int16.tif", units="hu")[0, 0, 1] == -100 and float(x.min()) > 0  # air: not clipped to 0
+
+
+def test_uncompressed_tiff_pages_are_turned_upright_and_16_bit_white_is_zero_is_inverted(tmp_path):
+    """Pillow mis-turned uncompressed grey TIFF pages with a 90-degree orientation when it memory-mapped them, and
+    inverts MINISWHITE pages of 8 bits but not of 16."""
+    import tifffile
+    from PIL import TiffImagePlugin
+
+    raw = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[274] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(raw).save(tmp_path / "o6.tif", tiffinfo=tags)
+    expected = np.rot90(raw, -1)  # what orientation 6 displays
+    np.testing.assert_array_equal(read_image(tmp_path / "o6.tif", "gray")[0].numpy(), expected / np.float32(255))
+    white16 = np.array([[0, 16384], [49152, 65535]], np.uint16)
+    tifffile.imwrite(tmp_path / "w16.tif", white16, photometric="miniswhite")
+    np.testing.assert_allclose(read_image(tmp_path / "w16.tif", "gray")[0].numpy(), 1 - white16 / 65535, atol=1e-7)
+    tifffile.imwrite(tmp_path / "w8.tif", (white16 >> 8).astype(np.uint8), photometric="miniswhite")
+    np.testing.assert_allclose(read_image(tmp_path / "w8.tif", "gray")[0].numpy(), 1 - (white16 >> 8) / 255, atol=1e-7)
+
+
+def test_mask_files_are_read_upright_and_lossy_ones_refused(tmp_path):
+    """A JPEG mask's ringing made pixels of its hole 'kept' (the truth given away); a mask is read upright by its
+    EXIF orientation, as the images are."""
+    from operators import OperatorInputError
+    from operators.inpainting import read_mask_file
+
+    mask = np.full((32, 48), 255, np.uint8)
+    mask[8:24, 8:20] = 0
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=90)
+    with pytest.raises(OperatorInputError, match=r"mask.jpg' holds \d+ grey levels; a mask holds two.*as PNG"):
+        read_mask_file(tmp_path / "mask.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(mask).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "turned.png"), np.rot90(mask, -1) != 0)
+    binary = mask.copy()
+    binary[binary == 255] = 1  # 0/1 masks still read: any non-zero level is kept
+    Image.fromarray(binary).save(tmp_path / "binary.png")
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "binary.png"), mask != 0)
+
+
 # --------------------------------------------------------------------------- fastMRI
 
 

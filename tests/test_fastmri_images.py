@@ -136,6 +136,25 @@ def test_benchmark_scores_methods_against_the_fully_sampled_image(tmp_path, volu
         assert float(row["psnr"]) == pytest.approx(psnr(zero_filled.numpy(), truth[s].numpy(), 1.0), abs=1e-3)
 
 
+def test_kspace_folders_skip_hidden_files_and_simulate_refuses_them(tmp_path, volume_file, capsys):
+    """macOS's ._vol.h5 beside vol.h5 is no scan: a folder's k-space files leave hidden ones out (as image
+    listings do); idm simulate refuses a folder of k-space files as it refuses one file (they are measurements)."""
+    from idm.cli.reconstruct import input_kind
+    from tasks.data.images import KSPACE_SUFFIXES, files_in
+
+    path, _ = volume_file
+    (tmp_path / "._vol.h5").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert files_in(tmp_path, KSPACE_SUFFIXES) == [path]
+    hidden_only = tmp_path / "hidden"
+    hidden_only.mkdir()
+    (hidden_only / "._vol.h5").write_bytes(b"\x00\x05\x16\x07")
+    assert input_kind(tmp_path, None) == "h5" and input_kind(hidden_only, "mri") == "images"
+    assert len(tasks.get("mri").dataset([tmp_path])) == 2  # the two slices of vol.h5
+    assert main(["simulate", "--task", "mri", "--input", str(tmp_path), "--keep-truth", "--device", "cpu",
+                 "--out", str(tmp_path / "m.npz")]) == 2  # fmt: skip
+    assert "fastMRI .h5 files already hold measured k-space" in capsys.readouterr().err
+
+
 def test_size_resizes_complex_images_keeping_their_signs(tmp_path):
     """--size on k-space files (idm benchmark, idm simulate): the real and imaginary parts keep their signs (they
     were clamped to [0, 1], which left an almost black ground truth), only a magnitude above 1 is scaled back."""

@@ -675,6 +675,14 @@ def test_ct_sinogram_simulate_and_reconstruct(files, tmp_path, capsys):
     assert np.load(out / "slice.npy").shape == (1, 32, 32) and np.load(out / "hu" / "slice.npy").shape == (32, 32)
     assert "was trained on" not in capsys.readouterr().err
 
+    for window in (5, "abc", [0], [1, 2, 3], [100, -100], [True, 2]):  # a hand-edited sidecar's window: named at load
+        edited = tmp_path / "edited" / "sino.npy"
+        edited.parent.mkdir(exist_ok=True)
+        shutil.copy(sino, edited)
+        sidecar_path(edited).write_text(json.dumps({**info, "window": window}))
+        with pytest.raises(MeasurementFileError, match=r"sino.npy.json: 'window' must be two numbers \[low, high\]"):
+            load_sinogram(edited)
+
     # without the sidecar: the image size comes from the detector count, the views from the last axis
     bare = tmp_path / "bare.npy"
     shutil.copy(sino, bare)

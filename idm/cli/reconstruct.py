@@ -85,7 +85,7 @@ from idm.cli.simulate import (
     load_images,
     measure_image,
 )
-from tasks.data.images import KSPACE_SUFFIXES
+from tasks.data.images import KSPACE_SUFFIXES, files_in
 
 METRIC_FIELDS = ("name", "psnr", "ssim", "seconds")
 #: The subfolder of CT's Hounsfield-unit images, one `<name>.npy` each beside the `<name>.npy` in [0, 1] units.
@@ -264,7 +264,7 @@ def input_kind(path: Path, task_name: str | None) -> str:
         if suffix == ".npy" and task_name in (None, "ct") and looks_like_sinogram(path):
             return "sinogram"
         return "images"
-    if task_name in (None, "mri") and any(p.suffix.lower() in KSPACE_SUFFIXES for p in path.iterdir() if p.is_file()):
+    if task_name in (None, "mri") and files_in(path, KSPACE_SUFFIXES):
         return "h5"
     return "images"
 
@@ -455,7 +455,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
     if task.operator != "mri":
         raise ValueError(f"fastMRI .h5 files hold MRI k-space; use --task mri (got --task {task.name})")
     source = Path(args.input)
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.suffix.lower() in KSPACE_SUFFIXES)
+    files = [source] if source.is_file() else files_in(source, KSPACE_SUFFIXES)
     check_limit(args.limit)
     shapes = [check_single_coil(path) for path in files]  # every file, before the first is reconstructed
     overrides, trained = _model_for_flags(args, task, device, img_size=shapes[0][1:] if shapes else None)

@@ -47,7 +47,7 @@ from idm.cli.common import (
     task_color,
     task_name,
 )
-from tasks.data.images import KSPACE_SUFFIXES
+from tasks.data.images import KSPACE_SUFFIXES, files_in
 
 
 def add_parser(subparsers) -> None:
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() in inputs:
         raise ValueError(f"--out {out} is one of the input files: the measurements would replace it; write them elsewhere")
     check_replaceable(out)
-    if source.suffix.lower() in KSPACE_SUFFIXES:
+    if source.suffix.lower() in KSPACE_SUFFIXES or (source.is_dir() and files_in(source, KSPACE_SUFFIXES)):
         raise ValueError(
             f"{source}: fastMRI .h5 files already hold measured k-space; reconstruct them directly with "
             f"`idm reconstruct --task mri --input {source}` (simulate measures images)"

@@ -26,6 +26,8 @@ HU + 1024 brain tissue would read about +5000 HU, which is impossible).
   no window (the default until the calibration below existed). Brain tissue
   of that volume reads 0.14 so, against 0.26 for brain in HU windowed by
   :data:`DEFAULT_HU_WINDOW`.
+* ``"hu"``: TIFFs that store HU as they are (signed integers or floats:
+  air at -1000).
 * ``"hu+1024"``: TIFFs that do store HU + 1024.
 * ``"display-gamma2"``: a gamma-2 encoded display image, calibrated to HU.
   The display level ``k = sqrt(raw)`` is taken as linear in HU (a display
@@ -36,10 +38,11 @@ HU + 1024 brain tissue would read about +5000 HU, which is impossible).
   volume the mode is level 84. Bone (levels 150-190) then reads 860-1350 HU,
   and the top level (226) reads 1800 HU: the range of skull bone. So the
   windowed slices have the intensities of the clinical test slices.
-* ``"auto"`` (the default): ``"display-gamma2"`` when every value is the
-  square of an integer display level and the top level is 16..255 (what
-  such an encoding writes, and what a raw scan almost never is), else
-  ``"intensity"``.
+* ``"auto"`` (the default): ``"hu"`` when the volume holds a negative value
+  (an intensity or display level never is; HU below 0 are fat, water and
+  air), ``"display-gamma2"`` when every value is the square of an integer
+  display level and the top level is 16..255 (what such an encoding writes,
+  and what a raw scan almost never is), else ``"intensity"``.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ DEFAULT_HU_WINDOW: tuple[float, float] = (-1024.0, 3071.0)
 SOFT_TISSUE_WINDOW: tuple[float, float] = (-160.0, 240.0)
 #: File endings handled by :func:`read_ct_slice` / :func:`ct_num_slices`.
 CT_EXTENSIONS: tuple[str, ...] = (".dcm", ".npy", ".tif", ".tiff")
-TIFF_UNITS: tuple[str, ...] = ("auto", "intensity", "hu+1024", "display-gamma2")
+TIFF_UNITS: tuple[str, ...] = ("auto", "intensity", "hu", "hu+1024", "display-gamma2")
 #: HU of the soft-tissue mode (brain) that anchors ``units="display-gamma2"``.
 SOFT_TISSUE_HU: float = 40.0
 #: HU of display level 0 (air) for ``units="display-gamma2"``.
@@ -300,7 +303,8 @@ def read_tiff_volume(path: PathLike, units: str = "auto") -> np.ndarray:
     """Read a (multi-page) grayscale TIFF into a float32 volume ``(N, H, W)``.
 
     ``units="intensity"``: raw values divided by the volume maximum -> [0, 1]
-    relative intensities (not HU). ``units="hu+1024"``: raw values
+    relative intensities (not HU). ``units="hu"``: raw values are HU
+    (clipped below at -1024). ``units="hu+1024"``: raw values
     minus 1024 = HU (clipped below at -1024); window them with :func:`hu_window`.
     ``units="display-gamma2"``: raw values are squared display levels,
     calibrated to HU by :func:`display_levels_to_hu` (clipped below at -1024).
@@ -318,8 +322,8 @@ def _read_tiff(path: PathLike, units: str) -> tuple[np.ndarray, str]:
         raise ValueError(f"units must be one of {TIFF_UNITS}, got {units!r}")
     p = check_file(path)
     frames = []
-    try:
-        with Image.open(p) as im:
+    try:  # from a file object: Pillow memory-maps a file opened by name, and then mis-turns uncompressed pages
+        with open(p, "rb") as handle, Image.open(handle) as im:
             for i in range(int(getattr(im, "n_frames", 1))):
                 im.seek(i)
                 im.load()
@@ -338,6 +342,8 @@ def _read_tiff(path: PathLike, units: str) -> tuple[np.ndarray, str]:
         raise DataError(f"{p}: contains NaN or infinite values")
     if units == "auto":
         units = tiff_units_of(vol)
+    if units == "hu":
+        return np.maximum(vol, np.float32(HU_MIN)), units
     if units == "hu+1024":
         return np.maximum(vol - np.float32(1024), np.float32(HU_MIN)), units
     if units == "display-gamma2":
@@ -349,8 +355,10 @@ def _read_tiff(path: PathLike, units: str) -> tuple[np.ndarray, str]:
 
 
 def tiff_units_of(raw: np.ndarray) -> str:
-    """``"display-gamma2"`` if ``raw`` (any shape, the stored values) holds squared integer display
-    levels whose top is 16..255, else ``"intensity"`` (see the module docstring)."""
+    """``"hu"`` if ``raw`` (any shape, the stored values) holds a negative value, ``"display-gamma2"`` if it
+    holds squared integer display levels whose top is 16..255, else ``"intensity"`` (see the module docstring)."""
+    if raw.size and float(raw.min()) < 0:
+        return "hu"
     levels = np.rint(np.sqrt(np.maximum(raw, 0)))
     squares = bool((raw >= 0).all() and (levels * levels == raw).all())
     return "display-gamma2" if squares and 16 <= float(levels.max()) <= 255 else "intensity"
@@ -410,8 +418,8 @@ def read_ct_slice(
 ) -> torch.Tensor:
     """One CT slice as a float32 tensor ``(1, H, W)`` in [0, 1].
 
-    ``.dcm`` / ``.npy`` (and TIFF with ``tiff_units="hu+1024"`` or
-    ``"display-gamma2"``, or ``"auto"`` choosing that) are read in HU and
+    ``.dcm`` / ``.npy`` (and TIFF with ``tiff_units="hu"``, ``"hu+1024"`` or
+    ``"display-gamma2"``, or ``"auto"`` choosing one of them) are read in HU and
     mapped with :func:`hu_window` (``window=(low, high)``); a TIFF with
     ``tiff_units="intensity"`` is normalised by its volume maximum instead.
     ``index`` picks the slice of a stack / multi-frame file.

@@ -35,7 +35,7 @@ from .ct_slices import CT_EXTENSIONS, DEFAULT_HU_WINDOW, TIFF_UNITS, check_windo
 from .errors import DataError
 from .fastmri_h5 import check_fully_sampled, kspace_to_image, read_kspace_slice
 from .images import (
-    COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, image_size, list_files, read_image, warn_of_multipage_tiffs,
+    COLOR_MODES, IMAGE_EXTENSIONS, KSPACE_HINT, KSPACE_SUFFIXES, files_in, image_size, list_files, read_image, warn_of_multipage_tiffs,
 )
 from .matlab import MAT_EXTENSIONS, load_mat, mat_array_shape
 from .transforms import _size, random_crop, random_dihedral
@@ -413,7 +413,7 @@ def _holds(path: PathLike, suffixes: tuple[str, ...]) -> bool:
     path = Path(path)
     if path.is_file():
         return path.name.lower().endswith(suffixes)
-    return path.is_dir() and any(p.name.lower().endswith(suffixes) for p in path.iterdir() if p.is_file())
+    return path.is_dir() and bool(files_in(path, suffixes))
 
 
 def holds_mat_files(path: PathLike) -> bool:

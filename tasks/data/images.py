@@ -137,10 +137,18 @@ def list_files(
 
 def _holds_files(folder: Path, extensions: tuple[str, ...]) -> bool:
     """Whether ``folder`` itself holds a file of ``extensions`` (an unreadable folder holds none we can use)."""
+    return bool(files_in(folder, extensions))
+
+
+def files_in(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """The files of ``folder`` (not its sub-folders) named with one of ``extensions`` (lower case), sorted,
+    hidden ones left out as :func:`list_files` leaves them (macOS's ``._scan.h5`` beside ``scan.h5`` is no
+    scan); empty for a folder that holds none or cannot be read."""
     try:
-        return any(f.name.lower().endswith(extensions) and f.is_file() for f in folder.iterdir())
+        return sorted(f for f in folder.iterdir()
+                      if f.name.lower().endswith(extensions) and not f.name.startswith(".") and f.is_file())  # fmt: skip
     except OSError:
-        return False
+        return []
 
 
 def warn_of_multipage_tiffs(files: Iterable[Path]) -> None:
@@ -183,6 +191,13 @@ def image_size(path: PathLike) -> tuple[int, int]:
     except Exception as exc:  # Pillow raises many exception types
         raise DataError(f"{p}: cannot read image header ({exc})") from exc
     return h, w
+
+
+def _white_is_zero(im: Image.Image) -> bool:
+    """A TIFF page whose photometric interpretation is MINISWHITE (0 is white) in a mode that Pillow does not
+    invert itself (16-bit, 32-bit integer, float; it inverts 1- and 8-bit pages)."""
+    tags = getattr(im, "tag_v2", None)
+    return tags is not None and tags.get(262) == 0 and (im.mode.startswith("I;16") or im.mode in ("I", "F"))
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -259,17 +274,20 @@ def read_image(path: PathLike, color: str = "rgb") -> torch.Tensor:
     if color not in COLOR_MODES:
         raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
     p = check_file(path)
-    try:
-        with Image.open(p) as im:
+    try:  # from a file object: Pillow memory-maps a file opened by name, and then mis-turns uncompressed TIFF pages
+        with open(p, "rb") as handle, Image.open(handle) as im:
             deep = deep_colour_format(im, p)  # several channels of 16 bits, which Pillow would reduce to 8
             arr = read_deep_colour(p, deep) if deep else None  # upright by its EXIF orientation
             if arr is not None:
                 full_scale = 65535
             else:
                 im.load()  # decodes now: raises for truncated / corrupt data
+                inverted = _white_is_zero(im)  # read before the transpose, which drops the TIFF tags
                 if _exif_orientation(im) != 1:
                     im = ImageOps.exif_transpose(im)
                 arr, full_scale = _to_array(im, p)
+                if inverted:
+                    arr = full_scale - arr
             if deep and arr.dtype == np.uint8:
                 hint = ("its compression needs the imagecodecs package, which is not installed (pip install imagecodecs "
                         "reads it at full precision)") if deep == "tiff" else "this torchvision has no PNG decoder"

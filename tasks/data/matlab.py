@@ -26,6 +26,11 @@ PathLike = Union[str, os.PathLike]
 #: File name endings recognised as MATLAB files.
 MAT_EXTENSIONS: tuple[str, ...] = (".mat",)
 
+#: MATLAB classes of numeric matrices (``char``, ``cell``, ``struct`` and the like are not images).
+NUMERIC_CLASSES = frozenset(
+    {"double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "logical"}
+)
+
 
 def _is_numeric(arr: np.ndarray) -> bool:
     return arr.dtype.kind in "biufc"
@@ -87,6 +92,9 @@ def _shapes(path: Path) -> tuple[bool, dict[str, tuple[tuple[int, ...], bool]]]:
                     numeric = (d.dtype.names is not None and set(d.dtype.names) == {"real", "imag"}) or (
                         d.dtype.kind in "biuf" and not d.attrs.get("MATLAB_empty", 0)
                     )
+                    matlab_class = d.attrs.get("MATLAB_class", b"")  # v7.3 stores char arrays as uint16 codes
+                    matlab_class = matlab_class.decode() if isinstance(matlab_class, bytes) else str(matlab_class)
+                    numeric = numeric and (not matlab_class or matlab_class in NUMERIC_CLASSES)
                     out[k] = (tuple(reversed(d.shape)), bool(numeric))
                 return True, out
         except Exception as exc:
@@ -95,11 +103,7 @@ def _shapes(path: Path) -> tuple[bool, dict[str, tuple[tuple[int, ...], bool]]]:
         info = scipy.io.whosmat(str(path))
     except Exception as exc:
         raise DataError(f"{path}: not a MATLAB .mat file ({type(exc).__name__}: {exc})") from exc
-    numeric_classes = {
-        "double", "single", "int8", "uint8", "int16", "uint16",
-        "int32", "uint32", "int64", "uint64", "logical",
-    }
-    return False, {name: (tuple(shape), cls in numeric_classes) for name, shape, cls in info}
+    return False, {name: (tuple(shape), cls in NUMERIC_CLASSES) for name, shape, cls in info}
 
 
 def mat_array_shape(path: PathLike, key: Optional[str] = None) -> tuple[int, ...]:
