@@ -146,6 +146,27 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     return atomic_write(path, write)
 
 
+def load_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (empty when it has none); a :class:`CheckpointError`
+    naming the file if it is missing or its header is unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"weights file {str(path)!r} is unreadable or truncated: {err}") from None
+
+
+def json_sha256(record: Any) -> str:
+    """SHA-256 of ``record``'s canonical JSON (sorted keys, no spaces): the same for a record and its JSON
+    round trip, so a weights file can name the config it was saved with."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file; a :class:`CheckpointError` naming the file if it is missing or corrupt."""
     path = Path(path)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from idm.checkpoint import CheckpointError, load_json, load_json_record, load_tensors, save_json, save_tensors
-from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME
+from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME, weights_metadata
 from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration, prior_fingerprint, prior_folder
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
@@ -215,7 +215,7 @@ def export_model(
         provenance = _provenance(folder, run, state, extra)
 
     def write(tmp: Path) -> None:
-        save_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": MODEL_FORMAT})
+        save_tensors(tensors, tmp / WEIGHTS_NAME, metadata=weights_metadata(config))
         save_json(config, tmp / CONFIG_NAME)
         save_json(run, tmp / RUN_NAME)
         save_json(provenance, tmp / PROVENANCE_NAME)

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from idm.checkpoint import CheckpointError, check_weights_fit, load_json, load_tensors, save_json, save_tensors
+from idm.checkpoint import (CheckpointError, check_weights_fit, json_sha256, load_json, load_metadata, load_tensors,
+                            save_json, save_tensors)
 from idm.config import IDMConfig
 from idm.precision import autocast_for, resolve_precision
 from idm.step import DDPMSchedule, LearnedSchedule, ddnm_step
@@ -46,7 +47,25 @@ from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: The key, in ``model.safetensors``' metadata, of the SHA-256 of the config it was saved with.
+CONFIG_DIGEST_KEY = "config_sha256"
 FORMAT = "idm-model"
+
+
+def weights_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """The metadata ``model.safetensors`` is written with: its format and :func:`config_digest` of the
+    ``config.json`` beside it (``config``), which :meth:`IDM.from_pretrained` checks, so that a config edited
+    or left from another save is named instead of running the weights in another network."""
+    return {"format": FORMAT, CONFIG_DIGEST_KEY: config_digest(config)}
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a model's ``config.json`` without ``idm.unet``, the record of where its prior came from (a
+    name or a folder, which may move: the model does not read it), so the record can be brought up to date."""
+    idm = config.get("idm") if isinstance(config, dict) else None
+    if isinstance(idm, dict):
+        config = {**config, "idm": {k: v for k, v in idm.items() if k != "unet"}}
+    return json_sha256(config)
 
 
 @dataclass
@@ -495,8 +514,9 @@ class IDM(nn.Module):
             raise CheckpointError("cannot save a model without weights (built with init_weights=False; "
                                   "load_weights gives it its weights)")  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
-        save_json(self.export_config(), directory / CONFIG_NAME)
+        config = self.export_config()
+        save_tensors(state, directory / WEIGHTS_NAME, metadata=weights_metadata(config))
+        save_json(config, directory / CONFIG_NAME)
         return directory
 
     @classmethod
@@ -516,10 +536,17 @@ class IDM(nn.Module):
         if not directory.is_dir():
             raise CheckpointError(f"IDM model folder {str(directory)!r} does not exist, nor is it the name of a shipped "
                                   "model (`idm info` lists them)")  # fmt: skip
+        config = load_json(directory / CONFIG_NAME, "IDM config")
         try:
-            model = cls.from_config_dict(load_json(directory / CONFIG_NAME, "IDM config"), init_weights=False)
+            model = cls.from_config_dict(config, init_weights=False)
         except CheckpointError as err:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+        saved_with = load_metadata(directory / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
+        if saved_with is not None and saved_with != config_digest(config):  # folders saved before it: not checked
+            raise CheckpointError(
+                f"{directory / CONFIG_NAME} is not the config that {WEIGHTS_NAME} was saved with (edited by hand, or a "
+                "save stopped between the two files): the weights would run in another network; save the model again"
+            )
         model.load_weights(load_tensors(directory / WEIGHTS_NAME), source=directory / WEIGHTS_NAME)
         return model.to(device)
 

@@ -284,8 +284,20 @@ def test_loading_refuses_bad_folders(tmp_path):
         IDM.from_pretrained(tmp_path / "m")
     IDM(IDMConfig(steps=3)).save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "model.safetensors").replace(weights)
+    with pytest.raises(CheckpointError, match="config.json is not the config that model.safetensors was saved with"):
+        IDM.from_pretrained(tmp_path / "m")  # the weights name the config they were saved with
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(weights), weights, metadata={"format": "idm-model"})  # as saved before the weights named it
     with pytest.raises(CheckpointError, match="do not fit this IDM"):
         IDM.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "idm": {**config["idm"], "prior_range": "symmetric"}}))
+    with pytest.raises(CheckpointError, match="not the config that model.safetensors was saved with"):  # shapes fit
+        IDM.from_pretrained(tmp_path / "edited")
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "idm": {**config["idm"], "unet": "/moved"}}))
+    IDM.from_pretrained(tmp_path / "edited")  # where the prior came from is a record, brought up to date by hand
     (tmp_path / "m" / "config.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(CheckpointError, match="not an IDM model config"):
         IDM.from_pretrained(tmp_path / "m")
