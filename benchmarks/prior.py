@@ -31,9 +31,6 @@ from torch import Tensor, nn
 
 from idm.step import DDPM_SCHEDULE, ddpm_alphas_cumprod
 
-#: The only noise schedule the baselines support (that of the toolkit's priors).
-
-
 class PriorError(ValueError):
     """A diffusion prior (folder, U-Net or schedule) cannot be used by the baselines."""
 

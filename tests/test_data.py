@@ -299,6 +299,10 @@ def test_a_ct_tiff_in_hounsfield_units_is_windowed_as_hu(tmp_path):
         x = read_ct_slice(tmp_path / name)[0].numpy()
         np.testing.assert_allclose(x, hu_window(hu.astype(np.float32)), atol=1e-6)
     assert read_tiff_volume(tmp_path / "int16.tif", units="hu")[0, 0, 1] == -100 and float(x.min()) > 0  # air: not clipped to 0
+    rounding = np.full((2, 8, 8), 0.5, np.float32)
+    rounding[0, 0, 0] = -1e-6  # a processed intensity volume's rounding is no HU
+    tifffile.imwrite(tmp_path / "rounded.tif", rounding)
+    assert tiff_units_of(rounding) == "intensity" and float(read_ct_slice(tmp_path / "rounded.tif")[0, 0, 1]) == 1.0
 
 
 def test_uncompressed_tiff_pages_are_turned_upright_and_16_bit_white_is_zero_is_inverted(tmp_path):

@@ -38,9 +38,10 @@ HU + 1024 brain tissue would read about +5000 HU, which is impossible).
   volume the mode is level 84. Bone (levels 150-190) then reads 860-1350 HU,
   and the top level (226) reads 1800 HU: the range of skull bone. So the
   windowed slices have the intensities of the clinical test slices.
-* ``"auto"`` (the default): ``"hu"`` when the volume holds a negative value
-  (an intensity or display level never is; HU below 0 are fat, water and
-  air), ``"display-gamma2"`` when every value is the square of an integer
+* ``"auto"`` (the default): ``"hu"`` when the volume holds a value below
+  -500 (air is -1000 HU; an intensity or display level is never negative,
+  and a small negative value is more likely rounding than HU),
+  ``"display-gamma2"`` when every value is the square of an integer
   display level and the top level is 16..255 (what such an encoding writes,
   and what a raw scan almost never is), else ``"intensity"``.
 """
@@ -87,6 +88,8 @@ SOFT_TISSUE_WINDOW: tuple[float, float] = (-160.0, 240.0)
 #: File endings handled by :func:`read_ct_slice` / :func:`ct_num_slices`.
 CT_EXTENSIONS: tuple[str, ...] = (".dcm", ".npy", ".tif", ".tiff")
 TIFF_UNITS: tuple[str, ...] = ("auto", "intensity", "hu", "hu+1024", "display-gamma2")
+#: A TIFF volume with a value below this holds HU as they are (air, -1000 HU), for ``tiff_units="auto"``.
+HU_AIR_BELOW = -500.0
 #: HU of the soft-tissue mode (brain) that anchors ``units="display-gamma2"``.
 SOFT_TISSUE_HU: float = 40.0
 #: HU of display level 0 (air) for ``units="display-gamma2"``.
@@ -355,9 +358,9 @@ def _read_tiff(path: PathLike, units: str) -> tuple[np.ndarray, str]:
 
 
 def tiff_units_of(raw: np.ndarray) -> str:
-    """``"hu"`` if ``raw`` (any shape, the stored values) holds a negative value, ``"display-gamma2"`` if it
-    holds squared integer display levels whose top is 16..255, else ``"intensity"`` (see the module docstring)."""
-    if raw.size and float(raw.min()) < 0:
+    """``"hu"`` if ``raw`` (any shape, the stored values) holds a value below -500 (air), ``"display-gamma2"`` if
+    it holds squared integer display levels whose top is 16..255, else ``"intensity"`` (see the module docstring)."""
+    if raw.size and float(raw.min()) < HU_AIR_BELOW:
         return "hu"
     levels = np.rint(np.sqrt(np.maximum(raw, 0)))
     squares = bool((raw >= 0).all() and (levels * levels == raw).all())
