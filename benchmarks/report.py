@@ -128,9 +128,10 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
     header = ["method", "PSNR (dB)", "SSIM", "seconds / image", "NFEs"] + (["peak MiB"] if with_memory else []) + ["images"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     scored = {name: {r["image"]: r for r in rows if r["method"] == name and _scored(r)} for name in methods}
-    common = sorted(set.intersection(*(set(images) for images in scored.values()))) if methods else []
+    sets = [set(images) for images in scored.values() if images]  # a method that scored nothing has no mean anyway
+    common = sorted(set.intersection(*sets)) if sets else []
     for name in methods:
-        picked = [scored[name][image] for image in common]
+        picked = [scored[name][image] for image in common if image in scored[name]]
         failed = sum(1 for r in rows if r["method"] == name and r.get("status", "ok") != "ok")
         unscored = sum(1 for r in rows if r["method"] == name and r.get("status", "ok") == "ok" and not _scored(r))
         nfe = next((r["nfe"] for r in rows if r["method"] == name), "-")
@@ -148,6 +149,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
         lines.append("| " + " | ".join(cells) + " |")
     every = {r["image"] for r in rows if r["method"] in methods}
     if len(common) < len(every):
-        lines.append(f"\nMeans over the {len(common)} of {len(every)} images that every method scored: an image "
-                     "that a method failed on, or reconstructed exactly (an infinite PSNR), is left out for all.")  # fmt: skip
+        lines.append(f"\nMeans over the {len(common)} of {len(every)} images that every method scored (a method that "
+                     "scored none aside): an image that a method failed on, or reconstructed exactly (an infinite PSNR), "
+                     "is left out for all.")  # fmt: skip
     return "\n".join(lines)

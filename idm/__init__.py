@@ -7,7 +7,7 @@
 
 from idm.sibling_packages import check_sibling_packages
 
-check_sibling_packages()  # before any module of idm imports operators or tasks: a shadowing file named
+check_sibling_packages(("operators",))  # before any module of idm imports it: a shadowing file named
 
 from idm.config import IDMConfig  # noqa: E402
 from idm.model import IDM, StepTrace  # noqa: E402

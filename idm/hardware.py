@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def cpu_details(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
     model = fields.get("model name")
     details = [model] if model else []
     family, number = fields.get("cpu family"), fields.get("model")
-    if model and not any(char.isdigit() for char in model) and family and number:
+    named = re.sub(r"@\s*[\d.]+\s*[GM]Hz", "", model or "")  # "Intel(R) Xeon(R) CPU @ 2.20GHz": a clock, no model
+    if named and not any(char.isdigit() for char in named) and family and number:
         details.append(f"family {family} model {number}")
     return details + _bf16_units(fields)[:1]
 

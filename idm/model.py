@@ -346,8 +346,9 @@ class IDM(nn.Module):
                     if self.training:
                         self.check_deterministic()
                     _refuse_operator_gradients(op, y)
-                    _refuse_nonlinear_pinv(op)
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
+                if y.requires_grad or any(p.requires_grad for p in params):  # a backward that will recompute
+                    _refuse_nonlinear_pinv(op)
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
 

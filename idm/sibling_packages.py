@@ -18,11 +18,13 @@ from pathlib import Path
 SIBLING_PACKAGES = ("operators", "tasks")
 
 
-def check_sibling_packages() -> None:
-    """An ``ImportError`` naming the file when ``operators`` or ``tasks`` resolves to another file than the
-    package installed beside ``idm`` (a module of that name in the current folder, or earlier on ``sys.path``)."""
+def check_sibling_packages(names: tuple[str, ...] = SIBLING_PACKAGES) -> None:
+    """An ``ImportError`` naming the file when one of ``names`` (``operators``, ``tasks``) resolves to another
+    file than the package installed beside ``idm`` (a module of that name in the current folder, or earlier on
+    ``sys.path``). ``import idm`` checks ``operators``, which it imports; the ``idm`` command checks ``tasks``
+    too (a user's own ``tasks.py`` does not stop a script that only uses the model)."""
     root = Path(__file__).resolve().parent.parent
-    for name in SIBLING_PACKAGES:
+    for name in names:
         expected = root / name / "__init__.py"
         found = _where(name)
         if found is None or not Path(found).is_file() or not Path(found).resolve().samefile(expected):

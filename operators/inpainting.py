@@ -61,8 +61,8 @@ def read_mask_file(path: str | os.PathLike) -> np.ndarray:
     ringing would count pixels of a hole as kept, and give the truth away)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as img:
+    try:  # from a file object: Pillow memory-maps a file opened by name, and then mis-turns uncompressed TIFF pages
+        with open(path, "rb") as handle, Image.open(handle) as img:
             levels = np.asarray(ImageOps.exif_transpose(img).convert("L"))
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise OperatorInputError(

@@ -365,7 +365,7 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
         truth = bool(meta.get("truth", False))
         xs: list[np.ndarray | None] = _item_arrays(data, "x_true", count, path) if truth else [None] * count
 
-        _register_operators_of(task, entries, path)
+        _register_operators_of(task, entries, path, meta.get("task_package"))
         items = []
         for i, (entry, name, y, x) in enumerate(zip(entries, names, ys, xs)):
             where = f"{path}: item {i} ({name})"
@@ -400,9 +400,10 @@ def load_measurements(path: PathLike, cache: OperatorCache | None = None) -> Mea
     return MeasurementSet(task, items, meta, path, cache)
 
 
-def _register_operators_of(task: str, entries: list[dict], path: Path) -> None:
+def _register_operators_of(task: str, entries: list[dict], path: Path, package: Any = None) -> None:
     """Load ``task`` when the file's operators are not registered yet: a task from another package (an
-    ``idm.tasks`` entry point) registers its operator when its module is imported."""
+    ``idm.tasks`` entry point) registers its operator when its module is imported. ``package``: the one the
+    file records as providing the task (``idm simulate`` records a plug-in's), named when it is missing."""
     unknown = {str(e.get("operator", {}).get("name")) for e in entries if isinstance(e.get("operator"), dict)}
     unknown -= set(operators.available())
     if not unknown:
@@ -412,9 +413,10 @@ def _register_operators_of(task: str, entries: list[dict], path: Path) -> None:
     try:
         tasks.get(task)
     except ValueError as err:
+        needs = f"; install {package}, which provided it" if isinstance(package, str) and package else ""
         raise MeasurementFileError(
             f"{path}: measured with the operator {', '.join(sorted(unknown))} of task {task!r}, which this installation "
-            f"does not have: {err}"
+            f"does not have: {err}{needs}"
         ) from None
 
 

@@ -789,6 +789,10 @@ def test_summary_means_are_over_the_images_every_method_scored():
     assert "| `pinv` | 40.00 ± 0.00 | 0.9000 ± 0.0000 |" in table and "| 1 (1 with an infinite PSNR) |" in table
     full = summary_table(rows[1:2] + rows[3:], ["pinv", "idm"])  # every image scored by all: no note
     assert "Means over" not in full and "| `idm` | 42.00 ± 0.00 |" in full
+    failed = [row("idm", "a", 30.0), row("idm", "b", 20.0), row("dps", "a", math.nan, math.nan, "error: x"),
+              row("dps", "b", math.nan, math.nan, "error: x")]  # fmt: skip
+    table = summary_table(failed, ["idm", "dps"])  # a method that scored nothing leaves the others their means
+    assert "| `idm` | 25.00 ± 7.07 |" in table and "| `dps` | - | - | - | 3 | 0 (2 failed) |" in table
 
 
 def test_the_timing_scripts_refuse_an_unusable_unet_before_creating_out(tmp_path, capsys):

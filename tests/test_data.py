@@ -25,6 +25,7 @@ from tasks.data import (
     dihedral_inverse,
     grayscale_dataset,
     hu_window,
+    image_size,
     inverse_hu_window,
     kspace_to_image,
     list_images,
@@ -317,6 +318,7 @@ def test_uncompressed_tiff_pages_are_turned_upright_and_16_bit_white_is_zero_is_
     Image.fromarray(raw).save(tmp_path / "o6.tif", tiffinfo=tags)
     expected = np.rot90(raw, -1)  # what orientation 6 displays
     np.testing.assert_array_equal(read_image(tmp_path / "o6.tif", "gray")[0].numpy(), expected / np.float32(255))
+    assert image_size(tmp_path / "o6.tif") == expected.shape
     white16 = np.array([[0, 16384], [49152, 65535]], np.uint16)
     tifffile.imwrite(tmp_path / "w16.tif", white16, photometric="miniswhite")
     np.testing.assert_allclose(read_image(tmp_path / "w16.tif", "gray")[0].numpy(), 1 - white16 / 65535, atol=1e-7)
@@ -339,6 +341,12 @@ def test_mask_files_are_read_upright_and_lossy_ones_refused(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(mask).save(tmp_path / "turned.png", exif=exif)
     np.testing.assert_array_equal(read_mask_file(tmp_path / "turned.png"), np.rot90(mask, -1) != 0)
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[274] = 6
+    Image.fromarray(mask).save(tmp_path / "turned.tif", tiffinfo=tags)  # uncompressed: Pillow memory-maps it by name
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "turned.tif"), np.rot90(mask, -1) != 0)
     binary = mask.copy()
     binary[binary == 255] = 1  # 0/1 masks still read: any non-zero level is kept
     Image.fromarray(binary).save(tmp_path / "binary.png")

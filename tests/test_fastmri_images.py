@@ -153,6 +153,9 @@ def test_kspace_folders_skip_hidden_files_and_simulate_refuses_them(tmp_path, vo
     assert main(["simulate", "--task", "mri", "--input", str(tmp_path), "--keep-truth", "--device", "cpu",
                  "--out", str(tmp_path / "m.npz")]) == 2  # fmt: skip
     assert "fastMRI .h5 files already hold measured k-space" in capsys.readouterr().err
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "a.png")  # beside an .h5: cs measures it
+    assert main(["simulate", "--task", "cs", "--ratio", "0.3", "--block", "8", "--input", str(tmp_path), "--device", "cpu",
+                 "--out", str(tmp_path / "cs.npz")]) == 0  # fmt: skip
 
 
 def test_size_resizes_complex_images_keeping_their_signs(tmp_path):

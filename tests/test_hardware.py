@@ -22,6 +22,8 @@ def test_cpu_details_name_the_model_and_its_bf16_units(tmp_path):
     assert cpu_details(cpuinfo) == ["Some CPU"]
     cpuinfo.write_text("cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx512_bf16\n")
     assert cpu_details(cpuinfo) == ["AMD EPYC", "family 26 model 2", "AVX512-BF16"]  # a generic name: which generation
+    cpuinfo.write_text("cpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n")
+    assert cpu_details(cpuinfo) == ["Intel(R) Xeon(R) CPU @ 2.20GHz", "family 6 model 85"]  # a clock is no model number
     assert cpu_details(tmp_path / "missing") == []
 
 

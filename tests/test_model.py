@@ -929,6 +929,7 @@ def test_memory_saving_backward_refuses_an_iterative_pinv():
         model(y, cg)
     with torch.no_grad():
         model(y, cg)  # inference recomputes nothing
+    model.for_inference()(y, cg)  # nor a model whose parameters need no gradient, outside no_grad
     plain = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible="steps", recompute=False))
     plain(y, cg).sum().backward()
 

@@ -6,6 +6,7 @@ random PNGs written into ``tmp_path``.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import hashlib
@@ -108,9 +109,13 @@ def test_python_m_idm_names_a_file_of_the_current_folder_that_hides_a_toolkit_pa
     assert (f"idm needs its own 'operators' package ({REPO / 'operators' / '__init__.py'}), but 'operators' resolves to "
             f"{tmp_path / 'operators.py'}") in proc.stderr  # found, not run
     (tmp_path / "operators.py").unlink()
-    (tmp_path / "tasks").mkdir()  # a plain folder (a namespace package) hides it as well
+    (tmp_path / "tasks").mkdir()  # a plain folder (a namespace package) hides it as well; the commands need it
     proc = subprocess.run([sys.executable, "-m", "idm", "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 1 and f"'tasks' resolves to {tmp_path / 'tasks'}:" in proc.stderr
+    assert proc.returncode == 2 and "idm: error: idm needs its own 'tasks' package" in proc.stderr
+    assert f"'tasks' resolves to {tmp_path / 'tasks'}:" in proc.stderr and "Traceback" not in proc.stderr
+    script = "import idm; print(idm.IDM.__name__)"  # a script that only uses the model does not need tasks
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "IDM", proc.stderr
     proc = subprocess.run([sys.executable, "-P", "-m", "idm", "--version"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("idm "), proc.stderr
 
@@ -813,6 +818,8 @@ TASK = Task(name="decimate", operator="decimate_plugin", operator_defaults={"fac
             crop=16, schedule=Schedule(iters=10, batch_size=2))
 WRONG_NAME = Task(name="other", operator="decimate_plugin", channels=1, color="gray")
 LIKE_A_MODULE = Task(name="measurements", operator="decimate_plugin", channels=1, color="gray")  # a module of tasks/, not a task
+CUSTOM = Task(name="custom", operator="decimate_plugin", operator_defaults={"factor": 2}, channels=1, color="gray",
+              crop=16)  # the name idm.train.train records for runs started from Python: a plug-in may take it
 '''
 
 
@@ -831,7 +838,7 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
     (meta / "entry_points.txt").write_text(
         "[idm.tasks]\ndecimate = idm_plugin_tasks_test:TASK\nmisnamed = idm_plugin_tasks_test:WRONG_NAME\n"
         "broken = idm_plugin_tasks_test_missing:TASK\ncs = idm_plugin_tasks_test:TASK\n"
-        "measurements = idm_plugin_tasks_test:LIKE_A_MODULE\n"
+        "measurements = idm_plugin_tasks_test:LIKE_A_MODULE\ncustom = idm_plugin_tasks_test:CUSTOM\n"
     )
     monkeypatch.syspath_prepend(str(site))
     assert {"decimate", "misnamed", "broken", "cs"} <= set(tasks.available())
@@ -863,11 +870,23 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
             tasks.get("broken")
         assert json.loads((out / "config.json").read_text())["settings"]["task_package"] == "idm-plugin-tasks-test 0.1"
         assert tasks.provider("decimate") == "idm-plugin-tasks-test 0.1" and tasks.provider("cs") is None
-        sys.path.remove(str(site))  # the plug-in uninstalled: its checkpoint names the package to install
+        custom = shutil.copytree(out, tmp_path / "custom")  # a plug-in task named "custom": not a run from Python
+        for record in custom.rglob("run.json"):
+            run = json.loads(record.read_text())
+            run["identity"]["task"] = "custom"
+            record.write_text(json.dumps(run))
+        from idm.cli.common import task_name
+
+        assert task_name(argparse.Namespace(task=None, checkpoint=str(custom))) == "custom"
+        assert json.loads(np.load(measured)["meta"][()])["task_package"] == "idm-plugin-tasks-test 0.1"
+        sys.path.remove(str(site))  # the plug-in uninstalled: its files name the package to install
+        operators.REGISTRY._classes.pop("decimate_plugin")  # as in a fresh process
+        sys.modules.pop("idm_plugin_tasks_test")
         capsys.readouterr()
         assert main([*args, "--out", str(tmp_path / "rec2")]) == 2
-        assert (f"{measured} holds measurements of task 'decimate', which this installation does not have (available: "
-                "cs, ct, inpainting, mri); install idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
+        assert (f"{measured}: measured with the operator decimate_plugin of task 'decimate', which this installation "
+                "does not have: unknown task 'decimate'; available: cs, ct, inpainting, mri; install "
+                "idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
         assert main(["info", "--checkpoint", str(out), "--device", "cpu"]) == 0  # info reads the record without the task
         assert main(["benchmark", "--checkpoint", str(out), "--data", str(data), "--methods", "idm", "--device", "cpu",
                      "--out", str(tmp_path / "bench")]) == 2

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Sequence
 
 from idm import __version__
 from idm.cli.common import run_guarded
 from idm.cpu_memory import keep_freed_memory
+from idm.sibling_packages import check_sibling_packages
 
 #: Command modules, relative to this package.
 COMMANDS: tuple[str, ...] = ("info", "demo", "pretrain", "train", "export", "benchmark", "simulate", "reconstruct")
@@ -34,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``idm`` console script; returns the exit status."""
+    try:  # the commands import the toolkit's tasks package: a user's tasks.py in its place is named, not a traceback
+        check_sibling_packages(("tasks",))
+    except ImportError as err:
+        print(f"idm: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

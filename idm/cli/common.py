@@ -259,9 +259,10 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     task = recorded_task(checkpoint)
     if task is None:
         raise ValueError(f"--task is needed: checkpoint {checkpoint!r} is a bare model folder that records no task")
+    import tasks
     from idm.train import PYTHON_TASK
 
-    if task == PYTHON_TASK:
+    if task == PYTHON_TASK and task not in tasks.available():  # a plug-in of that name is a task like any other
         raise ValueError(f"checkpoint {checkpoint!r} was trained from Python (idm.train.train, task {task!r}) with an "
                          "operator the command line cannot rebuild: load it with idm.train.load_trained and call "
                          "model(y, op) with that operator")  # fmt: skip

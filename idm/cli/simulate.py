@@ -203,6 +203,7 @@ def checkpoint_operator(path: str, task: Any, overrides: dict[str, Any], device:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    import tasks
     from idm import __version__
     from tasks.data import DEFAULT_HU_WINDOW
     from tasks.measurements import check_replaceable, describe_operator, save_measurements, save_sinogram
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() in inputs:
         raise ValueError(f"--out {out} is one of the input files: the measurements would replace it; write them elsewhere")
     check_replaceable(out)
-    if source.suffix.lower() in KSPACE_SUFFIXES or (source.is_dir() and files_in(source, KSPACE_SUFFIXES)):
+    if source.suffix.lower() in KSPACE_SUFFIXES or (task.operator == "mri" and source.is_dir() and files_in(source, KSPACE_SUFFIXES)):
         raise ValueError(
             f"{source}: fastMRI .h5 files already hold measured k-space; reconstruct them directly with "
             f"`idm reconstruct --task mri --input {source}` (simulate measures images)"
@@ -255,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if task.operator == "ct":
         extra["window"] = list(DEFAULT_HU_WINDOW)
+    package = tasks.provider(task.name)
+    if package:  # a plug-in task's: where it is not installed, the file names what to install
+        extra["task_package"] = package
     first = items[0].operator
     if sinogram:
         configs = {tuple(m.operator["img_size"]) for m in items}

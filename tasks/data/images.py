@@ -183,8 +183,8 @@ def image_size(path: PathLike) -> tuple[int, int]:
     Raises :class:`DataError` naming the file if it cannot be identified.
     """
     p = check_file(path)
-    try:
-        with Image.open(p) as im:
+    try:  # from a file object, as read_image opens it (Pillow turns a memory-mapped TIFF page otherwise)
+        with open(p, "rb") as handle, Image.open(handle) as im:
             w, h = im.size
             if _exif_orientation(im) in (5, 6, 7, 8):  # 90-degree EXIF rotations: the size read_image gives,
                 w, h = ImageOps.exif_transpose(im).size  # which Pillow reports rotated already for some formats (TIFF)
