@@ -289,6 +289,18 @@ def test_mat_v73_char_arrays_are_not_images(tmp_path):
 
 
 # --------------------------------------------------------------------------- real-world file variants
+def test_a_ct_npy_slice_with_a_trailing_channel_axis_is_named(tmp_path):
+    hu = np.full((16, 16, 1), -1000, np.int16)
+    hu[4:12, 4:12] = 40
+    np.save(tmp_path / "channel.npy", hu)
+    for read in (read_npy_hu, ct_num_slices):
+        with pytest.raises(DataError, match=r"channel.npy: shape \(16, 16, 1\) reads as 16 slices of 16x1 pixels; it "
+                                            r"looks like one slice with a trailing channel axis"):  # fmt: skip
+            read(tmp_path / "channel.npy")
+    np.save(tmp_path / "stack.npy", hu[..., 0][None].repeat(2, 0))
+    assert ct_num_slices(tmp_path / "stack.npy") == (2, 16, 16)
+
+
 def test_a_ct_tiff_in_hounsfield_units_is_windowed_as_hu(tmp_path):
     """A signed or float TIFF holding HU as they are (air -1000) is read as HU (auto: a negative value); it was
     divided by its maximum and clipped, which set everything at or below 0 HU to 0."""

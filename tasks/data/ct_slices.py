@@ -256,6 +256,9 @@ def read_dicom_hu(path: PathLike, clip_air: bool = True) -> np.ndarray:
 def _check_slice_shape(shape: tuple[int, ...], p: Path) -> None:
     if len(shape) not in (2, 3) or 0 in shape:
         raise DataError(f"{p}: expected (H, W) or (N, H, W) with no empty axis, got shape {shape}")
+    if len(shape) == 3 and shape[2] <= 4 < shape[1]:  # (H, W, 1) or (H, W, 3) would read as H slices of W x 1 pixels
+        raise DataError(f"{p}: shape {tuple(shape)} reads as {shape[0]} slices of {shape[1]}x{shape[2]} pixels; it looks "
+                        "like one slice with a trailing channel axis: save a slice as (H, W), a stack as (N, H, W)")  # fmt: skip
 
 
 def _validate_hu(arr: np.ndarray, p: Path) -> np.ndarray:
