@@ -127,7 +127,10 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
     with_memory = any(r.get("peak_mem_mb") is not None for r in rows)
     header = ["method", "PSNR (dB)", "SSIM", "seconds / image", "NFEs"] + (["peak MiB"] if with_memory else []) + ["images"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    scored = {name: {r["image"]: r for r in rows if r["method"] == name and _scored(r)} for name in methods}
+    scored: dict[str, dict[str, Mapping[str, Any]]] = {name: {} for name in methods}
+    for r in rows:  # the first row of a method and image, as the trade-off plot takes it
+        if r["method"] in scored and _scored(r):
+            scored[r["method"]].setdefault(r["image"], r)
     sets = [set(images) for images in scored.values() if images]  # a method that scored nothing has no mean anyway
     common = sorted(set.intersection(*sets)) if sets else []
     for name in methods:

@@ -793,6 +793,10 @@ def test_summary_means_are_over_the_images_every_method_scored():
               row("dps", "b", math.nan, math.nan, "error: x")]  # fmt: skip
     table = summary_table(failed, ["idm", "dps"])  # a method that scored nothing leaves the others their means
     assert "| `idm` | 25.00 ± 7.07 |" in table and "| `dps` | - | - | - | 3 | 0 (2 failed) |" in table
+    from benchmarks.tradeoff import method_points
+
+    twice = [row("idm", "a", 20.0), row("idm", "a", 30.0)]  # a second row of one image: the first counts, in both
+    assert "| `idm` | 20.00 ± 0.00 |" in summary_table(twice, ["idm"]) and method_points(twice)[0].psnr == 20.0
 
 
 def test_the_timing_scripts_refuse_an_unusable_unet_before_creating_out(tmp_path, capsys):
