@@ -446,7 +446,10 @@ def test_the_ddpm_schedule_refuses_a_folder_whose_scheduler_is_another(tmp_path)
             IDM(IDMConfig(unet=str(given), steps=1, schedule="ddpm", time_input=True))
         IDM(IDMConfig(unet=str(given), steps=1))
     ddpm = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddpm))
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**ddpm, "rescale_betas_zero_snr": True}))
+    with pytest.raises(UNetSourceError, match="rescale_betas_zero_snr=True \\(need none\\)"):
+        IDM(IDMConfig(unet=str(tmp_path / "pipe"), steps=1, schedule="ddpm", time_input=True))
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**ddpm, "trained_betas": None}))
     IDM(IDMConfig(unet=str(tmp_path / "pipe"), steps=1, schedule="ddpm", time_input=True))
 
 

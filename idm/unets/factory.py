@@ -132,6 +132,9 @@ def check_prior_schedule(folder: Path) -> None:
             same = isinstance(have, (int, float)) and abs(float(have) - want) <= 1e-12 if isinstance(want, float) else have == want
             if not same:
                 wrong.append(f"{key}={have!r} (need {want!r})")
+        for key in ("trained_betas", "rescale_betas_zero_snr"):  # settings that replace or reshape the betas
+            if config.get(key):
+                wrong.append(f"{key}={config[key]!r:.60} (need none)")
         if wrong:
             raise UNetSourceError(f"{candidate} describes an unsupported schedule: {', '.join(wrong)}")
 
