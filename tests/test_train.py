@@ -146,6 +146,27 @@ def test_resume_is_exact(tmp_path, data):
     assert kept == ["iter_0000016", "iter_0000020"]  # --keep 2
 
 
+def test_a_prior_with_dropout_resumes_exactly_with_plain_autograd(tmp_path, data):
+    """Its dropout draws from the global RNG, which a resumed run restores: the data loader must not draw from it
+    (its workers' base seed) after that, or every later mask differs from the uninterrupted run's."""
+    from diffusers import UNet2DModel
+
+    from idm.unets import tiny_unet_config
+
+    prior = tmp_path / "prior"
+    UNet2DModel(**{**tiny_unet_config(1), "dropout": 0.1}).save_pretrained(prior)
+    common = [a for a in BASE if a not in ("--unet", "tiny")]
+    common = [*common, "--prior", str(prior), "--no-recompute", "--data", str(data), "--checkpoint-every", "2",
+              "--lr-milestones", "1", "3"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--iters", "4", "--out", str(straight)]) == 0
+    assert main([*common, "--iters", "2", "--out", str(split)]) == 0
+    assert main([*common, "--iters", "4", "--out", str(split), "--resume"]) == 0
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        a, b = weights(straight, 4, name), weights(split, 4, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_validation_of_a_noise_init_model_resumes_exactly(tmp_path, data):
     val = write_images(tmp_path / "val", n=2, size=16, seed=5)
     common = [*BASE, "--data", str(data), "--init", "noise", "--val-data", str(val), "--val-every", "1", "--lr-milestones", "100"]

@@ -169,7 +169,12 @@ def iteration_loader(
     """The batches of iterations ``start .. stop - 1`` in order (none when ``stop <= start``).
 
     Items as :class:`ShardedBatches`; ``num_workers`` processes prefetch them
-    and ignore Ctrl-C / SIGTERM (:func:`worker_init`).
+    and ignore Ctrl-C / SIGTERM (:func:`worker_init`). The loader has a
+    generator of its own: a DataLoader without one draws its workers' base
+    seed from the global RNG each time it is iterated, which a resumed run
+    does right after restoring that RNG, so everything drawn from it later
+    (a prior's dropout with ``--no-recompute``) would differ from the
+    uninterrupted run's. Every item is seeded by its iteration anyway.
     """
     return DataLoader(
         batches,
@@ -178,6 +183,7 @@ def iteration_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
