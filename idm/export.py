@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from idm.checkpoint import CheckpointError, load_json, load_json_record, load_tensors, save_json, save_tensors
-from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME, weights_metadata
+from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME, check_config_matches_weights, weights_metadata
 from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration, prior_fingerprint, prior_folder
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
-from idm.training.trained import resolve_model_dir
+from idm.training.trained import read_run_record, resolve_model_dir
 from idm.unets.factory import is_prior_folder, unet_architecture
 
 PROVENANCE_NAME = "provenance.json"
@@ -185,11 +185,14 @@ def export_model(
     _check_replaceable(Path(out), folder, "model")
     if not (folder / RUN_NAME).is_file():
         raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
-    run = load_json(folder / RUN_NAME, "run config")
+    run = read_run_record(folder)  # an idm train run config whose identity maps task and operator, or an error
     state = load_json_record(folder / STATE_NAME, "trainer state")
-    config = load_json(folder / CONFIG_NAME, "IDM config")
+    config = load_json_record(folder / CONFIG_NAME, "IDM config")
     if config.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not an IDM model config")
+    if not isinstance(config.get("idm"), dict) or not isinstance(config["idm"].get("unet"), str):
+        raise CheckpointError(f"{folder / CONFIG_NAME} is damaged: its 'idm' settings must name the prior ('unet')")
+    check_config_matches_weights(folder, config)  # before --prior-name or --final-projection change it
     tensors = load_tensors(folder / WEIGHTS_NAME)
     tensors = _half(tensors) if half else _full(tensors)  # what provenance.json's weights_dtype says
     if prior_name is not None:

@@ -59,6 +59,18 @@ def weights_metadata(config: dict[str, Any]) -> dict[str, str]:
     return {"format": FORMAT, CONFIG_DIGEST_KEY: config_digest(config)}
 
 
+def check_config_matches_weights(directory: Path, config: dict[str, Any]) -> None:
+    """A :class:`CheckpointError` when ``directory``'s ``model.safetensors`` records the digest of another config
+    than ``config`` (its ``config.json`` as read): edited by hand, or left by a save stopped between the two
+    files. Folders saved before the record existed are not checked."""
+    saved_with = load_metadata(directory / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
+    if saved_with is not None and saved_with != config_digest(config):
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} is not the config that {WEIGHTS_NAME} was saved with (edited by hand, or a "
+            "save stopped between the two files): the weights would run in another network; save the model again"
+        )
+
+
 def config_digest(config: dict[str, Any]) -> str:
     """SHA-256 of a model's ``config.json`` without ``idm.unet``, the record of where its prior came from (a
     name or a folder, which may move: the model does not read it), so the record can be brought up to date."""
@@ -127,7 +139,7 @@ def _refuse_operator_gradients(op: Any, y: Tensor) -> None:
         )
 
 
-def _refuse_nonlinear_pinv(op: Any) -> None:
+def refuse_nonlinear_pinv(op: Any) -> None:
     """A ``ValueError`` if ``op.A_dagger`` is not a fixed linear map (:func:`operators.has_linear_pinv`): the
     memory-saving backward recomputes every injector's and step's ``A_dagger`` on inputs rebuilt by inverting
     the wiring, equal to the forward's up to rounding, and an iterative solve stopped at a tolerance (CT with
@@ -348,7 +360,7 @@ class IDM(nn.Module):
                     _refuse_operator_gradients(op, y)
                 params = [p for name, p in self.named_parameters() if not name.startswith("wiring.")] if need_params else []
                 if y.requires_grad or any(p.requires_grad for p in params):  # a backward that will recompute
-                    _refuse_nonlinear_pinv(op)
+                    refuse_nonlinear_pinv(op)
                 x = self.wiring(x, layers, context=(op, x_pinv), params=params, recompute=self.config.recompute)
         return self.output(x, y, op)
 
@@ -542,12 +554,7 @@ class IDM(nn.Module):
             model = cls.from_config_dict(config, init_weights=False)
         except CheckpointError as err:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
-        saved_with = load_metadata(directory / WEIGHTS_NAME).get(CONFIG_DIGEST_KEY)
-        if saved_with is not None and saved_with != config_digest(config):  # folders saved before it: not checked
-            raise CheckpointError(
-                f"{directory / CONFIG_NAME} is not the config that {WEIGHTS_NAME} was saved with (edited by hand, or a "
-                "save stopped between the two files): the weights would run in another network; save the model again"
-            )
+        check_config_matches_weights(directory, config)
         model.load_weights(load_tensors(directory / WEIGHTS_NAME), source=directory / WEIGHTS_NAME)
         return model.to(device)
 

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 from idm.channel_layout import convert_channel_layout
 from idm.checkpoint import CheckpointError, load_tensors, save_tensors
 from idm.config import IDMConfig
-from idm.model import IDM
+from idm.model import IDM, refuse_nonlinear_pinv
 from idm.hardware import hardware_name
 from idm.precision import autocast_for, training_precision
 from idm.pretrain import prior_fingerprint
@@ -479,6 +479,8 @@ def train(
             f"{env.world_size} processes"
         )
     check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
+    if model_config.invertible != "none" and model_config.recompute:
+        refuse_nonlinear_pinv(operator)  # the memory-saving backward cannot recompute an iterative A_dagger
     if callable(getattr(operator, "check_draws", None)):
         operator.check_draws()  # an operator family's range that its operator refuses, named before anything runs
     channels = model_config.image_channels

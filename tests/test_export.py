@@ -164,6 +164,25 @@ def test_export_refuses_what_it_cannot_describe(tmp_path, runs):
         export_model(tmp_path / "nothing", tmp_path / "out")
     assert main(["export", "--checkpoint", str(runs[1]), "--device", "nonsense", "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+    checkpoint = next((runs[1] / "checkpoints").iterdir())
+    for damage, message in (
+        (lambda c: (c / "run.json").write_text("[1, 2]"), "is not an idm train run config"),
+        (lambda c: _edit_config(c, lambda idm: idm.pop("unet")), "its 'idm' settings must name the prior"),
+        (lambda c: _edit_config(c, lambda idm: idm.update(pinv_mapping="images")),
+         "config.json is not the config that model.safetensors was saved with"),  # hand-edited: not made to look valid
+    ):  # fmt: skip
+        copy = shutil.copytree(checkpoint, tmp_path / "damaged", dirs_exist_ok=False)
+        damage(copy)
+        with pytest.raises(CheckpointError, match=message):
+            export_model(copy, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        shutil.rmtree(copy)
+
+
+def _edit_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["idm"])
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def test_export_never_replaces_a_run_or_another_folder(runs, tmp_path):

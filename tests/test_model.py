@@ -917,7 +917,7 @@ def test_memory_saving_backward_refuses_an_operator_that_requires_grad(invertibl
     assert torch.equal(model(y, op), plain(y, op).detach())
 
 
-def test_memory_saving_backward_refuses_an_iterative_pinv():
+def test_memory_saving_backward_refuses_an_iterative_pinv(tmp_path):
     """CT's conjugate-gradient A_dagger (pinv="cg") moves by 1e-4 for a change of y by rounding, so the
     backward's recomputation on inputs rebuilt by inversion cannot reproduce the forward: refused when
     training with it, allowed with plain autograd and in inference; FBP (a fixed linear map) trains."""
@@ -935,6 +935,12 @@ def test_memory_saving_backward_refuses_an_iterative_pinv():
     model.for_inference()(y, cg)  # nor a model whose parameters need no gradient, outside no_grad
     plain = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible="steps", recompute=False))
     plain(y, cg).sum().backward()
+    from idm.train import TrainConfig, train
+
+    images = [torch.rand(1, 16, 16) for _ in range(2)]
+    with pytest.raises(ValueError, match="A_dagger is an iterative solve"):  # refused before the run folder is written
+        train(IDMConfig(unet="tiny", steps=1), images, cg, tmp_path / "run", TrainConfig(iters=1, batch_size=2, progress=False))
+    assert not (tmp_path / "run").exists()
 
 
 def test_physics_with_one_kernel_per_image_in_the_symmetric_range():
