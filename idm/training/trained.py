@@ -113,30 +113,31 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
     return run
 
 
+def _recorded_text(path: str | os.PathLike, *keys: str) -> str | None:
+    """The non-empty string that the ``run.json`` of a checkpoint (see :func:`resolve_model_dir`) records under
+    the nested ``keys``, read without loading the weights; ``None`` where there is none (a bare model folder,
+    an entry that is absent or not a string)."""
+    value: Any = read_run_record(resolve_model_dir(path))
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 def recorded_task(path: str | os.PathLike) -> str | None:
-    """The task that the run of a checkpoint (see :func:`resolve_model_dir`) was trained for, read from its
-    ``run.json`` without loading the weights; ``None`` for a bare model folder."""
-    run = read_run_record(resolve_model_dir(path))
-    task = None if run is None else run.get("identity", {}).get("task")
-    return task if isinstance(task, str) and task else None
+    """The task that the run of a checkpoint was trained for; ``None`` for a bare model folder."""
+    return _recorded_text(path, "identity", "task")
 
 
 def recorded_color(path: str | os.PathLike) -> str | None:
-    """The colour mode (``--color``) that the run of a checkpoint read its images in, as :func:`recorded_task`;
-    ``None`` when it records none (a bare model folder, a run started from Python without one)."""
-    run = read_run_record(resolve_model_dir(path))
-    info = None if run is None else run.get("identity", {}).get("task_info")
-    color = info.get("color") if isinstance(info, dict) else None
-    return color if isinstance(color, str) and color else None
+    """The colour mode (``--color``) that the run of a checkpoint read its images in; ``None`` when it records
+    none (a bare model folder, a run started from Python without one)."""
+    return _recorded_text(path, "identity", "task_info", "color")
 
 
 def recorded_task_package(path: str | os.PathLike) -> str | None:
-    """The installed package (``"<distribution> <version>"``) that provided the plug-in task of a checkpoint's run,
-    as :func:`recorded_task`; ``None`` for the toolkit's own tasks and for runs that record none."""
-    run = read_run_record(resolve_model_dir(path))
-    settings = None if run is None else run.get("settings")
-    package = settings.get("task_package") if isinstance(settings, dict) else None
-    return package if isinstance(package, str) and package else None
+    """The installed package (``"<distribution> <version>"``) that provided the plug-in task of a checkpoint's run;
+    ``None`` for the toolkit's own tasks and for runs that record none."""
+    return _recorded_text(path, "settings", "task_package")
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from idm.checkpoint import all_finite
+
 #: The U-Net sources that are architectures built here, not folders: the test net and SD v1.5's (random weights).
 BUILT_IN_UNETS = ("tiny", "sd15")
 
@@ -217,7 +219,7 @@ def load_unet_folder(path: str | Path) -> nn.Module:
     if missing:
         raise UNetSourceError(f"the U-Net weights in {folder} lack {len(missing)} of the tensors its config.json "
                               f"describes (first: {missing[0]}): the weights file is damaged or of another U-Net")  # fmt: skip
-    bad = next((name for name, t in unet.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next((name for name, t in unet.state_dict().items() if not all_finite(t)), None)
     if bad is not None:
         raise UNetSourceError(f"the U-Net weights in {folder} hold NaN or infinite values ({bad}): the weights file is damaged")
     return unet.float()
