@@ -8,30 +8,39 @@ import torch
 from torch import Tensor
 
 from idm import IDM
+from idm.ensemble import check_ensemble_size, ensemble_reconstruct
+
+
+def idm_method_name(ensemble: int) -> str:
+    """The label of IDM in tables: ``"idm"``, or ``"idm-x8"`` for an ensemble of 8 (:mod:`idm.ensemble`)."""
+    return "idm" if ensemble == 1 else f"idm-x{ensemble}"
 
 
 class IDMMethod:
-    """``x_hat = model(y, op)``: T U-Net evaluations, no gradient.
+    """``x_hat = model(y, op)``: T U-Net evaluations, no gradient; with ``ensemble`` > 1, the mean of that
+    many reconstructions of flipped and turned images (:func:`idm.ensemble.ensemble_reconstruct`).
 
     Args:
         model: a trained IDM (e.g. ``idm.train.load_trained(path).model``), on its device; prepared in place
             with :meth:`idm.IDM.for_inference` (eval, no parameter gradients, channels-last on the CPU).
-        name: the label in tables (``"idm"``).
+        name: the label in tables (default: :func:`idm_method_name`).
         precision: ``"fp32"`` or ``"bf16"`` (the U-Net under bfloat16 autocast, :mod:`idm.precision`).
+        ensemble: 1, 2, 4 or 8 (:data:`idm.ensemble.ENSEMBLE_SIZES`).
     """
 
     #: Cheap enough to run once untimed before the timed images (benchmarks.harness.run_benchmark).
     warm_up = True
 
-    def __init__(self, model: IDM, name: str = "idm", precision: str = "fp32"):
+    def __init__(self, model: IDM, name: str | None = None, precision: str = "fp32", ensemble: int = 1):
+        self.ensemble = check_ensemble_size(ensemble)
         self.model = model.for_inference(precision=precision)
-        self.name = name
+        self.name = idm_method_name(self.ensemble) if name is None else name
 
     @property
     def nfe(self) -> int:
-        """U-Net evaluations per image: one per sampling step."""
-        return self.model.config.steps
+        """U-Net evaluations per image: one per sampling step and ensemble member."""
+        return self.model.config.steps * self.ensemble
 
     @torch.no_grad()
     def __call__(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> Tensor:
-        return self.model(y, op, generator=generator)
+        return ensemble_reconstruct(self.model, y, op, self.ensemble, generator=generator)

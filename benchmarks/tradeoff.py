@@ -163,7 +163,8 @@ def _method_settings(record: dict[str, Any], method: str) -> dict[str, Any]:
     options = options.get(method) if isinstance(options, dict) else None
     if isinstance(options, dict):
         options = {**options_before_recorded().get(method, {}), **options}
-    return {**{key: record.get(key) for key in METHOD_SETTINGS.get(method, ())}, "options": options}
+    kind = "idm" if method.startswith("idm-x") else method  # an ensembled IDM (idm-x8) runs the same checkpoint
+    return {**{key: record.get(key) for key in METHOD_SETTINGS.get(kind, ())}, "options": options}
 
 
 def check_pooled_methods(results: Sequence[tuple[Path, list[dict]]]) -> None:

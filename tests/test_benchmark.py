@@ -76,6 +76,26 @@ def test_every_method_runs_and_writes_the_files(bench_files, tmp_path):
     assert all(again[(r["method"], r["image"])] == r["psnr"] for r in rows if r["method"] in ("idm", "ddnm"))
 
 
+def test_idm_ensembles_run_as_methods_of_their_own(bench_files, tmp_path):
+    out = tmp_path / "out"
+    assert main([
+        "benchmark", "--task", "cs", "--ratio", "0.25", "--block", "8", "--data", str(bench_files / "images"),
+        "--methods", "idm", "--ensemble", "1", "8", "--checkpoint", str(bench_files / "idm"),
+        "--device", "cpu", "--no-progress", "--out", str(out),
+    ]) == 0  # fmt: skip
+    rows = _rows(out / "results.csv")
+    assert [(r["method"], r["image"], int(r["nfe"])) for r in rows] == [
+        (m, i, n) for i in "ab" for m, n in (("idm", 2), ("idm-x8", 16))]  # fmt: skip
+    assert rows[0]["psnr"] != rows[1]["psnr"] and (out / "recon" / "idm-x8" / "a.png").is_file()
+    settings = json.loads((out / "benchmark.json").read_text())
+    assert settings["methods"] == ["idm", "idm-x8"] and settings["idm_ensembles"] == [1, 8]
+    from benchmarks.tradeoff import _method_settings
+
+    assert _method_settings(settings, "idm-x8") == _method_settings(settings, "idm")  # one checkpoint and precision
+    with pytest.raises(SystemExit):  # not a subgroup of the flips and turns
+        main(["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--ensemble", "3", "--out", str(tmp_path / "x")])
+
+
 def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     class FailsOnSecondImage:
         name, nfe = "flaky", 0
@@ -186,6 +206,8 @@ def test_a_checkpoint_whose_prior_moved_names_the_missing_folder(bench_files, tm
     [
         (["--methods", "idm,magic"], "unknown method"),
         (["--methods", "pinv,tv,pinv"], "--methods names a method twice: pinv,tv,pinv"),
+        (["--methods", "pinv", "--ensemble", "2"], "--ensemble sets how IDM runs, and --methods does not run idm"),
+        (["--methods", "idm", "--ensemble", "2", "2"], "--ensemble names a size twice: 2 2"),
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
         (["--methods", "pinv", "--views", "60"], "does not use --views"),

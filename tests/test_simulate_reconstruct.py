@@ -232,6 +232,13 @@ def test_simulate_then_reconstruct_matches_reconstructing_the_images(files, tmp_
     assert record["sizes"]["b"] == {"image": [28, 36], "operator": [32, 40]} and "img_size" not in record["operator"]
     assert record["complete"] is True
 
+    # averaged over the eight flips and turns (the 28x36 image turned to 36x28 and back)
+    out8 = tmp_path / "ensemble"
+    assert main(["reconstruct", "--task", "cs", "--input", str(files / "images"), "--checkpoint", str(models / "cs"),
+                 "--device", "cpu", "--seed", "3", "--ensemble", "8", "--no-progress", "--out", str(out8)]) == 0  # fmt: skip
+    assert json.loads((out8 / "reconstruct.json").read_text())["ensemble"] == 8
+    assert np.load(out8 / "b.npy").shape == (1, 28, 36) and not np.array_equal(np.load(out8 / "b.npy"), np.load(out2 / "b.npy"))
+
     # without the truth: reconstructions, no metrics; without --checkpoint the task's defaults give the same Phi
     plain = tmp_path / "plain.npz"
     assert main(["simulate", "--task", "cs", "--ratio", "0.25", "--block", "8", "--input", str(files / "images" / "a.png"),

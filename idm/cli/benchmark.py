@@ -25,6 +25,7 @@ import torch
 from idm.cli.common import (
     OutputFolder,
     add_common_args,
+    add_ensemble_arg,
     add_operator_args,
     add_precision_arg,
     add_size_arg,
@@ -88,6 +89,7 @@ def add_parser(subparsers) -> None:
                         help="run IDM with (or without) its output projected onto the measurements, x + A^+(y - A x), "
                         "whatever the model's config says (default: as the model was built; IDMConfig.final_projection)")
     add_precision_arg(parser, default="fp32")  # a benchmark measures one fixed thing on every machine
+    add_ensemble_arg(parser, several=True)
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder for results.csv, summary.md and pictures")
     parser.set_defaults(run=run)
@@ -155,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(known)}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {args.methods}")
+    if len(set(args.ensemble)) != len(args.ensemble):
+        raise ValueError(f"--ensemble names a size twice: {' '.join(map(str, args.ensemble))}")
+    if args.ensemble != [1] and "idm" not in names:
+        raise ValueError("--ensemble sets how IDM runs, and --methods does not run idm")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     method_flags = {"tv": ("--tv-lam", "--tv-iters"), "ddnm": ("--ddnm-steps", "--ddnm-eta", "--ddnm-pinv"),
@@ -208,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     methods = []
     for name in names:
         if name == "idm":
-            methods.append(IDMMethod(trained.model.to(device), precision=args.precision))
+            methods += [IDMMethod(trained.model.to(device), precision=args.precision, ensemble=size) for size in args.ensemble]
             continue
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
@@ -253,11 +259,12 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": None if trained is None else str(trained.path),
         "idm_precision": args.precision,
         "idm_final_projection": None if trained is None else trained.model.config.final_projection,
+        "idm_ensembles": args.ensemble if "idm" in names else None,
         "prior": None if prior is None else str(prior_path),
         "prior_sha256": prior_sha256,
         "dps_zeta": None if dps is None else options["dps"]["zeta"],
         "tv_lam_iters": None if tv is None else [options["tv"]["lam"], options["tv"]["iters"]],
-        "methods": names,
+        "methods": [m.name for m in methods],  # as labelled in the tables (idm-x8: IDM ensembled over 8)
         "method_options": {name: options[name] for name in names if name in options},  # as run
         "images": [im.name for im in images],
         "inputs": [{**im.record(), "operator_seed": image_seed(args.seed, i) if operator_seeded else None}

@@ -75,6 +75,18 @@ def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") ->
                         f"CPUs with AVX512-BF16 or AMX), else fp32 (default: {default})")
 
 
+def add_ensemble_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``--ensemble N`` of the commands that run a trained IDM (:mod:`idm.ensemble`); ``several``: one or more sizes."""
+    from idm.ensemble import ENSEMBLE_SIZES
+
+    parser.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=[1] if several else 1,
+                        nargs="+" if several else None, metavar="N",
+                        help="average IDM over N flipped and turned copies of the image (1, 2, 4 or 8; test-time "
+                        "self-ensembling, for any operator: each copy is reconstructed from the same measurements "
+                        "through the operator turned with it), at N times the time"
+                        + ("; several sizes run as methods idm, idm-x2, ..." if several else "") + " (default: 1)")
+
+
 def add_training_precision_arg(group: argparse._ArgumentGroup) -> None:
     """``--precision auto|fp32|bf16`` of ``idm train`` and ``idm pretrain`` (:func:`idm.precision.training_precision`)."""
     from idm.precision import PRECISION_CHOICES

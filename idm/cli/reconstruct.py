@@ -66,6 +66,7 @@ from idm.cli.common import (
     OutputFolder,
     add_common_args,
     add_operator_args,
+    add_ensemble_arg,
     add_precision_arg,
     add_size_arg,
     command_line,
@@ -110,6 +111,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-crop", action="store_true", help=".h5: write the full k-space-size images, not fastMRI's centre crop")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_precision_arg(parser)
+    add_ensemble_arg(parser)
     add_operator_args(parser)
     add_common_args(parser, out_help="output folder (PNG, .npy / .h5, metrics.csv, reconstruct.json)")
     parser.set_defaults(run=run)
@@ -149,15 +151,19 @@ def _display(task: Any, x: torch.Tensor) -> torch.Tensor:
     return task.metric_image(x).clamp(0, 1)
 
 
-def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: int) -> tuple[torch.Tensor, float]:
-    """``(x_hat (1, C, H, W) float32 on the CPU cropped to the image size, seconds)``."""
+def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: int,
+                    ensemble: int = 1) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """``(x_hat (1, C, H, W) float32 on the CPU cropped to the image size, seconds)``; ``ensemble``: how many
+    flipped and turned copies to average (:func:`idm.ensemble.ensemble_reconstruct`)."""
+    from idm.ensemble import ensemble_reconstruct
+
     y = torch.from_numpy(np.ascontiguousarray(item.y))[None].to(device)
     generator = torch.Generator(device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        x_hat = model(y, op, generator=generator)
+        x_hat = ensemble_reconstruct(model, y, op, ensemble, generator=generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -178,10 +184,11 @@ def reconstruct_items(
     seed: int,
     progress: bool,
     hu_window: tuple[float, float] | None = None,
+    ensemble: int = 1,
 ) -> list[dict[str, Any]]:
-    """Reconstruct ``(Measurement, operator)`` pairs with ``trained`` (a ``TrainedModel``), write
-    ``<name>.png`` / ``.npy``; one row per item. For a size-bound task (CT), warns once per image
-    size that is not the training size."""
+    """Reconstruct ``(Measurement, operator)`` pairs with ``trained`` (a ``TrainedModel``), averaged over
+    ``ensemble`` flips and turns (:mod:`idm.ensemble`), write ``<name>.png`` / ``.npy``; one row per item.
+    For a size-bound task (CT), warns once per image size that is not the training size."""
     from tqdm.auto import tqdm
 
     from benchmarks.protocol import score_function
@@ -196,7 +203,7 @@ def reconstruct_items(
         if warning and tuple(item.image_size) not in warned:
             warned.add(tuple(item.image_size))
             warnings.warn(warning, stacklevel=1)
-        x_hat, seconds = reconstruct_one(model, item, op, device, seed + i)
+        x_hat, seconds = reconstruct_one(model, item, op, device, seed + i, ensemble)
         save_image(_display(task, x_hat), out / f"{item.name}.png")
         np.save(out / f"{item.name}.npy", x_hat[0].numpy().astype(np.float32), allow_pickle=False)
         if hu_window is not None:
@@ -322,7 +329,8 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
     count = len(mset.items) if args.limit is None else min(args.limit, len(mset.items))
     window = tuple(mset.meta["window"]) if task.operator == "ct" and isinstance(mset.meta.get("window"), list) else None
     pairs = ((mset.items[i], mset.operator(i)) for i in range(count))
-    rows = reconstruct_items(trained, task, pairs, count, device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, pairs, count, device, out, args.seed, not args.no_progress, window,
+                             args.ensemble)
     settings = {
         "task": task.name,
         "operator": _short(first),
@@ -347,7 +355,8 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
             yield measure_image(plan, i, name, dataset[i], device, keep_truth=True)
 
     window = DEFAULT_HU_WINDOW if task.operator == "ct" else None
-    rows = reconstruct_items(trained, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window,
+                             args.ensemble)
     settings = {
         "task": task.name,
         "operator": _short({k: v for k, v in plan.settings.items()}),
@@ -435,7 +444,8 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
     count = sino.data.shape[0] if args.limit is None else min(args.limit, sino.data.shape[0])
     width = int(config["img_size"][1])
     items = [Measurement(sino.names[i], sino.data[i][None], config, (int(config["img_size"][0]), width)) for i in range(count)]
-    rows = reconstruct_items(trained, task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window)
+    rows = reconstruct_items(trained, task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window,
+                             args.ensemble)
     settings = {"task": task.name, "operator": _short(config), "checkpoint": str(trained.path), "window": window,
                 "sidecar": sino.info is not None}  # fmt: skip
     return rows, settings, f"{count} sinogram(s) of {path} ({detectors} detectors x {views} views)"
@@ -499,7 +509,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         recon, estimates = [], []
         for s in tqdm(range(count), desc=f"{path.name} slices", disable=args.no_progress or count < 2):
             item = Measurement(f"{path.stem}_s{s}", ys[s].numpy(), op.config(), (height, width))
-            x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s)
+            x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s, args.ensemble)
             magnitude = task.metric_image(x_hat)[0, 0]  # normalised units
             shown = magnitude if crop is None else center_crop(magnitude, crop)
             save_image(shown.clamp(0, 1)[None, None], out / f"{item.name}.png")
@@ -586,6 +596,7 @@ def run(args: argparse.Namespace) -> int:
         "input_kind": kind,
         "device": str(device),
         "precision": args.precision,
+        "ensemble": args.ensemble,
         "seed": args.seed,
     }
     started = time.time() - 1.0  # file times come from the kernel's coarser clock

@@ -29,23 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from idm.training import seeds
 from idm.training.image_noise import check_noise_level, draw_image_noise
 from idm.training.phase import check_phase_fraction, random_phase_maps, with_phase
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Element ``k`` (0..7) of the dihedral group on the last two dims of ``x``.
-
-    ``k % 4`` counter-clockwise quarter turns, then (``k >= 4``) a left-right
-    flip: the convention of ``tasks.data.transforms.dihedral``.
-    """
-    if k % 4:
-        x = torch.rot90(x, k % 4, dims=(-2, -1))
-    if k >= 4:
-        x = torch.flip(x, dims=(-1,))
-    return x
+from operators.dihedral import Dihedral
 
 
 def flip_rotation(seed: int, iteration: int, square: bool = True) -> int:
-    """The dihedral element ``k`` used for the whole global batch of ``iteration``.
+    """The dihedral element ``k`` (:meth:`operators.dihedral.Dihedral.from_index`) used for the whole global
+    batch of ``iteration``.
 
     Non-square batches only use the 4 shape-preserving elements (0, 2, 4, 6).
     """
@@ -149,7 +138,8 @@ class ShardedBatches(Dataset):
             shapes = sorted({tuple(t.shape) for t in items})
             raise ValueError(f"training items differ in shape {shapes}; use a crop size: {err}") from None
         if self.augment:
-            batch = dihedral(batch, flip_rotation(self.seed, int(iteration), batch.shape[-1] == batch.shape[-2]))
+            k = flip_rotation(self.seed, int(iteration), batch.shape[-1] == batch.shape[-2])
+            batch = Dihedral.from_index(k).apply(batch)
         if self.random_phase:
             g = seeds.generator(self.seed, seeds.PHASE, int(iteration))
             maps = random_phase_maps(self.global_batch, batch.shape[-2], batch.shape[-1], g)

@@ -12,6 +12,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from operators.dihedral import Dihedral
+
 from .errors import DataError
 
 __all__ = [
@@ -156,18 +158,18 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """Element ``k`` (0..7) of the dihedral group D4 acting on ``x`` ``(..., H, W)``.
 
     ``k % 4`` counter-clockwise 90-degree rotations (``torch.rot90`` on the
-    last two axes), followed for ``k >= 4`` by a left-right flip. ``k = 0`` is
-    the identity. Odd ``k % 4`` swap H and W. Inverse: :func:`dihedral_inverse`.
+    last two axes), followed for ``k >= 4`` by a left-right flip
+    (:meth:`operators.dihedral.Dihedral.from_index`). ``k = 0`` is the
+    identity. Odd ``k % 4`` swap H and W. Inverse: :func:`dihedral_inverse`.
     """
     _check_tensor(x)
-    k = _check_k(k)
-    y = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
-    return torch.flip(y, dims=(-1,)) if k >= 4 else y
+    return Dihedral.from_index(_check_k(k)).apply(x)
 
 
 def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
     """Undo :func:`dihedral`: ``dihedral_inverse(dihedral(x, k), k) == x``."""
-    return dihedral(x, DIHEDRAL_INVERSE[_check_k(k)])
+    _check_tensor(x)
+    return Dihedral.from_index(_check_k(k)).invert(x)
 
 
 def random_dihedral(

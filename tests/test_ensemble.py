@@ -1,0 +1,111 @@
+"""Flipped and turned operators (``operators.dihedral``) and IDM's test-time ensemble (``idm.ensemble``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import operators
+from idm import IDMConfig
+from idm.ensemble import ENSEMBLE_SIZES, check_ensemble_size, ensemble_reconstruct
+from operators.dihedral import DIHEDRAL, Dihedral, Transformed
+from tests.conftest import perturbed_model, relative_error
+
+
+def _composes_within(elements, image) -> bool:
+    """Whether applying any two of ``elements`` in turn acts on ``image`` as one of them does."""
+    singles = [g.apply(image) for g in elements]
+    return all(any(torch.equal(h.apply(g.apply(image)), s) for s in singles) for g in elements for h in elements)
+
+
+def test_the_dihedral_group_is_listed_once_each_with_subgroups_first():
+    image = torch.arange(20.0).reshape(1, 1, 4, 5)  # no symmetry of its own: every element acts differently
+    square = torch.arange(16.0).reshape(1, 1, 4, 4)
+    outputs = [g.apply(square) for g in DIHEDRAL]
+    assert len(DIHEDRAL) == 8 and all(not torch.equal(a, b) for i, a in enumerate(outputs) for b in outputs[i + 1:])
+    for g in DIHEDRAL:
+        assert torch.equal(g.invert(g.apply(image)), image)
+        assert g.apply(image).shape[-2:] == ((5, 4) if g.swaps_height_and_width else (4, 5))
+    for size in ENSEMBLE_SIZES:  # each ensemble is a group: its average does not favour one orientation
+        assert _composes_within(DIHEDRAL[:size], square)
+        assert all(not g.swaps_height_and_width for g in DIHEDRAL[:size]) == (size < 8)
+    assert not _composes_within(DIHEDRAL[:3], square)
+    assert str(DIHEDRAL[0]) == "identity" and str(DIHEDRAL[5]) == "90 degree turn + flip"
+    with pytest.raises(ValueError, match="0-3 quarter turns"):
+        Dihedral(4)
+
+
+OPERATORS = {
+    "cs": lambda: operators.make("cs", img_size=(16, 24), ratio=0.3, block=8, mode="permuted", seed=1),
+    "inpainting": lambda: operators.make("inpainting", img_size=(12, 20), channels=3, ratio=0.5, seed=2),
+    "mri": lambda: operators.make("mri", img_size=(16, 20), acceleration=4, center_fraction=0.1, seed=3),
+    "ct": lambda: operators.make("ct", img_size=(16, 16), views=9),
+}
+
+
+@pytest.mark.parametrize("name", list(OPERATORS))
+@pytest.mark.parametrize("symmetry", DIHEDRAL, ids=str)
+def test_a_transformed_operator_measures_the_transformed_image_alike_and_keeps_its_adjoint_and_pinv(name, symmetry):
+    op = OPERATORS[name]()
+    turned = Transformed(op, symmetry)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *op.image_shape, generator=generator, dtype=torch.float64)
+    x_turned = symmetry.apply(x)
+    assert turned.image_shape == tuple(x_turned.shape[1:])
+    y = op.A(x)
+    assert relative_error(turned.A(x_turned), y) < 1e-14  # the same measurements: A_g (T_g x) = A x
+    probe = torch.rand(y.shape, generator=generator, dtype=torch.float64)
+    left, right = float((turned.A(x_turned) * probe).sum()), float((x_turned * turned.A_adjoint(probe)).sum())
+    assert abs(left - right) < 1e-12 * abs(left)
+    assert turned.exact_pinv == op.exact_pinv and turned.linear_pinv == op.linear_pinv
+    if op.exact_pinv:  # A_g A_g^+ y = y, and A_g^+ A_g symmetric
+        assert relative_error(turned.A(turned.A_dagger(y)), y) < 1e-12
+        z = torch.rand(x_turned.shape, generator=generator, dtype=torch.float64)
+        project = lambda v: turned.A_dagger(turned.A(v))  # noqa: E731
+        assert abs(float((project(x_turned) * z).sum()) - float((x_turned * project(z)).sum())) < 1e-10
+    turned.check_measurement(y)  # the operator's own checks
+    with pytest.raises(operators.OperatorInputError, match="must have shape"):
+        turned.check_measurement(y[..., :-1])
+
+
+def test_a_transformed_foreign_physics_has_no_image_shape_to_give():
+    from deepinv.physics import Inpainting
+
+    op = Inpainting(img_size=(1, 4, 6), mask=0.5)  # a deepinv physics: it does not say its image shape
+    turned = Transformed(op, DIHEDRAL[4])
+    assert getattr(turned, "image_shape", None) is None  # IDM then asks A_adjoint for it
+    assert turned.A_adjoint(torch.rand(1, 1, 4, 6)).shape == (1, 1, 6, 4)
+    with pytest.raises(TypeError, match="Dihedral"):
+        Transformed(op, 1)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_the_ensemble_of_an_idm_with_a_final_projection_meets_the_measurements(size):
+    op = OPERATORS["cs"]()
+    model = perturbed_model(IDMConfig(unet="tiny", steps=2, invertible="both", final_projection=True)).eval()
+    x = torch.rand(1, *op.image_shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = op.A(x)
+    with torch.no_grad():
+        plain = model(y, op)
+        ensembled = ensemble_reconstruct(model, y, op, size)
+        members = [g.invert(model(y, Transformed(op, g))) for g in DIHEDRAL[:size]]
+    assert relative_error(op.A(ensembled), y) < 1e-12  # every member meets A x = y, so does their mean
+    assert relative_error(ensembled, torch.stack(members).mean(0)) < 1e-14
+    assert relative_error(ensembled, plain) > 1e-4  # the members differ: the network is not equivariant
+
+
+def test_an_ensemble_of_one_is_the_model_and_a_pseudo_inverse_is_its_own_ensemble():
+    op = OPERATORS["inpainting"]()
+    y = op.A(torch.rand(2, *op.image_shape, dtype=torch.float64))
+    model = perturbed_model(IDMConfig(unet="tiny", image_channels=3, steps=1)).eval()
+    with torch.no_grad():
+        assert torch.equal(ensemble_reconstruct(model, y, op, 1), model(y, op))
+    pinv = lambda y, op, generator=None: op.A_dagger(y)  # noqa: E731 -- equivariant: every member is A^+ y
+    for size in ENSEMBLE_SIZES:
+        assert relative_error(ensemble_reconstruct(pinv, y, op, size), op.A_dagger(y)) < 1e-15
+
+
+@pytest.mark.parametrize("size", [0, 3, 16, True, 2.0, "8"])
+def test_ensemble_sizes_outside_the_subgroups_are_refused(size):
+    with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
+        check_ensemble_size(size)
