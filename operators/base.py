@@ -257,11 +257,10 @@ class Operator(LinearPhysics):
     def check_settings(cls, settings: dict[str, Any], what: str = "these keyword arguments") -> None:
         """Raise :class:`OperatorInputError` for ``settings`` (constructor keyword arguments) that name one the
         operator does not take or leave out a required one; the message lists the operator's settings."""
-        signature = inspect.signature(cls)
         try:
-            signature.bind(**settings)
+            cls._bind(settings)
         except TypeError as err:
-            takes = ", ".join(name for name in signature.parameters if not name.startswith("_"))
+            takes = ", ".join(name for name in inspect.signature(cls).parameters if not name.startswith("_"))
             raise OperatorInputError(f"the {cls.name!r} operator cannot be built from {what}: {err} (its settings: "
                                      f"{takes})") from None  # fmt: skip
 
@@ -282,11 +281,17 @@ class Operator(LinearPhysics):
         """Every constructor setting that ``config`` makes (defaults filled in), to compare two configs;
         ``None`` when it does not fit the constructor (building it then names the problem)."""
         try:
-            bound = inspect.signature(cls).bind(**{k: v for k, v in config.items() if k != "name"})
+            bound = cls._bind(config)
         except TypeError:
             return None
         bound.apply_defaults()
         return dict(bound.arguments)
+
+    @classmethod
+    def _bind(cls, settings: dict[str, Any]) -> inspect.BoundArguments:
+        """``settings`` (a config's ``"name"`` left out) bound to the constructor's parameters; a ``TypeError``
+        for a setting it does not take or a required one missing."""
+        return inspect.signature(cls).bind(**{k: v for k, v in settings.items() if k != "name"})
 
     def resample(self, seed: int) -> "Operator":
         """A new operator of the same kind with its random parts redrawn from ``seed``.

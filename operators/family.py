@@ -59,6 +59,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _integer_ends(spec: tuple[float, float]) -> tuple[int, int]:
+    """The lowest and highest integer of the range ``(low, high)``: what an integer setting draws between."""
+    return math.ceil(spec[0]), math.floor(spec[1])
+
+
 def same_setting(a: Any, b: Any) -> bool:
     """Equal operator settings. A float is compared with a relative tolerance of 1e-6, so that a value that
     went through float32 (0.3 -> 0.30000001192...) is still the same setting; integers (seeds, sizes) and
@@ -104,7 +109,8 @@ class Component:
                 low, high = float(spec[0]), float(spec[1])
                 if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                     raise OperatorInputError(f"family range for {key!r} must be finite with low <= high, got {spec!r}")
-                if _is_int(self.base.get(key)) and math.ceil(low) > math.floor(high):
+                lowest, highest = _integer_ends((low, high))
+                if _is_int(self.base.get(key)) and lowest > highest:
                     raise OperatorInputError(f"family range for the integer setting {key!r} holds no integer: {spec!r}")
                 vary[key] = (low, high)
             elif isinstance(spec, list) and spec:
@@ -132,7 +138,7 @@ class Component:
         for key, spec in self.vary.items():
             u = float(torch.rand((), generator=generator, dtype=torch.float64))
             if isinstance(spec, tuple) and _is_int(self.base.get(key)):
-                low, high = math.ceil(spec[0]), math.floor(spec[1])
+                low, high = _integer_ends(spec)
                 config[key] = min(low + int(u * (high - low + 1)), high)
             elif isinstance(spec, tuple):
                 config[key] = spec[0] + u * (spec[1] - spec[0])
@@ -262,7 +268,7 @@ class OperatorFamily(Operator):
                 if isinstance(spec, list):
                     values = spec
                 elif _is_int(comp.base.get(key)):
-                    values = [math.ceil(spec[0]), math.floor(spec[1])]
+                    values = list(_integer_ends(spec))
                 else:
                     values = list(spec)
                 for value in values:

@@ -901,13 +901,18 @@ def test_a_task_from_another_installed_package_trains_through_its_entry_point(tm
         assert task_name(argparse.Namespace(task=None, checkpoint=str(custom))) == "custom"
         assert json.loads(np.load(measured)["meta"][()])["task_package"] == "idm-plugin-tasks-test 0.1"
         sys.path.remove(str(site))  # the plug-in uninstalled: its files name the package to install
-        operators.REGISTRY._classes.pop("decimate_plugin")  # as in a fresh process
+        decimate_class = operators.REGISTRY._classes.pop("decimate_plugin")  # as in a fresh process
         sys.modules.pop("idm_plugin_tasks_test")
         capsys.readouterr()
         assert main([*args, "--out", str(tmp_path / "rec2")]) == 2
         assert (f"{measured}: measured with the operator decimate_plugin of task 'decimate', which this installation "
                 "does not have: unknown task 'decimate'; available: cs, ct, inpainting, mri; install "
                 "idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
+        operators.REGISTRY._classes["decimate_plugin"] = decimate_class  # the operator registered by other code, not the task
+        assert main(["reconstruct", "--input", str(measured), "--device", "cpu", "--out", str(tmp_path / "rec3")]) == 2
+        assert ("holds measurements of task 'decimate', which this installation does not have (available: cs, ct, "
+                "inpainting, mri); install idm-plugin-tasks-test 0.1, which provided it") in capsys.readouterr().err
+        operators.REGISTRY._classes.pop("decimate_plugin")
         assert main(["info", "--checkpoint", str(out), "--device", "cpu"]) == 0  # info reads the record without the task
         assert main(["benchmark", "--checkpoint", str(out), "--data", str(data), "--methods", "idm", "--device", "cpu",
                      "--out", str(tmp_path / "bench")]) == 2

@@ -282,16 +282,18 @@ def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
     return task
 
 
-def require_installed_task(task: str, what: str, checkpoint: str | None) -> None:
+def require_installed_task(task: str, what: str, checkpoint: str | None, package: Any = None) -> None:
     """A ``ValueError`` ``"<what> task 'x', which this installation does not have (...)"`` when no task of that
-    name is installed, naming the package to install where ``checkpoint``'s run recorded the plug-in's."""
+    name is installed, naming the package to install: ``package`` (e.g. the one a measurement file records),
+    else the plug-in's that ``checkpoint``'s run recorded."""
     import tasks
     from idm.training.trained import recorded_task_package
 
     available = tasks.available()
     if task in available:
         return
-    package = recorded_task_package(checkpoint) if checkpoint else None
+    if not (isinstance(package, str) and package):
+        package = recorded_task_package(checkpoint) if checkpoint else None
     needs = f"install {package}, which provided it" if package else "a plug-in task needs the package that provides it"
     raise ValueError(f"{what} task {task!r}, which this installation does not have (available: "
                      f"{', '.join(available)}); {needs}")  # fmt: skip

@@ -307,7 +307,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
         raise ValueError(f"{path} was measured from {recorded_color!r} images; --color {args.color} does not match "
                          "(the colour mode comes from the file)")  # fmt: skip
     color = args.color or recorded_color
-    require_installed_task(mset.task, f"{path} holds measurements of", args.checkpoint)
+    require_installed_task(mset.task, f"{path} holds measurements of", args.checkpoint, mset.meta.get("task_package"))
     task = get_task(mset.task)
     if color and color != task.color:
         task = get_task(mset.task, color)
