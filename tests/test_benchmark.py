@@ -96,6 +96,26 @@ def test_idm_ensembles_run_as_methods_of_their_own(bench_files, tmp_path):
         main(["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--ensemble", "3", "--out", str(tmp_path / "x")])
 
 
+def test_each_ensemble_member_is_scored_alone_and_the_upright_one_is_plain_idm(bench_files, tmp_path):
+    from benchmarks import ensemble_members
+
+    bench = tmp_path / "bench"
+    assert main(["benchmark", "--task", "cs", "--data", str(bench_files / "images"), "--methods", "idm", "--checkpoint",
+                 str(bench_files / "idm"), "--device", "cpu", "--seed", "2", "--no-progress", "--no-images",
+                 "--out", str(bench)]) == 0  # fmt: skip
+    out = tmp_path / "members"
+    assert ensemble_members.main(["--checkpoint", str(bench_files / "idm"), "--task", "cs", "--data",
+                                  str(bench_files / "images"), "--device", "cpu", "--seed", "2", "--out", str(out)]) == 0  # fmt: skip
+    rows = _rows(out / "members.csv")
+    assert [(r["image"], r["symmetry"]) for r in rows] == [(i, s) for i in "ab" for s in (
+        "identity", "flip", "180 degree turn", "180 degree turn + flip", "90 degree turn", "90 degree turn + flip",
+        "270 degree turn", "270 degree turn + flip")]  # fmt: skip
+    plain = {r["image"]: float(r["psnr"]) for r in _rows(bench / "results.csv")}
+    assert all(abs(float(r["psnr"]) - plain[r["image"]]) < 1e-3 for r in rows if r["symmetry"] == "identity")
+    assert len({r["psnr"] for r in rows if r["image"] == "a"}) > 1  # a random network is not equivariant
+    assert "| 90 degree turn |" in (out / "members.md").read_text()
+
+
 def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     class FailsOnSecondImage:
         name, nfe = "flaky", 0

@@ -65,8 +65,8 @@ import torch
 from idm.cli.common import (
     OutputFolder,
     add_common_args,
-    add_operator_args,
     add_ensemble_arg,
+    add_operator_args,
     add_precision_arg,
     add_size_arg,
     command_line,
