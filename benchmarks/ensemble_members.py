@@ -31,6 +31,7 @@ from benchmarks.report import rounded, run_script, script_command, write_csv_and
 from idm.cli.common import add_common_args, resolve_device, task_color, task_name
 from idm.hardware import hardware_name
 from operators.dihedral import DIHEDRAL, Transformed
+from tasks.data import pad_to_multiple
 
 FIELDS = ("image", "symmetry", "psnr", "ssim")
 
@@ -65,15 +66,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         if args.square:
             side = min(x.shape[-2:])
             x = x[..., :side, :side]
-        op = operator_for(index, tuple(x.shape[-2:]))
-        multiple = pad_multiple(task, op)
-        if multiple and (x.shape[-2] % multiple or x.shape[-1] % multiple):
-            raise ValueError(f"{image.name}: {tuple(x.shape[-2:])} is not a multiple of the CS block {multiple}: crop it first")
-        y = op.A(x)
+        height, width = x.shape[-2:]
+        multiple = pad_multiple(task, operator_for(index, (height, width)))
+        x_padded = pad_to_multiple(x, multiple)[0] if multiple else x  # as idm benchmark measures: CS padded to the block
+        op = operator_for(index, tuple(x_padded.shape[-2:]))
+        y = op.A(x_padded)
         with torch.no_grad():
             for symmetry in DIHEDRAL:
-                estimate = symmetry.invert(model(y, Transformed(op, symmetry), generator=torch.Generator(device).manual_seed(0)))
-                psnr, ssim = score(estimate, x)
+                generator = torch.Generator(device).manual_seed(args.seed + index)  # idm benchmark's, for init="noise"
+                estimate = symmetry.invert(model(y, Transformed(op, symmetry), generator=generator))
+                psnr, ssim = score(estimate[..., :height, :width], x)
                 rows.append({"image": image.name, "symmetry": str(symmetry), "psnr": psnr, "ssim": ssim})
     means = [f"| {symmetry} | {statistics.fmean(r['psnr'] for r in rows if r['symmetry'] == str(symmetry)):.2f} | "
              f"{statistics.fmean(r['ssim'] for r in rows if r['symmetry'] == str(symmetry)):.4f} |" for symmetry in DIHEDRAL]

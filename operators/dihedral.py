@@ -24,12 +24,12 @@ exchange height and width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from deepinv.physics import LinearPhysics
 
-from .base import check_measurements_for, has_exact_pinv, has_linear_pinv
+from .base import has_exact_pinv, has_linear_pinv
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,14 @@ class Transformed(LinearPhysics):
     def label(self) -> str:
         return f"{getattr(self.operator, 'label', type(self.operator).__name__)} ({self.symmetry})"
 
-    def check_measurement(self, y: torch.Tensor, name: str = "y") -> None:
-        """The operator's own check of ``y`` (the measurements are its measurements)."""
-        check_measurements_for(self.operator, y)
+    @property
+    def check_measurement(self) -> Callable[..., None]:
+        """The operator's own check of ``y`` (the measurements are its measurements); an ``AttributeError``
+        when it has none (a deepinv physics), so that callers treat this one as they treat that operator."""
+        check = getattr(self.operator, "check_measurement", None)
+        if not callable(check):
+            raise AttributeError(f"{type(self.operator).__name__} has no check_measurement")
+        return check
 
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.operator.A(self.symmetry.invert(x))

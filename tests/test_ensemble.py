@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import operators
-from idm import IDMConfig
+from idm import IDM, IDMConfig
 from idm.ensemble import ENSEMBLE_SIZES, check_ensemble_size, ensemble_reconstruct
 from operators.dihedral import DIHEDRAL, Dihedral, Transformed
 from tests.conftest import perturbed_model, relative_error
@@ -77,6 +77,11 @@ def test_a_transformed_foreign_physics_has_no_image_shape_to_give():
     assert turned.A_adjoint(torch.rand(1, 1, 4, 6)).shape == (1, 1, 6, 4)
     with pytest.raises(TypeError, match="Dihedral"):
         Transformed(op, 1)
+    model = IDM(IDMConfig(unet="tiny", steps=1)).eval()  # measurements of the wrong shape: named, as without turns
+    op = Inpainting(img_size=(1, 16, 16), mask=0.5)
+    for size in (1, 2):
+        with pytest.raises(ValueError, match=r"failed on y of shape \(1, 1, 16, 12\)"):
+            ensemble_reconstruct(model, torch.rand(1, 1, 16, 12), op, size)
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])
