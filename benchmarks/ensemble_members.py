@@ -1,10 +1,12 @@
 """How a trained IDM scores on each flip and turn of the image alone: the members of ``--ensemble 8``.
 
-    python -m benchmarks.ensemble_members --checkpoint cs-10 --data IMG [IMG ...] [--square] [--task T] --out FOLDER
+    python -m benchmarks.ensemble_members --checkpoint cs-10 --data IMG [IMG ...] [--square] [--task T]
+                                          [operator flags] --out FOLDER
 
 For each image (measured as ``idm benchmark`` measures it: the checkpoint's
-operator, seed ``--seed`` plus the image index, CS images padded to the
-block) and each of the 8 symmetries ``g`` of :data:`operators.dihedral.DIHEDRAL`,
+operator with the operator flags on top, e.g. ``--mask random --ratio 0.5``
+for a model trained on a family of masks, seed ``--seed`` plus the image
+index, CS images padded to the block) and each of the 8 symmetries ``g`` of :data:`operators.dihedral.DIHEDRAL`,
 the reconstruction ``T_g^{-1} model(y, A T_g^{-1})`` is scored alone, by the
 protocol of the task (:func:`benchmarks.protocol.score_function`). A network
 that were exactly equivariant to flips and turns would score the same on
@@ -28,7 +30,8 @@ import torch
 from benchmarks.harness import load_images
 from benchmarks.protocol import operator_factory, pad_multiple, score_function
 from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
-from idm.cli.common import add_common_args, resolve_device, task_color, task_name
+from idm.cli.common import (add_common_args, add_operator_args, operator_overrides, resolve_device, task_color,
+                            task_name)
 from idm.hardware import hardware_name
 from operators.dihedral import DIHEDRAL, Transformed
 from tasks.data import pad_to_multiple
@@ -42,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", required=True, help="images in the task's format")
     parser.add_argument("--task", help="the task (default: the one the checkpoint's training run recorded)")
     parser.add_argument("--square", action="store_true", help="crop each image to its top-left square first")
+    add_operator_args(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     return run_script(lambda _: _run(args, argv), "benchmarks.ensemble_members")
@@ -56,10 +60,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     task = tasks.get(task_name(recorded))
     color = task_color(recorded)  # the colour mode the model was trained in
     task = task.with_color(color) if color and color != task.color else task
-    trained = load_trained(args.checkpoint, device=device, expect_task=task.name)
+    overrides = operator_overrides(args)
+    task.check_flags(**overrides)
+    expect = {"name": task.operator, **overrides}  # as idm benchmark asks the checkpoint
+    trained = load_trained(args.checkpoint, device=device, expect_task=task.name, expect_operator=expect,
+                           operator_defaults=task.operator_kwargs())  # fmt: skip
     model = trained.model.to(device).for_inference(precision="fp32")
     score = score_function(task)
-    operator_for = operator_factory(task, {}, trained.operator, args.seed)
+    operator_for = operator_factory(task, overrides, trained.operator, args.seed)  # as idm benchmark's
     rows = []
     for index, image in enumerate(load_images(task, args.data, seed=args.seed)):
         x = image.x[None].to(device)
@@ -68,7 +76,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             x = x[..., :side, :side]
         height, width = x.shape[-2:]
         multiple = pad_multiple(task, operator_for(index, (height, width)))
-        x_padded = pad_to_multiple(x, multiple)[0] if multiple else x  # as idm benchmark measures: CS padded to the block
+        x_padded = pad_to_multiple(x, multiple)[0] if multiple else x  # as idm benchmark pads: CS to the block
         op = operator_for(index, tuple(x_padded.shape[-2:]))
         y = op.A(x_padded)
         with torch.no_grad():
@@ -77,8 +85,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 estimate = symmetry.invert(model(y, Transformed(op, symmetry), generator=generator))
                 psnr, ssim = score(estimate[..., :height, :width], x)
                 rows.append({"image": image.name, "symmetry": str(symmetry), "psnr": psnr, "ssim": ssim})
-    means = [f"| {symmetry} | {statistics.fmean(r['psnr'] for r in rows if r['symmetry'] == str(symmetry)):.2f} | "
-             f"{statistics.fmean(r['ssim'] for r in rows if r['symmetry'] == str(symmetry)):.4f} |" for symmetry in DIHEDRAL]
+    means = []
+    for symmetry in DIHEDRAL:
+        own = [r for r in rows if r["symmetry"] == str(symmetry)]
+        psnr, ssim = statistics.fmean(r["psnr"] for r in own), statistics.fmean(r["ssim"] for r in own)
+        means.append(f"| {symmetry} | {psnr:.2f} | {ssim:.4f} |")
     markdown = (f"`{script_command('benchmarks.ensemble_members', argv)}` on {hardware_name(device)}\n\n"
                 f"| symmetry | PSNR (dB) | SSIM |\n|---|---|---|\n" + "\n".join(means) + "\n")
     write_csv_and_markdown(Path(args.out), "members", rounded(rows), FIELDS, markdown)

@@ -97,8 +97,8 @@ def test_idm_ensembles_run_as_methods_of_their_own(bench_files, tmp_path):
 
 
 def test_each_ensemble_member_is_scored_alone_and_the_upright_one_is_plain_idm(bench_files, tmp_path):
-    """Measured as idm benchmark measures (an image padded to the CS block, the generator of its index, for a
-    model that starts from noise), the upright member is plain IDM."""
+    """Measured as idm benchmark measures (the operator flags, an image padded to the CS block, the generator of
+    its index, for a model that starts from noise), the upright member is plain IDM."""
     import shutil
 
     from benchmarks import ensemble_members
@@ -109,8 +109,8 @@ def test_each_ensemble_member_is_scored_alone_and_the_upright_one_is_plain_idm(b
     Image.fromarray((np.random.default_rng(1).random((40, 36)) * 255).astype(np.uint8)).save(images / "c.png")
     torch.manual_seed(0)
     IDM(IDMConfig(unet=str(bench_files / "prior"), steps=2, init="noise")).save_pretrained(tmp_path / "noise-idm")
-    common = ["--checkpoint", str(tmp_path / "noise-idm"), "--task", "cs", "--data", str(images), "--device", "cpu",
-              "--seed", "2"]  # fmt: skip
+    common = ["--checkpoint", str(tmp_path / "noise-idm"), "--task", "cs", "--ratio", "0.5", "--data", str(images),
+              "--device", "cpu", "--seed", "2"]  # fmt: skip
     bench = tmp_path / "bench"
     assert main(["benchmark", *common, "--methods", "idm", "--no-progress", "--no-images", "--out", str(bench)]) == 0
     out = tmp_path / "members"
