@@ -13,8 +13,8 @@ returns an estimate of ``T_g x``; :mod:`idm.ensemble` averages
 operator, since the measurements themselves are never transformed).
 
     from operators.dihedral import DIHEDRAL, Transformed
-    op_g = Transformed(op, DIHEDRAL[1])      # A applied to the horizontally flipped image
-    x_g = model(y, op_g); x = DIHEDRAL[1].invert(x_g)
+    op_g = Transformed(op, DIHEDRAL[1])      # measures the left-right flipped image as op measures the image
+    x_g = model(y, op_g); x = DIHEDRAL[1].invert(x_g)   # the same y; x_g estimates the flipped image
 
 :data:`DIHEDRAL` lists the group so that its first 2 and first 4 elements keep
 the image's shape (flips and the half turn), and all 8 include the four that
