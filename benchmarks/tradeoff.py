@@ -163,7 +163,7 @@ def _method_settings(record: dict[str, Any], method: str) -> dict[str, Any]:
     options = options.get(method) if isinstance(options, dict) else None
     if isinstance(options, dict):
         options = {**options_before_recorded().get(method, {}), **options}
-    kind = "idm" if method.startswith("idm-x") else method  # an ensembled IDM (idm-x8) runs the same checkpoint
+    kind = "idm" if method.startswith("idm-") else method  # idm-x8, idm-tall: the same checkpoint, run otherwise
     return {**{key: record.get(key) for key in METHOD_SETTINGS.get(kind, ())}, "options": options}
 
 

@@ -53,6 +53,12 @@ class Dihedral:
         ``k >= 4`` (``tasks.data.transforms.dihedral``)."""
         return cls(k % 4, k >= 4)
 
+    def after(self, other: "Dihedral") -> "Dihedral":
+        """The symmetry that applies ``other``, then this one: ``g.after(h).apply(x) == g.apply(h.apply(x))``."""
+        probe = torch.arange(9.0).reshape(3, 3)  # distinct values: each symmetry moves them its own way
+        target = self.apply(other.apply(probe))
+        return next(g for g in DIHEDRAL if torch.equal(g.apply(probe), target))
+
     @property
     def swaps_height_and_width(self) -> bool:
         """Whether ``apply`` turns an ``H x W`` image into a ``W x H`` one."""

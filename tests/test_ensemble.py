@@ -114,3 +114,33 @@ def test_an_ensemble_of_one_is_the_model_and_a_pseudo_inverse_is_its_own_ensembl
 def test_ensemble_sizes_outside_the_subgroups_are_refused(size):
     with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
         check_ensemble_size(size)
+
+
+def test_tall_turns_wide_images_a_quarter_in_every_member_and_leaves_others_alone():
+    quarter = DIHEDRAL[4]
+    assert all(g.after(quarter).swaps_height_and_width != g.swaps_height_and_width for g in DIHEDRAL)
+    wide, square = OPERATORS["cs"](), operators.make("cs", img_size=(16, 16), ratio=0.3, block=8, seed=1)
+    model = perturbed_model(IDMConfig(unet="tiny", steps=1)).eval()
+    for op in (wide, square):
+        y = op.A(torch.rand(1, *op.image_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+        first = quarter if op is wide else DIHEDRAL[0]
+        with torch.no_grad():
+            for size in ENSEMBLE_SIZES:
+                members = [g.after(first) for g in DIHEDRAL[:size]]
+                expected = torch.stack([g.invert(model(y, Transformed(op, g))) for g in members]).mean(0)
+                assert relative_error(ensemble_reconstruct(model, y, op, size, tall=True), expected) < 1e-14
+            plain = ensemble_reconstruct(model, y, op, 1)
+            assert (relative_error(ensemble_reconstruct(model, y, op, 1, tall=True), plain) > 1e-4) == (op is wide)
+
+
+def test_tall_reads_the_width_from_a_physics_without_image_shape():
+    from deepinv.physics import Inpainting
+
+    def width_seen(y, op, generator=None):  # a "model" that returns the width of the images it is given
+        x = op.A_dagger(y)
+        return torch.full_like(x, float(x.shape[-1]))
+
+    op = Inpainting(img_size=(1, 8, 12), mask=0.5)
+    y = op.A(torch.rand(1, 1, 8, 12))
+    assert torch.equal(ensemble_reconstruct(width_seen, y, op, 1, tall=True), torch.full((1, 1, 8, 12), 8.0))
+    assert torch.equal(ensemble_reconstruct(width_seen, y, op, 1), torch.full((1, 1, 8, 12), 12.0))

@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods names a method twice: {args.methods}")
     if len(set(args.ensemble)) != len(args.ensemble):
         raise ValueError(f"--ensemble names a size twice: {' '.join(map(str, args.ensemble))}")
-    if args.ensemble != [1] and "idm" not in names:
-        raise ValueError("--ensemble sets how IDM runs, and --methods does not run idm")
+    if (args.ensemble != [1] or args.tall) and "idm" not in names:
+        raise ValueError(f"{'--tall' if args.tall else '--ensemble'} sets how IDM runs, and --methods does not run idm")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     method_flags = {"tv": ("--tv-lam", "--tv-iters"), "ddnm": ("--ddnm-steps", "--ddnm-eta", "--ddnm-pinv"),
@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     methods = []
     for name in names:
         if name == "idm":
-            methods += [IDMMethod(trained.model.to(device), precision=args.precision, ensemble=size) for size in args.ensemble]
+            methods += [IDMMethod(trained.model.to(device), precision=args.precision, ensemble=size, tall=args.tall)
+                        for size in args.ensemble]  # fmt: skip
             continue
         extra = {"progress": not args.no_progress, **options.get(name, {})}
         methods.append(make_method(name, prior=prior, **extra))
@@ -260,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "idm_precision": args.precision,
         "idm_final_projection": None if trained is None else trained.model.config.final_projection,
         "idm_ensembles": args.ensemble if "idm" in names else None,
+        "idm_tall": args.tall if "idm" in names else None,
         "prior": None if prior is None else str(prior_path),
         "prior_sha256": prior_sha256,
         "dps_zeta": None if dps is None else options["dps"]["zeta"],

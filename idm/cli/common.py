@@ -76,7 +76,8 @@ def add_precision_arg(parser: argparse.ArgumentParser, default: str = "auto") ->
 
 
 def add_ensemble_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
-    """``--ensemble N`` of the commands that run a trained IDM (:mod:`idm.ensemble`); ``several``: one or more sizes."""
+    """``--ensemble N`` and ``--tall`` of the commands that run a trained IDM (:mod:`idm.ensemble`); ``several``:
+    one or more sizes."""
     from idm.ensemble import ENSEMBLE_SIZES
 
     parser.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=[1] if several else 1,
@@ -85,6 +86,11 @@ def add_ensemble_arg(parser: argparse.ArgumentParser, several: bool = False) -> 
                         "self-ensembling, for any operator: each copy is reconstructed from the same measurements "
                         "through the operator turned with it), at N times the time"
                         + ("; several sizes run as methods idm, idm-x2, ..." if several else "") + " (default: 1)")
+    parser.add_argument("--tall", action="store_true",
+                        help="reconstruct images wider than tall turned a quarter, standing tall, and turn them back "
+                        "(every ensemble member so): the shipped natural-image models score about 0.7 dB higher on "
+                        "wide images that way (benchmarks/RESULTS.md, Test-time ensemble)"
+                        + ("; IDM's methods are then called idm-tall, idm-x2-tall, ..." if several else ""))
 
 
 def add_training_precision_arg(group: argparse._ArgumentGroup) -> None:

@@ -151,10 +151,11 @@ def _display(task: Any, x: torch.Tensor) -> torch.Tensor:
     return task.metric_image(x).clamp(0, 1)
 
 
-def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: int,
-                    ensemble: int = 1) -> tuple[torch.Tensor, float]:  # fmt: skip
+def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: int, ensemble: int = 1,
+                    tall: bool = False) -> tuple[torch.Tensor, float]:  # fmt: skip
     """``(x_hat (1, C, H, W) float32 on the CPU cropped to the image size, seconds)``; ``ensemble``: how many
-    flipped and turned copies to average (:func:`idm.ensemble.ensemble_reconstruct`)."""
+    flipped and turned copies to average, ``tall``: wide images reconstructed turned tall
+    (:func:`idm.ensemble.ensemble_reconstruct`)."""
     from idm.ensemble import ensemble_reconstruct
 
     y = torch.from_numpy(np.ascontiguousarray(item.y))[None].to(device)
@@ -163,7 +164,7 @@ def reconstruct_one(model: Any, item: Any, op: Any, device: torch.device, seed: 
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        x_hat = ensemble_reconstruct(model, y, op, ensemble, generator=generator)
+        x_hat = ensemble_reconstruct(model, y, op, ensemble, generator=generator, tall=tall)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -185,10 +186,12 @@ def reconstruct_items(
     progress: bool,
     hu_window: tuple[float, float] | None = None,
     ensemble: int = 1,
+    tall: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct ``(Measurement, operator)`` pairs with ``trained`` (a ``TrainedModel``), averaged over
-    ``ensemble`` flips and turns (:mod:`idm.ensemble`), write ``<name>.png`` / ``.npy``; one row per item.
-    For a size-bound task (CT), warns once per image size that is not the training size."""
+    ``ensemble`` flips and turns, wide images turned tall with ``tall`` (:mod:`idm.ensemble`), write
+    ``<name>.png`` / ``.npy``; one row per item. For a size-bound task (CT), warns once per image size that
+    is not the training size."""
     from tqdm.auto import tqdm
 
     from benchmarks.protocol import score_function
@@ -203,7 +206,7 @@ def reconstruct_items(
         if warning and tuple(item.image_size) not in warned:
             warned.add(tuple(item.image_size))
             warnings.warn(warning, stacklevel=1)
-        x_hat, seconds = reconstruct_one(model, item, op, device, seed + i, ensemble)
+        x_hat, seconds = reconstruct_one(model, item, op, device, seed + i, ensemble, tall)
         save_image(_display(task, x_hat), out / f"{item.name}.png")
         np.save(out / f"{item.name}.npy", x_hat[0].numpy().astype(np.float32), allow_pickle=False)
         if hu_window is not None:
@@ -330,7 +333,7 @@ def _from_npz(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
     window = tuple(mset.meta["window"]) if task.operator == "ct" and isinstance(mset.meta.get("window"), list) else None
     pairs = ((mset.items[i], mset.operator(i)) for i in range(count))
     rows = reconstruct_items(trained, task, pairs, count, device, out, args.seed, not args.no_progress, window,
-                             args.ensemble)
+                             args.ensemble, args.tall)
     settings = {
         "task": task.name,
         "operator": _short(first),
@@ -356,7 +359,7 @@ def _from_images(args: argparse.Namespace, device: torch.device, out: Path) -> t
 
     window = DEFAULT_HU_WINDOW if task.operator == "ct" else None
     rows = reconstruct_items(trained, task, pairs(), len(names), device, out, args.seed, not args.no_progress, window,
-                             args.ensemble)
+                             args.ensemble, args.tall)
     settings = {
         "task": task.name,
         "operator": _short({k: v for k, v in plan.settings.items()}),
@@ -445,7 +448,7 @@ def _from_sinogram(args: argparse.Namespace, device: torch.device, out: Path) ->
     width = int(config["img_size"][1])
     items = [Measurement(sino.names[i], sino.data[i][None], config, (int(config["img_size"][0]), width)) for i in range(count)]
     rows = reconstruct_items(trained, task, ((m, op) for m in items), count, device, out, args.seed, not args.no_progress, window,
-                             args.ensemble)
+                             args.ensemble, args.tall)
     settings = {"task": task.name, "operator": _short(config), "checkpoint": str(trained.path), "window": window,
                 "sidecar": sino.info is not None}  # fmt: skip
     return rows, settings, f"{count} sinogram(s) of {path} ({detectors} detectors x {views} views)"
@@ -509,7 +512,7 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
         recon, estimates = [], []
         for s in tqdm(range(count), desc=f"{path.name} slices", disable=args.no_progress or count < 2):
             item = Measurement(f"{path.stem}_s{s}", ys[s].numpy(), op.config(), (height, width))
-            x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s, args.ensemble)
+            x_hat, seconds = reconstruct_one(model, item, op, device, args.seed + s, args.ensemble, args.tall)
             magnitude = task.metric_image(x_hat)[0, 0]  # normalised units
             shown = magnitude if crop is None else center_crop(magnitude, crop)
             save_image(shown.clamp(0, 1)[None, None], out / f"{item.name}.png")
@@ -597,6 +600,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "precision": args.precision,
         "ensemble": args.ensemble,
+        "tall": args.tall,
         "seed": args.seed,
     }
     started = time.time() - 1.0  # file times come from the kernel's coarser clock
