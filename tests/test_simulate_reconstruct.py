@@ -440,6 +440,7 @@ def test_fastmri_file_fully_sampled_is_undersampled_with_a_seeded_mask(files, tm
         assert f.attrs["acquisition"] == "AXT2" and f.attrs["idm_scale"] > 0
         assert "max" not in f.attrs  # the input's statistic of its reference images, not of the reconstruction
         assert json.loads(f.attrs["idm_operator"])["seed"] == 7
+        assert f.attrs["idm_ensemble"] == 1 and not f.attrs["idm_tall"]  # how it was made
     expected = operators.make("mri", img_size=(32, 32), acceleration=4, center_fraction=0.08, seed=7).mask[0]
     np.testing.assert_array_equal(mask, expected.numpy() != 0)
     assert recon.max() < 1e-2  # back in the file's units (~1e-4), not the normalised [0, 1]

@@ -541,6 +541,8 @@ def _from_h5(args: argparse.Namespace, device: torch.device, out: Path) -> tuple
             "idm_scale": scale,
             "idm_slices": count,
             "idm_reference": ref_kind or None,
+            "idm_ensemble": args.ensemble,  # how the reconstruction was made (--ensemble, --tall)
+            "idm_tall": args.tall,
         }
         mri_files.write_reconstruction_h5(out / f"{path.stem}.h5", np.stack(recon), columns, attrs)
     settings = {
