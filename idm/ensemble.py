@@ -50,7 +50,8 @@ def ensemble_reconstruct(model: torch.nn.Module, y: Tensor, op: Any, size: int =
         generator: random source of the model (``init="noise"``), used by each reconstruction in turn.
         tall: reconstruct images wider than tall turned a quarter, standing tall (every member turned
             so; with ``size=8`` the same members in another order). The shipped natural-image models
-            score about 0.7 dB higher on wide images so (``benchmarks/RESULTS.md``, *Test-time ensemble*).
+            gained 0.4-1.0 dB on sets of mostly wide images so (``benchmarks/RESULTS.md``, *Wide images
+            turned tall*).
 
     Returns:
         ``(B, C, H, W)`` images, as ``model(y, op)`` returns them.

@@ -88,8 +88,8 @@ def add_ensemble_arg(parser: argparse.ArgumentParser, several: bool = False) -> 
                         + ("; several sizes run as methods idm, idm-x2, ..." if several else "") + " (default: 1)")
     parser.add_argument("--tall", action="store_true",
                         help="reconstruct images wider than tall turned a quarter, standing tall, and turn them back "
-                        "(every ensemble member so): the shipped natural-image models score about 0.7 dB higher on "
-                        "wide images that way (benchmarks/RESULTS.md, Test-time ensemble)"
+                        "(every ensemble member so), at no extra cost: the shipped natural-image models gained "
+                        "0.4-1.0 dB on sets of mostly wide images that way (benchmarks/RESULTS.md, Wide images turned tall)"
                         + ("; IDM's methods are then called idm-tall, idm-x2-tall, ..." if several else ""))
 
 
