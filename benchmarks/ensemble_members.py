@@ -52,14 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    import tasks
+    from idm.cli.simulate import get_task
     from idm.train import load_trained
 
     device = resolve_device(args.device)
     recorded = argparse.Namespace(task=args.task, color=None, checkpoint=args.checkpoint)
-    task = tasks.get(task_name(recorded))
-    color = task_color(recorded)  # the colour mode the model was trained in
-    task = task.with_color(color) if color and color != task.color else task
+    task = get_task(task_name(recorded), task_color(recorded))  # in the colour mode the model was trained in
     overrides = operator_overrides(args)
     task.check_flags(**overrides)
     expect = {"name": task.operator, **overrides}  # as idm benchmark asks the checkpoint
@@ -68,14 +66,15 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     model = trained.model.to(device).for_inference(precision="fp32")
     score = score_function(task)
     operator_for = operator_factory(task, overrides, trained.operator, args.seed)  # as idm benchmark's
+    images = load_images(task, args.data, seed=args.seed)
+    multiple = pad_multiple(task, operator_for(0, tuple(images[0].x.shape[-2:])))  # the CS block, as idm benchmark
     rows = []
-    for index, image in enumerate(load_images(task, args.data, seed=args.seed)):
+    for index, image in enumerate(images):
         x = image.x[None].to(device)
         if args.square:
             side = min(x.shape[-2:])
             x = x[..., :side, :side]
         height, width = x.shape[-2:]
-        multiple = pad_multiple(task, operator_for(index, (height, width)))
         x_padded = pad_to_multiple(x, multiple)[0] if multiple else x  # as idm benchmark pads: CS to the block
         op = operator_for(index, tuple(x_padded.shape[-2:]))
         y = op.A(x_padded)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idm.step import DDPM_SCHEDULE, ddpm_alphas_cumprod
+from operators import image_shape_of
 
 class PriorError(ValueError):
     """A diffusion prior (folder, U-Net or schedule) cannot be used by the baselines."""
@@ -77,10 +78,7 @@ def real_dtype(t: Tensor) -> torch.dtype:
 
 def ones_shape(y: Tensor, op: Any) -> tuple[int, ...]:
     """``(1, C, H, W)`` of the images ``op`` acts on."""
-    shape = getattr(op, "image_shape", None)
-    if shape is None:
-        shape = tuple(op.A_adjoint(y[:1]).shape[1:])
-    return (1, *shape)
+    return (1, *image_shape_of(op, y[:1]))
 
 
 def image_shape(y: Tensor, op: Any) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from operators import image_shape_of
 from operators.dihedral import DIHEDRAL, Dihedral, Transformed
 
 #: The ensemble sizes offered: subgroups of the dihedral group (see :data:`operators.dihedral.DIHEDRAL`).
@@ -70,9 +71,7 @@ def ensemble_reconstruct(model: torch.nn.Module, y: Tensor, op: Any, size: int =
 
 
 def _is_wide(y: Tensor, op: Any) -> bool:
-    """Whether ``op``'s images are wider than tall (its ``image_shape``, else the shape ``A^T y`` has)."""
-    shape = getattr(op, "image_shape", None)
-    if shape is None:
-        with torch.no_grad():
-            shape = op.A_adjoint(y).shape[1:]
-    return shape[-1] > shape[-2]
+    """Whether ``op``'s images are wider than tall (:func:`operators.image_shape_of`)."""
+    with torch.no_grad():
+        height, width = image_shape_of(op, y)[-2:]
+    return width > height

@@ -42,7 +42,7 @@ from idm.unets import (
     unet_source_folder,
 )
 from idm.wiring import WiredSequence, coupling_forward
-from operators import check_measurements_for, has_exact_pinv, has_linear_pinv, unchecked_values
+from operators import check_measurements_for, has_exact_pinv, has_linear_pinv, image_shape_of, unchecked_values
 from operators.least_squares import least_squares_solve
 
 CONFIG_NAME = "config.json"
@@ -448,11 +448,8 @@ class IDM(nn.Module):
         return x if self.config.prior_range == "unit" else (x + 1) / 2
 
     def _image_shape(self, y: Tensor, op: Any) -> tuple[int, ...]:
-        shape = getattr(op, "image_shape", None)
-        if shape is None:  # a deepinv physics without the toolkit's shape attribute
-            with torch.no_grad(), _foreign_operator_errors(op, y):
-                shape = tuple(op.A_adjoint(y).shape[1:])
-        return tuple(shape)
+        with torch.no_grad(), _foreign_operator_errors(op, y):  # A_adjoint runs for a physics without image_shape
+            return image_shape_of(op, y)
 
     @torch.no_grad()
     def trace(self, y: Tensor, op: Any, generator: torch.Generator | None = None) -> tuple[Tensor, list[StepTrace]]:

@@ -12,7 +12,7 @@ it with ``@operators.register("name")`` (see README).
 """
 
 from .base import (Operator, OperatorInputError, check_finite, check_img_size, check_measurements_for, check_ratio,
-                   has_exact_pinv, has_linear_pinv)
+                   has_exact_pinv, has_linear_pinv, image_shape_of)
 from .registry import OperatorRegistry
 from .value_checks import unchecked_values, values_checked
 
@@ -40,6 +40,7 @@ __all__ = [
     "from_config",
     "has_exact_pinv",
     "has_linear_pinv",
+    "image_shape_of",
     "make",
     "register",
     "unchecked_values",

@@ -104,6 +104,16 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise OperatorInputError(f"{name} contains NaN or inf values")
 
 
+def image_shape_of(op: Any, y: torch.Tensor) -> tuple[int, ...]:
+    """``(C, H, W)`` of the images ``op`` acts on: its ``image_shape`` where it has one (the toolkit's
+    operators), else the shape ``op.A_adjoint(y)`` has (any other deepinv physics; ``y`` its measurements,
+    any batch size). The caller chooses autograd and the errors around that call."""
+    shape = getattr(op, "image_shape", None)
+    if shape is None:
+        shape = op.A_adjoint(y).shape[1:]
+    return tuple(shape)
+
+
 def check_measurements_for(op: Any, y: torch.Tensor) -> None:
     """``op.check_measurement(y)`` (shape, NaN/inf) where ``op`` has one, as the toolkit's operators do;
     for other deepinv physics, that ``y`` is a floating-point tensor without NaN or inf (:func:`check_finite`).

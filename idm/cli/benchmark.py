@@ -119,7 +119,6 @@ def dps_clip_range(data: list[str], kspace: list[str]) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tasks
     from benchmarks import resident_memory
     from benchmarks.harness import RESULT_FIELDS, load_images, run_benchmark
     from benchmarks.idm_method import IDMMethod
@@ -131,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.tune_tv import lam_from
     from idm.hardware import hardware_name
     from idm.checkpoint import save_json
+    from idm.cli.simulate import get_task
     from idm.export import exported_prior_fingerprint
     from idm.pretrain import prior_fingerprint
     from idm.shipped import find_prior
@@ -142,10 +142,7 @@ def run(args: argparse.Namespace) -> int:
     folder.check()  # before any work
     device = resolve_device(args.device)
     resolve_precision_arg(args, device)
-    task = tasks.get(task_name(args))
-    color = task_color(args)
-    if color and color != task.color:
-        task = task.with_color(color)
+    task = get_task(task_name(args), task_color(args))
     overrides = operator_overrides(args)
     task.check_flags(**overrides)  # refuses flags the task does not take or would ignore, before any work
     if args.methods is None:
