@@ -123,6 +123,8 @@ def test_each_ensemble_member_is_scored_alone_and_the_upright_one_is_plain_idm(b
     assert all(abs(float(r["psnr"]) - plain[r["image"]]) < 1e-3 for r in rows if r["symmetry"] == "identity")
     assert len({r["psnr"] for r in rows if r["image"] == "a"}) > 1  # a random network is not equivariant
     assert "| 90 degree turn |" in (out / "members.md").read_text()
+    assert ensemble_members.main([*common, "--acceleration", "4", "--out", str(tmp_path / "bad")]) == 2  # not cs's
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
@@ -236,6 +238,7 @@ def test_a_checkpoint_whose_prior_moved_names_the_missing_folder(bench_files, tm
         (["--methods", "idm,magic"], "unknown method"),
         (["--methods", "pinv,tv,pinv"], "--methods names a method twice: pinv,tv,pinv"),
         (["--methods", "pinv", "--ensemble", "2"], "--ensemble sets how IDM runs, and --methods does not run idm"),
+        (["--methods", "pinv", "--tall"], "--tall sets how IDM runs, and --methods does not run idm"),
         (["--methods", "idm", "--ensemble", "2", "2"], "--ensemble names a size twice: 2 2"),
         (["--methods", "idm"], "needs --checkpoint"),
         (["--methods", "ddnm"], "need a diffusion prior"),
