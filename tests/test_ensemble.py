@@ -144,3 +144,40 @@ def test_tall_reads_the_width_from_a_physics_without_image_shape():
     y = op.A(torch.rand(1, 1, 8, 12))
     assert torch.equal(ensemble_reconstruct(width_seen, y, op, 1, tall=True), torch.full((1, 1, 8, 12), 8.0))
     assert torch.equal(ensemble_reconstruct(width_seen, y, op, 1), torch.full((1, 1, 8, 12), 12.0))
+
+
+def _transpose_symmetric(model: IDM) -> IDM:
+    """``model`` made exactly transpose-equivariant: every kernel made symmetric, ``w = (w + w^T) / 2``, and the
+    injectors that work through a pixel shuffle (whose sub-pixel layout has no such symmetry) silenced."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.transpose(-1, -2)) / 2)
+            if getattr(module, "scale", 1) > 1 and hasattr(module, "to_feature"):
+                module.to_feature.weight.zero_()
+                module.to_feature.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", ["cs", "inpainting"])
+@pytest.mark.parametrize("invertible", ["none", "both"])
+def test_idm_treats_height_and_width_alike_so_a_preference_for_tall_images_is_learned(name, invertible):
+    """With symmetric kernels the whole pipeline (U-Net padding, skips, upsamplers, injectors at full
+    resolution, steps, final projection) must give the transposed reconstruction of the transposed problem
+    on a wide image; a mix-up of height and width anywhere would break this on non-square images only.
+    (The shipped natural-image models do better on wide images turned tall, ``--tall``: that is their
+    weights, not the code; benchmarks/RESULTS.md, *Wide images turned tall*.)"""
+    op = {"cs": lambda: operators.make("cs", img_size=(15, 22), ratio=0.3, block=8, mode="permuted", seed=1),
+          "inpainting": lambda: operators.make("inpainting", img_size=(13, 20), channels=3, ratio=0.5, seed=2)}[name]()
+    channels = op.image_shape[0]
+    config = IDMConfig(unet="tiny", image_channels=channels, steps=2, invertible=invertible, final_projection=True)
+    model = _transpose_symmetric(perturbed_model(config)).eval()
+    assert any(getattr(m, "scale", 0) == 1 for m in model.modules() if hasattr(m, "to_feature"))  # some injectors act
+    transpose = next(g for g in DIHEDRAL if torch.equal(g.apply(torch.eye(3, 2)), torch.eye(2, 3)))
+    y = op.A(torch.rand(1, *op.image_shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    with torch.no_grad():
+        wide = model(y, op)
+        tall = transpose.invert(model(y, Transformed(op, transpose)))
+    multiple = model.eps_net.unshuffle * 2**model.eps_net.num_downsamplers
+    assert op.image_shape[-2] % multiple and not op.image_shape[-1] % multiple  # the U-Net pads the height only
+    assert relative_error(tall, wide) < 1e-12
