@@ -24,7 +24,9 @@ one iteration (forward, L1, backward, Adam) for the plain network
 backward (``both``), at ``--train-batch``, for each of ``--train-levers``
 (``base``, ``channels_last``, ``compile``, the attention kernels, ``cudagraphs``: the whole
 iteration, backward and Adam step included, captured once as a CUDA graph and replayed,
-:meth:`benchmarks.timing.TrainingSetup.captured_iteration`).
+:meth:`benchmarks.timing.TrainingSetup.captured_iteration`), and for each of
+``--train-micro-batch`` (the batch's forward and backward run that many images at a
+time, as ``idm train --micro-batch``).
 
 FLOPs are counted once per configuration with
 ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; the
@@ -74,7 +76,7 @@ from idm.precision import PRECISIONS
 from idm.training.trained import resolve_model_dir
 
 FIELDS = [
-    "mode", "model", "operator", "variant", "precision", "lever", "batch", "size", "steps", "params_m",
+    "mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image", "status",
 ]  # fmt: skip
 #: Attention levers: scaled-dot-product attention restricted to one of torch's kernels (by default torch
@@ -256,15 +258,17 @@ def lever_context(lever: str) -> contextlib.AbstractContextManager:
 
 
 def training_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, lever: str,
-                 device: torch.device, iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
-    """Time one training iteration (forward, L1, backward, Adam step)."""
+                 device: torch.device, iters: int, warmup: int, peak: float | None,
+                 micro_batch: int | None = None) -> dict:  # fmt: skip
+    """Time one training iteration (forward, L1, backward in pieces of ``micro_batch`` images, Adam step)."""
     row = dict(mode="train", model=label, operator=describe(op), variant=model.config.invertible, precision=precision,
-               lever=lever, batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+               lever=lever, batch=batch, micro_batch=micro_batch or batch, size=size, steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     graphed = lever == "cudagraphs"
     if graphed:
         require_cuda_for_graphs(device)  # before Adam is made capturable, which the CPU refuses
-    training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6, capturable=graphed)
+    training = TrainingSetup.for_model(model, op, batch, size, precision, lr=1e-6, capturable=graphed,
+                                       micro_batch=micro_batch)  # fmt: skip
     flops = training_flops(model, training.iteration, lambda: model(training.y, op))  # before the lever: same count
     model = with_lever(model, lever)
     with lever_context(lever):
@@ -278,7 +282,7 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "ms_per_image", "s_per_iter", "gflop_per_image",
+    shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "ms_per_image", "s_per_iter", "gflop_per_image",
              "tflops", "percent_of_peak", "page_faults_per_image", "status"]  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
@@ -310,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=["base"])
     parser.add_argument("--train-batch", type=non_negative_int, default=0, help="also time training at this batch (0: no)")
     parser.add_argument("--train-levers", nargs="+", choices=TRAIN_LEVERS, default=["base"], help="levers of the training rows")
+    parser.add_argument("--train-micro-batch", type=positive_int, nargs="+", metavar="N",
+                        help="time training with each of these micro-batches (idm train --micro-batch; default: the "
+                        "whole --train-batch at once)")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
     args = parser.parse_args(argv)
+    if args.train_micro_batch and not args.train_batch:
+        parser.error("--train-micro-batch cuts the batch of the training rows: give --train-batch too")
     if args.checkpoint and (args.steps is not None or args.train_batch):
         parser.error("--steps and --train-batch are for --unet architectures; a --checkpoint is timed as trained, "
                      "in inference only")  # fmt: skip
@@ -344,11 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         for lever in args.train_levers if args.train_batch and args.checkpoint is None else []:
             for variant in ("none", "both"):
-                base = dict(mode="train", model=args.unet or "sd15", variant=variant, precision=precision, lever=lever,
-                            batch=args.train_batch, size=args.size)  # fmt: skip
-                add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
-                                                  args.train_batch, args.size, precision, lever, device, args.iters,
-                                                  args.warmup, args.peak_tflops), base))  # fmt: skip
+                for micro in args.train_micro_batch or [None]:
+                    base = dict(mode="train", model=args.unet or "sd15", variant=variant, precision=precision, lever=lever,
+                                batch=args.train_batch, micro_batch=micro or args.train_batch, size=args.size)  # fmt: skip
+                    add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
+                                                      args.train_batch, args.size, precision, lever, device, args.iters,
+                                                      args.warmup, args.peak_tflops, micro), base))  # fmt: skip
     command = script_command("benchmarks.speed", argv)
     write_csv_and_markdown(out, "speed", rows, FIELDS, f"`{command}` on {hardware_name(device)}\n\n{summary_markdown(rows)}\n")
     return 0

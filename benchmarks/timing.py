@@ -16,6 +16,7 @@ from idm import IDM
 from idm.cli.common import non_negative_int, positive_int, resolve_device, seed_value
 from idm.cpu_memory import keep_freed_memory
 from idm.precision import autocast_for
+from idm.training.micro_batches import backward_in_micro_batches, check_micro_batch
 from idm.training.optimizer import fused_by_default
 from idm.unets import check_unet_source
 
@@ -143,6 +144,8 @@ class TrainingSetup:
 
     ``capturable``: Adam keeps its step counts on the device and autocast casts weights at every use
     (no weight cache), so that :meth:`captured_iteration` can capture the iteration as a CUDA graph.
+    ``micro_batch``: the forward and backward run this many images at a time (``idm train --micro-batch``,
+    :mod:`idm.training.micro_batches`); ``None``: the whole batch at once.
     """
 
     model: IDM
@@ -152,10 +155,11 @@ class TrainingSetup:
     y: torch.Tensor
     precision: str
     capturable: bool = False
+    micro_batch: int | None = None
 
     @classmethod
     def for_model(cls, model: IDM, op: Any, batch: int, size: int, precision: str, lr: float | torch.Tensor,
-                  capturable: bool = False) -> "TrainingSetup":  # fmt: skip
+                  capturable: bool = False, micro_batch: int | None = None) -> "TrainingSetup":  # fmt: skip
         """``model`` (on its device, set to training mode) on ``batch`` random images of ``size x size``.
 
         ``lr`` may be a 0-dim tensor on the device with ``capturable``: a captured iteration reads it, so
@@ -165,16 +169,18 @@ class TrainingSetup:
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused, capturable=capturable)
         device = next(model.parameters()).device
         x = torch.rand(batch, model.config.image_channels, size, size, device=device)
-        return cls(model, optimizer, op, x, op.A(x), precision, capturable)
+        return cls(model, optimizer, op, x, op.A(x), precision, capturable, check_micro_batch(micro_batch))
 
-    def forward(self) -> torch.Tensor:
-        """The training forward, under the autocast of ``precision``."""
+    def forward(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The training forward of the images ``rows``, under the autocast of ``precision``."""
         with autocast_for(self.x.device.type, self.precision, cache_enabled=not self.capturable):
-            return self.model(self.y, self.op)
+            return self.model(self.y[rows], self.op)
 
     def step(self) -> None:
-        """Forward, L1 loss, backward, Adam step, adding to the gradients there are (none after ``zero_grad``)."""
-        (self.forward().float() - self.x).abs().mean().backward()
+        """Forward, L1 loss, backward (in micro-batches), Adam step, adding to the gradients there are (none
+        after ``zero_grad``)."""
+        loss_of = lambda rows: (self.forward(rows).float() - self.x[rows]).abs().mean()  # noqa: E731
+        backward_in_micro_batches(loss_of, self.x.shape[0], self.micro_batch)
         self.optimizer.step()
 
     def iteration(self) -> None:

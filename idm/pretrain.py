@@ -52,6 +52,7 @@ from idm.training.distributed import DistEnv
 from idm.training.ema import EMA
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.lr import set_learning_rate, step_lr
+from idm.training.micro_batches import backward_in_micro_batches, micro_batch_slices
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
 from idm.unets.factory import PRIOR_INFO_NAME, unet_source_folder, unet_weight_files
@@ -388,15 +389,22 @@ def pretrain(
             noise, t = (seeds.rows_of_rank(d, env.rank, env.world_size).to(device) for d in (noise, t))
             noisy = scheduler.add_noise(x, noise, t)
             set_learning_rate(optimizer, config.lr_at(index))
-            with autocast_for(device.type, precision):
-                pred = net(noisy, t, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise)
+            pieces = micro_batch_slices(x.shape[0], config.micro_batch)
+            runner = net if len(pieces) == 1 else unet  # several pieces: gradients averaged once, after the last
+
+            def loss_of(rows: slice) -> Tensor:
+                with autocast_for(device.type, precision):
+                    pred = runner(noisy[rows], t[rows], return_dict=False)[0]
+                return F.mse_loss(pred.float(), noise[rows])
+
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_in_micro_batches(loss_of, x.shape[0], config.micro_batch)
+            if len(pieces) > 1:
+                distributed.average_gradients(unet, env)
             optimizer.step()
             if ema is not None:
                 ema.update(unet)
-            return loss.detach()
+            return loss
 
         def save(iteration: int, seconds: float) -> None:
             def write(tmp: Path) -> None:

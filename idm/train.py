@@ -69,6 +69,7 @@ from idm.training.ema import EMA
 from idm.training.loop import Cadence, LoopResult, run_loop, checkpoint_time_guess
 from idm.training.losses import ReconstructionLoss, check_ssim_weight
 from idm.training.lr import milestones_from_fractions, set_learning_rate, step_lr
+from idm.training.micro_batches import backward_in_micro_batches, micro_batch_slices
 from idm.training.run_folder import RUN_NAME, RunFolder
 from idm.training.trained import RUN_FORMAT, TrainedModel, load_trained, read_run_record, resolve_model_dir
 from idm.training.state import read_checkpoint_files, restore_optimizer, restore_rng, resuming_from, write_trainer_state
@@ -565,15 +566,23 @@ def train(
                 shape = (x.shape[0] * env.world_size, *x.shape[1:])
                 drawn = torch.randn(shape, generator=seeds.generator(config.seed, seeds.NOISE, index))
                 noise = seeds.rows_of_rank(drawn, env.rank, env.world_size).to(device)
-            with autocast_for(device.type, precision):
-                x_hat = net(y, op, noise=noise)
-            loss = loss_fn(x_hat.float(), x)
+            pieces = micro_batch_slices(x.shape[0], config.micro_batch)
+            runner = net if len(pieces) == 1 else model  # several pieces: gradients averaged once, after the last
+
+            def loss_of(rows: slice) -> Tensor:
+                part = (lambda t: t) if len(pieces) == 1 else (lambda t: t[rows])  # noqa: E731 (y as the physics made it)
+                with autocast_for(device.type, precision):
+                    x_hat = runner(part(y), op, noise=None if noise is None else part(noise))
+                return loss_fn(x_hat.float(), part(x))
+
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_in_micro_batches(loss_of, x.shape[0], config.micro_batch)
+            if len(pieces) > 1:
+                distributed.average_gradients(model, env)
             optimizer.step()
             if ema is not None:
                 ema.update(model)
-            return loss.detach()
+            return loss
 
         transform = metric_transform or (lambda t: t)
 

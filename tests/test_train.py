@@ -178,15 +178,18 @@ def test_validation_of_a_noise_init_model_resumes_exactly(tmp_path, data):
     assert scores[0] == scores[1] and all(scores[0])  # its own start noise, not the global RNG's next draw
 
 
-@pytest.mark.parametrize("init", ["pinv", "noise"])  # noise: drawn for the global batch, each rank takes its slice
-def test_ddp_two_processes_equal_one_process(tmp_path, data, init):
+@pytest.mark.parametrize("init, micro_batch", [("pinv", []), ("noise", []), ("noise", ["--micro-batch", "1"])])
+def test_ddp_two_processes_equal_one_process(tmp_path, data, init, micro_batch):
+    """noise: drawn for the global batch, each rank takes its slice; --micro-batch: each rank's two images one
+    at a time, the gradients averaged over the ranks after the second (idm.training.micro_batches)."""
     common = [*BASE[1:], "--data", str(data), "--iters", "2", "--batch-size", "4", "--lr", "1e-5", "--checkpoint-every", "2",
               "--init", init]  # fmt: skip
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert torch.get_num_threads() == 1  # as each torchrun process (the same summation order)
     assert main(["train", *common, "--out", str(single)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "idm", "train", *common, "--out", str(ddp)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "idm", "train", *common,
+           *micro_batch, "--out", str(ddp)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("idm train: done") == 1  # rank 0 only

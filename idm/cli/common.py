@@ -104,6 +104,14 @@ def add_training_precision_arg(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--no-amp", nargs=0, action=_Replaced, help=argparse.SUPPRESS)
 
 
+def add_micro_batch_arg(group: argparse._ArgumentGroup) -> None:
+    """``--micro-batch N`` of ``idm train`` and ``idm pretrain`` (:mod:`idm.training.micro_batches`)."""
+    group.add_argument("--micro-batch", type=positive_int, metavar="N",
+                       help="run each step's batch N images at a time, accumulating the gradients: the same update "
+                       "up to rounding, with the activations of N images held at once, for a batch that does not fit "
+                       "in memory (no faster: README); default: the whole batch at once; a resumed run may change it")  # fmt: skip
+
+
 class _Replaced(argparse.Action):
     """A flag that was replaced: a usage error that names its replacement (``--no-amp``: ``--precision fp32``)."""
 

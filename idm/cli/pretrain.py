@@ -11,6 +11,7 @@ import argparse
 from idm.cli.common import (
     add_common_args,
     add_run_control_args,
+    add_micro_batch_arg,
     add_training_precision_arg,
     check_out_is_not_data,
     command_line,
@@ -53,6 +54,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported weights; 0 = no EMA (default 0.999)")
     opt.add_argument("--no-augment", action="store_true", help="no random flip/rotation per batch")
     add_training_precision_arg(opt)
+    add_micro_batch_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
     add_run_control_args(parser, log_every=50, checkpoint_what="checkpoints and prior exports")
@@ -114,6 +116,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        micro_batch=args.micro_batch,
     )
     device = resolve_device(args.device)
     if device.type == "cuda":

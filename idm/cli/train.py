@@ -14,6 +14,7 @@ from idm.cli.common import (
     add_common_args,
     add_operator_args,
     add_run_control_args,
+    add_micro_batch_arg,
     add_training_precision_arg,
     check_out_is_not_data,
     command_line,
@@ -95,6 +96,7 @@ def add_parser(subparsers) -> None:
                      "of full scale), so that a model trained on clean images also serves noisy scanner data; default 0")
     opt.add_argument("--fixed-operator", action="store_true", help="keep one operator draw instead of a fresh one per iteration")
     add_training_precision_arg(opt)
+    add_micro_batch_arg(opt)
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
     run = add_run_control_args(parser, log_every=10)
@@ -174,6 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        micro_batch=args.micro_batch,
     )
     if start is not None:
         final_projection = start.config.final_projection if args.final_projection is None else args.final_projection

@@ -159,3 +159,24 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv, device: torch.device) -> tor
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
+
+
+def average_gradients(module: torch.nn.Module, env: DistEnv) -> None:
+    """Replace every parameter's ``.grad`` by its mean over the processes (nothing when single-process).
+
+    What DistributedDataParallel's hooks do during a backward, done once after
+    several backwards of the unwrapped module (gradient accumulation,
+    :mod:`idm.training.micro_batches`). The gradients travel as one flat
+    buffer. Parameters without a gradient keep none (Adam then skips them):
+    the same network runs on every process, so they are the same ones everywhere.
+    """
+    if not env.enabled:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= env.world_size
+    for grad, piece in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(piece.view_as(grad))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idm.precision import PRECISION_CHOICES
+from idm.training.micro_batches import check_micro_batch
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class LoopOptions:
         max_minutes: time budget of this command (checkpoint and exit before it).
         num_workers: DataLoader worker processes.
         progress: show a tqdm progress bar (rank 0).
+        micro_batch: run each process's share of a batch in pieces of at most
+            this many images, accumulating the gradients: the same update up to
+            rounding, with the activations of fewer images held at once
+            (:mod:`idm.training.micro_batches`); ``None``: all at once. How the
+            step runs, not what it computes: a resumed run may change it.
     """
 
     iters: int = 20_000
@@ -44,6 +50,7 @@ class LoopOptions:
     max_minutes: float | None = None
     num_workers: int = 0
     progress: bool = True
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         check_loop_options(type(self).__name__, self)
@@ -58,7 +65,7 @@ def check_loop_options(owner: str, options: Any) -> None:
     """Raise ``ValueError("<owner>: ...")`` unless the shared fields of ``options`` make sense.
 
     Fields: ``iters``, ``batch_size``, ``lr``, ``lr_gamma``, ``seed``, ``keep``,
-    ``num_workers``, ``precision``, ``max_minutes``.
+    ``num_workers``, ``precision``, ``max_minutes``, ``micro_batch``.
     """
 
     def need(ok: bool, message: str) -> None:
@@ -75,6 +82,10 @@ def check_loop_options(owner: str, options: Any) -> None:
     need(options.precision in PRECISION_CHOICES,
          f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {options.precision!r}")
     need(options.max_minutes is None or options.max_minutes > 0, f"max_minutes must be positive, got {options.max_minutes}")
+    try:
+        check_micro_batch(options.micro_batch)
+    except ValueError as error:
+        need(False, str(error))
 
 
 def recorded_training_identity(training: dict[str, Any]) -> dict[str, Any]:
