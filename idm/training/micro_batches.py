@@ -22,7 +22,8 @@ Under ``torchrun`` the pieces run on the unwrapped model, without
 ``DistributedDataParallel``'s hooks, and the gradients are averaged over
 the processes once, after the last piece (:func:`idm.training.distributed.average_gradients`):
 DDP's own accumulation (``no_sync``) does not work with the ``static_graph``
-this toolkit wraps its models with.
+this toolkit wraps its models with (torch 2.14.1 stops at an internal assert
+of its reducer, ``expect_autograd_hooks_``: pytorch/pytorch pull request 187732).
 """
 
 from __future__ import annotations
