@@ -262,7 +262,8 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
                  micro_batch: int | None = None) -> dict:  # fmt: skip
     """Time one training iteration (forward, L1, backward in pieces of ``micro_batch`` images, Adam step)."""
     row = dict(mode="train", model=label, operator=describe(op), variant=model.config.invertible, precision=precision,
-               lever=lever, batch=batch, micro_batch=micro_batch or batch, size=size, steps=model.config.steps)  # fmt: skip
+               lever=lever, batch=batch, micro_batch=min(micro_batch or batch, batch), size=size,
+               steps=model.config.steps)  # fmt: skip
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     graphed = lever == "cudagraphs"
     if graphed:
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in ("none", "both"):
                 for micro in args.train_micro_batch or [None]:
                     base = dict(mode="train", model=args.unet or "sd15", variant=variant, precision=precision, lever=lever,
-                                batch=args.train_batch, micro_batch=micro or args.train_batch, size=args.size)  # fmt: skip
+                                batch=args.train_batch, micro_batch=min(micro or args.train_batch, args.train_batch),
+                                size=args.size)  # fmt: skip
                     add(_guarded(lambda: training_row(*build_model(args.unet, None, args.steps, variant, args.size, device),
                                                       args.train_batch, args.size, precision, lever, device, args.iters,
                                                       args.warmup, args.peak_tflops, micro), base))  # fmt: skip

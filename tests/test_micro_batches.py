@@ -57,6 +57,20 @@ def test_micro_batches_give_the_whole_batchs_gradients(loss_fn):
     assert max(relative_error(p.grad, whole[name], floor=1e-6 * scale) for name, p in model.named_parameters()) > 1e-3
 
 
+def test_a_physics_with_one_mask_per_image_is_named_when_cut_into_micro_batches():
+    from deepinv.physics import Inpainting
+
+    masks = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5).double()
+    physics = Inpainting(img_size=(1, 16, 16), mask=masks)  # one mask per image of a batch of 2
+    model = perturbed_model(IDMConfig(unet="tiny", steps=1))
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    y = physics.A(x)
+    loss_of = lambda rows: ReconstructionLoss()(model(y[rows], physics), x[rows])  # noqa: E731
+    assert torch.isfinite(backward_in_micro_batches(loss_of, 2, None))  # the whole batch: fine
+    with pytest.raises(ValueError, match=r"with micro_batch=1: each piece.*needs the whole batch at once"):
+        backward_in_micro_batches(loss_of, 2, 1)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data") / "train", n=6, size=20)
@@ -105,9 +119,9 @@ def test_the_speed_benchmark_times_training_in_micro_batches(tmp_path, capsys):
 
     out = tmp_path / "speed"
     assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--train-batch", "2",
-                       "--train-micro-batch", "2", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+                       "--train-micro-batch", "8", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
     train = [r for r in csv.DictReader(open(out / "speed.csv")) if r["mode"] == "train"]
-    assert [(r["variant"], r["batch"], r["micro_batch"]) for r in train] == [
+    assert [(r["variant"], r["batch"], r["micro_batch"]) for r in train] == [  # 8 runs the batch of 2 at once
         ("none", "2", "2"), ("none", "2", "1"), ("both", "2", "2"), ("both", "2", "1")]  # fmt: skip
     assert all(r["status"] == "ok" and float(r["s_per_iter"]) > 0 for r in train)
     by_variant = {}

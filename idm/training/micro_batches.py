@@ -64,11 +64,24 @@ def backward_in_micro_batches(loss_of: Callable[[slice], Tensor], batch: int, mi
     Returns:
         The whole batch's mean loss, detached. The gradients are accumulated
         into the parameters' ``.grad`` (clear them before, step after).
+
+    Raises:
+        ValueError: what ``loss_of`` raised, and with several pieces a note
+        that the measurements are cut into pieces, not the physics (a deepinv
+        physics that holds one mask or kernel per image then does not match).
     """
+    pieces = micro_batch_slices(batch, micro_batch)
     total = None
-    for rows in micro_batch_slices(batch, micro_batch):
+    for rows in pieces:
         share = (rows.stop - rows.start) / batch
-        loss = loss_of(rows) * share
+        try:
+            loss = loss_of(rows) * share
+        except ValueError as err:
+            if len(pieces) == 1:
+                raise
+            raise ValueError(f"{err} (with micro_batch={micro_batch}: each piece of the batch gets its rows of the "
+                             "measurements but the whole physics, so a physics with one mask or kernel per image "
+                             "needs the whole batch at once: no micro_batch)") from err  # fmt: skip
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
