@@ -26,8 +26,10 @@ import torch
 from torch.utils.data import Dataset
 
 PathsArg = Union[str, Sequence[str]]
+#: A training crop: a square's side, or ``(height, width)``.
+CropArg = Union[int, tuple[int, int]]
 #: ``loader(task, paths, crop, augment, seed) -> Dataset``
-Loader = Callable[["Task", PathsArg, Optional[int], bool, int], Dataset]
+Loader = Callable[["Task", PathsArg, Optional[CropArg], bool, int], Dataset]
 
 #: Colour modes of image files and their channel counts.
 IMAGE_COLORS: Mapping[str, int] = MappingProxyType({"gray": 1, "y": 1, "rgb": 3})
@@ -81,7 +83,7 @@ def mask_mixture(mask: Any) -> Optional[list[tuple[str, float]]]:
     return pairs
 
 
-def image_folder_loader(task: "Task", paths: PathsArg, crop: Optional[int], augment: bool, seed: int) -> Dataset:
+def image_folder_loader(task: "Task", paths: PathsArg, crop: Optional[CropArg], augment: bool, seed: int) -> Dataset:
     """Images of any format ``tasks.data`` reads, in the task's colour mode."""
     from tasks.data import ImageFolderDataset
 
@@ -274,12 +276,13 @@ class Task:
         return family
 
     # ---- data ------------------------------------------------------------------------
-    def dataset(self, paths: PathsArg, crop: Optional[int] = None, augment: bool = False, seed: int = 0) -> Dataset:
+    def dataset(self, paths: PathsArg, crop: Optional[CropArg] = None, augment: bool = False, seed: int = 0) -> Dataset:
         """The task's images under ``paths``: items float32 ``(channels, H, W)`` in [0, 1] (the mri task's
         complex images from fastMRI k-space: real and imaginary parts in [-1, 1], magnitude in [0, 1]).
 
-        ``crop``: random square crops of that size (images smaller are
-        skipped; none large enough raises ``tasks.data.DataError``).
+        ``crop``: random crops of that size, a square's side or ``(height,
+        width)`` (images smaller are skipped; none large enough raises
+        ``tasks.data.DataError``).
         """
         return self.loader(self, paths, crop, augment, seed)
 

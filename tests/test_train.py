@@ -30,6 +30,7 @@ from idm.train import load_trained, make_optimizer, resolve_model_dir, scalar_pa
 from idm.training.batches import ShardedBatches
 from idm.training.optimizer import fused_by_default
 from idm.training.state import flatten_optimizer, restore_optimizer
+from tasks.data import ImageFolderDataset
 from tests.conftest import relative_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,6 +331,25 @@ def test_crop_smaller_than_a_cs_block(tmp_path, data, capsys):
     _fails([*BASE, "--data", str(data), "--crop", "4", "--iters", "2", "--out", str(out)], capsys,
            "--crop 4 is smaller than one 8x8 block of the cs operator")  # fmt: skip
     assert not out.exists()
+
+
+def test_a_crop_of_height_by_width_trains_on_batches_of_that_shape(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main([*BASE, "--data", str(data), "--crop", "16x24", "--iters", "3", "--checkpoint-every", "3", "--out", str(out)]) == 0
+    trained = load_trained(out)
+    run = json.loads((out / "checkpoints" / "iter_0000003" / "run.json").read_text())
+    assert run["identity"]["task_info"]["crop"] == [16, 24] and trained.operator["img_size"] == [16, 24]
+    shards = ShardedBatches(ImageFolderDataset(str(data), color="gray", crop=(16, 24)), 2, seed=0)
+    assert {tuple(shards[i].shape[-2:]) for i in range(12)} == {(16, 24)}  # flipped, never turned a quarter
+    assert main([*BASE, "--data", str(data), "--crop", "16x16", "--iters", "1", "--out", str(tmp_path / "square")]) == 0
+    square = json.loads((tmp_path / "square" / "checkpoints" / "iter_0000001" / "run.json").read_text())
+    assert square["identity"]["task_info"]["crop"] == 16  # a square is recorded as before
+    for bad in ("16x", "x16", "16x24x3", "0x16", "a"):
+        with pytest.raises(SystemExit):
+            main([*BASE, "--data", str(data), "--crop", bad, "--out", str(tmp_path / "bad")])
+        assert "argument --crop: must be a size S or HxW" in capsys.readouterr().err
+    _fails([*BASE, "--data", str(data), "--crop", "4x16", "--iters", "2", "--out", str(tmp_path / "thin")], capsys,
+           "--crop 4x16 is smaller than one 8x8 block of the cs operator")  # fmt: skip
 
 
 def test_crop_larger_than_every_image(tmp_path, data, capsys):

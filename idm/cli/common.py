@@ -57,6 +57,21 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def crop_size(text: str) -> int | tuple[int, int]:
+    """An argparse type for ``--crop``: ``S`` (a square, returned as an int) or ``HxW`` (height by width, a tuple)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be a size S or HxW (e.g. 256 or 192x320), got {text!r}")
+    try:
+        sizes = [positive_int(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a size S or HxW of whole numbers >= 1 (e.g. 256 or 192x320), "
+                                         f"got {text!r}") from None  # fmt: skip
+    if len(sizes) == 1 or sizes[0] == sizes[1]:
+        return sizes[0]
+    return sizes[0], sizes[1]
+
+
 def seed_value(text: str) -> int:
     """``--seed``: an integer in [0, 2**32), the range every random source here takes (NumPy's is the narrowest)."""
     seed = _integer(text)

@@ -10,8 +10,8 @@ import argparse
 
 from idm.cli.common import (
     add_common_args,
-    add_run_control_args,
     add_micro_batch_arg,
+    add_run_control_args,
     add_training_precision_arg,
     check_out_is_not_data,
     command_line,

@@ -12,13 +12,14 @@ import dataclasses
 
 from idm.cli.common import (
     add_common_args,
+    add_micro_batch_arg,
     add_operator_args,
     add_run_control_args,
-    add_micro_batch_arg,
     add_training_precision_arg,
     check_out_is_not_data,
     command_line,
     command_started_at,
+    crop_size,
     operator_overrides,
     positive_int,
     resolve_device,
@@ -72,7 +73,10 @@ def add_parser(subparsers) -> None:
     opt = parser.add_argument_group("training (defaults come from the task)")
     opt.add_argument("--iters", type=int, help="total iterations")
     opt.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
-    opt.add_argument("--crop", type=int, help="square training crop (the operator's image size)")
+    opt.add_argument("--crop", type=crop_size, metavar="S|HxW",
+                     help="training crop, the operator's image size: a square S or height x width, e.g. 192x320 "
+                     "(batches of a crop that is not square are flipped but never turned a quarter, so they keep "
+                     "their shape); default: the task's square")  # fmt: skip
     opt.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (cs, inpainting)")
     opt.add_argument("--lr", type=float, help="initial Adam learning rate")
     opt.add_argument("--lr-milestones", type=int, nargs="+", metavar="ITER", help="iterations after which the lr is multiplied by --lr-gamma (default: the task's fractions of --iters, 20/40/60/80%% for the built-in tasks)")
@@ -150,7 +154,8 @@ def run_train(args: argparse.Namespace) -> int:
     sched = task.schedule
     iters = args.iters if args.iters is not None else sched.iters
     crop = args.crop if args.crop is not None else task.crop
-    if crop < 1:
+    height, width = (crop, crop) if isinstance(crop, int) else crop
+    if min(height, width) < 1:
         raise ValueError(f"--crop must be positive, got {crop}")
     milestones = tuple(args.lr_milestones) if args.lr_milestones else sched.milestone_iterations(iters)
     config = TrainConfig(
@@ -207,10 +212,11 @@ def run_train(args: argparse.Namespace) -> int:
 
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
     seed_everything(args.seed)
-    operator = task.make_training_operator((crop, crop), seed=args.seed, **operator_overrides(args))
+    operator = task.make_training_operator((height, width), seed=args.seed, **operator_overrides(args))
     block = getattr(operator, "representative", operator).config().get("block")
-    if block and crop < block:  # the operator would then measure a whole crop as one padded block
-        raise ValueError(f"--crop {crop} is smaller than one {block}x{block} block of the cs operator: "
+    if block and min(height, width) < block:  # the operator would then measure a whole crop as one padded block
+        shown = crop if isinstance(crop, int) else f"{height}x{width}"
+        raise ValueError(f"--crop {shown} is smaller than one {block}x{block} block of the cs operator: "
                          f"train on crops of at least {block}x{block} pixels")  # fmt: skip
     check_out_is_not_data(args.out, *args.data, *(args.val_data or []))
     dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
@@ -224,7 +230,8 @@ def run_train(args: argparse.Namespace) -> int:
         args.out,
         config,
         task=task.name,
-        task_info={"color": task.color, "crop": crop, "channels": task.channels},
+        task_info={"color": task.color, "crop": crop if isinstance(crop, int) else [height, width],
+                   "channels": task.channels},  # fmt: skip
         val_dataset=val,
         val_limit=args.val_max,
         init_model=start,
