@@ -127,6 +127,33 @@ def test_each_ensemble_member_is_scored_alone_and_the_upright_one_is_plain_idm(b
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_prior_is_scored_denoising_each_image_as_it_is_and_turned_a_quarter(bench_files, tmp_path, capsys):
+    from benchmarks import prior_turns
+    from benchmarks.prior import load_prior
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray((np.random.default_rng(1).random((24, 40)) * 255).astype(np.uint8)).save(images / "wide.png")
+    out = tmp_path / "turns"
+    common = ["--prior", str(bench_files / "prior"), "--data", str(images), "--device", "cpu", "--timesteps", "10", "300"]
+    assert prior_turns.main([*common, "--out", str(out)]) == 0
+    rows = _rows(out / "turns.csv")
+    assert [(r["image"], r["timestep"]) for r in rows] == [("wide", "10"), ("wide", "300")]
+    assert all(r["psnr_as_is"] != r["psnr_turned"] for r in rows)  # a random U-Net is not equivariant
+    assert float(rows[0]["psnr_as_is"]) > float(rows[1]["psnr_as_is"])  # less noise, a better estimate
+    assert "| 300 |" in (out / "turns.md").read_text()
+    prior = load_prior(bench_files / "prior")  # the estimate is the DDPM one, x0 = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)
+    x, eps = torch.rand(1, 1, 16, 24), torch.randn(1, 1, 16, 24)
+    abar = prior.abar(300, x)
+    x_t = abar.sqrt() * (2 * x - 1) + (1 - abar).sqrt() * eps
+    with torch.no_grad():
+        expected = (((x_t - (1 - abar).sqrt() * prior.eps(x_t, 300)) / abar.sqrt() + 1) / 2).clamp(0, 1)
+        assert torch.allclose(prior_turns.denoised(prior, x, 300, eps, turned=False), expected, atol=1e-6)
+    with pytest.raises(SystemExit):
+        prior_turns.main([*common[:-3], "--timesteps", "1000", "--out", str(tmp_path / "bad")])
+    assert "--timesteps must be in 0-999" in capsys.readouterr().err
+
+
 def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     class FailsOnSecondImage:
         name, nfe = "flaky", 0
