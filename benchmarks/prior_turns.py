@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.harness import load_images
 from benchmarks.prior import load_prior
@@ -46,14 +47,20 @@ QUARTER_TURN = next(g for g in DIHEDRAL if g.swaps_height_and_width and not g.fl
 
 def denoised(prior, x: torch.Tensor, t: int, eps: torch.Tensor, turned: bool) -> torch.Tensor:
     """The prior's one-step estimate of ``x`` ``(1, C, H, W)`` in [0, 1] from its noisy version at ``t`` with
-    noise ``eps`` (prior space), the U-Net run on the image turned a quarter when ``turned``; in [0, 1], clipped."""
+    noise ``eps`` (prior space), the U-Net run on the image turned a quarter when ``turned``; in [0, 1], clipped.
+
+    A size that is not a multiple of the U-Net's downsampling is padded (replicate, bottom and right) before
+    the turn, so both ways the U-Net sees the same padded image, once turned."""
     abar = prior.abar(t, x)
     x_t = abar.sqrt() * prior.space.to_model(x) + (1 - abar).sqrt() * eps
+    height, width = x_t.shape[-2:]
+    multiple = 2 ** (len(prior.unet.down_blocks) - 1)
+    padded = F.pad(x_t, (0, (-width) % multiple, 0, (-height) % multiple), mode="replicate")
     if turned:
-        eps_hat = QUARTER_TURN.invert(prior.eps(QUARTER_TURN.apply(x_t), t))
+        eps_hat = QUARTER_TURN.invert(prior.eps(QUARTER_TURN.apply(padded), t))
     else:
-        eps_hat = prior.eps(x_t, t)
-    x0 = (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+        eps_hat = prior.eps(padded, t)
+    x0 = (x_t - (1 - abar).sqrt() * eps_hat[..., :height, :width]) / abar.sqrt()
     return prior.space.to_image(x0).clamp(0, 1)
 
 

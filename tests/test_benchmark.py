@@ -149,6 +149,18 @@ def test_the_prior_is_scored_denoising_each_image_as_it_is_and_turned_a_quarter(
     with torch.no_grad():
         expected = (((x_t - (1 - abar).sqrt() * prior.eps(x_t, 300)) / abar.sqrt() + 1) / 2).clamp(0, 1)
         assert torch.allclose(prior_turns.denoised(prior, x, 300, eps, turned=False), expected, atol=1e-6)
+    unet = prior.unet
+    plain_forward = unet.forward
+
+    def averaged_over_turns(h, t, return_dict=True):  # an exactly turn-equivariant U-Net: both ways alike
+        out = sum(torch.rot90(plain_forward(torch.rot90(h, k, (-2, -1)), t).sample, -k, (-2, -1)) for k in range(4)) / 4
+        return type("Output", (), {"sample": out})()
+
+    unet.forward = averaged_over_turns
+    x, eps = torch.rand(1, 1, 15, 25), torch.randn(1, 1, 15, 25)  # odd sizes: padded before the turn
+    with torch.no_grad():
+        both_ways = [prior_turns.denoised(prior, x, 300, eps, turned) for turned in (False, True)]
+    assert torch.allclose(both_ways[0], both_ways[1], atol=1e-6)
     with pytest.raises(SystemExit):
         prior_turns.main([*common[:-3], "--timesteps", "1000", "--out", str(tmp_path / "bad")])
     assert "--timesteps must be in 0-999" in capsys.readouterr().err
