@@ -194,15 +194,18 @@ class DiffusionPrior(nn.Module):
         unet = self.unet
         dtype = next(unet.parameters()).dtype
         batch, channels = x_t.shape[:2]
-        h = x_t.to(dtype).reshape(-1, self.channels, *x_t.shape[-2:])  # channel groups as separate images
-        height, width = h.shape[-2:]
-        multiple = 2 ** (len(unet.down_blocks) - 1)
-        pad_h, pad_w = (-height) % multiple, (-width) % multiple
-        if pad_h or pad_w:
-            h = F.pad(h, (0, pad_w, 0, pad_h), mode="replicate")
+        height, width = x_t.shape[-2:]
+        h = self.padded(x_t.to(dtype).reshape(-1, self.channels, height, width))  # channel groups as separate images
         timestep = torch.full((h.shape[0],), int(t), device=h.device, dtype=torch.long)
         out = unet(h, timestep).sample[..., :height, :width]
         return out.reshape(batch, channels, height, width).to(x_t.dtype)
+
+    def padded(self, x: Tensor) -> Tensor:
+        """``x`` ``(B, C, H, W)`` padded (replicate, bottom and right) to a multiple of the U-Net's total
+        downsampling, as :meth:`eps` pads the images it is given; ``x`` itself when no padding is needed."""
+        multiple = 2 ** (len(self.unet.down_blocks) - 1)
+        pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
 
 
 def load_prior(

@@ -30,19 +30,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.harness import load_images
 from benchmarks.prior import load_prior
 from benchmarks.report import rounded, run_script, script_command, write_csv_and_markdown
 from idm.cli.common import add_common_args, non_negative_int, resolve_device
+from idm.ensemble import QUARTER_TURN
 from idm.hardware import hardware_name
 from idm.metrics import psnr
-from operators.dihedral import DIHEDRAL
 
 FIELDS = ("image", "timestep", "psnr_as_is", "psnr_turned")
-#: A quarter turn, counter-clockwise.
-QUARTER_TURN = next(g for g in DIHEDRAL if g.swaps_height_and_width and not g.flip)
 
 
 def denoised(prior, x: torch.Tensor, t: int, eps: torch.Tensor, turned: bool) -> torch.Tensor:
@@ -54,8 +51,7 @@ def denoised(prior, x: torch.Tensor, t: int, eps: torch.Tensor, turned: bool) ->
     abar = prior.abar(t, x)
     x_t = abar.sqrt() * prior.space.to_model(x) + (1 - abar).sqrt() * eps
     height, width = x_t.shape[-2:]
-    multiple = 2 ** (len(prior.unet.down_blocks) - 1)
-    padded = F.pad(x_t, (0, (-width) % multiple, 0, (-height) % multiple), mode="replicate")
+    padded = prior.padded(x_t)
     if turned:
         eps_hat = QUARTER_TURN.invert(prior.eps(QUARTER_TURN.apply(padded), t))
     else:
