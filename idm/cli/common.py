@@ -104,7 +104,7 @@ def add_ensemble_arg(parser: argparse.ArgumentParser, several: bool = False) -> 
     parser.add_argument("--tall", action="store_true",
                         help="reconstruct images wider than tall turned a quarter, standing tall, and turn them back "
                         "(every ensemble member so), at no extra cost: the shipped natural-image models gained "
-                        "0.4-1.0 dB on sets of mostly wide images that way (benchmarks/RESULTS.md, Wide images turned tall)"
+                        "0.3-1.0 dB on sets of mostly wide images that way (benchmarks/RESULTS.md, Wide images turned tall)"
                         + ("; IDM's methods are then called idm-tall, idm-x2-tall, ..." if several else ""))
 
 
