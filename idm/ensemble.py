@@ -18,7 +18,8 @@ Members whose images have the same shape run in one call of the model on a
 GPU, stacked along the batch (:class:`operators.stacked.Stacked`): the same
 reconstructions, with the model's work in larger batches, which a GPU runs
 faster, for that many times the activation memory (members that do not fit
-together run one at a time). Elsewhere they run one at a time.
+together, or fail together, run again one at a time). Elsewhere they run
+one at a time.
 """
 
 from __future__ import annotations
@@ -63,16 +64,19 @@ def ensemble_reconstruct(model: torch.nn.Module, y: Tensor, op: Any, size: int =
             turned tall*).
         members_per_call: how many members of one image shape run in one call of the model, stacked along
             the batch (at most 4 are of one shape); default: 4 on a GPU, 1 elsewhere
-            (:func:`default_members_per_call`). The result is the same up to rounding, but for a model that
-            starts from noise, which then draws it for the stacked batch at once. On a GPU, stacked
-            members that run out of its memory are run again one at a time.
+            (:func:`default_members_per_call`). The result is the same up to rounding (which CT's
+            conjugate-gradient final projection amplifies, as it does between a batch of images and the
+            same images one at a time), but for a model that starts from noise, which then draws it for
+            the stacked batch at once. Stacked members whose call fails (out of GPU memory, or bad input)
+            run again one at a time, so errors name ``y`` as the plain model does; a model that draws
+            noise has then drawn it twice.
 
     Returns:
         ``(B, C, H, W)`` images, as ``model(y, op)`` returns them.
     """
     size = check_ensemble_size(size)
-    if members_per_call is None:
-        members_per_call = default_members_per_call(y.device)
+    if members_per_call is None:  # y not a tensor: the model's own check says so, below
+        members_per_call = default_members_per_call(getattr(y, "device", torch.device("cpu")))
     if isinstance(members_per_call, bool) or not isinstance(members_per_call, int) or members_per_call < 1:
         raise ValueError(f"members_per_call must be a positive int, got {members_per_call!r}")
     symmetries = DIHEDRAL[:size]
@@ -99,14 +103,16 @@ def default_members_per_call(device: torch.device) -> int:
 def _reconstruct_members(model: Any, y: Tensor, op: Any, group: tuple[Dihedral, ...],
                          generator: torch.Generator | None) -> list[Tensor]:  # fmt: skip
     """``model``'s estimates of the images transformed by each symmetry of ``group`` (one image shape), not yet
-    turned back: in one call when the group has several, one at a time when that call runs out of GPU memory."""
+    turned back: in one call when the group has several; one at a time when that call fails, out of GPU memory
+    or on input the model refuses (whose error then names ``y``'s own shape, not the stacked batch's)."""
     if len(group) > 1:
-        stacked = Stacked([Transformed(op, symmetry) for symmetry in group])
         try:
+            stacked = Stacked([Transformed(op, symmetry) for symmetry in group])
             return list(model(torch.cat([y] * len(group)), stacked, generator=generator).chunk(len(group)))
-        except torch.OutOfMemoryError:
-            if y.device.type == "cuda":
-                torch.cuda.empty_cache()
+        except (torch.OutOfMemoryError, ValueError, TypeError, RuntimeError):
+            pass  # the failed call's tensors are freed once this handler ends (its traceback holds them until then)
+        if isinstance(y, Tensor) and y.device.type == "cuda":
+            torch.cuda.empty_cache()
     return [model(y, Transformed(op, symmetry), generator=generator) for symmetry in group]
 
 

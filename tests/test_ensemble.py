@@ -80,9 +80,11 @@ def test_a_transformed_foreign_physics_has_no_image_shape_to_give():
         Transformed(op, 1)
     model = IDM(IDMConfig(unet="tiny", steps=1)).eval()  # measurements of the wrong shape: named, as without turns
     op = Inpainting(img_size=(1, 16, 16), mask=0.5)
-    for size in (1, 2):
+    for size, per_call in ((1, 1), (2, 1), (2, 2)):  # stacked: the error names y's shape, not the stack's
         with pytest.raises(ValueError, match=r"failed on y of shape \(1, 1, 16, 12\)"):
-            ensemble_reconstruct(model, torch.rand(1, 1, 16, 12), op, size)
+            ensemble_reconstruct(model, torch.rand(1, 1, 16, 12), op, size, members_per_call=per_call)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        ensemble_reconstruct(model, [1.0], op, 8, members_per_call=4)
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])
@@ -200,7 +202,8 @@ def test_members_stacked_in_one_call_give_the_ensemble_of_members_one_by_one(nam
     model = perturbed_model(IDMConfig(unet="tiny", **ENSEMBLE_MODELS[name])).eval()
     y = op.A(torch.rand(2, *op.image_shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
     # CT's final projection is conjugate gradients on an ill-posed problem: it amplifies the rounding of sums
-    # over a stacked (contiguous) batch instead of a turned (strided) one, 1e-16 to about 1e-8
+    # over a stacked (contiguous) batch instead of a turned (strided) one, 1e-16 to about 1e-8 here, as it
+    # amplifies the difference between a batch of images and the same images one at a time
     tolerance = 1e-7 if name == "ct" else 1e-12
     with torch.no_grad():
         for size, tall in ((4, False), (8, False), (8, True), (2, True)):
