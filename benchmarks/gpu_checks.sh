@@ -33,6 +33,8 @@
 #                efficient, cuDNN): inference batch 16, training batch 8, bf16           [240]
 #   profile      sd15 kernel time by kind (attention, convolution, ...): inference batch 16,
 #                training batch 8 plain and memory-saving, bf16                          [150]
+#   ensemble     shipped prior U-Net, 256x256, T=3: the test-time ensemble of 8 at batch 1, its
+#                copies one per call and 4 (one image shape) per call, fp32 and bf16      [120]
 #
 # What travels to the device machine is at most 64 MiB a call: the tracked tree is about 59 MiB
 # (idm/weights about 50 of it) and the wheels about 10 MiB. These stages read no shipped weights but
@@ -65,7 +67,7 @@ STAGES=()
 for stage in "$@"; do  # each stage once, in the order given
     [[ " ${STAGES[*]} " == *" $stage "* ]] || STAGES+=("$stage")
 done
-KNOWN=" memory-b1 graphs-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile "
+KNOWN=" memory-b1 graphs-b1 speed-sd15 levers-b8 memory-b8 speed-small cuda-tests compile attention profile ensemble "
 [ ${#STAGES[@]} -eq 0 ] && { echo "name the stages to run (one or more of:$KNOWN)" >&2; exit 2; }
 for stage in "${STAGES[@]}"; do
     [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage '$stage' (one of:$KNOWN)" >&2; exit 2; }
@@ -125,6 +127,10 @@ run_stage() {  # name, seconds, command...
             profile)
                 run_stage "$stage" 150 python3 -m benchmarks.kernel_profile --device "$DEVICE" --unet "$SD15" --size "$SIZE" \
                     --steps 3 --batch 16 --train-batch 8 --train-variants none both --mode inference train --precision bf16 \
+                    --out "$RESULTS/$stage" ;;
+            ensemble)
+                run_stage "$stage" 120 python3 -m benchmarks.speed --device "$DEVICE" --unet "$PRIOR" --size "$SIZE" --steps 3 \
+                    --batch 1 --precision fp32 bf16 --ensemble 8 --members-per-call 1 4 --iters 5 --warmup 2 \
                     --out "$RESULTS/$stage" ;;
             memory-b8)
                 run_stage "$stage" 300 python3 -m benchmarks.memory --device "$DEVICE" --unet "$SD15" --size "$SIZE" \

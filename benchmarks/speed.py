@@ -13,7 +13,10 @@ the whole ``model(y, op)`` captured once as a CUDA graph and replayed, CUDA only
 (:func:`captured`); ``unfolded``: the
 upsamplers as diffusers runs them, without :mod:`idm.unets.upsample`'s
 low-resolution form, for comparison; ``sdpa-flash``, ``sdpa-efficient``,
-``sdpa-cudnn``: attention restricted to that kernel of torch's). The operator is block CS (10%,
+``sdpa-cudnn``: attention restricted to that kernel of torch's); with ``--ensemble N``, the
+test-time ensemble of N flipped and turned copies instead of ``model(y, op)``, for each of
+``--members-per-call`` (copies of one image shape stacked into one call, :mod:`idm.ensemble`),
+in ms per image of the batch. The operator is block CS (10%,
 permuted, 32x32 blocks) for ``--unet``, and a checkpoint's own operator (its
 recorded config at ``--size``, as ``idm benchmark`` rebuilds it; for a model
 trained on a family, the family's first member) for ``--checkpoint``, so a
@@ -71,12 +74,14 @@ from benchmarks.timing import (
 from idm import IDM, IDMConfig
 from idm.checkpoint import CheckpointError
 from idm.cli.common import non_negative_int, positive_int
+from idm.ensemble import ENSEMBLE_SIZES, default_members_per_call, ensemble_reconstruct
 from idm.hardware import hardware_name
 from idm.precision import PRECISIONS
 from idm.training.trained import resolve_model_dir
 
 FIELDS = [
-    "mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "size", "steps", "params_m",
+    "mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "ensemble", "members_per_call",
+    "size", "steps", "params_m",
     "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image", "status",
 ]  # fmt: skip
 #: Attention levers: scaled-dot-product attention restricted to one of torch's kernels (by default torch
@@ -202,10 +207,17 @@ def _rate(row: dict, flops: int, seconds: float, peak: float | None) -> None:
 
 
 def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, size: int, precision: str, lever: str, device: torch.device,
-                  iters: int, warmup: int, peak: float | None) -> dict:  # fmt: skip
-    """Time ``model(y, op)`` for one configuration."""
+                  iters: int, warmup: int, peak: float | None, ensemble: int = 1,
+                  members_per_call: int | None = None) -> dict:  # fmt: skip
+    """Time ``model(y, op)`` for one configuration; with ``ensemble`` > 1, the test-time ensemble of that many
+    flipped and turned copies (:func:`idm.ensemble.ensemble_reconstruct`, ``members_per_call`` of one image
+    shape stacked into one call; ``None``: the device's default), per image of the batch."""
+    if ensemble > 1 and members_per_call is None:
+        members_per_call = default_members_per_call(device)
     row = dict(mode="inference", model=label, operator=describe(op), variant=model.config.invertible,
                precision=precision, lever=lever, batch=batch, size=size, steps=model.config.steps)  # fmt: skip
+    if ensemble > 1:
+        row.update(ensemble=ensemble, members_per_call=members_per_call)
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
     x = torch.rand(batch, model.config.image_channels, size, size, device=device)
     y = op.A(x)
@@ -215,6 +227,8 @@ def inference_row(model: IDM, label: str, op: operators.Operator, batch: int, si
 
     def run() -> torch.Tensor:
         with torch.no_grad():
+            if ensemble > 1:
+                return ensemble_reconstruct(model, y, op, ensemble, members_per_call=members_per_call)
             return model(y, op)
 
     flops = count_flops(run) if lever != "compile" else None
@@ -283,8 +297,10 @@ def training_row(model: IDM, label: str, op: operators.Operator, batch: int, siz
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "ms_per_image", "s_per_iter", "gflop_per_image",
-             "tflops", "percent_of_peak", "page_faults_per_image", "status"]  # fmt: skip
+    shown = ["mode", "model", "operator", "variant", "precision", "lever", "batch", "micro_batch", "ensemble", "members_per_call",
+             "ms_per_image", "s_per_iter", "gflop_per_image", "tflops", "percent_of_peak", "page_faults_per_image",
+             "status"]  # fmt: skip
+    shown = [k for k in shown if k not in ("ensemble", "members_per_call") or any(r.get(k) for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
     return "\n".join(lines)
@@ -318,8 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-micro-batch", type=positive_int, nargs="+", metavar="N",
                         help="time training with each of these micro-batches (idm train --micro-batch; default: the "
                         "whole --train-batch at once)")  # fmt: skip
+    parser.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=1, metavar="N",
+                        help="time the inference rows as the test-time ensemble of N flipped and turned copies "
+                        "(idm reconstruct --ensemble; 1, 2, 4 or 8; default 1: plain IDM)")  # fmt: skip
+    parser.add_argument("--members-per-call", type=positive_int, nargs="+", metavar="K",
+                        help="with --ensemble: time each of these numbers of copies of one image shape stacked into "
+                        "one call (idm.ensemble; default: the device's, 4 on a GPU and 1 on the CPU)")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the precision, for percent of peak")
     args = parser.parse_args(argv)
+    if args.members_per_call and args.ensemble == 1:
+        parser.error("--members-per-call sets how the copies of --ensemble run: give --ensemble 2, 4 or 8 too")
+    if args.ensemble > 1 and set(args.levers) - {"base", "channels_last"}:
+        parser.error("--ensemble is timed with the base and channels_last levers only")
     if args.train_micro_batch and not args.train_batch:
         parser.error("--train-micro-batch cuts the batch of the training rows: give --train-batch too")
     if args.checkpoint and (args.steps is not None or args.train_batch):
@@ -347,10 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         for precision in args.precision:
             for lever in args.levers:
                 for batch in args.batch:
-                    base = dict(mode="inference", model=label, precision=precision, lever=lever, batch=batch, size=args.size)
-                    add(_guarded(lambda: inference_row(*build_model(args.unet, checkpoint, args.steps, "both", args.size, device),
-                                                       batch, args.size, precision, lever, device, args.iters, args.warmup,
-                                                       args.peak_tflops), base))  # fmt: skip
+                    for per_call in args.members_per_call or [None]:
+                        base = dict(mode="inference", model=label, precision=precision, lever=lever, batch=batch,
+                                    size=args.size, **({"ensemble": args.ensemble, "members_per_call": per_call}
+                                                       if args.ensemble > 1 else {}))  # fmt: skip
+                        add(_guarded(lambda: inference_row(*build_model(args.unet, checkpoint, args.steps, "both", args.size,
+                                                                        device),
+                                                           batch, args.size, precision, lever, device, args.iters,
+                                                           args.warmup, args.peak_tflops, args.ensemble, per_call),
+                                     base))  # fmt: skip
     for precision in args.precision:
         for lever in args.train_levers if args.train_batch and args.checkpoint is None else []:
             for variant in ("none", "both"):

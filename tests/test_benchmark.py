@@ -771,6 +771,28 @@ def test_speed_benchmark_writes_times_and_flops(tmp_path):
     assert "python -m benchmarks.speed" in (out / "speed.md").read_text()
 
 
+def test_speed_benchmark_times_the_ensemble_with_its_copies_stacked_or_one_by_one(tmp_path, capsys):
+    from benchmarks import speed
+
+    out = tmp_path / "speed"
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--ensemble", "4",
+                       "--members-per-call", "1", "4", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(open(out / "speed.csv")))
+    assert [(r["ensemble"], r["members_per_call"], r["status"]) for r in rows] == [("4", "1", "ok"), ("4", "4", "ok")]
+    assert rows[0]["gflop_per_image"] == rows[1]["gflop_per_image"]  # the same work, in other batches
+    plain = tmp_path / "plain"
+    assert speed.main(["--device", "cpu", "--unet", "tiny", "--size", "32", "--batch", "1", "--iters", "1", "--warmup",
+                       "0", "--out", str(plain)]) == 0  # fmt: skip
+    (row,) = list(csv.DictReader(open(plain / "speed.csv")))
+    assert row["ensemble"] == "" and float(rows[0]["gflop_per_image"]) == pytest.approx(4 * float(row["gflop_per_image"]), rel=0.01)
+    assert "members_per_call" not in (plain / "speed.md").read_text()  # shown only where an ensemble ran
+    for bad, message in ((["--members-per-call", "2"], "give --ensemble 2, 4 or 8 too"),
+                         (["--ensemble", "2", "--levers", "unfolded"], "base and channels_last levers only")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            speed.main(["--device", "cpu", "--unet", "tiny", *bad, "--out", str(out)])
+        assert message in capsys.readouterr().err
+
+
 def test_speed_benchmark_times_a_checkpoint_on_its_own_operator(tmp_path, capsys):
     """A trained checkpoint is timed with the operator it was trained for (at ``--size``), not block CS."""
     import tasks
@@ -1122,7 +1144,7 @@ def test_gpu_checks_script_runs_commands_that_parse(monkeypatch):
               "stage": "stage", "GRAPHS": "cudagraphs"}  # fmt: skip
     commands = re.findall(r"python3 -m (benchmarks\.\w+) ([^;\n]*);;", script)
     assert {module for module, _ in commands} == {"benchmarks.speed", "benchmarks.memory", "benchmarks.kernel_profile"}
-    assert len(commands) == 9
+    assert len(commands) == 10
 
     class Parsed(Exception):
         pass
