@@ -6,7 +6,8 @@
 
 Per iteration ``i`` (0-based): this process's shard of the global batch
 ``x`` (``(B/K, C, H, W)`` in [0, 1], one of the 8 flips/rotations per global
-batch, :mod:`idm.training.batches`), a fresh operator draw
+batch, :mod:`idm.training.batches`; with several image sizes, those of
+iteration ``i``'s size, ``i % K``, and its operator), a fresh operator draw
 ``op.resample(seed(run seed, i))`` when the operator is random (permuted CS,
 inpainting masks, MRI masks; identical on every rank without
 communication), ``y = op.A(x)`` in float32, ``x_hat = model(y, op)`` under
@@ -44,7 +45,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -327,6 +328,20 @@ def _fresh_model(model_config: IDMConfig, init_model: IDM | None) -> IDM:
     return model
 
 
+def _check_operator(operator: Any, model_config: IDMConfig) -> None:
+    """Refuse, before anything runs, an operator that this model cannot be trained with."""
+    check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
+    if model_config.invertible != "none" and model_config.recompute:
+        refuse_nonlinear_pinv(operator)  # the memory-saving backward cannot recompute an iterative A_dagger
+    if callable(getattr(operator, "check_draws", None)):
+        operator.check_draws()  # an operator family's range that its operator refuses, named before anything runs
+
+
+def _operator_config(operator: Any) -> dict[str, Any]:
+    """What a run records of its operator: a toolkit operator's ``config()``, any other physics' class name."""
+    return operator.config() if callable(getattr(operator, "config", None)) else {"class": type(operator).__name__}
+
+
 def _check_images(dataset: Dataset, operator: Any, channels: int, what: str) -> tuple[int, ...]:
     if len(dataset) == 0:
         raise ValueError(f"the {what} dataset is empty")
@@ -429,6 +444,7 @@ def train(
     started_at: float | None = None,
     env: DistEnv | None = None,
     settings: dict[str, Any] | None = None,
+    more_sizes: Sequence[tuple[Dataset, Any]] = (),
     say: Callable[[str], None] = print,
 ) -> TrainResult:
     """Fine-tune an IDM end to end; resumable, multi-process under torchrun.
@@ -464,6 +480,10 @@ def train(
             ``max_minutes`` budget counts from there; default: now).
         env: the distributed environment (default: detected from torchrun's variables).
         settings: extra JSON-able facts stored with the run but not checked on resume.
+        more_sizes: ``(dataset, operator)`` pairs of other image sizes (the same items cropped to another
+            size, and the operator for that size): iteration ``i`` trains on pair ``i % K`` of
+            ``((dataset, operator), *more_sizes)``, so a model learns square and wide images alike (the
+            batches of one iteration share a size). Validation and the recorded ``operator`` use the first.
         say: where rank 0's messages go.
 
     Returns:
@@ -479,25 +499,29 @@ def train(
             f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
             f"{env.world_size} processes"
         )
-    check_plugin_operator(operator)  # a new operator's slip (a setting left out of config()) named before anything runs
-    if model_config.invertible != "none" and model_config.recompute:
-        refuse_nonlinear_pinv(operator)  # the memory-saving backward cannot recompute an iterative A_dagger
-    if callable(getattr(operator, "check_draws", None)):
-        operator.check_draws()  # an operator family's range that its operator refuses, named before anything runs
     channels = model_config.image_channels
     if config.random_phase and channels != 2:
         raise ValueError(f"random_phase needs complex images (2 channels: real, imaginary), as the mri task's; "
                          f"this model reconstructs {channels}-channel images")  # fmt: skip
-    shape = _check_images(dataset, operator, channels, "training")
-    op_config = operator.config() if callable(getattr(operator, "config", None)) else {"class": type(operator).__name__}
+    sizes = [(dataset, operator), *more_sizes]
+    for size_dataset, size_operator in sizes:
+        _check_operator(size_operator, model_config)
+    shapes = [_check_images(d, op, channels, "training") for d, op in sizes]
+    shape = shapes[0]
     identity = {
         "task": task,
         "task_info": task_info or {},
-        "operator": op_config,
+        "operator": _operator_config(operator),
         "model": _model_identity(model_config),
         "training": config.identity(),
         "data": {"items": len(dataset), "shape": list(shape)},
     }
+    if more_sizes:  # absent for one size, so that the runs before this option resume as they were
+        identity["more_sizes"] = [{"operator": _operator_config(op), "shape": list(shp)}
+                                  for (_, op), shp in zip(more_sizes, shapes[1:])]  # fmt: skip
+    shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment,
+                            random_phase=config.random_phase, image_noise=config.image_noise,
+                            more_datasets=[d for d, _ in more_sizes])  # checked before the run folder is written
     folder = RunFolder(out, RUN_FORMAT)
     val_images = None
     if val_dataset is not None:
@@ -547,17 +571,17 @@ def train(
         log = folder.begin(run_config, ckpt, start, config.iters, say) if env.is_main else None
         net = distributed.wrap_ddp(model, env, device)
 
-        shards = ShardedBatches(dataset, config.batch_size, config.seed, env.rank, env.world_size, config.augment,
-                                random_phase=config.random_phase, image_noise=config.image_noise)
         loader = iteration_loader(shards, start, config.iters, config.num_workers, pin_memory=device.type == "cuda")
-        resample = getattr(operator, "resample", None)
-        randomize = config.randomize_operator and callable(resample)
+        operators = [op for _, op in sizes]
+        randomize = config.randomize_operator and all(callable(getattr(op, "resample", None)) for op in operators)
         noise_init = model_config.init == "noise"
         loss_fn = ReconstructionLoss(config.ssim_weight, metric_transform, log_form=config.log_loss)
 
         def step(index: int, batch: Tensor) -> Tensor:
             x = batch.to(device, non_blocking=True)
-            op = resample(seeds.derive_seed(config.seed, seeds.OPERATOR, index, bits=32)) if randomize else operator
+            op = operators[index % len(operators)]  # the operator of this iteration's image size
+            if randomize:
+                op = op.resample(seeds.derive_seed(config.seed, seeds.OPERATOR, index, bits=32))
             set_learning_rate(optimizer, config.lr_at(index))
             with torch.no_grad():
                 y = op.A(x)

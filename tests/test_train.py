@@ -352,6 +352,45 @@ def test_a_crop_of_height_by_width_trains_on_batches_of_that_shape(tmp_path, dat
            "--crop 4x16 is smaller than one 8x8 block of the cs operator")  # fmt: skip
 
 
+def test_several_crops_take_turns_one_per_iteration_and_resume_exactly(tmp_path, data, capsys):
+    common = [*BASE, "--data", str(data), "--crop", "16", "16x24", "--checkpoint-every", "3", "--lr-milestones", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--iters", "6", "--out", str(straight)]) == 0
+    assert main([*common, "--iters", "3", "--out", str(split)]) == 0
+    assert main([*common, "--iters", "6", "--out", str(split), "--resume"]) == 0
+    a, b = weights(straight, 6), weights(split, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((straight / "checkpoints" / "iter_0000006" / "run.json").read_text())
+    assert run["identity"]["task_info"]["crop"] == [[16, 16], [16, 24]]  # pairs: never read as one 16x24 crop
+    assert [size["operator"]["img_size"] for size in run["identity"]["more_sizes"]] == [[16, 24]]
+    assert load_trained(straight).operator["img_size"] == [16, 16]  # the first size's, as reconstruct rebuilds it
+    square, wide = (ImageFolderDataset(str(data), color="gray", crop=c) for c in (16, (16, 24)))
+    shards = ShardedBatches(square, 2, seed=0, more_datasets=[wide])
+    assert [tuple(shards[i].shape[-2:]) for i in range(6)] == [(16, 16), (16, 24)] * 3
+    assert torch.equal(shards[2], ShardedBatches(square, 2, seed=0)[2])  # the square turns draw as a run of one size
+    before = snapshot(split)
+    err = _fails([*BASE, "--data", str(data), "--crop", "16x24", "16", "--iters", "9", "--out", str(split), "--resume"],
+                 capsys, "different configuration")  # fmt: skip
+    assert "task_info.crop" in err and snapshot(split) == before
+
+
+def test_several_crops_bad_input(tmp_path, data, capsys):
+    _fails([*BASE, "--data", str(data), "--crop", "16", "16x16", "--iters", "2", "--out", str(tmp_path / "twice")],
+           capsys, "--crop names a size twice (16 16); give each size once")  # fmt: skip
+    _fails([*BASE, "--data", str(data), "--crop", "16", "4x16", "--iters", "2", "--out", str(tmp_path / "thin")], capsys,
+           "--crop 4x16 is smaller than one 8x8 block of the cs operator")  # fmt: skip
+    mixed = write_images(tmp_path / "mixed", n=3, size=24)
+    write_images(tmp_path / "big", n=2, size=32, seed=1)
+    for image in (tmp_path / "big").iterdir():
+        image.rename(mixed / f"big-{image.name}")
+    out = tmp_path / "run"
+    assert main([*BASE, "--data", str(mixed), "--crop", "16", "32", "--iters", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # the size that leaves images out is named by its warning, then the error
+    assert "idm train: warning: 3 of 5 images are smaller than the crop 32x32 and are skipped" in err
+    assert ("idm train: error: the training images at each crop size must be the same images, but the sizes keep "
+            "5 and 2 of them") in err and not out.exists()  # fmt: skip
+
+
 def test_crop_larger_than_every_image(tmp_path, data, capsys):
     out = tmp_path / "run"
     _fails([*BASE, "--data", str(data), "--crop", "64", "--iters", "2", "--out", str(out)], capsys, "larger than every image")

@@ -73,10 +73,11 @@ def add_parser(subparsers) -> None:
     opt = parser.add_argument_group("training (defaults come from the task)")
     opt.add_argument("--iters", type=int, help="total iterations")
     opt.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
-    opt.add_argument("--crop", type=crop_size, metavar="S|HxW",
+    opt.add_argument("--crop", type=crop_size, nargs="+", metavar="S|HxW",
                      help="training crop, the operator's image size: a square S or height x width, e.g. 192x320 "
                      "(batches of a crop that is not square are flipped but never turned a quarter, so they keep "
-                     "their shape); default: the task's square")  # fmt: skip
+                     "their shape); several sizes take turns, one per iteration (e.g. --crop 256 192x320: square "
+                     "and wide images alike); default: the task's square")  # fmt: skip
     opt.add_argument("--color", choices=("gray", "y", "rgb"), help="colour mode of image files (cs, inpainting)")
     opt.add_argument("--lr", type=float, help="initial Adam learning rate")
     opt.add_argument("--lr-milestones", type=int, nargs="+", metavar="ITER", help="iterations after which the lr is multiplied by --lr-gamma (default: the task's fractions of --iters, 20/40/60/80%% for the built-in tasks)")
@@ -125,6 +126,36 @@ def _starting_model(args: argparse.Namespace, task):
     return trained.model
 
 
+def _crop_hw(crop: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a ``--crop`` value (a square side or a pair)."""
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+
+
+def _crop_text(crop: int | tuple[int, int]) -> str:
+    """A ``--crop`` value as it is written on the command line: ``256`` or ``192x320``."""
+    return str(crop) if isinstance(crop, int) else f"{crop[0]}x{crop[1]}"
+
+
+def _crop_record(crops: list) -> int | list:
+    """What ``run.json`` records of ``--crop``: one size as before (``256`` or ``[192, 320]``), several as a list
+    of ``[height, width]`` pairs (a list of lists, never read as one size)."""
+    if len(crops) == 1:
+        crop = crops[0]
+        return crop if isinstance(crop, int) else list(_crop_hw(crop))
+    return [list(_crop_hw(c)) for c in crops]
+
+
+def _training_operator(task, crop: int | tuple[int, int], args: argparse.Namespace):
+    """The task's training operator for images of one ``--crop`` size; a crop smaller than a CS block is refused."""
+    height, width = _crop_hw(crop)
+    operator = task.make_training_operator((height, width), seed=args.seed, **operator_overrides(args))
+    block = getattr(operator, "representative", operator).config().get("block")
+    if block and min(height, width) < block:  # the operator would then measure a whole crop as one padded block
+        raise ValueError(f"--crop {_crop_text(crop)} is smaller than one {block}x{block} block of the cs operator: "
+                         f"train on crops of at least {block}x{block} pixels")  # fmt: skip
+    return operator
+
+
 def run_train(args: argparse.Namespace) -> int:
     started_at = command_started_at("train")
     import tasks
@@ -153,10 +184,9 @@ def run_train(args: argparse.Namespace) -> int:
     start = _starting_model(args, task) if args.init_from else None
     sched = task.schedule
     iters = args.iters if args.iters is not None else sched.iters
-    crop = args.crop if args.crop is not None else task.crop
-    height, width = (crop, crop) if isinstance(crop, int) else crop
-    if min(height, width) < 1:
-        raise ValueError(f"--crop must be positive, got {crop}")
+    crops = args.crop if args.crop is not None else [task.crop]
+    if len(set(crops)) < len(crops):
+        raise ValueError(f"--crop names a size twice ({' '.join(map(_crop_text, crops))}); give each size once")
     milestones = tuple(args.lr_milestones) if args.lr_milestones else sched.milestone_iterations(iters)
     config = TrainConfig(
         iters=iters,
@@ -210,28 +240,22 @@ def run_train(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         import torch
 
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest convolutions
     seed_everything(args.seed)
-    operator = task.make_training_operator((height, width), seed=args.seed, **operator_overrides(args))
-    block = getattr(operator, "representative", operator).config().get("block")
-    if block and min(height, width) < block:  # the operator would then measure a whole crop as one padded block
-        shown = crop if isinstance(crop, int) else f"{height}x{width}"
-        raise ValueError(f"--crop {shown} is smaller than one {block}x{block} block of the cs operator: "
-                         f"train on crops of at least {block}x{block} pixels")  # fmt: skip
+    operators = [_training_operator(task, c, args) for c in crops]
     check_out_is_not_data(args.out, *args.data, *(args.val_data or []))
-    dataset = task.dataset(args.data, crop=crop, augment=False, seed=args.seed)
+    datasets = [task.dataset(args.data, crop=c, augment=False, seed=args.seed) for c in crops]
     if not args.val_data and args.val_every:
         raise ValueError("--val-every sets how often to validate on --val-data, which is not given")
     val = task.dataset(args.val_data) if args.val_data else None
     result = train(
         model_config,
-        dataset,
-        operator,
+        datasets[0],
+        operators[0],
         args.out,
         config,
         task=task.name,
-        task_info={"color": task.color, "crop": crop if isinstance(crop, int) else [height, width],
-                   "channels": task.channels},  # fmt: skip
+        task_info={"color": task.color, "crop": _crop_record(crops), "channels": task.channels},
         val_dataset=val,
         val_limit=args.val_max,
         init_model=start,
@@ -248,6 +272,7 @@ def run_train(args: argparse.Namespace) -> int:
             "command": command_line("train"),
             **({"task_package": package} if (package := tasks.provider(task.name)) else {}),  # what a plug-in needs
         },
+        more_sizes=list(zip(datasets[1:], operators[1:])),
         say=say,
     )
     where = result.checkpoint or args.out

@@ -15,13 +15,17 @@ the whole global batch, exactly as a single process computes it.
 
 One of the 8 flips/rotations (dihedral group) is drawn per *global* batch
 from ``(seed, iteration)`` and applied to every shard.
+
+Several image sizes (``more_datasets``: the same items cropped to other
+sizes) take turns: iteration ``i`` reads its positions from dataset
+``i % K``, so every item is still seen once per epoch, at one of the sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -67,8 +71,10 @@ class ShardedBatches(Dataset):
             whole global batch (each image is chosen with this probability; ``0``: none, ``1``: all).
         image_noise: the largest standard deviation of the Gaussian noise added to each image (its own,
             uniform in ``[0, image_noise]``; :mod:`idm.training.image_noise`), after the phase; ``0``: none.
+        more_datasets: the same items at other image sizes, as many as ``dataset`` holds; iteration ``i`` reads
+            from ``(dataset, *more_datasets)[i % K]``.
 
-    Items: float32 ``(B / world_size, C, H, W)``.
+    Items: float32 ``(B / world_size, C, H, W)``, ``(H, W)`` that of iteration ``i``'s dataset.
     """
 
     def __init__(
@@ -81,10 +87,16 @@ class ShardedBatches(Dataset):
         augment: bool = True,
         random_phase: float = 0.0,
         image_noise: float = 0.0,
+        more_datasets: Sequence[Dataset] = (),
     ):
         n = len(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty")
+        counts = [len(d) for d in more_datasets]
+        if any(count != n for count in counts):
+            raise ValueError(f"the training images at each crop size must be the same images, but the sizes keep "
+                             f"{n} and {', '.join(map(str, counts))} of them (an image smaller than a crop is left "
+                             "out of that size): choose crops that every image holds")  # fmt: skip
         if global_batch < 1:
             raise ValueError(f"batch size must be >= 1, got {global_batch}")
         if global_batch % world_size:
@@ -92,7 +104,7 @@ class ShardedBatches(Dataset):
                 f"the global batch size {global_batch} is not a multiple of the {world_size} processes; "
                 "every process must get an equal share"
             )
-        self.dataset = dataset
+        self.datasets = (dataset, *more_datasets)
         self.n = n
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
@@ -127,11 +139,12 @@ class ShardedBatches(Dataset):
 
     def __getitem__(self, iteration: int) -> torch.Tensor:
         items = []
-        set_epoch = getattr(self.dataset, "set_epoch", None)
+        dataset = self.datasets[int(iteration) % len(self.datasets)]
+        set_epoch = getattr(dataset, "set_epoch", None)
         for epoch, index in self.positions(int(iteration)):
             if callable(set_epoch):
                 set_epoch(epoch)
-            items.append(torch.as_tensor(self.dataset[index], dtype=torch.float32))
+            items.append(torch.as_tensor(dataset[index], dtype=torch.float32))
         try:
             batch = torch.stack(items)
         except RuntimeError as err:
