@@ -504,7 +504,7 @@ def train(
         raise ValueError(f"random_phase needs complex images (2 channels: real, imaginary), as the mri task's; "
                          f"this model reconstructs {channels}-channel images")  # fmt: skip
     sizes = [(dataset, operator), *more_sizes]
-    for size_dataset, size_operator in sizes:
+    for _, size_operator in sizes:
         _check_operator(size_operator, model_config)
     shapes = [_check_images(d, op, channels, "training") for d, op in sizes]
     shape = shapes[0]

@@ -92,11 +92,11 @@ class ShardedBatches(Dataset):
         n = len(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty")
-        counts = [len(d) for d in more_datasets]
-        if any(count != n for count in counts):
+        counts = [str(len(d)) for d in (dataset, *more_datasets)]
+        if len(set(counts)) > 1:
             raise ValueError(f"the training images at each crop size must be the same images, but the sizes keep "
-                             f"{n} and {', '.join(map(str, counts))} of them (an image smaller than a crop is left "
-                             "out of that size): choose crops that every image holds")  # fmt: skip
+                             f"{', '.join(counts[:-1])} and {counts[-1]} of them (an image smaller than a crop is "
+                             "left out of that size): choose crops that every image holds")  # fmt: skip
         if global_batch < 1:
             raise ValueError(f"batch size must be >= 1, got {global_batch}")
         if global_batch % world_size:

@@ -178,7 +178,9 @@ def list_images(folder: PathLike, recursive: bool = False) -> list[Path]:
 
 
 def image_size(path: PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image file, read from its header only.
+    """``(height, width)`` of an image file, as :func:`read_image` gives it: read from its header, except
+    that an image with a 90-degree EXIF orientation (5-8) is decoded to turn it (Pillow reports the turned
+    size of some formats already, TIFF's, and not of others).
 
     Raises :class:`DataError` naming the file if it cannot be identified.
     """
