@@ -389,6 +389,14 @@ def test_several_crops_bad_input(tmp_path, data, capsys):
     assert "idm train: warning: 3 of 5 images are smaller than the crop 32x32 and are skipped" in err
     assert ("idm train: error: the training images at each crop size must be the same images, but the sizes keep "
             "5 and 2 of them") in err and not out.exists()  # fmt: skip
+    turned = tmp_path / "turned"  # as many images at each size, but not the same ones
+    turned.mkdir()
+    for name, shape in (("wide0", (16, 32)), ("wide1", (16, 32)), ("tall0", (32, 16)), ("tall1", (32, 16))):
+        Image.fromarray(np.full(shape, 128, np.uint8)).save(turned / f"{name}.png")
+    assert main([*BASE, "--data", str(turned), "--crop", "16x32", "32x16", "--iters", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "idm train: error: the training images at each crop size must be the same images, but item 0 is " in err
+    assert "wide0.png at one size" in err and "tall0.png at another" in err and not out.exists()
 
 
 def test_crop_larger_than_every_image(tmp_path, data, capsys):

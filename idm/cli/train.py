@@ -105,7 +105,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
 
     run = add_run_control_args(parser, log_every=10)
-    run.add_argument("--val-data", nargs="+", metavar="DIR", help="a few validation images (centre-cropped to --crop)")
+    run.add_argument("--val-data", nargs="+", metavar="DIR", help="a few validation images (centre-cropped to --crop, the first of several sizes)")
     run.add_argument("--val-every", type=int, default=0, help="iterations between validations (default: at checkpoints)")
     run.add_argument("--val-max", type=positive_int, default=16, help="at most this many validation images (default 16)")
     parser.set_defaults(run=run_train)

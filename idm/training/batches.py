@@ -54,6 +54,23 @@ def worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _check_same_items(dataset: Dataset, more_datasets: Sequence[Dataset]) -> None:
+    """Several image sizes must crop the same items in the same order (item ``i`` one image at every size):
+    the same count and, where the datasets name their items' files (``item_source``), the same files."""
+    sizes = (dataset, *more_datasets)
+    counts = [str(len(d)) for d in sizes]
+    problem = f"the sizes keep {', '.join(counts[:-1])} and {counts[-1]} of them" if len(set(counts)) > 1 else None
+    if problem is None and all(callable(getattr(d, "item_source", None)) for d in sizes):
+        for other in more_datasets:
+            index = next((i for i in range(len(dataset)) if dataset.item_source(i) != other.item_source(i)), None)
+            if index is not None:
+                problem = f"item {index} is {dataset.item_source(index)[0]} at one size, {other.item_source(index)[0]} at another"
+                break
+    if problem is not None:
+        raise ValueError(f"the training images at each crop size must be the same images, but {problem} (an image "
+                         "smaller than a crop is left out of that size): choose crops that every image holds")
+
+
 class ShardedBatches(Dataset):
     """Map-style dataset whose item ``i`` is this rank's shard of the global batch of iteration ``i``.
 
@@ -92,11 +109,7 @@ class ShardedBatches(Dataset):
         n = len(dataset)
         if n == 0:
             raise ValueError("the training dataset is empty")
-        counts = [str(len(d)) for d in (dataset, *more_datasets)]
-        if len(set(counts)) > 1:
-            raise ValueError(f"the training images at each crop size must be the same images, but the sizes keep "
-                             f"{', '.join(counts[:-1])} and {counts[-1]} of them (an image smaller than a crop is "
-                             "left out of that size): choose crops that every image holds")  # fmt: skip
+        _check_same_items(dataset, more_datasets)
         if global_batch < 1:
             raise ValueError(f"batch size must be >= 1, got {global_batch}")
         if global_batch % world_size:
