@@ -29,6 +29,7 @@ from typing import Any
 from idm.checkpoint import CheckpointError, load_json, load_json_record, load_tensors, save_json, save_tensors
 from idm.model import CONFIG_NAME, FORMAT as MODEL_FORMAT, WEIGHTS_NAME, check_config_matches_weights, weights_metadata
 from idm.pretrain import PRIOR_DIR, RUN_FORMAT as PRETRAIN_RUN_FORMAT, exported_iteration, prior_fingerprint, prior_folder
+from idm.training.averaging import average_weights, checkpoints_from
 from idm.training.run_folder import RUN_NAME, RunFolder, replace_folder
 from idm.training.state import TRAINER_STATE_NAME as STATE_NAME
 from idm.training.trained import read_run_record, resolve_model_dir
@@ -161,6 +162,7 @@ def export_model(
     prior_name: str | None = None,
     hardware: str | None = None,
     final_projection: bool | None = None,
+    average_from: int | None = None,
 ) -> Path:
     """Export an ``idm train`` checkpoint (or run folder: its latest checkpoint) to ``out``.
 
@@ -174,6 +176,10 @@ def export_model(
             that do not record it; it replaces what they record).
         final_projection: set ``IDMConfig.final_projection`` (it has no
             parameters: a deployment choice); ``None`` keeps the trained setting.
+        average_from: export the uniform average of the weights of the run's checkpoints at this iteration
+            or later (``checkpoint`` must then be a training ``--out`` folder; see
+            :mod:`idm.training.averaging`); its records are those of the latest of them, and
+            ``provenance.json`` lists the averaged iterations (``averaged_iterations``).
 
     ``checkpoint`` may also be an exported folder (a shipped model): its
     ``provenance.json`` is kept, and ``exported_from`` lists the exported
@@ -181,7 +187,8 @@ def export_model(
     once: re-exporting a folder in place does not list it again; paths
     relative to the working directory when inside it, else absolute).
     """
-    folder = resolve_model_dir(checkpoint)
+    averaged = checkpoints_from(checkpoint, average_from) if average_from is not None else None
+    folder = averaged[-1][1] if averaged else resolve_model_dir(checkpoint)
     _check_replaceable(Path(out), folder, "model")
     if not (folder / RUN_NAME).is_file():
         raise CheckpointError(f"{folder} has no {RUN_NAME}: export needs an `idm train` checkpoint (it records the task)")
@@ -193,11 +200,13 @@ def export_model(
     if not isinstance(config.get("idm"), dict) or not isinstance(config["idm"].get("unet"), str):
         raise CheckpointError(f"{folder / CONFIG_NAME} is damaged: its 'idm' settings must name the prior ('unet')")
     check_config_matches_weights(folder, config)  # before --prior-name or --final-projection change it
-    tensors = load_tensors(folder / WEIGHTS_NAME)
+    tensors = average_weights([path for _, path in averaged]) if averaged else load_tensors(folder / WEIGHTS_NAME)
     tensors = _half(tensors) if half else _full(tensors)  # what provenance.json's weights_dtype says
     if prior_name is not None:
         config = {**config, "idm": {**config["idm"], "unet": prior_name}}
     extra = {"weights_dtype": _dtype_note(half), "prior": config["idm"]["unet"]}
+    if averaged:
+        extra["averaged_iterations"] = [iteration for iteration, _ in averaged]
     if hardware is not None:  # in both records: a re-export keeps its earlier provenance but for what changed
         run = {**run, "settings": {**run.get("settings", {}), "hardware": hardware}}
         extra["hardware"] = hardware

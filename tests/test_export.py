@@ -313,3 +313,68 @@ def test_idm_info_describes_a_checkpoint(runs, tmp_path, capsys):
         state.write_text('"not a state"')
     assert main(["export", "--checkpoint", str(damaged_run), "--out", str(tmp_path / "from-damaged")]) == 2
     assert "trainer state file" in capsys.readouterr().err and not (tmp_path / "from-damaged").exists()
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(runs, tmp_path_factory):
+    """A 3-iteration IDM run from the module's prior, checkpointed after every iteration (the last two kept)."""
+    prior, _ = runs
+    root = tmp_path_factory.mktemp("average")
+    data = write_images(root / "data", n=3, size=20)
+    run = root / "run"
+    assert main(["train", "--task", "cs", "--ratio", "0.25", "--block", "8", "--prior", str(prior), "--steps", "2",
+                 "--crop", "16", "--batch-size", "2", "--iters", "3", "--checkpoint-every", "1", "--lr", "1e-2",
+                 "--device", "cpu", "--num-workers", "0", "--no-progress", "--data", str(data), "--out", str(run)]) == 0  # fmt: skip
+    return run
+
+
+def test_average_from_exports_the_mean_of_the_later_checkpoints(three_checkpoints, tmp_path, capsys):
+    run = three_checkpoints
+    out = tmp_path / "average"
+    assert main(["export", "--checkpoint", str(run), "--average-from", "2", "--fp32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    second, third = (load_file(str(run / "checkpoints" / f"iter_000000{i}" / "model.safetensors")) for i in (2, 3))
+    averaged = load_file(str(out / "model.safetensors"))
+    assert set(averaged) == set(third)
+    moved = [key for key in third if not torch.equal(second[key], third[key])]
+    assert moved  # the two checkpoints differ, so the mean is neither of them
+    for key, tensor in averaged.items():
+        expected = (second[key].double() + third[key].double()) / 2
+        assert tensor.dtype == third[key].dtype and torch.allclose(tensor.double(), expected, rtol=0, atol=1e-7), key
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["averaged_iterations"] == [2, 3] and provenance["iteration"] == 3
+    model = load_trained(out, expect_task="cs", expect_operator={"ratio": 0.25}).model.eval()
+    op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.25, block=8)
+    with torch.no_grad():
+        assert torch.isfinite(model(op.A(torch.rand(1, 1, 16, 16)), op)).all()
+
+
+def test_average_from_refuses_what_cannot_be_averaged(three_checkpoints, runs, tmp_path, capsys):
+    run = three_checkpoints
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"--average-from 3 leaves 1 checkpoint\(s\) .* keeps iterations 2, 3"):
+        export_model(run, out, average_from=3)
+    with pytest.raises(CheckpointError, match="is not a training --out folder"):
+        export_model(run / "checkpoints" / "iter_0000003", out, average_from=1)
+    assert main(["export", "--checkpoint", str(runs[0]), "--average-from", "1", "--out", str(out)]) == 2
+    assert "is an `idm pretrain` run: --average-from applies to IDM models, not priors" in capsys.readouterr().err
+    for damage, message in (
+        (lambda c: _poison(c / "model.safetensors"), "holds NaN or infinite values; leave that checkpoint out"),
+        (lambda c: _edit_config(c, lambda idm: idm.update(pinv_mapping="images")), "config.json is not the config"),
+    ):
+        copy = shutil.copytree(run, tmp_path / "damaged")
+        damage(copy / "checkpoints" / "iter_0000002")
+        with pytest.raises(CheckpointError, match=message):
+            export_model(copy, out, average_from=1)
+        assert not out.exists()
+        shutil.rmtree(copy)
+
+
+def _poison(weights):
+    """Write NaN into the first floating tensor of a ``model.safetensors``, keeping its metadata."""
+    from idm.checkpoint import load_metadata, save_tensors
+
+    tensors = load_file(str(weights))
+    key = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_tensors(tensors, weights, metadata=load_metadata(weights))
