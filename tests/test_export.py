@@ -343,6 +343,8 @@ def test_average_from_exports_the_mean_of_the_later_checkpoints(three_checkpoint
         assert tensor.dtype == third[key].dtype and torch.allclose(tensor.double(), expected, rtol=0, atol=1e-7), key
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["averaged_iterations"] == [2, 3] and provenance["iteration"] == 3
+    assert main(["info", "--checkpoint", str(out)]) == 0
+    assert "exported as the mean of the weights of its checkpoints at iterations 2, 3" in capsys.readouterr().out
     model = load_trained(out, expect_task="cs", expect_operator={"ratio": 0.25}).model.eval()
     op = operators.make("cs", img_size=(16, 16), channels=1, ratio=0.25, block=8)
     with torch.no_grad():

@@ -124,6 +124,7 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
             "command": provenance.get("command", settings.get("command")),
             "prior": settings.get("prior"),
             "recipe": recorded_run_identity(run).get("training"),  # runs that recorded "amp" say precision
+            "averaged_iterations": provenance.get("averaged_iterations"),  # idm export --average-from
         },
     }
     print(f"model: {info['path']}")
@@ -142,6 +143,9 @@ def describe_checkpoint(path: str, out: str | None = None) -> int:
         arithmetic = f" in {training['arithmetic']}" if training["arithmetic"] else ""
         ema_decay = (training["recipe"] or {}).get("ema_decay")
         averaged = f"; the weights are their moving average (EMA decay {ema_decay})" if ema_decay else ""
+        if training["averaged_iterations"]:
+            averaged += (f"; exported as the mean of the weights of its checkpoints at iterations "
+                         f"{', '.join(str(i) for i in training['averaged_iterations'])}")  # fmt: skip
         print(f"trained: {training['iteration']} iterations{seconds} on {training['hardware'] or 'unrecorded hardware'}"
               + arithmetic + (f", prior {training['prior']}" if training["prior"] else "") + averaged)  # fmt: skip
     if training["command"]:
