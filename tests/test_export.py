@@ -360,23 +360,34 @@ def test_average_from_refuses_what_cannot_be_averaged(three_checkpoints, runs, t
         export_model(run / "checkpoints" / "iter_0000003", out, average_from=1)
     assert main(["export", "--checkpoint", str(runs[0]), "--average-from", "1", "--out", str(out)]) == 2
     assert "is an `idm pretrain` run: --average-from applies to IDM models, not priors" in capsys.readouterr().err
-    for damage, message in (
-        (lambda c: _poison(c / "model.safetensors"), "holds NaN or infinite values; leave that checkpoint out"),
-        (lambda c: _edit_config(c, lambda idm: idm.update(pinv_mapping="images")), "config.json is not the config"),
-    ):
+    for damaged, damage, message in (
+        ("iter_0000002", lambda c: _poison(c / "model.safetensors"), r"hold NaN or inf \(.*\): the file is damaged; leave that checkpoint out of the average"),
+        ("iter_0000002", lambda c: _edit_config(c, lambda idm: idm.update(pinv_mapping="images")), "config.json is not the config"),
+        ("iter_0000003", lambda c: _edit_weights(c / "model.safetensors", lambda tensors: tensors.popitem()),
+         r"iter_0000003/model.safetensors do not fit the network of .*iter_0000002/model.safetensors: 1 missing"),
+    ):  # fmt: skip
         copy = shutil.copytree(run, tmp_path / "damaged")
-        damage(copy / "checkpoints" / "iter_0000002")
+        damage(copy / "checkpoints" / damaged)
         with pytest.raises(CheckpointError, match=message):
             export_model(copy, out, average_from=1)
         assert not out.exists()
         shutil.rmtree(copy)
 
 
-def _poison(weights):
-    """Write NaN into the first floating tensor of a ``model.safetensors``, keeping its metadata."""
+def _edit_weights(weights, edit):
+    """Apply ``edit`` to the tensors of a ``model.safetensors`` and save them back, keeping its metadata."""
     from idm.checkpoint import load_metadata, save_tensors
 
     tensors = load_file(str(weights))
-    key = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
-    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    edit(tensors)
     save_tensors(tensors, weights, metadata=load_metadata(weights))
+
+
+def _poison(weights):
+    """Write NaN into the first floating tensor of a ``model.safetensors``, keeping its metadata."""
+
+    def nan_first(tensors):
+        key = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+    _edit_weights(weights, nan_first)

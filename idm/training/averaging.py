@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from idm.checkpoint import CheckpointError, all_finite, load_json, load_tensors
+from idm.checkpoint import CheckpointError, check_weights_fit, load_json, load_tensors
 from idm.model import CONFIG_NAME, WEIGHTS_NAME, check_config_matches_weights
 from idm.training.run_folder import RunFolder
 from idm.training.trained import RUN_FORMAT, is_model_dir
@@ -30,12 +30,13 @@ def checkpoints_from(run_folder: str | os.PathLike, from_iteration: int) -> list
     """The checkpoints ``(iteration, folder)`` of an ``idm train`` ``--out`` folder at ``from_iteration`` or later,
     oldest first: at least two, or a :class:`CheckpointError` that names what the folder holds."""
     folder = Path(run_folder)
+    run = RunFolder(folder, RUN_FORMAT)
     if from_iteration < 0:
         raise CheckpointError(f"--average-from {from_iteration}: an iteration is 0 or more")
-    if not (folder / "checkpoints").is_dir():
+    if not run.checkpoints_dir.is_dir():
         raise CheckpointError(f"{str(folder)!r} is not a training --out folder (no checkpoints/): --average-from "
                               "averages the checkpoints of one run")  # fmt: skip
-    kept = RunFolder(folder, RUN_FORMAT).checkpoints()
+    kept = run.checkpoints()
     chosen = [(iteration, path) for iteration, path in kept if iteration >= from_iteration]
     if len(chosen) < 2:
         held = ", ".join(str(iteration) for iteration, _ in kept) or "none"
@@ -68,22 +69,20 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{folder / CONFIG_NAME} differs from {folders[0] / CONFIG_NAME}: the checkpoints "
                                   "hold different networks, which cannot be averaged")  # fmt: skip
         tensors = load_tensors(folder / WEIGHTS_NAME)
-        if reference and set(tensors) != set(reference):
-            raise CheckpointError(f"{folder / WEIGHTS_NAME} holds other tensors than {folders[0] / WEIGHTS_NAME}")
+        reference = reference or tensors
+        try:  # the same names and shapes as the first checkpoint's, every weight finite
+            check_weights_fit(reference, tensors, folder / WEIGHTS_NAME, f"the network of {folders[0] / WEIGHTS_NAME}")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; leave that checkpoint out of the average (a later --average-from)") from None
         for key, tensor in tensors.items():
-            if key not in reference:
-                reference[key] = tensor
-            elif tensor.shape != reference[key].shape or tensor.dtype != reference[key].dtype:
-                raise CheckpointError(f"{folder / WEIGHTS_NAME}: {key} is {tuple(tensor.shape)} {tensor.dtype}, but "
-                                      f"{tuple(reference[key].shape)} {reference[key].dtype} in {folders[0] / WEIGHTS_NAME}")  # fmt: skip
+            if tensor.dtype != reference[key].dtype:
+                raise CheckpointError(f"{folder / WEIGHTS_NAME}: {key} is {tensor.dtype}, but {reference[key].dtype} "
+                                      f"in {folders[0] / WEIGHTS_NAME}")  # fmt: skip
             if not tensor.is_floating_point():
                 if not torch.equal(tensor, reference[key]):
                     raise CheckpointError(f"{folder / WEIGHTS_NAME}: the integer tensor {key} differs from "
                                           f"{folders[0] / WEIGHTS_NAME}'s, which an average cannot reconcile")  # fmt: skip
                 continue
-            if not all_finite(tensor):
-                raise CheckpointError(f"{folder / WEIGHTS_NAME}: {key} holds NaN or infinite values; leave that "
-                                      "checkpoint out of the average (a later --average-from)")  # fmt: skip
             total[key] = total[key] + tensor.double() if key in total else tensor.double()
     return {key: (total[key] / len(folders)).to(tensor.dtype) if key in total else tensor
             for key, tensor in reference.items()}  # fmt: skip
