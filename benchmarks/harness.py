@@ -142,6 +142,7 @@ def run_benchmark(
     pad_multiple: int | None = None,
     progress: bool = True,
     after_image: Callable[[list[dict[str, Any]]], None] | None = None,
+    measure_memory: bool = True,
 ) -> list[dict[str, Any]]:
     """Reconstruct every image with every method; returns one row per (method, image).
 
@@ -159,6 +160,10 @@ def run_benchmark(
         progress: a progress bar over images.
         after_image: called with the rows so far after each image (e.g. to write them, so that a run stopped
             part-way keeps its scores).
+        measure_memory: read each method's peak memory (``peak_mem_mb``). On the CPU that costs fast
+            methods a second, untimed call per image (below); ``False`` leaves the column empty there
+            and saves it (``idm demo``, whose table shows no memory). CUDA's counters cost nothing and
+            are always read.
 
     Methods whose ``warm_up`` attribute is true (IDM and ``pinv``: milliseconds
     to seconds per image) first run once, untimed, on the first image, so
@@ -167,7 +172,7 @@ def run_benchmark(
     is measured they also run untimed after every image's timed call
     (:func:`_timed_call`).
     """
-    cpu_memory = measured_on(device)
+    cpu_memory = measure_memory and measured_on(device)
     warm = [m for m in methods if getattr(m, "warm_up", False)]
     if warm and images:
         x = _pad(images[0].x[None].to(device), pad_multiple)

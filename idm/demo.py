@@ -140,6 +140,7 @@ def run_case(case: DemoCase, out: Path, device: torch.device, seed: int = 0, pro
         seed=seed,
         pad_multiple=pad_multiple(task, first),
         progress=progress,
+        measure_memory=False,  # the table shows none; on the CPU it would run IDM a second time per image
     )
     for row in rows:
         row.update(case=case.label, model=shipped.name, color=task.color)

@@ -15,7 +15,9 @@ operator family (e.g. every CS ratio from 1% to 50%), covers every requested
 setting (:func:`operators.family.config_mismatches`). When several serve it,
 a model trained for exactly that operator (e.g. ``cs-10``, CS at 10 % only)
 is preferred over one trained on a family that contains it
-(``cs-ratio-1-50``).
+(``cs-ratio-1-50``), and among families the one whose training drew that
+kind of operator most often (:func:`operators.family.serving_share`: a model
+of random masks alone over one that drew a box in two draws of three).
 
 ``$IDM_MODELS_DIR`` names a folder of further model folders (e.g. larger
 GPU-trained ones); they are searched first.
@@ -31,7 +33,7 @@ from typing import Any, Mapping
 from idm.checkpoint import CheckpointError, load_json
 from idm.training.run_folder import RUN_NAME
 from idm.unets import BUILT_IN_UNETS
-from operators.family import config_mismatches, is_family_config
+from operators.family import config_mismatches, is_family_config, serving_share
 
 #: Environment variable naming a folder of extra model folders, searched before the shipped ones.
 MODELS_ENV = "IDM_MODELS_DIR"
@@ -122,7 +124,9 @@ def find_shipped(task: str, operator_config: Mapping[str, Any], channels: int | 
 
     Folders of ``$IDM_MODELS_DIR`` come first; within one folder, a model
     trained for exactly the requested operator comes before one trained on a
-    family containing it, then name order decides.
+    family containing it, a family that drew the requested kind of operator
+    in a larger share of its training before one that drew it less often
+    (:func:`operators.family.serving_share`), then name order decides.
 
     Args:
         task: task name (``"cs"``, ``"inpainting"``...).
@@ -136,7 +140,8 @@ def find_shipped(task: str, operator_config: Mapping[str, Any], channels: int | 
     serving = [model for model in shipped_models() if model.serves(task, operator_config, channels)]
     if not serving:
         return None
-    return min(serving, key=lambda m: (roots.index(m.path.parent.resolve()), m.trained_on_family, m.name))
+    return min(serving, key=lambda m: (roots.index(m.path.parent.resolve()), m.trained_on_family,
+                                       -serving_share(m.operator, operator_config), m.name))  # fmt: skip
 
 
 def default_checkpoint(task: str, operator_config: Mapping[str, Any], channels: int | None = None) -> Path | None:

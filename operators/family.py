@@ -308,6 +308,25 @@ def config_mismatches(recorded: Mapping[str, Any], request: Mapping[str, Any]) -
     return _unknown_settings({str(c.base.get("name")) for c in components}, request) or _closest_mismatches(components, request)
 
 
+def serving_share(recorded: Mapping[str, Any], request: Mapping[str, Any]) -> float:
+    """The share of a recorded operator's training draws that were of the requested kind, in ``[0, 1]``.
+
+    A family's components that serve ``request`` (:meth:`Component.mismatches`),
+    each by its ``weight``, over all of them: a model trained on random
+    masks one draw in three and boxes two in three has ``1/3`` for a random
+    mask, one trained on random masks alone ``1``. A plain config: ``1`` when
+    it serves ``request``, else ``0``. How :mod:`idm.shipped` chooses between
+    two family models that both serve a request.
+    """
+    if config_mismatches(recorded, request):
+        return 0.0
+    if not is_family_config(recorded):
+        return 1.0
+    components = [Component.from_json(c) for c in recorded.get("components", [])]
+    total = sum(c.weight for c in components)
+    return sum(c.weight for c in components if not c.mismatches(request)) / total
+
+
 def _unknown_settings(names: set[str], request: Mapping[str, Any]) -> list[str]:
     """A problem for each requested setting that no operator class of ``names`` takes (a misspelt key would
     otherwise be skipped as a setting the recorded variant lacks, and every model would serve it). Operators

@@ -197,17 +197,18 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(tmp_path):
     assert (tmp_path / "grids" / "third.png").is_file()
 
 
-@pytest.mark.parametrize("cpu_memory", [False, True])
-def test_cheap_methods_run_once_untimed_before_the_first_image(cpu_memory, monkeypatch):
+@pytest.mark.parametrize("cpu_memory, measure_memory", [(False, True), (True, True), (True, False)])
+def test_cheap_methods_run_once_untimed_before_the_first_image(cpu_memory, measure_memory, monkeypatch):
     """Fast methods (warm_up) run once untimed on the first image; where the CPU's memory is measured, they also
     run untimed after every image's timed call (that call measures them), and slow methods are measured by their
-    timed call."""
+    timed call. ``measure_memory=False`` (``idm demo``) measures nothing, and runs nothing twice for it."""
     import operators
     from benchmarks import resident_memory
 
     if cpu_memory and not resident_memory.available():
         pytest.skip("needs Linux's /proc/self/clear_refs")
     monkeypatch.setattr(resident_memory, "available", lambda: cpu_memory)
+    measured = cpu_memory and measure_memory
 
     class Counted:
         nfe = 0
@@ -222,10 +223,11 @@ def test_cheap_methods_run_once_untimed_before_the_first_image(cpu_memory, monke
     images = [BenchmarkImage(n, torch.rand(1, 16, 16)) for n in ("a", "b")]
     cheap, slow = Counted("cheap", True), Counted("slow", False)
     rows = run_benchmark(images, [cheap, slow], lambda i, size: operators.make("inpainting", img_size=size, ratio=0.5, seed=i),
-                         score=lambda x_hat, x: (0.0, 0.0), display=lambda x: x, device=torch.device("cpu"), progress=False)  # fmt: skip
-    assert cheap.seen == ([0, 0, 0, 1, 1] if cpu_memory else [0, 0, 1]) and slow.seen == [0, 1]
+                         score=lambda x_hat, x: (0.0, 0.0), display=lambda x: x, device=torch.device("cpu"), progress=False,
+                         measure_memory=measure_memory)  # fmt: skip
+    assert cheap.seen == ([0, 0, 0, 1, 1] if measured else [0, 0, 1]) and slow.seen == [0, 1]
     assert [(r["method"], r["image"]) for r in rows] == [("cheap", "a"), ("slow", "a"), ("cheap", "b"), ("slow", "b")]
-    assert all((r["peak_mem_mb"] is not None) == cpu_memory for r in rows)
+    assert all((r["peak_mem_mb"] is not None) == measured for r in rows)
 
 
 def test_measuring_the_cpu_memory_stays_out_of_a_fast_methods_time(monkeypatch):

@@ -14,7 +14,7 @@ from idm.checkpoint import CheckpointError
 from idm.cli import main
 from idm.train import load_trained
 from operators import OperatorInputError
-from operators.family import Component, OperatorFamily, config_mismatches, representative_config
+from operators.family import Component, OperatorFamily, config_mismatches, representative_config, serving_share
 from tests.test_train import BASE, write_images
 
 
@@ -241,6 +241,38 @@ def test_shipped_models_are_found_by_what_their_run_json_records(tmp_path, monke
     assert shipped.default_checkpoint("cs", {"name": "cs", "ratio": 0.3, "block": 8}) == folder
     with pytest.raises(CheckpointError, match="nor is it the name of a shipped model"):
         load_trained("nowhere")
+
+
+def test_serving_share_is_the_weight_of_the_components_that_serve_a_request():
+    inpainting = tasks.get("inpainting")
+    mixed = inpainting.make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask="random:1,box:2").config()
+    random_only = inpainting.make_training_operator(16, seed=0, ratio=(0.2, 0.5), mask="random").config()
+    plain = inpainting.make_operator(16, ratio=0.3, mask="random").config()
+    random_request = {"name": "inpainting", "mask": "random", "ratio": 0.3}
+    assert serving_share(mixed, random_request) == pytest.approx(1 / 3)
+    assert serving_share(mixed, {"name": "inpainting", "mask": "box"}) == pytest.approx(2 / 3)
+    assert serving_share(random_only, random_request) == serving_share(plain, random_request) == 1.0
+    assert serving_share(random_only, {"name": "inpainting", "mask": "box"}) == 0.0
+    assert serving_share(mixed, {"name": "inpainting", "mask": "random", "ratio": 0.8}) == 0.0  # outside the range
+    assert serving_share(plain, {"name": "inpainting", "mask": "random", "ratio": 0.5}) == 0.0
+
+
+def test_the_family_that_drew_a_kind_most_serves_it_whatever_the_names_order(tmp_path, monkeypatch):
+    """A model of random masks alone serves random masks before a random-and-box model (named first); the box
+    still goes to the mixed model, the only one that serves it."""
+    from idm import shipped
+
+    monkeypatch.setenv(shipped.MODELS_ENV, str(tmp_path / "models"))
+    inpainting = tasks.get("inpainting")
+    for name, mask in (("a-random-and-box", "random:1,box:2"), ("b-random", "random")):
+        folder = tmp_path / "models" / name
+        IDM(IDMConfig(unet="tiny", image_channels=1, steps=1)).save_pretrained(folder)
+        family = inpainting.make_training_operator(16, seed=0, ratio=(0.15, 0.6), mask=mask)
+        (folder / "run.json").write_text(json.dumps({"format": "idm-train-run",
+                                                     "identity": {"task": "inpainting", "operator": family.config()}}))  # fmt: skip
+    chosen = lambda **flags: shipped.find_shipped("inpainting", {"name": "inpainting", **flags}).name  # noqa: E731
+    assert chosen(mask="random", ratio=0.5) == chosen(mask="random", ratio=0.2) == "b-random"
+    assert chosen(mask="box") == "a-random-and-box"
 
 
 def test_a_setting_no_operator_takes_is_a_mismatch_not_skipped():

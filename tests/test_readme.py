@@ -14,10 +14,12 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_starts_with_the_install_and_test_commands():
+def test_readme_starts_with_the_install_and_test_commands_that_ci_runs():
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).strip().splitlines()
-    assert 'pip install -e ".[dev]"' in first_block[0]
-    assert first_block[1] == "python -m pytest -q"
+    assert 'pip install -e ".[dev]"' in first_block[0] and first_block[0].endswith("&& idm demo")
+    assert first_block[1].startswith("python -m pytest -q")
+    ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()]
+    assert 'pip install -q -e ".[dev]"' in ci and "idm demo" in ci and ci[-1] == first_block[1]
 
 
 def test_readme_python_examples_run(tmp_path):
