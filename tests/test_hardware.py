@@ -82,3 +82,26 @@ def test_device_flags_name_what_this_machine_lacks(monkeypatch):
     if not torch.backends.mps.is_available():  # a backend torch knows but this build or machine lacks
         with pytest.raises(ValueError, match="--device mps is not usable with this torch build: .*\\(use cpu or cuda\\)$"):
             resolve_device("mps")
+    real_empty = torch.empty
+
+    def no_backend_module(*args, **kwargs):  # torch's own error where a backend's module is not built in (hpu)
+        if str(kwargs.get("device", "")).startswith("hpu"):
+            raise ModuleNotFoundError("No module named 'torch.hpu'")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_backend_module)
+    with pytest.raises(ValueError, match=r"--device hpu is not usable with this torch build: No module named 'torch.hpu'"):
+        resolve_device("hpu")
+
+
+def test_running_out_of_memory_is_an_error_that_names_the_size_not_a_traceback(capsys):
+    from idm.cli.common import out_of_memory_message, run_guarded
+
+    assert run_guarded(lambda: torch.empty(2**62, dtype=torch.uint8), "idm simulate") == 2  # torch's CPU allocator
+    err = capsys.readouterr().err
+    assert err.startswith("idm simulate: error: out of memory: an allocation of 4294967296.0 GiB failed; try smaller")
+    assert out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")) == (
+        "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB; try smaller images (--size), a smaller batch, "
+        "or another --device")
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
+        run_guarded(lambda: (_ for _ in ()).throw(RuntimeError("a bug")), "idm simulate")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -250,7 +251,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):  # another backend (mps, xpu...): usable only where this torch has it
         try:
             torch.empty(1, device=device)
-        except (RuntimeError, AssertionError) as err:
+        except (RuntimeError, AssertionError, ImportError) as err:  # ImportError: torch.hpu and others not built in
             reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"--device {name} is not usable with this torch build: {reason} (use cpu or cuda)") from None
     return device
@@ -259,8 +260,8 @@ def resolve_device(name: str) -> torch.device:
 def run_guarded(call: Callable[[], int | None], name: str) -> int:
     """``call()``'s exit status, with the toolkit's errors (``ValueError`` subclasses, ``OSError``: bad
     arguments, missing files, a device that is not there, a full disk; and safetensors' own write errors)
-    printed as ``NAME: error: ...`` and status 2,
-    Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so.
+    printed as ``NAME: error: ...`` and status 2, and so is running out of memory
+    (:func:`out_of_memory_message`); Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so.
     The toolkit's own warnings (raised from this project's packages) print as one ``NAME: warning: ...`` line,
     without Python's file and source line; other libraries' warnings print as Python prints them."""
     root = Path(__file__).resolve().parents[2]  # where the idm, tasks, operators and benchmarks packages lie
@@ -283,6 +284,27 @@ def run_guarded(call: Callable[[], int | None], name: str) -> int:
     except (ValueError, OSError, SafetensorError) as err:  # the last: a failed write of diffusers' save_pretrained
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        message = out_of_memory_message(err)
+        if message is None:  # a bug, not the input: its traceback is what tells where
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """``"out of memory: ..."`` for an allocation that failed (Python's ``MemoryError``, torch's CPU allocator,
+    CUDA's ``OutOfMemoryError``), naming the size asked for where torch says it; ``None`` for other errors.
+    Checkpoints are written atomically, so a run stopped so loses nothing it had saved."""
+    text = str(err).strip()
+    if not (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    if asked:
+        detail = f"an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed"
+    else:
+        detail = text.splitlines()[0][:200] if text else type(err).__name__
+    return f"out of memory: {detail}; try smaller images (--size), a smaller batch, or another --device"
 
 
 def task_name(args: argparse.Namespace, inputs: Path | None = None) -> str:
