@@ -100,7 +100,7 @@ def test_running_out_of_memory_is_an_error_that_names_the_size_not_a_traceback(c
     assert run_guarded(lambda: torch.empty(2**62, dtype=torch.uint8), "idm simulate") == 2  # torch's CPU allocator
     err = capsys.readouterr().err
     assert err.startswith("idm simulate: error: out of memory: an allocation of 4294967296.0 GiB failed; try smaller")
-    assert out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")) == (
+    assert out_of_memory_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")) == (
         "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB; try smaller images (--size), a smaller batch, "
         "or another --device")
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback

@@ -261,7 +261,8 @@ def run_guarded(call: Callable[[], int | None], name: str) -> int:
     """``call()``'s exit status, with the toolkit's errors (``ValueError`` subclasses, ``OSError``: bad
     arguments, missing files, a device that is not there, a full disk; and safetensors' own write errors)
     printed as ``NAME: error: ...`` and status 2, and so is running out of memory
-    (:func:`out_of_memory_message`); Ctrl-C as 130; other errors keep their traceback. Every ``idm`` command and benchmark script runs so.
+    (:func:`out_of_memory_message`); Ctrl-C as 130; other errors keep their traceback.
+    Every ``idm`` command and benchmark script runs so.
     The toolkit's own warnings (raised from this project's packages) print as one ``NAME: warning: ...`` line,
     without Python's file and source line; other libraries' warnings print as Python prints them."""
     root = Path(__file__).resolve().parents[2]  # where the idm, tasks, operators and benchmarks packages lie
@@ -297,7 +298,7 @@ def out_of_memory_message(err: BaseException) -> str | None:
     CUDA's ``OutOfMemoryError``), naming the size asked for where torch says it; ``None`` for other errors.
     Checkpoints are written atomically, so a run stopped so loses nothing it had saved."""
     text = str(err).strip()
-    if not (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text):
+    if not (isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in text):
         return None
     asked = re.search(r"tried to allocate (\d+) bytes", text)
     if asked:
